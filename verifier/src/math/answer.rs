@@ -1,0 +1,521 @@
+//! The shape of an answer (number, equation, tuple, interval, set, matrix, text) and the
+//! equivalence a careful mathematician applies to two of them.
+
+use super::eval::{eval, exact};
+use super::expr::{parse_expr, Expr};
+use super::normalize::text_key;
+use super::number::{close, Complex};
+use regex::Regex;
+use std::sync::LazyLock;
+
+/// Most elements in one tuple, set or matrix that are compared.
+const MAX_ITEMS: usize = 64;
+/// Deepest nesting of structures (a set of tuples of intervals...).
+const MAX_NESTING: usize = 6;
+/// Points at which expressions with variables are compared.
+const POINTS: usize = 5;
+/// Relative tolerance when a rounded decimal is involved (spec 8.2, kept on purpose).
+const DECIMAL_TOL: f64 = 1e-4;
+/// Relative tolerance for exact expressions evaluated in floating point (rounding noise only).
+const EXACT_TOL: f64 = 1e-9;
+
+static LABEL: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^([a-zA-Z]|\\[a-zA-Z]+)(_\{?[0-9a-zA-Z]+\}?)?(\([^()]*\))?('*)$")
+        .expect("valid regex")
+});
+
+/// A relation operator, with `>` and `\ge` stored flipped as `<` and `\le`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelOp {
+    Eq,
+    Lt,
+    Le,
+    Ne,
+}
+
+/// A parsed answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// One expression.
+    Scalar(Expr),
+    /// `x = 5`, `f(x) = x^2`: a name given to a value.
+    Labeled { label: String, value: Box<Answer> },
+    /// `2x + y = 3`, `x > 2`: a relation between expressions.
+    Relation { op: RelOp, lhs: Expr, rhs: Expr },
+    /// `(1, 2)`, `[0, 1)`, `\langle 1, 2 \rangle`: ordered, brackets matter.
+    Tuple {
+        open: char,
+        close: char,
+        items: Vec<Answer>,
+    },
+    /// `\{1, 2\}`: unordered.
+    Set(Vec<Answer>),
+    /// `1, 2`: a bare list, compared unordered (the solutions of an equation).
+    List(Vec<Answer>),
+    /// `(-\infty, 1) \cup (2, \infty)`.
+    Union(Vec<Answer>),
+    /// Rows of a matrix.
+    Matrix(Vec<Vec<Answer>>),
+    /// Anything else, by its loose text form.
+    Text(String),
+}
+
+/// Parses a normalised answer string.
+pub fn parse_answer(s: &str) -> Answer {
+    parse_at(s.trim(), 0)
+}
+
+fn parse_at(s: &str, depth: usize) -> Answer {
+    if depth > MAX_NESTING {
+        return Answer::Text(text_key(s));
+    }
+    let s = s.trim();
+    if matches!(s, "\\emptyset" | "\\varnothing" | "\\{\\}" | "{}") {
+        return Answer::Set(Vec::new());
+    }
+    if let Some(rows) = matrix_rows(s) {
+        return Answer::Matrix(
+            rows.iter()
+                .map(|r| r.iter().map(|c| parse_at(c, depth + 1)).collect())
+                .collect(),
+        );
+    }
+    let union = split_top_multi(s, &["\\cup", " U "]);
+    if union.len() > 1 {
+        return Answer::Union(items(&union, depth));
+    }
+    if let Some(inner) = s.strip_prefix("\\{").and_then(|r| r.strip_suffix("\\}")) {
+        if encloses(s, 1) {
+            return Answer::Set(items(&split_top(inner, ','), depth));
+        }
+    }
+    if let Some(inner) = s.strip_prefix("\\langle").and_then(|r| r.strip_suffix("\\rangle")) {
+        return Answer::Tuple {
+            open: '<',
+            close: '>',
+            items: items(&split_top(inner, ','), depth),
+        };
+    }
+    let first = s.chars().next().unwrap_or(' ');
+    let last = s.chars().last().unwrap_or(' ');
+    if s.len() >= 2 && matches!(first, '(' | '[' | '{') && matches!(last, ')' | ']' | '}') && encloses(s, 0)
+    {
+        let inner = &s[1..s.len() - 1];
+        let parts = split_top(inner, ',');
+        if parts.len() > 1 {
+            if first == '{' && last == '}' {
+                return Answer::Set(items(&parts, depth));
+            }
+            return Answer::Tuple {
+                open: first,
+                close: last,
+                items: items(&parts, depth),
+            };
+        }
+    }
+    let parts = split_top(s, ',');
+    if parts.len() > 1 {
+        return Answer::List(items(&parts, depth));
+    }
+    if let Some(rel) = relation(s, depth) {
+        return rel;
+    }
+    if let Some(expanded) = expand_plus_minus(s) {
+        return Answer::List(expanded.iter().map(|e| parse_at(e, depth + 1)).collect());
+    }
+    match parse_expr(s) {
+        Ok(e) => Answer::Scalar(e),
+        Err(_) => Answer::Text(text_key(s)),
+    }
+}
+
+fn items(parts: &[&str], depth: usize) -> Vec<Answer> {
+    parts
+        .iter()
+        .take(MAX_ITEMS + 1)
+        .map(|p| parse_at(p, depth + 1))
+        .collect()
+}
+
+/// `a \pm b` → [`a + b`, `a - b`] (one `\pm` or `\mp` only).
+fn expand_plus_minus(s: &str) -> Option<Vec<String>> {
+    let count = s.matches("\\pm").count() + s.matches("\\mp").count();
+    if count != 1 {
+        return None;
+    }
+    let (plus, minus) = if s.contains("\\pm") {
+        (s.replacen("\\pm", "+", 1), s.replacen("\\pm", "-", 1))
+    } else {
+        (s.replacen("\\mp", "-", 1), s.replacen("\\mp", "+", 1))
+    };
+    Some(vec![plus, minus])
+}
+
+/// `x = 5`, `y = 2x + 3`, `x \le 3`, `a = b = 4` (a chain keeps its last value).
+fn relation(s: &str, depth: usize) -> Option<Answer> {
+    let ops: [(&str, RelOp, bool); 8] = [
+        ("\\le", RelOp::Le, false),
+        ("\\ge", RelOp::Le, true),
+        ("\\ne", RelOp::Ne, false),
+        ("<=", RelOp::Le, false),
+        (">=", RelOp::Le, true),
+        ("<", RelOp::Lt, false),
+        (">", RelOp::Lt, true),
+        ("=", RelOp::Eq, false),
+    ];
+    for (tok, op, flip) in ops {
+        let parts = split_top_str(s, tok);
+        if parts.len() < 2 {
+            continue;
+        }
+        if op == RelOp::Eq {
+            let lhs = parts[0].trim();
+            let rhs = parts[parts.len() - 1].trim();
+            if LABEL.is_match(lhs) {
+                return Some(Answer::Labeled {
+                    label: text_key(lhs),
+                    value: Box::new(parse_at(rhs, depth + 1)),
+                });
+            }
+            if parts.len() > 2 {
+                // `3 + 4 = 7`: the last member is the value.
+                return Some(parse_at(rhs, depth + 1));
+            }
+        } else if parts.len() > 2 {
+            return None;
+        }
+        let lhs = parse_expr(parts[0]).ok()?;
+        let rhs = parse_expr(parts[parts.len() - 1]).ok()?;
+        let (lhs, rhs) = if flip { (rhs, lhs) } else { (lhs, rhs) };
+        return Some(Answer::Relation { op, lhs, rhs });
+    }
+    None
+}
+
+/// Rows and cells of `\begin{pmatrix} a & b \\ c & d \end{pmatrix}` (also bmatrix, array).
+fn matrix_rows(s: &str) -> Option<Vec<Vec<&str>>> {
+    let rest = s.strip_prefix("\\begin{")?;
+    let env_end = rest.find('}')?;
+    let env = &rest[..env_end];
+    if !matches!(env, "pmatrix" | "bmatrix" | "Bmatrix" | "matrix" | "smallmatrix" | "array") {
+        return None;
+    }
+    let mut body = rest[env_end + 1..].strip_suffix(&format!("\\end{{{env}}}"))?;
+    if env == "array" {
+        let spec_end = body.trim_start().strip_prefix('{')?.find('}')?;
+        body = &body.trim_start()[spec_end + 2..];
+    }
+    let rows: Vec<Vec<&str>> = body
+        .split("\\\\")
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(|r| r.split('&').map(str::trim).collect())
+        .collect();
+    (!rows.is_empty() && rows.len() <= MAX_ITEMS && rows.iter().all(|r| r.len() <= MAX_ITEMS))
+        .then_some(rows)
+}
+
+/// Whether the bracket opened at the start of `s` closes at its very end. `skip` extra
+/// leading characters (the `\` of `\{`) are ignored.
+fn encloses(s: &str, skip: usize) -> bool {
+    let mut depth = 0i32;
+    let n = s.len();
+    for (i, c) in s.char_indices().skip(skip) {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => {
+                depth -= 1;
+                if depth == 0 && i + c.len_utf8() < n {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    depth == 0
+}
+
+/// Splits `s` at `sep` occurrences outside any bracket.
+fn split_top(s: &str, sep: char) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut depth = 0i32;
+    let mut start = 0;
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth -= 1,
+            c if c == sep && depth == 0 => {
+                parts.push(&s[start..i]);
+                start = i + c.len_utf8();
+            }
+            _ => {}
+        }
+    }
+    parts.push(&s[start..]);
+    parts
+}
+
+/// Splits `s` at a multi-character separator outside brackets. A separator that is a prefix
+/// of a longer command (`\le` in `\left`) does not count, nor `<`/`>` next to `=`.
+fn split_top_str<'a>(s: &'a str, sep: &str) -> Vec<&'a str> {
+    let mut parts = Vec::new();
+    let mut depth = 0i32;
+    let mut start = 0;
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'(' | b'[' | b'{' => depth += 1,
+            b')' | b']' | b'}' => depth -= 1,
+            _ => {}
+        }
+        if depth == 0 && s[i..].starts_with(sep) {
+            let end = i + sep.len();
+            let letter_follows = sep.starts_with('\\')
+                && bytes.get(end).is_some_and(|b| b.is_ascii_alphabetic());
+            let part_of_compound = (sep == "<" || sep == ">" || sep == "=")
+                && (bytes.get(end) == Some(&b'=')
+                    || (sep == "=" && i > 0 && matches!(bytes[i - 1], b'<' | b'>' | b'!')));
+            if !letter_follows && !part_of_compound {
+                parts.push(&s[start..i]);
+                start = end;
+                i = end;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    parts.push(&s[start..]);
+    parts
+}
+
+fn split_top_multi<'a>(s: &'a str, seps: &[&str]) -> Vec<&'a str> {
+    seps.iter()
+        .map(|sep| split_top_str(s, sep))
+        .find(|p| p.len() > 1)
+        .unwrap_or_else(|| vec![s])
+}
+
+/// Whether `pred` is a correct answer when `gt` is the reference.
+pub fn equivalent(gt: &Answer, pred: &Answer) -> bool {
+    use Answer::*;
+    match (gt, pred) {
+        (Labeled { label: l1, value: v1 }, Labeled { label: l2, value: v2 }) => {
+            if l1 == l2 {
+                return equivalent(v1, v2);
+            }
+            // `y = 2x + 3` vs `x = (y - 3)/2`: the same equation solved for another variable.
+            match (as_relation(gt), as_relation(pred)) {
+                (Some(a), Some(b)) => relations_equivalent(&a, &b),
+                _ => false,
+            }
+        }
+        (Labeled { .. }, Relation { .. }) | (Relation { .. }, Labeled { .. }) => {
+            match (as_relation(gt), as_relation(pred)) {
+                (Some(a), Some(b)) => relations_equivalent(&a, &b),
+                _ => false,
+            }
+        }
+        (Labeled { value, .. }, other) => equivalent(value, other),
+        (other, Labeled { value, .. }) => equivalent(other, value),
+        (Relation { .. }, Relation { .. }) => match (as_relation(gt), as_relation(pred)) {
+            (Some(a), Some(b)) => relations_equivalent(&a, &b),
+            _ => false,
+        },
+        (Scalar(a), Scalar(b)) => scalars_equivalent(a, b),
+        (
+            Tuple {
+                open: o1,
+                close: c1,
+                items: i1,
+            },
+            Tuple {
+                open: o2,
+                close: c2,
+                items: i2,
+            },
+        ) => o1 == o2 && c1 == c2 && ordered(i1, i2),
+        (Tuple { open: '(', close: ')', items }, List(l)) | (List(l), Tuple { open: '(', close: ')', items }) => {
+            ordered(items, l)
+        }
+        (Set(a) | List(a), Set(b) | List(b)) => unordered(a, b),
+        (Union(a), Union(b)) => unordered(a, b),
+        (Matrix(a), Matrix(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(r1, r2)| ordered(r1, r2))
+        }
+        (Matrix(m), Tuple { items, .. }) | (Tuple { items, .. }, Matrix(m)) => {
+            // A column (or row) vector written as a tuple.
+            let flat: Vec<Answer> = if m.iter().all(|r| r.len() == 1) {
+                m.iter().map(|r| r[0].clone()).collect()
+            } else if m.len() == 1 {
+                m[0].clone()
+            } else {
+                return false;
+            };
+            ordered(&flat, items)
+        }
+        (Text(a), Text(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn ordered(a: &[Answer], b: &[Answer]) -> bool {
+    a.len() == b.len() && a.len() <= MAX_ITEMS && a.iter().zip(b).all(|(x, y)| equivalent(x, y))
+}
+
+/// Multiset equality under [`equivalent`], by greedy matching (equivalence is transitive, so
+/// greedy is exact up to tolerance effects).
+fn unordered(a: &[Answer], b: &[Answer]) -> bool {
+    if a.len() != b.len() || a.len() > MAX_ITEMS {
+        return false;
+    }
+    let mut used = vec![false; b.len()];
+    a.iter().all(|x| {
+        match (0..b.len()).find(|&j| !used[j] && equivalent(x, &b[j])) {
+            Some(j) => {
+                used[j] = true;
+                true
+            }
+            None => false,
+        }
+    })
+}
+
+/// A relation as (op, lhs - rhs).
+fn as_relation(a: &Answer) -> Option<(RelOp, Expr)> {
+    match a {
+        Answer::Relation { op, lhs, rhs } => {
+            Some((*op, Expr::Sub(Box::new(lhs.clone()), Box::new(rhs.clone()))))
+        }
+        Answer::Labeled { label, value } => match value.as_ref() {
+            Answer::Scalar(rhs) => {
+                let lhs = parse_expr(label).ok()?;
+                Some((RelOp::Eq, Expr::Sub(Box::new(lhs), Box::new(rhs.clone()))))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Two relations are equivalent when their `lhs - rhs` differ by a constant factor: any
+/// non-zero factor for `=` and `\ne`, a positive one for inequalities.
+fn relations_equivalent(a: &(RelOp, Expr), b: &(RelOp, Expr)) -> bool {
+    if a.0 != b.0 {
+        return false;
+    }
+    let tol = if a.1.has_decimal() || b.1.has_decimal() {
+        DECIMAL_TOL
+    } else {
+        1e-7
+    };
+    let vars = union_vars(&a.1, &b.1);
+    let mut ratio: Option<Complex> = None;
+    let mut valid = 0;
+    for point in points(&vars) {
+        let (Ok(x), Ok(y)) = (eval(&a.1, &point), eval(&b.1, &point)) else {
+            continue;
+        };
+        let (xz, yz) = (x.abs() < 1e-12, y.abs() < 1e-12);
+        if xz && yz {
+            continue;
+        }
+        if xz != yz {
+            return false;
+        }
+        let r = x.div(y);
+        match ratio {
+            None => ratio = Some(r),
+            Some(r0) if !close(r0, r, tol) => return false,
+            _ => {}
+        }
+        valid += 1;
+    }
+    match ratio {
+        Some(r) if valid >= 2 || vars.is_empty() => {
+            a.0 == RelOp::Eq || a.0 == RelOp::Ne || (r.re > 0.0 && r.im.abs() < 1e-9)
+        }
+        _ => false,
+    }
+}
+
+/// Whether two scalar expressions are equal: integers exactly, rationals exactly, rounded
+/// decimals within 1e-4 relative, everything else by evaluation (at random points when there
+/// are variables).
+pub fn scalars_equivalent(gt: &Expr, pred: &Expr) -> bool {
+    let decimal = gt.has_decimal() || pred.has_decimal();
+    let gt_exact = exact(gt);
+    if let (Some(a), Some(b)) = (gt_exact, exact(pred)) {
+        if a == b {
+            return true;
+        }
+        if a.is_integer() || !decimal {
+            return false;
+        }
+        return close(
+            Complex::real(a.to_f64()),
+            Complex::real(b.to_f64()),
+            DECIMAL_TOL,
+        );
+    }
+    let tol = if gt_exact.is_some_and(|a| a.is_integer()) {
+        EXACT_TOL
+    } else if decimal {
+        DECIMAL_TOL
+    } else {
+        EXACT_TOL
+    };
+    let vars = union_vars(gt, pred);
+    let mut valid = 0;
+    for point in points(&vars) {
+        match (eval(gt, &point), eval(pred, &point)) {
+            (Ok(a), Ok(b)) => {
+                if a.is_finite() != b.is_finite() {
+                    return false;
+                }
+                let same = if a.is_finite() {
+                    close(a, b, tol)
+                } else {
+                    a.re == b.re && a.im == b.im
+                };
+                if !same {
+                    return false;
+                }
+                valid += 1;
+            }
+            (Err(_), Err(_)) => {}
+            _ => return false,
+        }
+    }
+    valid >= if vars.is_empty() { 1 } else { 3 }
+}
+
+fn union_vars(a: &Expr, b: &Expr) -> Vec<String> {
+    let mut v = a.variables();
+    v.extend(b.variables());
+    v.sort();
+    v.dedup();
+    v.truncate(12);
+    v
+}
+
+/// Deterministic pseudo-random points: the same variable gets the same values on both sides.
+fn points(vars: &[String]) -> Vec<Vec<(String, Complex)>> {
+    if vars.is_empty() {
+        return vec![Vec::new()];
+    }
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..POINTS)
+        .map(|_| {
+            vars.iter()
+                .map(|v| (v.clone(), Complex::real(0.35 + 2.5 * next())))
+                .collect()
+        })
+        .collect()
+}

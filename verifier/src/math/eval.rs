@@ -1,0 +1,222 @@
+//! Evaluation of [`Expr`]: exactly over the rationals where possible, otherwise in complex
+//! floating point with variables bound to a point.
+
+use super::expr::{Expr, Func, NumValue};
+use super::number::{Complex, Rational};
+
+/// Largest `n` for which `n!` is computed.
+const MAX_FACTORIAL: i128 = 170;
+
+/// The exact rational value, or `None` when the expression is irrational, has variables,
+/// overflows `i128`, or is undefined.
+pub fn exact(e: &Expr) -> Option<Rational> {
+    match e {
+        Expr::Num {
+            value: NumValue::Exact(r),
+            ..
+        } => Some(*r),
+        Expr::Num { .. } | Expr::Var(_) | Expr::Pi | Expr::E | Expr::I | Expr::Infinity => None,
+        Expr::Neg(a) => exact(a)?.neg(),
+        Expr::Add(a, b) => exact(a)?.add(exact(b)?),
+        Expr::Sub(a, b) => exact(a)?.sub(exact(b)?),
+        Expr::Mul(a, b) => exact(a)?.mul(exact(b)?),
+        Expr::Div(a, b) => exact(a)?.div(exact(b)?),
+        Expr::Pow(a, b) => {
+            let base = exact(a)?;
+            let exp = exact(b)?;
+            if base.numer() == 0 && exp.numer() <= 0 {
+                return None;
+            }
+            base.pow(exp)
+        }
+        Expr::Root(n, a) => exact(a)?.root(*n),
+        Expr::Factorial(a) => {
+            let n = exact(a)?;
+            if !n.is_integer() || n.numer() < 0 || n.numer() > 33 {
+                return None;
+            }
+            (1..=n.numer()).try_fold(Rational::integer(1), |acc, k| {
+                acc.mul(Rational::integer(k))
+            })
+        }
+        Expr::Abs(a) => {
+            let v = exact(a)?;
+            if v.numer() < 0 {
+                v.neg()
+            } else {
+                Some(v)
+            }
+        }
+        Expr::Binom(n, k) => {
+            let n = exact(n)?;
+            let k = exact(k)?;
+            if !n.is_integer() || !k.is_integer() || n.numer() < 0 || k.numer() < 0 {
+                return None;
+            }
+            let (n, k) = (n.numer(), k.numer());
+            if k > n {
+                return Some(Rational::integer(0));
+            }
+            let k = k.min(n - k);
+            if k > 200 {
+                return None;
+            }
+            (0..k).try_fold(Rational::integer(1), |acc, j| {
+                acc.mul(Rational::integer(n - j))?
+                    .div(Rational::integer(j + 1))
+            })
+        }
+        Expr::LogBase(b, a) => {
+            // Exact only for perfect powers: log_2 8 = 3, log_4 2 = 1/2.
+            let b = exact(b)?;
+            let a = exact(a)?;
+            let lf = a.to_f64().ln() / b.to_f64().ln();
+            if !lf.is_finite() {
+                return None;
+            }
+            let candidate = Rational::new((lf * 64.0).round() as i128, 64)?;
+            (b.pow(candidate)? == a).then_some(candidate)
+        }
+        Expr::Call(_, _) => None,
+    }
+}
+
+/// Why a float evaluation produced nothing comparable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvalError;
+
+/// Evaluates at `point` (values for the variables, by name). Infinity is only allowed as a bare
+/// value (`\infty`, `-\infty`); any overflow or undefined operation is an error, so two huge or
+/// undefined values never compare equal by accident.
+pub fn eval(e: &Expr, point: &[(String, Complex)]) -> Result<Complex, EvalError> {
+    match e {
+        Expr::Infinity => return Ok(Complex::real(f64::INFINITY)),
+        Expr::Neg(a) if **a == Expr::Infinity => return Ok(Complex::real(f64::NEG_INFINITY)),
+        _ => {}
+    }
+    let v = eval_finite(e, point)?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(EvalError)
+    }
+}
+
+fn eval_finite(e: &Expr, point: &[(String, Complex)]) -> Result<Complex, EvalError> {
+    let r = |x: &Expr| eval_finite(x, point);
+    let v = match e {
+        Expr::Num { value, .. } => match value {
+            NumValue::Exact(q) => Complex::real(q.to_f64()),
+            NumValue::Approx(f) => Complex::real(*f),
+        },
+        Expr::Var(name) => point
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .ok_or(EvalError)?,
+        Expr::Pi => Complex::real(std::f64::consts::PI),
+        Expr::E => Complex::real(std::f64::consts::E),
+        Expr::I => Complex::new(0.0, 1.0),
+        Expr::Infinity => return Err(EvalError),
+        Expr::Neg(a) => r(a)?.neg(),
+        Expr::Add(a, b) => r(a)?.add(r(b)?),
+        Expr::Sub(a, b) => r(a)?.sub(r(b)?),
+        Expr::Mul(a, b) => r(a)?.mul(r(b)?),
+        Expr::Div(a, b) => {
+            let d = r(b)?;
+            if d.abs() == 0.0 {
+                return Err(EvalError);
+            }
+            r(a)?.div(d)
+        }
+        Expr::Pow(a, b) => {
+            let base = r(a)?;
+            let exp = r(b)?;
+            if exp.abs() > 1e4 {
+                return Err(EvalError);
+            }
+            base.pow(exp)
+        }
+        Expr::Root(n, a) => {
+            let x = r(a)?;
+            if x.is_real() && x.re < 0.0 && n % 2 == 1 {
+                Complex::real(-(-x.re).powf(1.0 / *n as f64))
+            } else if *n == 2 {
+                x.sqrt()
+            } else {
+                x.pow(Complex::real(1.0 / *n as f64))
+            }
+        }
+        Expr::Factorial(a) => {
+            let x = r(a)?;
+            if !x.is_real() || x.re.fract() != 0.0 || x.re < 0.0 || x.re > MAX_FACTORIAL as f64 {
+                return Err(EvalError);
+            }
+            Complex::real((1..=x.re as u32).map(f64::from).product())
+        }
+        Expr::Abs(a) => Complex::real(r(a)?.abs()),
+        Expr::Binom(n, k) => {
+            let n = r(n)?;
+            let k = r(k)?;
+            if !n.is_real() || !k.is_real() || k.re.fract() != 0.0 || !(0.0..=1e4).contains(&k.re)
+            {
+                return Err(EvalError);
+            }
+            let mut acc = 1.0;
+            for j in 0..k.re as u32 {
+                acc *= (n.re - f64::from(j)) / f64::from(j + 1);
+            }
+            Complex::real(acc)
+        }
+        Expr::LogBase(b, a) => {
+            let lb = r(b)?.ln();
+            if lb.abs() == 0.0 {
+                return Err(EvalError);
+            }
+            r(a)?.ln().div(lb)
+        }
+        Expr::Call(f, a) => call(*f, r(a)?)?,
+    };
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(EvalError)
+    }
+}
+
+fn call(f: Func, x: Complex) -> Result<Complex, EvalError> {
+    let one = Complex::real(1.0);
+    let half_pi = Complex::real(std::f64::consts::FRAC_PI_2);
+    let recip = |d: Complex| {
+        if d.abs() < 1e-300 {
+            Err(EvalError)
+        } else {
+            Ok(one.div(d))
+        }
+    };
+    Ok(match f {
+        Func::Sin => x.sin(),
+        Func::Cos => x.cos(),
+        Func::Tan => x.sin().mul(recip(x.cos())?),
+        Func::Sec => recip(x.cos())?,
+        Func::Csc => recip(x.sin())?,
+        Func::Cot => x.cos().mul(recip(x.sin())?),
+        Func::Arcsin => x.asin(),
+        Func::Arccos => half_pi.sub(x.asin()),
+        Func::Arctan => x.atan(),
+        Func::Sinh => x.exp().sub(x.neg().exp()).mul(Complex::real(0.5)),
+        Func::Cosh => x.exp().add(x.neg().exp()).mul(Complex::real(0.5)),
+        Func::Tanh => {
+            let a = x.exp();
+            let b = x.neg().exp();
+            a.sub(b).mul(recip(a.add(b))?)
+        }
+        Func::Ln | Func::Log => {
+            if x.abs() == 0.0 {
+                return Err(EvalError);
+            }
+            x.ln()
+        }
+        Func::Exp => x.exp(),
+    })
+}

@@ -1,0 +1,100 @@
+//! Math grading in pure Rust (spec 8.2, with the departures listed there): extract the final
+//! answer, normalise both sides, parse them into [`answer::Answer`]s and compare the way a
+//! careful mathematician would.
+//!
+//! Every step is bounded: the answer is at most [`extract::MAX_ANSWER_BYTES`], expressions at
+//! most [`expr::MAX_EXPR_CHARS`] with bounded nesting, exponents and factorials are capped and
+//! overflow turns into "not comparable" instead of a hang or a panic.
+
+pub mod answer;
+pub mod eval;
+pub mod expr;
+pub mod extract;
+pub mod normalize;
+pub mod number;
+
+use regex::Regex;
+use std::sync::LazyLock;
+
+static CHOICE_GT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^\(?([A-E])\)?$").expect("valid regex"));
+static CHOICE_PRED: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^\(?([A-Ea-e])\)(?:\s|$)|^([A-E])$").expect("valid regex"));
+
+/// The outcome of grading one math response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MathVerdict {
+    /// Whether the response's final answer is correct.
+    pub correct: bool,
+    /// The extracted final answer, if any.
+    pub extracted: Option<String>,
+    /// A short human-readable reason.
+    pub reason: String,
+}
+
+impl MathVerdict {
+    /// 1.0 for a correct answer, else 0.0.
+    pub fn score(&self) -> f64 {
+        if self.correct {
+            1.0
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Grades a full model response against the reference answer.
+pub fn grade_math(response: &str, ground_truth: &str) -> MathVerdict {
+    let Some(extracted) = extract::extract_answer(response) else {
+        return MathVerdict {
+            correct: false,
+            extracted: None,
+            reason: "no final answer found".into(),
+        };
+    };
+    let correct = answers_match(ground_truth, &extracted);
+    let reason = if correct {
+        "answer matches".to_string()
+    } else {
+        "answer differs".to_string()
+    };
+    MathVerdict {
+        correct,
+        extracted: Some(extracted),
+        reason,
+    }
+}
+
+/// Whether the answer `pred` (already extracted) equals the reference `gt`.
+pub fn answers_match(gt: &str, pred: &str) -> bool {
+    if gt.len() > extract::MAX_ANSWER_BYTES || pred.len() > extract::MAX_ANSWER_BYTES {
+        return false;
+    }
+    let g = normalize::normalize(gt);
+    let p = normalize::normalize(pred);
+    if g.is_empty() || p.is_empty() {
+        return false;
+    }
+    if g == p {
+        return true;
+    }
+    if let Some(c) = CHOICE_GT.captures(&g) {
+        // A multiple-choice letter: compare letters, whatever the decoration.
+        return CHOICE_PRED
+            .captures(&p)
+            .and_then(|m| m.get(1).or(m.get(2)))
+            .is_some_and(|m| m.as_str().eq_ignore_ascii_case(&c[1]));
+    }
+    let (ga, pa) = (answer::parse_answer(&g), answer::parse_answer(&p));
+    if answer::equivalent(&ga, &pa) {
+        return true;
+    }
+    // Text answers ("Monday", "\text{no solution}") and forms the parser does not know compare
+    // by their loose text, unless exponents or subscripts make braces meaningful.
+    let meaningful_braces = |s: &str| s.contains('^') || s.contains('_');
+    let both_text = matches!(ga, answer::Answer::Text(_)) || matches!(pa, answer::Answer::Text(_));
+    both_text
+        && !meaningful_braces(&g)
+        && !meaningful_braces(&p)
+        && normalize::text_key(&g) == normalize::text_key(&p)
+}
