@@ -1,0 +1,28 @@
+//! The embedded default world: a small task that exercises the same code paths as a 7B run
+//! and needs nothing from the network.
+//!
+//! - [`problem`]: seeded arithmetic word problems (6 templates, 2 to 5 operations) with
+//!   step-by-step solutions ending in `\boxed{answer}`.
+//! - [`rows`] and [`dataset`]: Eurus-2-RL-Data rows, written and read as jsonl or parquet.
+//! - [`tokenizer`]: a byte-level BPE in Qwen2's style, trained on the world's text, with a
+//!   ChatML chat template that `transformers.AutoTokenizer` loads.
+//! - [`build_world`]: writes all of it for a [`WorldConfig`], deterministically and
+//!   idempotently.
+
+pub mod config;
+pub mod dataset;
+mod error;
+pub mod problem;
+pub mod rows;
+pub mod tokenizer;
+mod world;
+
+pub use config::{Split, SplitConfig, WorldConfig};
+pub use dataset::{read_rows, write_rows, DataFormat};
+pub use error::WorldError;
+pub use problem::{Op, Problem, ProblemGenerator, Step, Template, STEP_SEPARATOR};
+pub use rows::{ChatMessage, DataRow, ExtraInfo, RewardModel, MATH_SUFFIX};
+pub use world::{
+    build_world, generate_problems, SplitFiles, TokenStats, WorldFiles, WorldStats,
+    GENERATOR_VERSION, MANIFEST_FILE,
+};
