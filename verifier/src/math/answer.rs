@@ -2,7 +2,7 @@
 //! equivalence a careful mathematician applies to two of them.
 
 use super::eval::{eval, exact};
-use super::expr::{parse_expr, Expr};
+use super::expr::{is_wordy, parse_expr, Expr};
 use super::normalize::text_key;
 use super::number::{close, Complex};
 use regex::Regex;
@@ -23,6 +23,20 @@ static LABEL: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"^([a-zA-Z]|\\[a-zA-Z]+)(_\{?[0-9a-zA-Z]+\}?)?(\([^()]*\))?('*)$")
         .expect("valid regex")
 });
+
+/// `x`, `f(x)`, `a_n`, `\theta`, or a tuple of those like `(x, y)`.
+fn is_label(s: &str) -> bool {
+    if LABEL.is_match(s) {
+        return true;
+    }
+    s.len() >= 2
+        && s.starts_with('(')
+        && s.ends_with(')')
+        && encloses(s, 0)
+        && split_top(&s[1..s.len() - 1], ',')
+            .iter()
+            .all(|p| LABEL.is_match(p.trim()))
+}
 
 /// A relation operator, with `>` and `\ge` stored flipped as `<` and `\le`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +137,9 @@ fn parse_at(s: &str, depth: usize) -> Answer {
     if let Some(expanded) = expand_plus_minus(s) {
         return Answer::List(expanded.iter().map(|e| parse_at(e, depth + 1)).collect());
     }
+    if is_wordy(s) {
+        return Answer::Text(text_key(s));
+    }
     match parse_expr(s) {
         Ok(e) => Answer::Scalar(e),
         Err(_) => Answer::Text(text_key(s)),
@@ -171,7 +188,7 @@ fn relation(s: &str, depth: usize) -> Option<Answer> {
         if op == RelOp::Eq {
             let lhs = parts[0].trim();
             let rhs = parts[parts.len() - 1].trim();
-            if LABEL.is_match(lhs) {
+            if is_label(lhs) {
                 return Some(Answer::Labeled {
                     label: text_key(lhs),
                     value: Box::new(parse_at(rhs, depth + 1)),
@@ -269,7 +286,7 @@ fn split_top_str<'a>(s: &'a str, sep: &str) -> Vec<&'a str> {
             b')' | b']' | b'}' => depth -= 1,
             _ => {}
         }
-        if depth == 0 && s[i..].starts_with(sep) {
+        if depth == 0 && s.is_char_boundary(i) && s[i..].starts_with(sep) {
             let end = i + sep.len();
             let letter_follows = sep.starts_with('\\')
                 && bytes.get(end).is_some_and(|b| b.is_ascii_alphabetic());

@@ -109,6 +109,43 @@ const WORDS: &[(&str, Tok)] = &[
     ("pi", Tok::Pi),
 ];
 
+/// Whether `s` contains a plain word (three or more letters that are not function names, like
+/// "Monday" or "yes"): such answers are text, not products of single-letter variables.
+pub fn is_wordy(s: &str) -> bool {
+    let chars: Vec<char> = s.chars().collect();
+    let mut i = 0;
+    let mut unknown_run = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '\\' {
+            // A command name is never a word of the answer.
+            i += 1;
+            while i < chars.len() && chars[i].is_ascii_alphabetic() {
+                i += 1;
+            }
+            unknown_run = 0;
+            continue;
+        }
+        if !c.is_ascii_alphabetic() {
+            unknown_run = 0;
+            i += 1;
+            continue;
+        }
+        let rest: String = chars[i..chars.len().min(i + 8)].iter().collect();
+        if let Some((w, _)) = WORDS.iter().find(|(w, _)| rest.starts_with(w)) {
+            i += w.len();
+            unknown_run = 0;
+        } else {
+            unknown_run += 1;
+            if unknown_run >= 3 {
+                return true;
+            }
+            i += 1;
+        }
+    }
+    false
+}
+
 /// LaTeX commands that stand for a variable.
 const GREEK: &[&str] = &[
     "alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta",
@@ -706,7 +743,7 @@ impl Expr {
     pub fn has_decimal(&self) -> bool {
         let mut found = false;
         self.visit(&mut |e| {
-            if let Expr::Num { decimal: true, .. } | Expr::Num { value: NumValue::Approx(_), .. } = e {
+            if let Expr::Num { decimal: true, .. } = e {
                 found = true;
             }
         });

@@ -78,6 +78,10 @@ pub fn answers_match(gt: &str, pred: &str) -> bool {
     if g == p {
         return true;
     }
+    if is_integer_literal(&g) && is_integer_literal(&p) {
+        // Integers too long for exact arithmetic still compare exactly, digit by digit.
+        return canonical_integer(&g) == canonical_integer(&p);
+    }
     if let Some(c) = CHOICE_GT.captures(&g) {
         // A multiple-choice letter: compare letters, whatever the decoration.
         return CHOICE_PRED
@@ -97,4 +101,19 @@ pub fn answers_match(gt: &str, pred: &str) -> bool {
         && !meaningful_braces(&g)
         && !meaningful_braces(&p)
         && normalize::text_key(&g) == normalize::text_key(&p)
+}
+
+fn is_integer_literal(s: &str) -> bool {
+    let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn canonical_integer(s: &str) -> String {
+    let negative = s.starts_with('-');
+    let digits = s.trim_start_matches(['-', '+']).trim_start_matches('0');
+    match (digits.is_empty(), negative) {
+        (true, _) => "0".to_string(),
+        (false, true) => format!("-{digits}"),
+        (false, false) => digits.to_string(),
+    }
 }

@@ -10,7 +10,7 @@ use std::sync::LazyLock;
 const ROW_BREAK: &str = "\u{1}";
 
 static TEXT_WRAPPER: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|textnormal|operatorname)\s*\{([^{}]*)\}")
+    Regex::new(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|textnormal|operatorname)\s*\{([^{}]*)\}(\^\{?[23]\}?)?")
         .expect("valid regex")
 });
 static UNIT_WORDS: LazyLock<Regex> = LazyLock::new(|| {
@@ -146,7 +146,8 @@ fn unwrap_text(s: &str) -> String {
                     // "5 \text{ apples}": any word after a number is a unit of the count.
                     String::new()
                 } else {
-                    format!(" {inner} ")
+                    let power = c.get(2).map_or("", |m| m.as_str());
+                    format!(" {inner}{power} ")
                 }
             })
             .into_owned();
