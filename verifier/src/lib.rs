@@ -5,6 +5,7 @@
 //! - [`service`]: the thin gRPC layer over [`grade::Grader`].
 
 pub mod error;
+pub mod code;
 pub mod math;
 
 pub use error::VerifierError;

@@ -1,0 +1,250 @@
+//! Code grading end to end in the real sandbox: formats, comparison, partial credit, and
+//! attacks that must be contained (each scores 0, ends within its limit, leaves the host alone).
+
+use prime_verifier::code::sandbox::{Backend, Sandbox, SandboxLimits};
+use prime_verifier::code::{extract_code, grade_code, stdout_matches, CodeGraderConfig};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn sandbox() -> &'static Sandbox {
+    static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
+    SANDBOX.get_or_init(|| {
+        let limits = SandboxLimits {
+            wall_time: Duration::from_secs(3),
+            cpu_seconds: 3,
+            ..SandboxLimits::default()
+        };
+        Sandbox::detect(limits).expect("python3 available")
+    })
+}
+
+fn fence(code: &str) -> String {
+    format!("Here is my solution:\n```python\n{code}\n```\nDone.")
+}
+
+fn grade(code: &str, tests: &str) -> f64 {
+    grade_code(sandbox(), &CodeGraderConfig::default(), &fence(code), tests)
+        .expect("valid spec")
+        .score
+}
+
+const ADD_TESTS: &str = r#"{"inputs": ["1 2\n", "3 4\n", "10 -5\n"], "outputs": ["3\n", "7\n", "5\n"]}"#;
+
+#[test]
+fn stdin_stdout_correct_and_wrong() {
+    assert_eq!(grade("a, b = map(int, input().split())\nprint(a + b)", ADD_TESTS), 1.0);
+    assert_eq!(grade("a, b = map(int, input().split())\nprint(a - b)", ADD_TESTS), 0.0);
+    // Fails only the third test.
+    let partial = "a, b = map(int, input().split())\nprint(a + b if b > 0 else 0)";
+    assert!((grade(partial, ADD_TESTS) - 2.0 / 3.0).abs() < 1e-9);
+    // Reading all of stdin and an `if __name__` guard work.
+    let main_guard = "import sys\ndef main():\n    a, b = map(int, sys.stdin.read().split())\n    print(a + b)\nif __name__ == '__main__':\n    main()";
+    assert_eq!(grade(main_guard, ADD_TESTS), 1.0);
+}
+
+#[test]
+fn partial_credit_counts_the_first_ten() {
+    let inputs: Vec<String> = (0..12).map(|i| format!("{i}\n")).collect();
+    let outputs: Vec<String> = (0..12).map(|i| format!("{}\n", i * 2)).collect();
+    let tests = serde_json::json!({"inputs": inputs, "outputs": outputs}).to_string();
+    // Wrong on input 3 only: 9 of the first 10.
+    let code = "n = int(input())\nprint(n * 2 if n != 3 else 0)";
+    assert!((grade(code, &tests) - 0.9).abs() < 1e-9);
+    // Wrong only after the first ten: the spec's rule gives 1.0.
+    let late = "n = int(input())\nprint(n * 2 if n < 11 else 0)";
+    assert_eq!(grade(late, &tests), 1.0);
+    // Binary mode: all or nothing.
+    let binary = CodeGraderConfig {
+        continuous: false,
+        ..CodeGraderConfig::default()
+    };
+    let v = grade_code(sandbox(), &binary, &fence(late), &tests).unwrap();
+    assert_eq!(v.score, 0.0);
+}
+
+#[test]
+fn call_based_functions_and_solution_class() {
+    let tests = r#"{"fn_name": "add", "inputs": ["1\n2", "[1, 2]\n[3]"], "outputs": [3, [1, 2, 3]]}"#;
+    assert_eq!(grade("def add(a, b):\n    print('noise')\n    return a + b", tests), 1.0);
+    let class = r#"{"fn_name": "twoSum", "inputs": [[[2, 7, 11, 15], 9]], "outputs": [[0, 1]]}"#;
+    let code = "class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n        seen = {}\n        for i, x in enumerate(nums):\n            if target - x in seen:\n                return (seen[target - x], i)\n            seen[x] = i";
+    assert_eq!(grade(code, class), 1.0);
+    // `result == expected[0]` is accepted, and ints equal floats by value.
+    let wrapped = r#"{"fn_name": "f", "inputs": [[2]], "outputs": [[4.0]]}"#;
+    assert_eq!(grade("def f(x):\n    return x * 2", wrapped), 1.0);
+    assert_eq!(grade("def f(x):\n    return x * 3", wrapped), 0.0);
+    assert_eq!(grade("def g(x):\n    return x * 2", wrapped), 0.0);
+}
+
+#[test]
+fn compile_errors_and_missing_code_score_zero() {
+    assert_eq!(grade("def broken(:\n  pass", ADD_TESTS), 0.0);
+    let v = grade_code(sandbox(), &CodeGraderConfig::default(), "", ADD_TESTS).unwrap();
+    assert_eq!(v.score, 0.0);
+    assert!(grade_code(sandbox(), &CodeGraderConfig::default(), "x", "not json").is_err());
+    assert!(grade_code(sandbox(), &CodeGraderConfig::default(), "x", r#"{"inputs": [], "outputs": []}"#).is_err());
+}
+
+#[test]
+fn extraction_takes_the_last_python_block() {
+    let r = "```python\nprint(1)\n```\nBetter:\n```python\nprint(2)\n```";
+    assert_eq!(extract_code(r).trim(), "print(2)");
+    assert_eq!(extract_code("print(3)"), "print(3)");
+    assert_eq!(extract_code("```python\nprint(4)").trim(), "print(4)");
+}
+
+#[test]
+fn stdout_comparison_rules() {
+    assert!(stdout_matches("3\n", "3"));
+    assert!(stdout_matches("1 2\n3  \n", "1 2\n3\n"));
+    assert!(stdout_matches("a\n\nb\n", "a\nb"));
+    assert!(stdout_matches("0.3333333\n", "0.33333333"));
+    assert!(!stdout_matches("0.34\n", "0.33"));
+    assert!(!stdout_matches("YES", "NO"));
+    assert!(!stdout_matches("", "1"));
+}
+
+/// Runs an attack as a stdin problem whose only correct output is "ok" and checks it scores 0
+/// within its limit.
+fn contained(name: &str, code: &str) {
+    let tests = r#"{"inputs": [""], "outputs": ["unreachable-expected-output"]}"#;
+    let start = Instant::now();
+    let score = grade(code, tests);
+    let took = start.elapsed();
+    assert_eq!(score, 0.0, "{name} scored");
+    assert!(took < Duration::from_secs(20), "{name} took {took:?}");
+}
+
+#[test]
+fn attack_infinite_loop_and_sleep() {
+    contained("infinite loop", "while True:\n    pass");
+    contained("long sleep", "import time\ntime.sleep(3600)");
+}
+
+#[test]
+fn attack_fork_bomb() {
+    contained(
+        "fork bomb",
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+    );
+    // The host still forks fine afterwards.
+    assert!(std::process::Command::new("true").status().unwrap().success());
+}
+
+#[test]
+fn attack_memory_bomb() {
+    contained("memory bomb", "x = []\nwhile True:\n    x.append(bytearray(50 * 1024 * 1024))");
+}
+
+#[test]
+fn attack_huge_output_is_capped() {
+    contained("huge output", "import sys\nchunk = 'x' * (1 << 20)\nwhile True:\n    sys.stdout.write(chunk)");
+}
+
+#[test]
+fn attack_disk_fill_and_fd_exhaustion() {
+    contained("disk fill", "f = open('big', 'wb')\nwhile True:\n    f.write(b'x' * (1 << 20))");
+    contained("fd exhaustion", "fs = []\nwhile True:\n    fs.append(open('/dev/null'))");
+}
+
+#[test]
+fn attack_segfault_and_deep_recursion() {
+    contained("ctypes segfault", "import ctypes\nctypes.string_at(0)");
+    contained("deep recursion", "def f(n):\n    return f(n + 1) + 1\nprint(f(0))");
+}
+
+#[test]
+fn attack_daemon_does_not_outlive_the_run() {
+    let marker = std::env::temp_dir().join(format!("prime-daemon-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    // The daemon double-forks, leaves the session, and tries to write a host file later.
+    let code = format!(
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(1.5)\n        open({path:?}, 'w').write('escaped')\n        os._exit(0)\n    os._exit(0)\nprint('parent done')",
+        path = marker.display().to_string()
+    );
+    contained("daemon", &code);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(!marker.exists(), "a daemon outlived the run and wrote {marker:?}");
+}
+
+/// Attacks whose containment the rlimit fallback cannot promise (no mount or network
+/// namespace for non-root); checked only under bubblewrap.
+fn bubblewrap_only() -> bool {
+    if matches!(sandbox().backend(), Backend::Bubblewrap { .. }) {
+        true
+    } else {
+        eprintln!("bubblewrap unavailable: skipping namespace attacks");
+        false
+    }
+}
+
+#[test]
+fn attack_host_files_and_environment_are_invisible() {
+    if !bubblewrap_only() {
+        return;
+    }
+    let secret_dir = tempfile::tempdir().unwrap();
+    let secret = secret_dir.path().join("secret.txt");
+    std::fs::write(&secret, "host secret").unwrap();
+    // The program prints "LEAK" if it can see anything of the host.
+    let code = format!(
+        "import os\nleak = False\ntry:\n    open({secret:?}).read()\n    leak = True\nexcept Exception:\n    pass\nfor p in ['/etc/passwd', '/etc/hostname', '/home', '/root/.cargo', '/root/.bashrc', '/work/../etc/shadow']:\n    if os.path.exists(p):\n        leak = True\nif open('/proc/1/environ', 'rb').read() or 'CARGO' in str(os.environ) or len(os.environ) > 3:\n    leak = True\nprint('LEAK' if leak else 'SAFE')",
+        secret = secret.display().to_string()
+    );
+    let tests = r#"{"inputs": [""], "outputs": ["SAFE"]}"#;
+    assert_eq!(grade(&code, tests), 1.0, "the sandbox leaked host state");
+}
+
+#[test]
+fn attack_writes_outside_and_killing_others() {
+    if !bubblewrap_only() {
+        return;
+    }
+    let target = std::env::temp_dir().join(format!("prime-outside-{}", std::process::id()));
+    let mut victim = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let code = format!(
+        "import os, signal\ntry:\n    open({target:?}, 'w').write('x')\nexcept Exception:\n    pass\ntry:\n    os.kill({victim}, signal.SIGKILL)\nexcept Exception:\n    pass\nfor pid in range(2, 500):\n    try:\n        os.kill(pid, signal.SIGKILL)\n    except Exception:\n        pass",
+        target = target.display().to_string(),
+        victim = victim.id()
+    );
+    contained("outside write and kill", &code);
+    assert!(!target.exists(), "wrote outside the work dir");
+    assert!(victim.try_wait().unwrap().is_none(), "killed a host process");
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+}
+
+#[test]
+fn attack_network_is_unreachable() {
+    if !bubblewrap_only() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let code = format!(
+        "import socket\nreached = False\nfor addr in [('127.0.0.1', {port}), ('1.1.1.1', 53), ('8.8.8.8', 443)]:\n    try:\n        s = socket.create_connection(addr, timeout=1)\n        reached = True\n    except Exception:\n        pass\nprint('REACHED' if reached else 'ISOLATED')"
+    );
+    let tests = r#"{"inputs": [""], "outputs": ["ISOLATED"]}"#;
+    assert_eq!(grade(&code, tests), 1.0, "the sandbox reached the network");
+}
+
+#[test]
+fn rlimit_fallback_still_contains_runaway_code() {
+    let fallback = sandbox().clone().with_backend(Backend::Rlimits);
+    let tests = r#"{"inputs": ["2\n"], "outputs": ["4\n"]}"#;
+    let cfg = CodeGraderConfig::default();
+    let ok = grade_code(&fallback, &cfg, &fence("print(int(input()) * 2)"), tests).unwrap();
+    assert_eq!(ok.score, 1.0);
+    let start = Instant::now();
+    let looping = grade_code(&fallback, &cfg, &fence("while True: pass"), tests).unwrap();
+    assert_eq!(looping.score, 0.0);
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let env = grade_code(
+        &fallback,
+        &cfg,
+        &fence("import os\nprint(4 if 'CARGO' not in str(os.environ) and len(os.environ) <= 3 else 5)"),
+        tests,
+    )
+    .unwrap();
+    assert_eq!(env.score, 1.0, "grader environment leaked into the fallback sandbox");
+}
