@@ -188,7 +188,7 @@ fn attack_host_files_and_environment_are_invisible() {
     std::fs::write(&secret, "host secret").unwrap();
     // The program prints "LEAK" if it can see anything of the host.
     let code = format!(
-        "import os\nleak = False\ntry:\n    open({secret:?}).read()\n    leak = True\nexcept Exception:\n    pass\nfor p in ['/etc/passwd', '/etc/hostname', '/home', '/root/.cargo', '/root/.bashrc', '/work/../etc/shadow']:\n    if os.path.exists(p):\n        leak = True\nif open('/proc/1/environ', 'rb').read() or 'CARGO' in str(os.environ) or len(os.environ) > 3:\n    leak = True\nprint('LEAK' if leak else 'SAFE')",
+        "import os\nleak = False\ntry:\n    open({secret:?}).read()\n    leak = True\nexcept Exception:\n    pass\nfor p in ['/etc/passwd', '/etc/hostname', '/home', '/root/.cargo', '/root/.bashrc', '/work/../etc/shadow']:\n    if os.path.exists(p):\n        leak = True\nif open('/proc/1/environ', 'rb').read() or 'CARGO' in str(os.environ) or len(os.environ) > 4:\n    leak = True\nprint('LEAK' if leak else 'SAFE')",
         secret = secret.display().to_string()
     );
     let tests = r#"{"inputs": [""], "outputs": ["SAFE"]}"#;
@@ -242,7 +242,7 @@ fn rlimit_fallback_still_contains_runaway_code() {
     let env = grade_code(
         &fallback,
         &cfg,
-        &fence("import os\nprint(4 if 'CARGO' not in str(os.environ) and len(os.environ) <= 3 else 5)"),
+        &fence("import os\nprint(4 if 'CARGO' not in str(os.environ) and len(os.environ) <= 4 else 5)"),
         tests,
     )
     .unwrap();
