@@ -1,0 +1,274 @@
+//! The `Verifier` gRPC service: a thin handler that converts messages and calls [`Grader`],
+//! plus the server wiring (health, optional shared token, Prometheus endpoint).
+
+use crate::error::VerifierError;
+use crate::grade::{Ability, GradeItem, GradeResult, Grader, Outcome};
+use prime_proto::v1 as pb;
+use prime_proto::v1::verifier_server::{Verifier, VerifierServer};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Most items accepted in one `Grade` call.
+pub const MAX_BATCH_ITEMS: usize = 8192;
+
+/// The gRPC handler.
+#[derive(Debug, Clone)]
+pub struct VerifierService {
+    grader: Grader,
+}
+
+impl VerifierService {
+    /// Wraps a grader.
+    pub fn new(grader: Grader) -> Self {
+        Self { grader }
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> VerifierServer<Self> {
+        VerifierServer::new(self)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+}
+
+/// Converts a wire item; an unknown ability becomes `None` (graded as an error result).
+pub fn item_from_proto(item: pb::GradeItem) -> GradeItem {
+    let ability = match pb::GradeAbility::try_from(item.ability) {
+        Ok(pb::GradeAbility::Math) => Some(Ability::Math),
+        Ok(pb::GradeAbility::Code) => Some(Ability::Code),
+        _ => None,
+    };
+    GradeItem {
+        id: item.id,
+        ability,
+        response: item.response,
+        ground_truth: item.ground_truth,
+    }
+}
+
+/// Converts a plain item to the wire form.
+pub fn item_to_proto(item: &GradeItem) -> pb::GradeItem {
+    pb::GradeItem {
+        id: item.id.clone(),
+        ability: match item.ability {
+            Some(Ability::Math) => pb::GradeAbility::Math,
+            Some(Ability::Code) => pb::GradeAbility::Code,
+            None => pb::GradeAbility::Unspecified,
+        } as i32,
+        response: item.response.clone(),
+        ground_truth: item.ground_truth.clone(),
+    }
+}
+
+/// Converts a result to the wire form.
+pub fn result_to_proto(r: GradeResult) -> pb::GradeResult {
+    pb::GradeResult {
+        id: r.id,
+        score: r.score,
+        outcome: match r.outcome {
+            Outcome::Graded => pb::GradeOutcome::Graded,
+            Outcome::Timeout => pb::GradeOutcome::Timeout,
+            Outcome::Error => pb::GradeOutcome::Error,
+        } as i32,
+        reason: r.reason,
+        extracted_answer: r.extracted_answer.unwrap_or_default(),
+        latency_ms: r.latency.as_secs_f64() * 1e3,
+    }
+}
+
+type ResultStream = Pin<Box<dyn Stream<Item = Result<pb::GradeResult, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Verifier for VerifierService {
+    async fn grade(
+        &self,
+        request: Request<pb::GradeRequest>,
+    ) -> Result<Response<pb::GradeResponse>, Status> {
+        let items = request.into_inner().items;
+        if items.len() > MAX_BATCH_ITEMS {
+            return Err(VerifierError::InvalidRequest(format!(
+                "batch of {} items exceeds the limit of {MAX_BATCH_ITEMS}",
+                items.len()
+            ))
+            .into());
+        }
+        let items = items.into_iter().map(item_from_proto).collect();
+        let results = self.grader.grade_batch(items).await;
+        Ok(Response::new(pb::GradeResponse {
+            results: results.into_iter().map(result_to_proto).collect(),
+        }))
+    }
+
+    type GradeStreamStream = ResultStream;
+
+    async fn grade_stream(
+        &self,
+        request: Request<Streaming<pb::GradeItem>>,
+    ) -> Result<Response<Self::GradeStreamStream>, Status> {
+        let mut incoming = request.into_inner();
+        let grader = self.grader.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    next = incoming.next() => match next {
+                        Some(Ok(item)) => {
+                            let grader = grader.clone();
+                            let tx = tx.clone();
+                            tasks.spawn(async move {
+                                let r = grader.grade(item_from_proto(item)).await;
+                                // The client may have gone away; nothing to do then.
+                                let _ = tx.send(Ok(result_to_proto(r))).await;
+                            });
+                        }
+                        Some(Err(status)) => {
+                            tracing::warn!(%status, "grade stream broken by the client");
+                            break;
+                        }
+                        None => break,
+                    },
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                }
+            }
+            while tasks.join_next().await.is_some() {}
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::VerifierStatusRequest>,
+    ) -> Result<Response<pb::VerifierStatusResponse>, Status> {
+        let s = self.grader.status();
+        Ok(Response::new(pb::VerifierStatusResponse {
+            build: Some(pb::BuildInfo {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                role: pb::Role::Verifier as i32,
+            }),
+            items_graded: s.items_graded,
+            timeouts: s.timeouts,
+            errors: s.errors,
+            latency_p50_ms: s.latency_p50_ms,
+            latency_p99_ms: s.latency_p99_ms,
+            queue_depth: s.queue_depth,
+            in_flight: s.in_flight,
+            max_concurrency: s.max_concurrency as u32,
+            sandbox_backend: s.sandbox_backend,
+            sandbox_cgroup: s.sandbox_cgroup,
+        }))
+    }
+}
+
+/// Checks `authorization: Bearer <token>` when a token is configured.
+#[derive(Debug, Clone)]
+pub struct TokenCheck {
+    expected: Option<String>,
+}
+
+impl TokenCheck {
+    /// A check for `token` (no check when `None`).
+    pub fn new(token: Option<String>) -> Self {
+        Self {
+            expected: token.map(|t| format!("Bearer {t}")),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(request);
+        };
+        match request.metadata().get("authorization") {
+            Some(v) if v.as_bytes() == expected.as_bytes() => Ok(request),
+            _ => Err(Status::unauthenticated("missing or wrong token")),
+        }
+    }
+}
+
+/// Serves the Verifier service and `grpc.health.v1` on `listener` until `shutdown` resolves.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    grader: Grader,
+    token: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), VerifierError> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<VerifierServer<VerifierService>>()
+        .await;
+    let service = VerifierService::new(grader).into_server();
+    let check = TokenCheck::new(token);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            service, check,
+        ))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| VerifierError::Unavailable(format!("server failed: {e}")))
+}
+
+/// Serves Prometheus metrics (`GET /metrics`, any path answers) on `listener`, forever.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, grader: Grader) {
+    loop {
+        let Ok((mut socket, _)) = listener.accept().await else {
+            continue;
+        };
+        let grader = grader.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            // Only the request line matters; a slow or huge request is not waited for.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), socket.read(&mut buf))
+                .await;
+            let body = grader.metrics().prometheus_text();
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(reply.as_bytes()).await;
+            let _ = socket.shutdown().await;
+        });
+    }
+}
+
+/// Options of `prime verifier`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Prometheus listen address, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Shared token clients must send, if any.
+    pub token: Option<String>,
+    /// Grader settings.
+    pub grader: crate::grade::GraderConfig,
+}
+
+/// Runs the verifier server until Ctrl-C, on its own tokio runtime (for the CLI).
+pub fn run_server(options: ServeOptions) -> Result<(), VerifierError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let grader = Grader::new(options.grader.clone());
+        let listener = tokio::net::TcpListener::bind(options.listen).await?;
+        tracing::info!(addr = %listener.local_addr()?, status = ?grader.status(), "verifier listening");
+        if let Some(addr) = options.metrics_listen {
+            let metrics_listener = tokio::net::TcpListener::bind(addr).await?;
+            tracing::info!(addr = %metrics_listener.local_addr()?, "metrics listening");
+            tokio::spawn(serve_metrics(metrics_listener, grader.clone()));
+        }
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        };
+        serve_on(listener, grader, options.token, shutdown).await
+    })
+}
