@@ -1,0 +1,133 @@
+//! `prime verifier` (the Verifier gRPC service) and `prime grade` (grade a JSONL file locally
+//! or through a running verifier). Argument parsing only; the work is in `prime_verifier`.
+
+use anyhow::Context;
+use prime_verifier::code::sandbox::SandboxLimits;
+use prime_verifier::code::CodeGraderConfig;
+use prime_verifier::grade::GraderConfig;
+use prime_verifier::jsonl::{grade_file, GradeFileOptions};
+use prime_verifier::service::{run_server, ServeOptions};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Grading settings shared by `prime verifier` and local `prime grade`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GradingArgs {
+    /// Most items graded at once (default: the number of CPU cores).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Time limit for one item, all of its code tests included, in seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub item_timeout_secs: f64,
+    /// Wall-clock and CPU limit of one code test run, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub code_timeout_secs: f64,
+    /// Memory cap of one code test run (address space per process, and the whole sandbox
+    /// where a cgroup is available), in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub code_memory_mib: u64,
+    /// Score code all-or-nothing instead of the fraction of the first 10 tests passed.
+    #[arg(long)]
+    pub binary_code_score: bool,
+}
+
+impl GradingArgs {
+    fn config(&self) -> anyhow::Result<GraderConfig> {
+        anyhow::ensure!(
+            self.item_timeout_secs > 0.0 && self.code_timeout_secs > 0.0,
+            "time limits must be positive"
+        );
+        let defaults = GraderConfig::default();
+        let memory = self.code_memory_mib.saturating_mul(1 << 20);
+        Ok(GraderConfig {
+            max_concurrency: self.concurrency.unwrap_or(defaults.max_concurrency).max(1),
+            item_timeout: Duration::from_secs_f64(self.item_timeout_secs),
+            code: CodeGraderConfig {
+                continuous: !self.binary_code_score,
+                ..CodeGraderConfig::default()
+            },
+            sandbox: SandboxLimits {
+                wall_time: Duration::from_secs_f64(self.code_timeout_secs),
+                cpu_seconds: self.code_timeout_secs.ceil() as u64,
+                address_space_bytes: memory,
+                memory_bytes: memory,
+                ..SandboxLimits::default()
+            },
+        })
+    }
+}
+
+/// `prime verifier --listen ADDR`: serve the Verifier gRPC service and grpc.health.v1.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VerifierArgs {
+    /// gRPC listen address.
+    #[arg(long, default_value = "0.0.0.0:50053")]
+    pub listen: SocketAddr,
+    /// Prometheus metrics listen address (HTTP, `/metrics`); off when not given.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Shared token clients must send as `authorization: Bearer TOKEN`.
+    #[arg(long, env = "PRIME_TOKEN")]
+    pub token: Option<String>,
+    /// Grading settings.
+    #[command(flatten)]
+    pub grading: GradingArgs,
+}
+
+/// Runs the verifier server until Ctrl-C.
+pub fn run(args: VerifierArgs) -> anyhow::Result<()> {
+    let options = ServeOptions {
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        token: args.token,
+        grader: args.grading.config()?,
+    };
+    run_server(options).context("verifier server failed")
+}
+
+/// `prime grade --input IN.jsonl --output OUT.jsonl [--addr URL]`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GradeArgs {
+    /// Input JSONL: {"id", "ability": "math"|"code", "response", "ground_truth"} per line.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output JSONL: each input line plus "score" and "reason", in input order.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Grade through a running verifier at this URL (e.g. http://127.0.0.1:50053) instead of
+    /// locally.
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// Shared token for the remote verifier.
+    #[arg(long, env = "PRIME_TOKEN")]
+    pub token: Option<String>,
+    /// Grading settings (local grading only).
+    #[command(flatten)]
+    pub grading: GradingArgs,
+}
+
+/// Grades a JSONL file and logs the totals.
+pub fn run_grade(args: GradeArgs) -> anyhow::Result<()> {
+    let options = GradeFileOptions {
+        input: args.input,
+        output: args.output,
+        addr: args.addr,
+        token: args.token,
+        grader: args.grading.config()?,
+    };
+    let summary = grade_file(&options)
+        .with_context(|| format!("grading {}", options.input.display()))?;
+    let mean = if summary.items == 0 {
+        0.0
+    } else {
+        summary.total_score / summary.items as f64
+    };
+    tracing::info!(
+        items = summary.items,
+        mean_score = mean,
+        output = %options.output.display(),
+        "graded"
+    );
+    Ok(())
+}
