@@ -109,18 +109,60 @@ impl Metrics {
     pub fn prometheus_text(&self) -> String {
         let (p50, p99) = self.latency_percentiles_ms();
         let rows: [(&str, &str, &str, f64); 8] = [
-            ("prime_verifier_items_graded_total", "counter", "Items graded, any outcome.", self.items_graded() as f64),
-            ("prime_verifier_timeouts_total", "counter", "Items that hit the per-item time limit.", self.timeouts() as f64),
-            ("prime_verifier_errors_total", "counter", "Items that ended with an error.", self.errors() as f64),
-            ("prime_verifier_queue_depth", "gauge", "Items waiting for a grading slot.", self.queue_depth() as f64),
-            ("prime_verifier_in_flight", "gauge", "Items being graded.", self.in_flight() as f64),
-            ("prime_verifier_latency_seconds_sum", "counter", "Total grading time.", self.latency_seconds_sum_micros.load(Ordering::Relaxed) as f64 / 1e6),
-            ("prime_verifier_latency_p50_seconds", "gauge", "Median latency of recent items.", p50 / 1e3),
-            ("prime_verifier_latency_p99_seconds", "gauge", "99th-percentile latency of recent items.", p99 / 1e3),
+            (
+                "prime_verifier_items_graded_total",
+                "counter",
+                "Items graded, any outcome.",
+                self.items_graded() as f64,
+            ),
+            (
+                "prime_verifier_timeouts_total",
+                "counter",
+                "Items that hit the per-item time limit.",
+                self.timeouts() as f64,
+            ),
+            (
+                "prime_verifier_errors_total",
+                "counter",
+                "Items that ended with an error.",
+                self.errors() as f64,
+            ),
+            (
+                "prime_verifier_queue_depth",
+                "gauge",
+                "Items waiting for a grading slot.",
+                self.queue_depth() as f64,
+            ),
+            (
+                "prime_verifier_in_flight",
+                "gauge",
+                "Items being graded.",
+                self.in_flight() as f64,
+            ),
+            (
+                "prime_verifier_latency_seconds_sum",
+                "counter",
+                "Total grading time.",
+                self.latency_seconds_sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            ),
+            (
+                "prime_verifier_latency_p50_seconds",
+                "gauge",
+                "Median latency of recent items.",
+                p50 / 1e3,
+            ),
+            (
+                "prime_verifier_latency_p99_seconds",
+                "gauge",
+                "99th-percentile latency of recent items.",
+                p99 / 1e3,
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in rows {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
         }
         out
     }

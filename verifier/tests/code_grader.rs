@@ -28,12 +28,19 @@ fn grade(code: &str, tests: &str) -> f64 {
         .score
 }
 
-const ADD_TESTS: &str = r#"{"inputs": ["1 2\n", "3 4\n", "10 -5\n"], "outputs": ["3\n", "7\n", "5\n"]}"#;
+const ADD_TESTS: &str =
+    r#"{"inputs": ["1 2\n", "3 4\n", "10 -5\n"], "outputs": ["3\n", "7\n", "5\n"]}"#;
 
 #[test]
 fn stdin_stdout_correct_and_wrong() {
-    assert_eq!(grade("a, b = map(int, input().split())\nprint(a + b)", ADD_TESTS), 1.0);
-    assert_eq!(grade("a, b = map(int, input().split())\nprint(a - b)", ADD_TESTS), 0.0);
+    assert_eq!(
+        grade("a, b = map(int, input().split())\nprint(a + b)", ADD_TESTS),
+        1.0
+    );
+    assert_eq!(
+        grade("a, b = map(int, input().split())\nprint(a - b)", ADD_TESTS),
+        0.0
+    );
     // Fails only the third test.
     let partial = "a, b = map(int, input().split())\nprint(a + b if b > 0 else 0)";
     assert!((grade(partial, ADD_TESTS) - 2.0 / 3.0).abs() < 1e-9);
@@ -64,8 +71,15 @@ fn partial_credit_counts_the_first_ten() {
 
 #[test]
 fn call_based_functions_and_solution_class() {
-    let tests = r#"{"fn_name": "add", "inputs": ["1\n2", "[1, 2]\n[3]"], "outputs": [3, [1, 2, 3]]}"#;
-    assert_eq!(grade("def add(a, b):\n    print('noise')\n    return a + b", tests), 1.0);
+    let tests =
+        r#"{"fn_name": "add", "inputs": ["1\n2", "[1, 2]\n[3]"], "outputs": [3, [1, 2, 3]]}"#;
+    assert_eq!(
+        grade(
+            "def add(a, b):\n    print('noise')\n    return a + b",
+            tests
+        ),
+        1.0
+    );
     let class = r#"{"fn_name": "twoSum", "inputs": [[[2, 7, 11, 15], 9]], "outputs": [[0, 1]]}"#;
     let code = "class Solution:\n    def twoSum(self, nums: List[int], target: int) -> List[int]:\n        seen = {}\n        for i, x in enumerate(nums):\n            if target - x in seen:\n                return (seen[target - x], i)\n            seen[x] = i";
     assert_eq!(grade(code, class), 1.0);
@@ -82,7 +96,13 @@ fn compile_errors_and_missing_code_score_zero() {
     let v = grade_code(sandbox(), &CodeGraderConfig::default(), "", ADD_TESTS).unwrap();
     assert_eq!(v.score, 0.0);
     assert!(grade_code(sandbox(), &CodeGraderConfig::default(), "x", "not json").is_err());
-    assert!(grade_code(sandbox(), &CodeGraderConfig::default(), "x", r#"{"inputs": [], "outputs": []}"#).is_err());
+    assert!(grade_code(
+        sandbox(),
+        &CodeGraderConfig::default(),
+        "x",
+        r#"{"inputs": [], "outputs": []}"#
+    )
+    .is_err());
 }
 
 #[test]
@@ -128,29 +148,47 @@ fn attack_fork_bomb() {
         "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
     );
     // The host still forks fine afterwards.
-    assert!(std::process::Command::new("true").status().unwrap().success());
+    assert!(std::process::Command::new("true")
+        .status()
+        .unwrap()
+        .success());
 }
 
 #[test]
 fn attack_memory_bomb() {
-    contained("memory bomb", "x = []\nwhile True:\n    x.append(bytearray(50 * 1024 * 1024))");
+    contained(
+        "memory bomb",
+        "x = []\nwhile True:\n    x.append(bytearray(50 * 1024 * 1024))",
+    );
 }
 
 #[test]
 fn attack_huge_output_is_capped() {
-    contained("huge output", "import sys\nchunk = 'x' * (1 << 20)\nwhile True:\n    sys.stdout.write(chunk)");
+    contained(
+        "huge output",
+        "import sys\nchunk = 'x' * (1 << 20)\nwhile True:\n    sys.stdout.write(chunk)",
+    );
 }
 
 #[test]
 fn attack_disk_fill_and_fd_exhaustion() {
-    contained("disk fill", "f = open('big', 'wb')\nwhile True:\n    f.write(b'x' * (1 << 20))");
-    contained("fd exhaustion", "fs = []\nwhile True:\n    fs.append(open('/dev/null'))");
+    contained(
+        "disk fill",
+        "f = open('big', 'wb')\nwhile True:\n    f.write(b'x' * (1 << 20))",
+    );
+    contained(
+        "fd exhaustion",
+        "fs = []\nwhile True:\n    fs.append(open('/dev/null'))",
+    );
 }
 
 #[test]
 fn attack_segfault_and_deep_recursion() {
     contained("ctypes segfault", "import ctypes\nctypes.string_at(0)");
-    contained("deep recursion", "def f(n):\n    return f(n + 1) + 1\nprint(f(0))");
+    contained(
+        "deep recursion",
+        "def f(n):\n    return f(n + 1) + 1\nprint(f(0))",
+    );
 }
 
 #[test]
@@ -164,7 +202,10 @@ fn attack_daemon_does_not_outlive_the_run() {
     );
     contained("daemon", &code);
     std::thread::sleep(Duration::from_millis(2500));
-    assert!(!marker.exists(), "a daemon outlived the run and wrote {marker:?}");
+    assert!(
+        !marker.exists(),
+        "a daemon outlived the run and wrote {marker:?}"
+    );
 }
 
 /// Attacks whose containment the rlimit fallback cannot promise (no mount or network
@@ -201,7 +242,10 @@ fn attack_writes_outside_and_killing_others() {
         return;
     }
     let target = std::env::temp_dir().join(format!("prime-outside-{}", std::process::id()));
-    let mut victim = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let mut victim = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
     let code = format!(
         "import os, signal\ntry:\n    open({target:?}, 'w').write('x')\nexcept Exception:\n    pass\ntry:\n    os.kill({victim}, signal.SIGKILL)\nexcept Exception:\n    pass\nfor pid in range(2, 500):\n    try:\n        os.kill(pid, signal.SIGKILL)\n    except Exception:\n        pass",
         target = target.display().to_string(),
@@ -209,7 +253,10 @@ fn attack_writes_outside_and_killing_others() {
     );
     contained("outside write and kill", &code);
     assert!(!target.exists(), "wrote outside the work dir");
-    assert!(victim.try_wait().unwrap().is_none(), "killed a host process");
+    assert!(
+        victim.try_wait().unwrap().is_none(),
+        "killed a host process"
+    );
     victim.kill().unwrap();
     victim.wait().unwrap();
 }
@@ -242,9 +289,14 @@ fn rlimit_fallback_still_contains_runaway_code() {
     let env = grade_code(
         &fallback,
         &cfg,
-        &fence("import os\nprint(4 if 'CARGO' not in str(os.environ) and len(os.environ) <= 4 else 5)"),
+        &fence(
+            "import os\nprint(4 if 'CARGO' not in str(os.environ) and len(os.environ) <= 4 else 5)",
+        ),
         tests,
     )
     .unwrap();
-    assert_eq!(env.score, 1.0, "grader environment leaked into the fallback sandbox");
+    assert_eq!(
+        env.score, 1.0,
+        "grader environment leaked into the fallback sandbox"
+    );
 }

@@ -56,8 +56,16 @@ const INTEGERS: &[Row] = &[
     ("10", "\\dbinom{5}{3}", true),
     ("3", "\\log_2 8", true),
     ("2", "\\log_{3}9", true),
-    ("123456789012345678901234567890123456789012", "123456789012345678901234567890123456789012", true),
-    ("123456789012345678901234567890123456789012", "123456789012345678901234567890123456789013", false),
+    (
+        "123456789012345678901234567890123456789012",
+        "123456789012345678901234567890123456789012",
+        true,
+    ),
+    (
+        "123456789012345678901234567890123456789012",
+        "123456789012345678901234567890123456789013",
+        false,
+    ),
     ("5", "x = 5", true),
     ("5", "n=5", true),
     ("2", "2 + 0", true),
@@ -338,9 +346,21 @@ const INTERVALS: &[Row] = &[
     ("(0, \\infty)", "(0, \\infty)", true),
     ("(0, \\infty)", "(1, \\infty)", false),
     ("[0, \\infty)", "[0,\\infty)", true),
-    ("(-\\infty,-1)\\cup(1,\\infty)", "(-\\infty,-1) \\cup (1,\\infty)", true),
-    ("(-\\infty,-1)\\cup(1,\\infty)", "(1,\\infty)\\cup(-\\infty,-1)", true),
-    ("(-\\infty,-1)\\cup(1,\\infty)", "(-\\infty,-1]\\cup[1,\\infty)", false),
+    (
+        "(-\\infty,-1)\\cup(1,\\infty)",
+        "(-\\infty,-1) \\cup (1,\\infty)",
+        true,
+    ),
+    (
+        "(-\\infty,-1)\\cup(1,\\infty)",
+        "(1,\\infty)\\cup(-\\infty,-1)",
+        true,
+    ),
+    (
+        "(-\\infty,-1)\\cup(1,\\infty)",
+        "(-\\infty,-1]\\cup[1,\\infty)",
+        false,
+    ),
     ("[\\frac{1}{2}, 3]", "[0.5, 3]", true),
     ("[-2, 5]", "[-2,5]", true),
     ("[-2, 5]", "[-2,6]", false),
@@ -427,16 +447,56 @@ const INEQUALITIES: &[Row] = &[
 ];
 
 const MATRICES: &[Row] = &[
-    ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", true),
-    ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}", true),
-    ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix} 1 & 3 \\\\ 2 & 4 \\end{pmatrix}", false),
-    ("\\begin{pmatrix} \\frac{1}{2} & 0 \\\\ 0 & 1 \\end{pmatrix}", "\\begin{pmatrix} 0.5 & 0 \\\\ 0 & 1 \\end{pmatrix}", true),
-    ("\\begin{pmatrix} 1 \\\\ 2 \\\\ 3 \\end{pmatrix}", "(1,2,3)", true),
-    ("\\begin{pmatrix} 1 \\\\ 2 \\\\ 3 \\end{pmatrix}", "(1,3,2)", false),
-    ("\\begin{pmatrix} 1 & 2 \\end{pmatrix}", "\\begin{pmatrix} 1 & 2 \\end{pmatrix}", true),
-    ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix} 1 & 2 \\end{pmatrix}", false),
-    ("\\begin{pmatrix} 2 \\\\ -1 \\end{pmatrix}", "\\begin{pmatrix} 2 \\\\ -1 \\end{pmatrix}", true),
-    ("\\begin{pmatrix} \\sqrt{2} & 1 \\\\ 1 & \\sqrt{2} \\end{pmatrix}", "\\begin{pmatrix} 2^{1/2} & 1 \\\\ 1 & 2^{1/2} \\end{pmatrix}", true),
+    (
+        "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}",
+        "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}",
+        true,
+    ),
+    (
+        "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}",
+        "\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}",
+        true,
+    ),
+    (
+        "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}",
+        "\\begin{pmatrix} 1 & 3 \\\\ 2 & 4 \\end{pmatrix}",
+        false,
+    ),
+    (
+        "\\begin{pmatrix} \\frac{1}{2} & 0 \\\\ 0 & 1 \\end{pmatrix}",
+        "\\begin{pmatrix} 0.5 & 0 \\\\ 0 & 1 \\end{pmatrix}",
+        true,
+    ),
+    (
+        "\\begin{pmatrix} 1 \\\\ 2 \\\\ 3 \\end{pmatrix}",
+        "(1,2,3)",
+        true,
+    ),
+    (
+        "\\begin{pmatrix} 1 \\\\ 2 \\\\ 3 \\end{pmatrix}",
+        "(1,3,2)",
+        false,
+    ),
+    (
+        "\\begin{pmatrix} 1 & 2 \\end{pmatrix}",
+        "\\begin{pmatrix} 1 & 2 \\end{pmatrix}",
+        true,
+    ),
+    (
+        "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}",
+        "\\begin{pmatrix} 1 & 2 \\end{pmatrix}",
+        false,
+    ),
+    (
+        "\\begin{pmatrix} 2 \\\\ -1 \\end{pmatrix}",
+        "\\begin{pmatrix} 2 \\\\ -1 \\end{pmatrix}",
+        true,
+    ),
+    (
+        "\\begin{pmatrix} \\sqrt{2} & 1 \\\\ 1 & \\sqrt{2} \\end{pmatrix}",
+        "\\begin{pmatrix} 2^{1/2} & 1 \\\\ 1 & 2^{1/2} \\end{pmatrix}",
+        true,
+    ),
 ];
 
 const COMPLEX: &[Row] = &[
@@ -448,7 +508,11 @@ const COMPLEX: &[Row] = &[
     ("1+i", "\\frac{2}{1-i}", true),
     ("-1", "e^{i\\pi}", true),
     ("5", "(2+i)(2-i)", true),
-    ("\\frac{1}{2}+\\frac{\\sqrt{3}}{2}i", "\\frac{1+i\\sqrt{3}}{2}", true),
+    (
+        "\\frac{1}{2}+\\frac{\\sqrt{3}}{2}i",
+        "\\frac{1+i\\sqrt{3}}{2}",
+        true,
+    ),
     ("1-i", "1+i", false),
 ];
 
@@ -555,12 +619,20 @@ const RESPONSES: &[Row] = &[
     ("5", "The answer is 5.", true),
     ("5", "The answer is: $5$", true),
     ("5", "So the final answer is 5. I hope it is correct.", true),
-    ("7", "Let me compute 3+4 = 7 and then keep going with 8", false),
+    (
+        "7",
+        "Let me compute 3+4 = 7 and then keep going with 8",
+        false,
+    ),
     ("7", "We have x = 7 and so on and on", false),
     ("7", "\\boxed{x = 7}", true),
     ("7", "The result is \\boxed{7", false),
     ("7", "\\boxed{7} ... then I doubt it \\boxed{", false),
-    ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "Hence \\boxed{\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}}", true),
+    (
+        "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}",
+        "Hence \\boxed{\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}}",
+        true,
+    ),
     ("12", "", false),
     ("12", "\\boxed{}", false),
     ("(1,2)", "The point is \\boxed{(1, 2)}.", true),
@@ -572,7 +644,9 @@ fn full_responses() {
     for (gt, response, want) in RESPONSES {
         let v = grade_math(response, gt);
         if v.correct != *want {
-            failures.push(format!("gt={gt:?} response={response:?} want={want} got={v:?}"));
+            failures.push(format!(
+                "gt={gt:?} response={response:?} want={want} got={v:?}"
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

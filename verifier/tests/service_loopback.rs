@@ -15,7 +15,9 @@ async fn start(config: GraderConfig, token: Option<String>) -> (String, Grader) 
     let grader = Grader::new(config);
     let served = grader.clone();
     tokio::spawn(async move {
-        serve_on(listener, served, token, std::future::pending()).await.unwrap();
+        serve_on(listener, served, token, std::future::pending())
+            .await
+            .unwrap();
     });
     (addr, grader)
 }
@@ -47,16 +49,29 @@ async fn grade_batch_stream_status_and_health() {
     let code_tests = r#"{"inputs": ["2\n"], "outputs": ["4\n"]}"#;
     let batch = pb::GradeRequest {
         items: vec![
-            item("m-right", pb::GradeAbility::Math, "so \\boxed{\\frac{1}{2}}", "0.5"),
+            item(
+                "m-right",
+                pb::GradeAbility::Math,
+                "so \\boxed{\\frac{1}{2}}",
+                "0.5",
+            ),
             item("m-wrong", pb::GradeAbility::Math, "so \\boxed{3}", "4"),
             item("bad-ability", pb::GradeAbility::Unspecified, "x", "y"),
             item("bad-spec", pb::GradeAbility::Code, "print(1)", "{not json"),
-            item("c-right", pb::GradeAbility::Code, "```python\nprint(int(input())*2)\n```", code_tests),
+            item(
+                "c-right",
+                pb::GradeAbility::Code,
+                "```python\nprint(int(input())*2)\n```",
+                code_tests,
+            ),
         ],
     };
     let results = client.grade(batch).await.unwrap().into_inner().results;
     let ids: Vec<&str> = results.iter().map(|r| r.id.as_str()).collect();
-    assert_eq!(ids, ["m-right", "m-wrong", "bad-ability", "bad-spec", "c-right"]);
+    assert_eq!(
+        ids,
+        ["m-right", "m-wrong", "bad-ability", "bad-spec", "c-right"]
+    );
     let scores: Vec<f64> = results.iter().map(|r| r.score).collect();
     assert_eq!(scores, [1.0, 0.0, 0.0, 0.0, 1.0]);
     assert_eq!(results[0].extracted_answer, "\\frac{1}{2}");
@@ -66,7 +81,14 @@ async fn grade_batch_stream_status_and_health() {
 
     // Streaming: results come back by id, in any order.
     let items: Vec<pb::GradeItem> = (0..20)
-        .map(|i| item(&format!("s{i}"), pb::GradeAbility::Math, &format!("\\boxed{{{i}}}"), "7"))
+        .map(|i| {
+            item(
+                &format!("s{i}"),
+                pb::GradeAbility::Math,
+                &format!("\\boxed{{{i}}}"),
+                "7",
+            )
+        })
         .collect();
     let mut stream = client
         .grade_stream(tokio_stream::iter(items))
@@ -95,7 +117,11 @@ async fn grade_batch_stream_status_and_health() {
     assert_eq!(status.build.unwrap().role, pb::Role::Verifier as i32);
     assert!(!status.sandbox_backend.is_empty());
 
-    let channel = tonic::transport::Channel::from_shared(addr).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(addr)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let health = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: "prime.v1.Verifier".into(),
@@ -122,7 +148,12 @@ async fn slow_item_times_out_without_failing_the_batch() {
     let results = client
         .grade(pb::GradeRequest {
             items: vec![
-                item("slow", pb::GradeAbility::Code, "import time\ntime.sleep(30)", tests),
+                item(
+                    "slow",
+                    pb::GradeAbility::Code,
+                    "import time\ntime.sleep(30)",
+                    tests,
+                ),
                 item("fast", pb::GradeAbility::Math, "\\boxed{2}", "2"),
             ],
         })
@@ -140,7 +171,10 @@ async fn slow_item_times_out_without_failing_the_batch() {
 async fn token_is_required_when_configured() {
     let (addr, _grader) = start(GraderConfig::default(), Some("s3cret".into())).await;
     let mut client = connect(&addr).await;
-    let err = client.status(pb::VerifierStatusRequest {}).await.unwrap_err();
+    let err = client
+        .status(pb::VerifierStatusRequest {})
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     let mut request = tonic::Request::new(pb::VerifierStatusRequest {});
     request

@@ -116,8 +116,8 @@ pub fn run_grade(args: GradeArgs) -> anyhow::Result<()> {
         token: args.token,
         grader: args.grading.config()?,
     };
-    let summary = grade_file(&options)
-        .with_context(|| format!("grading {}", options.input.display()))?;
+    let summary =
+        grade_file(&options).with_context(|| format!("grading {}", options.input.display()))?;
     let mean = if summary.items == 0 {
         0.0
     } else {

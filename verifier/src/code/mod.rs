@@ -96,7 +96,9 @@ impl TestSpec {
             )));
         }
         if spec.inputs.is_empty() {
-            return Err(VerifierError::InvalidRequest("test spec has no tests".into()));
+            return Err(VerifierError::InvalidRequest(
+                "test spec has no tests".into(),
+            ));
         }
         if let Some(name) = &spec.fn_name {
             if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
@@ -356,7 +358,9 @@ fn json_eq(a: &Value, b: &Value) -> bool {
             x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_eq(p, q))
         }
         (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
         }
         _ => a == b,
     }
@@ -380,7 +384,9 @@ pub fn stdout_matches(got: &str, expected: &str) -> bool {
         return true;
     }
     let tokens = |s: &str| -> Option<Vec<f64>> {
-        s.split_whitespace().map(|t| t.parse::<f64>().ok()).collect()
+        s.split_whitespace()
+            .map(|t| t.parse::<f64>().ok())
+            .collect()
     };
     match (tokens(got), tokens(expected)) {
         (Some(a), Some(b)) if a.len() == b.len() && !a.is_empty() => a

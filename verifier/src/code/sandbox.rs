@@ -431,11 +431,17 @@ fn supervise(
         })
     };
     let out_reader = reader(
-        child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
         overflow_tx.clone(),
     );
     let err_reader = reader(
-        child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
         overflow_tx,
     );
     let mut sleep = Duration::from_micros(200);

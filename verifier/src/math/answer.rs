@@ -6,6 +6,7 @@ use super::expr::{is_wordy, parse_expr, Expr};
 use super::normalize::text_key;
 use super::number::{close, Complex};
 use regex::Regex;
+use std::ops::Div;
 use std::sync::LazyLock;
 
 /// Most elements in one tuple, set or matrix that are compared.
@@ -103,7 +104,10 @@ fn parse_at(s: &str, depth: usize) -> Answer {
             return Answer::Set(items(&split_top(inner, ','), depth));
         }
     }
-    if let Some(inner) = s.strip_prefix("\\langle").and_then(|r| r.strip_suffix("\\rangle")) {
+    if let Some(inner) = s
+        .strip_prefix("\\langle")
+        .and_then(|r| r.strip_suffix("\\rangle"))
+    {
         return Answer::Tuple {
             open: '<',
             close: '>',
@@ -112,7 +116,10 @@ fn parse_at(s: &str, depth: usize) -> Answer {
     }
     let first = s.chars().next().unwrap_or(' ');
     let last = s.chars().last().unwrap_or(' ');
-    if s.len() >= 2 && matches!(first, '(' | '[' | '{') && matches!(last, ')' | ']' | '}') && encloses(s, 0)
+    if s.len() >= 2
+        && matches!(first, '(' | '[' | '{')
+        && matches!(last, ')' | ']' | '}')
+        && encloses(s, 0)
     {
         let inner = &s[1..s.len() - 1];
         let parts = split_top(inner, ',');
@@ -214,7 +221,10 @@ fn matrix_rows(s: &str) -> Option<Vec<Vec<&str>>> {
     let rest = s.strip_prefix("\\begin{")?;
     let env_end = rest.find('}')?;
     let env = &rest[..env_end];
-    if !matches!(env, "pmatrix" | "bmatrix" | "Bmatrix" | "matrix" | "smallmatrix" | "array") {
+    if !matches!(
+        env,
+        "pmatrix" | "bmatrix" | "Bmatrix" | "matrix" | "smallmatrix" | "array"
+    ) {
         return None;
     }
     let mut body = rest[env_end + 1..].strip_suffix(&format!("\\end{{{env}}}"))?;
@@ -288,8 +298,8 @@ fn split_top_str<'a>(s: &'a str, sep: &str) -> Vec<&'a str> {
         }
         if depth == 0 && s.is_char_boundary(i) && s[i..].starts_with(sep) {
             let end = i + sep.len();
-            let letter_follows = sep.starts_with('\\')
-                && bytes.get(end).is_some_and(|b| b.is_ascii_alphabetic());
+            let letter_follows =
+                sep.starts_with('\\') && bytes.get(end).is_some_and(|b| b.is_ascii_alphabetic());
             let part_of_compound = (sep == "<" || sep == ">" || sep == "=")
                 && (bytes.get(end) == Some(&b'=')
                     || (sep == "=" && i > 0 && matches!(bytes[i - 1], b'<' | b'>' | b'!')));
@@ -317,7 +327,16 @@ fn split_top_multi<'a>(s: &'a str, seps: &[&str]) -> Vec<&'a str> {
 pub fn equivalent(gt: &Answer, pred: &Answer) -> bool {
     use Answer::*;
     match (gt, pred) {
-        (Labeled { label: l1, value: v1 }, Labeled { label: l2, value: v2 }) => {
+        (
+            Labeled {
+                label: l1,
+                value: v1,
+            },
+            Labeled {
+                label: l2,
+                value: v2,
+            },
+        ) => {
             if l1 == l2 {
                 return equivalent(v1, v2);
             }
@@ -352,9 +371,22 @@ pub fn equivalent(gt: &Answer, pred: &Answer) -> bool {
                 items: i2,
             },
         ) => o1 == o2 && c1 == c2 && ordered(i1, i2),
-        (Tuple { open: '(', close: ')', items }, List(l)) | (List(l), Tuple { open: '(', close: ')', items }) => {
-            ordered(items, l)
-        }
+        (
+            Tuple {
+                open: '(',
+                close: ')',
+                items,
+            },
+            List(l),
+        )
+        | (
+            List(l),
+            Tuple {
+                open: '(',
+                close: ')',
+                items,
+            },
+        ) => ordered(items, l),
         (Set(a) | List(a), Set(b) | List(b)) => unordered(a, b),
         (Union(a), Union(b)) => unordered(a, b),
         (Matrix(a), Matrix(b)) => {
@@ -387,15 +419,15 @@ fn unordered(a: &[Answer], b: &[Answer]) -> bool {
         return false;
     }
     let mut used = vec![false; b.len()];
-    a.iter().all(|x| {
-        match (0..b.len()).find(|&j| !used[j] && equivalent(x, &b[j])) {
+    a.iter().all(
+        |x| match (0..b.len()).find(|&j| !used[j] && equivalent(x, &b[j])) {
             Some(j) => {
                 used[j] = true;
                 true
             }
             None => false,
-        }
-    })
+        },
+    )
 }
 
 /// A relation as (op, lhs - rhs).

@@ -3,6 +3,7 @@
 
 use super::expr::{Expr, Func, NumValue};
 use super::number::{Complex, Rational};
+use std::ops::{Add, Div, Mul, Neg, Sub};
 
 /// Largest `n` for which `n!` is computed.
 const MAX_FACTORIAL: i128 = 170;
@@ -16,11 +17,11 @@ pub fn exact(e: &Expr) -> Option<Rational> {
             ..
         } => Some(*r),
         Expr::Num { .. } | Expr::Var(_) | Expr::Pi | Expr::E | Expr::I | Expr::Infinity => None,
-        Expr::Neg(a) => exact(a)?.neg(),
-        Expr::Add(a, b) => exact(a)?.add(exact(b)?),
-        Expr::Sub(a, b) => exact(a)?.sub(exact(b)?),
-        Expr::Mul(a, b) => exact(a)?.mul(exact(b)?),
-        Expr::Div(a, b) => exact(a)?.div(exact(b)?),
+        Expr::Neg(a) => exact(a)?.checked_neg(),
+        Expr::Add(a, b) => exact(a)?.checked_add(exact(b)?),
+        Expr::Sub(a, b) => exact(a)?.checked_sub(exact(b)?),
+        Expr::Mul(a, b) => exact(a)?.checked_mul(exact(b)?),
+        Expr::Div(a, b) => exact(a)?.checked_div(exact(b)?),
         Expr::Pow(a, b) => {
             let base = exact(a)?;
             let exp = exact(b)?;
@@ -36,13 +37,13 @@ pub fn exact(e: &Expr) -> Option<Rational> {
                 return None;
             }
             (1..=n.numer()).try_fold(Rational::integer(1), |acc, k| {
-                acc.mul(Rational::integer(k))
+                acc.checked_mul(Rational::integer(k))
             })
         }
         Expr::Abs(a) => {
             let v = exact(a)?;
             if v.numer() < 0 {
-                v.neg()
+                v.checked_neg()
             } else {
                 Some(v)
             }
@@ -62,8 +63,8 @@ pub fn exact(e: &Expr) -> Option<Rational> {
                 return None;
             }
             (0..k).try_fold(Rational::integer(1), |acc, j| {
-                acc.mul(Rational::integer(n - j))?
-                    .div(Rational::integer(j + 1))
+                acc.checked_mul(Rational::integer(n - j))?
+                    .checked_div(Rational::integer(j + 1))
             })
         }
         Expr::LogBase(b, a) => {
@@ -158,8 +159,7 @@ fn eval_finite(e: &Expr, point: &[(String, Complex)]) -> Result<Complex, EvalErr
         Expr::Binom(n, k) => {
             let n = r(n)?;
             let k = r(k)?;
-            if !n.is_real() || !k.is_real() || k.re.fract() != 0.0 || !(0.0..=1e4).contains(&k.re)
-            {
+            if !n.is_real() || !k.is_real() || k.re.fract() != 0.0 || !(0.0..=1e4).contains(&k.re) {
                 return Err(EvalError);
             }
             let mut acc = 1.0;

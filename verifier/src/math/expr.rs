@@ -148,10 +148,40 @@ pub fn is_wordy(s: &str) -> bool {
 
 /// LaTeX commands that stand for a variable.
 const GREEK: &[&str] = &[
-    "alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta",
-    "vartheta", "iota", "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon",
-    "phi", "varphi", "chi", "psi", "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Sigma",
-    "Phi", "Psi", "Omega",
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "varepsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "vartheta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "rho",
+    "sigma",
+    "tau",
+    "upsilon",
+    "phi",
+    "varphi",
+    "chi",
+    "psi",
+    "omega",
+    "Gamma",
+    "Delta",
+    "Theta",
+    "Lambda",
+    "Xi",
+    "Sigma",
+    "Phi",
+    "Psi",
+    "Omega",
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -352,7 +382,11 @@ fn lex_number(chars: &[char], mut i: usize) -> PResult<(Tok, usize)> {
             let text = format!(
                 "{}.{}e{}",
                 if int_part.is_empty() { "0" } else { &int_part },
-                if frac_part.is_empty() { "0" } else { &frac_part },
+                if frac_part.is_empty() {
+                    "0"
+                } else {
+                    &frac_part
+                },
                 exp10
             );
             NumValue::Approx(text.parse().unwrap_or(f64::NAN))
@@ -373,9 +407,9 @@ fn exact_decimal(digits: &str, scale: i32) -> Option<Rational> {
     let m = Rational::integer(mantissa);
     let p = Rational::integer(10).powi(scale.abs() as i128)?;
     if scale >= 0 {
-        m.mul(p)
+        m.checked_mul(p)
     } else {
-        m.div(p)
+        m.checked_div(p)
     }
 }
 
@@ -568,9 +602,7 @@ impl Parser {
     fn split_leading_digit(&mut self, r: Rational) -> PResult<Expr> {
         let s = r.numer().to_string();
         let (first, rest) = s.split_at(1);
-        let rest_val = rest
-            .parse::<i128>()
-            .map_err(|_| ParseError("bad digits"))?;
+        let rest_val = rest.parse::<i128>().map_err(|_| ParseError("bad digits"))?;
         self.toks[self.pos] = Tok::Num {
             value: NumValue::Exact(Rational::integer(rest_val)),
             decimal: false,
@@ -771,9 +803,11 @@ impl Expr {
     fn visit(&self, f: &mut dyn FnMut(&Expr)) {
         f(self);
         match self {
-            Expr::Neg(a) | Expr::Root(_, a) | Expr::Factorial(a) | Expr::Abs(a) | Expr::Call(_, a) => {
-                a.visit(f)
-            }
+            Expr::Neg(a)
+            | Expr::Root(_, a)
+            | Expr::Factorial(a)
+            | Expr::Abs(a)
+            | Expr::Call(_, a) => a.visit(f),
             Expr::Add(a, b)
             | Expr::Sub(a, b)
             | Expr::Mul(a, b)

@@ -30,9 +30,8 @@ static TRAILING_UNIT: LazyLock<Regex> = LazyLock::new(|| {
 });
 static THOUSANDS: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$").expect("valid regex"));
-static MIXED_NUMBER: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^(-?)(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}$").expect("valid regex")
-});
+static MIXED_NUMBER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^(-?)(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}$").expect("valid regex"));
 static BASE_SUBSCRIPT: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^([0-9A-Fa-f]+)_\{?(\d+)\}?$").expect("valid regex"));
 

@@ -3,6 +3,7 @@
 //! everything else (radicals, pi, logarithms, variables at random points).
 
 use std::cmp::Ordering;
+use std::ops::{Add, Div, Mul, Neg, Sub};
 
 /// An exact rational number in lowest terms with a positive denominator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +64,7 @@ impl Rational {
     }
 
     /// Checked sum.
-    pub fn add(self, o: Self) -> Option<Self> {
+    pub fn checked_add(self, o: Self) -> Option<Self> {
         let g = gcd(self.den, o.den).max(1);
         let den = (self.den / g).checked_mul(o.den)?;
         let num = self
@@ -74,7 +75,7 @@ impl Rational {
     }
 
     /// Checked negation.
-    pub fn neg(self) -> Option<Self> {
+    pub fn checked_neg(self) -> Option<Self> {
         Some(Self {
             num: self.num.checked_neg()?,
             den: self.den,
@@ -82,12 +83,12 @@ impl Rational {
     }
 
     /// Checked difference.
-    pub fn sub(self, o: Self) -> Option<Self> {
-        self.add(o.neg()?)
+    pub fn checked_sub(self, o: Self) -> Option<Self> {
+        self.checked_add(o.checked_neg()?)
     }
 
     /// Checked product.
-    pub fn mul(self, o: Self) -> Option<Self> {
+    pub fn checked_mul(self, o: Self) -> Option<Self> {
         let g1 = gcd(self.num, o.den).max(1);
         let g2 = gcd(o.num, self.den).max(1);
         let num = (self.num / g1).checked_mul(o.num / g2)?;
@@ -96,11 +97,11 @@ impl Rational {
     }
 
     /// Checked quotient; `None` on division by zero.
-    pub fn div(self, o: Self) -> Option<Self> {
+    pub fn checked_div(self, o: Self) -> Option<Self> {
         if o.num == 0 {
             return None;
         }
-        self.mul(Self::new(o.den, o.num)?)
+        self.checked_mul(Self::new(o.den, o.num)?)
     }
 
     /// Integer power with a bounded exponent.
@@ -109,7 +110,7 @@ impl Rational {
             return None;
         }
         let base = if exp < 0 {
-            Self::integer(1).div(self)?
+            Self::integer(1).checked_div(self)?
         } else {
             self
         };
@@ -118,11 +119,11 @@ impl Rational {
         let mut sq = base;
         while e > 0 {
             if e & 1 == 1 {
-                acc = acc.mul(sq)?;
+                acc = acc.checked_mul(sq)?;
             }
             e >>= 1;
             if e > 0 {
-                sq = sq.mul(sq)?;
+                sq = sq.checked_mul(sq)?;
             }
         }
         Some(acc)
@@ -135,10 +136,10 @@ impl Rational {
             return None;
         }
         if self.num < 0 {
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 return None;
             }
-            return self.neg()?.root(n)?.neg();
+            return self.checked_neg()?.root(n)?.checked_neg();
         }
         Self::new(int_root(self.num, n)?, int_root(self.den, n)?)
     }
@@ -221,41 +222,6 @@ impl Complex {
     /// Whether the imaginary part is zero.
     pub fn is_real(self) -> bool {
         self.im == 0.0
-    }
-
-    /// Sum.
-    pub fn add(self, o: Self) -> Self {
-        Self::new(self.re + o.re, self.im + o.im)
-    }
-
-    /// Difference.
-    pub fn sub(self, o: Self) -> Self {
-        Self::new(self.re - o.re, self.im - o.im)
-    }
-
-    /// Product.
-    pub fn mul(self, o: Self) -> Self {
-        Self::new(
-            self.re * o.re - self.im * o.im,
-            self.re * o.im + self.im * o.re,
-        )
-    }
-
-    /// Quotient.
-    pub fn div(self, o: Self) -> Self {
-        if o.im == 0.0 {
-            return Self::new(self.re / o.re, self.im / o.re);
-        }
-        let d = o.re * o.re + o.im * o.im;
-        Self::new(
-            (self.re * o.re + self.im * o.im) / d,
-            (self.im * o.re - self.re * o.im) / d,
-        )
-    }
-
-    /// Negation.
-    pub fn neg(self) -> Self {
-        Self::new(-self.re, -self.im)
     }
 
     /// `e^z`.
@@ -346,6 +312,56 @@ impl Complex {
         }
         let i = Self::new(0.0, 1.0);
         Self::new(0.0, 0.5).mul(i.add(self).div(i.sub(self)).ln())
+    }
+}
+
+impl std::ops::Add for Complex {
+    type Output = Self;
+
+    fn add(self, o: Self) -> Self {
+        Self::new(self.re + o.re, self.im + o.im)
+    }
+}
+
+impl std::ops::Sub for Complex {
+    type Output = Self;
+
+    fn sub(self, o: Self) -> Self {
+        Self::new(self.re - o.re, self.im - o.im)
+    }
+}
+
+impl std::ops::Mul for Complex {
+    type Output = Self;
+
+    fn mul(self, o: Self) -> Self {
+        Self::new(
+            self.re * o.re - self.im * o.im,
+            self.re * o.im + self.im * o.re,
+        )
+    }
+}
+
+impl std::ops::Div for Complex {
+    type Output = Self;
+
+    fn div(self, o: Self) -> Self {
+        if o.im == 0.0 {
+            return Self::new(self.re / o.re, self.im / o.re);
+        }
+        let d = o.re * o.re + o.im * o.im;
+        Self::new(
+            (self.re * o.re + self.im * o.im) / d,
+            (self.im * o.re - self.re * o.im) / d,
+        )
+    }
+}
+
+impl std::ops::Neg for Complex {
+    type Output = Self;
+
+    fn neg(self) -> Self {
+        Self::new(-self.re, -self.im)
     }
 }
 
