@@ -170,10 +170,12 @@ impl Grader {
         &self.inner.metrics
     }
 
-    /// Grades one item synchronously on the calling thread (no time limit, no slot).
+    /// Grades one item synchronously on the calling thread, without a slot; code tests stop
+    /// at the per-item time limit.
     pub fn grade_now(&self, item: &GradeItem) -> GradeResult {
         let started = Instant::now();
-        let (score, outcome, reason, extracted) = match self.dispatch(item) {
+        let deadline = started + self.inner.config.item_timeout;
+        let (score, outcome, reason, extracted) = match self.dispatch(item, deadline) {
             Ok((score, reason, extracted)) => (score, Outcome::Graded, reason, extracted),
             Err(e) => (0.0, Outcome::Error, e.to_string(), None),
         };
@@ -187,7 +189,11 @@ impl Grader {
         }
     }
 
-    fn dispatch(&self, item: &GradeItem) -> Result<(f64, String, Option<String>), VerifierError> {
+    fn dispatch(
+        &self,
+        item: &GradeItem,
+        deadline: Instant,
+    ) -> Result<(f64, String, Option<String>), VerifierError> {
         match item.ability {
             Some(Ability::Math) => {
                 let v = grade_math(&item.response, &item.ground_truth);
@@ -202,6 +208,7 @@ impl Grader {
                     &self.inner.config.code,
                     &item.response,
                     &item.ground_truth,
+                    Some(deadline),
                 )?;
                 Ok((v.score, v.reason, None))
             }

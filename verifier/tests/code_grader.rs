@@ -23,9 +23,15 @@ fn fence(code: &str) -> String {
 }
 
 fn grade(code: &str, tests: &str) -> f64 {
-    grade_code(sandbox(), &CodeGraderConfig::default(), &fence(code), tests)
-        .expect("valid spec")
-        .score
+    grade_code(
+        sandbox(),
+        &CodeGraderConfig::default(),
+        &fence(code),
+        tests,
+        None,
+    )
+    .expect("valid spec")
+    .score
 }
 
 const ADD_TESTS: &str =
@@ -65,7 +71,7 @@ fn partial_credit_counts_the_first_ten() {
         continuous: false,
         ..CodeGraderConfig::default()
     };
-    let v = grade_code(sandbox(), &binary, &fence(late), &tests).unwrap();
+    let v = grade_code(sandbox(), &binary, &fence(late), &tests, None).unwrap();
     assert_eq!(v.score, 0.0);
 }
 
@@ -93,14 +99,22 @@ fn call_based_functions_and_solution_class() {
 #[test]
 fn compile_errors_and_missing_code_score_zero() {
     assert_eq!(grade("def broken(:\n  pass", ADD_TESTS), 0.0);
-    let v = grade_code(sandbox(), &CodeGraderConfig::default(), "", ADD_TESTS).unwrap();
+    let v = grade_code(sandbox(), &CodeGraderConfig::default(), "", ADD_TESTS, None).unwrap();
     assert_eq!(v.score, 0.0);
-    assert!(grade_code(sandbox(), &CodeGraderConfig::default(), "x", "not json").is_err());
     assert!(grade_code(
         sandbox(),
         &CodeGraderConfig::default(),
         "x",
-        r#"{"inputs": [], "outputs": []}"#
+        "not json",
+        None
+    )
+    .is_err());
+    assert!(grade_code(
+        sandbox(),
+        &CodeGraderConfig::default(),
+        "x",
+        r#"{"inputs": [], "outputs": []}"#,
+        None
     )
     .is_err());
 }
@@ -280,10 +294,17 @@ fn rlimit_fallback_still_contains_runaway_code() {
     let fallback = sandbox().clone().with_backend(Backend::Rlimits);
     let tests = r#"{"inputs": ["2\n"], "outputs": ["4\n"]}"#;
     let cfg = CodeGraderConfig::default();
-    let ok = grade_code(&fallback, &cfg, &fence("print(int(input()) * 2)"), tests).unwrap();
+    let ok = grade_code(
+        &fallback,
+        &cfg,
+        &fence("print(int(input()) * 2)"),
+        tests,
+        None,
+    )
+    .unwrap();
     assert_eq!(ok.score, 1.0);
     let start = Instant::now();
-    let looping = grade_code(&fallback, &cfg, &fence("while True: pass"), tests).unwrap();
+    let looping = grade_code(&fallback, &cfg, &fence("while True: pass"), tests, None).unwrap();
     assert_eq!(looping.score, 0.0);
     assert!(start.elapsed() < Duration::from_secs(10));
     let env = grade_code(
@@ -293,10 +314,37 @@ fn rlimit_fallback_still_contains_runaway_code() {
             "import os\nprint(4 if 'CARGO' not in str(os.environ) and len(os.environ) <= 4 else 5)",
         ),
         tests,
+        None,
     )
     .unwrap();
     assert_eq!(
         env.score, 1.0,
         "grader environment leaked into the fallback sandbox"
+    );
+}
+
+#[test]
+fn deadline_stops_remaining_tests() {
+    let tests = r#"{"inputs": ["", "", "", ""], "outputs": ["x", "x", "x", "x"]}"#;
+    let start = Instant::now();
+    let deadline = start + Duration::from_millis(1500);
+    let v = grade_code(
+        sandbox(),
+        &CodeGraderConfig::default(),
+        &fence("while True: pass"),
+        tests,
+        Some(deadline),
+    )
+    .unwrap();
+    assert_eq!(v.score, 0.0);
+    assert!(
+        v.tests_run < 4,
+        "ran {} tests past the deadline",
+        v.tests_run
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        start.elapsed()
     );
 }

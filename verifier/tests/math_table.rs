@@ -301,6 +301,7 @@ const EXPRESSIONS: &[Row] = &[
     ("\\cos^2 x", "1-\\sin^2 x", true),
     ("\\frac{x^2-4}{x-2}", "x+2", true),
     ("x^{2}", "x^2", true),
+    ("x^2+1", "x\u{00b2}+1", true),
     ("2x^2", "(2x)^2", false),
 ];
 
@@ -370,6 +371,8 @@ const INTERVALS: &[Row] = &[
     ("[1, \\infty)", "[1,\\infty)", true),
     ("(-1, 1)", "(-1, 1)", true),
     ("[0, 2\\pi)", "[0, 2\\pi)", true),
+    ("[2, 5]", "x \\in [2,5]", true),
+    ("[2, 5]", "x \\in (2,5)", false),
 ];
 
 const SETS: &[Row] = &[

@@ -13,7 +13,9 @@ pub mod sandbox;
 use crate::error::VerifierError;
 use sandbox::{RunOutput, Sandbox, Termination};
 use serde_json::Value;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// Imports and settings placed before every candidate program (spec 8.3 harness).
 const PRELUDE: &str = "\
@@ -127,12 +129,14 @@ pub fn extract_code(response: &str) -> String {
     }
 }
 
-/// Grades `response` against the JSON test spec `tests_json`.
+/// Grades `response` against the JSON test spec `tests_json`. Tests not started by `deadline`
+/// count as failed, and a run never outlasts it, so a timed-out item stops using the machine.
 pub fn grade_code(
     sandbox: &Sandbox,
     config: &CodeGraderConfig,
     response: &str,
     tests_json: &str,
+    deadline: Option<Instant>,
 ) -> Result<CodeVerdict, VerifierError> {
     let spec = TestSpec::parse(tests_json)?;
     let code = extract_code(response);
@@ -154,8 +158,20 @@ pub fn grade_code(
     let mut run = 0;
     let mut first_failure = None;
     for i in 0..limit {
+        let sandbox = match deadline.map(|d| d.saturating_duration_since(Instant::now())) {
+            Some(left) if left.is_zero() => {
+                first_failure.get_or_insert_with(|| format!("test {i}: item deadline passed"));
+                break;
+            }
+            Some(left) if left < sandbox.limits().wall_time => {
+                let mut limits = sandbox.limits().clone();
+                limits.wall_time = left;
+                Cow::Owned(sandbox.clone().with_limits(limits))
+            }
+            _ => Cow::Borrowed(sandbox),
+        };
         run += 1;
-        match run_test(sandbox, &code, &spec, i)? {
+        match run_test(&sandbox, &code, &spec, i)? {
             TestResult::Passed => passed += 1,
             failed => {
                 if first_failure.is_none() {
@@ -167,7 +183,7 @@ pub fn grade_code(
             }
         }
     }
-    let all = passed == run && run == limit;
+    let all = passed == limit;
     let score = if !config.continuous {
         if all {
             1.0

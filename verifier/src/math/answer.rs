@@ -177,6 +177,15 @@ fn expand_plus_minus(s: &str) -> Option<Vec<String>> {
 
 /// `x = 5`, `y = 2x + 3`, `x \le 3`, `a = b = 4` (a chain keeps its last value).
 fn relation(s: &str, depth: usize) -> Option<Answer> {
+    // `x \in [2, 5]`: membership names the value like `=` does.
+    if let [lhs, rhs] = split_top_str(s, "\\in")[..] {
+        if is_label(lhs.trim()) {
+            return Some(Answer::Labeled {
+                label: text_key(lhs.trim()),
+                value: Box::new(parse_at(rhs, depth + 1)),
+            });
+        }
+    }
     let ops: [(&str, RelOp, bool); 8] = [
         ("\\le", RelOp::Le, false),
         ("\\ge", RelOp::Le, true),

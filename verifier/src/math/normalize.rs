@@ -61,6 +61,8 @@ pub fn normalize(answer: &str) -> String {
         ("\u{2205}", "\\emptyset "),
         ("\u{00b0}", "^\\circ"),
         ("\u{00b1}", "\\pm "),
+        ("\u{00b2}", "^2"),
+        ("\u{00b3}", "^3"),
     ] {
         s = s.replace(from, to);
     }
