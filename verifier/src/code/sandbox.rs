@@ -24,6 +24,11 @@
 //! in its own cgroup with a memory cap and a pids cap for the whole tree and kill everything in
 //! it afterwards, which also catches daemons that left the process group.
 //!
+//! Without a cgroup, the process-count cap is `RLIMIT_NPROC`, which the kernel counts per real
+//! uid: concurrent runs under one non-root uid share it (a fork bomb in one run can make a
+//! neighbour's fork fail), and it does not bind root at all. Give the grader a writable cgroup
+//! (or run one sandbox at a time) where that matters.
+//!
 //! Kubernetes: bubblewrap needs user namespaces inside the pod, i.e. a seccomp profile that
 //! allows `unshare`/`clone` with `CLONE_NEWUSER` (`Unconfined` or a custom profile; the
 //! RuntimeDefault profile of containerd blocks it for non-root), an AppArmor profile that
@@ -342,10 +347,12 @@ impl PreExec {
             (libc::RLIMIT_NOFILE, limits.max_open_files),
             (libc::RLIMIT_CORE, 0),
         ];
-        // RLIMIT_NPROC counts every process of the real uid and does not bind root at all, so
-        // it is only a cap for a dedicated non-root user; the cgroup pids cap covers root.
-        if !root {
-            rl.push((libc::RLIMIT_NPROC, limits.max_processes));
+        // RLIMIT_NPROC counts every task of the real uid (the grader's own threads included)
+        // and does not bind root at all. The cgroup pids cap is the real bound; without one, a
+        // non-root grader caps the uid at what it runs now plus the sandbox's allowance.
+        if !root && cgroup.is_none() {
+            let current = tasks_of_current_uid();
+            rl.push((libc::RLIMIT_NPROC, current + limits.max_processes));
         }
         let cgroup_procs = match cgroup {
             Some(c) => c.open_procs_files()?,
@@ -482,6 +489,39 @@ fn supervise(
         stderr,
         wall,
     })
+}
+
+/// Tasks (threads) that belong to this process's real uid, counted from `/proc`.
+fn tasks_of_current_uid() -> u64 {
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() }.to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+        .filter(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().next())
+                == Some(uid.as_str())
+        })
+        .map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .unwrap_or(1)
+        })
+        .sum()
 }
 
 /// Whether `pid` has exited, without reaping it.
