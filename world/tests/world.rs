@@ -1,0 +1,318 @@
+//! End-to-end checks of `build_world` and the data readers.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use prime_world::{
+    build_world, read_rows, write_rows, DataRow, Split, SplitConfig, WorldConfig, WorldError,
+    WorldFiles, MATH_SUFFIX, STEP_SEPARATOR,
+};
+
+fn small_config(seed: u64) -> WorldConfig {
+    WorldConfig {
+        seed,
+        sft: SplitConfig::with_size(300),
+        rl: SplitConfig::with_size(200),
+        heldout: SplitConfig::with_size(100),
+        vocab_size: 400,
+        ..WorldConfig::default()
+    }
+}
+
+fn all_files(files: &WorldFiles) -> Vec<PathBuf> {
+    let mut paths = vec![
+        files.manifest.clone(),
+        files.tokenizer_json.clone(),
+        files.tokenizer_config.clone(),
+    ];
+    for split in Split::ALL {
+        paths.push(files.split(split).jsonl.clone());
+        paths.push(files.split(split).parquet.clone());
+    }
+    paths
+}
+
+#[test]
+fn splits_have_the_configured_sizes_schema_and_no_shared_questions() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = build_world(&small_config(1), dir.path()).unwrap();
+    assert!(!files.reused);
+    assert_eq!(files.root, dir.path());
+    assert_eq!(files.sft.parquet, dir.path().join("data/sft.parquet"));
+    assert_eq!(
+        files.tokenizer_json,
+        dir.path().join("tokenizer/tokenizer.json")
+    );
+
+    let mut seen = HashSet::new();
+    for (split, size) in [(Split::Sft, 300), (Split::Rl, 200), (Split::Heldout, 100)] {
+        let from_jsonl = read_rows(&files.split(split).jsonl).unwrap();
+        let from_parquet = read_rows(&files.split(split).parquet).unwrap();
+        assert_eq!(from_jsonl.len(), size);
+        assert_eq!(
+            from_jsonl, from_parquet,
+            "{split:?}: jsonl and parquet differ"
+        );
+        for (i, row) in from_jsonl.iter().enumerate() {
+            assert_eq!(row.data_source, "prime_arith");
+            assert_eq!(row.ability, "math");
+            assert_eq!(row.reward_model.style, "rule");
+            assert_eq!(row.prompt.len(), 1, "no system prompt by default");
+            assert_eq!(row.prompt[0].role, "user");
+            let question = row.prompt[0].content.strip_suffix(MATH_SUFFIX).unwrap();
+            assert!(
+                seen.insert(question.to_string()),
+                "duplicate question {question}"
+            );
+            let info = row.extra_info.as_ref().unwrap();
+            assert_eq!(info.split, split.name());
+            assert_eq!(info.index, i as i64);
+            assert!((2..=5).contains(&info.num_ops.unwrap()));
+            assert!(info.template.is_some());
+            match split {
+                Split::Sft => {
+                    let response = row.response.as_ref().unwrap();
+                    let boxed = format!("\\boxed{{{}}}", row.reward_model.ground_truth);
+                    assert!(response.ends_with(&boxed), "{response}");
+                    let steps = response.split(STEP_SEPARATOR).count() - 1;
+                    assert_eq!(steps as i64, info.num_ops.unwrap());
+                }
+                _ => assert!(row.response.is_none()),
+            }
+        }
+    }
+    assert_eq!(seen.len(), 600);
+    let stats = &files.stats;
+    assert!((300..=400).contains(&stats.vocab_size), "{}", stats.vocab_size);
+    assert_eq!(stats.sft.rows, 300);
+    assert!(stats.sft.response_mean.unwrap() > 10.0);
+    assert!(stats.rl.response_mean.is_none());
+    assert!(stats.heldout.prompt_max >= stats.heldout.prompt_mean as usize);
+}
+
+#[test]
+fn system_prompt_becomes_the_first_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = WorldConfig {
+        system_prompt: Some("Think step by step.".into()),
+        ..small_config(2)
+    };
+    let files = build_world(&cfg, dir.path()).unwrap();
+    let rows = read_rows(&files.rl.parquet).unwrap();
+    assert_eq!(rows[0].prompt[0].role, "system");
+    assert_eq!(rows[0].prompt[0].content, "Think step by step.");
+    assert_eq!(rows[0].prompt[1].role, "user");
+}
+
+#[test]
+fn same_seed_gives_the_same_bytes_and_another_seed_does_not() {
+    let (a, b, c) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let files_a = build_world(&small_config(5), a.path()).unwrap();
+    let files_b = build_world(&small_config(5), b.path()).unwrap();
+    let files_c = build_world(&small_config(6), c.path()).unwrap();
+    for ((pa, pb), pc) in all_files(&files_a)
+        .iter()
+        .zip(all_files(&files_b))
+        .zip(all_files(&files_c))
+    {
+        let bytes_a = std::fs::read(pa).unwrap();
+        assert_eq!(
+            bytes_a,
+            std::fs::read(&pb).unwrap(),
+            "{} differs",
+            pa.display()
+        );
+        if pa.extension().is_some_and(|e| e == "jsonl") {
+            assert_ne!(bytes_a, std::fs::read(&pc).unwrap(), "seed ignored");
+        }
+    }
+}
+
+#[test]
+fn rebuild_is_skipped_for_the_same_config_and_done_when_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_config(3);
+    let first = build_world(&cfg, dir.path()).unwrap();
+    let stamp = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let before = stamp(&first.sft.parquet);
+
+    let second = build_world(&cfg, dir.path()).unwrap();
+    assert!(second.reused);
+    assert_eq!(second.stats, first.stats);
+    assert_eq!(stamp(&second.sft.parquet), before);
+
+    std::fs::write(&first.heldout.jsonl, "tampered\n").unwrap();
+    let repaired = build_world(&cfg, dir.path()).unwrap();
+    assert!(!repaired.reused);
+    assert_eq!(read_rows(&repaired.heldout.jsonl).unwrap().len(), 100);
+
+    let changed = WorldConfig {
+        heldout: SplitConfig::with_size(50),
+        ..cfg
+    };
+    let rebuilt = build_world(&changed, dir.path()).unwrap();
+    assert!(!rebuilt.reused);
+    assert_eq!(read_rows(&rebuilt.heldout.parquet).unwrap().len(), 50);
+}
+
+#[test]
+fn resizing_a_training_split_keeps_the_heldout_split() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let files_a = build_world(&small_config(4), a.path()).unwrap();
+    let bigger = WorldConfig {
+        sft: SplitConfig::with_size(400),
+        ..small_config(4)
+    };
+    let files_b = build_world(&bigger, b.path()).unwrap();
+    assert_eq!(
+        std::fs::read(&files_a.heldout.jsonl).unwrap(),
+        std::fs::read(&files_b.heldout.jsonl).unwrap()
+    );
+}
+
+#[test]
+fn impossible_sizes_are_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = WorldConfig {
+        max_start: 2,
+        max_addend: 1,
+        max_factor: 2,
+        sft: SplitConfig {
+            size: 1000,
+            min_ops: 1,
+            max_ops: 1,
+        },
+        ..small_config(0)
+    };
+    let err = build_world(&cfg, dir.path()).unwrap_err();
+    assert!(
+        matches!(&err, WorldError::Config(m) if m.contains("distinct problems")),
+        "{err}"
+    );
+}
+
+fn sample_rows() -> Vec<DataRow> {
+    let line = r#"{"data_source":"numina_olympiads","prompt":[{"role":"system","content":"S"},{"role":"user","content":"Q"}],"ability":"math","reward_model":{"style":"rule","ground_truth":"\\frac{1}{2}"},"extra_info":{"split":"dummy","index":0}}"#;
+    vec![serde_json::from_str(line).unwrap()]
+}
+
+#[test]
+fn rows_from_other_sources_round_trip_in_both_formats() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = sample_rows();
+    for name in ["x.jsonl", "x.parquet"] {
+        let path = dir.path().join(name);
+        write_rows(&path, &rows).unwrap();
+        assert_eq!(read_rows(&path).unwrap(), rows, "{name}");
+    }
+    let err = write_rows(&dir.path().join("x.csv"), &rows).unwrap_err();
+    assert!(err.to_string().contains("x.csv"), "{err}");
+}
+
+#[test]
+fn bad_jsonl_names_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.jsonl");
+    let good = serde_json::to_string(&sample_rows()[0]).unwrap();
+
+    std::fs::write(&path, format!("{good}\n\n{{not json\n")).unwrap();
+    let err = read_rows(&path).unwrap_err();
+    assert!(matches!(err, WorldError::Json { line: 3, .. }), "{err}");
+    assert!(err.to_string().contains("bad.jsonl: line 3"), "{err}");
+
+    let missing = good.replace(r#""ground_truth":"\\frac{1}{2}""#, r#""truth":"1""#);
+    std::fs::write(&path, format!("{good}\n{missing}\n")).unwrap();
+    let err = read_rows(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("line 2") && err.contains("ground_truth"),
+        "{err}"
+    );
+
+    let empty_truth = good.replace(r#""\\frac{1}{2}""#, r#""""#);
+    std::fs::write(&path, format!("{good}\n{empty_truth}\n")).unwrap();
+    let err = read_rows(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("row 1") && err.contains("reward_model.ground_truth"),
+        "{err}"
+    );
+
+    let bad_role = good.replace(r#""role":"system""#, r#""role":"robot""#);
+    std::fs::write(&path, bad_role).unwrap();
+    let err = read_rows(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("row 0") && err.contains("prompt[0].role"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_parquet_names_file_column_and_row() {
+    use std::sync::Arc;
+
+    use arrow_array::{RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.parquet");
+    let write = |batch: RecordBatch| {
+        let file = std::fs::File::create(&path).unwrap();
+        let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+    };
+
+    let schema = Schema::new(vec![Field::new("data_source", DataType::Utf8, true)]);
+    write(
+        RecordBatch::try_new(
+            Arc::new(schema),
+            vec![Arc::new(StringArray::from(vec!["a"]))],
+        )
+        .unwrap(),
+    );
+    let err = read_rows(&path).unwrap_err();
+    assert!(
+        matches!(&err, WorldError::Schema { field, .. } if field == "prompt"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("bad.parquet"), "{err}");
+
+    // A null ground truth in the second row.
+    let good = dir.path().join("good.parquet");
+    let mut rows = sample_rows();
+    rows.push(rows[0].clone());
+    write_rows(&good, &rows).unwrap();
+    let file = std::fs::File::open(&good).unwrap();
+    let batch = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let reward_model = batch
+        .column_by_name("reward_model")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<arrow_array::StructArray>()
+        .unwrap()
+        .clone();
+    let (fields, mut columns, nulls) = reward_model.into_parts();
+    columns[1] = Arc::new(StringArray::from(vec![Some("1"), None]));
+    let reward_model = arrow_array::StructArray::new(fields, columns, nulls);
+    let index = batch.schema().index_of("reward_model").unwrap();
+    let mut all: Vec<_> = batch.columns().to_vec();
+    all[index] = Arc::new(reward_model);
+    write(RecordBatch::try_new(batch.schema(), all).unwrap());
+    let err = read_rows(&path).unwrap_err();
+    assert!(
+        matches!(&err, WorldError::Row { row: 1, field, .. } if field == "reward_model.ground_truth"),
+        "{err}"
+    );
+
+    let err = read_rows(&dir.path().join("missing.parquet")).unwrap_err();
+    assert!(err.to_string().contains("missing.parquet"), "{err}");
+}
