@@ -127,6 +127,10 @@ const FRACTIONS: &[Row] = &[
     ("\\frac{1}{2}", "\\frac{1}{2}.", true),
     ("\\frac{16}{3}", "5.3333", true),
     ("\\frac{16}{3}", "5.33", false),
+    ("0.0833", "\\frac{1}{12}", true),
+    ("0.0833", "\\frac{1}{11}", false),
+    ("0.5", "\\frac{11}{20}", false),
+    ("0.667", "\\frac{2}{3}", true),
 ];
 
 const DECIMALS: &[Row] = &[
@@ -243,6 +247,8 @@ const PI_CONSTANTS: &[Row] = &[
     ("\\ln 8", "3\\ln 2", true),
     ("\\ln 6", "\\ln 2 + \\ln 3", true),
     ("\\frac{\\pi}{4}", "\\arctan 1", true),
+    ("\\arcsin x", "\\sin^{-1}(x)", true),
+    ("\\frac{1}{\\sin x}", "\\sin^{-1} x", false),
     ("\\frac{1}{2}", "\\sin \\frac{\\pi}{6}", true),
     ("\\frac{\\sqrt{3}}{2}", "\\cos(\\pi/6)", true),
     ("1", "\\tan\\frac{\\pi}{4}", true),
@@ -397,6 +403,8 @@ const SETS: &[Row] = &[
     ("\\emptyset", "\\varnothing", true),
     ("\\emptyset", "\\{\\}", true),
     ("\\emptyset", "\\{0\\}", false),
+    ("\\{2\\}", "2", true),
+    ("\\{2\\}", "3", false),
     ("\\{\\frac{1}{2}, 2\\}", "\\{2, 0.5\\}", true),
     ("1, 2, 3", "3, 2, 1", true),
     ("1, 2, 3", "1, 2", false),
@@ -447,6 +455,14 @@ const INEQUALITIES: &[Row] = &[
     ("x < 3", "-x > -3", true),
     ("x \\ne 1", "x \\neq 1", true),
     ("2x < 6", "x < 3", true),
+    ("[1,2]", "1 \\le x \\le 2", true),
+    ("[1,2)", "1 \\le x < 2", true),
+    ("(1,2]", "1 \\le x \\le 2", false),
+    ("(-\\infty, 2)", "x < 2", true),
+    ("x < 2", "(-\\infty, 2)", true),
+    ("x \\ge 3", "[3, \\infty)", true),
+    ("x \\ge 3", "(3, \\infty)", false),
+    ("2 > x > -1", "(-1, 2)", true),
 ];
 
 const MATRICES: &[Row] = &[
@@ -574,6 +590,9 @@ const BASES_MISC: &[Row] = &[
     ("\\frac12", "0.5", true),
     ("10^{6}", "1000000", true),
     ("10^6", "1,000,000", true),
+    ("4", "2+2=4", true),
+    ("5", "x = 2 + 3 = 5", true),
+    ("5", "2+2=4", false),
 ];
 
 #[test]

@@ -186,6 +186,9 @@ fn relation(s: &str, depth: usize) -> Option<Answer> {
             });
         }
     }
+    if let Some(interval) = inequality_chain(s, depth) {
+        return Some(interval);
+    }
     let ops: [(&str, RelOp, bool); 8] = [
         ("\\le", RelOp::Le, false),
         ("\\ge", RelOp::Le, true),
@@ -210,8 +213,9 @@ fn relation(s: &str, depth: usize) -> Option<Answer> {
                     value: Box::new(parse_at(rhs, depth + 1)),
                 });
             }
-            if parts.len() > 2 {
-                // `3 + 4 = 7`: the last member is the value.
+            let constant_lhs = parse_expr(lhs).is_ok_and(|e| e.variables().is_empty());
+            if parts.len() > 2 || constant_lhs {
+                // `3 + 4 = 7`, `x = 2 + 3 = 5`: the last member is the value.
                 return Some(parse_at(rhs, depth + 1));
             }
         } else if parts.len() > 2 {
@@ -223,6 +227,102 @@ fn relation(s: &str, depth: usize) -> Option<Answer> {
         return Some(Answer::Relation { op, lhs, rhs });
     }
     None
+}
+
+/// `1 \le x < 3` → the interval `[1, 3)` (and `3 > x \ge 1` likewise).
+fn inequality_chain(s: &str, depth: usize) -> Option<Answer> {
+    const OPS: [(&str, bool, bool); 6] = [
+        // (token, points "less than", strict)
+        ("\\le", true, false),
+        ("\\ge", false, false),
+        ("<=", true, false),
+        (">=", false, false),
+        ("<", true, true),
+        (">", false, true),
+    ];
+    let bytes = s.as_bytes();
+    let mut found: Vec<(usize, usize, bool, bool)> = Vec::new();
+    let mut depth_now = 0i32;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'(' | b'[' | b'{' => depth_now += 1,
+            b')' | b']' | b'}' => depth_now -= 1,
+            _ => {}
+        }
+        let hit = (depth_now == 0 && s.is_char_boundary(i))
+            .then(|| {
+                OPS.iter().find(|(tok, _, _)| {
+                    s[i..].starts_with(tok)
+                        && !(tok.starts_with('\\')
+                            && bytes
+                                .get(i + tok.len())
+                                .is_some_and(u8::is_ascii_alphabetic))
+                })
+            })
+            .flatten();
+        match hit {
+            Some((tok, less, strict)) => {
+                found.push((i, tok.len(), *less, *strict));
+                i += tok.len();
+            }
+            None => i += 1,
+        }
+    }
+    let [(p1, l1, less1, strict1), (p2, l2, less2, strict2)] = found[..] else {
+        return None;
+    };
+    if less1 != less2 || !LABEL.is_match(s[p1 + l1..p2].trim()) {
+        return None;
+    }
+    let (a, b) = (s[..p1].trim(), s[p2 + l2..].trim());
+    let (low, high, low_strict, high_strict) = if less1 {
+        (a, b, strict1, strict2)
+    } else {
+        (b, a, strict2, strict1)
+    };
+    Some(Answer::Tuple {
+        open: if low_strict { '(' } else { '[' },
+        close: if high_strict { ')' } else { ']' },
+        items: vec![parse_at(low, depth + 1), parse_at(high, depth + 1)],
+    })
+}
+
+/// `x < 3` → `(-\infty, 3)`, `x \ge 1` → `[1, \infty)`: a one-variable inequality as the
+/// interval it describes.
+fn relation_as_interval(a: &Answer) -> Option<Answer> {
+    let Answer::Relation { op, lhs, rhs } = a else {
+        return None;
+    };
+    let strict = match op {
+        RelOp::Lt => true,
+        RelOp::Le => false,
+        _ => return None,
+    };
+    let infinity = |negative: bool| {
+        Answer::Scalar(if negative {
+            Expr::Neg(Box::new(Expr::Infinity))
+        } else {
+            Expr::Infinity
+        })
+    };
+    if lhs.is_variable() && rhs.variables().is_empty() {
+        // x < b
+        Some(Answer::Tuple {
+            open: '(',
+            close: if strict { ')' } else { ']' },
+            items: vec![infinity(true), Answer::Scalar(rhs.clone())],
+        })
+    } else if rhs.is_variable() && lhs.variables().is_empty() {
+        // a < x
+        Some(Answer::Tuple {
+            open: if strict { '(' } else { '[' },
+            close: ')',
+            items: vec![Answer::Scalar(lhs.clone()), infinity(false)],
+        })
+    } else {
+        None
+    }
 }
 
 /// Rows and cells of `\begin{pmatrix} a & b \\ c & d \end{pmatrix}` (also bmatrix, array).
@@ -368,6 +468,15 @@ pub fn equivalent(gt: &Answer, pred: &Answer) -> bool {
             _ => false,
         },
         (Scalar(a), Scalar(b)) => scalars_equivalent(a, b),
+        (Relation { .. }, Tuple { .. }) => {
+            relation_as_interval(gt).is_some_and(|g| equivalent(&g, pred))
+        }
+        (Tuple { .. }, Relation { .. }) => {
+            relation_as_interval(pred).is_some_and(|p| equivalent(gt, &p))
+        }
+        // A one-element set written as its element.
+        (Set(items), Scalar(_)) if items.len() == 1 => equivalent(&items[0], pred),
+        (Scalar(_), Set(items)) if items.len() == 1 => equivalent(gt, &items[0]),
         (
             Tuple {
                 open: o1,
@@ -507,7 +616,13 @@ pub fn scalars_equivalent(gt: &Expr, pred: &Expr) -> bool {
         if a == b {
             return true;
         }
-        if a.is_integer() || !decimal {
+        if a.is_integer() {
+            return false;
+        }
+        if rounds_to(gt, b.to_f64()) && !pred.has_decimal() {
+            return true;
+        }
+        if !decimal {
             return false;
         }
         return close(
@@ -546,6 +661,21 @@ pub fn scalars_equivalent(gt: &Expr, pred: &Expr) -> bool {
         }
     }
     valid >= if vars.is_empty() { 1 } else { 3 }
+}
+
+/// Whether `gt` is a decimal literal with at least three decimals (so evidently rounded) and
+/// `value` rounds to it: `0.0833` for an exact `\frac{1}{12}`.
+fn rounds_to(gt: &Expr, value: f64) -> bool {
+    let Some(places) = gt.decimal_places() else {
+        return false;
+    };
+    if places < 3 {
+        return false;
+    }
+    let Some(g) = exact(gt) else {
+        return false;
+    };
+    (g.to_f64() - value).abs() <= 0.5 * 10f64.powi(-(places as i32)) * (1.0 + 1e-9)
 }
 
 fn union_vars(a: &Expr, b: &Expr) -> Vec<String> {

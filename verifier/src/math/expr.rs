@@ -18,7 +18,12 @@ pub const MAX_EXPR_CHARS: usize = 600;
 pub enum Expr {
     /// A number literal; `decimal` is set when it was written with a decimal point or exponent,
     /// i.e. it may be a rounded value.
-    Num { value: NumValue, decimal: bool },
+    Num {
+        value: NumValue,
+        decimal: bool,
+        /// Digits after the decimal point as written.
+        places: u32,
+    },
     /// A variable (`x`, `x_1`, `\theta`).
     Var(String),
     /// pi.
@@ -186,7 +191,11 @@ const GREEK: &[&str] = &[
 
 #[derive(Debug, Clone, PartialEq)]
 enum Tok {
-    Num { value: NumValue, decimal: bool },
+    Num {
+        value: NumValue,
+        decimal: bool,
+        places: u32,
+    },
     Var(String),
     Pi,
     Infinity,
@@ -391,7 +400,19 @@ fn lex_number(chars: &[char], mut i: usize) -> PResult<(Tok, usize)> {
             );
             NumValue::Approx(text.parse().unwrap_or(f64::NAN))
         });
-    Ok((Tok::Num { value, decimal }, i))
+    let places = if exp10 == 0 {
+        frac_part.len() as u32
+    } else {
+        0
+    };
+    Ok((
+        Tok::Num {
+            value,
+            decimal,
+            places,
+        },
+        i,
+    ))
 }
 
 /// `digits * 10^scale` as an exact rational, if it fits.
@@ -583,6 +604,7 @@ impl Parser {
             Some(Tok::Num {
                 value: NumValue::Exact(r),
                 decimal: false,
+                ..
             }) if r.is_integer() && r.numer() >= 10 => {
                 // `\frac12` is 1/2: a multi-digit run as a bare argument gives one digit.
                 self.pos -= 1;
@@ -606,6 +628,7 @@ impl Parser {
         self.toks[self.pos] = Tok::Num {
             value: NumValue::Exact(Rational::integer(rest_val)),
             decimal: false,
+            places: 0,
         };
         let first_val = first
             .parse::<i128>()
@@ -613,6 +636,7 @@ impl Parser {
         Ok(Expr::Num {
             value: NumValue::Exact(Rational::integer(first_val)),
             decimal: false,
+            places: 0,
         })
     }
 
@@ -627,7 +651,15 @@ impl Parser {
         self.enter()?;
         let tok = self.next().ok_or(ParseError("unexpected end"))?;
         let e = match tok {
-            Tok::Num { value, decimal } => Expr::Num { value, decimal },
+            Tok::Num {
+                value,
+                decimal,
+                places,
+            } => Expr::Num {
+                value,
+                decimal,
+                places,
+            },
             Tok::Var(name) => {
                 let mut name = name;
                 if self.peek() == Some(&Tok::Underscore) {
@@ -673,6 +705,7 @@ impl Parser {
                         Some(Tok::Num {
                             value: NumValue::Exact(r),
                             decimal: false,
+                            ..
                         }) if r.is_integer() && (1..=64).contains(&r.numer()) => r.numer() as u32,
                         _ => return Err(ParseError("unsupported root degree")),
                     };
@@ -718,6 +751,16 @@ impl Parser {
                 a
             }
         };
+        // `\sin^{-1} x` is the inverse function, not a reciprocal.
+        let inverse = match (f, &power) {
+            (Func::Sin, Some(p)) if is_minus_one(p) => Some(Func::Arcsin),
+            (Func::Cos, Some(p)) if is_minus_one(p) => Some(Func::Arccos),
+            (Func::Tan, Some(p)) if is_minus_one(p) => Some(Func::Arctan),
+            _ => None,
+        };
+        if let Some(inv) = inverse {
+            return Ok(Expr::Call(inv, bx(arg)));
+        }
         let applied = match base {
             Some(b) => Expr::LogBase(bx(b), bx(arg)),
             None => Expr::Call(f, bx(arg)),
@@ -753,6 +796,10 @@ impl Parser {
     }
 }
 
+fn is_minus_one(e: &Expr) -> bool {
+    matches!(e, Expr::Neg(inner) if matches!(**inner, Expr::Num { value: NumValue::Exact(r), .. } if r == Rational::integer(1)))
+}
+
 /// Tokens that can begin an implicitly multiplied factor.
 fn starts_operand(t: &Tok) -> bool {
     matches!(
@@ -780,6 +827,20 @@ impl Expr {
             }
         });
         found
+    }
+
+    /// Digits after the decimal point when the whole expression is one decimal literal
+    /// (possibly negated), e.g. 4 for `0.0833`.
+    pub fn decimal_places(&self) -> Option<u32> {
+        match self {
+            Expr::Num {
+                decimal: true,
+                places,
+                ..
+            } => Some(*places),
+            Expr::Neg(inner) => inner.decimal_places(),
+            _ => None,
+        }
     }
 
     /// Names of the variables, sorted and deduplicated.
