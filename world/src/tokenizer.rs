@@ -264,4 +264,24 @@ mod tests {
             vec!["user\nhi", "\n", "assistant\n"]
         );
     }
+
+    #[test]
+    fn chat_template_renders_like_render_chatml_in_minijinja() {
+        let env = minijinja::Environment::new();
+        let template = env.template_from_str(CHAT_TEMPLATE).unwrap();
+        let messages = vec![
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new(
+                "user",
+                "Q?\n\nPresent the answer in LaTex format: \\boxed{Your answer}",
+            ),
+            ChatMessage::new("assistant", "1+1=2\n\\boxed{2}"),
+        ];
+        for add_generation_prompt in [false, true] {
+            let rendered = template
+                .render(minijinja::context! { messages => &messages, add_generation_prompt })
+                .unwrap();
+            assert_eq!(rendered, render_chatml(&messages, add_generation_prompt));
+        }
+    }
 }

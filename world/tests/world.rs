@@ -83,7 +83,11 @@ fn splits_have_the_configured_sizes_schema_and_no_shared_questions() {
     }
     assert_eq!(seen.len(), 600);
     let stats = &files.stats;
-    assert!((300..=400).contains(&stats.vocab_size), "{}", stats.vocab_size);
+    assert!(
+        (300..=400).contains(&stats.vocab_size),
+        "{}",
+        stats.vocab_size
+    );
     assert_eq!(stats.sft.rows, 300);
     assert!(stats.sft.response_mean.unwrap() > 10.0);
     assert!(stats.rl.response_mean.is_none());
@@ -315,4 +319,92 @@ fn bad_parquet_names_file_column_and_row() {
 
     let err = read_rows(&dir.path().join("missing.parquet")).unwrap_err();
     assert!(err.to_string().contains("missing.parquet"), "{err}");
+}
+
+#[test]
+fn parquet_with_large_and_view_types_and_other_field_order_reads() {
+    use std::sync::Arc;
+
+    use arrow_array::builder::{
+        Int32Builder, LargeListBuilder, LargeStringBuilder, StringViewBuilder, StructBuilder,
+    };
+    use arrow_array::{ArrayRef, RecordBatch};
+    use arrow_schema::{DataType, Field, Fields};
+
+    let large = |name: &str| Field::new(name, DataType::LargeUtf8, true);
+    let message_fields = Fields::from(vec![large("content"), large("role")]);
+    let mut prompt =
+        LargeListBuilder::new(StructBuilder::from_fields(message_fields.clone(), 2)).with_field(
+            Field::new("element", DataType::Struct(message_fields), true),
+        );
+    for (role, content) in [("system", "S"), ("user", "What is 2+2?")] {
+        let messages = prompt.values();
+        let text = |b: &mut StructBuilder, i: usize, v: &str| {
+            b.field_builder::<LargeStringBuilder>(i)
+                .unwrap()
+                .append_value(v)
+        };
+        text(messages, 0, content);
+        text(messages, 1, role);
+        messages.append(true);
+    }
+    prompt.append(true);
+    let mut reward_model =
+        StructBuilder::from_fields(Fields::from(vec![large("ground_truth"), large("style")]), 1);
+    for (i, v) in ["4", "rule"].into_iter().enumerate() {
+        reward_model
+            .field_builder::<LargeStringBuilder>(i)
+            .unwrap()
+            .append_value(v);
+    }
+    reward_model.append(true);
+    let mut extra_info = StructBuilder::from_fields(
+        Fields::from(vec![
+            Field::new("index", DataType::Int32, true),
+            large("split"),
+        ]),
+        1,
+    );
+    extra_info
+        .field_builder::<Int32Builder>(0)
+        .unwrap()
+        .append_value(7);
+    extra_info
+        .field_builder::<LargeStringBuilder>(1)
+        .unwrap()
+        .append_value("test");
+    extra_info.append(true);
+    let mut data_source = LargeStringBuilder::new();
+    data_source.append_value("numina_cn_k12");
+    let mut ability = StringViewBuilder::new();
+    ability.append_value("math");
+
+    let columns: Vec<(&str, ArrayRef)> = vec![
+        ("ability", Arc::new(ability.finish())),
+        ("prompt", Arc::new(prompt.finish())),
+        ("reward_model", Arc::new(reward_model.finish())),
+        ("data_source", Arc::new(data_source.finish())),
+        ("extra_info", Arc::new(extra_info.finish())),
+    ];
+    let batch = RecordBatch::try_from_iter(columns).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hf.parquet");
+    let file = std::fs::File::create(&path).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+
+    let rows = read_rows(&path).unwrap();
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(row.data_source, "numina_cn_k12");
+    assert_eq!(row.ability, "math");
+    assert_eq!(row.prompt[0].role, "system");
+    assert_eq!(row.question(), Some("What is 2+2?"));
+    assert_eq!(row.reward_model.ground_truth, "4");
+    assert_eq!(row.reward_model.style, "rule");
+    let info = row.extra_info.as_ref().unwrap();
+    assert_eq!((info.split.as_str(), info.index), ("test", 7));
+    assert_eq!((info.num_ops, info.template.as_ref()), (None, None));
+    assert_eq!(row.response, None);
 }
