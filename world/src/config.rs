@@ -39,7 +39,9 @@ pub struct WorldConfig {
     pub max_factor: u32,
     /// Largest value any step may produce. Subtractions never go below 1.
     pub max_value: u32,
-    /// Tokenizer vocabulary size, special tokens and the 256 byte symbols included.
+    /// Largest tokenizer vocabulary, special tokens and the 256 byte symbols included. Training
+    /// stops earlier once every word of the world is a single token: the default world
+    /// saturates at 499.
     pub vocab_size: usize,
 }
 

@@ -36,7 +36,7 @@ pub struct SplitFiles {
 /// Token counts of one split under the trained tokenizer. The prompt is the chat-rendered
 /// prompt with the generation prompt (what the policy is conditioned on); the response is the
 /// solution trace plus `<|im_end|>` (what supervised training learns to produce).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TokenStats {
     pub rows: usize,
     pub prompt_mean: f64,
@@ -50,7 +50,7 @@ pub struct TokenStats {
 }
 
 /// Figures about a built world, also stored in its manifest.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct WorldStats {
     /// Vocabulary size of the trained tokenizer, special tokens included.
     pub vocab_size: usize,
@@ -59,7 +59,8 @@ pub struct WorldStats {
     pub heldout: TokenStats,
 }
 
-/// Paths of everything [`build_world`] writes, relative to nothing (ready to open).
+/// Paths of everything [`build_world`] writes (all under the output directory), and the
+/// world's token statistics.
 ///
 /// ```text
 /// OUT/manifest.json
@@ -204,11 +205,11 @@ pub fn build_world(cfg: &WorldConfig, out_dir: &Path) -> Result<WorldFiles, Worl
         })
         .collect();
 
-    let placeholder = WorldFiles::layout(out_dir, empty_stats(), false);
+    let mut files = WorldFiles::layout(out_dir, WorldStats::default(), false);
     let data_dir = out_dir.join("data");
     std::fs::create_dir_all(&data_dir).map_err(|e| WorldError::io(&data_dir, e))?;
     for (split, split_rows) in &rows {
-        let files = placeholder.split(*split);
+        let files = files.split(*split);
         write_jsonl(&files.jsonl, split_rows)?;
         write_parquet(&files.parquet, split_rows)?;
         tracing::info!(split = split.name(), rows = split_rows.len(), "wrote split");
@@ -225,14 +226,15 @@ pub fn build_world(cfg: &WorldConfig, out_dir: &Path) -> Result<WorldFiles, Worl
             .flat_map(|text| split_special_tokens(text)),
         cfg.vocab_size,
     )?;
-    save_tokenizer(&tokenizer, &placeholder.tokenizer_dir)?;
+    save_tokenizer(&tokenizer, &files.tokenizer_dir)?;
 
-    let stats = WorldStats {
+    files.stats = WorldStats {
         vocab_size: tokenizer.get_vocab_size(true),
         sft: split_stats(&tokenizer, split_rows(&rows, Split::Sft))?,
         rl: split_stats(&tokenizer, split_rows(&rows, Split::Rl))?,
         heldout: split_stats(&tokenizer, split_rows(&rows, Split::Heldout))?,
     };
+    let stats = &files.stats;
     for (split, s) in [
         ("sft", &stats.sft),
         ("rl", &stats.rl),
@@ -248,7 +250,6 @@ pub fn build_world(cfg: &WorldConfig, out_dir: &Path) -> Result<WorldFiles, Worl
         );
     }
 
-    let files = WorldFiles::layout(out_dir, stats, false);
     let manifest = Manifest {
         generator_version: GENERATOR_VERSION,
         config: cfg.clone(),
@@ -278,24 +279,6 @@ fn split_rows(rows: &[(Split, Vec<DataRow>)], split: Split) -> &[DataRow] {
         .find(|(s, _)| *s == split)
         .map(|(_, rows)| rows.as_slice())
         .unwrap_or_default()
-}
-
-fn empty_stats() -> WorldStats {
-    let empty = TokenStats {
-        rows: 0,
-        prompt_mean: 0.0,
-        prompt_max: 0,
-        response_mean: None,
-        response_max: None,
-        total_mean: None,
-        total_max: None,
-    };
-    WorldStats {
-        vocab_size: 0,
-        sft: empty.clone(),
-        rl: empty.clone(),
-        heldout: empty,
-    }
 }
 
 /// Measures token lengths and checks that every conversation round-trips exactly.
