@@ -1,0 +1,62 @@
+# prime-rs: set-up, build, test and demo in one place.
+#
+#   make demo    build, then run the embedded default job (configs/demo.toml)
+#   make test    build and run every test (Rust + reference checks against transformers)
+#   make build   release build; leaves target/release/prime (libtorch found through its rpath)
+#
+# Everything the build needs is installed here on first use: a Python venv with the PyPI
+# torch==2.13.0 wheel (tch 0.26 links against exactly that libtorch), transformers,
+# safetensors and numpy for the reference tests. The venv lives in $(PRIME_CACHE), outside
+# the repo, and is reused by later runs and clones. protoc is vendored by the proto crate.
+
+SHELL := /bin/bash
+PRIME_CACHE ?= $(HOME)/.cache/prime-rs
+VENV := $(PRIME_CACHE)/venv
+PYTHON_REQS := tests/python/requirements.txt
+VENV_STAMP := $(VENV)/.prime-$(shell cat $(PYTHON_REQS) 2>/dev/null | cksum | cut -d' ' -f1)
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+CONFIG ?= configs/demo.toml
+RUN_DIR ?= runs/demo
+
+# torch-sys asks this venv's python where libtorch is and which C++ ABI it uses.
+export LIBTORCH_USE_PYTORCH := 1
+export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
+export PRIME_VENV := $(VENV)
+# The machine is small and shared: keep torch from oversubscribing it.
+export PRIME_THREADS ?= 2
+
+.PHONY: all venv build demo test test-rust lint fmt clean
+
+all: build
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): $(PYTHON_REQS)
+	@command -v python3 >/dev/null || { echo "python3 (>= 3.10, with venv) is required"; exit 1; }
+	@python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' || { echo "python3 >= 3.10 is required"; exit 1; }
+	@python3 -m venv --help >/dev/null 2>&1 || { echo "installing python3-venv"; apt-get install -y python3-venv; }
+	@mkdir -p $(PRIME_CACHE)
+	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check --progress-bar off -r $(PYTHON_REQS)
+	@rm -f $(VENV)/.prime-* && touch $@
+
+build: venv
+	cargo build --release -j $(JOBS) -p prime-cli
+	@echo "built target/release/prime"
+
+demo: build
+	target/release/prime sft --config $(CONFIG) --run-dir $(RUN_DIR)
+
+test: venv
+	cargo build -j $(JOBS) --workspace --all-targets
+	cargo test -j $(JOBS) --workspace -- --test-threads 2
+
+lint: venv
+	cargo fmt --all -- --check
+	cargo clippy -j $(JOBS) --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean

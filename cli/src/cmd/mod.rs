@@ -1,0 +1,2 @@
+//! One module per subcommand: argument structs and the wiring of library crates.
+pub mod model;

@@ -1,0 +1,35 @@
+//! The one error type of the learner crate.
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LearnerError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("data: {0}")]
+    Data(String),
+    #[error("plot: {0}")]
+    Plot(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error(transparent)]
+    Model(#[from] prime_model::ModelError),
+    #[error(transparent)]
+    World(#[from] prime_world::WorldError),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+impl LearnerError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, source }
+    }
+}
+
+pub type Result<T, E = LearnerError> = std::result::Result<T, E>;

@@ -1,0 +1,61 @@
+//! The one error type of the model crate.
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading, saving or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error("unknown device {0:?}: expected cpu, cuda or cuda:N")]
+    Device(String),
+    #[error("unknown dtype {0:?}: expected f32, bf16 or f16")]
+    Dtype(String),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+impl ModelError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, source }
+    }
+
+    pub(crate) fn checkpoint(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Self::Checkpoint {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Result with [`ModelError`].
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// Reads a JSON file into `T`, naming the file in every error.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(ModelError::io(path))?;
+    serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}

@@ -1,0 +1,20 @@
+//! Qwen2-family causal language model on tch, used by the actor, the learner and the
+//! prm-server: Hugging Face config/safetensors/tokenizer I/O, chat templates, batched KV-cache
+//! sampling and per-token log-probs.
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod logprobs;
+pub mod qwen2;
+pub mod tokenizer;
+
+pub use checkpoint::{CausalLm, DEFAULT_MAX_SHARD_BYTES};
+pub use config::{GenerationConfig, Qwen2Config};
+pub use device::{default_kind, parse_device, parse_kind};
+pub use error::{ModelError, Result};
+pub use generate::{generate, FinishReason, Generation, SamplingParams};
+pub use logprobs::{sequence_logprobs, token_logprobs, PaddedBatch};
+pub use qwen2::Qwen2;
+pub use tokenizer::{ChatMessage, Tokenizer};

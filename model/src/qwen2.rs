@@ -1,0 +1,413 @@
+//! Qwen2 / Qwen2.5 decoder-only causal LM, as in transformers' `modeling_qwen2.py`.
+//!
+//! One struct per layer with a `forward`. Variables are created under Hugging Face names
+//! (`model.layers.0.self_attn.q_proj.weight`, ...), so loading a checkpoint is a copy by name.
+//! Weights may be stored in one dtype (f32 masters for training) and computed in another
+//! (bf16): every layer casts its weights to the activation dtype, which is a no-op when they
+//! agree and differentiable when they do not.
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::config::Qwen2Config;
+
+/// A dense layer `y = x W^T + b` with HF parameter names `weight` (`[out, in]`) and `bias`.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(path: nn::Path, in_dim: i64, out_dim: i64, bias: bool, init: Init) -> Self {
+        let weight = path.var("weight", &[out_dim, in_dim], init.matrix());
+        let bias = bias.then(|| path.var("bias", &[out_dim], nn::Init::Const(0.0)));
+        Self { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let bias = self.bias.as_ref().map(|b| b.to_kind(kind));
+        x.linear(&self.weight.to_kind(kind), bias.as_ref())
+    }
+}
+
+/// RMSNorm: statistics in f32, then scaled by `weight` in the activation dtype.
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(path: nn::Path, dim: i64, eps: f64) -> Self {
+        let weight = path.var("weight", &[dim], nn::Init::Const(1.0));
+        Self { weight, eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let h = x.to_kind(Kind::Float);
+        let variance = h.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let normed = (h * (variance + self.eps).rsqrt()).to_kind(kind);
+        self.weight.to_kind(kind) * normed
+    }
+}
+
+/// Rotary position embedding tables in HF's rotate-half layout, indexed by position id so
+/// that left-padded rows get the positions of their real tokens.
+#[derive(Debug)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(head_dim: i64, max_positions: i64, theta: f64, device: Device) -> Self {
+        let exponents = Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, device))
+            .to_kind(Kind::Float)
+            / head_dim as f64;
+        let inv_freq = Tensor::from(theta)
+            .to_kind(Kind::Float)
+            .to_device(device)
+            .pow(&exponents)
+            .reciprocal();
+        let positions = Tensor::arange(max_positions, (Kind::Float, device));
+        let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        Self {
+            cos: emb.cos(),
+            sin: emb.sin(),
+        }
+    }
+
+    /// `cos` and `sin` for `position_ids` (`[B, T]`), shaped `[B, 1, T, head_dim]`.
+    fn tables(&self, position_ids: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let lookup = |table: &Tensor| {
+            table
+                .index_select(0, &position_ids.flatten(0, -1))
+                .view([position_ids.size()[0], 1, position_ids.size()[1], -1])
+                .to_kind(kind)
+        };
+        (lookup(&self.cos), lookup(&self.sin))
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = cat(-x2, x1)`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let x1 = x.narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    let rotated = Tensor::cat(&[&x2.neg(), &x1], -1);
+    x * cos + rotated * sin
+}
+
+/// Preallocated key/value cache of one layer: `[B, kv_heads, capacity, head_dim]`.
+#[derive(Debug)]
+struct LayerCache {
+    keys: Tensor,
+    values: Tensor,
+}
+
+/// The key/value cache of all layers; `len` slots are filled.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: i64,
+    capacity: i64,
+}
+
+impl KvCache {
+    /// Number of filled slots (the key offset of the next forward).
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Grouped-query self-attention with q/k/v biases.
+#[derive(Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(path: nn::Path, c: &Qwen2Config, init: Init) -> Self {
+        let (d, h, kv, hd) = (c.hidden_size, c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+        Self {
+            q_proj: Linear::new(&path / "q_proj", d, h * hd, true, init),
+            k_proj: Linear::new(&path / "k_proj", d, kv * hd, true, init),
+            v_proj: Linear::new(&path / "v_proj", d, kv * hd, true, init),
+            o_proj: Linear::new(&path / "o_proj", h * hd, d, false, init),
+            num_heads: h,
+            num_kv_heads: kv,
+            head_dim: hd,
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: &Tensor,
+        cache: Option<(&mut LayerCache, i64)>,
+    ) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
+        let q = heads(self.q_proj.forward(x), self.num_heads);
+        let k = heads(self.k_proj.forward(x), self.num_kv_heads);
+        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let q = apply_rope(&q, &rope.0, &rope.1);
+        let k = apply_rope(&k, &rope.0, &rope.1);
+        let (k, v) = match cache {
+            Some((cache, offset)) => {
+                cache.keys.narrow(2, offset, t).copy_(&k);
+                cache.values.narrow(2, offset, t).copy_(&v);
+                (
+                    cache.keys.narrow(2, 0, offset + t),
+                    cache.values.narrow(2, 0, offset + t),
+                )
+            }
+            None => (k, v),
+        };
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            Some(mask),
+            0.0,
+            false,
+            None::<f64>,
+            self.num_heads != self.num_kv_heads,
+        );
+        self.o_proj
+            .forward(&y.transpose(1, 2).reshape([b, t, self.num_heads * self.head_dim]))
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(path: nn::Path, c: &Qwen2Config, init: Init) -> Self {
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        Self {
+            gate_proj: Linear::new(&path / "gate_proj", d, f, false, init),
+            up_proj: Linear::new(&path / "up_proj", d, f, false, init),
+            down_proj: Linear::new(&path / "down_proj", f, d, false, init),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.down_proj
+            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    }
+}
+
+/// Pre-norm decoder block: attention and MLP, each with a residual connection.
+#[derive(Debug)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn new(path: nn::Path, c: &Qwen2Config, init: Init) -> Self {
+        Self {
+            self_attn: Attention::new(&path / "self_attn", c, init),
+            mlp: Mlp::new(&path / "mlp", c, init),
+            input_layernorm: RmsNorm::new(&path / "input_layernorm", c.hidden_size, c.rms_norm_eps),
+            post_attention_layernorm: RmsNorm::new(
+                &path / "post_attention_layernorm",
+                c.hidden_size,
+                c.rms_norm_eps,
+            ),
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: &Tensor,
+        cache: Option<(&mut LayerCache, i64)>,
+    ) -> Tensor {
+        let h = x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x), rope, mask, cache);
+        let out = self.mlp.forward(&self.post_attention_layernorm.forward(&h));
+        h + out
+    }
+}
+
+/// How new variables are initialised: zeros when a checkpoint will overwrite them, or
+/// normal(0, std) as transformers' `_init_weights` does for training from scratch.
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    Zeros,
+    Normal { std: f64 },
+}
+
+impl Init {
+    fn matrix(self) -> nn::Init {
+        match self {
+            Init::Zeros => nn::Init::Const(0.0),
+            Init::Normal { std } => nn::Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        }
+    }
+}
+
+/// `Qwen2ForCausalLM`: embeddings, decoder layers, final norm and the LM head.
+#[derive(Debug)]
+pub struct Qwen2 {
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// The LM head's weight; with tied embeddings it shares storage with `embed_tokens`.
+    pub lm_head: Tensor,
+    rope: Rope,
+    config: Qwen2Config,
+    compute_kind: Kind,
+}
+
+impl Qwen2 {
+    /// Creates the variables under `root` (the VarStore root) with HF names.
+    pub fn new(root: &nn::Path, config: &Qwen2Config, init: Init, compute_kind: Kind) -> Self {
+        let model = root / "model";
+        let embed_tokens = (&model / "embed_tokens").var(
+            "weight",
+            &[config.vocab_size, config.hidden_size],
+            init.matrix(),
+        );
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::new(&model / "layers" / i, config, init))
+            .collect();
+        let norm = RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps);
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.shallow_clone()
+        } else {
+            (root / "lm_head").var(
+                "weight",
+                &[config.vocab_size, config.hidden_size],
+                init.matrix(),
+            )
+        };
+        let rope = Rope::new(
+            config.head_dim(),
+            config.max_position_embeddings,
+            config.rope_theta(),
+            root.device(),
+        );
+        Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            config: config.clone(),
+            compute_kind,
+        }
+    }
+
+    pub fn config(&self) -> &Qwen2Config {
+        &self.config
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed_tokens.device()
+    }
+
+    /// The dtype activations are computed in.
+    pub fn compute_kind(&self) -> Kind {
+        self.compute_kind
+    }
+
+    /// An empty cache for `batch` rows of up to `capacity` tokens.
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
+        let c = &self.config;
+        let shape = [batch, c.num_kv_heads(), capacity, c.head_dim()];
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| LayerCache {
+                keys: Tensor::zeros(shape, (self.compute_kind, self.device())),
+                values: Tensor::zeros(shape, (self.compute_kind, self.device())),
+            })
+            .collect();
+        KvCache {
+            layers,
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Final hidden states `[B, T, D]` for `input_ids` (`[B, T]`).
+    ///
+    /// `position_ids` (`[B, T]`) are the RoPE positions. `key_mask` (`[B, S]`, bool) marks the
+    /// real tokens among all keys: the cached ones followed by these `T`; `S = cache.len + T`.
+    /// A query attends causally to real keys and always to itself, so padding rows stay finite.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        key_mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let t = input_ids.size()[1];
+        let offset = cache.as_ref().map_or(0, |c| c.len);
+        if let Some(c) = cache.as_ref() {
+            assert!(
+                offset + t <= c.capacity,
+                "KV cache overflow: {offset} + {t} > {}",
+                c.capacity
+            );
+        }
+        let mask = attention_mask(key_mask, offset, t);
+        let rope = self.rope.tables(position_ids, self.compute_kind);
+        let mut h = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false)
+            .to_kind(self.compute_kind);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], offset));
+            h = layer.forward(&h, &rope, &mask, layer_cache);
+        }
+        if let Some(c) = cache {
+            c.len = offset + t;
+        }
+        self.norm.forward(&h)
+    }
+
+    /// Logits `[.., V]` in f32 for hidden states `[.., D]`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden
+            .matmul(&self.lm_head.to_kind(hidden.kind()).transpose(0, 1))
+            .to_kind(Kind::Float)
+    }
+}
+
+/// Boolean attention mask `[B, 1, T, S]` (true = attend) for `T` queries at key slots
+/// `offset..offset+T`: causal over real keys, plus each query's own slot.
+fn attention_mask(key_mask: &Tensor, offset: i64, t: i64) -> Tensor {
+    let device = key_mask.device();
+    let s = key_mask.size()[1];
+    let key_slots = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
+    let query_slots = (Tensor::arange(t, (Kind::Int64, device)) + offset).view([t, 1]);
+    let causal = key_slots.le_tensor(&query_slots);
+    let own = key_slots.eq_tensor(&query_slots);
+    let real = key_mask.to_kind(Kind::Bool).view([-1, 1, 1, s]);
+    causal.unsqueeze(0).unsqueeze(0).logical_and(&real).logical_or(&own)
+}

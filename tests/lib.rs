@@ -1,0 +1,104 @@
+//! Helpers shared by the cross-crate integration tests in `tests/tests/`: running the
+//! independent Python references (transformers in the project's venv), JSONL files and
+//! deterministic test data.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The venv's python. `make test` creates the venv; running the tests without it is an error,
+/// not a skip: these tests exist to compare against transformers.
+pub fn python() -> PathBuf {
+    let venv = std::env::var_os("PRIME_VENV").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").expect("HOME is set");
+        Path::new(&home).join(".cache/prime-rs/venv")
+    });
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "{} not found: run `make test` (it creates the venv) or set PRIME_VENV",
+        python.display()
+    );
+    python
+}
+
+/// Limits torch to one thread per test: tests run two at a time on a 2-core machine.
+pub fn init_threads() {
+    tch::set_num_threads(1);
+}
+
+/// Runs a Python reference script (path relative to the repo root) and parses the JSON object
+/// it prints last. Panics with its stderr when it fails.
+pub fn run_python(script: &str, args: &[&str]) -> Value {
+    let output = Command::new(python())
+        .arg(repo_root().join(script))
+        .args(args)
+        .env("PRIME_THREADS", "1")
+        .output()
+        .expect("python starts");
+    assert!(
+        output.status.success(),
+        "{script} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("null");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{script}: bad JSON {last:?}: {e}"))
+}
+
+/// Runs `tests/python/qwen2_ref.py`.
+pub fn qwen2_ref(args: &[&str]) -> Value {
+    run_python("tests/python/qwen2_ref.py", args)
+}
+
+pub fn write_jsonl(path: &Path, rows: &[Value]) {
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(path, text).expect("write jsonl");
+}
+
+pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .expect("read jsonl")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+/// Deterministic pseudo-random token sequences (SplitMix64), lengths in `min_len..=max_len`.
+pub fn random_sequences(n: usize, min_len: usize, max_len: usize, vocab: i64, seed: u64) -> Vec<Vec<i64>> {
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    (0..n)
+        .map(|_| {
+            let len = min_len + (next() as usize) % (max_len - min_len + 1);
+            (0..len).map(|_| (next() % vocab as u64) as i64).collect()
+        })
+        .collect()
+}
+
+/// Largest absolute difference between two equally long vectors.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Reads a JSON array of numbers.
+pub fn f32s(value: &Value) -> Vec<f32> {
+    value.as_array().expect("array").iter().map(|v| v.as_f64().expect("number") as f32).collect()
+}
+
+pub fn i64s(value: &Value) -> Vec<i64> {
+    value.as_array().expect("array").iter().map(|v| v.as_i64().expect("integer")).collect()
+}
