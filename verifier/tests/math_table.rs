@@ -33,9 +33,9 @@ fn math_table_by_category() {
         let entry = per_category.entry(category).or_default();
         entry.0 += 1;
         if got != want {
-            entry
-                .1
-                .push(format!("  gt={gt:?} candidate={shown} want={want} got={got}"));
+            entry.1.push(format!(
+                "  gt={gt:?} candidate={shown} want={want} got={got}"
+            ));
         }
     }
     let total: usize = per_category.values().map(|(n, _)| n).sum();
@@ -43,10 +43,18 @@ fn math_table_by_category() {
         .iter()
         .filter(|(_, (_, failures))| !failures.is_empty())
         .map(|(c, (n, failures))| {
-            format!("{c}: {} of {n} wrong\n{}", failures.len(), failures.join("\n"))
+            format!(
+                "{c}: {} of {n} wrong\n{}",
+                failures.len(),
+                failures.join("\n")
+            )
         })
         .collect();
     assert!(report.is_empty(), "{}", report.join("\n"));
-    assert!(per_category.len() >= 15, "categories: {:?}", per_category.keys());
+    assert!(
+        per_category.len() >= 15,
+        "categories: {:?}",
+        per_category.keys()
+    );
     assert!(total >= 300, "only {total} cases");
 }

@@ -44,6 +44,14 @@ pub fn is_unit(s: &str) -> bool {
 /// for the parser but none of the presentation.
 pub fn normalize(answer: &str) -> String {
     let mut s = super::extract::strip_math_delimiters(answer.trim()).to_string();
+    // A box inside the answer is presentation too.
+    if let Some(inner) = s
+        .strip_prefix("\\boxed{")
+        .and_then(|r| r.strip_suffix('}'))
+        .filter(|inner| super::extract::last_boxed(&s).as_deref() == Some(*inner))
+    {
+        s = inner.to_string();
+    }
     s.retain(|c| !c.is_control() || c == '\n');
     for (from, to) in [
         ("\u{2212}", "-"),
