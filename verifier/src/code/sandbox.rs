@@ -244,11 +244,24 @@ impl Sandbox {
             },
             None => None,
         };
-        let mut cmd = self.command(workdir.path());
+        let result = self.spawn_and_supervise(workdir.path(), stdin, cgroup.as_ref());
+        if let Some(c) = &cgroup {
+            c.kill_all_and_remove();
+        }
+        result
+    }
+
+    fn spawn_and_supervise(
+        &self,
+        workdir: &Path,
+        stdin: &[u8],
+        cgroup: Option<&RunCgroup>,
+    ) -> Result<RunOutput, VerifierError> {
+        let mut cmd = self.command(workdir);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let pre_exec = PreExec::new(&self.limits, cgroup.as_ref(), &self.backend)?;
+        let pre_exec = PreExec::new(&self.limits, cgroup, &self.backend)?;
         // SAFETY: the closure only calls async-signal-safe libc functions (setsid, prctl,
         // setrlimit, write, unshare) on data prepared before the fork.
         unsafe {
@@ -258,11 +271,7 @@ impl Sandbox {
         let child = cmd
             .spawn()
             .map_err(|e| VerifierError::Sandbox(format!("spawn failed: {e}")))?;
-        let result = supervise(child, stdin, &self.limits, started);
-        if let Some(c) = &cgroup {
-            c.kill_all_and_remove();
-        }
-        result
+        supervise(child, stdin, &self.limits, started)
     }
 
     fn command(&self, workdir: &Path) -> Command {
