@@ -21,6 +21,17 @@ enum Command {
     /// Model tools: per-token log-probs and sampling over JSONL files.
     #[command(subcommand)]
     Model(cmd::model::ModelCommand),
+    /// Supervised warm-up of the policy until held-out accuracy enters a band.
+    Sft(cmd::sft::SftArgs),
+    /// Write the embedded default world: problems, datasets and the trained tokenizer.
+    World(cmd::world::WorldArgs),
+    /// Serve the Verifier gRPC service (math and sandboxed code grading).
+    Verifier(cmd::verifier::VerifierArgs),
+    /// Grade a JSONL file of responses, locally or through a running verifier.
+    Grade(cmd::verifier::GradeArgs),
+    /// Benchmarks against transformers, side by side in one run.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
 }
 
 fn main() -> Result<()> {
@@ -37,5 +48,10 @@ fn main() -> Result<()> {
     }
     match cli.command {
         Command::Model(command) => cmd::model::run(command),
+        Command::Sft(args) => cmd::sft::run(args),
+        Command::World(args) => cmd::world::run(args),
+        Command::Verifier(args) => cmd::verifier::run(args),
+        Command::Grade(args) => cmd::verifier::run_grade(args),
+        Command::Bench(c) => cmd::bench::run(c),
     }
 }
