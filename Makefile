@@ -25,9 +25,20 @@ export PRIME_VENV := $(VENV)
 # The machine is small and shared: keep torch from oversubscribing it.
 export PRIME_THREADS ?= 2
 
-.PHONY: all venv build demo test test-rust lint fmt clean
+# Debian packages: bubblewrap (the code grader's sandbox) and DejaVu fonts (plot labels).
+DEB_PACKAGES := bubblewrap fonts-dejavu-core
+
+.PHONY: all deps venv build demo test lint fmt clean
 
 all: build
+
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq $$missing; \
+	fi
 
 venv: $(VENV_STAMP)
 
@@ -40,14 +51,14 @@ $(VENV_STAMP): $(PYTHON_REQS)
 	$(VENV)/bin/pip install --disable-pip-version-check --progress-bar off -r $(PYTHON_REQS)
 	@rm -f $(VENV)/.prime-* && touch $@
 
-build: venv
+build: deps venv
 	cargo build --release -j $(JOBS) -p prime-cli
 	@echo "built target/release/prime"
 
 demo: build
 	target/release/prime sft --config $(CONFIG) --run-dir $(RUN_DIR)
 
-test: venv
+test: deps venv
 	cargo build -j $(JOBS) --workspace --all-targets
 	cargo test -j $(JOBS) --workspace -- --test-threads 2
 

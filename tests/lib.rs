@@ -14,10 +14,12 @@ pub fn repo_root() -> PathBuf {
 /// The venv's python. `make test` creates the venv; running the tests without it is an error,
 /// not a skip: these tests exist to compare against transformers.
 pub fn python() -> PathBuf {
-    let venv = std::env::var_os("PRIME_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").expect("HOME is set");
-        Path::new(&home).join(".cache/prime-rs/venv")
-    });
+    let venv = std::env::var_os("PRIME_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is set");
+            Path::new(&home).join(".cache/prime-rs/venv")
+        });
     let python = venv.join("bin/python");
     assert!(
         python.exists(),
@@ -47,7 +49,11 @@ pub fn run_python(script: &str, args: &[&str]) -> Value {
         String::from_utf8_lossy(&output.stderr)
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("null");
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("null");
     serde_json::from_str(last).unwrap_or_else(|e| panic!("{script}: bad JSON {last:?}: {e}"))
 }
 
@@ -71,7 +77,13 @@ pub fn read_jsonl(path: &Path) -> Vec<Value> {
 }
 
 /// Deterministic pseudo-random token sequences (SplitMix64), lengths in `min_len..=max_len`.
-pub fn random_sequences(n: usize, min_len: usize, max_len: usize, vocab: i64, seed: u64) -> Vec<Vec<i64>> {
+pub fn random_sequences(
+    n: usize,
+    min_len: usize,
+    max_len: usize,
+    vocab: i64,
+    seed: u64,
+) -> Vec<Vec<i64>> {
     let mut state = seed;
     let mut next = move || {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -91,14 +103,27 @@ pub fn random_sequences(n: usize, min_len: usize, max_len: usize, vocab: i64, se
 /// Largest absolute difference between two equally long vectors.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Reads a JSON array of numbers.
 pub fn f32s(value: &Value) -> Vec<f32> {
-    value.as_array().expect("array").iter().map(|v| v.as_f64().expect("number") as f32).collect()
+    value
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|v| v.as_f64().expect("number") as f32)
+        .collect()
 }
 
 pub fn i64s(value: &Value) -> Vec<i64> {
-    value.as_array().expect("array").iter().map(|v| v.as_i64().expect("integer")).collect()
+    value
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|v| v.as_i64().expect("integer"))
+        .collect()
 }

@@ -14,7 +14,11 @@ fn prime() -> Command {
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().expect("prime runs");
-    assert!(out.status.success(), "prime failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "prime failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn paths(dir: &Path) -> (String, String, String) {
@@ -28,13 +32,26 @@ fn logprobs_and_generate_match_transformers() {
     let (model, input, output) = paths(tmp.path());
     qwen2_ref(&["make", "--out", &model, "--vocab", "300", "--tied"]);
     let sequences = random_sequences(3, 2, 25, 300, 42);
-    let rows: Vec<_> = sequences.iter().map(|s| json!({ "input_ids": s })).collect();
+    let rows: Vec<_> = sequences
+        .iter()
+        .map(|s| json!({ "input_ids": s }))
+        .collect();
     write_jsonl(Path::new(&input), &rows);
 
-    run(prime().args(["model", "logprobs", "--model", &model, "--input", &input, "--output", &output]));
+    run(prime().args([
+        "model", "logprobs", "--model", &model, "--input", &input, "--output", &output,
+    ]));
     let ours = read_jsonl(Path::new(&output));
     let reference_out = tmp.path().join("ref.jsonl");
-    qwen2_ref(&["logprobs", "--model", &model, "--input", &input, "--output", reference_out.to_str().unwrap()]);
+    qwen2_ref(&[
+        "logprobs",
+        "--model",
+        &model,
+        "--input",
+        &input,
+        "--output",
+        reference_out.to_str().unwrap(),
+    ]);
     let reference = read_jsonl(&reference_out);
     assert_eq!(ours.len(), sequences.len());
     for ((o, r), seq) in ours.iter().zip(&reference).zip(&sequences) {
@@ -43,9 +60,32 @@ fn logprobs_and_generate_match_transformers() {
         assert!(max_abs_diff(&o, &r) < 1e-4);
     }
 
-    run(prime().args(["model", "generate", "--model", &model, "--input", &input, "--output", &output, "--max-new-tokens", "9", "--temperature", "0"]));
+    run(prime().args([
+        "model",
+        "generate",
+        "--model",
+        &model,
+        "--input",
+        &input,
+        "--output",
+        &output,
+        "--max-new-tokens",
+        "9",
+        "--temperature",
+        "0",
+    ]));
     let ours = read_jsonl(Path::new(&output));
-    qwen2_ref(&["greedy", "--model", &model, "--input", &input, "--output", reference_out.to_str().unwrap(), "--max-new-tokens", "9"]);
+    qwen2_ref(&[
+        "greedy",
+        "--model",
+        &model,
+        "--input",
+        &input,
+        "--output",
+        reference_out.to_str().unwrap(),
+        "--max-new-tokens",
+        "9",
+    ]);
     for (o, r) in ours.iter().zip(read_jsonl(&reference_out)) {
         assert_eq!(i64s(&o["output_ids"]), i64s(&r["output_ids"]));
     }
@@ -56,13 +96,47 @@ fn text_prompts_use_the_chat_template_and_sampling_is_seeded() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, input, output) = paths(tmp.path());
     let tokenizer = tmp.path().join("tok");
-    let made = qwen2_ref(&["make-tokenizer", "--out", tokenizer.to_str().unwrap(), "--vocab-size", "400"]);
-    let eos = made["special_ids"]["<|im_end|>"].as_i64().unwrap().to_string();
+    let made = qwen2_ref(&[
+        "make-tokenizer",
+        "--out",
+        tokenizer.to_str().unwrap(),
+        "--vocab-size",
+        "400",
+    ]);
+    let eos = made["special_ids"]["<|im_end|>"]
+        .as_i64()
+        .unwrap()
+        .to_string();
     qwen2_ref(&["make", "--out", &model, "--vocab", "400", "--eos-id", &eos]);
     prime_model::checkpoint::copy_tokenizer_files(&tokenizer, Path::new(&model)).unwrap();
-    write_jsonl(Path::new(&input), &[json!({"prompt": "What is 2 + 3?"}), json!({"input_ids": [5, 6, 7]})]);
+    write_jsonl(
+        Path::new(&input),
+        &[
+            json!({"prompt": "What is 2 + 3?"}),
+            json!({"input_ids": [5, 6, 7]}),
+        ],
+    );
     let generate = |seed: &str, out: &str| {
-        run(prime().args(["model", "generate", "--model", &model, "--input", &input, "--output", out, "--max-new-tokens", "6", "--temperature", "1.0", "--top-p", "0.9", "--top-k", "50", "--seed", seed]));
+        run(prime().args([
+            "model",
+            "generate",
+            "--model",
+            &model,
+            "--input",
+            &input,
+            "--output",
+            out,
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "50",
+            "--seed",
+            seed,
+        ]));
         read_jsonl(Path::new(out))
     };
     let first = generate("3", &output);
@@ -76,10 +150,19 @@ fn text_prompts_use_the_chat_template_and_sampling_is_seeded() {
     }
     // The text prompt went through the chat template: the same prompt as input_ids behaves alike.
     let tok = prime_model::Tokenizer::from_dir(Path::new(&model)).unwrap();
-    let messages = [prime_model::ChatMessage { role: "user".into(), content: "What is 2 + 3?".into() }];
+    let messages = [prime_model::ChatMessage {
+        role: "user".into(),
+        content: "What is 2 + 3?".into(),
+    }];
     let ids = tok.encode_chat(&messages, true).unwrap();
-    write_jsonl(Path::new(&input), &[json!({"input_ids": ids}), json!({"input_ids": [5, 6, 7]})]);
-    assert_eq!(generate("3", tmp.path().join("ids.jsonl").to_str().unwrap()), first);
+    write_jsonl(
+        Path::new(&input),
+        &[json!({"input_ids": ids}), json!({"input_ids": [5, 6, 7]})],
+    );
+    assert_eq!(
+        generate("3", tmp.path().join("ids.jsonl").to_str().unwrap()),
+        first
+    );
 }
 
 #[test]
@@ -88,12 +171,22 @@ fn bad_input_is_reported_with_its_line() {
     let (model, input, output) = paths(tmp.path());
     qwen2_ref(&["make", "--out", &model, "--vocab", "300"]);
     std::fs::write(&input, "{\"input_ids\":[1,2]}\n{\"input_ids\":[1,\"x\"]}\n").unwrap();
-    let out = prime().args(["model", "logprobs", "--model", &model, "--input", &input, "--output", &output]).output().unwrap();
+    let out = prime()
+        .args([
+            "model", "logprobs", "--model", &model, "--input", &input, "--output", &output,
+        ])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("line 2"), "{stderr}");
     std::fs::write(&input, "{\"input_ids\":[1,999]}\n").unwrap();
-    let out = prime().args(["model", "logprobs", "--model", &model, "--input", &input, "--output", &output]).output().unwrap();
+    let out = prime()
+        .args([
+            "model", "logprobs", "--model", &model, "--input", &input, "--output", &output,
+        ])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("outside the vocabulary"));
 }

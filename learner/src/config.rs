@@ -117,7 +117,12 @@ impl Default for ModelSource {
 
 impl ModelSource {
     /// The Qwen2 config of a from-scratch model for a tokenizer of `vocab_size` ids.
-    pub fn qwen2_config(&self, vocab_size: i64, eos_token_id: i64, pad_token_id: i64) -> Qwen2Config {
+    pub fn qwen2_config(
+        &self,
+        vocab_size: i64,
+        eos_token_id: i64,
+        pad_token_id: i64,
+    ) -> Qwen2Config {
         let json = serde_json::json!({
             "architectures": ["Qwen2ForCausalLM"],
             "model_type": "qwen2",
@@ -243,12 +248,17 @@ impl SftConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         let [low, high] = self.accuracy_band;
         if !(0.0..=1.0).contains(&low) || !(low..=1.0).contains(&high) {
-            return Err(format!("sft.accuracy_band must satisfy 0 <= low <= high <= 1, got {:?}", self.accuracy_band));
+            return Err(format!(
+                "sft.accuracy_band must satisfy 0 <= low <= high <= 1, got {:?}",
+                self.accuracy_band
+            ));
         }
         if self.batch_size == 0 || self.eval_every == 0 || self.eval_problems == 0 {
-            return Err("sft.batch_size, sft.eval_every and sft.eval_problems must be positive".into());
+            return Err(
+                "sft.batch_size, sft.eval_every and sft.eval_problems must be positive".into(),
+            );
         }
-        if !(self.lr > 0.0) {
+        if self.lr.is_nan() || self.lr <= 0.0 {
             return Err(format!("sft.lr must be positive, got {}", self.lr));
         }
         Ok(())

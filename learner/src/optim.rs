@@ -101,7 +101,12 @@ impl AdamW {
     /// `max_norm <= 0`). Returns the norm before clipping, for logging.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
         let _guard = tch::no_grad_guard();
-        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).filter(Tensor::defined).collect();
+        let grads: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|(_, p)| p.grad())
+            .filter(Tensor::defined)
+            .collect();
         if grads.is_empty() {
             return 0.0;
         }
@@ -109,7 +114,10 @@ impl AdamW {
             .iter()
             .map(|g| g.to_kind(Kind::Float).pow_tensor_scalar(2).sum(Kind::Float))
             .collect();
-        let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().double_value(&[]);
+        let norm = Tensor::stack(&squares, 0)
+            .sum(Kind::Float)
+            .sqrt()
+            .double_value(&[]);
         if max_norm > 0.0 && norm > max_norm {
             let scale = max_norm / (norm + 1e-6);
             for mut g in grads {
@@ -123,7 +131,12 @@ impl AdamW {
     pub fn step(&mut self, lr: f64) {
         let _guard = tch::no_grad_guard();
         self.step += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.config;
         let bias1 = 1.0 - beta1.powi(self.step as i32);
         let bias2 = 1.0 - beta2.powi(self.step as i32);
         for ((_, p), moments) in self.params.iter_mut().zip(&mut self.moments) {
@@ -133,13 +146,19 @@ impl AdamW {
             }
             let grad = grad.to_kind(Kind::Float);
             // m <- b1 m + (1 - b1) g ; v <- b2 v + (1 - b2) g^2
-            let _ = moments.m.g_mul_scalar_(beta1).g_add_(&(&grad * (1.0 - beta1)));
-            let _ = moments.v.g_mul_scalar_(beta2).g_add_(&(grad.square() * (1.0 - beta2)));
+            let _ = moments
+                .m
+                .g_mul_scalar_(beta1)
+                .g_add_(&(&grad * (1.0 - beta1)));
+            let _ = moments
+                .v
+                .g_mul_scalar_(beta2)
+                .g_add_(&(grad.square() * (1.0 - beta2)));
             // p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)
             let denom = (&moments.v / bias2).sqrt() + eps;
             let update = (&moments.m / bias1) / denom * lr;
             let decayed = p.to_kind(Kind::Float) * (1.0 - lr * weight_decay) - update;
-            let _ = p.copy_(&decayed);
+            p.copy_(&decayed);
         }
     }
 
@@ -156,14 +175,24 @@ impl AdamW {
 
     /// Restores a state written by [`AdamW::state`]; every parameter's moments must be present
     /// with the right shape.
-    pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>, step: i64) -> Result<(), String> {
+    pub fn load_state(
+        &mut self,
+        state: &BTreeMap<String, Tensor>,
+        step: i64,
+    ) -> Result<(), String> {
         let _guard = tch::no_grad_guard();
         for ((name, p), moments) in self.params.iter().zip(&mut self.moments) {
             for (suffix, dst) in [("exp_avg", &mut moments.m), ("exp_avg_sq", &mut moments.v)] {
                 let key = format!("{name}.{suffix}");
-                let src = state.get(&key).ok_or_else(|| format!("optimizer state lacks {key}"))?;
+                let src = state
+                    .get(&key)
+                    .ok_or_else(|| format!("optimizer state lacks {key}"))?;
                 if src.size() != p.size() {
-                    return Err(format!("{key}: shape {:?}, parameter has {:?}", src.size(), p.size()));
+                    return Err(format!(
+                        "{key}: shape {:?}, parameter has {:?}",
+                        src.size(),
+                        p.size()
+                    ));
                 }
                 dst.copy_(src);
             }

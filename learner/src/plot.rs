@@ -17,7 +17,9 @@ const FONT_PATHS: &[&str] = &[
 fn ensure_font() -> Result<(), LearnerError> {
     static FONT: OnceLock<Result<(), String>> = OnceLock::new();
     FONT.get_or_init(|| {
-        let candidates = std::env::var("PRIME_FONT").into_iter().chain(FONT_PATHS.iter().map(|p| p.to_string()));
+        let candidates = std::env::var("PRIME_FONT")
+            .into_iter()
+            .chain(FONT_PATHS.iter().map(|p| p.to_string()));
         for path in candidates {
             if let Ok(bytes) = std::fs::read(&path) {
                 let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
@@ -25,7 +27,9 @@ fn ensure_font() -> Result<(), LearnerError> {
                     .map_err(|_| format!("{path}: not a usable TrueType font"));
             }
         }
-        Err(format!("no font found (tried $PRIME_FONT and {FONT_PATHS:?}); install fonts-dejavu-core"))
+        Err(format!(
+            "no font found (tried $PRIME_FONT and {FONT_PATHS:?}); install fonts-dejavu-core"
+        ))
     })
     .clone()
     .map_err(LearnerError::Plot)
@@ -38,7 +42,13 @@ pub struct Series<'a> {
 }
 
 /// Draws `series` as lines into a 900x540 PNG at `path`.
-pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series<'_>]) -> Result<(), LearnerError> {
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series<'_>],
+) -> Result<(), LearnerError> {
     ensure_font()?;
     let err = |e: &dyn std::fmt::Display| LearnerError::Plot(format!("{}: {e}", path.display()));
     let all = series.iter().flat_map(|s| s.points.iter());
@@ -50,7 +60,10 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
         y1 = y1.max(y);
     }
     if x0 > x1 {
-        return Err(LearnerError::Plot(format!("{}: nothing to plot", path.display())));
+        return Err(LearnerError::Plot(format!(
+            "{}: nothing to plot",
+            path.display()
+        )));
     }
     let pad = ((y1 - y0) * 0.05).max(1e-3);
     let (y0, y1) = (y0 - pad, y1 + pad);
@@ -73,7 +86,10 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
     for (i, s) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
-            .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                s.points.iter().copied(),
+                color.stroke_width(2),
+            ))
             .map_err(|e| err(&e))?
             .label(s.name)
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));

@@ -5,7 +5,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use prime_model::{generate, token_logprobs, CausalLm, ChatMessage, PaddedBatch, SamplingParams, Tokenizer};
+use prime_model::{
+    generate, token_logprobs, CausalLm, ChatMessage, PaddedBatch, SamplingParams, Tokenizer,
+};
 use prime_world::DataRow;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -36,12 +38,19 @@ pub struct EvalProblem {
 fn to_chat(row: &DataRow) -> Vec<ChatMessage> {
     row.prompt
         .iter()
-        .map(|m| ChatMessage { role: m.role.clone(), content: m.content.clone() })
+        .map(|m| ChatMessage {
+            role: m.role.clone(),
+            content: m.content.clone(),
+        })
         .collect()
 }
 
 /// Tokenizes the supervised rows; each must carry a `response`.
-pub fn sft_examples(rows: &[DataRow], tokenizer: &Tokenizer, eos_id: i64) -> Result<Vec<SftExample>> {
+pub fn sft_examples(
+    rows: &[DataRow],
+    tokenizer: &Tokenizer,
+    eos_id: i64,
+) -> Result<Vec<SftExample>> {
     rows.iter()
         .enumerate()
         .map(|(i, row)| {
@@ -51,7 +60,10 @@ pub fn sft_examples(rows: &[DataRow], tokenizer: &Tokenizer, eos_id: i64) -> Res
                 .ok_or_else(|| LearnerError::Data(format!("supervised row {i} has no response")))?;
             let mut response_ids = tokenizer.encode(response)?;
             response_ids.push(eos_id);
-            Ok(SftExample { prompt_ids: tokenizer.encode_chat(&to_chat(row), true)?, response_ids })
+            Ok(SftExample {
+                prompt_ids: tokenizer.encode_chat(&to_chat(row), true)?,
+                response_ids,
+            })
         })
         .collect()
 }
@@ -71,7 +83,10 @@ pub fn eval_problems(rows: &[DataRow], tokenizer: &Tokenizer) -> Result<Vec<Eval
 /// Mean negative log-likelihood of the response tokens of `batch` (the prompt is context
 /// only). Returns the loss tensor, with gradients when grad mode is on.
 pub fn response_nll(lm: &CausalLm, batch: &[&SftExample]) -> Result<Tensor> {
-    let sequences: Vec<Vec<i64>> = batch.iter().map(|e| [e.prompt_ids.as_slice(), &e.response_ids].concat()).collect();
+    let sequences: Vec<Vec<i64>> = batch
+        .iter()
+        .map(|e| [e.prompt_ids.as_slice(), &e.response_ids].concat())
+        .collect();
     let padded = PaddedBatch::new(&sequences, lm.config.vocab_size, 0, lm.model.device())?;
     let width = padded.input_ids.size()[1] as usize;
     // Entry t-1 of the log-probs predicts token t; train on t in the response.
@@ -81,7 +96,9 @@ pub fn response_nll(lm: &CausalLm, batch: &[&SftExample]) -> Result<Tensor> {
         let end = start + example.response_ids.len();
         mask[row * (width - 1) + start - 1..row * (width - 1) + end - 1].fill(1.0);
     }
-    let mask = Tensor::from_slice(&mask).view([batch.len() as i64, width as i64 - 1]).to_device(lm.model.device());
+    let mask = Tensor::from_slice(&mask)
+        .view([batch.len() as i64, width as i64 - 1])
+        .to_device(lm.model.device());
     let logprobs = token_logprobs(&lm.model, &padded, 512);
     Ok(-(logprobs * &mask).sum(Kind::Float) / mask.sum(Kind::Float))
 }
@@ -107,7 +124,10 @@ pub fn heldout_accuracy(
     };
     let mut correct = 0usize;
     for (chunk_prompts, chunk_problems) in prompts.chunks(256).zip(problems.chunks(256)) {
-        for (generation, problem) in generate(&lm.model, chunk_prompts, &params)?.iter().zip(chunk_problems) {
+        for (generation, problem) in generate(&lm.model, chunk_prompts, &params)?
+            .iter()
+            .zip(chunk_problems)
+        {
             let text = tokenizer.decode(&generation.token_ids, true)?;
             if prime_verifier::math::grade_math(&text, &problem.ground_truth).correct {
                 correct += 1;
@@ -171,7 +191,8 @@ pub fn run_sft(
     }
     std::fs::create_dir_all(out_dir).map_err(LearnerError::io(out_dir))?;
     let metrics_path = out_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path).map_err(LearnerError::io(&metrics_path))?;
+    let mut metrics =
+        std::fs::File::create(&metrics_path).map_err(LearnerError::io(&metrics_path))?;
     let heldout = &heldout[..config.eval_problems.min(heldout.len())];
     let params = trainable_parameters(lm);
     let mut optimizer = AdamW::new(params, config.adamw);
@@ -195,8 +216,17 @@ pub fn run_sft(
             epoch.shuffle(&mut rng);
             order.extend(epoch);
         }
-        let batch: Vec<&SftExample> = order.drain(..config.batch_size).map(|i| &examples[i]).collect();
-        let lr = lr_at(step, config.lr, config.warmup_steps, config.decay_steps, config.min_lr_ratio);
+        let batch: Vec<&SftExample> = order
+            .drain(..config.batch_size)
+            .map(|i| &examples[i])
+            .collect();
+        let lr = lr_at(
+            step,
+            config.lr,
+            config.warmup_steps,
+            config.decay_steps,
+            config.min_lr_ratio,
+        );
         optimizer.zero_grad();
         let loss = response_nll(lm, &batch)?;
         loss.backward();
@@ -205,21 +235,44 @@ pub fn run_sft(
         step += 1;
         let loss = loss.double_value(&[]);
         losses.push((step as f64, loss));
-        let mut record = SftRecord { step, loss, lr, grad_norm, seconds: started.elapsed().as_secs_f64(), heldout_accuracy: None };
+        let mut record = SftRecord {
+            step,
+            loss,
+            lr,
+            grad_norm,
+            seconds: started.elapsed().as_secs_f64(),
+            heldout_accuracy: None,
+        };
         if step % config.eval_every == 0 || step == config.max_steps {
             let accuracy = {
                 let _guard = tch::no_grad_guard();
-                heldout_accuracy(lm, tokenizer, heldout, config.eval_temperature, config.max_new_tokens, config.seed.wrapping_add(step))?
+                heldout_accuracy(
+                    lm,
+                    tokenizer,
+                    heldout,
+                    config.eval_temperature,
+                    config.max_new_tokens,
+                    config.seed.wrapping_add(step),
+                )?
             };
             accuracies.push((step as f64, accuracy));
             record.heldout_accuracy = Some(accuracy);
             last_accuracy = accuracy;
             tracing::info!(step, loss, accuracy, "held-out evaluation");
             if accuracy >= low {
-                stop = if accuracy <= high { SftStop::InBand } else { SftStop::Overshot };
+                stop = if accuracy <= high {
+                    SftStop::InBand
+                } else {
+                    SftStop::Overshot
+                };
             }
         }
-        writeln!(metrics, "{}", serde_json::to_string(&record).expect("record serialises")).map_err(LearnerError::io(&metrics_path))?;
+        writeln!(
+            metrics,
+            "{}",
+            serde_json::to_string(&record).expect("record serialises")
+        )
+        .map_err(LearnerError::io(&metrics_path))?;
         bar.set_position(step);
         bar.set_message(format!("loss {loss:.3} acc {last_accuracy:.2}"));
         if stop != SftStop::MaxSteps {
@@ -231,7 +284,11 @@ pub fn run_sft(
         tracing::warn!(accuracy = last_accuracy, ?config.accuracy_band, "accuracy jumped past the band between evaluations; evaluate more often to land inside it");
     }
     if stop == SftStop::MaxSteps {
-        tracing::warn!(accuracy = last_accuracy, max_steps = config.max_steps, "accuracy never entered the band");
+        tracing::warn!(
+            accuracy = last_accuracy,
+            max_steps = config.max_steps,
+            "accuracy never entered the band"
+        );
     }
     let checkpoint = out_dir.join("checkpoint");
     lm.save(&checkpoint, None, prime_model::DEFAULT_MAX_SHARD_BYTES)?;
@@ -247,13 +304,26 @@ pub fn run_sft(
         seconds: started.elapsed().as_secs_f64(),
     };
     let result_path = out_dir.join("result.json");
-    std::fs::write(&result_path, serde_json::to_string_pretty(&result).expect("result serialises") + "\n").map_err(LearnerError::io(&result_path))?;
+    std::fs::write(
+        &result_path,
+        serde_json::to_string_pretty(&result).expect("result serialises") + "\n",
+    )
+    .map_err(LearnerError::io(&result_path))?;
     Ok(result)
 }
 
 /// Writes `loss.png` and `accuracy.png`; a plotting failure is logged, not fatal.
 fn plot_curves(out_dir: &Path, losses: &[(f64, f64)], accuracies: &[(f64, f64)], band: [f64; 2]) {
-    let loss_chart = line_chart(&out_dir.join("loss.png"), "Supervised warm-up: training loss", "step", "response NLL", &[Series { name: "loss", points: losses }]);
+    let loss_chart = line_chart(
+        &out_dir.join("loss.png"),
+        "Supervised warm-up: training loss",
+        "step",
+        "response NLL",
+        &[Series {
+            name: "loss",
+            points: losses,
+        }],
+    );
     let last = accuracies.last().map_or(0.0, |p| p.0);
     let band_low = [(0.0, band[0]), (last, band[0])];
     let band_high = [(0.0, band[1]), (last, band[1])];
@@ -263,9 +333,18 @@ fn plot_curves(out_dir: &Path, losses: &[(f64, f64)], accuracies: &[(f64, f64)],
         "step",
         "accuracy",
         &[
-            Series { name: "held-out accuracy", points: accuracies },
-            Series { name: "band low", points: &band_low },
-            Series { name: "band high", points: &band_high },
+            Series {
+                name: "held-out accuracy",
+                points: accuracies,
+            },
+            Series {
+                name: "band low",
+                points: &band_low,
+            },
+            Series {
+                name: "band high",
+                points: &band_high,
+            },
         ],
     );
     for result in [loss_chart, accuracy_chart] {
@@ -277,7 +356,12 @@ fn plot_curves(out_dir: &Path, losses: &[(f64, f64)], accuracies: &[(f64, f64)],
 
 /// The trainable variables of a model by name, sorted so optimizer state lines up on resume.
 pub fn trainable_parameters(lm: &CausalLm) -> Vec<(String, Tensor)> {
-    let mut params: Vec<(String, Tensor)> = lm.vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    let mut params: Vec<(String, Tensor)> = lm
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
     params.sort_by(|a, b| a.0.cmp(&b.0));
     params
 }

@@ -116,8 +116,8 @@ impl CausalLm {
         std::fs::create_dir_all(dir).map_err(ModelError::io(dir))?;
         let named = self.named_tensors(kind);
         let kind = named.first().map_or(Kind::Float, |(_, t)| t.kind());
-        let mut config = serde_json::to_value(&self.config)
-            .map_err(|e| ModelError::Config(e.to_string()))?;
+        let mut config =
+            serde_json::to_value(&self.config).map_err(|e| ModelError::Config(e.to_string()))?;
         config["dtype"] = serde_json::Value::from(hf_dtype_name(kind));
         if config.get("torch_dtype").is_some() {
             config["torch_dtype"] = config["dtype"].clone();
@@ -234,7 +234,8 @@ fn load_weights(vs: &nn::VarStore, dir: &Path, tied: bool) -> Result<()> {
                 }
                 continue;
             };
-            copy_into(var, &view).map_err(|m| ModelError::checkpoint(&file, format!("{name}: {m}")))?;
+            copy_into(var, &view)
+                .map_err(|m| ModelError::checkpoint(&file, format!("{name}: {m}")))?;
             found.insert(name);
         }
     }
@@ -252,7 +253,10 @@ fn load_weights(vs: &nn::VarStore, dir: &Path, tied: bool) -> Result<()> {
 fn copy_into(var: &mut Tensor, view: &TensorView<'_>) -> std::result::Result<(), String> {
     let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
     if shape != var.size() {
-        return Err(format!("shape {shape:?} in the file, the model expects {:?}", var.size()));
+        return Err(format!(
+            "shape {shape:?} in the file, the model expects {:?}",
+            var.size()
+        ));
     }
     let kind = kind_of(view.dtype())
         .ok_or_else(|| format!("dtype {:?} is not supported (F32, BF16, F16)", view.dtype()))?;
@@ -308,7 +312,10 @@ fn save_weights(dir: &Path, named: &[(String, Tensor)], max_shard_bytes: usize) 
         }
         shard_bytes += size;
         total_size += size;
-        shards.last_mut().expect("one shard").push((name.clone(), bytes));
+        shards
+            .last_mut()
+            .expect("one shard")
+            .push((name.clone(), bytes));
     }
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     let write = |path: &Path, shard: &[(String, TensorBytes)]| -> Result<()> {

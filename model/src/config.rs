@@ -127,10 +127,16 @@ impl Qwen2Config {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return Err(format!("head_dim must be even for RoPE, got {}", self.head_dim()));
+            return Err(format!(
+                "head_dim must be even for RoPE, got {}",
+                self.head_dim()
+            ));
         }
         if self.hidden_act != "silu" {
-            return Err(format!("hidden_act {:?} is not supported (silu only)", self.hidden_act));
+            return Err(format!(
+                "hidden_act {:?} is not supported (silu only)",
+                self.hidden_act
+            ));
         }
         Ok(())
     }
@@ -156,7 +162,11 @@ impl Qwen2Config {
     /// Number of parameters of the architecture (tied embeddings counted once).
     pub fn num_parameters(&self) -> i64 {
         let (d, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let (h, kv, hd) = (self.num_attention_heads, self.num_kv_heads(), self.head_dim());
+        let (h, kv, hd) = (
+            self.num_attention_heads,
+            self.num_kv_heads(),
+            self.head_dim(),
+        );
         let attention = d * h * hd + h * hd + 2 * (d * kv * hd + kv * hd) + h * hd * d;
         let layer = attention + 3 * d * f + 2 * d;
         let head = if self.tie_word_embeddings { 0 } else { v * d };

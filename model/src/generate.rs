@@ -42,13 +42,22 @@ impl Default for SamplingParams {
 impl SamplingParams {
     fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(ModelError::Input(format!("temperature must be >= 0, got {}", self.temperature)));
+            return Err(ModelError::Input(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(ModelError::Input(format!("top_p must be in (0, 1], got {}", self.top_p)));
+            return Err(ModelError::Input(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         if self.top_k < 0 {
-            return Err(ModelError::Input(format!("top_k must be >= 0, got {}", self.top_k)));
+            return Err(ModelError::Input(format!(
+                "top_k must be >= 0, got {}",
+                self.top_k
+            )));
         }
         Ok(())
     }
@@ -76,7 +85,11 @@ pub struct Generation {
 }
 
 /// Samples one response per prompt.
-pub fn generate(model: &Qwen2, prompts: &[Vec<i64>], params: &SamplingParams) -> Result<Vec<Generation>> {
+pub fn generate(
+    model: &Qwen2,
+    prompts: &[Vec<i64>],
+    params: &SamplingParams,
+) -> Result<Vec<Generation>> {
     params.validate()?;
     let vocab = model.config().vocab_size;
     if prompts.is_empty() {
@@ -106,7 +119,12 @@ pub fn generate(model: &Qwen2, prompts: &[Vec<i64>], params: &SamplingParams) ->
     let (input_ids, key_mask) = left_pad(prompts, prompt_width, capacity, device);
     let mut positions = position_ids(&key_mask.narrow(1, 0, prompt_width));
     let mut cache = model.new_cache(batch, capacity);
-    let mut hidden = model.forward(&input_ids, &positions, &key_mask.narrow(1, 0, prompt_width), Some(&mut cache));
+    let mut hidden = model.forward(
+        &input_ids,
+        &positions,
+        &key_mask.narrow(1, 0, prompt_width),
+        Some(&mut cache),
+    );
     let mut out: Vec<Generation> = prompts
         .iter()
         .map(|_| Generation {
@@ -137,7 +155,12 @@ pub fn generate(model: &Qwen2, prompts: &[Vec<i64>], params: &SamplingParams) ->
         }
         positions = positions.select(1, -1).unsqueeze(1) + 1;
         let width = prompt_width + step + 1;
-        hidden = model.forward(&tokens.unsqueeze(1), &positions, &key_mask.narrow(1, 0, width), Some(&mut cache));
+        hidden = model.forward(
+            &tokens.unsqueeze(1),
+            &positions,
+            &key_mask.narrow(1, 0, width),
+            Some(&mut cache),
+        );
     }
     Ok(out)
 }
@@ -157,7 +180,9 @@ fn left_pad(prompts: &[Vec<i64>], width: i64, capacity: i64, device: Device) -> 
     let b = prompts.len() as i64;
     (
         Tensor::from_slice(&ids).view([b, width]).to_device(device),
-        Tensor::from_slice(&mask).view([b, capacity]).to_device(device),
+        Tensor::from_slice(&mask)
+            .view([b, capacity])
+            .to_device(device),
     )
 }
 

@@ -17,7 +17,12 @@ pub struct PaddedBatch {
 
 impl PaddedBatch {
     /// Right-pads `sequences` to the longest one. Every id must be in `0..vocab_size`.
-    pub fn new(sequences: &[Vec<i64>], vocab_size: i64, pad_id: i64, device: Device) -> Result<Self> {
+    pub fn new(
+        sequences: &[Vec<i64>],
+        vocab_size: i64,
+        pad_id: i64,
+        device: Device,
+    ) -> Result<Self> {
         if sequences.is_empty() {
             return Err(ModelError::Input("empty batch".into()));
         }
@@ -74,7 +79,10 @@ pub fn token_logprobs(model: &Qwen2, batch: &PaddedBatch, chunk_tokens: i64) -> 
             let len = chunk.min(t - 1 - start);
             let logits = model.logits(&hidden.narrow(1, start, len));
             let target = targets.narrow(1, start, len).unsqueeze(-1);
-            logits.log_softmax(-1, Kind::Float).gather(-1, &target, false).squeeze_dim(-1)
+            logits
+                .log_softmax(-1, Kind::Float)
+                .gather(-1, &target, false)
+                .squeeze_dim(-1)
         })
         .collect();
     Tensor::cat(&pieces, 1)

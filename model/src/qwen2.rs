@@ -140,7 +140,12 @@ pub struct Attention {
 
 impl Attention {
     fn new(path: nn::Path, c: &Qwen2Config, init: Init) -> Self {
-        let (d, h, kv, hd) = (c.hidden_size, c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+        let (d, h, kv, hd) = (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_kv_heads(),
+            c.head_dim(),
+        );
         Self {
             q_proj: Linear::new(&path / "q_proj", d, h * hd, true, init),
             k_proj: Linear::new(&path / "k_proj", d, kv * hd, true, init),
@@ -187,8 +192,10 @@ impl Attention {
             None::<f64>,
             self.num_heads != self.num_kv_heads,
         );
-        self.o_proj
-            .forward(&y.transpose(1, 2).reshape([b, t, self.num_heads * self.head_dim]))
+        self.o_proj.forward(
+            &y.transpose(1, 2)
+                .reshape([b, t, self.num_heads * self.head_dim]),
+        )
     }
 }
 
@@ -409,5 +416,9 @@ fn attention_mask(key_mask: &Tensor, offset: i64, t: i64) -> Tensor {
     let causal = key_slots.le_tensor(&query_slots);
     let own = key_slots.eq_tensor(&query_slots);
     let real = key_mask.to_kind(Kind::Bool).view([-1, 1, 1, s]);
-    causal.unsqueeze(0).unsqueeze(0).logical_and(&real).logical_or(&own)
+    causal
+        .unsqueeze(0)
+        .unsqueeze(0)
+        .logical_and(&real)
+        .logical_or(&own)
 }

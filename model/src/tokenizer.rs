@@ -79,7 +79,11 @@ impl Tokenizer {
         let chat_template = if jinja_path.exists() {
             Some(std::fs::read_to_string(&jinja_path).map_err(ModelError::io(&jinja_path))?)
         } else {
-            config.chat_template.as_ref().map(default_template).transpose()?
+            config
+                .chat_template
+                .as_ref()
+                .map(default_template)
+                .transpose()?
         };
         let text = |t: &Option<SpecialToken>| t.as_ref().map(|t| t.text().to_string());
         Ok(Self {
@@ -113,7 +117,9 @@ impl Tokenizer {
                 u32::try_from(id)
                     .ok()
                     .filter(|&id| (id as usize) < self.vocab_size())
-                    .ok_or_else(|| ModelError::Input(format!("token id {id} is out of the vocabulary")))
+                    .ok_or_else(|| {
+                        ModelError::Input(format!("token id {id} is out of the vocabulary"))
+                    })
             })
             .collect::<Result<Vec<u32>>>()?;
         self.inner
@@ -160,7 +166,11 @@ impl Tokenizer {
     }
 
     /// Token ids of the rendered chat template, ready to prompt the model.
-    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<i64>> {
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<i64>> {
         self.encode(&self.apply_chat_template(messages, add_generation_prompt)?)
     }
 }
@@ -175,7 +185,9 @@ fn default_template(value: &serde_json::Value) -> Result<String> {
             .and_then(|t| t["template"].as_str())
             .map(str::to_string)
             .ok_or_else(|| ModelError::ChatTemplate("no template named \"default\"".into())),
-        _ => Err(ModelError::ChatTemplate("chat_template must be a string or a list".into())),
+        _ => Err(ModelError::ChatTemplate(
+            "chat_template must be a string or a list".into(),
+        )),
     }
 }
 
@@ -186,9 +198,12 @@ fn template_environment() -> Environment<'static> {
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |message: String| -> std::result::Result<Value, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
-    });
+    env.add_function(
+        "raise_exception",
+        |message: String| -> std::result::Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+        },
+    );
     env.add_filter("tojson", python_json);
     env
 }

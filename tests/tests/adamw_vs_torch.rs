@@ -12,11 +12,20 @@ const STEPS: usize = 5;
 #[test]
 fn adamw_matches_torch_and_resumes_exactly() {
     init_threads();
-    let config = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let config = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
     let lr = [1e-2, 5e-3, 2e-3, 1e-3, 5e-4];
     let init: Vec<f32> = (0..12).map(|i| ((i as f32) * 0.37).sin()).collect();
     // Gradient of step s: g = cos(0.5 i + s) * (s + 1), the same formula on both sides.
-    let grad = |s: usize| -> Vec<f32> { (0..12).map(|i| ((0.5 * i as f32) + s as f32).cos() * (s as f32 + 1.0)).collect() };
+    let grad = |s: usize| -> Vec<f32> {
+        (0..12)
+            .map(|i| ((0.5 * i as f32) + s as f32).cos() * (s as f32 + 1.0))
+            .collect()
+    };
     let script = format!(
         "import json,torch,math\n\
          torch.set_num_threads(1)\n\
@@ -28,8 +37,16 @@ fn adamw_matches_torch_and_resumes_exactly() {
          \x20   opt.step()\n\
          print(json.dumps(p.detach().flatten().tolist()))\n"
     );
-    let out = std::process::Command::new(python()).arg("-c").arg(&script).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(python())
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let reference: Value = serde_json::from_slice(&out.stdout).unwrap();
     let reference = f32s(&reference);
 
@@ -42,18 +59,26 @@ fn adamw_matches_torch_and_resumes_exactly() {
             optimizer.step(lr[s]);
         }
     };
-    let param = Tensor::from_slice(&init).view([3, 4]).set_requires_grad(true);
+    let param = Tensor::from_slice(&init)
+        .view([3, 4])
+        .set_requires_grad(true);
     let mut optimizer = AdamW::new(vec![("w".into(), param.shallow_clone())], config);
     run(0..STEPS, &param, &mut optimizer);
     let ours = Vec::<f32>::try_from(param.flatten(0, -1)).unwrap();
-    assert!(max_abs_diff(&ours, &reference) < 1e-6, "{ours:?} vs {reference:?}");
+    assert!(
+        max_abs_diff(&ours, &reference) < 1e-6,
+        "{ours:?} vs {reference:?}"
+    );
 
     // Stopping after two steps and resuming from the saved state gives the same parameters.
-    let param2 = Tensor::from_slice(&init).view([3, 4]).set_requires_grad(true);
+    let param2 = Tensor::from_slice(&init)
+        .view([3, 4])
+        .set_requires_grad(true);
     let mut first = AdamW::new(vec![("w".into(), param2.shallow_clone())], config);
     run(0..2, &param2, &mut first);
     let (state, step) = first.state();
-    let saved: BTreeMap<String, Tensor> = state.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+    let saved: BTreeMap<String, Tensor> =
+        state.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
     let resumed_param = param2.detach().copy().set_requires_grad(true);
     let mut resumed = AdamW::new(vec![("w".into(), resumed_param.shallow_clone())], config);
     resumed.load_state(&saved, step).unwrap();

@@ -37,7 +37,15 @@ fn conversations() -> Vec<(Vec<Value>, bool)> {
         (vec![user.clone()], true),
         (vec![user.clone()], false),
         (vec![system.clone(), user.clone()], true),
-        (vec![system, user.clone(), assistant, json!({"role": "user", "content": "And twice that? \"quoted\" <tag> & é"})], true),
+        (
+            vec![
+                system,
+                user.clone(),
+                assistant,
+                json!({"role": "user", "content": "And twice that? \"quoted\" <tag> & é"}),
+            ],
+            true,
+        ),
     ]
 }
 
@@ -46,14 +54,35 @@ fn check_tokenizer_dir(dir: &Path) {
     let tmp = tempfile::tempdir().unwrap();
     let (input, output) = (tmp.path().join("in.jsonl"), tmp.path().join("out.jsonl"));
     let cases = conversations();
-    let rows: Vec<Value> = cases.iter().map(|(m, g)| json!({"messages": m, "add_generation_prompt": g})).collect();
+    let rows: Vec<Value> = cases
+        .iter()
+        .map(|(m, g)| json!({"messages": m, "add_generation_prompt": g}))
+        .collect();
     write_jsonl(&input, &rows);
-    qwen2_ref(&["chat", "--tokenizer", dir.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    qwen2_ref(&[
+        "chat",
+        "--tokenizer",
+        dir.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
     for ((messages, generation_prompt), reference) in cases.iter().zip(read_jsonl(&output)) {
         let messages: Vec<ChatMessage> = serde_json::from_value(json!(messages)).unwrap();
-        let text = tokenizer.apply_chat_template(&messages, *generation_prompt).unwrap();
-        assert_eq!(text, reference["text"].as_str().unwrap(), "rendering differs for {messages:?}");
-        assert_eq!(tokenizer.encode(&text).unwrap(), i64s(&reference["ids"]), "ids differ");
+        let text = tokenizer
+            .apply_chat_template(&messages, *generation_prompt)
+            .unwrap();
+        assert_eq!(
+            text,
+            reference["text"].as_str().unwrap(),
+            "rendering differs for {messages:?}"
+        );
+        assert_eq!(
+            tokenizer.encode(&text).unwrap(),
+            i64s(&reference["ids"]),
+            "ids differ"
+        );
     }
 }
 
@@ -67,7 +96,8 @@ fn chat_templates_match_transformers() {
     check_tokenizer_dir(&dir);
     std::fs::remove_file(dir.join("chat_template.jinja")).unwrap();
     let config_path = dir.join("tokenizer_config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
     config["chat_template"] = json!(TRICKY_TEMPLATE);
     std::fs::write(&config_path, config.to_string()).unwrap();
     check_tokenizer_dir(&dir);

@@ -31,9 +31,20 @@ fn check_against_reference(extra: &[&str]) {
     let sequences = random_sequences(4, 2, 40, VOCAB, 7);
     let input = tmp.path().join("in.jsonl");
     let output = tmp.path().join("out.jsonl");
-    let rows: Vec<_> = sequences.iter().map(|s| json!({ "input_ids": s })).collect();
+    let rows: Vec<_> = sequences
+        .iter()
+        .map(|s| json!({ "input_ids": s }))
+        .collect();
     write_jsonl(&input, &rows);
-    qwen2_ref(&["logprobs", "--model", dir.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    qwen2_ref(&[
+        "logprobs",
+        "--model",
+        dir.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
     let reference = read_jsonl(&output);
     let ours = sequence_logprobs(&lm.model, &sequences, 4096).unwrap();
     for (row, (r, o)) in reference.iter().zip(&ours).enumerate() {
@@ -42,7 +53,17 @@ fn check_against_reference(extra: &[&str]) {
     }
 
     let prompts = &sequences[..3];
-    qwen2_ref(&["greedy", "--model", dir.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(), "--max-new-tokens", "12"]);
+    qwen2_ref(&[
+        "greedy",
+        "--model",
+        dir.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--max-new-tokens",
+        "12",
+    ]);
     let reference = read_jsonl(&output);
     let params = SamplingParams {
         max_new_tokens: 12,
@@ -52,7 +73,11 @@ fn check_against_reference(extra: &[&str]) {
     };
     let ours = generate(&lm.model, prompts, &params).unwrap();
     for (row, (r, o)) in reference.iter().zip(&ours).enumerate() {
-        assert_eq!(i64s(&r["output_ids"]), o.token_ids, "{extra:?} greedy row {row}");
+        assert_eq!(
+            i64s(&r["output_ids"]),
+            o.token_ids,
+            "{extra:?} greedy row {row}"
+        );
     }
 }
 
@@ -68,7 +93,17 @@ fn tied_mha_matches_transformers() {
 
 #[test]
 fn mqa_legacy_config_matches_transformers() {
-    check_against_reference(&["--heads", "4", "--kv-heads", "1", "--legacy-config", "--rope-theta", "50000", "--layers", "3"]);
+    check_against_reference(&[
+        "--heads",
+        "4",
+        "--kv-heads",
+        "1",
+        "--legacy-config",
+        "--rope-theta",
+        "50000",
+        "--layers",
+        "3",
+    ]);
 }
 
 #[test]
@@ -89,12 +124,24 @@ fn greedy_stops_after_eos_and_includes_it() {
     make_model(&dir, &[]);
     let lm = load(&dir);
     let prompt = random_sequences(1, 5, 5, VOCAB, 3);
-    let params = SamplingParams { max_new_tokens: 8, temperature: 0.0, ..SamplingParams::default() };
+    let params = SamplingParams {
+        max_new_tokens: 8,
+        temperature: 0.0,
+        ..SamplingParams::default()
+    };
     let free = generate(&lm.model, &prompt, &params).unwrap();
     // Make the third generated token a stop token: generation must end right after it.
     let stop = free[0].token_ids[2];
     let first_stop = free[0].token_ids.iter().position(|&t| t == stop).unwrap();
-    let stopped = generate(&lm.model, &prompt, &SamplingParams { stop_token_ids: vec![stop], ..params }).unwrap();
+    let stopped = generate(
+        &lm.model,
+        &prompt,
+        &SamplingParams {
+            stop_token_ids: vec![stop],
+            ..params
+        },
+    )
+    .unwrap();
     assert_eq!(stopped[0].token_ids, free[0].token_ids[..=first_stop]);
     assert_eq!(stopped[0].finish_reason, FinishReason::Stop);
     assert_eq!(free[0].finish_reason, FinishReason::Length);
@@ -104,12 +151,16 @@ fn greedy_stops_after_eos_and_includes_it() {
 fn saved_checkpoint_is_bit_exact_and_loads_in_transformers() {
     init_threads();
     let tmp = tempfile::tempdir().unwrap();
-    for (name, extra) in [("tied", vec!["--tied"]), ("untied", vec!["--untied", "--dtype", "bfloat16"])] {
+    for (name, extra) in [
+        ("tied", vec!["--tied"]),
+        ("untied", vec!["--untied", "--dtype", "bfloat16"]),
+    ] {
         let src = tmp.path().join(name);
         make_model(&src, &extra);
         let lm = load(&src);
         let saved = tmp.path().join(format!("{name}-saved"));
-        lm.save(&saved, None, prime_model::DEFAULT_MAX_SHARD_BYTES).unwrap();
+        lm.save(&saved, None, prime_model::DEFAULT_MAX_SHARD_BYTES)
+            .unwrap();
         let again = load(&saved);
         let a = lm.vs.variables();
         let b = again.vs.variables();
@@ -117,7 +168,13 @@ fn saved_checkpoint_is_bit_exact_and_loads_in_transformers() {
         for (key, tensor) in &a {
             assert!(tensor.equal(&b[key]), "{name}: {key} changed on save/load");
         }
-        let compare = qwen2_ref(&["compare", "--model", src.to_str().unwrap(), "--other", saved.to_str().unwrap()]);
+        let compare = qwen2_ref(&[
+            "compare",
+            "--model",
+            src.to_str().unwrap(),
+            "--other",
+            saved.to_str().unwrap(),
+        ]);
         assert_eq!(compare["equal"], json!(true), "{name}: {compare}");
 
         // A sharded save loads back to the same weights too.
@@ -126,7 +183,10 @@ fn saved_checkpoint_is_bit_exact_and_loads_in_transformers() {
         assert!(sharded.join("model.safetensors.index.json").exists());
         let reloaded = load(&sharded);
         for (key, tensor) in &a {
-            assert!(tensor.equal(&reloaded.vs.variables()[key]), "{name} sharded: {key}");
+            assert!(
+                tensor.equal(&reloaded.vs.variables()[key]),
+                "{name} sharded: {key}"
+            );
         }
     }
 }

@@ -120,11 +120,17 @@ fn input_ids(row: &Value, path: &Path, line: usize) -> Result<Option<Vec<i64>>> 
     ids.as_array()
         .and_then(|a| a.iter().map(Value::as_i64).collect::<Option<Vec<i64>>>())
         .map(Some)
-        .with_context(|| format!("{} line {line}: input_ids must be an array of integers", path.display()))
+        .with_context(|| {
+            format!(
+                "{} line {line}: input_ids must be an array of integers",
+                path.display()
+            )
+        })
 }
 
 fn write_lines(path: &Path, rows: impl IntoIterator<Item = Value>) -> Result<()> {
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut out = BufWriter::new(file);
     for row in rows {
         writeln!(out, "{row}")?;
@@ -140,7 +146,8 @@ fn logprobs(args: LogprobsArgs) -> Result<()> {
         .iter()
         .enumerate()
         .map(|(i, row)| {
-            input_ids(row, path, i + 1)?.with_context(|| format!("{} line {}: missing input_ids", path.display(), i + 1))
+            input_ids(row, path, i + 1)?
+                .with_context(|| format!("{} line {}: missing input_ids", path.display(), i + 1))
         })
         .collect::<Result<Vec<_>>>()?;
     let bar = progress_bar(sequences.len() as u64, "scoring");
@@ -150,7 +157,10 @@ fn logprobs(args: LogprobsArgs) -> Result<()> {
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
-    write_lines(&args.common.output, results.into_iter().map(|lp| json!({ "logprobs": lp })))?;
+    write_lines(
+        &args.common.output,
+        results.into_iter().map(|lp| json!({ "logprobs": lp })),
+    )?;
     tracing::info!(sequences = sequences.len(), output = %args.common.output.display(), "wrote log-probs");
     Ok(())
 }
@@ -166,12 +176,21 @@ fn generate_cmd(args: GenerateArgs) -> Result<()> {
             prompts.push(ids);
         } else if let Some(text) = row.get("prompt").and_then(Value::as_str) {
             let Some(tokenizer) = &tokenizer else {
-                bail!("{} line {line}: a text prompt needs tokenizer.json in the model directory", path.display());
+                bail!(
+                    "{} line {line}: a text prompt needs tokenizer.json in the model directory",
+                    path.display()
+                );
             };
-            let messages = [ChatMessage { role: "user".into(), content: text.into() }];
+            let messages = [ChatMessage {
+                role: "user".into(),
+                content: text.into(),
+            }];
             prompts.push(tokenizer.encode_chat(&messages, true)?);
         } else {
-            bail!("{} line {line}: expected \"input_ids\" or \"prompt\"", path.display());
+            bail!(
+                "{} line {line}: expected \"input_ids\" or \"prompt\"",
+                path.display()
+            );
         }
     }
     if let Some(seed) = args.seed {

@@ -26,20 +26,29 @@ pub struct SftArgs {
 
 pub fn run(args: SftArgs) -> Result<()> {
     let config = RunConfig::from_file(&args.config)?;
-    std::fs::create_dir_all(&args.run_dir).with_context(|| format!("creating {}", args.run_dir.display()))?;
+    std::fs::create_dir_all(&args.run_dir)
+        .with_context(|| format!("creating {}", args.run_dir.display()))?;
     std::fs::write(args.run_dir.join("config.toml"), config.to_toml())?;
     let world = build_world(&config.world, &args.run_dir.join("world"))?;
     tracing::info!(root = %world.root.display(), reused = world.reused, "world ready");
     let tokenizer = Tokenizer::from_dir(&world.tokenizer_dir)?;
-    let eos = tokenizer.eos_token().and_then(|t| tokenizer.token_id(t)).context("the world tokenizer has no eos token")?;
-    let pad = tokenizer.pad_token().and_then(|t| tokenizer.token_id(t)).unwrap_or(eos);
+    let eos = tokenizer
+        .eos_token()
+        .and_then(|t| tokenizer.token_id(t))
+        .context("the world tokenizer has no eos token")?;
+    let pad = tokenizer
+        .pad_token()
+        .and_then(|t| tokenizer.token_id(t))
+        .unwrap_or(eos);
 
     let device = parse_device(&args.device)?;
     tch::manual_seed(config.sft.seed as i64);
     let lm = match &config.model.path {
         Some(path) => CausalLm::load(path, device, tch::Kind::Float, default_kind(device))?,
         None => {
-            let qwen2 = config.model.qwen2_config(tokenizer.vocab_size() as i64, eos, pad);
+            let qwen2 = config
+                .model
+                .qwen2_config(tokenizer.vocab_size() as i64, eos, pad);
             let mut lm = CausalLm::random(&qwen2, device, tch::Kind::Float, default_kind(device))?;
             lm.generation_config.eos_token_id = Some(prime_model::config::TokenIds::One(eos));
             lm.generation_config.pad_token_id = Some(pad);
@@ -47,10 +56,22 @@ pub fn run(args: SftArgs) -> Result<()> {
         }
     };
     tracing::info!(parameters = lm.config.num_parameters(), "policy model");
-    let examples = sft_examples(&prime_world::read_rows(&world.sft.parquet)?, &tokenizer, eos)?;
+    let examples = sft_examples(
+        &prime_world::read_rows(&world.sft.parquet)?,
+        &tokenizer,
+        eos,
+    )?;
     let heldout = eval_problems(&prime_world::read_rows(&world.heldout.parquet)?, &tokenizer)?;
     let out_dir = args.run_dir.join("sft");
-    let result = run_sft(&lm, &tokenizer, &world.tokenizer_dir, &examples, &heldout, &config.sft, &out_dir)?;
+    let result = run_sft(
+        &lm,
+        &tokenizer,
+        &world.tokenizer_dir,
+        &examples,
+        &heldout,
+        &config.sft,
+        &out_dir,
+    )?;
     println!(
         "supervised warm-up: {} steps, held-out accuracy {:.1}% ({} problems, temperature {}), stop: {:?}\ncheckpoint: {}\ncurves: {} and {}",
         result.steps,
