@@ -190,3 +190,34 @@ fn saved_checkpoint_is_bit_exact_and_loads_in_transformers() {
         }
     }
 }
+
+#[test]
+fn bf16_and_f16_compute_track_transformers() {
+    init_threads();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    make_model(&dir, &["--init-std", "0.05"]);
+    let sequences = random_sequences(3, 5, 30, VOCAB, 13);
+    let input = tmp.path().join("in.jsonl");
+    let output = tmp.path().join("out.jsonl");
+    let rows: Vec<_> = sequences.iter().map(|s| json!({ "input_ids": s })).collect();
+    write_jsonl(&input, &rows);
+    qwen2_ref(&["logprobs", "--model", dir.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    let reference_f32 = read_jsonl(&output);
+    for (kind, name) in [(Kind::BFloat16, "bfloat16"), (Kind::Half, "float16")] {
+        let lm = CausalLm::load(&dir, Device::Cpu, kind, kind).unwrap();
+        let ours = sequence_logprobs(&lm.model, &sequences, 4096).unwrap();
+        qwen2_ref(&["logprobs", "--model", dir.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(), "--dtype", name]);
+        let reference = read_jsonl(&output);
+        for ((o, r), r32) in ours.iter().zip(&reference).zip(&reference_f32) {
+            let (r, r32) = (f32s(&r["logprobs"]), f32s(&r32["logprobs"]));
+            // Both half-precision runs round differently, but each stays near the f32 values
+            // and near the other.
+            let ours_vs_theirs = max_abs_diff(o, &r);
+            let ours_vs_f32 = max_abs_diff(o, &r32);
+            assert!(ours_vs_theirs < 0.1, "{name}: ours vs transformers {ours_vs_theirs}");
+            assert!(ours_vs_f32 < 0.15, "{name}: ours vs f32 {ours_vs_f32}");
+            assert!(ours_vs_f32 > 0.0, "{name}: computed in f32?");
+        }
+    }
+}
