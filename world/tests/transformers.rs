@@ -56,12 +56,9 @@ fn python() -> Option<PathBuf> {
 
 #[test]
 fn transformers_loads_the_tokenizer_and_agrees_on_ids() {
-    let Some(python) = python() else {
-        eprintln!(
-            "SKIPPED: no Python venv (set PRIME_VENV or run `make test` to create ~/.cache/prime-rs/venv)"
-        );
-        return;
-    };
+    let python = python().expect(
+        "no Python venv: run `make test` (it creates ~/.cache/prime-rs/venv) or set PRIME_VENV",
+    );
     let dir = tempfile::tempdir().unwrap();
     let cfg = WorldConfig {
         sft: SplitConfig::with_size(400),
