@@ -18,6 +18,29 @@ fn sandbox() -> &'static Sandbox {
     })
 }
 
+/// The Landlock + seccomp backend with a warm pool of two, forced even where bubblewrap
+/// works; `None` (with the reason printed) only where the kernel has no Landlock.
+fn landlock_sandbox() -> Option<&'static Sandbox> {
+    static SANDBOX: OnceLock<Option<Sandbox>> = OnceLock::new();
+    SANDBOX
+        .get_or_init(|| match Backend::landlock() {
+            Some(b) => Some(sandbox().clone().with_backend(b).with_warm_pool(2)),
+            None => None,
+        })
+        .as_ref()
+        .or_else(|| {
+            eprintln!("SKIPPED for landlock+seccomp: this kernel has no Landlock (or it is off)");
+            None
+        })
+}
+
+/// Every backend this machine offers: the detected one, then Landlock + seccomp.
+fn backends() -> Vec<&'static Sandbox> {
+    std::iter::once(sandbox())
+        .chain(landlock_sandbox())
+        .collect()
+}
+
 fn fence(code: &str) -> String {
     format!("Here is my solution:\n```python\n{code}\n```\nDone.")
 }
@@ -141,12 +164,31 @@ fn stdout_comparison_rules() {
 /// Runs an attack as a stdin problem whose only correct output is "ok" and checks it scores 0
 /// within its limit.
 fn contained(name: &str, code: &str) {
+    for sb in backends() {
+        contained_in(sb, name, code);
+    }
+}
+
+fn contained_in(sb: &Sandbox, name: &str, code: &str) {
     let tests = r#"{"inputs": [""], "outputs": ["unreachable-expected-output"]}"#;
+    let backend = sb.backend().name();
     let start = Instant::now();
-    let score = grade(code, tests);
+    let score = grade_code(sb, &CodeGraderConfig::default(), &fence(code), tests, None)
+        .expect("valid spec")
+        .score;
     let took = start.elapsed();
-    assert_eq!(score, 0.0, "{name} scored");
-    assert!(took < Duration::from_secs(20), "{name} took {took:?}");
+    assert_eq!(score, 0.0, "{name} scored under {backend}");
+    assert!(
+        took < Duration::from_secs(20),
+        "{name} took {took:?} under {backend}"
+    );
+}
+
+/// Grades `code` against `tests` in `sb`.
+fn grade_in(sb: &Sandbox, code: &str, tests: &str) -> f64 {
+    grade_code(sb, &CodeGraderConfig::default(), &fence(code), tests, None)
+        .expect("valid spec")
+        .score
 }
 
 #[test]
@@ -161,7 +203,7 @@ fn attack_fork_bomb() {
     // without one, running a fork bomb would endanger the test machine itself.
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 && !sandbox().has_cgroup() {
-        eprintln!("root without a usable cgroup: skipping the fork bomb");
+        eprintln!("SKIPPED fork bomb: running as root without a writable cgroup (RLIMIT_NPROC does not bind root)");
         return;
     }
     contained(
@@ -217,7 +259,7 @@ fn attack_daemon_does_not_outlive_the_run() {
     // A daemon that leaves the process group is caught by the pid namespace (bubblewrap) or
     // the run's cgroup; the bare rlimit backend has neither.
     if sandbox().backend() == &Backend::Rlimits && !sandbox().has_cgroup() {
-        eprintln!("rlimits backend without a cgroup: skipping the daemon attack");
+        eprintln!("SKIPPED daemon attack: rlimits backend without a writable cgroup");
         return;
     }
     let marker = std::env::temp_dir().join(format!("prime-daemon-{}", std::process::id()));
@@ -235,71 +277,137 @@ fn attack_daemon_does_not_outlive_the_run() {
     );
 }
 
-/// Attacks whose containment the rlimit fallback cannot promise (no mount or network
-/// namespace for non-root); checked only under bubblewrap.
-fn bubblewrap_only() -> bool {
+/// The backends that isolate files, network and other processes: bubblewrap (where it is
+/// usable) and Landlock + seccomp. The rlimit-only fallback promises none of that. Says why
+/// when a backend is missing here.
+fn isolating_backends() -> Vec<&'static Sandbox> {
+    let mut out = Vec::new();
     if matches!(sandbox().backend(), Backend::Bubblewrap { .. }) {
-        true
+        out.push(sandbox());
     } else {
-        eprintln!("bubblewrap unavailable: skipping namespace attacks");
-        false
+        eprintln!(
+            "SKIPPED for bubblewrap: detected backend is {} (bwrap missing or user namespaces off)",
+            sandbox().backend().name()
+        );
     }
+    out.extend(landlock_sandbox());
+    out
 }
 
 #[test]
 fn attack_host_files_and_environment_are_invisible() {
-    if !bubblewrap_only() {
-        return;
-    }
     let secret_dir = tempfile::tempdir().unwrap();
     let secret = secret_dir.path().join("secret.txt");
     std::fs::write(&secret, "host secret").unwrap();
-    // The program prints "LEAK" if it can see anything of the host.
-    let code = format!(
-        "import os\nleak = False\ntry:\n    open({secret:?}).read()\n    leak = True\nexcept Exception:\n    pass\nfor p in ['/etc/passwd', '/etc/hostname', '/home', '/root/.cargo', '/root/.bashrc', '/work/../etc/shadow']:\n    if os.path.exists(p):\n        leak = True\nif open('/proc/1/environ', 'rb').read() or 'CARGO' in str(os.environ) or len(os.environ) > 4:\n    leak = True\nprint('LEAK' if leak else 'SAFE')",
-        secret = secret.display().to_string()
-    );
-    let tests = r#"{"inputs": [""], "outputs": ["SAFE"]}"#;
-    assert_eq!(grade(&code, tests), 1.0, "the sandbox leaked host state");
+    let grader_pid = std::process::id();
+    // The Python installation is visible on purpose (read-only): its path's components are
+    // expected in listings.
+    let python_parts: Vec<String> = sandbox()
+        .python()
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    for sb in isolating_backends() {
+        // Contents of host files, directory listings, and any process's environment
+        // (bubblewrap's init and the grader's own) must be out of reach; so must the
+        // grader's variables in the program's own environment.
+        let code = format!(
+            "import os\nleak = []\nfor p in [{secret:?}, '/etc/passwd', '/etc/hostname', '/root/.bashrc', '/proc/1/environ', '/proc/{grader_pid}/environ', '/work/../etc/shadow']:\n    try:\n        if open(p, 'rb').read():\n            leak.append(p)\n    except Exception:\n        pass\nfor d in ['/', '/etc', '/home', '/root', '/tmp']:\n    try:\n        if any(n not in ('work', 'usr', 'bin', 'sbin', 'lib', 'lib64', 'lib32', 'libx32', 'proc', 'dev', 'tmp', 'etc', 'ld.so.cache', *{python_parts:?}) for n in os.listdir(d)):\n            leak.append(d)\n    except Exception:\n        pass\nif 'CARGO' in str(os.environ) or len(os.environ) > 4:\n    leak.append('environ')\nprint('LEAK', leak) if leak else print('SAFE')",
+            secret = secret.display().to_string()
+        );
+        let out = sb.run(&code, b"").unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "SAFE",
+            "{} leaked host state ({})",
+            sb.backend().name(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Under bubblewrap the host paths do not even exist.
+    if matches!(sandbox().backend(), Backend::Bubblewrap { .. }) {
+        let code = "import os\nprint('LEAK' if any(os.path.exists(p) for p in ['/etc/passwd', '/home', '/root/.cargo']) else 'SAFE')";
+        assert_eq!(grade(code, r#"{"inputs": [""], "outputs": ["SAFE"]}"#), 1.0);
+    }
 }
 
 #[test]
 fn attack_writes_outside_and_killing_others() {
-    if !bubblewrap_only() {
-        return;
+    for sb in isolating_backends() {
+        // Landlock scopes signals from ABI 6 (Linux 6.12); before that a same-uid process
+        // could be signalled, so only the write is checked there.
+        let check_kill = match sb.backend() {
+            Backend::Landlock { abi } if *abi < 6 => {
+                eprintln!("SKIPPED kill check for landlock+seccomp: Landlock ABI {abi} < 6");
+                false
+            }
+            _ => true,
+        };
+        let target = std::env::temp_dir().join(format!(
+            "prime-outside-{}-{}",
+            std::process::id(),
+            sb.backend().name()
+        ));
+        let mut victim = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let code = format!(
+            "import os, signal\nfor p in [{target:?}, '/tmp/prime-outside-x', os.path.expanduser('~/../escape')]:\n    try:\n        open(p, 'w').write('x')\n    except Exception:\n        pass\ntry:\n    os.kill({victim}, signal.SIGKILL)\nexcept Exception:\n    pass\nfor pid in range(2, 500):\n    try:\n        os.kill(pid, signal.SIGKILL)\n    except Exception:\n        pass",
+            target = target.display().to_string(),
+            victim = victim.id()
+        );
+        contained_in(sb, "outside write and kill", &code);
+        assert!(
+            !target.exists(),
+            "{} wrote outside the work dir",
+            sb.backend().name()
+        );
+        if check_kill {
+            assert!(
+                victim.try_wait().unwrap().is_none(),
+                "{} killed a host process",
+                sb.backend().name()
+            );
+        }
+        let _ = victim.kill();
+        victim.wait().unwrap();
     }
-    let target = std::env::temp_dir().join(format!("prime-outside-{}", std::process::id()));
-    let mut victim = std::process::Command::new("sleep")
-        .arg("30")
-        .spawn()
-        .unwrap();
-    let code = format!(
-        "import os, signal\ntry:\n    open({target:?}, 'w').write('x')\nexcept Exception:\n    pass\ntry:\n    os.kill({victim}, signal.SIGKILL)\nexcept Exception:\n    pass\nfor pid in range(2, 500):\n    try:\n        os.kill(pid, signal.SIGKILL)\n    except Exception:\n        pass",
-        target = target.display().to_string(),
-        victim = victim.id()
-    );
-    contained("outside write and kill", &code);
-    assert!(!target.exists(), "wrote outside the work dir");
-    assert!(
-        victim.try_wait().unwrap().is_none(),
-        "killed a host process"
-    );
-    victim.kill().unwrap();
-    victim.wait().unwrap();
 }
 
 #[test]
 fn attack_network_is_unreachable() {
-    if !bubblewrap_only() {
-        return;
-    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let code = format!(
-        "import socket\nreached = False\nfor addr in [('127.0.0.1', {port}), ('1.1.1.1', 53), ('8.8.8.8', 443)]:\n    try:\n        s = socket.create_connection(addr, timeout=1)\n        reached = True\n    except Exception:\n        pass\nprint('REACHED' if reached else 'ISOLATED')"
+        "import socket\nreached = []\nfor addr in [('127.0.0.1', {port}), ('1.1.1.1', 53), ('8.8.8.8', 443)]:\n    try:\n        s = socket.create_connection(addr, timeout=1)\n        reached.append(addr)\n    except Exception:\n        pass\ntry:\n    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    u.sendto(b'x', ('1.1.1.1', 53))\n    reached.append('udp')\nexcept Exception:\n    pass\nprint('REACHED', reached) if reached else print('ISOLATED')"
     );
     let tests = r#"{"inputs": [""], "outputs": ["ISOLATED"]}"#;
-    assert_eq!(grade(&code, tests), 1.0, "the sandbox reached the network");
+    for sb in isolating_backends() {
+        assert_eq!(
+            grade_in(sb, &code, tests),
+            1.0,
+            "{} reached the network",
+            sb.backend().name()
+        );
+    }
+}
+
+#[test]
+fn landlock_seccomp_blocks_namespaces_ptrace_and_new_sessions() {
+    let Some(sb) = landlock_sandbox() else {
+        return;
+    };
+    // Each escape hatch must fail inside the sandbox; the program lists what worked.
+    let code = "import os, ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nworked = []\nif libc.unshare(0x10000000) == 0:\n    worked.append('unshare-user')\nif libc.unshare(0x40000000) == 0:\n    worked.append('unshare-net')\nif libc.ptrace(16, 1, 0, 0) == 0:\n    worked.append('ptrace')\ntry:\n    os.setsid()\n    worked.append('setsid')\nexcept OSError:\n    pass\nif libc.syscall(425, 8, 0) >= 0:\n    worked.append('io_uring')\nprint('ESCAPED', worked) if worked else print('CONFINED')";
+    let tests = r#"{"inputs": [""], "outputs": ["CONFINED"]}"#;
+    let v = grade_code(sb, &CodeGraderConfig::default(), &fence(code), tests, None).unwrap();
+    assert_eq!(v.score, 1.0, "landlock+seccomp let through: {}", v.reason);
+    // And ordinary programs still work there: threads, subprocesses, temp files.
+    let ok = "import threading, subprocess, tempfile, sys\nt = threading.Thread(target=lambda: None)\nt.start(); t.join()\nout = subprocess.run([sys.executable, '-c', 'print(2 + 2)'], capture_output=True, text=True).stdout.strip()\nwith tempfile.TemporaryFile() as f:\n    f.write(b'x')\nprint(out)";
+    let tests = r#"{"inputs": [""], "outputs": ["4"]}"#;
+    let v = grade_code(sb, &CodeGraderConfig::default(), &fence(ok), tests, None).unwrap();
+    assert_eq!(v.score, 1.0, "an ordinary program failed: {}", v.reason);
 }
 
 #[test]

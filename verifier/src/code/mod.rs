@@ -8,6 +8,7 @@
 //! stops at the first failure. Each test is its own sandboxed process, so one test's state or
 //! crash cannot leak into the next.
 
+pub mod confine;
 pub mod sandbox;
 
 use crate::error::VerifierError;

@@ -45,16 +45,19 @@
 //! cgroup file system (cgroup v2 with delegation, or a privileged container). Without those the
 //! rlimit backend still runs, with the weaker guarantees listed above.
 
+use super::confine::{landlock_abi, Confinement, SeccompProgram};
 use crate::error::VerifierError;
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Resource limits of one sandboxed run.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SandboxLimits {
     /// Wall-clock limit of the whole run.
     pub wall_time: Duration,
@@ -89,6 +92,19 @@ impl Default for SandboxLimits {
     }
 }
 
+impl SandboxLimits {
+    /// Whether `other` differs at most in the wall-clock limit and the output cap, which the
+    /// supervisor enforces (the rest is fixed when the sandbox process starts).
+    fn same_process_limits(&self, other: &SandboxLimits) -> bool {
+        let strip = |l: &SandboxLimits| SandboxLimits {
+            wall_time: Duration::ZERO,
+            max_output_bytes: 0,
+            ..l.clone()
+        };
+        strip(self) == strip(other)
+    }
+}
+
 /// The isolation mechanism in use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
@@ -96,6 +112,12 @@ pub enum Backend {
     Bubblewrap {
         /// Path of the `bwrap` binary.
         bwrap: PathBuf,
+    },
+    /// Landlock + seccomp + rlimits + process-group kill: no namespaces needed (see
+    /// [`super::confine`]).
+    Landlock {
+        /// The kernel's Landlock ABI version (1 or more).
+        abi: u32,
     },
     /// rlimits, a new session and (as root) a private network namespace only.
     Rlimits,
@@ -106,7 +128,16 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Bubblewrap { .. } => "bubblewrap",
+            Backend::Landlock { .. } => "landlock+seccomp",
             Backend::Rlimits => "rlimits",
+        }
+    }
+
+    /// The Landlock backend at the running kernel's ABI, when the kernel has Landlock.
+    pub fn landlock() -> Option<Backend> {
+        match landlock_abi() {
+            0 => None,
+            abi => Some(Backend::Landlock { abi }),
         }
     }
 }
@@ -144,9 +175,33 @@ impl RunOutput {
     }
 }
 
+/// The descriptor on which a started sandbox receives its program.
+const PROGRAM_FD: RawFd = 3;
+
+/// What the sandboxed interpreter runs: it waits for the program on [`PROGRAM_FD`], then
+/// runs it as `__main__` from `main.py`, as `python3 main.py` would (its globals are
+/// `__main__`'s; the loader's own names are removed first).
+const LOADER: &str = "\
+import sys as _s
+_p = open(3, 'rb')
+_c = compile(_p.read(), 'main.py', 'exec')
+_p.close()
+_s.argv = ['main.py']
+__file__ = 'main.py'
+del _p, _s
+exec(_c)
+";
+
 /// A configured sandbox; cheap to share between threads.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
+    spawner: Spawner,
+    pool: Option<Arc<WarmPool>>,
+}
+
+/// Everything needed to start one sandboxed interpreter.
+#[derive(Debug, Clone)]
+struct Spawner {
     backend: Backend,
     limits: SandboxLimits,
     /// Host path of the Python interpreter binary.
@@ -154,86 +209,161 @@ pub struct Sandbox {
     /// Host directory of the Python installation (bound read-only into the sandbox).
     python_prefix: PathBuf,
     cgroups: Option<CgroupMounts>,
+    /// The seccomp filter of the Landlock backend (`None` where it cannot be compiled).
+    seccomp: Option<SeccompProgram>,
 }
 
 static RUN_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl Sandbox {
-    /// Finds `python3` on `PATH` and the best available backend.
+    /// Finds `python3` on `PATH` and the best available backend: bubblewrap, then Landlock +
+    /// seccomp, then rlimits alone. Each candidate must run a probe program.
     pub fn detect(limits: SandboxLimits) -> Result<Self, VerifierError> {
         let (python, python_prefix) = locate_python()?;
         let cgroups = CgroupMounts::detect();
-        let mut sandbox = Self {
+        let seccomp = match SeccompProgram::compile() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "no seccomp filter for this machine");
+                None
+            }
+        };
+        let base = Spawner {
             backend: Backend::Rlimits,
             limits,
             python,
             python_prefix,
             cgroups,
+            seccomp,
         };
-        if let Some(bwrap) = find_on_path("bwrap") {
-            let candidate = Self {
-                backend: Backend::Bubblewrap { bwrap },
-                ..sandbox.clone()
-            };
-            match candidate.run("print(6 * 7)", b"") {
-                Ok(out) if out.success() && out.stdout.starts_with(b"42") => sandbox = candidate,
-                Ok(out) => tracing::warn!(
-                    stderr = %String::from_utf8_lossy(&out.stderr),
-                    "bubblewrap present but unusable here (user namespaces disabled?); using rlimits"
-                ),
-                Err(e) => tracing::warn!(error = %e, "bubblewrap probe failed; using rlimits"),
-            }
-        } else {
-            tracing::warn!("bwrap not found on PATH; sandbox falls back to rlimits only");
+        let mut candidates = Vec::new();
+        match find_on_path("bwrap") {
+            Some(bwrap) => candidates.push(Backend::Bubblewrap { bwrap }),
+            None => tracing::warn!("bwrap not found on PATH"),
         }
+        match (Backend::landlock(), &base.seccomp) {
+            (Some(b), Some(_)) => candidates.push(b),
+            (None, _) => tracing::warn!("the kernel has no Landlock (or it is disabled at boot)"),
+            (_, None) => tracing::warn!("Landlock without a seccomp filter is not offered"),
+        }
+        let mut backend = Backend::Rlimits;
+        for candidate in candidates {
+            let spawner = Spawner {
+                backend: candidate.clone(),
+                ..base.clone()
+            };
+            match spawner.probe() {
+                Ok(()) => {
+                    backend = candidate;
+                    break;
+                }
+                Err(why) => tracing::warn!(
+                    backend = candidate.name(),
+                    reason = %why,
+                    "sandbox backend unusable here; trying the next"
+                ),
+            }
+        }
+        let sandbox = Self {
+            spawner: Spawner { backend, ..base },
+            pool: None,
+        };
         tracing::info!(
-            backend = sandbox.backend.name(),
-            cgroup = sandbox.cgroups.is_some(),
-            python = %sandbox.python.display(),
+            backend = sandbox.backend().name(),
+            cgroup = sandbox.has_cgroup(),
+            python = %sandbox.python().display(),
             "code sandbox ready"
         );
         Ok(sandbox)
     }
 
-    /// The same sandbox forced onto `backend` (tests use it to exercise the fallback).
+    /// The same sandbox forced onto `backend` (tests use it to exercise the fallbacks).
     pub fn with_backend(mut self, backend: Backend) -> Self {
-        self.backend = backend;
+        self.spawner.backend = backend;
+        let capacity = self.warm_pool_size();
+        self.with_warm_pool(capacity)
+    }
+
+    /// The same sandbox with other limits. A warm pool is kept when only the wall-clock limit
+    /// or the output cap changes, and restarted otherwise.
+    pub fn with_limits(mut self, limits: SandboxLimits) -> Self {
+        let restart = !self.spawner.limits.same_process_limits(&limits);
+        self.spawner.limits = limits;
+        if restart {
+            let capacity = self.warm_pool_size();
+            self.with_warm_pool(capacity)
+        } else {
+            self
+        }
+    }
+
+    /// The same sandbox keeping up to `capacity` sandboxes started ahead of time (0: none),
+    /// each with its work dir, cgroup and interpreter ready and waiting for a program. A run
+    /// then costs only the program itself on its critical path; starting the sandbox happens
+    /// on a background thread. Size it to the number of runs in flight at once.
+    pub fn with_warm_pool(mut self, capacity: usize) -> Self {
+        self.pool = (capacity > 0).then(|| WarmPool::start(self.spawner.clone(), capacity));
         self
     }
 
-    /// The same sandbox with other limits.
-    pub fn with_limits(mut self, limits: SandboxLimits) -> Self {
-        self.limits = limits;
-        self
+    /// How many sandboxes are kept started ahead of time.
+    pub fn warm_pool_size(&self) -> usize {
+        self.pool.as_ref().map_or(0, |p| p.shared.capacity)
     }
 
     /// The Python interpreter the sandbox runs (the real binary behind `python3` on `PATH`).
     pub fn python(&self) -> &Path {
-        &self.python
+        &self.spawner.python
     }
 
     /// The active backend.
     pub fn backend(&self) -> &Backend {
-        &self.backend
+        &self.spawner.backend
     }
 
     /// The limits applied to each run.
     pub fn limits(&self) -> &SandboxLimits {
-        &self.limits
+        &self.spawner.limits
     }
 
     /// Whether each run gets a cgroup with a whole-sandbox memory and pids cap.
     pub fn has_cgroup(&self) -> bool {
-        self.cgroups.is_some()
+        self.spawner.cgroups.is_some()
     }
 
     /// Runs the Python `program` with `stdin`, inside a fresh work dir that is removed after.
     pub fn run(&self, program: &str, stdin: &[u8]) -> Result<RunOutput, VerifierError> {
+        let prepared = match self.pool.as_ref().and_then(|p| p.take()) {
+            Some(p) => p,
+            None => self.spawner.launch()?,
+        };
+        prepared.execute(program, stdin, &self.spawner.limits)
+    }
+}
+
+impl Spawner {
+    /// Runs a trivial program; `Err` says why the backend is unusable.
+    fn probe(&self) -> Result<(), String> {
+        let out = self
+            .launch()
+            .and_then(|p| p.execute("print(6 * 7)", b"", &self.limits))
+            .map_err(|e| e.to_string())?;
+        if out.success() && out.stdout.starts_with(b"42") {
+            Ok(())
+        } else {
+            Err(format!(
+                "probe ended {:?}: {}",
+                out.termination,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Starts a sandboxed interpreter that waits for its program.
+    fn launch(&self) -> Result<Prepared, VerifierError> {
         let workdir = tempfile::Builder::new()
             .prefix("prime-sandbox-")
             .tempdir()?;
-        let script = workdir.path().join("main.py");
-        std::fs::write(&script, program)?;
         let cgroup = match &self.cgroups {
             Some(m) => match m.create(&self.limits) {
                 Ok(c) => Some(c),
@@ -244,34 +374,41 @@ impl Sandbox {
             },
             None => None,
         };
-        let result = self.spawn_and_supervise(workdir.path(), stdin, cgroup.as_ref());
-        if let Some(c) = &cgroup {
-            c.kill_all_and_remove();
-        }
-        result
-    }
-
-    fn spawn_and_supervise(
-        &self,
-        workdir: &Path,
-        stdin: &[u8],
-        cgroup: Option<&RunCgroup>,
-    ) -> Result<RunOutput, VerifierError> {
-        let mut cmd = self.command(workdir);
+        let (program_read, program_write) = pipe_cloexec()?;
+        let mut cmd = self.command(workdir.path());
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let pre_exec = PreExec::new(&self.limits, cgroup, &self.backend)?;
-        // SAFETY: the closure only calls async-signal-safe libc functions (setsid, prctl,
-        // setrlimit, write, unshare) on data prepared before the fork.
+        let pre_exec = PreExec::new(
+            self,
+            cgroup.as_ref(),
+            workdir.path(),
+            program_read.as_raw_fd(),
+        )?;
+        // SAFETY: the closure only calls async-signal-safe libc functions (dup2, setsid,
+        // prctl, write, unshare, setrlimit, capset, landlock, seccomp) on data prepared before
+        // the fork.
         unsafe {
             cmd.pre_exec(move || pre_exec.apply());
         }
-        let started = Instant::now();
-        let child = cmd
-            .spawn()
-            .map_err(|e| VerifierError::Sandbox(format!("spawn failed: {e}")))?;
-        supervise(child, stdin, &self.limits, started)
+        let spawned = cmd.spawn();
+        drop(cmd);
+        drop(program_read);
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(c) = &cgroup {
+                    c.kill_all_and_remove();
+                }
+                return Err(VerifierError::Sandbox(format!("spawn failed: {e}")));
+            }
+        };
+        Ok(Prepared {
+            child: Some(child),
+            program: Some(std::fs::File::from(program_write)),
+            workdir,
+            cgroup,
+        })
     }
 
     fn command(&self, workdir: &Path) -> Command {
@@ -329,36 +466,208 @@ impl Sandbox {
                     "C.UTF-8",
                     "--",
                 ]);
-                c.args([python.as_str(), "-I", "-B", "main.py"]);
+                c.args([python.as_str(), "-I", "-B", "-c", LOADER]);
                 c
             }
-            Backend::Rlimits => {
+            Backend::Landlock { .. } | Backend::Rlimits => {
                 let mut c = Command::new(&self.python);
                 c.env_clear()
                     .env("PATH", "/usr/local/bin:/usr/bin:/bin")
                     .env("HOME", workdir)
+                    .env("TMPDIR", workdir)
                     .env("LANG", "C.UTF-8")
                     .current_dir(workdir)
-                    .args(["-I", "-B", "main.py"]);
+                    .args(["-I", "-B", "-c", LOADER]);
                 c
             }
         }
+    }
+
+    /// What the Landlock backend lets the program read (and execute).
+    fn readable_paths(&self) -> Vec<PathBuf> {
+        let mut paths: Vec<PathBuf> = [
+            "/usr",
+            "/bin",
+            "/sbin",
+            "/lib",
+            "/lib32",
+            "/lib64",
+            "/libx32",
+            "/etc/ld.so.cache",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        paths.push(self.python_prefix.clone());
+        if let Some(dir) = self.python.parent() {
+            paths.push(dir.to_path_buf());
+        }
+        paths
+    }
+}
+
+fn pipe_cloexec() -> Result<(OwnedFd, OwnedFd), VerifierError> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(VerifierError::Io(std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A started sandbox whose interpreter waits for its program on [`PROGRAM_FD`].
+struct Prepared {
+    child: Option<Child>,
+    program: Option<std::fs::File>,
+    workdir: tempfile::TempDir,
+    cgroup: Option<RunCgroup>,
+}
+
+impl Prepared {
+    /// Whether the waiting interpreter died (it is then useless).
+    fn is_dead(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| !matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Sends the program and its stdin, supervises the run, then removes the sandbox.
+    fn execute(
+        mut self,
+        program: &str,
+        stdin: &[u8],
+        limits: &SandboxLimits,
+    ) -> Result<RunOutput, VerifierError> {
+        // A copy in the work dir, as `python3 main.py` would have, for tracebacks and
+        // programs that read their own source.
+        std::fs::write(self.workdir.path().join("main.py"), program)?;
+        let child = self
+            .child
+            .take()
+            .ok_or_else(|| VerifierError::Sandbox("sandbox already used".into()))?;
+        let program_pipe = self.program.take();
+        supervise(
+            child,
+            program_pipe.map(|p| (p, program.as_bytes().to_vec())),
+            stdin,
+            limits,
+            Instant::now(),
+        )
+        // `self` drops here: the cgroup's leftovers are killed and the work dir removed.
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_group(child.id() as libc::pid_t);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(c) = &self.cgroup {
+            c.kill_all_and_remove();
+        }
+    }
+}
+
+/// Sandboxes started ahead of time by a background thread that lives as long as the pool
+/// (the parent-death signal of each sandbox is tied to the thread that started it).
+struct WarmPool {
+    shared: Arc<PoolShared>,
+    refill: mpsc::Sender<()>,
+}
+
+struct PoolShared {
+    ready: Mutex<Vec<Prepared>>,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for WarmPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ready = self.shared.ready.lock().map_or(0, |r| r.len());
+        f.debug_struct("WarmPool")
+            .field("capacity", &self.shared.capacity)
+            .field("ready", &ready)
+            .finish()
+    }
+}
+
+impl WarmPool {
+    fn start(spawner: Spawner, capacity: usize) -> Arc<Self> {
+        let shared = Arc::new(PoolShared {
+            ready: Mutex::new(Vec::with_capacity(capacity)),
+            capacity,
+        });
+        let (refill, requests) = mpsc::channel::<()>();
+        let filler = Arc::clone(&shared);
+        let started = std::thread::Builder::new()
+            .name("sandbox-pool".into())
+            .spawn(move || {
+                loop {
+                    while filler.ready.lock().map_or(usize::MAX, |r| r.len()) < filler.capacity {
+                        match spawner.launch() {
+                            Ok(p) => match filler.ready.lock() {
+                                Ok(mut r) => r.push(p),
+                                Err(_) => return,
+                            },
+                            Err(e) => {
+                                tracing::warn!(error = %e, "could not start a warm sandbox");
+                                break;
+                            }
+                        }
+                    }
+                    if requests.recv().is_err() {
+                        break;
+                    }
+                    while requests.try_recv().is_ok() {}
+                }
+                // The pool is gone: stop the waiting sandboxes.
+                if let Ok(mut r) = filler.ready.lock() {
+                    r.clear();
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "no warm-pool thread; sandboxes start on demand");
+        }
+        Arc::new(Self { shared, refill })
+    }
+
+    /// A ready sandbox, if one is waiting; asks for a replacement either way.
+    fn take(&self) -> Option<Prepared> {
+        let taken = {
+            let mut ready = self.shared.ready.lock().ok()?;
+            let mut found = None;
+            while let Some(mut p) = ready.pop() {
+                if !p.is_dead() {
+                    found = Some(p);
+                    break;
+                }
+            }
+            found
+        };
+        let _ = self.refill.send(());
+        taken
     }
 }
 
 /// Everything the child does between fork and exec, prepared in the parent.
 struct PreExec {
+    program_fd: RawFd,
     limits: Vec<(libc::__rlimit_resource_t, u64)>,
     cgroup_procs: Vec<std::fs::File>,
     new_netns: bool,
+    confinement: Option<Confinement>,
 }
 
 impl PreExec {
     fn new(
-        limits: &SandboxLimits,
+        spawner: &Spawner,
         cgroup: Option<&RunCgroup>,
-        backend: &Backend,
+        workdir: &Path,
+        program_fd: RawFd,
     ) -> Result<Self, VerifierError> {
+        let limits = &spawner.limits;
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         let mut rl = vec![
@@ -379,22 +688,46 @@ impl PreExec {
             Some(c) => c.open_procs_files()?,
             None => Vec::new(),
         };
+        let confinement = match &spawner.backend {
+            Backend::Landlock { abi } => {
+                let readable = spawner.readable_paths();
+                let readable: Vec<&Path> = readable.iter().map(PathBuf::as_path).collect();
+                Some(Confinement::prepare(
+                    *abi,
+                    workdir,
+                    &readable,
+                    spawner.seccomp.as_ref(),
+                    root,
+                )?)
+            }
+            _ => None,
+        };
         Ok(Self {
+            program_fd,
             limits: rl,
             cgroup_procs,
-            new_netns: root && *backend == Backend::Rlimits,
+            new_netns: root && !matches!(spawner.backend, Backend::Bubblewrap { .. }),
+            confinement,
         })
     }
 
     fn apply(&self) -> std::io::Result<()> {
         // SAFETY (whole function): async-signal-safe calls on memory owned by `self`.
         unsafe {
+            // The program pipe becomes fd 3, open across exec (dup2 clears close-on-exec).
+            let rc = if self.program_fd == PROGRAM_FD {
+                libc::fcntl(PROGRAM_FD, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(self.program_fd, PROGRAM_FD)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             for f in &self.cgroup_procs {
-                use std::os::fd::AsRawFd;
                 // "0" moves the writing process itself.
                 if libc::write(f.as_raw_fd(), b"0\n".as_ptr().cast(), 2) < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -413,13 +746,18 @@ impl PreExec {
                 }
             }
         }
+        if let Some(c) = &self.confinement {
+            c.apply()?;
+        }
         Ok(())
     }
 }
 
-/// Feeds stdin, drains stdout/stderr up to the cap, enforces the wall clock, kills the group.
+/// Sends the program, feeds stdin, drains stdout/stderr up to the cap, enforces the wall
+/// clock, kills the group.
 fn supervise(
     mut child: Child,
+    program: Option<(std::fs::File, Vec<u8>)>,
     stdin: &[u8],
     limits: &SandboxLimits,
     started: Instant,
@@ -429,6 +767,10 @@ fn supervise(
     let stdin_data = stdin.to_vec();
     let mut stdin_pipe = child.stdin.take();
     let writer = std::thread::spawn(move || {
+        if let Some((mut pipe, text)) = program {
+            // Closing the pipe (end of scope) is the interpreter's end of program.
+            let _ = pipe.write_all(&text);
+        }
         if let Some(p) = stdin_pipe.as_mut() {
             // The program may exit without reading its input: a broken pipe is fine.
             let _ = p.write_all(&stdin_data);
