@@ -143,7 +143,8 @@ impl Grader {
     /// Builds a grader, probing for python3 and the best sandbox backend.
     pub fn new(config: GraderConfig) -> Self {
         let sandbox = match Sandbox::detect(config.sandbox.clone()) {
-            Ok(s) => Some(s),
+            // One sandbox started ahead per slot: a test's critical path is then the program.
+            Ok(s) => Some(s.with_warm_pool(config.max_concurrency.max(1))),
             Err(e) => {
                 tracing::warn!(error = %e, "no code sandbox: code items will be scored 0");
                 None

@@ -5,7 +5,9 @@
 //! - [`grade`]: dispatch by ability, bounded concurrency, per-item time limit, metrics.
 //! - [`service`]: the thin gRPC layer over [`grade::Grader`] and the server wiring.
 //! - [`jsonl`]: the `prime grade` file tool, local or through a running verifier.
+//! - [`bench`]: `prime bench verifier` (math against math-verify, sandbox against bare python).
 
+pub mod bench;
 pub mod code;
 pub mod error;
 pub mod grade;

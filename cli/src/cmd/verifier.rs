@@ -131,3 +131,52 @@ pub fn run_grade(args: GradeArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `prime bench verifier`: math items/s and agreement against math-verify on the same items in
+/// the same run, and a code test's latency in the sandbox against bare `python3`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchVerifierArgs {
+    /// Labelled math items (JSONL); default: the verifier's test table.
+    #[arg(long)]
+    pub math_items: Option<PathBuf>,
+    /// Passes over the items when timing our grader.
+    #[arg(long, default_value_t = 20)]
+    pub repeats: usize,
+    /// Passes over the items when timing math-verify.
+    #[arg(long, default_value_t = 1)]
+    pub python_repeats: usize,
+    /// Python interpreter with math-verify installed (default: ~/.cache/prime-rs/venv).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// The Python side's script (default: bench/python/math_verify_agreement.py).
+    #[arg(long)]
+    pub math_verify_script: Option<PathBuf>,
+    /// Timed code-test runs per variant.
+    #[arg(long, default_value_t = 30)]
+    pub code_runs: usize,
+    /// Also write the full report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Runs the verifier benchmark and prints its summary.
+pub fn run_bench(args: BenchVerifierArgs) -> anyhow::Result<()> {
+    let defaults = prime_verifier::bench::BenchOptions::default();
+    let options = prime_verifier::bench::BenchOptions {
+        math_items: args.math_items.unwrap_or(defaults.math_items),
+        repeats: args.repeats.max(1),
+        python_repeats: args.python_repeats.max(1),
+        python: args.python.or(defaults.python),
+        math_verify_script: args
+            .math_verify_script
+            .unwrap_or(defaults.math_verify_script),
+        code_runs: args.code_runs.max(1),
+    };
+    let report = prime_verifier::bench::run_bench(&options).context("verifier benchmark")?;
+    print!("{}", report.summary());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
