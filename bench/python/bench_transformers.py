@@ -13,20 +13,21 @@ Usage::
     # tokens per sequence (min_new_tokens = max_new_tokens = N).
     $PY bench/python/bench_transformers.py generate --model DIR \
         --batch B --prompt-len P --new-tokens N \
-        [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats R] \
+        [--device cpu|cuda[:N]] [--dtype float32|bfloat16] [--repeats R] \
         [--seed S] [--attn sdpa|eager]
 
     # No-grad forward + log_softmax + gather of next-token log-probs.
     $PY bench/python/bench_transformers.py logprobs --model DIR \
         --batch B --seq-len L \
-        [--device cpu|cuda] [--dtype float32|bfloat16] [--repeats R] \
+        [--device cpu|cuda[:N]] [--dtype float32|bfloat16] [--repeats R] \
         [--seed S] [--attn sdpa|eager]
 
 Output fields: impl, task, device, dtype, batch, (prompt_len, new_tokens |
 seq_len), repeats, seconds (median over repeats; one warm-up run is always
-excluded), seconds_all, tokens_per_s.  For generate tokens_per_s counts the
-generated tokens (batch * new_tokens); for logprobs it counts the scored
-input tokens (batch * seq_len).
+excluded), seconds_all, tokens_per_s, threads, torch_version,
+transformers_version, gpu (the CUDA device name, null on CPU).  For generate
+tokens_per_s counts the generated tokens (batch * new_tokens); for logprobs it
+counts the scored input tokens (batch * seq_len).
 
 The number of CPU threads is taken from $PRIME_THREADS (default 2).
 """
@@ -54,6 +55,25 @@ transformers.logging.disable_progress_bar()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
+
+
+def device_name(name):
+    """cpu, cuda or cuda:N."""
+    if name == "cpu" or name == "cuda" or (
+            name.startswith("cuda:") and name[5:].isdigit()):
+        return name
+    raise argparse.ArgumentTypeError(
+        f"expected cpu, cuda or cuda:N, got {name!r}")
+
+
+def environment(device):
+    """What produced the numbers: threads, library versions and the GPU if any."""
+    device = torch.device(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "gpu": gpu}
 
 
 def sync(device):
@@ -157,7 +177,7 @@ def build_parser():
     def common(s):
         s.add_argument("--model", required=True)
         s.add_argument("--batch", type=int, required=True)
-        s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+        s.add_argument("--device", type=device_name, default="cpu")
         s.add_argument("--dtype", choices=list(DTYPES), default="float32")
         s.add_argument("--repeats", type=int, default=3)
         s.add_argument("--seed", type=int, default=0)
@@ -180,7 +200,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.repeats < 1:
         sys.exit("--repeats must be >= 1")
-    print(json.dumps(args.func(args)), flush=True)
+    print(json.dumps({**args.func(args), **environment(args.device)}), flush=True)
     return 0
 
 

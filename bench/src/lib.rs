@@ -1,1 +1,17 @@
-//! Benchmarks.
+//! Benchmarks of our model layer against Hugging Face transformers, side by side in one run.
+//!
+//! For each batch size we time our implementation in this process (one warm-up run excluded,
+//! median of the repeats), then run `bench/python/bench_transformers.py` with the same model,
+//! batch, lengths, device, dtype and thread count as a subprocess and read its JSON line.
+//! Speed is only ever measured here and reported in docs/benchmarks.md; tests never assert it.
+pub mod error;
+pub mod machine;
+pub mod ours;
+pub mod python;
+pub mod report;
+
+pub use error::{BenchError, Result};
+pub use machine::Machine;
+pub use ours::{Measurement, Task};
+pub use python::{Python, TinyModel};
+pub use report::{run, BenchSettings, Report, Row};

@@ -1,0 +1,50 @@
+//! The machine a benchmark ran on, recorded next to its numbers.
+use serde::Serialize;
+
+/// Where the numbers came from. The library versions are the ones the reference reported;
+/// our side links the same libtorch (the venv's, see the Makefile).
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// CPU model name from /proc/cpuinfo.
+    pub cpu: String,
+    /// Logical cores this process may use.
+    pub cores: usize,
+    /// Torch CPU threads, the same on both sides.
+    pub threads: i32,
+    pub torch_version: String,
+    pub transformers_version: String,
+    /// CUDA device name when the benchmark ran on a GPU.
+    pub gpu: Option<String>,
+    /// 1-minute load average before and after the run: other work on the machine (a shared
+    /// machine's builds and tests) makes the numbers noisy, and this shows how much there was.
+    pub load_before: Option<f64>,
+    pub load_after: Option<f64>,
+}
+
+/// The `model name` line of /proc/cpuinfo, or "unknown" where there is none.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Logical cores available to this process.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// The 1-minute load average from /proc/loadavg.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}

@@ -1,0 +1,131 @@
+//! `prime bench generate` and `prime bench logprobs`: our model against transformers, side by
+//! side in one run (the harness lives in the prime-bench crate); `prime bench verifier` is
+//! wired from the verifier's module.
+//!
+//! Both sides use the same torch thread count: the global `--threads` (or `PRIME_THREADS`),
+//! else torch's default on this machine.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use prime_bench::python::default_python;
+use prime_bench::{BenchSettings, Python, Task, TinyModel};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Sampling throughput (generated tokens/s) against transformers' `generate`.
+    Generate(GenerateArgs),
+    /// Scoring throughput (scored tokens/s): no-grad forward and next-token log-probs.
+    Logprobs(LogprobsArgs),
+    /// Verifier: math grading against math-verify, sandboxed code tests against bare python3.
+    Verifier(super::verifier::BenchVerifierArgs),
+}
+
+/// Options shared by the benchmarks.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// Hugging Face model directory. Without it a random tiny Qwen2 is made for the run.
+    #[arg(long, conflicts_with = "tiny")]
+    pub model: Option<PathBuf>,
+    /// Benchmark a random Qwen2 made for this run (hidden 256, 4 layers, 8 heads / 2 kv
+    /// heads, intermediate 1024, vocab 4096): the default when --model is absent.
+    #[arg(long)]
+    pub tiny: bool,
+    /// Batch sizes, comma-separated; each is timed on both sides.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    pub batch: Vec<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Timed runs per implementation and batch size, after one warm-up run; the median counts.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Seed of the random token ids and of sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Python with torch and transformers (default: $PRIME_VENV/bin/python, else
+    /// ~/.cache/prime-rs/venv/bin/python).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// Also write the full report (machine, model, every timing) as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Random prompt ids per row.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    /// New tokens per row (sampled at temperature 1 with no stop tokens, so exactly this many).
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct LogprobsArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+}
+
+pub fn run(command: BenchCommand) -> Result<()> {
+    let (common, task) = match command {
+        BenchCommand::Generate(args) => (
+            args.common,
+            Task::Generate {
+                prompt_len: args.prompt_len,
+                new_tokens: args.new_tokens,
+            },
+        ),
+        BenchCommand::Logprobs(args) => (
+            args.common,
+            Task::Logprobs {
+                seq_len: args.seq_len,
+            },
+        ),
+        BenchCommand::Verifier(args) => return super::verifier::run_bench(args),
+    };
+    let python = Python {
+        executable: common.python.clone().unwrap_or_else(default_python),
+        threads: tch::get_num_threads(),
+    };
+    let settings = BenchSettings {
+        task,
+        batches: common.batch.clone(),
+        device: common.device.clone(),
+        dtype: common.dtype.clone(),
+        repeats: common.repeats,
+        seed: common.seed,
+    };
+    // Keeps a temporary model alive until the run ends.
+    let (_temp, model_dir, source) = match &common.model {
+        Some(dir) => (None, dir.clone(), dir.display().to_string()),
+        None => {
+            let spec = TinyModel {
+                max_positions: TinyModel::default().max_positions.max(task.max_len()),
+                ..TinyModel::default()
+            };
+            tracing::info!(?spec, "making a random model");
+            let temp = python
+                .make_temp_tiny_model(&spec)
+                .context("making the random benchmark model")?;
+            let dir = temp.path().to_path_buf();
+            (Some(temp), dir, "random tiny Qwen2".to_string())
+        }
+    };
+    let report = prime_bench::run(&settings, &model_dir, &source, &python)?;
+    print!("{}", report.table());
+    if let Some(path) = &common.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
