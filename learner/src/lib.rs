@@ -1,5 +1,6 @@
 //! The PRIME learner. This stage holds what the supervised warm-up needs and the learner
 //! shares: the run config, AdamW with its schedule, and plots.
+pub mod algo;
 pub mod config;
 pub mod error;
 pub mod optim;

@@ -1,0 +1,267 @@
+//! The algorithm's knobs: one documented serde struct per phase, defaults from the paper's
+//! main run (spec §7). Where the authors' repo ([REPO]) and the later veRL recipe ([RECIPE])
+//! differ, the default is the repo and the recipe is an option.
+use serde::{Deserialize, Serialize};
+
+/// Everything the PRIME algorithm core reads: PRM rewards, advantages, policy loss and the
+/// online filter.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlgoConfig {
+    /// Implicit PRM: reward scale, token rewards, normalisation (spec §2, §3).
+    #[serde(default)]
+    pub prm: PrmConfig,
+    /// Advantage estimation (spec §4).
+    #[serde(default)]
+    pub advantage: AdvantageConfig,
+    /// Policy loss (spec §6).
+    #[serde(default)]
+    pub ppo: PpoConfig,
+    /// Online prompt filtering (spec §5).
+    #[serde(default)]
+    pub filter: FilterConfig,
+}
+
+/// The implicit PRM's reward and loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrmConfig {
+    /// β of `r_φ(y) = β · log π_φ(y)/π_ref(y)` (paper §3.1, `beta_train`).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// How per-token log-ratios become process rewards (spec §2.2).
+    #[serde(default)]
+    pub process_reward: ProcessRewardVariant,
+    /// Per token (the paper) or the whole-sequence sum on the last token (ORM-like).
+    #[serde(default)]
+    pub granularity: RewardGranularity,
+    /// Normalisation of the process rewards before the advantages (spec §2.5, `prime_norm`).
+    #[serde(default)]
+    pub norm: RewardNorm,
+}
+
+fn default_beta() -> f64 {
+    0.05
+}
+
+impl Default for PrmConfig {
+    fn default() -> Self {
+        Self {
+            beta: default_beta(),
+            process_reward: ProcessRewardVariant::default(),
+            granularity: RewardGranularity::default(),
+            norm: RewardNorm::default(),
+        }
+    }
+}
+
+/// Token process rewards from the log-ratio `q` (spec §2.2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessRewardVariant {
+    /// [REPO]: `q` itself (β only enters the loss) on every valid token, EOS included.
+    #[default]
+    Repo,
+    /// [RECIPE]: `β·q` on every valid token but the last one, which gets 0.
+    Recipe,
+}
+
+/// Where process rewards sit (spec §2.2, `granularity`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardGranularity {
+    /// One reward per token (the paper, and the main run).
+    #[default]
+    Token,
+    /// The sequence sum on the last valid token.
+    Whole,
+}
+
+/// Process-reward normalisation (spec §2.5).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardNorm {
+    /// Divide by the largest absolute reverse cumulative sum in the batch (+1e-6).
+    #[default]
+    BatchNorm,
+    /// Keep the raw values.
+    None,
+}
+
+/// Advantage estimation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdvantageConfig {
+    /// `prime` (process plus outcome rewards) or `rloo` (outcome only, the paper's baseline).
+    #[serde(default)]
+    pub estimator: Estimator,
+    /// Leave-one-out baseline of the process rewards (spec §4.1 vs §4.2).
+    #[serde(default)]
+    pub process_baseline: ProcessBaseline,
+    /// Discount of the process-reward returns (`reward_model_gamma`).
+    #[serde(default = "default_gamma")]
+    pub process_gamma: f64,
+    /// Discount of the outcome-reward returns (`verifier_gamma`).
+    #[serde(default = "default_gamma")]
+    pub outcome_gamma: f64,
+}
+
+fn default_gamma() -> f64 {
+    1.0
+}
+
+impl Default for AdvantageConfig {
+    fn default() -> Self {
+        Self {
+            estimator: Estimator::default(),
+            process_baseline: ProcessBaseline::default(),
+            process_gamma: default_gamma(),
+            outcome_gamma: default_gamma(),
+        }
+    }
+}
+
+/// Which rewards feed the advantages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Estimator {
+    /// RLOO on the process rewards plus RLOO on the outcome reward (paper Eq. 5).
+    #[default]
+    Prime,
+    /// RLOO on the outcome reward only.
+    Rloo,
+}
+
+/// Leave-one-out baseline for the process rewards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessBaseline {
+    /// [REPO] `compute_rloo_returns`: `p·K/(K−1) − Σ_j m_j/(K−1)`.
+    #[default]
+    Repo,
+    /// Paper Eq. 5: `p − Σ_{j≠i} m_j/(K−1)`; the same total return, other per-token values.
+    Paper,
+}
+
+/// The PPO policy loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PpoConfig {
+    /// ε of the clipped surrogate.
+    #[serde(default = "default_clip_ratio")]
+    pub clip_ratio: f64,
+    /// How token losses are averaged (spec §6 "Aggregation").
+    #[serde(default)]
+    pub loss_aggregation: LossAggregation,
+    /// Weight of the entropy bonus (`loss −= entropy_coeff · entropy`); 0 in the main run.
+    #[serde(default)]
+    pub entropy_coeff: f64,
+    /// Weight of a KL term to the reference policy (`loss += kl_coeff · KL`); 0 in the paper.
+    #[serde(default)]
+    pub kl_coeff: f64,
+    /// The per-token KL estimator used when `kl_coeff > 0`.
+    #[serde(default)]
+    pub kl_estimator: KlEstimator,
+}
+
+fn default_clip_ratio() -> f64 {
+    0.2
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        Self {
+            clip_ratio: default_clip_ratio(),
+            loss_aggregation: LossAggregation::default(),
+            entropy_coeff: 0.0,
+            kl_coeff: 0.0,
+            kl_estimator: KlEstimator::default(),
+        }
+    }
+}
+
+/// Averaging of per-token losses over a mini-batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossAggregation {
+    /// Token mean within each sequence, then the mean over sequences: what [REPO] computes
+    /// with its one-sequence micro-batches.
+    #[default]
+    SeqMeanTokenMean,
+    /// One mean over all valid tokens of the mini-batch.
+    TokenMean,
+}
+
+/// Per-token estimators of KL(π_θ ‖ π_ref).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlEstimator {
+    /// `log π_θ − log π_ref` (k1).
+    #[default]
+    K1,
+    /// `exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1`, clamped to ±10 (k3, "low_var_kl").
+    LowVarKl,
+}
+
+/// Online prompt filtering (spec §5.1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Filter at all (`data.filter_accuracy`).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Smallest kept group mean score, inclusive.
+    #[serde(default = "default_lower")]
+    pub lower: f64,
+    /// Largest kept group mean score, inclusive.
+    #[serde(default = "default_upper")]
+    pub upper: f64,
+    /// Also drop a group when any of its responses was truncated (`data.filter_truncated`).
+    #[serde(default)]
+    pub drop_truncated: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_lower() -> f64 {
+    0.2
+}
+fn default_upper() -> f64 {
+    0.8
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            lower: default_lower(),
+            upper: default_upper(),
+            drop_truncated: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_papers_and_parse_from_toml() {
+        let config: AlgoConfig = toml::from_str("").unwrap();
+        assert_eq!(config, AlgoConfig::default());
+        assert_eq!(config.prm.beta, 0.05);
+        assert_eq!(config.ppo.clip_ratio, 0.2);
+        assert_eq!((config.filter.lower, config.filter.upper), (0.2, 0.8));
+        let config: AlgoConfig = toml::from_str(
+            "[prm]\nprocess_reward = \"recipe\"\nnorm = \"none\"\n\
+             [advantage]\nestimator = \"rloo\"\n[ppo]\nloss_aggregation = \"token_mean\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.prm.process_reward, ProcessRewardVariant::Recipe);
+        assert_eq!(config.prm.norm, RewardNorm::None);
+        assert_eq!(config.advantage.estimator, Estimator::Rloo);
+        assert_eq!(config.ppo.loss_aggregation, LossAggregation::TokenMean);
+        assert!(toml::from_str::<AlgoConfig>("[prm]\nbetta = 1.0\n").is_err());
+    }
+}
