@@ -19,9 +19,9 @@ CASES.json: {"cases": [case, ...]}, each case (B = G*K rows, T columns, V vocabu
         kl_estimator ("k1"|"low_var_kl"), filter_enabled, filter_lower, filter_upper,
         drop_truncated }
 Prints {"cases": [outputs, ...]} with, per case: mask, lengths, last_token, q,
-sequence_reward, process_rewards, normalized_rewards, ce_loss, dpo_acc, dpo_acc_abs,
-loo_process, loo_outcome, returns, advantages, pg_loss, clip_fraction, approx_kl, entropy,
-kl, loss, group_means, keep.  Every later quantity is computed from this script's own
+sequence_reward, process_rewards, normalized_rewards, ce_loss, ce_grad (d/d prm_logprobs),
+dpo_acc, dpo_acc_abs, loo_process, loo_outcome, returns, advantages, entropy_tokens, pg_loss,
+clip_fraction, approx_kl, entropy, kl, loss, loss_grad (d/d logprobs), group_means, keep.  Every later quantity is computed from this script's own
 earlier ones.
 """
 
@@ -161,9 +161,20 @@ def whiten(R, mask):
 def aggregate(x, mask, how):
     """Spec §6: token-mean per sequence then mean over sequences, or one token mean."""
     if how == "token_mean":
-        return x[mask].mean().item()
-    per_row = [x[i][mask[i]].mean().item() if mask[i].any() else 0.0 for i in range(x.shape[0])]
-    return sum(per_row) / len(per_row)
+        return x[mask].mean()
+    per_row = [x[i][mask[i]].mean() if mask[i].any() else x.new_zeros(()) for i in range(x.shape[0])]
+    return torch.stack(per_row).mean()
+
+
+def ce_loss_grad(prm, ref, lengths, scores, beta):
+    """d CE / d log π_φ by autograd through the literal sigmoid-then-log formula (spec §3.1)."""
+    prm = prm.clone().requires_grad_(True)
+    terms = []
+    for i, n in enumerate(lengths):
+        s = torch.sigmoid(beta * (prm[i, :n] - ref[i, :n]).sum())
+        terms.append(-(scores[i] * torch.log(s) + (1 - scores[i]) * torch.log(1 - s)))
+    torch.stack(terms).mean().backward()
+    return prm.grad
 
 
 def run_case(c):
@@ -193,7 +204,7 @@ def run_case(c):
         R = R + reverse_discounted(lp_proc, cfg["process_gamma"])
     A = whiten(R, mask)
 
-    lp, old = t64("logprobs"), t64("old_logprobs")
+    lp, old = t64("logprobs").requires_grad_(True), t64("old_logprobs")
     ratio = torch.exp(lp - old)
     eps = cfg["clip_ratio"]
     l1 = -A * ratio
@@ -201,7 +212,7 @@ def run_case(c):
     how = cfg["loss_aggregation"]
     pg = aggregate(torch.max(l1, l2), mask, how)
     clipfrac = aggregate((l2 > l1).to(F64), mask, how)
-    approx_kl = aggregate(old - lp, mask, how)
+    approx_kl = aggregate(old - lp.detach(), mask, how)
     ent_tok = torch.distributions.Categorical(logits=t64("logits")).entropy()
     entropy = aggregate(ent_tok, mask, how)
     ref = t64("policy_ref_logprobs")
@@ -212,6 +223,7 @@ def run_case(c):
         kl_tok = torch.clamp(torch.exp(d) - d - 1, -10, 10)
     kl = aggregate(kl_tok, mask, how)
     loss = pg - cfg["entropy_coeff"] * entropy + cfg["kl_coeff"] * kl
+    loss.backward()
 
     fr = [Fraction(str(s)) for s in c["scores"]]
     means = [sum(fr[g * k:(g + 1) * k]) / k for g in range(B // k)]
@@ -232,6 +244,7 @@ def run_case(c):
         "process_rewards": pr.tolist(),
         "normalized_rewards": normed.tolist(),
         "ce_loss": ce_loss(q, lengths, scores, beta),
+        "ce_grad": ce_loss_grad(t64("prm_logprobs"), t64("ref_logprobs"), lengths, scores, beta).tolist(),
         "dpo_acc": dpo_acc(S, scores, k),
         "dpo_acc_abs": dpo_acc_abs(S, scores),
         "loo_process": lp_proc.tolist(),
@@ -239,12 +252,13 @@ def run_case(c):
         "returns": R.tolist(),
         "advantages": A.tolist(),
         "entropy_tokens": ent_tok.tolist(),
-        "pg_loss": pg,
-        "clip_fraction": clipfrac,
-        "approx_kl": approx_kl,
-        "entropy": entropy,
-        "kl": kl,
-        "loss": loss,
+        "pg_loss": pg.item(),
+        "clip_fraction": clipfrac.item(),
+        "approx_kl": approx_kl.item(),
+        "entropy": entropy.item(),
+        "kl": kl.item(),
+        "loss": loss.item(),
+        "loss_grad": lp.grad.tolist(),
         "group_means": [float(m) for m in means],
         "keep": keep,
     }
