@@ -1,7 +1,7 @@
 //! Code grading end to end in the real sandbox: formats, comparison, partial credit, and
 //! attacks that must be contained (each scores 0, ends within its limit, leaves the host alone).
 
-use prime_verifier::code::sandbox::{Backend, Sandbox, SandboxLimits};
+use prime_verifier::code::sandbox::{Backend, Sandbox, SandboxLimits, Termination};
 use prime_verifier::code::{extract_code, grade_code, stdout_matches, CodeGraderConfig};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -23,9 +23,8 @@ fn sandbox() -> &'static Sandbox {
 fn landlock_sandbox() -> Option<&'static Sandbox> {
     static SANDBOX: OnceLock<Option<Sandbox>> = OnceLock::new();
     SANDBOX
-        .get_or_init(|| match Backend::landlock() {
-            Some(b) => Some(sandbox().clone().with_backend(b).with_warm_pool(2)),
-            None => None,
+        .get_or_init(|| {
+            Backend::landlock().map(|b| sandbox().clone().with_backend(b).with_warm_pool(2))
         })
         .as_ref()
         .or_else(|| {
@@ -468,4 +467,42 @@ fn deadline_stops_remaining_tests() {
         "took {:?}",
         start.elapsed()
     );
+}
+
+#[test]
+fn warm_pool_runs_are_fresh_and_isolated() {
+    let pooled = sandbox().clone().with_warm_pool(2);
+    assert_eq!(pooled.warm_pool_size(), 2);
+    // A shorter wall clock keeps the pool; other limits restart it with the same size.
+    let mut limits = pooled.limits().clone();
+    limits.wall_time = Duration::from_secs(1);
+    assert_eq!(
+        pooled.clone().with_limits(limits.clone()).warm_pool_size(),
+        2
+    );
+    limits.max_open_files = 32;
+    assert_eq!(pooled.clone().with_limits(limits).warm_pool_size(), 2);
+    for sb in [&pooled, landlock_sandbox().unwrap_or(&pooled)] {
+        let backend = sb.backend().name();
+        // Each run leaves a file, a variable and a background process behind; the next run
+        // must see none of them, and see its own stdin and `__name__`.
+        for i in 0..4 {
+            let program = "import os, sys, subprocess\nseen = [p for p in ('leftover.txt',) if os.path.exists(p)]\nopen('leftover.txt', 'w').write('x')\nif 'marker' in globals():\n    seen.append('globals')\nmarker = 1\nsubprocess.Popen(['sleep', '30'])\nprint(__name__, sys.argv[0], sys.stdin.read().strip(), seen)";
+            let stdin = format!("run-{i}");
+            let out = sb.run(program, stdin.as_bytes()).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                format!("__main__ main.py run-{i} []"),
+                "{backend}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // A program that fails to compile reports it as python would.
+        let out = sb.run("def broken(:\n", b"").unwrap();
+        assert_eq!(out.termination, Termination::Exited(1), "{backend}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("SyntaxError"),
+            "{backend}"
+        );
+    }
 }

@@ -139,6 +139,12 @@ const NAMESPACE_FLAGS: &[libc::c_int] = &[
     libc::CLONE_NEWCGROUP,
 ];
 
+/// A system call number as seccompiler wants it (`c_long` is `i64` on every supported arch).
+#[allow(clippy::unnecessary_cast)]
+fn nr(n: libc::c_long) -> i64 {
+    n as i64
+}
+
 fn seccomp_error(e: impl std::fmt::Display) -> VerifierError {
     VerifierError::Sandbox(format!("seccomp filter: {e}"))
 }
@@ -152,10 +158,10 @@ impl SeccompProgram {
                 .and_then(|c| SeccompRule::new(vec![c]))
         };
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-            DENIED.iter().map(|&nr| (nr as i64, Vec::new())).collect();
+            DENIED.iter().map(|&n| (nr(n), Vec::new())).collect();
         // Only unix sockets (AF_UNIX); abstract ones are scoped by Landlock where it can.
         rules.insert(
-            libc::SYS_socket as i64,
+            nr(libc::SYS_socket),
             vec![cond(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64).map_err(seccomp_error)?],
         );
         let clone_rules = NAMESPACE_FLAGS
@@ -166,7 +172,7 @@ impl SeccompProgram {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(seccomp_error)?;
-        rules.insert(libc::SYS_clone as i64, clone_rules);
+        rules.insert(nr(libc::SYS_clone), clone_rules);
         let deny: seccompiler::BpfProgram = SeccompFilter::new(
             rules,
             SeccompAction::Allow,
@@ -176,7 +182,7 @@ impl SeccompProgram {
         .and_then(TryInto::try_into)
         .map_err(seccomp_error)?;
         let enosys: seccompiler::BpfProgram = SeccompFilter::new(
-            BTreeMap::from([(libc::SYS_clone3 as i64, Vec::new())]),
+            BTreeMap::from([(nr(libc::SYS_clone3), Vec::new())]),
             SeccompAction::Allow,
             SeccompAction::Errno(libc::ENOSYS as u32),
             arch,

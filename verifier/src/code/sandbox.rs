@@ -1,7 +1,7 @@
 //! Running untrusted Python in a sandbox.
 //!
-//! Two backends, chosen once at start-up by [`Sandbox::detect`] and reported in the service's
-//! status:
+//! Three backends, chosen once at start-up by [`Sandbox::detect`] (the first whose probe
+//! program runs wins) and reported in the service's status:
 //!
 //! * [`Backend::Bubblewrap`] (preferred): `bwrap` puts the run in fresh user, pid, mount, ipc,
 //!   uts, cgroup and network namespaces, as uid/gid 65534 with all capabilities dropped. The
@@ -10,40 +10,40 @@
 //!   `/tmp`, and the per-run work dir as the only writable host path. `bwrap` itself starts
 //!   with an empty environment (its init keeps the environment it was started with, readable
 //!   through `/proc/1/environ`), and the program gets only `PATH`, `HOME` and `LANG`.
-//!   No network: the new network namespace has only a down loopback.
-//! * [`Backend::Rlimits`] (fallback where user namespaces are unavailable, e.g. a locked-down
-//!   pod): the same resource limits, an empty environment, a private work dir, a new session
-//!   so the whole process group is killed, and a private network namespace when the process
-//!   may create one (root); without it the program can reach the network. This backend does
-//!   not hide host files; it is weaker and the status says so.
+//!   No network: the new network namespace has only its own loopback.
+//! * [`Backend::Landlock`] (where user namespaces are unavailable, e.g. a locked-down pod):
+//!   Landlock confines the file system to read-only views of the Python installation and the
+//!   system libraries plus the writable work dir, refuses TCP (ABI 4+) and signals or
+//!   abstract sockets outside the sandbox (ABI 6+); a seccomp filter refuses non-unix
+//!   sockets, namespaces, ptrace, io_uring, `setsid`/`setpgid` and other escape hatches; as
+//!   root every capability is dropped and, where allowed, a private network namespace is
+//!   added. See [`super::confine`]. Host paths still *exist* (a `stat` succeeds) but cannot
+//!   be read, listed or written.
+//! * [`Backend::Rlimits`] (last resort, kernel without Landlock): the same resource limits, an
+//!   empty environment, a private work dir, a new session so the whole process group is
+//!   killed, and (as root) a private network namespace. It does not hide host files.
 //!
-//! Both backends apply rlimits in the child before `exec` (CPU seconds, address space, file
-//! size, open files, no core dumps, process count for non-root users), kill the whole process
-//! group on the wall-clock limit, cap captured stdout/stderr (a run that exceeds the cap is
-//! killed), and, where the grader may create cgroups (v2, or v1 `memory` + `pids`), put the run
-//! in its own cgroup with a memory cap and a pids cap for the whole tree and kill everything in
-//! it afterwards, which also catches daemons that left the process group.
+//! Every backend applies rlimits in the child before `exec` (CPU seconds, address space, file
+//! size, open files, no core dumps, process count for non-root users), kills the whole process
+//! group on the wall-clock limit, caps captured stdout/stderr (a run that exceeds the cap is
+//! killed), and, where the grader may create cgroups (v2, or v1 `memory` + `pids`), puts the
+//! run in its own cgroup with a memory cap and a pids cap for the whole tree and kills
+//! everything in it afterwards, which also catches daemons that left the process group.
 //!
-//! Cost: on a 2-core machine, a trivial program's test took about 45 ms with bare `python3`,
-//! 65 ms under bubblewrap (a fresh network namespace is most of it), and about 30 ms more with
-//! the per-run cgroup on cgroup v1, where moving a task into a cgroup waits for an RCU grace
-//! period per hierarchy (measure with `cargo run --release -p prime-verifier --example
-//! sandbox_overhead`). Safety comes first: the cgroup is the only whole-sandbox memory cap and
-//! the only process cap that binds root.
+//! Warm pool ([`Sandbox::with_warm_pool`]): a sandbox is started *before* its program is
+//! known: work dir, cgroup (on cgroup v1, moving a task into a cgroup waits for an RCU grace
+//! period per hierarchy), namespaces and the interpreter itself, which then blocks reading
+//! its program from descriptor 3. A run writes the program there and its stdin to the
+//! interpreter, so its critical path is only the program; a background thread starts the
+//! replacement. Every run still gets a fresh process, work dir, cgroup and namespaces.
+//! Measure with `cargo run --release -p prime-verifier --example sandbox_overhead`.
 //!
 //! Without a cgroup, the process-count cap is `RLIMIT_NPROC`, which the kernel counts per real
 //! uid: concurrent runs under one non-root uid share it (a fork bomb in one run can make a
 //! neighbour's fork fail), and it does not bind root at all. Give the grader a writable cgroup
 //! (or run one sandbox at a time) where that matters.
 //!
-//! Kubernetes: bubblewrap needs user namespaces inside the pod, i.e. a seccomp profile that
-//! allows `unshare`/`clone` with `CLONE_NEWUSER` (`Unconfined` or a custom profile; the
-//! RuntimeDefault profile of containerd blocks it for non-root), an AppArmor profile that
-//! allows user namespaces (`unconfined` on Ubuntu hosts with
-//! `apparmor_restrict_unprivileged_userns`), and `procMount: Unmasked` or a pod without masked
-//! `/proc` paths so `bwrap --proc` can mount a fresh procfs. The cgroup caps need a writable
-//! cgroup file system (cgroup v2 with delegation, or a privileged container). Without those the
-//! rlimit backend still runs, with the weaker guarantees listed above.
+//! What a Kubernetes pod must allow for each backend is in `docs/verifier.md`.
 
 use super::confine::{landlock_abi, Confinement, SeccompProgram};
 use crate::error::VerifierError;
