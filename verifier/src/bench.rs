@@ -5,7 +5,7 @@
 //! The Python side is `bench/python/math_verify_agreement.py`, run as a child process with an
 //! interpreter that has `math-verify` installed; both sides print the same JSON summary.
 
-use crate::code::sandbox::{Sandbox, SandboxLimits};
+use crate::code::sandbox::{Backend, Sandbox, SandboxLimits};
 use crate::error::VerifierError;
 use crate::math::{answers_match, grade_math};
 use serde::Serialize;
@@ -106,8 +106,9 @@ pub struct VerifierBenchReport {
     pub math_verify: Result<MathSide, String>,
     /// Our items/s over math-verify's.
     pub speedup: Option<f64>,
-    /// Sandboxed code-test latency against bare python.
-    pub code: CodeLatency,
+    /// Sandboxed code-test latency against bare python: the detected backend first, then
+    /// Landlock + seccomp when the kernel offers it and it is not the detected one.
+    pub code: Vec<CodeLatency>,
 }
 
 /// Runs both benchmarks.
@@ -121,7 +122,14 @@ pub fn run_bench(options: &BenchOptions) -> Result<VerifierBenchReport, Verifier
         .as_ref()
         .ok()
         .map(|m| ours.items_per_second / m.items_per_second);
-    let code = code_latency(options.code_runs)?;
+    let detected = Sandbox::detect(SandboxLimits::default())?;
+    let mut code = vec![code_latency_in(&detected, options.code_runs)?];
+    if let Some(landlock) = Backend::landlock().filter(|b| b != detected.backend()) {
+        code.push(code_latency_in(
+            &detected.clone().with_backend(landlock),
+            options.code_runs,
+        )?);
+    }
     Ok(VerifierBenchReport {
         ours,
         math_verify,
@@ -233,10 +241,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Latency of the code test in the best available sandbox (cold, warm, back to back) and
 /// bare.
 pub fn code_latency(runs: usize) -> Result<CodeLatency, VerifierError> {
+    code_latency_in(&Sandbox::detect(SandboxLimits::default())?, runs)
+}
+
+/// Latency of the code test in `sandbox` (cold, warm, back to back) and bare.
+pub fn code_latency_in(sandbox: &Sandbox, runs: usize) -> Result<CodeLatency, VerifierError> {
     let runs = runs.max(1);
     let stdin: String = (0..1000).map(|i| format!("{i} ")).collect();
     let expected = (0..1000u64).map(|x| x * x).sum::<u64>().to_string();
-    let cold = Sandbox::detect(SandboxLimits::default())?;
+    let cold = sandbox.clone().with_warm_pool(0);
     let dir = tempfile::tempdir()?;
     let script = dir.path().join("main.py");
     std::fs::write(&script, PROGRAM)?;
@@ -332,8 +345,8 @@ impl VerifierBenchReport {
         if let Some(x) = self.speedup {
             s.push_str(&format!("speedup          {x:.0}x\n"));
         }
-        let c = &self.code;
-        s.push_str(&format!(
+        for c in &self.code {
+            s.push_str(&format!(
             "code test ({}, cgroup {}): bare {:.1} ms, cold sandbox {:.1} ms ({:+.0}%), warm sandbox {:.1} ms ({:+.0}%), back to back {:.1} vs {:.1} ms per test ({:+.0}%)\n",
             c.backend,
             c.cgroup,
@@ -345,7 +358,52 @@ impl VerifierBenchReport {
             c.warm_back_to_back_ms,
             c.bare_back_to_back_ms,
             c.back_to_back_overhead * 100.0
-        ));
+            ));
+        }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn math_side_scores_a_small_labelled_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let items = dir.path().join("items.jsonl");
+        std::fs::write(
+            &items,
+            concat!(
+                r#"{"category": "a", "ground_truth": "1/2", "answer": "0.5", "correct": true}"#,
+                "\n",
+                r#"{"category": "a", "ground_truth": "3", "answer": "4", "correct": false}"#,
+                "\n",
+                r#"{"category": "b", "ground_truth": "7", "response": "so \\boxed{7}", "correct": false}"#,
+                "\n",
+            ),
+        )
+        .unwrap();
+        let options = BenchOptions {
+            math_items: items,
+            repeats: 3,
+            ..BenchOptions::default()
+        };
+        let side = math_ours(&options).unwrap();
+        assert_eq!(side.items, 3);
+        // The third label is deliberately wrong: our grader says 7 is correct.
+        assert!((side.agreement - 2.0 / 3.0).abs() < 1e-9, "{side:?}");
+        assert_eq!(side.per_category["a"], (2, 2));
+        assert_eq!(side.per_category["b"], (1, 0));
+        assert!(side.items_per_second > 0.0);
+    }
+
+    #[test]
+    fn code_latency_measures_a_correct_sandboxed_run() {
+        let c = code_latency(1).unwrap();
+        assert_eq!(c.runs, 1);
+        for ms in [c.bare_ms, c.cold_ms, c.warm_ms, c.bare_back_to_back_ms] {
+            assert!(ms > 0.0 && ms < 10_000.0, "{c:?}");
+        }
     }
 }
