@@ -220,6 +220,9 @@ impl Sandbox {
     /// seccomp, then rlimits alone. Each candidate must run a probe program.
     pub fn detect(limits: SandboxLimits) -> Result<Self, VerifierError> {
         let (python, python_prefix) = locate_python()?;
+        remove_stale(&std::env::temp_dir(), WORKDIR_PREFIX, |d| {
+            std::fs::remove_dir_all(d)
+        });
         let cgroups = CgroupMounts::detect();
         let seccomp = match SeccompProgram::compile() {
             Ok(p) => Some(p),
@@ -362,7 +365,7 @@ impl Spawner {
     /// Starts a sandboxed interpreter that waits for its program.
     fn launch(&self) -> Result<Prepared, VerifierError> {
         let workdir = tempfile::Builder::new()
-            .prefix("prime-sandbox-")
+            .prefix(&format!("{WORKDIR_PREFIX}{}-", std::process::id()))
             .tempdir()?;
         let cgroup = match &self.cgroups {
             Some(m) => match m.create(&self.limits) {
@@ -503,6 +506,35 @@ impl Spawner {
             paths.push(dir.to_path_buf());
         }
         paths
+    }
+}
+
+/// Work dirs are named `prime-sandbox-PID-...` after the grader process that made them.
+const WORKDIR_PREFIX: &str = "prime-sandbox-";
+
+/// Removes what grader processes that are gone left in `dir`: entries named
+/// `{prefix}{pid}-...` whose pid no longer exists (their cgroups, empty once the sandboxes
+/// died with them through the parent-death signal, and their work dirs). Best effort.
+fn remove_stale(dir: &Path, prefix: &str, remove: impl Fn(&Path) -> std::io::Result<()>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<libc::pid_t>().ok());
+        let Some(pid) = pid.filter(|&p| p > 0) else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } < 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = remove(&entry.path());
+        }
     }
 }
 
@@ -997,6 +1029,7 @@ impl CgroupMounts {
             if std::fs::create_dir_all(p).is_err() {
                 return None;
             }
+            remove_stale(p, "run-", |d| std::fs::remove_dir(d));
         }
         if let CgroupVersion::V2(p) = &version {
             // Enable the controllers for the per-run children.
@@ -1097,5 +1130,40 @@ impl RunCgroup {
                 tracing::warn!(dir = %d.display(), error = %e, "could not remove a run cgroup");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_leftovers_of_dead_processes_are_removed_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let mine = std::process::id();
+        for name in [
+            format!("run-{dead}-3"),
+            format!("run-{mine}-4"),
+            "run-x-1".to_string(),
+            format!("other-{dead}-1"),
+        ] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        remove_stale(dir.path(), "run-", |d| std::fs::remove_dir(d));
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut expected = vec![
+            format!("other-{dead}-1"),
+            format!("run-{mine}-4"),
+            "run-x-1".to_string(),
+        ];
+        expected.sort();
+        assert_eq!(left, expected);
     }
 }
