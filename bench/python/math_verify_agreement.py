@@ -2,8 +2,12 @@
 tests/data/math_pairs.jsonl, and its speed; the Rust counterpart is
 `cargo run --release -p prime-verifier --example math_agreement`. Prints one JSON line.
 
+`prime bench verifier` (prime_verifier::bench) runs this script next to our grader and
+reads its JSON line. The timed passes come after the agreement pass; math-verify's own
+caches only hold compiled extraction patterns, not per-item results, so they are fair.
+
 Usage: python3 bench/python/math_verify_agreement.py [FILE] [REPEATS]
-Needs: pip install "math-verify[antlr4_13_2]"
+Needs: math-verify (pinned in tests/python/requirements.txt; it pulls antlr4 4.13.2)
 """
 
 import json
