@@ -127,3 +127,48 @@ pub fn i64s(value: &Value) -> Vec<i64> {
         .map(|v| v.as_i64().expect("integer"))
         .collect()
 }
+
+/// transformers' per-token log-probs of `sequences` under the model in `dir`, computed in
+/// `dtype` (`float32`, `bfloat16` or `float16`).
+pub fn reference_logprobs(dir: &Path, sequences: &[Vec<i64>], dtype: &str) -> Vec<Vec<f32>> {
+    let rows = run_on_sequences(dir, sequences, &["logprobs", "--dtype", dtype]);
+    rows.iter().map(|r| f32s(&r["logprobs"])).collect()
+}
+
+/// transformers' greedy continuation (`generate`, new tokens only, EOS kept) of each prompt.
+pub fn reference_greedy(dir: &Path, prompts: &[Vec<i64>], max_new_tokens: usize) -> Vec<Vec<i64>> {
+    let max_new = max_new_tokens.to_string();
+    let rows = run_on_sequences(dir, prompts, &["greedy", "--max-new-tokens", &max_new]);
+    rows.iter().map(|r| i64s(&r["output_ids"])).collect()
+}
+
+fn run_on_sequences(dir: &Path, sequences: &[Vec<i64>], command: &[&str]) -> Vec<Value> {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let (input, output) = (tmp.path().join("in.jsonl"), tmp.path().join("out.jsonl"));
+    let rows: Vec<Value> = sequences
+        .iter()
+        .map(|s| serde_json::json!({ "input_ids": s }))
+        .collect();
+    write_jsonl(&input, &rows);
+    let paths = [
+        "--model",
+        path_str(dir),
+        "--input",
+        path_str(&input),
+        "--output",
+        path_str(&output),
+    ];
+    let args: Vec<&str> = command[..1]
+        .iter()
+        .chain(&paths)
+        .chain(&command[1..])
+        .copied()
+        .collect();
+    qwen2_ref(&args);
+    read_jsonl(&output)
+}
+
+/// A path as `&str` for command lines (test paths are UTF-8).
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}

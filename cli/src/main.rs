@@ -7,7 +7,7 @@ mod progress;
 
 /// PRIME (process reinforcement through implicit rewards) as a Rust service.
 #[derive(Debug, Parser)]
-#[command(name = "prime", version, about, long_about = None)]
+#[command(name = "prime", version)]
 struct Cli {
     /// Torch CPU threads (default: $PRIME_THREADS, else torch's own choice).
     #[arg(long, global = true, env = "PRIME_THREADS")]
@@ -25,13 +25,20 @@ enum Command {
     Sft(cmd::sft::SftArgs),
     /// Write the embedded default world: problems, datasets and the trained tokenizer.
     World(cmd::world::WorldArgs),
-    /// Serve the Verifier gRPC service (math and sandboxed code grading).
-    Verifier(cmd::verifier::VerifierArgs),
+    /// The Verifier gRPC service (math and sandboxed code grading).
+    #[command(subcommand)]
+    Verifier(VerifierCommand),
     /// Grade a JSONL file of responses, locally or through a running verifier.
     Grade(cmd::verifier::GradeArgs),
     /// Benchmarks against transformers, side by side in one run.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum VerifierCommand {
+    /// Serve grading over gRPC, with health, status and Prometheus metrics.
+    Serve(cmd::verifier::VerifierArgs),
 }
 
 fn main() -> Result<()> {
@@ -50,7 +57,7 @@ fn main() -> Result<()> {
         Command::Model(command) => cmd::model::run(command),
         Command::Sft(args) => cmd::sft::run(args),
         Command::World(args) => cmd::world::run(args),
-        Command::Verifier(args) => cmd::verifier::run(args),
+        Command::Verifier(VerifierCommand::Serve(args)) => cmd::verifier::run(args),
         Command::Grade(args) => cmd::verifier::run_grade(args),
         Command::Bench(c) => cmd::bench::run(c),
     }

@@ -42,22 +42,12 @@ fn logprobs_and_generate_match_transformers() {
         "model", "logprobs", "--model", &model, "--input", &input, "--output", &output,
     ]));
     let ours = read_jsonl(Path::new(&output));
-    let reference_out = tmp.path().join("ref.jsonl");
-    qwen2_ref(&[
-        "logprobs",
-        "--model",
-        &model,
-        "--input",
-        &input,
-        "--output",
-        reference_out.to_str().unwrap(),
-    ]);
-    let reference = read_jsonl(&reference_out);
+    let reference = reference_logprobs(Path::new(&model), &sequences, "float32");
     assert_eq!(ours.len(), sequences.len());
     for ((o, r), seq) in ours.iter().zip(&reference).zip(&sequences) {
-        let (o, r) = (f32s(&o["logprobs"]), f32s(&r["logprobs"]));
+        let o = f32s(&o["logprobs"]);
         assert_eq!(o.len(), seq.len() - 1);
-        assert!(max_abs_diff(&o, &r) < 1e-4);
+        assert!(max_abs_diff(&o, r) < 1e-4);
     }
 
     run(prime().args([
@@ -75,19 +65,11 @@ fn logprobs_and_generate_match_transformers() {
         "0",
     ]));
     let ours = read_jsonl(Path::new(&output));
-    qwen2_ref(&[
-        "greedy",
-        "--model",
-        &model,
-        "--input",
-        &input,
-        "--output",
-        reference_out.to_str().unwrap(),
-        "--max-new-tokens",
-        "9",
-    ]);
-    for (o, r) in ours.iter().zip(read_jsonl(&reference_out)) {
-        assert_eq!(i64s(&o["output_ids"]), i64s(&r["output_ids"]));
+    for (o, r) in ours
+        .iter()
+        .zip(reference_greedy(Path::new(&model), &sequences, 9))
+    {
+        assert_eq!(i64s(&o["output_ids"]), r);
     }
 }
 

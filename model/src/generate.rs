@@ -198,11 +198,12 @@ pub fn sample(logits: &Tensor, params: &SamplingParams) -> (Tensor, Tensor) {
     }
     let scaled = logits / params.temperature;
     let logprobs_all = scaled.log_softmax(-1, Kind::Float);
-    let filtered = truncate(&scaled, params.top_k, params.top_p);
-    let tokens = filtered
-        .softmax(-1, Kind::Float)
-        .multinomial(1, false)
-        .squeeze_dim(-1);
+    let probs = if params.top_k == 0 && params.top_p >= 1.0 {
+        logprobs_all.exp()
+    } else {
+        truncate(&scaled, params.top_k, params.top_p).softmax(-1, Kind::Float)
+    };
+    let tokens = probs.multinomial(1, false).squeeze_dim(-1);
     let logprobs = logprobs_all
         .gather(-1, &tokens.unsqueeze(-1), false)
         .squeeze_dim(-1);

@@ -25,8 +25,18 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
-        let bias = self.bias.as_ref().map(|b| b.to_kind(kind));
-        x.linear(&self.weight.to_kind(kind), bias.as_ref())
+        let bias = self.bias.as_ref().map(|b| cast(b, kind));
+        x.linear(&cast(&self.weight, kind), bias.as_ref())
+    }
+}
+
+/// `t` in dtype `kind`; a handle to the same tensor when it already is (keeps the per-token
+/// decode path free of no-op dispatches).
+fn cast(t: &Tensor, kind: Kind) -> Tensor {
+    if t.kind() == kind {
+        t.shallow_clone()
+    } else {
+        t.to_kind(kind)
     }
 }
 
@@ -45,10 +55,10 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
-        let h = x.to_kind(Kind::Float);
+        let h = cast(x, Kind::Float);
         let variance = h.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-        let normed = (h * (variance + self.eps).rsqrt()).to_kind(kind);
-        self.weight.to_kind(kind) * normed
+        let normed = cast(&(h * (variance + self.eps).rsqrt()), kind);
+        cast(&self.weight, kind) * normed
     }
 }
 
@@ -409,8 +419,12 @@ impl Qwen2 {
 /// Boolean attention mask `[B, 1, T, S]` (true = attend) for `T` queries at key slots
 /// `offset..offset+T`: causal over real keys, plus each query's own slot.
 fn attention_mask(key_mask: &Tensor, offset: i64, t: i64) -> Tensor {
-    let device = key_mask.device();
     let s = key_mask.size()[1];
+    if t == 1 && s == offset + 1 {
+        // Decoding: one new (real) token in the last key slot attends to every real key.
+        return key_mask.to_kind(Kind::Bool).view([-1, 1, 1, s]);
+    }
+    let device = key_mask.device();
     let key_slots = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
     let query_slots = (Tensor::arange(t, (Kind::Int64, device)) + offset).view([t, 1]);
     let causal = key_slots.le_tensor(&query_slots);

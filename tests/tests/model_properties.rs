@@ -4,7 +4,7 @@
 use prime_model::logprobs::{position_ids, PaddedBatch};
 use prime_model::{generate, sequence_logprobs, CausalLm, SamplingParams};
 use prime_tests::*;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 const VOCAB: i64 = 300;
 
@@ -23,6 +23,19 @@ fn random_model(dir: &std::path::Path) -> CausalLm {
         "2",
     ]);
     CausalLm::load(dir, Device::Cpu, Kind::Float, Kind::Float).unwrap()
+}
+
+/// Logits `[T, V]` of one sequence from a plain forward without a cache.
+fn full_logits(lm: &CausalLm, sequence: &[i64]) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    let batch = PaddedBatch::new(&[sequence.to_vec()], VOCAB, 0, Device::Cpu).unwrap();
+    let hidden = lm.model.forward(
+        &batch.input_ids,
+        &position_ids(&batch.attention_mask),
+        &batch.attention_mask,
+        None,
+    );
+    lm.model.logits(&hidden).get(0)
 }
 
 #[test]
@@ -46,16 +59,7 @@ fn kv_cache_decoding_equals_full_recomputation() {
             .remove(0);
         let generated_logprobs = &logprobs[prompt.len() - 1..];
         assert!(max_abs_diff(generated_logprobs, &generation.logprobs) < 1e-4);
-        let _guard = tch::no_grad_guard();
-        let batch = PaddedBatch::new(std::slice::from_ref(&full), VOCAB, 0, Device::Cpu).unwrap();
-        let hidden = lm.model.forward(
-            &batch.input_ids,
-            &position_ids(&batch.attention_mask),
-            &batch.attention_mask,
-            None,
-        );
-        let argmax =
-            Vec::<i64>::try_from(lm.model.logits(&hidden).argmax(-1, false).get(0)).unwrap();
+        let argmax = Vec::<i64>::try_from(full_logits(&lm, &full).argmax(-1, false)).unwrap();
         assert_eq!(
             &argmax[prompt.len() - 1..full.len() - 1],
             generation.token_ids.as_slice()
@@ -157,17 +161,7 @@ fn sampling_logprobs_are_those_of_the_tempered_distribution() {
     };
     let generation = generate(&lm.model, &prompt, &params).unwrap().remove(0);
     let full: Vec<i64> = [prompt[0].as_slice(), &generation.token_ids].concat();
-    let _guard = tch::no_grad_guard();
-    let batch = PaddedBatch::new(std::slice::from_ref(&full), VOCAB, 0, Device::Cpu).unwrap();
-    let hidden = lm.model.forward(
-        &batch.input_ids,
-        &position_ids(&batch.attention_mask),
-        &batch.attention_mask,
-        None,
-    );
-    let logprobs = (lm.model.logits(&hidden) / temperature)
-        .log_softmax(-1, Kind::Float)
-        .get(0);
+    let logprobs = (full_logits(&lm, &full) / temperature).log_softmax(-1, Kind::Float);
     for (i, (&token, &lp)) in generation
         .token_ids
         .iter()

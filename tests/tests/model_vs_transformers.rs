@@ -29,42 +29,15 @@ fn check_against_reference(extra: &[&str]) {
     let lm = load(&dir);
 
     let sequences = random_sequences(4, 2, 40, VOCAB, 7);
-    let input = tmp.path().join("in.jsonl");
-    let output = tmp.path().join("out.jsonl");
-    let rows: Vec<_> = sequences
-        .iter()
-        .map(|s| json!({ "input_ids": s }))
-        .collect();
-    write_jsonl(&input, &rows);
-    qwen2_ref(&[
-        "logprobs",
-        "--model",
-        dir.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
-    let reference = read_jsonl(&output);
+    let reference = reference_logprobs(&dir, &sequences, "float32");
     let ours = sequence_logprobs(&lm.model, &sequences, 4096).unwrap();
     for (row, (r, o)) in reference.iter().zip(&ours).enumerate() {
-        let diff = max_abs_diff(&f32s(&r["logprobs"]), o);
+        let diff = max_abs_diff(r, o);
         assert!(diff < 1e-4, "{extra:?} row {row}: max |diff| {diff}");
     }
 
     let prompts = &sequences[..3];
-    qwen2_ref(&[
-        "greedy",
-        "--model",
-        dir.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--max-new-tokens",
-        "12",
-    ]);
-    let reference = read_jsonl(&output);
+    let reference = reference_greedy(&dir, prompts, 12);
     let params = SamplingParams {
         max_new_tokens: 12,
         temperature: 0.0,
@@ -73,11 +46,7 @@ fn check_against_reference(extra: &[&str]) {
     };
     let ours = generate(&lm.model, prompts, &params).unwrap();
     for (row, (r, o)) in reference.iter().zip(&ours).enumerate() {
-        assert_eq!(
-            i64s(&r["output_ids"]),
-            o.token_ids,
-            "{extra:?} greedy row {row}"
-        );
+        assert_eq!(r, &o.token_ids, "{extra:?} greedy row {row}");
     }
 }
 
@@ -198,24 +167,20 @@ fn bf16_and_f16_compute_track_transformers() {
     let dir = tmp.path().join("model");
     make_model(&dir, &["--init-std", "0.05"]);
     let sequences = random_sequences(3, 5, 30, VOCAB, 13);
-    let input = tmp.path().join("in.jsonl");
-    let output = tmp.path().join("out.jsonl");
-    let rows: Vec<_> = sequences.iter().map(|s| json!({ "input_ids": s })).collect();
-    write_jsonl(&input, &rows);
-    qwen2_ref(&["logprobs", "--model", dir.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()]);
-    let reference_f32 = read_jsonl(&output);
+    let reference_f32 = reference_logprobs(&dir, &sequences, "float32");
     for (kind, name) in [(Kind::BFloat16, "bfloat16"), (Kind::Half, "float16")] {
         let lm = CausalLm::load(&dir, Device::Cpu, kind, kind).unwrap();
         let ours = sequence_logprobs(&lm.model, &sequences, 4096).unwrap();
-        qwen2_ref(&["logprobs", "--model", dir.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(), "--dtype", name]);
-        let reference = read_jsonl(&output);
+        let reference = reference_logprobs(&dir, &sequences, name);
         for ((o, r), r32) in ours.iter().zip(&reference).zip(&reference_f32) {
-            let (r, r32) = (f32s(&r["logprobs"]), f32s(&r32["logprobs"]));
             // Both half-precision runs round differently, but each stays near the f32 values
             // and near the other.
-            let ours_vs_theirs = max_abs_diff(o, &r);
-            let ours_vs_f32 = max_abs_diff(o, &r32);
-            assert!(ours_vs_theirs < 0.1, "{name}: ours vs transformers {ours_vs_theirs}");
+            let ours_vs_theirs = max_abs_diff(o, r);
+            let ours_vs_f32 = max_abs_diff(o, r32);
+            assert!(
+                ours_vs_theirs < 0.1,
+                "{name}: ours vs transformers {ours_vs_theirs}"
+            );
             assert!(ours_vs_f32 < 0.15, "{name}: ours vs f32 {ours_vs_f32}");
             assert!(ours_vs_f32 > 0.0, "{name}: computed in f32?");
         }
