@@ -120,16 +120,7 @@ mod tests {
     use super::*;
     use tch::Kind;
 
-    fn values(t: &Tensor) -> Vec<f32> {
-        Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()
-    }
-
-    fn close(a: &[f32], b: &[f32]) {
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() < 1e-6, "{a:?} vs {b:?}");
-        }
-    }
+    use crate::algo::test_util::{close, values};
 
     #[test]
     fn outcome_rloo_is_plain_leave_one_out() {

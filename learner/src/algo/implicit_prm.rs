@@ -114,16 +114,7 @@ pub fn dpo_abs_accuracy(token_rewards: &Tensor, mask: &Tensor, scores: &Tensor) 
 mod tests {
     use super::*;
 
-    fn values(t: &Tensor) -> Vec<f32> {
-        Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()
-    }
-
-    fn close(a: &[f32], b: &[f32]) {
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() < 1e-6, "{a:?} vs {b:?}");
-        }
-    }
+    use crate::algo::test_util::{close, values};
 
     #[test]
     fn log_ratio_and_rewards_by_variant() {

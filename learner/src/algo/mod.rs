@@ -19,6 +19,23 @@ pub mod implicit_prm;
 pub mod masks;
 pub mod ppo;
 
+/// Helpers shared by the unit tests of the algorithm modules.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use tch::Tensor;
+
+    pub fn values(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()
+    }
+
+    pub fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-6, "{a:?} vs {b:?}");
+        }
+    }
+}
+
 pub use config::{
     AdvantageConfig, AlgoConfig, Estimator, FilterConfig, KlEstimator, LossAggregation, PpoConfig,
     PrmConfig, ProcessBaseline, ProcessRewardVariant, RewardGranularity, RewardNorm,
