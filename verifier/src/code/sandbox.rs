@@ -754,15 +754,6 @@ impl PreExec {
     fn apply(&self) -> std::io::Result<()> {
         // SAFETY (whole function): async-signal-safe calls on memory owned by `self`.
         unsafe {
-            // The program pipe becomes fd 3, open across exec (dup2 clears close-on-exec).
-            let rc = if self.program_fd == PROGRAM_FD {
-                libc::fcntl(PROGRAM_FD, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(self.program_fd, PROGRAM_FD)
-            };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -790,6 +781,21 @@ impl PreExec {
         }
         if let Some(c) = &self.confinement {
             c.apply()?;
+        }
+        // Last: the program pipe becomes fd 3, open across exec (dup2 clears close-on-exec).
+        // Any descriptor the steps above use (a cgroup.procs file, the Landlock ruleset) may
+        // itself be fd 3 when other threads opened and closed descriptors before the fork;
+        // replacing fd 3 earlier would make those steps fail with EBADF.
+        // SAFETY: dup2/fcntl are async-signal-safe and touch only descriptors.
+        let rc = unsafe {
+            if self.program_fd == PROGRAM_FD {
+                libc::fcntl(PROGRAM_FD, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(self.program_fd, PROGRAM_FD)
+            }
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
         }
         Ok(())
     }
