@@ -19,6 +19,11 @@ pub mod implicit_prm;
 pub mod masks;
 pub mod ppo;
 
+pub use config::{
+    AdvantageConfig, AlgoConfig, Estimator, FilterConfig, KlEstimator, LossAggregation, PpoConfig,
+    PrmConfig, ProcessBaseline, ProcessRewardVariant, RewardGranularity, RewardNorm,
+};
+
 /// Helpers shared by the unit tests of the algorithm modules.
 #[cfg(test)]
 pub(crate) mod test_util {
@@ -35,8 +40,3 @@ pub(crate) mod test_util {
         }
     }
 }
-
-pub use config::{
-    AdvantageConfig, AlgoConfig, Estimator, FilterConfig, KlEstimator, LossAggregation, PpoConfig,
-    PrmConfig, ProcessBaseline, ProcessRewardVariant, RewardGranularity, RewardNorm,
-};
