@@ -222,9 +222,9 @@ fn truncate(logits: &Tensor, top_k: i64, top_p: f64) -> Tensor {
     }
     if top_p < 1.0 {
         let (sorted, indices) = logits.sort(-1, true);
-        let cumulative = sorted.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
+        let sorted_probs = sorted.softmax(-1, Kind::Float);
         // Drop a token when the tokens ranked above it already reach top_p.
-        let probs_before = &cumulative - sorted.softmax(-1, Kind::Float);
+        let probs_before = sorted_probs.cumsum(-1, Kind::Float) - &sorted_probs;
         let drop_sorted = probs_before.ge(top_p);
         let drop = drop_sorted.scatter(-1, &indices, &drop_sorted);
         logits = logits.masked_fill(&drop, f64::NEG_INFINITY);
