@@ -286,15 +286,26 @@ impl safetensors::View for &TensorBytes {
     }
 }
 
-fn tensor_bytes(t: &Tensor) -> TensorBytes {
-    let numel = t.numel();
-    let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-    t.copy_data_u8(&mut data, numel);
-    TensorBytes {
+fn tensor_bytes(t: &Tensor) -> Result<TensorBytes> {
+    let mut data = vec![0u8; tensor_byte_len(t)];
+    write_tensor_bytes(t, &mut data)?;
+    Ok(TensorBytes {
         dtype: dtype_of(t.kind()),
         shape: t.size().iter().map(|&d| d as usize).collect(),
         data,
-    }
+    })
+}
+
+/// Size of a tensor's elements in bytes.
+pub(crate) fn tensor_byte_len(t: &Tensor) -> usize {
+    t.numel() * t.kind().elt_size_in_bytes()
+}
+
+/// Writes a tensor's elements into `out` (exactly [`tensor_byte_len`] long) as row-major bytes
+/// in the machine's byte order, little endian on every platform libtorch supports. libtorch
+/// moves the tensor to the CPU and makes it contiguous first when it has to.
+pub(crate) fn write_tensor_bytes(t: &Tensor, out: &mut [u8]) -> Result<()> {
+    Ok(t.f_copy_data_u8(out, t.numel())?)
 }
 
 /// Writes the tensors to `model.safetensors`, or to `model-0000i-of-0000n.safetensors` shards
@@ -304,7 +315,7 @@ fn save_weights(dir: &Path, named: &[(String, Tensor)], max_shard_bytes: usize) 
     let mut shard_bytes = 0usize;
     let mut total_size = 0usize;
     for (name, tensor) in named {
-        let bytes = tensor_bytes(tensor);
+        let bytes = tensor_bytes(tensor)?;
         let size = bytes.data.len();
         if shard_bytes > 0 && shard_bytes + size > max_shard_bytes {
             shards.push(Vec::new());

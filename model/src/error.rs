@@ -30,6 +30,9 @@ pub enum ModelError {
     Device(String),
     #[error("unknown dtype {0:?}: expected f32, bf16 or f16")]
     Dtype(String),
+    /// A weight transfer that does not fit its manifest or the receiving model.
+    #[error("weight transfer: {0}")]
+    Weights(String),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 }

@@ -9,6 +9,7 @@ pub mod generate;
 pub mod logprobs;
 pub mod qwen2;
 pub mod tokenizer;
+pub mod weights;
 
 pub use checkpoint::{CausalLm, DEFAULT_MAX_SHARD_BYTES};
 pub use config::{GenerationConfig, Qwen2Config};
@@ -18,3 +19,7 @@ pub use generate::{generate, FinishReason, Generation, SamplingParams};
 pub use logprobs::{sequence_logprobs, token_logprobs, PaddedBatch};
 pub use qwen2::Qwen2;
 pub use tokenizer::{ChatMessage, Tokenizer};
+pub use weights::{
+    encode_tensors, encode_var_store, EncodedWeights, TensorEntry, WeightAssembler, WeightChunk,
+    WeightManifest, DEFAULT_CHUNK_BYTES,
+};
