@@ -21,6 +21,9 @@ enum Command {
     /// Model tools: per-token log-probs and sampling over JSONL files.
     #[command(subcommand)]
     Model(cmd::model::ModelCommand),
+    /// The PRIME learner; `learner step` replays one iteration on recorded groups.
+    #[command(subcommand)]
+    Learner(cmd::learner::LearnerCommand),
     /// Supervised warm-up of the policy until held-out accuracy enters a band.
     Sft(cmd::sft::SftArgs),
     /// Write the embedded default world: problems, datasets and the trained tokenizer.
@@ -55,6 +58,7 @@ fn main() -> Result<()> {
     }
     match cli.command {
         Command::Model(command) => cmd::model::run(command),
+        Command::Learner(command) => cmd::learner::run(command),
         Command::Sft(args) => cmd::sft::run(args),
         Command::World(args) => cmd::world::run(args),
         Command::Verifier(VerifierCommand::Serve(args)) => cmd::verifier::run(args),

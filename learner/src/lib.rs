@@ -1,12 +1,15 @@
-//! The PRIME learner. This stage holds what the supervised warm-up needs and the learner
-//! shares: the run config, AdamW with its schedule, and plots.
+//! The PRIME learner: the algorithm core ([`algo`]), one iteration on scored groups
+//! ([`step`]), AdamW with its schedules, the supervised warm-up, plots and the run config.
 pub mod algo;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod optim;
 pub mod plot;
 pub mod sft;
+pub mod step;
 
 pub use config::{ModelSource, RunConfig, SftConfig};
 pub use error::{LearnerError, Result};
 pub use optim::{lr_at, AdamW, AdamWConfig};
+pub use step::{prime_step, PrimeModels, ScoredGroup, ScoredResponse, StepConfig, StepMetrics};

@@ -1,0 +1,800 @@
+//! One PRIME iteration on a batch of scored groups (paper Algorithm 1 lines 6-10, spec §1
+//! steps 2-6), read top to bottom:
+//!
+//! 1. old log-probs of the policy, recomputed here rather than taken from the sampler (§1.2);
+//! 2. reference log-probs: the frozen SFT copy, or the old policy itself (§2.3);
+//! 3. the PRM pass, mini-batch by mini-batch: forward with gradients, token log-ratios, the
+//!    cross-entropy loss, an optimizer step; the rewards come from that same forward, before
+//!    its update ("single-forward", §3.3), or from a second forward after every update;
+//! 4. process rewards, their normalisation and the RLOO advantages (§2.2, §2.5, §4);
+//! 5. the PPO pass over the same mini-batches (§6).
+//!
+//! Mini-batches hold whole groups in batch order; micro-batches inside them are sized by a
+//! token budget and their gradients accumulate so that the loss equals the mini-batch loss.
+use std::time::Instant;
+
+use prime_model::{CausalLm, PaddedBatch};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::algo::{advantages, implicit_prm, masks, ppo, AlgoConfig, Estimator, LossAggregation};
+use crate::error::{LearnerError, Result};
+use crate::optim::{AdamW, AdamWConfig};
+
+/// One scored response of a group, as sampled (EOS included when it stopped).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoredResponse {
+    /// Response token ids.
+    pub ids: Vec<i64>,
+    /// Verifier score in [0, 1]; fractional for code.
+    pub score: f64,
+}
+
+/// The K responses of one prompt: the unit of the filter, the baselines and the mini-batches.
+/// One line of a `prime learner step --rollouts` file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoredGroup {
+    /// Prompt token ids (chat template applied).
+    pub prompt_ids: Vec<i64>,
+    /// The K responses.
+    pub responses: Vec<ScoredResponse>,
+}
+
+/// An optimizer with its schedule and clipping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warm-up over this many RL iterations (0: constant, the main run).
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Largest global gradient norm; larger gradients are scaled down (0 disables).
+    pub max_grad_norm: f64,
+    /// AdamW moments and weight decay.
+    pub adamw: AdamWConfig,
+}
+
+impl OptimizerConfig {
+    /// The policy's optimizer in the main run (spec §6): lr 5e-7 constant, weight decay 0.01,
+    /// clip 1.0.
+    pub fn policy_default() -> Self {
+        Self {
+            lr: 5e-7,
+            warmup_steps: 0,
+            max_grad_norm: 1.0,
+            adamw: AdamWConfig {
+                weight_decay: 0.01,
+                ..AdamWConfig::default()
+            },
+        }
+    }
+
+    /// The PRM's optimizer in the main run (spec §3.2): lr 1e-6 constant, no weight decay,
+    /// clip 10.
+    pub fn prm_default() -> Self {
+        Self {
+            lr: 1e-6,
+            warmup_steps: 0,
+            max_grad_norm: 10.0,
+            adamw: AdamWConfig {
+                weight_decay: 0.0,
+                ..AdamWConfig::default()
+            },
+        }
+    }
+
+    /// Learning rate at RL iteration `iteration` (0-based): linear warm-up, then constant.
+    pub fn lr_at(&self, iteration: u64) -> f64 {
+        if iteration < self.warmup_steps {
+            self.lr * (iteration + 1) as f64 / self.warmup_steps as f64
+        } else {
+            self.lr
+        }
+    }
+}
+
+fn default_policy_optimizer() -> OptimizerConfig {
+    OptimizerConfig::policy_default()
+}
+fn default_prm_optimizer() -> OptimizerConfig {
+    OptimizerConfig::prm_default()
+}
+
+/// When the PRM's rewards are taken relative to its update (spec §3.3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrmUpdate {
+    /// Single-forward ([REPO] `after`, the paper): each mini-batch's rewards come from the
+    /// forward that computes its loss, before its own update.
+    #[default]
+    ScoreThenUpdate,
+    /// Double-forward ([RECIPE] `before`): update on every mini-batch, then score the whole
+    /// batch with the updated PRM.
+    UpdateThenScore,
+}
+
+/// The reference of the implicit PRM (spec §2.3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReferenceType {
+    /// A frozen copy of the SFT model (the paper's default).
+    #[default]
+    Freeze,
+    /// The policy that sampled the batch: its old log-probs.
+    Policy,
+}
+
+/// Everything one learner step reads. Defaults are the paper's main run (spec §7).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepConfig {
+    /// Rewards, advantages, policy loss and filter (spec §2-6).
+    #[serde(default)]
+    pub algo: AlgoConfig,
+    /// Optimizer steps per iteration for the PRM and for the policy: the batch's groups are
+    /// split into this many mini-batches, whole and in order (the paper: 1,024 responses in
+    /// 4 steps of 256).
+    #[serde(default = "default_mini_batches")]
+    pub mini_batches: usize,
+    /// Token budget of a micro-batch (padded rows × width); gradients accumulate over the
+    /// micro-batches of a mini-batch. Bounds activation memory, not the result.
+    #[serde(default = "default_micro_batch_tokens")]
+    pub micro_batch_tokens: usize,
+    /// Positions per chunk of the vocabulary log-softmax.
+    #[serde(default = "default_logit_chunk")]
+    pub logit_chunk_tokens: i64,
+    /// Rewards before or after the PRM's update.
+    #[serde(default)]
+    pub prm_update: PrmUpdate,
+    /// The PRM's reference model.
+    #[serde(default)]
+    pub reference: ReferenceType,
+    /// The policy's optimizer.
+    #[serde(default = "default_policy_optimizer")]
+    pub policy_optimizer: OptimizerConfig,
+    /// The PRM's optimizer.
+    #[serde(default = "default_prm_optimizer")]
+    pub prm_optimizer: OptimizerConfig,
+}
+
+fn default_mini_batches() -> usize {
+    4
+}
+fn default_micro_batch_tokens() -> usize {
+    16384
+}
+fn default_logit_chunk() -> i64 {
+    1024
+}
+
+impl Default for StepConfig {
+    fn default() -> Self {
+        Self {
+            algo: AlgoConfig::default(),
+            mini_batches: default_mini_batches(),
+            micro_batch_tokens: default_micro_batch_tokens(),
+            logit_chunk_tokens: default_logit_chunk(),
+            prm_update: PrmUpdate::default(),
+            reference: ReferenceType::default(),
+            policy_optimizer: default_policy_optimizer(),
+            prm_optimizer: default_prm_optimizer(),
+        }
+    }
+}
+
+/// The models and optimizers a step updates.
+#[derive(Debug)]
+pub struct PrimeModels {
+    /// π_θ, the trained policy.
+    pub policy: CausalLm,
+    /// π_φ, the implicit PRM.
+    pub prm: CausalLm,
+    /// π_ref, frozen; `None` when the reference is the old policy.
+    pub reference: Option<CausalLm>,
+    /// AdamW over the policy's parameters.
+    pub policy_optimizer: AdamW,
+    /// AdamW over the PRM's parameters.
+    pub prm_optimizer: AdamW,
+}
+
+impl PrimeModels {
+    /// Builds both optimizers over every trainable parameter.
+    pub fn new(
+        policy: CausalLm,
+        prm: CausalLm,
+        reference: Option<CausalLm>,
+        config: &StepConfig,
+    ) -> Self {
+        let policy_optimizer = AdamW::new(
+            crate::sft::trainable_parameters(&policy),
+            config.policy_optimizer.adamw,
+        );
+        let prm_optimizer = AdamW::new(
+            crate::sft::trainable_parameters(&prm),
+            config.prm_optimizer.adamw,
+        );
+        Self {
+            policy,
+            prm,
+            reference,
+            policy_optimizer,
+            prm_optimizer,
+        }
+    }
+}
+
+/// What one step measured. Rewards are per response; losses are means over mini-batches.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Groups trained on.
+    pub groups: usize,
+    /// Responses trained on.
+    pub responses: usize,
+    /// Valid response tokens (the mask of spec §0).
+    pub response_tokens: i64,
+    /// Prompt plus response tokens forwarded per model pass.
+    pub total_tokens: i64,
+    /// Mean valid response length.
+    pub response_length_mean: f64,
+    /// Mean outcome score.
+    pub score_mean: f64,
+    /// Standard deviation of the outcome scores.
+    pub score_std: f64,
+    /// Mean implicit sequence reward `β Σ_t q_t`, as used for the rewards.
+    pub prm_reward_mean: f64,
+    /// Its standard deviation over responses.
+    pub prm_reward_std: f64,
+    /// PRM cross-entropy, each mini-batch measured before its own update.
+    pub prm_loss: f64,
+    /// `dpo_acc` (spec §3.5) of the rewards the advantages used.
+    pub prm_accuracy: f64,
+    /// `dpo_acc_abs` of the same rewards.
+    pub prm_abs_accuracy: f64,
+    /// PRM gradient norm before clipping, mean over mini-batches.
+    pub prm_grad_norm: f64,
+    /// Mean absolute normalised process reward per valid token.
+    pub process_reward_abs_mean: f64,
+    /// Mean return over valid tokens, before whitening.
+    pub return_mean: f64,
+    /// Clipped surrogate loss, mean over mini-batches.
+    pub policy_loss: f64,
+    /// Share of tokens whose ratio was clipped.
+    pub clip_fraction: f64,
+    /// First-order KL between the old and the updated policy during the PPO pass.
+    pub approx_kl: f64,
+    /// Token entropy of the policy on the batch, before the update.
+    pub entropy: f64,
+    /// Policy gradient norm before clipping, mean over mini-batches.
+    pub policy_grad_norm: f64,
+    /// Learning rates used.
+    pub policy_lr: f64,
+    /// PRM learning rate used.
+    pub prm_lr: f64,
+    /// Seconds recomputing the old log-probs (and entropies).
+    pub time_old_logprobs_s: f64,
+    /// Seconds in the reference forward.
+    pub time_reference_s: f64,
+    /// Seconds in the PRM pass (forward, backward, updates).
+    pub time_prm_s: f64,
+    /// Seconds computing advantages.
+    pub time_advantages_s: f64,
+    /// Seconds in the PPO pass.
+    pub time_policy_s: f64,
+}
+
+/// A batch of groups laid out for the models: full sequences for the forwards and
+/// response-aligned `[N, R]` tensors for the algorithm (row `g·K + i` is response i of group g).
+#[derive(Debug)]
+pub struct StepBatch {
+    /// Responses per group.
+    pub k: usize,
+    /// Prompt + response ids of each row.
+    pub sequences: Vec<Vec<i64>>,
+    /// Prompt length of each row.
+    pub prompt_lengths: Vec<i64>,
+    /// `[N, R]` valid-token mask (spec §0), on the device.
+    pub mask: Tensor,
+    /// `[N]` f32 scores, on the device.
+    pub scores: Tensor,
+    /// Width R of the response tensors.
+    pub response_width: i64,
+}
+
+impl StepBatch {
+    /// Lays out `groups`; every group must hold the same number K ≥ 2 of responses, each with
+    /// at least one token, and every id must be in the vocabulary.
+    pub fn new(
+        groups: &[ScoredGroup],
+        eos_ids: &[i64],
+        vocab_size: i64,
+        device: Device,
+    ) -> Result<Self> {
+        let k = groups.first().map(|g| g.responses.len()).unwrap_or(0);
+        if k < 2 {
+            return Err(LearnerError::Data(
+                "a step needs at least one group of at least 2 responses".into(),
+            ));
+        }
+        let mut sequences = Vec::new();
+        let mut prompt_lengths = Vec::new();
+        let mut scores = Vec::new();
+        for (g, group) in groups.iter().enumerate() {
+            if group.responses.len() != k {
+                return Err(LearnerError::Data(format!(
+                    "group {g} has {} responses, group 0 has {k}: every group needs the same K",
+                    group.responses.len()
+                )));
+            }
+            if group.prompt_ids.is_empty() {
+                return Err(LearnerError::Data(format!("group {g} has an empty prompt")));
+            }
+            for (i, response) in group.responses.iter().enumerate() {
+                if response.ids.is_empty() {
+                    return Err(LearnerError::Data(format!(
+                        "group {g} response {i} has no tokens"
+                    )));
+                }
+                if !(0.0..=1.0).contains(&response.score) {
+                    return Err(LearnerError::Data(format!(
+                        "group {g} response {i}: score {} is outside [0, 1]",
+                        response.score
+                    )));
+                }
+                let sequence: Vec<i64> = group
+                    .prompt_ids
+                    .iter()
+                    .chain(&response.ids)
+                    .copied()
+                    .collect();
+                prime_model::logprobs::check_ids(&sequence, vocab_size)
+                    .map_err(|e| LearnerError::Data(format!("group {g} response {i}: {e}")))?;
+                sequences.push(sequence);
+                prompt_lengths.push(group.prompt_ids.len() as i64);
+                scores.push(response.score as f32);
+            }
+        }
+        let responses: Vec<&[i64]> = groups
+            .iter()
+            .flat_map(|g| g.responses.iter().map(|r| r.ids.as_slice()))
+            .collect();
+        let width = responses.iter().map(|r| r.len()).max().unwrap_or(1);
+        let n = responses.len();
+        let mut ids = vec![0i64; n * width];
+        let mut generated = vec![false; n * width];
+        for (row, response) in responses.iter().enumerate() {
+            ids[row * width..row * width + response.len()].copy_from_slice(response);
+            generated[row * width..row * width + response.len()].fill(true);
+        }
+        let shape = [n as i64, width as i64];
+        let mask = masks::response_mask(
+            &Tensor::from_slice(&ids).view(shape),
+            &Tensor::from_slice(&generated).view(shape),
+            eos_ids,
+        );
+        Ok(Self {
+            k,
+            sequences,
+            prompt_lengths,
+            mask: mask.to_device(device),
+            scores: Tensor::from_slice(&scores).to_device(device),
+            response_width: width as i64,
+        })
+    }
+
+    /// Number of responses.
+    pub fn rows(&self) -> usize {
+        self.sequences.len()
+    }
+
+    /// Row ranges of `parts` mini-batches of whole groups, in order (the first ones take one
+    /// group more when the groups do not divide evenly).
+    pub fn mini_batches(&self, parts: usize) -> Vec<std::ops::Range<usize>> {
+        let groups = self.rows() / self.k;
+        let parts = parts.clamp(1, groups);
+        let (base, extra) = (groups / parts, groups % parts);
+        let mut start = 0;
+        (0..parts)
+            .map(|p| {
+                let len = (base + usize::from(p < extra)) * self.k;
+                let range = start..start + len;
+                start += len;
+                range
+            })
+            .collect()
+    }
+
+    /// Splits `rows` into consecutive micro-batches whose padded size (rows × longest
+    /// sequence) stays within `budget` tokens; a single longer row goes alone.
+    pub fn micro_batches(
+        &self,
+        rows: std::ops::Range<usize>,
+        budget: usize,
+    ) -> Vec<std::ops::Range<usize>> {
+        let mut out = Vec::new();
+        let mut start = rows.start;
+        let mut width = 0;
+        for row in rows.clone() {
+            let candidate = width.max(self.sequences[row].len());
+            if row > start && candidate * (row - start + 1) > budget {
+                out.push(start..row);
+                start = row;
+                width = self.sequences[row].len();
+            } else {
+                width = candidate;
+            }
+        }
+        if start < rows.end {
+            out.push(start..rows.end);
+        }
+        out
+    }
+
+    fn rows_of(&self, t: &Tensor, rows: &std::ops::Range<usize>) -> Tensor {
+        t.narrow(0, rows.start as i64, rows.len() as i64)
+    }
+}
+
+/// Response-aligned log-probs `[n, R]` of `rows` under `model` (0 off the response), and
+/// with `want_entropy` the token entropies. Runs with or without gradients as the caller's
+/// grad mode says.
+fn response_logprobs(
+    model: &CausalLm,
+    batch: &StepBatch,
+    rows: &std::ops::Range<usize>,
+    chunk_tokens: i64,
+    want_entropy: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let device = model.model.device();
+    let padded = PaddedBatch::new(
+        &batch.sequences[rows.clone()],
+        model.config.vocab_size,
+        0,
+        device,
+    )?;
+    let qwen = &model.model;
+    let hidden = qwen.forward(
+        &padded.input_ids,
+        &prime_model::logprobs::position_ids(&padded.attention_mask),
+        &padded.attention_mask,
+        None,
+    );
+    // Response token j of a row with prompt length P is predicted at position P + j − 1.
+    let width = batch.response_width;
+    let last = hidden.size()[1] - 1;
+    let starts = Tensor::from_slice(&batch.prompt_lengths[rows.clone()]).to_device(device) - 1;
+    let index = (starts.unsqueeze(1) + Tensor::arange(width, (Kind::Int64, device)).unsqueeze(0))
+        .clamp_max(last);
+    let targets =
+        padded
+            .input_ids
+            .pad([0, 1], "constant", Some(0.0))
+            .gather(1, &(&index + 1), false);
+    let (hidden_size, n) = (hidden.size()[2], rows.len() as i64);
+    let gathered = hidden.gather(
+        1,
+        &index.unsqueeze(-1).expand([n, width, hidden_size], false),
+        false,
+    );
+    let chunk = chunk_tokens.max(1);
+    let mut logprobs = Vec::new();
+    let mut entropies = Vec::new();
+    for start in (0..width).step_by(chunk as usize) {
+        let len = chunk.min(width - start);
+        let log_probs = qwen
+            .logits(&gathered.narrow(1, start, len))
+            .log_softmax(-1, Kind::Float);
+        let target = targets.narrow(1, start, len).unsqueeze(-1);
+        logprobs.push(log_probs.gather(-1, &target, false).squeeze_dim(-1));
+        if want_entropy {
+            entropies.push(-(log_probs.exp() * &log_probs).sum_dim_intlist(-1, false, Kind::Float));
+        }
+    }
+    let valid = masks_f32(&batch.rows_of(&batch.mask, rows));
+    let logprobs = Tensor::cat(&logprobs, 1) * &valid;
+    let entropy = want_entropy.then(|| Tensor::cat(&entropies, 1) * &valid);
+    Ok((logprobs, entropy))
+}
+
+fn masks_f32(mask: &Tensor) -> Tensor {
+    mask.to_kind(Kind::Float)
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.double_value(&[])
+}
+
+/// Log-probs of every row without gradients, micro-batched; with `want_entropy` also the
+/// mean token entropy.
+fn frozen_logprobs(
+    model: &CausalLm,
+    batch: &StepBatch,
+    config: &StepConfig,
+    want_entropy: bool,
+) -> Result<(Tensor, Option<f64>)> {
+    let _guard = tch::no_grad_guard();
+    let mut pieces = Vec::new();
+    let mut entropy_sum = 0.0;
+    for rows in batch.micro_batches(0..batch.rows(), config.micro_batch_tokens) {
+        let (logprobs, entropy) =
+            response_logprobs(model, batch, &rows, config.logit_chunk_tokens, want_entropy)?;
+        if let Some(h) = entropy {
+            entropy_sum += scalar(&h.sum(Kind::Double));
+        }
+        pieces.push(logprobs);
+    }
+    let tokens = scalar(&batch.mask.to_kind(Kind::Double).sum(Kind::Double));
+    Ok((
+        Tensor::cat(&pieces, 0),
+        want_entropy.then(|| entropy_sum / tokens.max(1.0)),
+    ))
+}
+
+/// The weight of a micro-batch's aggregated loss in its mini-batch, so that accumulated
+/// gradients equal those of the mini-batch loss: its share of sequences, or of valid tokens
+/// for a token mean.
+fn micro_weight(
+    batch: &StepBatch,
+    micro: &std::ops::Range<usize>,
+    mini: &std::ops::Range<usize>,
+    aggregation: LossAggregation,
+) -> f64 {
+    match aggregation {
+        LossAggregation::SeqMeanTokenMean => micro.len() as f64 / mini.len() as f64,
+        LossAggregation::TokenMean => {
+            let tokens = |r: &std::ops::Range<usize>| {
+                scalar(
+                    &batch
+                        .rows_of(&batch.mask, r)
+                        .to_kind(Kind::Double)
+                        .sum(Kind::Double),
+                )
+            };
+            tokens(micro) / tokens(mini).max(1.0)
+        }
+    }
+}
+
+/// The PRM pass (spec §3): per mini-batch, forward with gradients, the CE loss, an update.
+/// Returns the token log-ratios `q` `[N, R]` the rewards use and the mean loss and
+/// gradient norm.
+fn prm_pass(
+    models: &mut PrimeModels,
+    batch: &StepBatch,
+    reference_logprobs: &Tensor,
+    config: &StepConfig,
+    lr: f64,
+) -> Result<(Tensor, f64, f64)> {
+    let beta = config.algo.prm.beta;
+    let minis = batch.mini_batches(config.mini_batches);
+    let mut q_rows = Vec::new();
+    let (mut loss_sum, mut norm_sum) = (0.0, 0.0);
+    for mini in &minis {
+        models.prm_optimizer.zero_grad();
+        for micro in batch.micro_batches(mini.clone(), config.micro_batch_tokens) {
+            let (logprobs, _) =
+                response_logprobs(&models.prm, batch, &micro, config.logit_chunk_tokens, false)?;
+            let mask = batch.rows_of(&batch.mask, &micro);
+            let q = implicit_prm::token_log_ratio(
+                &logprobs,
+                &batch.rows_of(reference_logprobs, &micro),
+                &mask,
+            );
+            let loss =
+                implicit_prm::prm_ce_loss(&q, &mask, &batch.rows_of(&batch.scores, &micro), beta)
+                    * (micro.len() as f64 / mini.len() as f64);
+            loss.backward();
+            loss_sum += scalar(&loss);
+            q_rows.push(q.detach());
+        }
+        norm_sum += models
+            .prm_optimizer
+            .clip_grad_norm(config.prm_optimizer.max_grad_norm);
+        models.prm_optimizer.step(lr);
+    }
+    let mut q = Tensor::cat(&q_rows, 0);
+    if config.prm_update == PrmUpdate::UpdateThenScore {
+        let _guard = tch::no_grad_guard();
+        let (logprobs, _) = frozen_logprobs(&models.prm, batch, config, false)?;
+        q = implicit_prm::token_log_ratio(&logprobs, reference_logprobs, &batch.mask);
+    }
+    let count = minis.len() as f64;
+    Ok((q, loss_sum / count, norm_sum / count))
+}
+
+/// Figures of the PPO pass, means over mini-batches.
+struct PolicyPass {
+    loss: f64,
+    clip_fraction: f64,
+    approx_kl: f64,
+    grad_norm: f64,
+}
+
+/// The PPO pass (spec §6): per mini-batch, the clipped surrogate accumulated over
+/// micro-batches, clipping and an update.
+fn policy_pass(
+    models: &mut PrimeModels,
+    batch: &StepBatch,
+    old_logprobs: &Tensor,
+    reference_logprobs: &Tensor,
+    advantages: &Tensor,
+    config: &StepConfig,
+    lr: f64,
+) -> Result<PolicyPass> {
+    let ppo_config = &config.algo.ppo;
+    let aggregation = ppo_config.loss_aggregation;
+    let minis = batch.mini_batches(config.mini_batches);
+    let mut totals = [0.0f64; 4];
+    for mini in &minis {
+        models.policy_optimizer.zero_grad();
+        for micro in batch.micro_batches(mini.clone(), config.micro_batch_tokens) {
+            let (logprobs, entropy) = response_logprobs(
+                &models.policy,
+                batch,
+                &micro,
+                config.logit_chunk_tokens,
+                ppo_config.entropy_coeff != 0.0,
+            )?;
+            let reference =
+                (ppo_config.kl_coeff != 0.0).then(|| batch.rows_of(reference_logprobs, &micro));
+            let loss = ppo::policy_loss(
+                &logprobs,
+                &batch.rows_of(old_logprobs, &micro),
+                &batch.rows_of(advantages, &micro),
+                &batch.rows_of(&batch.mask, &micro),
+                entropy.as_ref(),
+                reference.as_ref(),
+                ppo_config,
+            );
+            let weight = micro_weight(batch, &micro, mini, aggregation);
+            (&loss.loss * weight).backward();
+            totals[0] += scalar(&loss.surrogate.loss) * weight;
+            totals[1] += scalar(&loss.surrogate.clip_fraction) * weight;
+            totals[2] += scalar(&loss.surrogate.approx_kl) * weight;
+        }
+        totals[3] += models
+            .policy_optimizer
+            .clip_grad_norm(config.policy_optimizer.max_grad_norm);
+        models.policy_optimizer.step(lr);
+    }
+    let count = minis.len() as f64;
+    Ok(PolicyPass {
+        loss: totals[0] / count,
+        clip_fraction: totals[1] / count,
+        approx_kl: totals[2] / count,
+        grad_norm: totals[3] / count,
+    })
+}
+
+/// Mean and (population) standard deviation.
+fn mean_std(t: &Tensor) -> (f64, f64) {
+    let t = t.to_kind(Kind::Double);
+    (scalar(&t.mean(Kind::Double)), scalar(&t.std(false)))
+}
+
+/// One PRIME iteration (spec §1 steps 2-6) on `groups`, every one of which is trained on.
+/// `iteration` (0-based) drives the learning-rate warm-up. The `rloo` estimator needs no
+/// process rewards and leaves the PRM untouched.
+pub fn prime_step(
+    models: &mut PrimeModels,
+    groups: &[ScoredGroup],
+    config: &StepConfig,
+    iteration: u64,
+) -> Result<StepMetrics> {
+    let _span = tracing::info_span!("prime_step", iteration, groups = groups.len()).entered();
+    let policy = &models.policy;
+    let batch = StepBatch::new(
+        groups,
+        &policy.eos_token_ids(),
+        policy.config.vocab_size,
+        policy.model.device(),
+    )?;
+    let k = batch.k as i64;
+    let mut metrics = StepMetrics {
+        groups: groups.len(),
+        responses: batch.rows(),
+        ..StepMetrics::default()
+    };
+
+    // 1. Old log-probs (spec §1 step 2), with the policy's entropy for monitoring.
+    let clock = Instant::now();
+    let (old_logprobs, entropy) = frozen_logprobs(policy, &batch, config, true)?;
+    metrics.entropy = entropy.unwrap_or_default();
+    metrics.time_old_logprobs_s = clock.elapsed().as_secs_f64();
+
+    // 2. Reference log-probs (spec §2.3).
+    let clock = Instant::now();
+    let needs_reference =
+        config.algo.advantage.estimator == Estimator::Prime || config.algo.ppo.kl_coeff != 0.0;
+    let reference_logprobs = match (&models.reference, config.reference) {
+        (Some(reference), ReferenceType::Freeze) if needs_reference => {
+            frozen_logprobs(reference, &batch, config, false)?.0
+        }
+        (None, ReferenceType::Freeze) if needs_reference => {
+            return Err(LearnerError::Config {
+                path: "learner".into(),
+                message: "reference = \"freeze\" needs a reference model".into(),
+            })
+        }
+        _ => old_logprobs.shallow_clone(),
+    };
+    metrics.time_reference_s = clock.elapsed().as_secs_f64();
+
+    // 3. PRM pass (spec §3), skipped by the outcome-only baseline.
+    let clock = Instant::now();
+    let prm_lr = config.prm_optimizer.lr_at(iteration);
+    let q = match config.algo.advantage.estimator {
+        Estimator::Prime => {
+            let (q, loss, grad_norm) =
+                prm_pass(models, &batch, &reference_logprobs, config, prm_lr)?;
+            metrics.prm_loss = loss;
+            metrics.prm_grad_norm = grad_norm;
+            metrics.prm_lr = prm_lr;
+            q
+        }
+        Estimator::Rloo => batch.mask.zeros_like().to_kind(Kind::Float),
+    };
+    metrics.time_prm_s = clock.elapsed().as_secs_f64();
+
+    // 4. Rewards and advantages (spec §2.2, §2.5, §4).
+    let clock = Instant::now();
+    let prm_config = &config.algo.prm;
+    let mask = &batch.mask;
+    let sequence_rewards = implicit_prm::sequence_reward(&q, mask, prm_config.beta);
+    (metrics.prm_reward_mean, metrics.prm_reward_std) = mean_std(&sequence_rewards);
+    metrics.prm_accuracy = scalar(&implicit_prm::dpo_accuracy(&q, mask, &batch.scores, k));
+    metrics.prm_abs_accuracy = scalar(&implicit_prm::dpo_abs_accuracy(&q, mask, &batch.scores));
+    let process_rewards = implicit_prm::normalize_process_rewards(
+        &implicit_prm::process_rewards(
+            &q,
+            mask,
+            prm_config.beta,
+            prm_config.process_reward,
+            prm_config.granularity,
+        ),
+        prm_config.norm,
+    );
+    let returns = advantages::returns(
+        &process_rewards,
+        &batch.scores,
+        mask,
+        k,
+        &config.algo.advantage,
+    );
+    let advantages = advantages::whiten(&returns, mask);
+    metrics.process_reward_abs_mean = scalar(&masks::masked_mean(&process_rewards.abs(), mask));
+    metrics.return_mean = scalar(&masks::masked_mean(&returns, mask));
+    metrics.time_advantages_s = clock.elapsed().as_secs_f64();
+
+    // 5. PPO pass (spec §6).
+    let clock = Instant::now();
+    let policy_lr = config.policy_optimizer.lr_at(iteration);
+    let pass = policy_pass(
+        models,
+        &batch,
+        &old_logprobs,
+        &reference_logprobs,
+        &advantages,
+        config,
+        policy_lr,
+    )?;
+    metrics.policy_loss = pass.loss;
+    metrics.clip_fraction = pass.clip_fraction;
+    metrics.approx_kl = pass.approx_kl;
+    metrics.policy_grad_norm = pass.grad_norm;
+    metrics.policy_lr = policy_lr;
+    metrics.time_policy_s = clock.elapsed().as_secs_f64();
+
+    let lengths = masks::valid_lengths(mask).to_kind(Kind::Double);
+    metrics.response_tokens = scalar(&lengths.sum(Kind::Double)) as i64;
+    metrics.response_length_mean = scalar(&lengths.mean(Kind::Double));
+    metrics.total_tokens = batch.sequences.iter().map(|s| s.len() as i64).sum();
+    (metrics.score_mean, metrics.score_std) = mean_std(&batch.scores);
+    tracing::info!(
+        prm_loss = metrics.prm_loss,
+        prm_accuracy = metrics.prm_accuracy,
+        policy_loss = metrics.policy_loss,
+        "step done"
+    );
+    Ok(metrics)
+}
