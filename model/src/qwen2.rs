@@ -5,9 +5,14 @@
 //! Weights may be stored in one dtype (f32 masters for training) and computed in another
 //! (bf16): every layer casts its weights to the activation dtype, which is a no-op when they
 //! agree and differentiable when they do not.
+//!
+//! Training can trade compute for memory with [`Qwen2::backward_with_recompute`]: tch has no
+//! `torch.utils.checkpoint`, so the decoder is run once without autograd, keeping only each
+//! layer's input, and every layer is run again with autograd during the backward pass.
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::config::Qwen2Config;
+use crate::logprobs::{position_ids, token_logprobs, PaddedBatch};
 
 /// A dense layer `y = x W^T + b` with HF parameter names `weight` (`[out, in]`) and `bias`.
 #[derive(Debug)]
@@ -396,8 +401,7 @@ impl Qwen2 {
         }
         let mask = attention_mask(key_mask, offset, t);
         let rope = self.rope.tables(position_ids, self.compute_kind);
-        let mut h = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false)
-            .to_kind(self.compute_kind);
+        let mut h = self.embed(input_ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], offset));
             h = layer.forward(&h, &rope, &mask, layer_cache);
@@ -414,6 +418,173 @@ impl Qwen2 {
             .matmul(&self.lm_head.to_kind(hidden.kind()).transpose(0, 1))
             .to_kind(Kind::Float)
     }
+
+    /// `[B, n]` f32: `log p(targets[b, i])` under the logits of final hidden states
+    /// `hidden[b, i]` (`[B, n, D]`), one log-softmax over the vocabulary.
+    pub fn target_logprobs(&self, hidden: &Tensor, targets: &Tensor) -> Tensor {
+        self.logits(hidden)
+            .log_softmax(-1, Kind::Float)
+            .gather(-1, &targets.unsqueeze(-1), false)
+            .squeeze_dim(-1)
+    }
+
+    /// Token embeddings `[B, T, D]` in the compute dtype.
+    fn embed(&self, input_ids: &Tensor) -> Tensor {
+        cast(
+            &Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false),
+            self.compute_kind,
+        )
+    }
+
+    /// Backward pass with activation recomputation per decoder layer: the gradients it
+    /// accumulates into the parameters equal those of a plain forward and backward, while the
+    /// activations alive at once are each layer's input (`[B, T, D]` per layer) plus one
+    /// layer's autograd graph, instead of every layer's graph. Costs one more forward.
+    ///
+    /// The arguments are those of [`Qwen2::forward`] without a cache. `head` gets the final
+    /// hidden states (after the final norm, `[B, T, D]`) as a leaf that requires grad; it must
+    /// call `backward` on a loss that depends on them, so that their `grad()` holds
+    /// d loss / d hidden (the LM head's gradient accumulates on the way). Its result is
+    /// returned. Runs with autograd whatever the caller's grad mode.
+    pub fn backward_with_recompute<R>(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        key_mask: &Tensor,
+        head: impl FnOnce(&Tensor) -> R,
+    ) -> R {
+        let t = input_ids.size()[1];
+        let (mask, rope, mut layer_inputs, last, hidden) = tch::no_grad(|| {
+            let mask = attention_mask(key_mask, 0, t);
+            let rope = self.rope.tables(position_ids, self.compute_kind);
+            let mut layer_inputs = Vec::with_capacity(self.layers.len());
+            let mut h = self.embed(input_ids);
+            for layer in &self.layers {
+                let next = layer.forward(&h, &rope, &mask, None);
+                layer_inputs.push(std::mem::replace(&mut h, next));
+            }
+            let hidden = self.norm.forward(&h);
+            (mask, rope, layer_inputs, h, hidden)
+        });
+        tch::with_grad(|| {
+            let hidden = hidden.set_requires_grad(true);
+            let result = head(&hidden);
+            let mut grad = hidden.grad();
+            if !grad.defined() {
+                return result;
+            }
+            grad = backward_through(&last, &grad, |x| self.norm.forward(x));
+            drop(last);
+            // Last layer first; each saved input is freed once its layer is done.
+            while let Some(input) = layer_inputs.pop() {
+                let layer = &self.layers[layer_inputs.len()];
+                grad = backward_through(&input, &grad, |x| layer.forward(x, &rope, &mask, None));
+            }
+            // A tied LM head is the same variable: this adds to the gradient `head` left there.
+            let embeddings = self.embed(input_ids);
+            if embeddings.requires_grad() {
+                (embeddings * grad).sum(Kind::Float).backward();
+            }
+            result
+        })
+    }
+
+    /// Per-token log-probs of `batch` with a backward pass for `loss_fn`: gradients of
+    /// `loss_fn(logprobs)` accumulate into the parameters. `logprobs` is `[B, T-1]` f32 as
+    /// [`token_logprobs`] computes it (entry `t-1` is `log p(ids[t] | ids[<t])`, padding
+    /// entries included: the loss must mask them), and the loss must depend on the model only
+    /// through it.
+    ///
+    /// `recompute: false` is a plain forward and backward. `recompute: true` recomputes each
+    /// decoder layer during the backward pass ([`Qwen2::backward_with_recompute`]) and runs
+    /// the vocabulary projection `chunk_tokens` positions at a time in both directions, so
+    /// at most one chunk's `[B, chunk, V]` logits is alive (the plain path keeps all of them
+    /// for its backward). The gradients are the same either way.
+    pub fn token_logprobs_backward(
+        &self,
+        batch: &PaddedBatch,
+        chunk_tokens: i64,
+        recompute: bool,
+        loss_fn: impl FnOnce(&Tensor) -> Tensor,
+    ) -> LogprobsBackward {
+        if !recompute {
+            return tch::with_grad(|| {
+                let logprobs = token_logprobs(self, batch, chunk_tokens);
+                let loss = loss_fn(&logprobs);
+                loss.backward();
+                LogprobsBackward {
+                    logprobs: logprobs.detach(),
+                    loss: loss.detach(),
+                }
+            });
+        }
+        let t = batch.input_ids.size()[1];
+        let targets = batch.input_ids.narrow(1, 1, t - 1);
+        let chunk = chunk_tokens.max(1);
+        let chunks: Vec<(i64, i64)> = (0..t - 1)
+            .step_by(chunk as usize)
+            .map(|start| (start, chunk.min(t - 1 - start)))
+            .collect();
+        let positions = position_ids(&batch.attention_mask);
+        self.backward_with_recompute(
+            &batch.input_ids,
+            &positions,
+            &batch.attention_mask,
+            |hidden| {
+                let hidden = hidden.narrow(1, 0, t - 1);
+                let piece = |(start, len): (i64, i64)| {
+                    self.target_logprobs(
+                        &hidden.narrow(1, start, len),
+                        &targets.narrow(1, start, len),
+                    )
+                };
+                // The loss sees log-probs computed without autograd, then each chunk's
+                // vocabulary projection runs again with autograd to carry d loss / d logprobs
+                // back to the hidden states and the LM head.
+                let logprobs = tch::no_grad(|| {
+                    Tensor::cat(&chunks.iter().map(|&c| piece(c)).collect::<Vec<_>>(), 1)
+                })
+                .set_requires_grad(true);
+                let loss = loss_fn(&logprobs);
+                loss.backward();
+                let grad = logprobs.grad();
+                if grad.defined() {
+                    for &(start, len) in &chunks {
+                        (piece((start, len)) * grad.narrow(1, start, len))
+                            .sum(Kind::Float)
+                            .backward();
+                    }
+                }
+                LogprobsBackward {
+                    logprobs: logprobs.detach(),
+                    loss: loss.detach(),
+                }
+            },
+        )
+    }
+}
+
+/// What [`Qwen2::token_logprobs_backward`] returns; both tensors are detached.
+#[derive(Debug)]
+pub struct LogprobsBackward {
+    /// `[B, T-1]` f32 token log-probs.
+    pub logprobs: Tensor,
+    /// The scalar loss.
+    pub loss: Tensor,
+}
+
+/// Runs `stage` again with autograd from a detached copy of its saved `input` and
+/// backpropagates `grad_output` through it: `sum(stage(x) * grad_output)` has gradient
+/// `J^T grad_output`, which accumulates into the stage's parameters. Returns the gradient at
+/// the input, to pass to the stage before.
+fn backward_through(
+    input: &Tensor,
+    grad_output: &Tensor,
+    stage: impl FnOnce(&Tensor) -> Tensor,
+) -> Tensor {
+    let input = input.detach().set_requires_grad(true);
+    (stage(&input) * grad_output).sum(Kind::Float).backward();
+    input.grad()
 }
 
 /// Boolean attention mask `[B, 1, T, S]` (true = attend) for `T` queries at key slots
