@@ -1,6 +1,11 @@
 //! AdamW with decoupled weight decay (Loshchilov & Hutter), the one optimizer of the project:
 //! supervised warm-up, policy and PRM updates all use it. Unlike tch's C++ optimizer its state
 //! (moments and step count) can be saved and restored, so a run resumes exactly.
+//!
+//! Parameters may be stored in bf16: the moments are f32 and the update is computed in f32,
+//! then rounded once into the parameter. An update smaller than half a bf16 step of the
+//! parameter (2^-8 relative) is then lost; [`AdamW::with_master_weights`] keeps an f32 master
+//! copy that accumulates such updates, at 4 more bytes per parameter.
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -55,18 +60,42 @@ struct Moments {
     v: Tensor,
 }
 
-/// AdamW over named parameters, with f32 moments.
+/// AdamW over named parameters, with f32 moments and optional f32 master weights.
 #[derive(Debug)]
 pub struct AdamW {
     config: AdamWConfig,
     params: Vec<(String, Tensor)>,
     moments: Vec<Moments>,
+    /// Per parameter: the f32 master copy the updates go to, when one is kept.
+    masters: Vec<Option<Tensor>>,
     step: i64,
 }
 
 impl AdamW {
     /// Optimises `params` (shallow clones of the trainable variables), named for checkpoints.
+    /// Each update is computed in f32 and written into the parameter in its own dtype.
     pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig) -> Self {
+        let masters = params.iter().map(|_| None).collect();
+        Self::build(params, config, masters)
+    }
+
+    /// Like [`AdamW::new`], but every parameter not stored in f32 gets an f32 master copy:
+    /// updates accumulate there and the parameter receives its rounding after each step.
+    /// The masters are the truth from then on (writes to the parameters are overwritten by
+    /// the next step) and are part of [`AdamW::state`] as `<param>.master`.
+    pub fn with_master_weights(params: Vec<(String, Tensor)>, config: AdamWConfig) -> Self {
+        let masters = params
+            .iter()
+            .map(|(_, p)| (p.kind() != Kind::Float).then(|| p.detach().to_kind(Kind::Float)))
+            .collect();
+        Self::build(params, config, masters)
+    }
+
+    fn build(
+        params: Vec<(String, Tensor)>,
+        config: AdamWConfig,
+        masters: Vec<Option<Tensor>>,
+    ) -> Self {
         let moments = params
             .iter()
             .map(|(_, p)| Moments {
@@ -78,6 +107,7 @@ impl AdamW {
             config,
             params,
             moments,
+            masters,
             step: 0,
         }
     }
@@ -139,7 +169,12 @@ impl AdamW {
         } = self.config;
         let bias1 = 1.0 - beta1.powi(self.step as i32);
         let bias2 = 1.0 - beta2.powi(self.step as i32);
-        for ((_, p), moments) in self.params.iter_mut().zip(&mut self.moments) {
+        for (((_, p), moments), master) in self
+            .params
+            .iter_mut()
+            .zip(&mut self.moments)
+            .zip(&mut self.masters)
+        {
             let grad = p.grad();
             if !grad.defined() {
                 continue;
@@ -157,24 +192,39 @@ impl AdamW {
             // p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)
             let denom = (&moments.v / bias2).sqrt() + eps;
             let update = (&moments.m / bias1) / denom * lr;
-            let decayed = p.to_kind(Kind::Float) * (1.0 - lr * weight_decay) - update;
-            p.copy_(&decayed);
+            match master {
+                Some(master) => {
+                    let decayed = &*master * (1.0 - lr * weight_decay) - update;
+                    master.copy_(&decayed);
+                    p.copy_(master);
+                }
+                None => {
+                    let decayed = p.to_kind(Kind::Float) * (1.0 - lr * weight_decay) - update;
+                    p.copy_(&decayed);
+                }
+            }
         }
     }
 
-    /// The optimizer state as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`) plus
-    /// the step count, for checkpoints.
+    /// The optimizer state as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`, and
+    /// `<param>.master` for master weights) plus the step count, for checkpoints.
     pub fn state(&self) -> (BTreeMap<String, Tensor>, i64) {
         let mut state = BTreeMap::new();
-        for ((name, _), moments) in self.params.iter().zip(&self.moments) {
+        for (((name, _), moments), master) in
+            self.params.iter().zip(&self.moments).zip(&self.masters)
+        {
             state.insert(format!("{name}.exp_avg"), moments.m.shallow_clone());
             state.insert(format!("{name}.exp_avg_sq"), moments.v.shallow_clone());
+            if let Some(master) = master {
+                state.insert(format!("{name}.master"), master.shallow_clone());
+            }
         }
         (state, self.step)
     }
 
     /// Restores a state written by [`AdamW::state`]; every parameter's moments must be present
-    /// with the right shape.
+    /// with the right shape. A master copy absent from `state` (a run that had none) is taken
+    /// from the parameter as it is now.
     pub fn load_state(
         &mut self,
         state: &BTreeMap<String, Tensor>,
@@ -195,6 +245,21 @@ impl AdamW {
                     ));
                 }
                 dst.copy_(src);
+            }
+        }
+        for ((name, p), master) in self.params.iter().zip(&mut self.masters) {
+            let Some(master) = master else { continue };
+            let key = format!("{name}.master");
+            match state.get(&key) {
+                Some(src) if src.size() != p.size() => {
+                    return Err(format!(
+                        "{key}: shape {:?}, parameter has {:?}",
+                        src.size(),
+                        p.size()
+                    ));
+                }
+                Some(src) => master.copy_(src),
+                None => master.copy_(p),
             }
         }
         self.step = step;
@@ -227,5 +292,122 @@ mod tests {
         assert!((lr_at(60, 1.0, 10, 110, 0.1) - 0.55).abs() < 1e-12);
         assert!((lr_at(110, 1.0, 10, 110, 0.1) - 0.1).abs() < 1e-12);
         assert!((lr_at(500, 1.0, 10, 110, 0.1) - 0.1).abs() < 1e-12);
+    }
+
+    const NO_DECAY: AdamWConfig = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+
+    /// `steps` updates of a bf16 parameter of four ones under the constant gradient 1.
+    fn constant_gradient_steps(optimizer: &mut AdamW, param: &Tensor, steps: usize, lr: f64) {
+        for _ in 0..steps {
+            optimizer.zero_grad();
+            param.sum(Kind::Float).backward();
+            optimizer.step(lr);
+        }
+    }
+
+    fn ones_bf16() -> Tensor {
+        Tensor::ones([4], (Kind::BFloat16, tch::Device::Cpu)).set_requires_grad(true)
+    }
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        Vec::<f64>::try_from(t.to_kind(Kind::Double)).unwrap()
+    }
+
+    #[test]
+    fn bf16_parameter_takes_the_f32_update_rounded_once() {
+        tch::set_num_threads(1);
+        // Step 1 has m_hat = g and v_hat = g^2: the update is lr * g / (|g| + eps).
+        let init = [0.75f32, -0.3, 0.02, 1.5];
+        let grad = [0.5f32, -2.0, 1e-3, 0.0];
+        let (lr, decay) = (0.01, 0.1);
+        let param = Tensor::from_slice(&init)
+            .to_kind(Kind::BFloat16)
+            .set_requires_grad(true);
+        let config = AdamWConfig {
+            weight_decay: decay,
+            ..NO_DECAY
+        };
+        let mut optimizer = AdamW::new(vec![("w".into(), param.shallow_clone())], config);
+        (&param * Tensor::from_slice(&grad))
+            .sum(Kind::Float)
+            .backward();
+        optimizer.step(lr);
+        assert_eq!(param.kind(), Kind::BFloat16);
+        assert_eq!(optimizer.state().0["w.exp_avg"].kind(), Kind::Float);
+        assert_eq!(optimizer.state().0["w.exp_avg_sq"].kind(), Kind::Float);
+        let start = values(&Tensor::from_slice(&init).to_kind(Kind::BFloat16));
+        for ((got, p0), g) in values(&param).iter().zip(&start).zip(grad) {
+            let g = g as f64;
+            let expected = p0 * (1.0 - lr * decay) - lr * g / (g.abs() + 1e-8);
+            // Rounded to the nearest bf16: within half a step (8 significant bits).
+            let half_step = 2f64.powi(expected.abs().log2().floor() as i32 - 8);
+            assert!(
+                (got - expected).abs() <= half_step,
+                "{got} vs {expected} (start {p0}, gradient {g})"
+            );
+        }
+    }
+
+    #[test]
+    fn master_weights_keep_updates_below_bf16_resolution() {
+        tch::set_num_threads(1);
+        // Each step moves the parameter by lr = 1e-3 (constant gradient: m_hat / sqrt(v_hat)
+        // = 1). Below 1.0 bf16 steps are 2^-8, so 1 - 1e-3 rounds back to 1 every time.
+        let (steps, lr) = (100, 1e-3);
+        let plain = ones_bf16();
+        let mut without = AdamW::new(vec![("w".into(), plain.shallow_clone())], NO_DECAY);
+        constant_gradient_steps(&mut without, &plain, steps, lr);
+        assert_eq!(values(&plain), vec![1.0; 4]);
+
+        // With an f32 master the hundred steps add up to 1 - 0.1 = 0.9, whose nearest bf16
+        // is 230 / 256 = 0.8984375.
+        let mastered = ones_bf16();
+        let mut with =
+            AdamW::with_master_weights(vec![("w".into(), mastered.shallow_clone())], NO_DECAY);
+        constant_gradient_steps(&mut with, &mastered, steps, lr);
+        assert_eq!(values(&mastered), vec![0.8984375; 4]);
+        let (state, _) = with.state();
+        assert_eq!(state["w.master"].kind(), Kind::Float);
+        for master in values(&state["w.master"]) {
+            assert!((master - 0.9).abs() < 1e-5, "master {master}");
+        }
+    }
+
+    #[test]
+    fn master_weights_resume_exactly_and_skip_f32_parameters() {
+        tch::set_num_threads(1);
+        let lr = 1e-3;
+        let full = ones_bf16();
+        let mut uninterrupted =
+            AdamW::with_master_weights(vec![("w".into(), full.shallow_clone())], NO_DECAY);
+        constant_gradient_steps(&mut uninterrupted, &full, 60, lr);
+
+        let first_param = ones_bf16();
+        let mut first =
+            AdamW::with_master_weights(vec![("w".into(), first_param.shallow_clone())], NO_DECAY);
+        constant_gradient_steps(&mut first, &first_param, 30, lr);
+        let (state, step) = first.state();
+        let saved: BTreeMap<String, Tensor> =
+            state.iter().map(|(k, t)| (k.clone(), t.copy())).collect();
+        let resumed_param = first_param.detach().copy().set_requires_grad(true);
+        let mut resumed =
+            AdamW::with_master_weights(vec![("w".into(), resumed_param.shallow_clone())], NO_DECAY);
+        resumed.load_state(&saved, step).unwrap();
+        constant_gradient_steps(&mut resumed, &resumed_param, 30, lr);
+        assert_eq!(values(&resumed_param), values(&full));
+        assert_eq!(
+            values(&resumed.state().0["w.master"]),
+            values(&uninterrupted.state().0["w.master"])
+        );
+
+        // An f32 parameter needs no master copy.
+        let f32_param = Tensor::ones([4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let optimizer = AdamW::with_master_weights(vec![("w".into(), f32_param)], NO_DECAY);
+        assert!(!optimizer.state().0.contains_key("w.master"));
     }
 }
