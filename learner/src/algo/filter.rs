@@ -1,5 +1,5 @@
 //! Online prompt filtering (paper §3.3, spec §5.1): train only on groups of medium difficulty.
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::config::FilterConfig;
 
@@ -15,31 +15,72 @@ pub fn group_mean_scores(scores: &Tensor, k: i64) -> Tensor {
         .mean_dim(1, false, Kind::Double)
 }
 
-/// Which groups to keep (spec §5.1): `lower ≤ mean_k acc_k ≤ upper`, both bounds inclusive;
-/// with `drop_truncated`, also only groups none of whose responses was truncated (`truncated`:
-/// `[B]` bool, needed only then). A disabled filter keeps every group. Returns `[B / k]` bool.
+/// What the filter makes of one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The group trains.
+    Kept,
+    /// Mean score below `lower`: the prompt is too hard for the policy now.
+    TooHard,
+    /// Mean score above `upper`: the prompt is too easy.
+    TooEasy,
+    /// In range, but a response was truncated and `drop_truncated` is set.
+    Truncated,
+}
+
+/// The filter rule on one group (spec §5.1): `lower ≤ mean ≤ upper`, both bounds inclusive;
+/// with `drop_truncated`, also no truncated response. A disabled filter keeps every group.
+/// The one place the rule lives: [`keep_groups`] and the prompt scheduler both call it.
+pub fn verdict(mean_score: f64, any_truncated: bool, config: &FilterConfig) -> Verdict {
+    if !config.enabled {
+        Verdict::Kept
+    } else if mean_score < config.lower - BOUND_SLACK {
+        Verdict::TooHard
+    } else if mean_score > config.upper + BOUND_SLACK {
+        Verdict::TooEasy
+    } else if config.drop_truncated && any_truncated {
+        Verdict::Truncated
+    } else {
+        Verdict::Kept
+    }
+}
+
+/// Whether the filter keeps one group (see [`verdict`]).
+pub fn keeps(mean_score: f64, any_truncated: bool, config: &FilterConfig) -> bool {
+    verdict(mean_score, any_truncated, config) == Verdict::Kept
+}
+
+/// Which groups to keep, [`keeps`] applied to each group of `k` contiguous responses
+/// (`truncated`: `[B]` bool, needed only with `drop_truncated`). Returns `[B / k]` bool on the
+/// device of `scores`. The decisions are taken on the host: a handful of numbers per batch.
 pub fn keep_groups(
     scores: &Tensor,
     truncated: Option<&Tensor>,
     k: i64,
     config: &FilterConfig,
 ) -> Tensor {
-    let means = group_mean_scores(scores, k);
-    if !config.enabled {
-        return means.ones_like().to_kind(Kind::Bool);
-    }
-    let in_range = means
-        .ge(config.lower - BOUND_SLACK)
-        .logical_and(&means.le(config.upper + BOUND_SLACK));
-    if !config.drop_truncated {
-        return in_range;
-    }
-    let truncated = truncated.expect("drop_truncated needs the truncation flags");
-    let any_truncated = truncated
-        .to_kind(Kind::Bool)
-        .view([-1, k])
-        .any_dim(1, false);
-    in_range.logical_and(&any_truncated.logical_not())
+    let means = Vec::<f64>::try_from(group_mean_scores(scores, k).to_device(Device::Cpu))
+        .expect("group means are f64");
+    let any_truncated = match truncated {
+        Some(truncated) if config.enabled && config.drop_truncated => Vec::<bool>::try_from(
+            truncated
+                .to_kind(Kind::Bool)
+                .view([-1, k])
+                .any_dim(1, false)
+                .to_device(Device::Cpu),
+        )
+        .expect("truncation flags are bool"),
+        None if config.enabled && config.drop_truncated => {
+            panic!("drop_truncated needs the truncation flags")
+        }
+        _ => vec![false; means.len()],
+    };
+    let kept: Vec<bool> = means
+        .iter()
+        .zip(&any_truncated)
+        .map(|(&mean, &any_truncated)| keeps(mean, any_truncated, config))
+        .collect();
+    Tensor::from_slice(&kept).to_device(scores.device())
 }
 
 #[cfg(test)]
@@ -101,5 +142,27 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(kept(&[1., 1., 0., 0.], 2, &config, None), [true, true]);
+    }
+
+    #[test]
+    fn verdicts_on_single_groups() {
+        let config = FilterConfig {
+            drop_truncated: true,
+            ..Default::default()
+        };
+        assert_eq!(verdict(0.0, false, &config), Verdict::TooHard);
+        assert_eq!(verdict(0.19, false, &config), Verdict::TooHard);
+        // The bounds, also as they come out of f32 scores.
+        assert_eq!(verdict(0.2, false, &config), Verdict::Kept);
+        assert_eq!(verdict(f64::from(0.8f32), false, &config), Verdict::Kept);
+        assert_eq!(verdict(0.81, false, &config), Verdict::TooEasy);
+        assert_eq!(verdict(0.5, true, &config), Verdict::Truncated);
+        assert_eq!(verdict(1.0, true, &config), Verdict::TooEasy);
+        assert!(keeps(0.5, false, &config) && !keeps(0.5, true, &config));
+        let disabled = FilterConfig {
+            enabled: false,
+            ..config
+        };
+        assert!(keeps(0.0, true, &disabled));
     }
 }
