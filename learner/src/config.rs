@@ -6,6 +6,7 @@ use prime_model::Qwen2Config;
 use prime_world::WorldConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::algo::{AdvantageConfig, AlgoConfig, Estimator, FilterConfig, PpoConfig, PrmConfig};
 use crate::error::{LearnerError, Result};
 use crate::optim::AdamWConfig;
 
@@ -22,22 +23,63 @@ pub struct RunConfig {
     /// Supervised warm-up.
     #[serde(default)]
     pub sft: SftConfig,
+    /// PRIME: the algorithm, the batch, evaluation and checkpoints.
+    #[serde(default)]
+    pub learner: LearnerConfig,
 }
 
 impl RunConfig {
     /// Reads a TOML config; unknown keys are errors that name the key.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(LearnerError::io(path))?;
-        toml::from_str(&text).map_err(|e| LearnerError::Config {
+        Self::from_file_with_overrides(path, &[])
+    }
+
+    /// Reads a TOML config, then applies `key.path=value` overrides (the CLI's `--set`):
+    /// `value` is read as a TOML value (`0.05`, `true`, `"rloo"`, `[0.2, 0.8]`) and as a
+    /// string when it is not one (`learner.estimator=rloo`).
+    pub fn from_file_with_overrides(path: &Path, overrides: &[String]) -> Result<Self> {
+        let config_error = |message: String| LearnerError::Config {
             path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(LearnerError::io(path))?;
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| config_error(e.to_string()))?;
+        for assignment in overrides {
+            apply_override(&mut table, assignment).map_err(config_error)?;
+        }
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| config_error(e.to_string()))
     }
 
     /// The resolved config as TOML, saved in the run dir.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serialises")
     }
+}
+
+/// Sets `a.b.c = value` in `table`, creating the tables on the way.
+fn apply_override(table: &mut toml::Table, assignment: &str) -> std::result::Result<(), String> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| format!("--set {assignment:?}: expected key.path=value"))?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, parents) = parts.split_last().expect("split yields one part");
+    let mut current = table;
+    for part in parents {
+        current = current
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("--set {key}: {part} is not a table"))?;
+    }
+    current.insert(last.to_string(), value);
+    Ok(())
 }
 
 /// Where the policy comes from: an existing Hugging Face model directory, or a tiny Qwen2
@@ -143,6 +185,379 @@ impl ModelSource {
         });
         serde_json::from_value(json).expect("valid Qwen2 config")
     }
+}
+
+/// The PRIME learner: the algorithm (spec §2-6), the batch it collects, the sampling it asks
+/// actors for, evaluation and checkpoints. Defaults are the paper's main run (spec §7).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LearnerConfig {
+    /// `prime` (process plus outcome rewards, the paper) or `rloo` (outcome only, the
+    /// paper's baseline; the PRM is not trained).
+    #[serde(default)]
+    pub estimator: Estimator,
+    /// Implicit PRM: β, token rewards, normalisation.
+    #[serde(default)]
+    pub prm: PrmConfig,
+    /// Leave-one-out baselines and discounts.
+    #[serde(default)]
+    pub advantage: AdvantageConfig,
+    /// The clipped surrogate, entropy and KL terms.
+    #[serde(default)]
+    pub ppo: PpoConfig,
+    /// Online filter on group mean scores.
+    #[serde(default)]
+    pub filter: FilterConfig,
+    /// Rewards from the forward before the PRM's update (the paper) or after it.
+    #[serde(default)]
+    pub prm_update: PrmUpdate,
+    /// The PRM's reference: the frozen start model or the old policy.
+    #[serde(default)]
+    pub reference: ReferenceType,
+    /// The policy's optimizer.
+    #[serde(
+        default = "default_policy_optimizer",
+        deserialize_with = "policy_optimizer_over_defaults"
+    )]
+    pub policy_optimizer: OptimizerConfig,
+    /// The PRM's optimizer.
+    #[serde(
+        default = "default_prm_optimizer",
+        deserialize_with = "prm_optimizer_over_defaults"
+    )]
+    pub prm_optimizer: OptimizerConfig,
+    /// Optimizer steps per iteration for the PRM and for the policy: the batch's groups are
+    /// split into this many mini-batches, whole and in order (the paper: 4).
+    #[serde(default = "l_mini_batches")]
+    pub mini_batches: usize,
+    /// Token budget of a micro-batch (rows × padded width); gradients accumulate over the
+    /// micro-batches of a mini-batch, so it bounds memory without changing the result.
+    #[serde(default = "l_micro_batch_tokens")]
+    pub micro_batch_tokens: usize,
+    /// Positions per chunk of the vocabulary log-softmax.
+    #[serde(default = "l_logit_chunk")]
+    pub logit_chunk_tokens: i64,
+    /// Recompute each decoder layer's activations during the backward pass instead of
+    /// keeping them (same gradients, far less memory, about a third more compute).
+    #[serde(default)]
+    pub recompute_activations: bool,
+    /// Keep f32 master copies of bf16/f16 weights in the optimizers (needed for PRIME's tiny
+    /// learning rates with bf16 weights; see docs/memory.md).
+    #[serde(default)]
+    pub master_weights: bool,
+    /// Prompts (groups) per iteration after filtering, B.
+    #[serde(default = "l_batch_prompts")]
+    pub batch_prompts: usize,
+    /// Responses sampled per prompt, K.
+    #[serde(default = "l_k")]
+    pub samples_per_prompt: u32,
+    /// RL iterations to run.
+    #[serde(default = "l_steps")]
+    pub steps: u64,
+    /// Prompts longer than this (tokens, chat template applied) are dropped at load.
+    #[serde(default = "l_max_prompt")]
+    pub max_prompt_tokens: usize,
+    /// Longest response sampled.
+    #[serde(default = "l_max_response")]
+    pub max_response_tokens: usize,
+    /// Sampling temperature of rollouts.
+    #[serde(default = "l_one")]
+    pub temperature: f64,
+    /// Nucleus sampling mass (1 = off).
+    #[serde(default = "l_one")]
+    pub top_p: f64,
+    /// Top-k sampling (0 = off).
+    #[serde(default)]
+    pub top_k: i64,
+    /// Versions a group may lag behind the policy (0: synchronous on-policy).
+    #[serde(default)]
+    pub max_staleness: u64,
+    /// Seconds an actor has to return a work item before it is handed out again.
+    #[serde(default = "l_lease")]
+    pub lease_seconds: u64,
+    /// Evaluate on the held-out set every this many steps (and at the start and end).
+    #[serde(default = "l_eval_every")]
+    pub eval_every: u64,
+    /// Held-out problems per evaluation (0: all).
+    #[serde(default)]
+    pub eval_problems: usize,
+    /// Samples per held-out problem at `eval_temperature`; accuracy is their mean.
+    #[serde(default = "l_eval_samples")]
+    pub eval_samples: usize,
+    /// Temperature of the sampled evaluation.
+    #[serde(default = "l_one")]
+    pub eval_temperature: f64,
+    /// Also report greedy accuracy (the paper's protocol).
+    #[serde(default = "l_true")]
+    pub eval_greedy: bool,
+    /// Checkpoint every this many steps (0: only at the end).
+    #[serde(default = "l_eval_every")]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (older ones are deleted).
+    #[serde(default = "l_keep")]
+    pub keep_checkpoints: usize,
+    /// Seed of data order, rollout sampling seeds and evaluation.
+    #[serde(default)]
+    pub seed: u64,
+    /// Training prompts (Eurus-2-RL-Data schema, parquet or jsonl); empty: the embedded
+    /// world's RL split.
+    #[serde(default)]
+    pub train_files: Vec<PathBuf>,
+    /// Held-out prompts; empty: the embedded world's held-out split.
+    #[serde(default)]
+    pub heldout_files: Vec<PathBuf>,
+    /// The PRM's and the reference's start model; unset: the policy's start model (the
+    /// paper: all three are the SFT model).
+    #[serde(default)]
+    pub prm_path: Option<PathBuf>,
+}
+
+fn l_mini_batches() -> usize {
+    4
+}
+fn l_micro_batch_tokens() -> usize {
+    16384
+}
+fn l_logit_chunk() -> i64 {
+    1024
+}
+fn l_batch_prompts() -> usize {
+    256
+}
+fn l_k() -> u32 {
+    4
+}
+fn l_steps() -> u64 {
+    592
+}
+fn l_max_prompt() -> usize {
+    1024
+}
+fn l_max_response() -> usize {
+    3072
+}
+fn l_one() -> f64 {
+    1.0
+}
+fn l_true() -> bool {
+    true
+}
+fn l_lease() -> u64 {
+    600
+}
+fn l_eval_every() -> u64 {
+    16
+}
+fn l_eval_samples() -> usize {
+    1
+}
+fn l_keep() -> usize {
+    2
+}
+
+impl Default for LearnerConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+impl LearnerConfig {
+    /// The algorithm core's view: the sub-tables with the estimator filled in.
+    pub fn algo(&self) -> AlgoConfig {
+        AlgoConfig {
+            prm: self.prm.clone(),
+            advantage: self.advantage_config(),
+            ppo: self.ppo.clone(),
+            filter: self.filter.clone(),
+        }
+    }
+
+    /// The advantage settings with the estimator filled in.
+    pub fn advantage_config(&self) -> AdvantageConfig {
+        AdvantageConfig {
+            estimator: self.estimator,
+            ..self.advantage.clone()
+        }
+    }
+
+    /// Checks values serde cannot: positive sizes, a K the baselines can use, a sane filter.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.samples_per_prompt < 2 {
+            return Err(format!(
+                "learner.samples_per_prompt must be at least 2 for the leave-one-out baselines, got {}",
+                self.samples_per_prompt
+            ));
+        }
+        if self.batch_prompts == 0 || self.mini_batches == 0 || self.micro_batch_tokens == 0 {
+            return Err(
+                "learner.batch_prompts, learner.mini_batches and learner.micro_batch_tokens must be positive"
+                    .into(),
+            );
+        }
+        if self.mini_batches > self.batch_prompts {
+            return Err(format!(
+                "learner.mini_batches ({}) cannot exceed learner.batch_prompts ({}): mini-batches hold whole groups",
+                self.mini_batches, self.batch_prompts
+            ));
+        }
+        let f = &self.filter;
+        if !(0.0..=1.0).contains(&f.lower) || !(f.lower..=1.0).contains(&f.upper) {
+            return Err(format!(
+                "learner.filter needs 0 <= lower <= upper <= 1, got [{}, {}]",
+                f.lower, f.upper
+            ));
+        }
+        for (name, opt) in [
+            ("policy_optimizer", &self.policy_optimizer),
+            ("prm_optimizer", &self.prm_optimizer),
+        ] {
+            if opt.lr.is_nan() || opt.lr < 0.0 {
+                return Err(format!("learner.{name}.lr must be >= 0, got {}", opt.lr));
+            }
+        }
+        if self.temperature <= 0.0 || self.eval_temperature < 0.0 {
+            return Err("learner.temperature must be positive and eval_temperature >= 0".into());
+        }
+        if self.max_response_tokens == 0 || self.max_prompt_tokens == 0 {
+            return Err(
+                "learner.max_prompt_tokens and max_response_tokens must be positive".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// An optimizer with its schedule and clipping. In a config file every key is optional and
+/// falls back to that optimizer's default (the policy's and the PRM's differ).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warm-up over this many RL iterations (0: constant, the main run).
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Largest global gradient norm; larger gradients are scaled down (0 disables).
+    pub max_grad_norm: f64,
+    /// AdamW moments and weight decay.
+    pub adamw: AdamWConfig,
+}
+
+impl OptimizerConfig {
+    /// The policy's optimizer in the main run (spec §6): lr 5e-7 constant, weight decay 0.01,
+    /// clip 1.0.
+    pub fn policy_default() -> Self {
+        Self {
+            lr: 5e-7,
+            warmup_steps: 0,
+            max_grad_norm: 1.0,
+            adamw: AdamWConfig {
+                weight_decay: 0.01,
+                ..AdamWConfig::default()
+            },
+        }
+    }
+
+    /// The PRM's optimizer in the main run (spec §3.2): lr 1e-6 constant, no weight decay,
+    /// clip 10.
+    pub fn prm_default() -> Self {
+        Self {
+            lr: 1e-6,
+            warmup_steps: 0,
+            max_grad_norm: 10.0,
+            adamw: AdamWConfig {
+                weight_decay: 0.0,
+                ..AdamWConfig::default()
+            },
+        }
+    }
+
+    /// Learning rate at RL iteration `iteration` (0-based): linear warm-up, then constant.
+    pub fn lr_at(&self, iteration: u64) -> f64 {
+        if iteration < self.warmup_steps {
+            self.lr * (iteration + 1) as f64 / self.warmup_steps as f64
+        } else {
+            self.lr
+        }
+    }
+}
+
+/// The keys of an optimizer table; each one given replaces the default of its optimizer.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OptimizerTable {
+    lr: Option<f64>,
+    warmup_steps: Option<u64>,
+    max_grad_norm: Option<f64>,
+    adamw: Option<AdamWTable>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdamWTable {
+    beta1: Option<f64>,
+    beta2: Option<f64>,
+    eps: Option<f64>,
+    weight_decay: Option<f64>,
+}
+
+impl OptimizerTable {
+    fn over(self, mut base: OptimizerConfig) -> OptimizerConfig {
+        base.lr = self.lr.unwrap_or(base.lr);
+        base.warmup_steps = self.warmup_steps.unwrap_or(base.warmup_steps);
+        base.max_grad_norm = self.max_grad_norm.unwrap_or(base.max_grad_norm);
+        if let Some(a) = self.adamw {
+            let b = &mut base.adamw;
+            b.beta1 = a.beta1.unwrap_or(b.beta1);
+            b.beta2 = a.beta2.unwrap_or(b.beta2);
+            b.eps = a.eps.unwrap_or(b.eps);
+            b.weight_decay = a.weight_decay.unwrap_or(b.weight_decay);
+        }
+        base
+    }
+}
+
+fn policy_optimizer_over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<OptimizerConfig, D::Error> {
+    Ok(OptimizerTable::deserialize(d)?.over(OptimizerConfig::policy_default()))
+}
+
+fn prm_optimizer_over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<OptimizerConfig, D::Error> {
+    Ok(OptimizerTable::deserialize(d)?.over(OptimizerConfig::prm_default()))
+}
+
+fn default_policy_optimizer() -> OptimizerConfig {
+    OptimizerConfig::policy_default()
+}
+fn default_prm_optimizer() -> OptimizerConfig {
+    OptimizerConfig::prm_default()
+}
+
+/// When the PRM's rewards are taken relative to its update (spec §3.3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrmUpdate {
+    /// Single-forward ([REPO] `after`, the paper): each mini-batch's rewards come from the
+    /// forward that computes its loss, before its own update.
+    #[default]
+    ScoreThenUpdate,
+    /// Double-forward ([RECIPE] `before`): update on every mini-batch, then score the whole
+    /// batch with the updated PRM.
+    UpdateThenScore,
+}
+
+/// The reference of the implicit PRM (spec §2.3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReferenceType {
+    /// A frozen copy of the SFT model (the paper's default).
+    #[default]
+    Freeze,
+    /// The policy that sampled the batch: its old log-probs.
+    Policy,
 }
 
 /// Supervised warm-up: next-token cross-entropy on the response tokens of the supervised

@@ -6,10 +6,15 @@ pub mod config;
 pub mod error;
 pub mod optim;
 pub mod plot;
+pub mod report;
+pub mod run;
+pub mod scheduler;
+pub mod service;
 pub mod sft;
 pub mod step;
+pub mod trainer;
 
-pub use config::{ModelSource, RunConfig, SftConfig};
+pub use config::{LearnerConfig, ModelSource, OptimizerConfig, RunConfig, SftConfig};
 pub use error::{LearnerError, Result};
 pub use optim::{lr_at, AdamW, AdamWConfig};
-pub use step::{prime_step, PrimeModels, ScoredGroup, ScoredResponse, StepConfig, StepMetrics};
+pub use step::{prime_step, PrimeModels, ScoredGroup, ScoredResponse, StepMetrics};

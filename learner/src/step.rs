@@ -17,9 +17,10 @@ use prime_model::{CausalLm, PaddedBatch};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::algo::{advantages, implicit_prm, masks, ppo, AlgoConfig, Estimator, LossAggregation};
+use crate::algo::{advantages, implicit_prm, masks, ppo, Estimator, LossAggregation};
+use crate::config::{LearnerConfig, PrmUpdate, ReferenceType};
 use crate::error::{LearnerError, Result};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::AdamW;
 
 /// One scored response of a group, as sampled (EOS included when it stopped).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,149 +39,6 @@ pub struct ScoredGroup {
     pub prompt_ids: Vec<i64>,
     /// The K responses.
     pub responses: Vec<ScoredResponse>,
-}
-
-/// An optimizer with its schedule and clipping.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OptimizerConfig {
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Linear warm-up over this many RL iterations (0: constant, the main run).
-    #[serde(default)]
-    pub warmup_steps: u64,
-    /// Largest global gradient norm; larger gradients are scaled down (0 disables).
-    pub max_grad_norm: f64,
-    /// AdamW moments and weight decay.
-    pub adamw: AdamWConfig,
-}
-
-impl OptimizerConfig {
-    /// The policy's optimizer in the main run (spec §6): lr 5e-7 constant, weight decay 0.01,
-    /// clip 1.0.
-    pub fn policy_default() -> Self {
-        Self {
-            lr: 5e-7,
-            warmup_steps: 0,
-            max_grad_norm: 1.0,
-            adamw: AdamWConfig {
-                weight_decay: 0.01,
-                ..AdamWConfig::default()
-            },
-        }
-    }
-
-    /// The PRM's optimizer in the main run (spec §3.2): lr 1e-6 constant, no weight decay,
-    /// clip 10.
-    pub fn prm_default() -> Self {
-        Self {
-            lr: 1e-6,
-            warmup_steps: 0,
-            max_grad_norm: 10.0,
-            adamw: AdamWConfig {
-                weight_decay: 0.0,
-                ..AdamWConfig::default()
-            },
-        }
-    }
-
-    /// Learning rate at RL iteration `iteration` (0-based): linear warm-up, then constant.
-    pub fn lr_at(&self, iteration: u64) -> f64 {
-        if iteration < self.warmup_steps {
-            self.lr * (iteration + 1) as f64 / self.warmup_steps as f64
-        } else {
-            self.lr
-        }
-    }
-}
-
-fn default_policy_optimizer() -> OptimizerConfig {
-    OptimizerConfig::policy_default()
-}
-fn default_prm_optimizer() -> OptimizerConfig {
-    OptimizerConfig::prm_default()
-}
-
-/// When the PRM's rewards are taken relative to its update (spec §3.3).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PrmUpdate {
-    /// Single-forward ([REPO] `after`, the paper): each mini-batch's rewards come from the
-    /// forward that computes its loss, before its own update.
-    #[default]
-    ScoreThenUpdate,
-    /// Double-forward ([RECIPE] `before`): update on every mini-batch, then score the whole
-    /// batch with the updated PRM.
-    UpdateThenScore,
-}
-
-/// The reference of the implicit PRM (spec §2.3).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReferenceType {
-    /// A frozen copy of the SFT model (the paper's default).
-    #[default]
-    Freeze,
-    /// The policy that sampled the batch: its old log-probs.
-    Policy,
-}
-
-/// Everything one learner step reads. Defaults are the paper's main run (spec §7).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StepConfig {
-    /// Rewards, advantages, policy loss and filter (spec §2-6).
-    #[serde(default)]
-    pub algo: AlgoConfig,
-    /// Optimizer steps per iteration for the PRM and for the policy: the batch's groups are
-    /// split into this many mini-batches, whole and in order (the paper: 1,024 responses in
-    /// 4 steps of 256).
-    #[serde(default = "default_mini_batches")]
-    pub mini_batches: usize,
-    /// Token budget of a micro-batch (padded rows × width); gradients accumulate over the
-    /// micro-batches of a mini-batch. Bounds activation memory, not the result.
-    #[serde(default = "default_micro_batch_tokens")]
-    pub micro_batch_tokens: usize,
-    /// Positions per chunk of the vocabulary log-softmax.
-    #[serde(default = "default_logit_chunk")]
-    pub logit_chunk_tokens: i64,
-    /// Rewards before or after the PRM's update.
-    #[serde(default)]
-    pub prm_update: PrmUpdate,
-    /// The PRM's reference model.
-    #[serde(default)]
-    pub reference: ReferenceType,
-    /// The policy's optimizer.
-    #[serde(default = "default_policy_optimizer")]
-    pub policy_optimizer: OptimizerConfig,
-    /// The PRM's optimizer.
-    #[serde(default = "default_prm_optimizer")]
-    pub prm_optimizer: OptimizerConfig,
-}
-
-fn default_mini_batches() -> usize {
-    4
-}
-fn default_micro_batch_tokens() -> usize {
-    16384
-}
-fn default_logit_chunk() -> i64 {
-    1024
-}
-
-impl Default for StepConfig {
-    fn default() -> Self {
-        Self {
-            algo: AlgoConfig::default(),
-            mini_batches: default_mini_batches(),
-            micro_batch_tokens: default_micro_batch_tokens(),
-            logit_chunk_tokens: default_logit_chunk(),
-            prm_update: PrmUpdate::default(),
-            reference: ReferenceType::default(),
-            policy_optimizer: default_policy_optimizer(),
-            prm_optimizer: default_prm_optimizer(),
-        }
-    }
 }
 
 /// The models and optimizers a step updates.
@@ -204,13 +62,18 @@ impl PrimeModels {
         policy: CausalLm,
         prm: CausalLm,
         reference: Option<CausalLm>,
-        config: &StepConfig,
+        config: &LearnerConfig,
     ) -> Self {
-        let policy_optimizer = AdamW::new(
+        let optimizer = if config.master_weights {
+            AdamW::with_master_weights
+        } else {
+            AdamW::new
+        };
+        let policy_optimizer = optimizer(
             crate::sft::trainable_parameters(&policy),
             config.policy_optimizer.adamw,
         );
-        let prm_optimizer = AdamW::new(
+        let prm_optimizer = optimizer(
             crate::sft::trainable_parameters(&prm),
             config.prm_optimizer.adamw,
         );
@@ -459,12 +322,8 @@ fn response_logprobs(
         &padded.attention_mask,
         None,
     );
-    // Response token j of a row with prompt length P is predicted at position P + j − 1.
     let width = batch.response_width;
-    let last = hidden.size()[1] - 1;
-    let starts = Tensor::from_slice(&batch.prompt_lengths[rows.clone()]).to_device(device) - 1;
-    let index = (starts.unsqueeze(1) + Tensor::arange(width, (Kind::Int64, device)).unsqueeze(0))
-        .clamp_max(last);
+    let index = response_positions(batch, rows, hidden.size()[1] - 1, device);
     let targets =
         padded
             .input_ids
@@ -496,6 +355,62 @@ fn response_logprobs(
     Ok((logprobs, entropy))
 }
 
+/// `[n, R]` indices into a row's positions: response token j of a row with prompt length P
+/// is predicted at position P + j − 1 (clamped to `last` on padding).
+fn response_positions(
+    batch: &StepBatch,
+    rows: &std::ops::Range<usize>,
+    last: i64,
+    device: Device,
+) -> Tensor {
+    let starts = Tensor::from_slice(&batch.prompt_lengths[rows.clone()]).to_device(device) - 1;
+    (starts.unsqueeze(1) + Tensor::arange(batch.response_width, (Kind::Int64, device)).unsqueeze(0))
+        .clamp_max(last)
+}
+
+/// Forward with gradients on `rows`, `loss_fn(logprobs, entropy)` on the response-aligned
+/// log-probs, backward. With `recompute` the decoder layers are recomputed during the
+/// backward pass (activation checkpointing; same gradients, less memory); entropies are then
+/// not available. Returns the detached loss.
+fn backward_micro(
+    model: &CausalLm,
+    batch: &StepBatch,
+    rows: &std::ops::Range<usize>,
+    config: &LearnerConfig,
+    want_entropy: bool,
+    loss_fn: impl FnOnce(&Tensor, Option<&Tensor>) -> Tensor,
+) -> Result<Tensor> {
+    if !config.recompute_activations {
+        let (logprobs, entropy) =
+            response_logprobs(model, batch, rows, config.logit_chunk_tokens, want_entropy)?;
+        let loss = loss_fn(&logprobs, entropy.as_ref());
+        loss.backward();
+        return Ok(loss.detach());
+    }
+    if want_entropy {
+        return Err(LearnerError::Data(
+            "recompute_activations does not support entropy_coeff != 0 yet".into(),
+        ));
+    }
+    let device = model.model.device();
+    let padded = PaddedBatch::new(
+        &batch.sequences[rows.clone()],
+        model.config.vocab_size,
+        0,
+        device,
+    )?;
+    let last = padded.input_ids.size()[1] - 2;
+    let index = response_positions(batch, rows, last, device);
+    let valid = masks_f32(&batch.rows_of(&batch.mask, rows));
+    let result = model.model.token_logprobs_backward(
+        &padded,
+        config.logit_chunk_tokens,
+        true,
+        |sequence_logprobs| loss_fn(&(sequence_logprobs.gather(1, &index, false) * &valid), None),
+    );
+    Ok(result.loss)
+}
+
 fn masks_f32(mask: &Tensor) -> Tensor {
     mask.to_kind(Kind::Float)
 }
@@ -509,7 +424,7 @@ fn scalar(t: &Tensor) -> f64 {
 fn frozen_logprobs(
     model: &CausalLm,
     batch: &StepBatch,
-    config: &StepConfig,
+    config: &LearnerConfig,
     want_entropy: bool,
 ) -> Result<(Tensor, Option<f64>)> {
     let _guard = tch::no_grad_guard();
@@ -562,30 +477,29 @@ fn prm_pass(
     models: &mut PrimeModels,
     batch: &StepBatch,
     reference_logprobs: &Tensor,
-    config: &StepConfig,
+    config: &LearnerConfig,
     lr: f64,
 ) -> Result<(Tensor, f64, f64)> {
-    let beta = config.algo.prm.beta;
+    let beta = config.prm.beta;
     let minis = batch.mini_batches(config.mini_batches);
     let mut q_rows = Vec::new();
     let (mut loss_sum, mut norm_sum) = (0.0, 0.0);
     for mini in &minis {
         models.prm_optimizer.zero_grad();
         for micro in batch.micro_batches(mini.clone(), config.micro_batch_tokens) {
-            let (logprobs, _) =
-                response_logprobs(&models.prm, batch, &micro, config.logit_chunk_tokens, false)?;
             let mask = batch.rows_of(&batch.mask, &micro);
-            let q = implicit_prm::token_log_ratio(
-                &logprobs,
-                &batch.rows_of(reference_logprobs, &micro),
-                &mask,
-            );
-            let loss =
-                implicit_prm::prm_ce_loss(&q, &mask, &batch.rows_of(&batch.scores, &micro), beta)
-                    * (micro.len() as f64 / mini.len() as f64);
-            loss.backward();
+            let reference = batch.rows_of(reference_logprobs, &micro);
+            let scores = batch.rows_of(&batch.scores, &micro);
+            let weight = micro.len() as f64 / mini.len() as f64;
+            let mut q_micro = None;
+            let loss = backward_micro(&models.prm, batch, &micro, config, false, |logprobs, _| {
+                let q = implicit_prm::token_log_ratio(logprobs, &reference, &mask);
+                let loss = implicit_prm::prm_ce_loss(&q, &mask, &scores, beta) * weight;
+                q_micro = Some(q.detach());
+                loss
+            })?;
             loss_sum += scalar(&loss);
-            q_rows.push(q.detach());
+            q_rows.push(q_micro.expect("the loss function ran"));
         }
         norm_sum += models
             .prm_optimizer
@@ -618,39 +532,48 @@ fn policy_pass(
     old_logprobs: &Tensor,
     reference_logprobs: &Tensor,
     advantages: &Tensor,
-    config: &StepConfig,
+    config: &LearnerConfig,
     lr: f64,
 ) -> Result<PolicyPass> {
-    let ppo_config = &config.algo.ppo;
+    let ppo_config = &config.ppo;
     let aggregation = ppo_config.loss_aggregation;
     let minis = batch.mini_batches(config.mini_batches);
     let mut totals = [0.0f64; 4];
     for mini in &minis {
         models.policy_optimizer.zero_grad();
         for micro in batch.micro_batches(mini.clone(), config.micro_batch_tokens) {
-            let (logprobs, entropy) = response_logprobs(
+            let reference =
+                (ppo_config.kl_coeff != 0.0).then(|| batch.rows_of(reference_logprobs, &micro));
+            let old = batch.rows_of(old_logprobs, &micro);
+            let micro_advantages = batch.rows_of(advantages, &micro);
+            let mask = batch.rows_of(&batch.mask, &micro);
+            let weight = micro_weight(batch, &micro, mini, aggregation);
+            let mut figures = None;
+            let _loss = backward_micro(
                 &models.policy,
                 batch,
                 &micro,
-                config.logit_chunk_tokens,
+                config,
                 ppo_config.entropy_coeff != 0.0,
+                |logprobs, entropy| {
+                    let loss = ppo::policy_loss(
+                        logprobs,
+                        &old,
+                        &micro_advantages,
+                        &mask,
+                        entropy,
+                        reference.as_ref(),
+                        ppo_config,
+                    );
+                    let s = &loss.surrogate;
+                    figures = Some([&s.loss, &s.clip_fraction, &s.approx_kl].map(scalar));
+                    &loss.loss * weight
+                },
             )?;
-            let reference =
-                (ppo_config.kl_coeff != 0.0).then(|| batch.rows_of(reference_logprobs, &micro));
-            let loss = ppo::policy_loss(
-                &logprobs,
-                &batch.rows_of(old_logprobs, &micro),
-                &batch.rows_of(advantages, &micro),
-                &batch.rows_of(&batch.mask, &micro),
-                entropy.as_ref(),
-                reference.as_ref(),
-                ppo_config,
-            );
-            let weight = micro_weight(batch, &micro, mini, aggregation);
-            (&loss.loss * weight).backward();
-            totals[0] += scalar(&loss.surrogate.loss) * weight;
-            totals[1] += scalar(&loss.surrogate.clip_fraction) * weight;
-            totals[2] += scalar(&loss.surrogate.approx_kl) * weight;
+            let figures = figures.expect("the loss function ran");
+            for (total, value) in totals.iter_mut().zip(figures) {
+                *total += value * weight;
+            }
         }
         totals[3] += models
             .policy_optimizer
@@ -678,7 +601,7 @@ fn mean_std(t: &Tensor) -> (f64, f64) {
 pub fn prime_step(
     models: &mut PrimeModels,
     groups: &[ScoredGroup],
-    config: &StepConfig,
+    config: &LearnerConfig,
     iteration: u64,
 ) -> Result<StepMetrics> {
     let _span = tracing::info_span!("prime_step", iteration, groups = groups.len()).entered();
@@ -704,8 +627,7 @@ pub fn prime_step(
 
     // 2. Reference log-probs (spec §2.3).
     let clock = Instant::now();
-    let needs_reference =
-        config.algo.advantage.estimator == Estimator::Prime || config.algo.ppo.kl_coeff != 0.0;
+    let needs_reference = config.estimator == Estimator::Prime || config.ppo.kl_coeff != 0.0;
     let reference_logprobs = match (&models.reference, config.reference) {
         (Some(reference), ReferenceType::Freeze) if needs_reference => {
             frozen_logprobs(reference, &batch, config, false)?.0
@@ -723,7 +645,7 @@ pub fn prime_step(
     // 3. PRM pass (spec §3), skipped by the outcome-only baseline.
     let clock = Instant::now();
     let prm_lr = config.prm_optimizer.lr_at(iteration);
-    let q = match config.algo.advantage.estimator {
+    let q = match config.estimator {
         Estimator::Prime => {
             let (q, loss, grad_norm) =
                 prm_pass(models, &batch, &reference_logprobs, config, prm_lr)?;
@@ -738,7 +660,7 @@ pub fn prime_step(
 
     // 4. Rewards and advantages (spec §2.2, §2.5, §4).
     let clock = Instant::now();
-    let prm_config = &config.algo.prm;
+    let prm_config = &config.prm;
     let mask = &batch.mask;
     let sequence_rewards = implicit_prm::sequence_reward(&q, mask, prm_config.beta);
     (metrics.prm_reward_mean, metrics.prm_reward_std) = mean_std(&sequence_rewards);
@@ -759,7 +681,7 @@ pub fn prime_step(
         &batch.scores,
         mask,
         k,
-        &config.algo.advantage,
+        &config.advantage_config(),
     );
     let advantages = advantages::whiten(&returns, mask);
     metrics.process_reward_abs_mean = scalar(&masks::masked_mean(&process_rewards.abs(), mask));

@@ -215,19 +215,29 @@ pub async fn serve_on(
         .map_err(|e| VerifierError::Unavailable(format!("server failed: {e}")))
 }
 
-/// Serves Prometheus metrics (`GET /metrics`, any path answers) on `listener`, forever.
+/// Serves the grader's Prometheus metrics on `listener`, forever.
 pub async fn serve_metrics(listener: tokio::net::TcpListener, grader: Grader) {
+    serve_prometheus(listener, move || grader.metrics().prometheus_text()).await
+}
+
+/// Serves Prometheus text from `render` (`GET /metrics`; any path answers) on `listener`,
+/// forever. Every prime-rs service exports its metrics this way.
+pub async fn serve_prometheus(
+    listener: tokio::net::TcpListener,
+    render: impl Fn() -> String + Send + Sync + 'static,
+) {
+    let render = std::sync::Arc::new(render);
     loop {
         let Ok((mut socket, _)) = listener.accept().await else {
             continue;
         };
-        let grader = grader.clone();
+        let render = render.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             // Only the request line matters; a slow or huge request is not waited for.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), socket.read(&mut buf))
                 .await;
-            let body = grader.metrics().prometheus_text();
+            let body = render();
             let reply = format!(
                 "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()

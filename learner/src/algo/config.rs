@@ -93,7 +93,8 @@ pub enum RewardNorm {
 #[serde(deny_unknown_fields)]
 pub struct AdvantageConfig {
     /// `prime` (process plus outcome rewards) or `rloo` (outcome only, the paper's baseline).
-    #[serde(default)]
+    /// Set in a run config as `learner.estimator`, so not read from this table.
+    #[serde(skip)]
     pub estimator: Estimator,
     /// Leave-one-out baseline of the process rewards (spec §4.1 vs §4.2).
     #[serde(default)]
@@ -255,12 +256,12 @@ mod tests {
         assert_eq!((config.filter.lower, config.filter.upper), (0.2, 0.8));
         let config: AlgoConfig = toml::from_str(
             "[prm]\nprocess_reward = \"recipe\"\nnorm = \"none\"\n\
-             [advantage]\nestimator = \"rloo\"\n[ppo]\nloss_aggregation = \"token_mean\"\n",
+             [advantage]\nprocess_baseline = \"paper\"\n[ppo]\nloss_aggregation = \"token_mean\"\n",
         )
         .unwrap();
         assert_eq!(config.prm.process_reward, ProcessRewardVariant::Recipe);
         assert_eq!(config.prm.norm, RewardNorm::None);
-        assert_eq!(config.advantage.estimator, Estimator::Rloo);
+        assert_eq!(config.advantage.process_baseline, ProcessBaseline::Paper);
         assert_eq!(config.ppo.loss_aggregation, LossAggregation::TokenMean);
         assert!(toml::from_str::<AlgoConfig>("[prm]\nbetta = 1.0\n").is_err());
     }

@@ -1,0 +1,150 @@
+//! Opening a PRIME run from its config (data, start models, scheduler, resume) and the
+//! single-process loop that samples its own rollouts.
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use prime_model::Tokenizer;
+use rand::Rng;
+use tch::Device;
+
+use crate::config::RunConfig;
+use crate::error::{LearnerError, Result};
+use crate::scheduler::{Pull, Scheduler, SchedulerConfig};
+use crate::sft::eval_problems;
+use crate::trainer::{local_rollouts, prompts_from_rows, StartModels, StepRecord, Trainer};
+
+/// Where the supervised warm-up of a run dir leaves its checkpoint.
+pub fn sft_checkpoint(run_dir: &Path) -> PathBuf {
+    run_dir.join("sft").join("checkpoint")
+}
+
+/// The run's data: training prompts and held-out problems, tokenized with `tokenizer`.
+fn read_rows(files: &[PathBuf], fallback: &Path) -> Result<Vec<prime_world::DataRow>> {
+    let mut rows = Vec::new();
+    if files.is_empty() {
+        rows.extend(prime_world::read_rows(fallback)?);
+    }
+    for file in files {
+        rows.extend(prime_world::read_rows(file)?);
+    }
+    Ok(rows)
+}
+
+/// Opens a run: builds (or reuses) the embedded world, loads the start models (the configured
+/// model, else the run's supervised checkpoint), the prompts and the held-out set, and resumes
+/// from the latest checkpoint when `resume` is set. A fresh run is evaluated once before its
+/// first step.
+pub fn open_run(
+    config: &RunConfig,
+    run_dir: &Path,
+    device: Device,
+    resume: bool,
+) -> Result<(Trainer, Scheduler)> {
+    let learner = &config.learner;
+    let world = prime_world::build_world(&config.world, &run_dir.join("world"))?;
+    let policy = match &config.model.path {
+        Some(path) => path.clone(),
+        None => sft_checkpoint(run_dir),
+    };
+    if !policy.join("config.json").exists() {
+        return Err(LearnerError::Data(format!(
+            "no start model at {}: run the supervised warm-up (`prime sft`) or set model.path",
+            policy.display()
+        )));
+    }
+    let tokenizer_dir = if policy.join("tokenizer.json").exists() {
+        policy.clone()
+    } else {
+        world.tokenizer_dir.clone()
+    };
+    let tokenizer = Tokenizer::from_dir(&tokenizer_dir)?;
+    let train_rows = read_rows(&learner.train_files, &world.rl.parquet)?;
+    let (prompts, dropped) = prompts_from_rows(&train_rows, &tokenizer, learner.max_prompt_tokens)?;
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            kept = prompts.len(),
+            max_prompt_tokens = learner.max_prompt_tokens,
+            "prompts over the length limit dropped"
+        );
+    }
+    let heldout = eval_problems(
+        &read_rows(&learner.heldout_files, &world.heldout.parquet)?,
+        &tokenizer,
+    )?;
+    let start = StartModels {
+        policy,
+        prm: learner.prm_path.clone(),
+        tokenizer_dir,
+    };
+    let (mut trainer, resumed) =
+        Trainer::open(learner.clone(), &start, heldout, run_dir, device, resume)?;
+    let scheduler = Scheduler::new(
+        prompts,
+        SchedulerConfig {
+            batch_groups: learner.batch_prompts,
+            k: learner.samples_per_prompt,
+            max_staleness: learner.max_staleness,
+            lease: Duration::from_secs(learner.lease_seconds),
+            filter: learner.filter.clone(),
+            seed: learner.seed,
+            max_outstanding_prompts: 0,
+        },
+        resumed,
+    )?;
+    if trainer.history.is_empty() {
+        trainer.evaluate()?;
+    }
+    Ok((trainer, scheduler))
+}
+
+/// Trains in one process: the learner samples its own rollouts through the same scheduler
+/// (work, filter, surplus), so a run is deterministic and resumes exactly. Stops after
+/// `max_steps` more steps (or when the config's steps are done).
+pub fn run_local(
+    trainer: &mut Trainer,
+    scheduler: &mut Scheduler,
+    max_steps: Option<u64>,
+    mut on_step: impl FnMut(&StepRecord, &Trainer),
+) -> Result<()> {
+    let actor = scheduler.register("local", Instant::now());
+    let target = max_steps.map_or(trainer.config.steps, |n| {
+        (trainer.step + n).min(trainer.config.steps)
+    });
+    let mut collecting_since = Instant::now();
+    while trainer.step < target {
+        if let Some(batch) = scheduler.take_batch() {
+            let rollout_seconds = collecting_since.elapsed().as_secs_f64();
+            let state = scheduler.state();
+            let record = trainer.train(batch, rollout_seconds, || state.clone())?;
+            scheduler.publish(trainer.policy_version);
+            on_step(&record, trainer);
+            collecting_since = Instant::now();
+            continue;
+        }
+        let pull = scheduler.pull(&actor, trainer.config.batch_prompts, Instant::now());
+        let Pull::Work {
+            policy_version,
+            items,
+        } = pull
+        else {
+            return Err(LearnerError::Data(
+                "the scheduler has no work to hand out and no batch to train on".into(),
+            ));
+        };
+        let seed: u64 = trainer.rng.gen();
+        let groups = local_rollouts(
+            &trainer.models.policy,
+            &trainer.tokenizer,
+            &items,
+            &trainer.rollout_params(),
+            policy_version,
+            &actor,
+            seed,
+        )?;
+        for group in groups {
+            scheduler.submit(group, Instant::now());
+        }
+    }
+    Ok(())
+}

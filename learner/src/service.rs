@@ -1,0 +1,561 @@
+//! The `Learner` gRPC service: thin handlers over the [`Scheduler`] (work, groups, filter)
+//! and the published policy weights, plus the compute loop that trains on each filtered batch
+//! and publishes the next version. tch work happens only on the caller's thread in
+//! [`run_learner`]; the tokio tasks do I/O and bookkeeping.
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use prime_model::weights::{encode_var_store, EncodedWeights, WeightManifest, DEFAULT_CHUNK_BYTES};
+use prime_proto::v1 as pb;
+use prime_proto::v1::learner_server::{Learner, LearnerServer};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::{LearnerError, Result};
+use crate::scheduler::{Group, GroupResponse, Pull, Scheduler, Submitted};
+use crate::trainer::{StepRecord, Trainer};
+
+/// Largest message the service accepts or sends (a weight chunk is at most 4 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Policy weights as published to actors.
+#[derive(Debug)]
+pub struct Published {
+    /// The version these weights are.
+    pub policy_version: u64,
+    /// Names, shapes, dtypes, offsets and checksums.
+    pub manifest: WeightManifest,
+    /// Every tensor's bytes, back to back; chunks are slices of it (no copies).
+    pub bytes: tonic::codegen::Bytes,
+}
+
+impl Published {
+    /// Takes over encoded weights.
+    pub fn new(weights: EncodedWeights) -> Self {
+        Self {
+            policy_version: weights.manifest.policy_version,
+            manifest: weights.manifest,
+            bytes: weights.bytes.into(),
+        }
+    }
+}
+
+/// Live figures for `Status` and Prometheus.
+#[derive(Debug, Default)]
+struct Live {
+    step: AtomicU64,
+    errors: AtomicU64,
+    tokens_per_second_milli: AtomicU64,
+    phase: Mutex<&'static str>,
+}
+
+/// State shared by the handlers and the compute loop.
+#[derive(Debug)]
+pub struct Shared {
+    scheduler: Mutex<Scheduler>,
+    batch_ready: Condvar,
+    published: RwLock<Arc<Published>>,
+    model_config_json: String,
+    sampling: pb::SamplingParams,
+    lease_seconds: u32,
+    live: Live,
+}
+
+impl Shared {
+    /// Shared state around a scheduler and the first published weights.
+    pub fn new(
+        scheduler: Scheduler,
+        published: Published,
+        model_config_json: String,
+        sampling: pb::SamplingParams,
+        lease_seconds: u32,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            scheduler: Mutex::new(scheduler),
+            batch_ready: Condvar::new(),
+            published: RwLock::new(Arc::new(published)),
+            model_config_json,
+            sampling,
+            lease_seconds,
+            live: Live {
+                phase: Mutex::new("collecting"),
+                ..Live::default()
+            },
+        })
+    }
+
+    fn scheduler(&self) -> std::sync::MutexGuard<'_, Scheduler> {
+        self.scheduler.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_phase(&self, phase: &'static str) {
+        *self.live.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+    }
+
+    /// The status reply: scheduler figures plus the compute loop's.
+    pub fn status(&self) -> pb::LearnerStatus {
+        let status = self.scheduler().status(Instant::now());
+        pb::LearnerStatus {
+            build: Some(pb::BuildInfo {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                role: pb::Role::Learner as i32,
+            }),
+            policy_version: status.policy_version,
+            step: self.live.step.load(Ordering::Relaxed),
+            pending_prompts: status.pending_prompts,
+            groups_buffered: status.groups_buffered,
+            connected_actors: status.connected_actors,
+            tokens_per_second: self.live.tokens_per_second_milli.load(Ordering::Relaxed) as f64
+                / 1000.0,
+            filter_pass_rate: status.filter_pass_rate,
+            errors: self.live.errors.load(Ordering::Relaxed),
+            phase: self
+                .live
+                .phase
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .to_string(),
+        }
+    }
+
+    /// Prometheus text of the status figures and the scheduler's counters.
+    pub fn prometheus_text(&self) -> String {
+        let s = self.status();
+        let c = self.scheduler().status(Instant::now()).counters;
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, value: f64| {
+            out.push_str(&format!(
+                "# HELP prime_learner_{name} {help}\n# TYPE prime_learner_{name} gauge\nprime_learner_{name} {value}\n"
+            ));
+        };
+        gauge(
+            "policy_version",
+            "Current policy version.",
+            s.policy_version as f64,
+        );
+        gauge("step", "RL iterations done.", s.step as f64);
+        gauge(
+            "pending_prompts",
+            "Prompts waiting to be handed out.",
+            s.pending_prompts as f64,
+        );
+        gauge(
+            "groups_buffered",
+            "Kept groups waiting for the next step.",
+            s.groups_buffered as f64,
+        );
+        gauge(
+            "connected_actors",
+            "Actors seen within three leases.",
+            f64::from(s.connected_actors),
+        );
+        gauge(
+            "tokens_per_second",
+            "Sampled tokens per second of the last step.",
+            s.tokens_per_second,
+        );
+        gauge(
+            "filter_pass_rate",
+            "Share of recent groups the filter kept.",
+            s.filter_pass_rate,
+        );
+        gauge("errors", "Failed steps or requests.", s.errors as f64);
+        gauge(
+            "groups_accepted",
+            "Groups accepted (kept or filtered).",
+            c.accepted as f64,
+        );
+        gauge(
+            "groups_filtered",
+            "Groups dropped by the filter.",
+            c.filtered as f64,
+        );
+        gauge(
+            "groups_duplicate",
+            "Resubmitted groups ignored.",
+            c.duplicates as f64,
+        );
+        gauge(
+            "groups_stale",
+            "Groups from an old policy version, dropped.",
+            c.stale as f64,
+        );
+        gauge(
+            "groups_rejected",
+            "Malformed or unknown groups.",
+            c.rejected as f64,
+        );
+        gauge(
+            "work_reissued",
+            "Work items handed out again after their lease.",
+            c.reissued as f64,
+        );
+        out
+    }
+}
+
+/// The gRPC handler.
+#[derive(Debug, Clone)]
+pub struct LearnerService {
+    shared: Arc<Shared>,
+}
+
+impl LearnerService {
+    /// The tonic server for `shared`.
+    pub fn server(shared: Arc<Shared>) -> LearnerServer<Self> {
+        LearnerServer::new(Self { shared })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+fn group_from_proto(group: pb::RolloutGroup) -> Group {
+    Group {
+        group_id: group.group_id,
+        actor_id: group.actor_id,
+        policy_version: group.policy_version,
+        prompt_ids: group.prompt_ids,
+        responses: group
+            .responses
+            .into_iter()
+            .map(|r| GroupResponse {
+                truncated: r.finish_reason == pb::FinishReason::Length as i32,
+                token_ids: r.token_ids,
+                sampling_logprobs: r.sampling_logprobs,
+                score: f64::from(r.score),
+            })
+            .collect(),
+    }
+}
+
+type WeightStream = Pin<Box<dyn Stream<Item = Result<pb::WeightTransfer, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Learner for LearnerService {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterReply>, Status> {
+        let request = request.into_inner();
+        let name = if request.actor_name.is_empty() {
+            "actor"
+        } else {
+            request.actor_name.as_str()
+        };
+        let mut scheduler = self.shared.scheduler();
+        let actor_id = scheduler.register(name, Instant::now());
+        let policy_version = scheduler.status(Instant::now()).policy_version;
+        drop(scheduler);
+        tracing::info!(%actor_id, device = %request.device, "actor registered");
+        Ok(Response::new(pb::RegisterReply {
+            actor_id,
+            lease_seconds: self.shared.lease_seconds,
+            policy_version,
+            sampling: Some(self.shared.sampling.clone()),
+            model_config_json: self.shared.model_config_json.clone(),
+        }))
+    }
+
+    async fn pull_work(
+        &self,
+        request: Request<pb::PullWorkRequest>,
+    ) -> Result<Response<pb::WorkBatch>, Status> {
+        let request = request.into_inner();
+        let now = Instant::now();
+        let mut scheduler = self.shared.scheduler();
+        scheduler.expire(now);
+        let pull = scheduler.pull(&request.actor_id, request.max_prompts.max(1) as usize, now);
+        drop(scheduler);
+        let reply = match pull {
+            Pull::Work {
+                policy_version,
+                items,
+            } => pb::WorkBatch {
+                items: items
+                    .into_iter()
+                    .map(|w| pb::WorkItem {
+                        work_id: w.work_id,
+                        prompt_ids: w.prompt.prompt_ids.clone(),
+                        ground_truth: w.prompt.ground_truth.clone(),
+                        ability: w.prompt.ability.clone(),
+                        k: w.k,
+                    })
+                    .collect(),
+                policy_version,
+                sampling: Some(self.shared.sampling.clone()),
+                retry_after_ms: 0,
+            },
+            Pull::Busy { retry_after } => pb::WorkBatch {
+                policy_version: self.shared.scheduler().status(now).policy_version,
+                sampling: Some(self.shared.sampling.clone()),
+                retry_after_ms: retry_after.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+                ..pb::WorkBatch::default()
+            },
+            Pull::UnknownActor => {
+                return Err(Status::not_found(format!(
+                "actor {:?} is not registered (the learner restarted or forgot it): register again",
+                request.actor_id
+            )))
+            }
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn submit_groups(
+        &self,
+        request: Request<Streaming<pb::RolloutGroup>>,
+    ) -> Result<Response<pb::SubmitReply>, Status> {
+        let mut incoming = request.into_inner();
+        let mut reply = pb::SubmitReply::default();
+        while let Some(group) = incoming.next().await {
+            let group = group?;
+            let outcome = self
+                .shared
+                .scheduler()
+                .submit(group_from_proto(group), Instant::now());
+            match outcome {
+                Submitted::Kept | Submitted::Filtered => reply.accepted += 1,
+                Submitted::Duplicate => reply.duplicates += 1,
+                Submitted::Stale => reply.stale += 1,
+                Submitted::Rejected(reason) => {
+                    reply.rejected += 1;
+                    if reply.first_rejection.is_empty() {
+                        reply.first_rejection = reason;
+                    }
+                }
+            }
+            self.shared.batch_ready.notify_all();
+        }
+        Ok(Response::new(reply))
+    }
+
+    type FetchWeightsStream = WeightStream;
+
+    async fn fetch_weights(
+        &self,
+        request: Request<pb::FetchWeightsRequest>,
+    ) -> Result<Response<Self::FetchWeightsStream>, Status> {
+        let request = request.into_inner();
+        let published = self
+            .shared
+            .published
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if request.policy_version != 0 && request.policy_version != published.policy_version {
+            return Err(Status::failed_precondition(format!(
+                "policy version {} is not published; the current one is {}",
+                request.policy_version, published.policy_version
+            )));
+        }
+        let chunk_bytes = match request.max_chunk_bytes as usize {
+            0 => DEFAULT_CHUNK_BYTES,
+            n => n.min(DEFAULT_CHUNK_BYTES),
+        };
+        let manifest = &published.manifest;
+        let first = pb::WeightTransfer {
+            payload: Some(pb::weight_transfer::Payload::Manifest(pb::WeightManifest {
+                policy_version: manifest.policy_version,
+                tensors: manifest
+                    .tensors
+                    .iter()
+                    .map(|t| pb::TensorInfo {
+                        name: t.name.clone(),
+                        shape: t.shape.clone(),
+                        dtype: t.dtype.clone(),
+                        offset: t.offset,
+                        length: t.len,
+                        sha256: t.sha256.clone(),
+                    })
+                    .collect(),
+                total_bytes: manifest.total_bytes,
+            })),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            let total = published.bytes.len();
+            for start in (0..total).step_by(chunk_bytes) {
+                let end = (start + chunk_bytes).min(total);
+                let message = pb::WeightTransfer {
+                    payload: Some(pb::weight_transfer::Payload::Chunk(pb::WeightChunk {
+                        policy_version: published.policy_version,
+                        offset: start as u64,
+                        data: published.bytes.slice(start..end),
+                    })),
+                };
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::LearnerStatusRequest>,
+    ) -> Result<Response<pb::LearnerStatus>, Status> {
+        Ok(Response::new(self.shared.status()))
+    }
+}
+
+/// Encodes the trainer's policy as version `policy_version`.
+pub fn publish_policy(trainer: &Trainer) -> Result<Published> {
+    Ok(Published::new(encode_var_store(
+        &trainer.models.policy.vs,
+        trainer.policy_version,
+        None,
+    )?))
+}
+
+/// Where the learner listens.
+#[derive(Debug, Clone)]
+pub struct ListenOptions {
+    /// gRPC address (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Prometheus address, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Shared token every RPC must carry, if any.
+    pub token: Option<String>,
+}
+
+/// Serves the Learner service and health on a runtime of its own, then runs the compute loop
+/// on this thread until the configured steps are done: wait for a filtered batch, train,
+/// publish the new version. `on_listen` gets the bound gRPC address; `on_step` each record.
+pub fn run_learner(
+    mut trainer: Trainer,
+    scheduler: Scheduler,
+    options: &ListenOptions,
+    on_listen: impl FnOnce(SocketAddr),
+    mut on_step: impl FnMut(&StepRecord, &Trainer),
+) -> Result<Trainer> {
+    let sampling = {
+        let params = trainer.rollout_params();
+        pb::SamplingParams {
+            max_new_tokens: params.max_new_tokens as u32,
+            temperature: params.temperature,
+            top_p: params.top_p,
+            top_k: params.top_k,
+            seed: None,
+            stop_token_ids: params.stop_token_ids,
+        }
+    };
+    let config_json = serde_json::to_string(&trainer.models.policy.config)
+        .map_err(|e| LearnerError::Data(format!("model config: {e}")))?;
+    let lease = trainer.config.lease_seconds.min(u64::from(u32::MAX)) as u32;
+    let shared = Shared::new(
+        scheduler,
+        publish_policy(&trainer)?,
+        config_json,
+        sampling,
+        lease,
+    );
+    shared.live.step.store(trainer.step, Ordering::Relaxed);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(LearnerError::io("tokio runtime"))?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(options.listen))
+        .map_err(LearnerError::io(options.listen.to_string()))?;
+    let addr = listener
+        .local_addr()
+        .map_err(LearnerError::io(options.listen.to_string()))?;
+    if let Some(metrics_addr) = options.metrics_listen {
+        let metrics_listener = runtime
+            .block_on(tokio::net::TcpListener::bind(metrics_addr))
+            .map_err(LearnerError::io(metrics_addr.to_string()))?;
+        let shared = shared.clone();
+        runtime.spawn(prime_verifier::service::serve_prometheus(
+            metrics_listener,
+            move || shared.prometheus_text(),
+        ));
+    }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let shared = shared.clone();
+        let token = options.token.clone();
+        runtime.spawn(async move {
+            let (health_reporter, health_service) = tonic_health::server::health_reporter();
+            health_reporter
+                .set_serving::<LearnerServer<LearnerService>>()
+                .await;
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(tonic::service::interceptor::InterceptedService::new(
+                    LearnerService::server(shared),
+                    prime_verifier::service::TokenCheck::new(token),
+                ))
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop_rx.await;
+                })
+                .await
+        })
+    };
+    tracing::info!(%addr, "learner listening");
+    on_listen(addr);
+
+    let result = compute_loop(&mut trainer, &shared, &mut on_step);
+    let _ = stop_tx.send(());
+    let _ = runtime.block_on(server);
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result.map(|()| trainer)
+}
+
+/// Waits for each filtered batch, trains on it and publishes the next version.
+fn compute_loop(
+    trainer: &mut Trainer,
+    shared: &Shared,
+    on_step: &mut impl FnMut(&StepRecord, &Trainer),
+) -> Result<()> {
+    let mut collecting_since = Instant::now();
+    while !trainer.finished() {
+        let batch = {
+            let mut scheduler = shared.scheduler();
+            loop {
+                if let Some(batch) = scheduler.take_batch() {
+                    break batch;
+                }
+                scheduler.expire(Instant::now());
+                scheduler = shared
+                    .batch_ready
+                    .wait_timeout(scheduler, Duration::from_millis(500))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        };
+        shared.set_phase("training");
+        let rollout_seconds = collecting_since.elapsed().as_secs_f64();
+        let step = trainer.train(batch, rollout_seconds, || shared.scheduler().state());
+        let record = match step {
+            Ok(record) => record,
+            Err(e) => {
+                shared.live.errors.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        let published = publish_policy(trainer)?;
+        *shared.published.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(published);
+        shared.live.step.store(trainer.step, Ordering::Relaxed);
+        shared.live.tokens_per_second_milli.store(
+            (record.tokens_per_second * 1000.0) as u64,
+            Ordering::Relaxed,
+        );
+        shared.scheduler().publish(trainer.policy_version);
+        shared.set_phase("collecting");
+        collecting_since = Instant::now();
+        on_step(&record, trainer);
+    }
+    Ok(())
+}

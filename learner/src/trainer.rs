@@ -1,0 +1,556 @@
+//! The learner's loop around [`prime_step`]: it owns the models (on one compute thread),
+//! turns a filtered batch from the [`Scheduler`] into a step, evaluates on the held-out set,
+//! writes `metrics.jsonl` and checkpoints, and resumes from them exactly.
+//!
+//! Rollouts come from remote actors in the service ([`crate::service`]) or, for a single
+//! process and the tests, from [`local_rollouts`] on the learner's own policy.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use prime_model::{generate, CausalLm, FinishReason, SamplingParams, Tokenizer};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind};
+
+use crate::checkpoint::{self, CheckpointParts, RngState, TrainerState};
+use crate::config::LearnerConfig;
+use crate::error::{LearnerError, Result};
+use crate::scheduler::{Batch, Group, GroupResponse, Prompt, SchedulerState, Work};
+use crate::sft::EvalProblem;
+use crate::step::{prime_step, PrimeModels, ScoredGroup, ScoredResponse, StepMetrics};
+
+/// Where a learner run keeps its files.
+#[derive(Debug, Clone)]
+pub struct RunPaths {
+    /// The run directory.
+    pub root: PathBuf,
+}
+
+impl RunPaths {
+    /// `metrics.jsonl`: one JSON object per step or evaluation.
+    pub fn metrics(&self) -> PathBuf {
+        self.root.join("metrics.jsonl")
+    }
+    /// `checkpoints/`: `step-NNNNNN/` directories and `latest`.
+    pub fn checkpoints(&self) -> PathBuf {
+        self.root.join("checkpoints")
+    }
+}
+
+/// Held-out accuracy at one point of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// Mean correctness over `samples` samples per problem at the configured temperature.
+    pub accuracy: f64,
+    /// Correctness of greedy decoding, when configured.
+    pub greedy_accuracy: Option<f64>,
+    /// Problems evaluated.
+    pub problems: usize,
+    /// Seconds the evaluation took.
+    pub seconds: f64,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Record {
+    /// A training step.
+    Step(Box<StepRecord>),
+    /// A held-out evaluation after `step` steps.
+    Eval {
+        /// Steps done when evaluated.
+        step: u64,
+        /// The result.
+        #[serde(flatten)]
+        evaluation: Evaluation,
+    },
+}
+
+/// What one iteration measured, with the batch collection that preceded it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// Steps done, this one included.
+    pub step: u64,
+    /// Policy version the batch was sampled with.
+    pub policy_version: u64,
+    /// Seconds since the run (or the resumed run) started.
+    pub wall_seconds: f64,
+    /// Seconds spent collecting the batch (rollouts, grading, filtering).
+    pub rollout_seconds: f64,
+    /// Groups that arrived for this batch, kept or not.
+    pub groups_seen: u64,
+    /// Share of arrived groups the filter kept.
+    pub filter_pass_rate: f64,
+    /// Mean outcome score over every arrived group: the training reward before filtering.
+    pub train_reward: f64,
+    /// Sampled tokens (prompt excluded) per second of the whole iteration.
+    pub tokens_per_second: f64,
+    /// The step's own figures.
+    #[serde(flatten)]
+    pub metrics: StepMetrics,
+}
+
+/// The training loop's state: models, optimizers, counters and the output files.
+#[derive(Debug)]
+pub struct Trainer {
+    /// The learner config.
+    pub config: LearnerConfig,
+    /// Policy, PRM, reference and their optimizers.
+    pub models: PrimeModels,
+    /// The tokenizer the three models share.
+    pub tokenizer: Tokenizer,
+    tokenizer_dir: PathBuf,
+    heldout: Vec<EvalProblem>,
+    paths: RunPaths,
+    /// RL iterations done.
+    pub step: u64,
+    /// Version of the current policy weights (one per step).
+    pub policy_version: u64,
+    /// Seeds of rollouts and evaluations; saved in checkpoints.
+    pub rng: ChaCha8Rng,
+    started: Instant,
+    /// Every record of this run, resumed ones included.
+    pub history: Vec<Record>,
+}
+
+/// The models a run starts from, all Hugging Face directories.
+#[derive(Debug, Clone)]
+pub struct StartModels {
+    /// The policy (and, unless `prm` is set, the PRM and the reference).
+    pub policy: PathBuf,
+    /// The PRM and the reference, when they differ from the policy.
+    pub prm: Option<PathBuf>,
+    /// Tokenizer files to copy into checkpoints.
+    pub tokenizer_dir: PathBuf,
+}
+
+fn load_model(dir: &Path, device: Device) -> Result<CausalLm> {
+    Ok(CausalLm::load(
+        dir,
+        device,
+        Kind::Float,
+        prime_model::default_kind(device),
+    )?)
+}
+
+impl Trainer {
+    /// A fresh run from `start`, or the latest checkpoint under the run dir when `resume`
+    /// is set and one exists. Returns the trainer and the scheduler state to resume with.
+    pub fn open(
+        config: LearnerConfig,
+        start: &StartModels,
+        heldout: Vec<EvalProblem>,
+        run_dir: &Path,
+        device: Device,
+        resume: bool,
+    ) -> Result<(Self, Option<SchedulerState>)> {
+        config.validate().map_err(LearnerError::Data)?;
+        let paths = RunPaths {
+            root: run_dir.to_path_buf(),
+        };
+        std::fs::create_dir_all(&paths.root).map_err(LearnerError::io(&paths.root))?;
+        let tokenizer = Tokenizer::from_dir(&start.tokenizer_dir)?;
+        let found = if resume {
+            checkpoint::latest(&paths.checkpoints())?
+        } else {
+            None
+        };
+        let reference_dir = start.prm.as_deref().unwrap_or(&start.policy);
+        let needs_reference = config.reference == crate::config::ReferenceType::Freeze;
+        let reference = if needs_reference {
+            Some(load_model(reference_dir, device)?)
+        } else {
+            None
+        };
+        let trainer = match found {
+            Some(dir) => {
+                let policy = load_model(&dir.join(checkpoint::POLICY_DIR), device)?;
+                let prm = load_model(&dir.join(checkpoint::PRM_DIR), device)?;
+                let mut models = PrimeModels::new(policy, prm, reference, &config);
+                checkpoint::load_optimizer(
+                    &dir.join(checkpoint::POLICY_OPTIMIZER_FILE),
+                    &mut models.policy_optimizer,
+                )?;
+                checkpoint::load_optimizer(
+                    &dir.join(checkpoint::PRM_OPTIMIZER_FILE),
+                    &mut models.prm_optimizer,
+                )?;
+                let state = checkpoint::load_state(&dir)?;
+                let history = read_history(&paths.metrics(), state.step)?;
+                rewrite_history(&paths.metrics(), &history)?;
+                tracing::info!(checkpoint = %dir.display(), step = state.step, "resumed");
+                let scheduler = SchedulerState {
+                    policy_version: state.policy_version,
+                    data_cursor: state.data_cursor,
+                    data_epoch: state.data_epoch,
+                    surplus_prompts: state.surplus_prompts.clone(),
+                };
+                let trainer = Self {
+                    config,
+                    models,
+                    tokenizer,
+                    tokenizer_dir: start.tokenizer_dir.clone(),
+                    heldout,
+                    paths,
+                    step: state.step,
+                    policy_version: state.policy_version,
+                    rng: state.rng.restore(),
+                    started: Instant::now(),
+                    history,
+                };
+                return Ok((trainer, Some(scheduler)));
+            }
+            None => {
+                let policy = load_model(&start.policy, device)?;
+                let prm = load_model(reference_dir, device)?;
+                let models = PrimeModels::new(policy, prm, reference, &config);
+                std::fs::write(paths.metrics(), "").map_err(LearnerError::io(paths.metrics()))?;
+                Self {
+                    rng: ChaCha8Rng::seed_from_u64(config.seed),
+                    config,
+                    models,
+                    tokenizer,
+                    tokenizer_dir: start.tokenizer_dir.clone(),
+                    heldout,
+                    paths,
+                    step: 0,
+                    policy_version: 0,
+                    started: Instant::now(),
+                    history: Vec::new(),
+                }
+            }
+        };
+        Ok((trainer, None))
+    }
+
+    /// The run's files.
+    pub fn paths(&self) -> &RunPaths {
+        &self.paths
+    }
+
+    /// Whether every configured step is done.
+    pub fn finished(&self) -> bool {
+        self.step >= self.config.steps
+    }
+
+    /// Sampling parameters of rollouts for the current policy version.
+    pub fn rollout_params(&self) -> SamplingParams {
+        SamplingParams {
+            max_new_tokens: self.config.max_response_tokens,
+            temperature: self.config.temperature,
+            top_p: self.config.top_p,
+            top_k: self.config.top_k,
+            seed: None,
+            stop_token_ids: self.models.policy.eos_token_ids(),
+        }
+    }
+
+    /// One PRIME iteration on `batch`; bumps the policy version, appends to `metrics.jsonl`,
+    /// and evaluates and checkpoints on schedule (the checkpoint needs `scheduler`'s state).
+    pub fn train(
+        &mut self,
+        batch: Batch,
+        rollout_seconds: f64,
+        scheduler: impl Fn() -> SchedulerState,
+    ) -> Result<StepRecord> {
+        let clock = Instant::now();
+        let groups: Vec<ScoredGroup> = batch.groups.iter().map(scored_group).collect();
+        let metrics = prime_step(&mut self.models, &groups, &self.config, self.step)?;
+        self.step += 1;
+        self.policy_version += 1;
+        let sampled: usize = batch
+            .groups
+            .iter()
+            .flat_map(|g| &g.responses)
+            .map(|r| r.token_ids.len())
+            .sum();
+        let seconds = clock.elapsed().as_secs_f64() + rollout_seconds;
+        let record = StepRecord {
+            step: self.step,
+            policy_version: batch.policy_version,
+            wall_seconds: self.started.elapsed().as_secs_f64(),
+            rollout_seconds,
+            groups_seen: batch.stats.groups_seen,
+            filter_pass_rate: batch.stats.pass_rate,
+            train_reward: batch.stats.mean_score,
+            tokens_per_second: sampled as f64 / seconds.max(1e-9),
+            metrics,
+        };
+        self.append(Record::Step(Box::new(record.clone())))?;
+        let every = self.config.eval_every;
+        if self.finished() || (every > 0 && self.step.is_multiple_of(every)) {
+            self.evaluate()?;
+        }
+        let every = self.config.checkpoint_every;
+        if self.finished() || (every > 0 && self.step.is_multiple_of(every)) {
+            self.save_checkpoint(&scheduler())?;
+        }
+        Ok(record)
+    }
+
+    /// Held-out accuracy of the current policy, recorded in the history.
+    pub fn evaluate(&mut self) -> Result<Evaluation> {
+        let count = match self.config.eval_problems {
+            0 => self.heldout.len(),
+            n => n.min(self.heldout.len()),
+        };
+        let seed = self.config.seed.wrapping_add(1_000_003 * self.step);
+        let evaluation = evaluate(
+            &self.models.policy,
+            &self.tokenizer,
+            &self.heldout[..count],
+            &self.config,
+            seed,
+        )?;
+        tracing::info!(
+            step = self.step,
+            accuracy = evaluation.accuracy,
+            greedy = evaluation.greedy_accuracy,
+            "held-out evaluation"
+        );
+        self.append(Record::Eval {
+            step: self.step,
+            evaluation,
+        })?;
+        Ok(evaluation)
+    }
+
+    /// Writes a checkpoint of everything a resume needs.
+    pub fn save_checkpoint(&self, scheduler: &SchedulerState) -> Result<PathBuf> {
+        let state = TrainerState {
+            step: self.step,
+            policy_version: self.policy_version,
+            data_cursor: scheduler.data_cursor,
+            data_epoch: scheduler.data_epoch,
+            rng: RngState::capture(&self.rng),
+            surplus_prompts: scheduler.surplus_prompts.clone(),
+            extra: serde_json::json!({}),
+        };
+        let dir = checkpoint::save(
+            &self.paths.checkpoints(),
+            &CheckpointParts {
+                policy: &self.models.policy,
+                prm: &self.models.prm,
+                policy_optimizer: &self.models.policy_optimizer,
+                prm_optimizer: &self.models.prm_optimizer,
+                tokenizer_dir: Some(&self.tokenizer_dir),
+                state: &state,
+            },
+            self.config.keep_checkpoints,
+        )?;
+        tracing::info!(dir = %dir.display(), step = self.step, "checkpoint written");
+        Ok(dir)
+    }
+
+    fn append(&mut self, record: Record) -> Result<()> {
+        let path = self.paths.metrics();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(LearnerError::io(&path))?;
+        let line = serde_json::to_string(&record).expect("records serialise");
+        writeln!(file, "{line}").map_err(LearnerError::io(&path))?;
+        self.history.push(record);
+        Ok(())
+    }
+}
+
+/// The records of `metrics.jsonl` up to and including `step` (a resumed run drops what the
+/// crashed run wrote after its last checkpoint).
+fn read_history(path: &Path, step: u64) -> Result<Vec<Record>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(LearnerError::io(path)(e)),
+    };
+    let mut records = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let Ok(record) = serde_json::from_str::<Record>(line) else {
+            tracing::warn!(line, "skipping an unreadable metrics line");
+            continue;
+        };
+        let at = match &record {
+            Record::Step(r) => r.step,
+            Record::Eval { step, .. } => *step,
+        };
+        if at <= step {
+            records.push(record);
+        }
+    }
+    Ok(records)
+}
+
+fn rewrite_history(path: &Path, records: &[Record]) -> Result<()> {
+    let text: String = records
+        .iter()
+        .map(|r| serde_json::to_string(r).expect("records serialise") + "\n")
+        .collect();
+    std::fs::write(path, text).map_err(LearnerError::io(path))
+}
+
+/// A scheduler group as the step reads it.
+pub fn scored_group(group: &Group) -> ScoredGroup {
+    ScoredGroup {
+        prompt_ids: group.prompt_ids.clone(),
+        responses: group
+            .responses
+            .iter()
+            .map(|r| ScoredResponse {
+                ids: r.token_ids.clone(),
+                score: r.score,
+            })
+            .collect(),
+    }
+}
+
+/// Held-out accuracy: `eval_samples` samples per problem at `eval_temperature`, graded by the
+/// math verifier, plus greedy decoding when `eval_greedy` is set.
+pub fn evaluate(
+    lm: &CausalLm,
+    tokenizer: &Tokenizer,
+    problems: &[EvalProblem],
+    config: &LearnerConfig,
+    seed: u64,
+) -> Result<Evaluation> {
+    let clock = Instant::now();
+    let _guard = tch::no_grad_guard();
+    let samples = config.eval_samples.max(1);
+    let params = SamplingParams {
+        max_new_tokens: config.max_response_tokens,
+        temperature: config.eval_temperature,
+        top_p: 1.0,
+        top_k: 0,
+        seed: Some(seed),
+        stop_token_ids: lm.eos_token_ids(),
+    };
+    let accuracy = accuracy_of(lm, tokenizer, problems, samples, &params)?;
+    let greedy_accuracy = if config.eval_greedy {
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..params.clone()
+        };
+        Some(accuracy_of(lm, tokenizer, problems, 1, &greedy)?)
+    } else {
+        None
+    };
+    Ok(Evaluation {
+        accuracy,
+        greedy_accuracy,
+        problems: problems.len(),
+        seconds: clock.elapsed().as_secs_f64(),
+    })
+}
+
+/// Mean math-verifier correctness of `samples` generations per problem.
+fn accuracy_of(
+    lm: &CausalLm,
+    tokenizer: &Tokenizer,
+    problems: &[EvalProblem],
+    samples: usize,
+    params: &SamplingParams,
+) -> Result<f64> {
+    let rows: Vec<&EvalProblem> = problems
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p, samples))
+        .collect();
+    let mut correct = 0usize;
+    for (index, chunk) in rows.chunks(256).enumerate() {
+        let prompts: Vec<Vec<i64>> = chunk.iter().map(|p| p.prompt_ids.clone()).collect();
+        let params = SamplingParams {
+            seed: params.seed.map(|s| s.wrapping_add(index as u64)),
+            ..params.clone()
+        };
+        for (generation, problem) in generate(&lm.model, &prompts, &params)?.iter().zip(chunk) {
+            let text = tokenizer.decode(&generation.token_ids, true)?;
+            if prime_verifier::math::grade_math(&text, &problem.ground_truth).correct {
+                correct += 1;
+            }
+        }
+    }
+    Ok(correct as f64 / rows.len().max(1) as f64)
+}
+
+/// Samples K responses for each work item with the learner's own policy and grades them
+/// with the math verifier in process: the rollouts of a single-process run. Deterministic for
+/// a given `seed`.
+pub fn local_rollouts(
+    lm: &CausalLm,
+    tokenizer: &Tokenizer,
+    work: &[Work],
+    params: &SamplingParams,
+    policy_version: u64,
+    actor_id: &str,
+    seed: u64,
+) -> Result<Vec<Group>> {
+    let _guard = tch::no_grad_guard();
+    let mut prompts = Vec::new();
+    for item in work {
+        if item.prompt.ability != "math" {
+            return Err(LearnerError::Data(format!(
+                "local rollouts grade math only; prompt {} is {:?} (run the verifier service)",
+                item.prompt_index, item.prompt.ability
+            )));
+        }
+        for _ in 0..item.k {
+            prompts.push(item.prompt.prompt_ids.clone());
+        }
+    }
+    let params = SamplingParams {
+        seed: Some(seed),
+        ..params.clone()
+    };
+    let generations = generate(&lm.model, &prompts, &params)?;
+    let mut rows = generations.into_iter();
+    work.iter()
+        .map(|item| {
+            let responses = (0..item.k)
+                .map(|_| {
+                    let generation = rows.next().expect("one generation per row");
+                    let text = tokenizer.decode(&generation.token_ids, true)?;
+                    let correct =
+                        prime_verifier::math::grade_math(&text, &item.prompt.ground_truth).correct;
+                    Ok(GroupResponse {
+                        token_ids: generation.token_ids,
+                        sampling_logprobs: generation.logprobs,
+                        score: f64::from(u8::from(correct)),
+                        truncated: generation.finish_reason == FinishReason::Length,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Group {
+                group_id: item.work_id.clone(),
+                actor_id: actor_id.to_string(),
+                policy_version,
+                prompt_ids: item.prompt.prompt_ids.clone(),
+                responses,
+            })
+        })
+        .collect()
+}
+
+/// Prompts of Eurus-2-RL-Data rows with the chat template applied; rows whose prompt is
+/// longer than `max_tokens` are dropped. Returns the prompts and the number dropped.
+pub fn prompts_from_rows(
+    rows: &[prime_world::DataRow],
+    tokenizer: &Tokenizer,
+    max_tokens: usize,
+) -> Result<(Vec<Prompt>, usize)> {
+    let problems = crate::sft::eval_problems(rows, tokenizer)?;
+    let mut prompts = Vec::new();
+    let mut dropped = 0;
+    for (problem, row) in problems.into_iter().zip(rows) {
+        if problem.prompt_ids.len() > max_tokens {
+            dropped += 1;
+            continue;
+        }
+        prompts.push(Prompt {
+            prompt_ids: problem.prompt_ids,
+            ground_truth: problem.ground_truth,
+            ability: row.ability.clone(),
+        });
+    }
+    Ok((prompts, dropped))
+}
