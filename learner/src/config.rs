@@ -254,6 +254,11 @@ pub struct LearnerConfig {
     /// RL iterations to run.
     #[serde(default = "l_steps")]
     pub steps: u64,
+    /// Prompts sampled per rollout round as a multiple of `batch_prompts` (`oversample` in
+    /// the authors' config): above 1 fills a filtered batch in fewer rounds; kept groups
+    /// beyond B go back to the queue.
+    #[serde(default = "l_one")]
+    pub oversample: f64,
     /// Prompts longer than this (tokens, chat template applied) are dropped at load.
     #[serde(default = "l_max_prompt")]
     pub max_prompt_tokens: usize,
@@ -414,6 +419,9 @@ impl LearnerConfig {
             if opt.lr.is_nan() || opt.lr < 0.0 {
                 return Err(format!("learner.{name}.lr must be >= 0, got {}", opt.lr));
             }
+        }
+        if self.oversample.is_nan() || self.oversample < 1.0 {
+            return Err(format!("learner.oversample must be >= 1, got {}", self.oversample));
         }
         if self.temperature <= 0.0 || self.eval_temperature < 0.0 {
             return Err("learner.temperature must be positive and eval_temperature >= 0".into());

@@ -111,6 +111,7 @@ pub fn run_local(
     let target = max_steps.map_or(trainer.config.steps, |n| {
         (trainer.step + n).min(trainer.config.steps)
     });
+    let round = (trainer.config.batch_prompts as f64 * trainer.config.oversample).ceil() as usize;
     let mut collecting_since = Instant::now();
     while trainer.step < target {
         if let Some(batch) = scheduler.take_batch() {
@@ -122,7 +123,7 @@ pub fn run_local(
             collecting_since = Instant::now();
             continue;
         }
-        let pull = scheduler.pull(&actor, trainer.config.batch_prompts, Instant::now());
+        let pull = scheduler.pull(&actor, round, Instant::now());
         let Pull::Work {
             policy_version,
             items,
