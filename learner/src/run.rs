@@ -18,11 +18,13 @@ pub fn sft_checkpoint(run_dir: &Path) -> PathBuf {
     run_dir.join("sft").join("checkpoint")
 }
 
-/// The run's data: training prompts and held-out problems, tokenized with `tokenizer`.
-fn read_rows(files: &[PathBuf], fallback: &Path) -> Result<Vec<prime_world::DataRow>> {
+/// Rows of `files`, or of the world's split `fallback` when no file is given.
+fn read_rows(files: &[PathBuf], fallback: Option<PathBuf>) -> Result<Vec<prime_world::DataRow>> {
     let mut rows = Vec::new();
     if files.is_empty() {
-        rows.extend(prime_world::read_rows(fallback)?);
+        if let Some(path) = fallback {
+            rows.extend(prime_world::read_rows(&path)?);
+        }
     }
     for file in files {
         rows.extend(prime_world::read_rows(file)?);
@@ -41,7 +43,18 @@ pub fn open_run(
     resume: bool,
 ) -> Result<(Trainer, Scheduler)> {
     let learner = &config.learner;
-    let world = prime_world::build_world(&config.world, &run_dir.join("world"))?;
+    // The embedded world is built (or reused) only when the run uses a part of it.
+    let needs_world = learner.train_files.is_empty()
+        || learner.heldout_files.is_empty()
+        || config.model.path.is_none();
+    let world = if needs_world {
+        Some(prime_world::build_world(&config.world, &run_dir.join("world"))?)
+    } else {
+        None
+    };
+    let world_file = |pick: fn(&prime_world::WorldFiles) -> &Path| {
+        world.as_ref().map(|w| pick(w).to_path_buf())
+    };
     let policy = match &config.model.path {
         Some(path) => path.clone(),
         None => sft_checkpoint(run_dir),
@@ -52,13 +65,12 @@ pub fn open_run(
             policy.display()
         )));
     }
-    let tokenizer_dir = if policy.join("tokenizer.json").exists() {
-        policy.clone()
-    } else {
-        world.tokenizer_dir.clone()
+    let tokenizer_dir = match world_file(|w| &w.tokenizer_dir) {
+        Some(dir) if !policy.join("tokenizer.json").exists() => dir,
+        _ => policy.clone(),
     };
     let tokenizer = Tokenizer::from_dir(&tokenizer_dir)?;
-    let train_rows = read_rows(&learner.train_files, &world.rl.parquet)?;
+    let train_rows = read_rows(&learner.train_files, world_file(|w| &w.rl.parquet))?;
     let (prompts, dropped) = prompts_from_rows(&train_rows, &tokenizer, learner.max_prompt_tokens)?;
     if dropped > 0 {
         tracing::warn!(
@@ -69,7 +81,7 @@ pub fn open_run(
         );
     }
     let heldout = eval_problems(
-        &read_rows(&learner.heldout_files, &world.heldout.parquet)?,
+        &read_rows(&learner.heldout_files, world_file(|w| &w.heldout.parquet))?,
         &tokenizer,
     )?;
     let start = StartModels {

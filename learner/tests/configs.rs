@@ -1,0 +1,90 @@
+//! Every shipped config parses (unknown keys are errors) and passes validation.
+use std::path::Path;
+
+use prime_learner::algo::Estimator;
+use prime_learner::RunConfig;
+
+fn shipped() -> Vec<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("configs/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_shipped_config_loads_and_validates() {
+    let files = shipped();
+    assert!(
+        files.len() >= 2,
+        "expected demo.toml and eurus-2-7b.toml, found {files:?}"
+    );
+    for file in files {
+        let config =
+            RunConfig::from_file(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        config
+            .learner
+            .validate()
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        config
+            .sft
+            .validate()
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    }
+}
+
+#[test]
+fn the_paper_config_holds_the_papers_numbers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let config = RunConfig::from_file(&dir.join("eurus-2-7b.toml")).expect("eurus config");
+    let l = &config.learner;
+    assert_eq!(
+        (l.batch_prompts, l.samples_per_prompt, l.steps),
+        (256, 4, 592)
+    );
+    assert_eq!((l.max_prompt_tokens, l.max_response_tokens), (1024, 3072));
+    assert_eq!(l.estimator, Estimator::Prime);
+    assert_eq!(l.prm.beta, 0.05);
+    assert_eq!((l.filter.lower, l.filter.upper), (0.2, 0.8));
+    assert_eq!((l.policy_optimizer.lr, l.prm_optimizer.lr), (5e-7, 1e-6));
+    assert_eq!(l.policy_optimizer.adamw.weight_decay, 0.01);
+    assert_eq!(l.prm_optimizer.adamw.weight_decay, 0.0);
+    assert_eq!(
+        (
+            l.policy_optimizer.max_grad_norm,
+            l.prm_optimizer.max_grad_norm
+        ),
+        (1.0, 10.0)
+    );
+    assert_eq!(l.mini_batches, 4);
+}
+
+#[test]
+fn overrides_and_partial_optimizer_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[learner.prm_optimizer]\nlr = 1e-4\n").unwrap();
+    let config = RunConfig::from_file_with_overrides(
+        &path,
+        &[
+            "learner.estimator=rloo".into(),
+            "learner.prm.beta=0.5".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(config.learner.estimator, Estimator::Rloo);
+    assert_eq!(config.learner.prm.beta, 0.5);
+    // A partial table keeps the PRM's own defaults for the rest (not the policy's).
+    assert_eq!(config.learner.prm_optimizer.lr, 1e-4);
+    assert_eq!(config.learner.prm_optimizer.max_grad_norm, 10.0);
+    assert_eq!(config.learner.prm_optimizer.adamw.weight_decay, 0.0);
+    assert_eq!(config.learner.policy_optimizer.adamw.weight_decay, 0.01);
+    let bad = RunConfig::from_file_with_overrides(&path, &["learner.betta=1".into()]);
+    assert!(bad.unwrap_err().to_string().contains("betta"));
+    let bad = RunConfig::from_file_with_overrides(&path, &["learner.samples_per_prompt=1".into()])
+        .unwrap();
+    assert!(bad.learner.validate().is_err());
+}
