@@ -1,4 +1,18 @@
-//! Rollout actor. It pulls work items and policy weights from the learner, samples K responses
-//! per prompt with the model crate's KV-cache sampler, has the verifier grade them and streams
-//! each whole group back. The service itself lands with the training issue; until then this
-//! crate is empty and the `prime actor` subcommand says so.
+//! Rollout actor. It registers with the learner, pulls work items, fetches (and verifies) the
+//! policy weights whenever the policy version changes, samples K responses per prompt with
+//! the model crate's KV-cache sampler, has the verifier grade them and streams each whole
+//! group back to the learner with its policy version.
+//!
+//! - [`run_actor`] is the loop (see [`run`] for the threads and the session rules).
+//! - [`rollout`] holds the pure steps of one batch, [`weights`] the receiving end of a weight
+//!   transfer and [`client`] the gRPC plumbing, shared with `prime status`.
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod rollout;
+pub mod run;
+pub mod weights;
+
+pub use config::{ActorConfig, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES};
+pub use error::{ActorError, Result};
+pub use run::{run_actor, ActorStats};

@@ -1,0 +1,574 @@
+//! The actor loop. The calling thread is the compute thread: it owns the policy (tch tensors
+//! are not `Sync`) and samples on it; every RPC runs on the actor's own tokio runtime through
+//! `block_on`, so no tch call ever runs inside an async task.
+//!
+//! Sessions: the actor registers, then pulls and rolls out batches until the learner stops
+//! knowing it (a restarted learner has forgotten every actor id) or a batch has to be given up.
+//! Then it registers again after a pause. Registering anew is also how a batch is given up:
+//! the learner re-queues the prompts of the old id when its lease lapses.
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prime_model::{default_kind, generate, CausalLm, ModelError, Qwen2Config, Tokenizer};
+use prime_proto::v1 as pb;
+use tch::Device;
+use tracing::{debug, info, info_span, warn};
+
+use crate::client::{
+    learner_client, request, verifier_client, with_deadline, Backoff, LearnerClient, VerifierClient,
+};
+use crate::config::ActorConfig;
+use crate::error::{ActorError, Result};
+use crate::rollout::{
+    assemble_groups, batch_seed, grade_items, response_text, sample_rows, sampling_params,
+    scores_from_grades,
+};
+use crate::weights::{open_transfer, receive_chunks};
+
+/// What an actor did, returned when it stops.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActorStats {
+    /// Successful `Register` calls (1 plus one per lost session).
+    pub registrations: u64,
+    /// Batches sampled, graded and submitted.
+    pub batches: u64,
+    /// Batches given up (weights or grades unobtainable, learner session lost, stopped).
+    pub abandoned_batches: u64,
+    /// Weight transfers verified and applied.
+    pub weight_fetches: u64,
+    /// Responses sampled.
+    pub responses: u64,
+    /// Tokens sampled, over all responses.
+    pub generated_tokens: u64,
+    /// Groups sent in `SubmitGroups` streams the learner answered.
+    pub groups_submitted: u64,
+    /// Groups the learner took.
+    pub groups_accepted: u64,
+    /// Groups the learner had already (a resubmission).
+    pub groups_duplicate: u64,
+    /// Groups the learner dropped as too old a policy version.
+    pub groups_stale: u64,
+    /// Groups the learner rejected as malformed.
+    pub groups_rejected: u64,
+    /// Policy version of the weights held at the end, if any were fetched.
+    pub policy_version: Option<u64>,
+}
+
+/// How often a wait checks the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(20);
+/// Pause before asking again when the learner has no work and sets no `retry_after_ms`.
+const EMPTY_POLL: Duration = Duration::from_secs(1);
+
+/// Runs a rollout actor until `stop` is set (checked between steps and during every wait and
+/// RPC; a `generate` call in progress is finished first), `config.max_batches` batches are
+/// submitted, or an error that retrying cannot fix occurs: a rejected token, a service that
+/// does not implement its API, no learner for `config.give_up_after`, or a failing sampler.
+pub fn run_actor(config: ActorConfig, stop: Arc<AtomicBool>) -> Result<ActorStats> {
+    config.validate()?;
+    let tokenizer = Tokenizer::from_dir(&config.tokenizer)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("prime-actor-io")
+        .enable_all()
+        .build()?;
+    let (learner, verifier) = {
+        let _guard = runtime.enter();
+        let token = config.token.as_deref();
+        let learner =
+            crate::client::lazy_channel("learner", &config.learner, config.connect_timeout, token)?;
+        let verifier = crate::client::lazy_channel(
+            "verifier",
+            &config.verifier,
+            config.connect_timeout,
+            token,
+        )?;
+        (learner_client(learner), verifier_client(verifier))
+    };
+    // torch's default generator starts from a fixed seed in every process; unseeded sampling
+    // must differ between actors and restarts.
+    tch::manual_seed(rand::random::<i64>());
+    let mut actor = Actor {
+        config,
+        stop,
+        runtime,
+        learner,
+        verifier,
+        tokenizer,
+        policy: None,
+        stats: ActorStats::default(),
+    };
+    let result = actor.run();
+    info!(stats = ?actor.stats, "actor stopped");
+    result.map(|()| actor.stats)
+}
+
+/// Why a step did not finish.
+enum Halt {
+    /// The stop flag was set.
+    Stop,
+    /// The learner session is unusable or a batch had to be given up: register again.
+    Lost(ActorError),
+    /// Retrying cannot help; the actor returns the error.
+    Fatal(ActorError),
+}
+
+impl From<ActorError> for Halt {
+    fn from(e: ActorError) -> Self {
+        if e.is_fatal() {
+            Halt::Fatal(e)
+        } else {
+            Halt::Lost(e)
+        }
+    }
+}
+
+impl From<ModelError> for Halt {
+    fn from(e: ModelError) -> Self {
+        Halt::from(ActorError::from(e))
+    }
+}
+
+/// The sampling model and the version of the weights it holds.
+struct Policy {
+    lm: CausalLm,
+    /// `None` until weights have been applied (and after a failed apply).
+    version: Option<u64>,
+}
+
+/// One registration with the learner.
+struct Session {
+    actor_id: String,
+    lease: Duration,
+    /// Used when a work batch carries no sampling parameters.
+    sampling: Option<pb::SamplingParams>,
+}
+
+struct Actor {
+    config: ActorConfig,
+    stop: Arc<AtomicBool>,
+    runtime: tokio::runtime::Runtime,
+    learner: LearnerClient,
+    verifier: VerifierClient,
+    tokenizer: Tokenizer,
+    policy: Option<Policy>,
+    stats: ActorStats,
+}
+
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(n) => format!("cuda:{n}"),
+        Device::Mps => "mps".into(),
+        Device::Vulkan => "vulkan".into(),
+        Device::Cpu => "cpu".into(),
+    }
+}
+
+impl Actor {
+    fn run(&mut self) -> Result<()> {
+        let mut session_backoff = Backoff::new(self.config.max_backoff);
+        loop {
+            let outcome = self
+                .register()
+                .and_then(|session| self.serve(&session, &mut session_backoff));
+            match outcome {
+                Ok(()) | Err(Halt::Stop) => return Ok(()),
+                Err(Halt::Fatal(e)) => return Err(e),
+                Err(Halt::Lost(e)) => {
+                    let delay = session_backoff.next_delay();
+                    warn!(error = %e, ?delay, "learner session lost; registering again");
+                    match self.sleep(delay) {
+                        Err(Halt::Stop) => return Ok(()),
+                        _ => continue,
+                    }
+                }
+            }
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn check_stop(&self) -> Result<(), Halt> {
+        if self.stopped() {
+            Err(Halt::Stop)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Runs `future` on the runtime, giving up as soon as the stop flag is set.
+    fn block_on<T>(&self, future: impl Future<Output = Result<T>>) -> Result<T, Halt> {
+        let stop = &self.stop;
+        self.runtime.block_on(async {
+            tokio::select! {
+                result = future => result.map_err(Halt::from),
+                () = async {
+                    while !stop.load(Ordering::Relaxed) {
+                        tokio::time::sleep(STOP_POLL).await;
+                    }
+                } => Err(Halt::Stop),
+            }
+        })
+    }
+
+    fn sleep(&self, duration: Duration) -> Result<(), Halt> {
+        self.block_on(async {
+            tokio::time::sleep(duration).await;
+            Ok(())
+        })
+    }
+
+    /// Calls `call` until it succeeds, retrying errors that may pass (the service restarting
+    /// or overloaded) with growing pauses for at most `config.retry_budget`.
+    fn with_retries<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, Halt>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let started = Instant::now();
+        let mut backoff = Backoff::new(self.config.max_backoff);
+        loop {
+            match self.block_on(call()) {
+                Err(Halt::Lost(e))
+                    if e.is_retryable() && started.elapsed() < self.config.retry_budget =>
+                {
+                    let delay = backoff.next_delay();
+                    warn!(error = %e, ?delay, "{what} failed; retrying");
+                    self.sleep(delay)?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Registers with the learner, retrying with growing pauses while it is unreachable, and
+    /// makes sure the policy has the learner's architecture.
+    fn register(&mut self) -> Result<Session, Halt> {
+        let _span = info_span!("register", learner = %self.config.learner).entered();
+        let started = Instant::now();
+        let mut backoff = Backoff::new(self.config.max_backoff);
+        let deadline = self.config.rpc_timeout;
+        let message = pb::RegisterRequest {
+            actor_name: self.config.name.clone(),
+            device: device_name(self.config.device),
+            max_batch_prompts: self.config.max_prompts,
+        };
+        let mut attempt = 0u64;
+        let reply = loop {
+            self.check_stop()?;
+            attempt += 1;
+            let mut client = self.learner.clone();
+            let message = message.clone();
+            let result =
+                self.block_on(with_deadline("Learner", "Register", deadline, async move {
+                    let call = client.register(request(message, deadline));
+                    call.await.map(tonic::Response::into_inner)
+                }));
+            match result {
+                Ok(reply) => break reply,
+                Err(Halt::Lost(e)) => {
+                    let waited = started.elapsed();
+                    if let Some(limit) = self.config.give_up_after {
+                        if waited >= limit {
+                            return Err(Halt::Fatal(ActorError::GaveUp {
+                                url: self.config.learner.clone(),
+                                waited,
+                            }));
+                        }
+                    }
+                    let delay = backoff.next_delay();
+                    // A learner that is starting up takes a while: say so, but not every time.
+                    if attempt == 1 || attempt.is_multiple_of(10) {
+                        warn!(attempt, error = %e, ?delay, "cannot register with the learner yet");
+                    } else {
+                        debug!(attempt, error = %e, ?delay, "cannot register with the learner yet");
+                    }
+                    self.sleep(delay)?;
+                }
+                Err(other) => return Err(other),
+            }
+        };
+        self.stats.registrations += 1;
+        let model_config: Qwen2Config = serde_json::from_str(&reply.model_config_json)
+            .map_err(|e| ActorError::Protocol(format!("model_config_json: {e}")))?;
+        model_config
+            .validate()
+            .map_err(|e| ActorError::Protocol(format!("model_config_json: {e}")))?;
+        self.ensure_model(&model_config)?;
+        info!(
+            actor_id = %reply.actor_id,
+            policy_version = reply.policy_version,
+            lease_seconds = reply.lease_seconds,
+            "registered"
+        );
+        Ok(Session {
+            actor_id: reply.actor_id,
+            lease: Duration::from_secs(reply.lease_seconds.into()),
+            sampling: reply.sampling,
+        })
+    }
+
+    /// Builds the policy for `config` unless the one held already has it; a new policy holds
+    /// random weights until the first transfer.
+    fn ensure_model(&mut self, config: &Qwen2Config) -> Result<(), Halt> {
+        if let Some(policy) = &self.policy {
+            if &policy.lm.config == config {
+                return Ok(());
+            }
+            info!("the learner's model config changed; rebuilding the policy");
+        }
+        self.policy = None;
+        let kind = default_kind(self.config.device);
+        let lm = CausalLm::random(config, self.config.device, kind, kind)
+            .map_err(|e| Halt::Fatal(e.into()))?;
+        info!(
+            parameters = config.num_parameters(),
+            device = %device_name(self.config.device),
+            ?kind,
+            "built the policy"
+        );
+        self.policy = Some(Policy { lm, version: None });
+        Ok(())
+    }
+
+    /// Pulls and rolls out batches until `max_batches` is reached (Ok) or the session ends.
+    fn serve(&mut self, session: &Session, session_backoff: &mut Backoff) -> Result<(), Halt> {
+        loop {
+            if self
+                .config
+                .max_batches
+                .is_some_and(|max| self.stats.batches >= max)
+            {
+                return Ok(());
+            }
+            self.check_stop()?;
+            let batch = self.pull_work(session)?;
+            if batch.items.is_empty() {
+                let wait = if batch.retry_after_ms > 0 {
+                    Duration::from_millis(batch.retry_after_ms.into())
+                } else {
+                    EMPTY_POLL
+                };
+                debug!(?wait, "no work; waiting");
+                self.sleep(wait)?;
+                continue;
+            }
+            let span = info_span!(
+                "batch",
+                policy_version = batch.policy_version,
+                prompts = batch.items.len()
+            );
+            let _entered = span.enter();
+            if let Err(halt) = self.roll_out(session, batch) {
+                self.stats.abandoned_batches += 1;
+                return Err(halt);
+            }
+            self.stats.batches += 1;
+            session_backoff.reset();
+        }
+    }
+
+    fn pull_work(&self, session: &Session) -> Result<pb::WorkBatch, Halt> {
+        let deadline = self.config.rpc_timeout;
+        let message = pb::PullWorkRequest {
+            actor_id: session.actor_id.clone(),
+            max_prompts: self.config.max_prompts,
+        };
+        self.with_retries("PullWork", || {
+            let mut client = self.learner.clone();
+            let message = message.clone();
+            with_deadline("Learner", "PullWork", deadline, async move {
+                let call = client.pull_work(request(message, deadline));
+                call.await.map(tonic::Response::into_inner)
+            })
+        })
+    }
+
+    /// Samples, grades and submits one batch.
+    fn roll_out(&mut self, session: &Session, batch: pb::WorkBatch) -> Result<(), Halt> {
+        let started = Instant::now();
+        let wire = batch
+            .sampling
+            .as_ref()
+            .or(session.sampling.as_ref())
+            .ok_or_else(|| ActorError::Protocol("work batch without sampling parameters".into()))?;
+        let policy = self
+            .policy
+            .as_ref()
+            .expect("registration builds the policy");
+        let mut params = sampling_params(wire, &policy.lm.eos_token_ids())?;
+        let work_ids: Vec<&str> = batch.items.iter().map(|i| i.work_id.as_str()).collect();
+        params.seed = wire
+            .seed
+            .map(|seed| batch_seed(seed, batch.policy_version, &work_ids));
+        let rows = sample_rows(&batch.items)?;
+
+        self.ensure_weights(batch.policy_version)?;
+        self.check_stop()?;
+        let policy = self
+            .policy
+            .as_ref()
+            .expect("registration builds the policy");
+        let sampling_started = Instant::now();
+        let generations = {
+            let _span = info_span!("sample", rows = rows.len()).entered();
+            generate(&policy.lm.model, &rows, &params).map_err(|e| match e {
+                // The batch's prompts or parameters do not fit the model: give it up.
+                ModelError::Input(message) => Halt::Lost(ActorError::Protocol(message)),
+                other => Halt::Fatal(other.into()),
+            })?
+        };
+        let tokens: usize = generations.iter().map(|g| g.token_ids.len()).sum();
+        let sampling_secs = sampling_started.elapsed().as_secs_f64();
+        self.stats.responses += generations.len() as u64;
+        self.stats.generated_tokens += tokens as u64;
+        debug!(
+            tokens,
+            tokens_per_second = tokens as f64 / sampling_secs.max(1e-9),
+            "sampled"
+        );
+
+        let texts = generations
+            .iter()
+            .map(|g| response_text(&self.tokenizer, &g.token_ids))
+            .collect::<Result<Vec<_>>>()?;
+        let requested = grade_items(&batch.items, &texts)?;
+        let results = self.grade(&requested)?;
+        let scores = scores_from_grades(&requested, &results)?;
+        let groups = assemble_groups(
+            &session.actor_id,
+            batch.policy_version,
+            &batch.items,
+            generations,
+            &scores,
+        )?;
+        let submitted = groups.len() as u64;
+        let reply = self.submit(groups)?;
+
+        self.stats.groups_submitted += submitted;
+        self.stats.groups_accepted += u64::from(reply.accepted);
+        self.stats.groups_duplicate += u64::from(reply.duplicates);
+        self.stats.groups_stale += u64::from(reply.stale);
+        self.stats.groups_rejected += u64::from(reply.rejected);
+        if reply.rejected > 0 {
+            warn!(
+                rejected = reply.rejected,
+                first = %reply.first_rejection,
+                "the learner rejected groups"
+            );
+        }
+        let elapsed = started.elapsed();
+        let mean_score = scores.iter().map(|&s| f64::from(s)).sum::<f64>() / scores.len() as f64;
+        info!(
+            groups = submitted,
+            accepted = reply.accepted,
+            duplicates = reply.duplicates,
+            stale = reply.stale,
+            tokens,
+            mean_score,
+            secs = elapsed.as_secs_f64(),
+            "batch submitted"
+        );
+        if !session.lease.is_zero() && elapsed > session.lease {
+            warn!(
+                ?elapsed,
+                lease = ?session.lease,
+                "a batch took longer than the learner's lease; take fewer prompts per batch"
+            );
+        }
+        Ok(())
+    }
+
+    /// Fetches, verifies and applies the weights of `version` unless the policy has them.
+    fn ensure_weights(&mut self, version: u64) -> Result<(), Halt> {
+        if self.policy.as_ref().and_then(|p| p.version) == Some(version) {
+            return Ok(());
+        }
+        let _span = info_span!("fetch_weights", policy_version = version).entered();
+        let started = Instant::now();
+        let timeout = self.config.weights_timeout;
+        let max_chunk = self.config.max_chunk_bytes as usize;
+        let mut client = self.learner.clone();
+        let message = pb::FetchWeightsRequest {
+            policy_version: version,
+            max_chunk_bytes: self.config.max_chunk_bytes,
+        };
+        let (mut stream, mut assembler) =
+            self.block_on(with_deadline("Learner", "FetchWeights", timeout, async {
+                let mut stream = client
+                    .fetch_weights(request(message, timeout))
+                    .await
+                    .map_err(|s| ActorError::rpc("Learner", "FetchWeights", &s))?
+                    .into_inner();
+                let assembler = open_transfer(&mut stream, version).await?;
+                Ok::<_, ActorError>((stream, assembler))
+            }))?;
+        let policy = self
+            .policy
+            .as_mut()
+            .expect("registration builds the policy");
+        // Refuse a transfer for another architecture before its bytes are sent.
+        assembler.check_target(&policy.lm.vs)?;
+        let remaining = timeout.saturating_sub(started.elapsed());
+        self.block_on(with_deadline(
+            "Learner",
+            "FetchWeights",
+            remaining,
+            receive_chunks(&mut stream, &mut assembler, max_chunk),
+        ))?;
+        let bytes = assembler.received_bytes();
+        let policy = self
+            .policy
+            .as_mut()
+            .expect("registration builds the policy");
+        // A failed copy leaves the weights mixed: they belong to no version until the next.
+        policy.version = None;
+        policy.version = Some(assembler.apply(&policy.lm.vs)?);
+        self.stats.weight_fetches += 1;
+        self.stats.policy_version = policy.version;
+        info!(
+            bytes,
+            secs = started.elapsed().as_secs_f64(),
+            "fetched and verified weights"
+        );
+        Ok(())
+    }
+
+    /// Grades every response in as few `Grade` calls as the verifier's batch limit allows.
+    fn grade(&self, requested: &[pb::GradeItem]) -> Result<Vec<pb::GradeResult>, Halt> {
+        let deadline = self.config.grade_timeout;
+        let mut results = Vec::with_capacity(requested.len());
+        for items in requested.chunks(prime_verifier::service::MAX_BATCH_ITEMS) {
+            let message = pb::GradeRequest {
+                items: items.to_vec(),
+            };
+            let answered = self.with_retries("grading", || {
+                let mut client = self.verifier.clone();
+                let message = message.clone();
+                with_deadline("Verifier", "Grade", deadline, async move {
+                    let call = client.grade(request(message, deadline));
+                    call.await.map(|r| r.into_inner().results)
+                })
+            })?;
+            results.extend(answered);
+        }
+        Ok(results)
+    }
+
+    /// Streams the groups to the learner; a resubmission after a lost answer is harmless
+    /// (groups are identified by their work id).
+    fn submit(&self, groups: Vec<pb::RolloutGroup>) -> Result<pb::SubmitReply, Halt> {
+        let deadline = self.config.rpc_timeout;
+        self.with_retries("SubmitGroups", || {
+            let mut client = self.learner.clone();
+            let stream = tokio_stream::iter(groups.clone());
+            with_deadline("Learner", "SubmitGroups", deadline, async move {
+                let call = client.submit_groups(request(stream, deadline));
+                call.await.map(tonic::Response::into_inner)
+            })
+        })
+    }
+}

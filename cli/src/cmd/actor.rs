@@ -1,0 +1,128 @@
+//! `prime actor`: a rollout actor. Argument parsing and signal handling only; the loop is
+//! `prime_actor::run_actor`.
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use prime_actor::{run_actor, ActorConfig, MAX_CHUNK_BYTES};
+
+/// `prime actor --learner URL --verifier URL --tokenizer DIR [--device cuda:0]`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ActorArgs {
+    /// Learner gRPC URL, e.g. http://learner:50051.
+    #[arg(long, env = "PRIME_LEARNER")]
+    pub learner: String,
+    /// Verifier gRPC URL, e.g. http://verifier:50053.
+    #[arg(long, env = "PRIME_VERIFIER")]
+    pub verifier: String,
+    /// Directory with the policy's tokenizer.json (responses are decoded for the verifier);
+    /// the weights come from the learner.
+    #[arg(long, env = "PRIME_TOKENIZER")]
+    pub tokenizer: PathBuf,
+    /// Where to sample: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Name shown in the learner's logs (default: $HOSTNAME, else "actor").
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Most prompts per batch (each is sampled K times in one batch).
+    #[arg(long, default_value_t = 8)]
+    pub max_prompts: u32,
+    /// Shared token sent to both services as `authorization: Bearer TOKEN`.
+    #[arg(long, env = "PRIME_TOKEN")]
+    pub token: Option<String>,
+    /// Deadline of Register, PullWork and SubmitGroups, in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub rpc_timeout_secs: f64,
+    /// Deadline of one whole weight transfer, in seconds.
+    #[arg(long, default_value_t = 600.0)]
+    pub weights_timeout_secs: f64,
+    /// Deadline of one verifier Grade call, in seconds.
+    #[arg(long, default_value_t = 600.0)]
+    pub grade_timeout_secs: f64,
+    /// Largest pause between reconnection attempts, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub max_backoff_secs: f64,
+    /// Exit with an error when the learner cannot be reached for this long, in seconds
+    /// (default: keep trying until stopped).
+    #[arg(long)]
+    pub give_up_after_secs: Option<f64>,
+    /// Largest weight chunk asked for, in bytes.
+    #[arg(long, default_value_t = MAX_CHUNK_BYTES)]
+    pub max_chunk_bytes: u32,
+    /// Exit after submitting this many batches (default: run until stopped).
+    #[arg(long)]
+    pub max_batches: Option<u64>,
+}
+
+fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
+    anyhow::ensure!(
+        value.is_finite() && value > 0.0,
+        "--{name} must be positive"
+    );
+    Ok(Duration::from_secs_f64(value))
+}
+
+impl ActorArgs {
+    fn config(self) -> anyhow::Result<ActorConfig> {
+        let mut config = ActorConfig::new(self.learner, self.verifier, self.tokenizer);
+        config.device = prime_model::parse_device(&self.device)?;
+        config.name = self
+            .name
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "actor".into());
+        config.max_prompts = self.max_prompts;
+        config.token = self.token;
+        config.rpc_timeout = seconds("rpc-timeout-secs", self.rpc_timeout_secs)?;
+        config.weights_timeout = seconds("weights-timeout-secs", self.weights_timeout_secs)?;
+        config.grade_timeout = seconds("grade-timeout-secs", self.grade_timeout_secs)?;
+        config.max_backoff = seconds("max-backoff-secs", self.max_backoff_secs)?;
+        config.give_up_after = self
+            .give_up_after_secs
+            .map(|s| seconds("give-up-after-secs", s))
+            .transpose()?;
+        config.max_chunk_bytes = self.max_chunk_bytes;
+        config.max_batches = self.max_batches;
+        Ok(config)
+    }
+}
+
+/// Sets `stop` on Ctrl-C or SIGTERM (how Kubernetes stops a pod), from a thread of its own.
+fn stop_on_signals(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("prime-actor-signals".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                let mut terminate =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler installs");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            });
+            tracing::info!("stopping after the current step");
+            stop.store(true, Ordering::Relaxed);
+        })?;
+    Ok(())
+}
+
+/// Runs the actor until a signal, `--max-batches`, or an error it cannot recover from.
+pub fn run(args: ActorArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signals(stop.clone())?;
+    let stats = run_actor(config, stop).context("actor failed")?;
+    tracing::info!(
+        batches = stats.batches,
+        groups_accepted = stats.groups_accepted,
+        generated_tokens = stats.generated_tokens,
+        "actor done"
+    );
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! `prime status --addr URL`: asks whichever prime-rs service answers at URL for its `Status`
+//! and prints the figures as a table. Each service's Status RPC is tried in turn; a server
+//! answers UNIMPLEMENTED for a service it does not host, which means: try the next.
+use std::time::Duration;
+
+use anyhow::Context;
+use prime_actor::client::{lazy_channel, learner_client, prm_client, request, verifier_client};
+use prime_proto::v1 as pb;
+
+/// `prime status --addr URL [--token T]`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// gRPC URL of a learner, verifier or PRM server, e.g. http://127.0.0.1:50053.
+    #[arg(long)]
+    pub addr: String,
+    /// Shared token, sent as `authorization: Bearer TOKEN`.
+    #[arg(long, env = "PRIME_TOKEN")]
+    pub token: Option<String>,
+    /// Deadline of each Status call, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout_secs: f64,
+}
+
+/// What the service at the address reported.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServiceStatus {
+    /// A learner's figures.
+    Learner(pb::LearnerStatus),
+    /// A verifier's figures.
+    Verifier(pb::VerifierStatusResponse),
+    /// A PRM server's figures.
+    Prm(pb::PrmStatus),
+}
+
+/// Asks the service at `addr` for its status, trying the learner, verifier and PRM-server
+/// APIs in that order.
+pub async fn query(
+    addr: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<ServiceStatus> {
+    let channel = lazy_channel("service", addr, timeout, token)?;
+    let answer = |result: Result<ServiceStatus, tonic::Status>, api: &str| match result {
+        Ok(status) => Ok(Some(status)),
+        Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+        Err(s) => Err(anyhow::anyhow!(
+            "{api}.Status at {addr}: {:?}: {}",
+            s.code(),
+            s.message()
+        )),
+    };
+    let learner = learner_client(channel.clone())
+        .status(request(pb::LearnerStatusRequest {}, timeout))
+        .await
+        .map(|r| ServiceStatus::Learner(r.into_inner()));
+    if let Some(status) = answer(learner, "Learner")? {
+        return Ok(status);
+    }
+    let verifier = verifier_client(channel.clone())
+        .status(request(pb::VerifierStatusRequest {}, timeout))
+        .await
+        .map(|r| ServiceStatus::Verifier(r.into_inner()));
+    if let Some(status) = answer(verifier, "Verifier")? {
+        return Ok(status);
+    }
+    let prm = prm_client(channel)
+        .status(request(pb::PrmStatusRequest {}, timeout))
+        .await
+        .map(|r| ServiceStatus::Prm(r.into_inner()));
+    answer(prm, "PrmServer")?.with_context(|| format!("{addr} implements no prime-rs Status RPC"))
+}
+
+fn version(build: &Option<pb::BuildInfo>) -> String {
+    build
+        .as_ref()
+        .map_or_else(|| "?".into(), |b| b.version.clone())
+}
+
+impl ServiceStatus {
+    /// `(label, value)` rows, the role first.
+    pub fn rows(&self) -> Vec<(&'static str, String)> {
+        match self {
+            ServiceStatus::Learner(s) => vec![
+                ("role", "learner".into()),
+                ("version", version(&s.build)),
+                ("phase", s.phase.clone()),
+                ("policy version", s.policy_version.to_string()),
+                ("step", s.step.to_string()),
+                ("pending prompts", s.pending_prompts.to_string()),
+                ("groups buffered", s.groups_buffered.to_string()),
+                ("connected actors", s.connected_actors.to_string()),
+                ("tokens/s", format!("{:.1}", s.tokens_per_second)),
+                (
+                    "filter pass rate",
+                    format!("{:.1}%", 100.0 * s.filter_pass_rate),
+                ),
+                ("errors", s.errors.to_string()),
+            ],
+            ServiceStatus::Verifier(s) => vec![
+                ("role", "verifier".into()),
+                ("version", version(&s.build)),
+                ("items graded", s.items_graded.to_string()),
+                ("timeouts", s.timeouts.to_string()),
+                ("errors", s.errors.to_string()),
+                ("latency p50", format!("{:.1} ms", s.latency_p50_ms)),
+                ("latency p99", format!("{:.1} ms", s.latency_p99_ms)),
+                ("queue depth", s.queue_depth.to_string()),
+                ("in flight", s.in_flight.to_string()),
+                ("max concurrency", s.max_concurrency.to_string()),
+                ("sandbox", s.sandbox_backend.clone()),
+                (
+                    "sandbox cgroup",
+                    if s.sandbox_cgroup { "yes" } else { "no" }.into(),
+                ),
+            ],
+            ServiceStatus::Prm(s) => vec![
+                ("role", "prm-server".into()),
+                ("version", version(&s.build)),
+                ("prm model", s.prm_model.clone()),
+                ("reference model", s.reference_model.clone()),
+                ("beta", s.beta.to_string()),
+                ("responses scored", s.responses_scored.to_string()),
+                ("tokens scored", s.tokens_scored.to_string()),
+                ("tokens/s", format!("{:.1}", s.tokens_per_second)),
+                ("queue depth", s.queue_depth.to_string()),
+                ("latency p50", format!("{:.1} ms", s.latency_p50_ms)),
+                ("latency p99", format!("{:.1} ms", s.latency_p99_ms)),
+                ("errors", s.errors.to_string()),
+            ],
+        }
+    }
+
+    /// The rows as a two-column table, labels padded to one width.
+    pub fn table(&self) -> String {
+        let rows = self.rows();
+        let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(0);
+        rows.iter()
+            .map(|(label, value)| format!("{label:<width$}  {value}\n"))
+            .collect()
+    }
+}
+
+/// Prints the status of the service at `--addr`.
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.timeout_secs.is_finite() && args.timeout_secs > 0.0,
+        "--timeout-secs must be positive"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let timeout = Duration::from_secs_f64(args.timeout_secs);
+    let status = runtime.block_on(query(&args.addr, args.token.as_deref(), timeout))?;
+    print!("{}", status.table());
+    Ok(())
+}
