@@ -21,9 +21,12 @@ enum Command {
     /// Model tools: per-token log-probs and sampling over JSONL files.
     #[command(subcommand)]
     Model(cmd::model::ModelCommand),
-    /// The PRIME learner; `learner step` replays one iteration on recorded groups.
-    #[command(subcommand)]
-    Learner(cmd::learner::LearnerCommand),
+    /// The Learner service (`--config FILE`); `learner step` replays one iteration on
+    /// recorded groups.
+    Learner(cmd::learner::LearnerArgs),
+    /// PRIME training end to end: warm-up if needed, then a learner, a verifier and actors
+    /// as separate processes on loopback; plots and summary.json in the run dir.
+    Train(cmd::train::TrainArgs),
     /// Supervised warm-up of the policy until held-out accuracy enters a band.
     Sft(cmd::sft::SftArgs),
     /// Write the embedded default world: problems, datasets and the trained tokenizer.
@@ -36,6 +39,11 @@ enum Command {
     /// Benchmarks against transformers, side by side in one run.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
+    /// A rollout actor: pulls work and weights from the learner, samples, has the verifier
+    /// grade, streams groups back.
+    Actor(cmd::actor::ActorArgs),
+    /// Print the Status of the learner, verifier or PRM server at an address.
+    Status(cmd::status::StatusArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -58,11 +66,14 @@ fn main() -> Result<()> {
     }
     match cli.command {
         Command::Model(command) => cmd::model::run(command),
-        Command::Learner(command) => cmd::learner::run(command),
+        Command::Learner(args) => cmd::learner::run(args),
+        Command::Train(args) => cmd::train::run(args),
         Command::Sft(args) => cmd::sft::run(args),
         Command::World(args) => cmd::world::run(args),
         Command::Verifier(VerifierCommand::Serve(args)) => cmd::verifier::run(args),
         Command::Grade(args) => cmd::verifier::run_grade(args),
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Actor(args) => cmd::actor::run(args),
+        Command::Status(args) => cmd::status::run(args),
     }
 }

@@ -12,3 +12,16 @@ pub fn progress_bar(total: u64, what: &str) -> ProgressBar {
     bar.set_message(what.to_string());
     bar
 }
+
+/// A bar over training steps with a free-form status message after it.
+pub fn step_bar(total: u64, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{label} [{{bar:30}}] step {{pos}}/{{len}} {{msg}} [{{elapsed}}]"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}

@@ -421,7 +421,10 @@ impl LearnerConfig {
             }
         }
         if self.oversample.is_nan() || self.oversample < 1.0 {
-            return Err(format!("learner.oversample must be >= 1, got {}", self.oversample));
+            return Err(format!(
+                "learner.oversample must be >= 1, got {}",
+                self.oversample
+            ));
         }
         if self.temperature <= 0.0 || self.eval_temperature < 0.0 {
             return Err("learner.temperature must be positive and eval_temperature >= 0".into());

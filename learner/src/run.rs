@@ -48,13 +48,15 @@ pub fn open_run(
         || learner.heldout_files.is_empty()
         || config.model.path.is_none();
     let world = if needs_world {
-        Some(prime_world::build_world(&config.world, &run_dir.join("world"))?)
+        Some(prime_world::build_world(
+            &config.world,
+            &run_dir.join("world"),
+        )?)
     } else {
         None
     };
-    let world_file = |pick: fn(&prime_world::WorldFiles) -> &Path| {
-        world.as_ref().map(|w| pick(w).to_path_buf())
-    };
+    let world_file =
+        |pick: fn(&prime_world::WorldFiles) -> &Path| world.as_ref().map(|w| pick(w).to_path_buf());
     let policy = match &config.model.path {
         Some(path) => path.clone(),
         None => sft_checkpoint(run_dir),

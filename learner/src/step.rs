@@ -29,6 +29,10 @@ pub struct ScoredResponse {
     pub ids: Vec<i64>,
     /// Verifier score in [0, 1]; fractional for code.
     pub score: f64,
+    /// Log-probs the sampler reported for `ids`, when known: only monitored (the step
+    /// recomputes the old log-probs), to catch a sampler that disagrees with the learner.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sampling_logprobs: Vec<f32>,
 }
 
 /// The K responses of one prompt: the unit of the filter, the baselines and the mini-batches.
@@ -128,6 +132,9 @@ pub struct StepMetrics {
     pub approx_kl: f64,
     /// Token entropy of the policy on the batch, before the update.
     pub entropy: f64,
+    /// Mean |old log-prob − sampler log-prob| over valid tokens, when the sampler's were
+    /// given: near 0 when sampler and learner agree (same weights, same temperature).
+    pub sampler_logprob_gap: Option<f64>,
     /// Policy gradient norm before clipping, mean over mini-batches.
     pub policy_grad_norm: f64,
     /// Learning rates used.
@@ -162,6 +169,8 @@ pub struct StepBatch {
     pub scores: Tensor,
     /// Width R of the response tensors.
     pub response_width: i64,
+    /// `[N, R]` sampler log-probs, when every response carried them.
+    pub sampling_logprobs: Option<Tensor>,
 }
 
 impl StepBatch {
@@ -230,6 +239,21 @@ impl StepBatch {
             generated[row * width..row * width + response.len()].fill(true);
         }
         let shape = [n as i64, width as i64];
+        let sampled: Vec<&[f32]> = groups
+            .iter()
+            .flat_map(|g| g.responses.iter().map(|r| r.sampling_logprobs.as_slice()))
+            .collect();
+        let sampling_logprobs = sampled
+            .iter()
+            .zip(&responses)
+            .all(|(s, r)| s.len() == r.len())
+            .then(|| {
+                let mut values = vec![0f32; n * width];
+                for (row, s) in sampled.iter().enumerate() {
+                    values[row * width..row * width + s.len()].copy_from_slice(s);
+                }
+                Tensor::from_slice(&values).view(shape).to_device(device)
+            });
         let mask = masks::response_mask(
             &Tensor::from_slice(&ids).view(shape),
             &Tensor::from_slice(&generated).view(shape),
@@ -242,6 +266,7 @@ impl StepBatch {
             mask: mask.to_device(device),
             scores: Tensor::from_slice(&scores).to_device(device),
             response_width: width as i64,
+            sampling_logprobs,
         })
     }
 
@@ -623,6 +648,12 @@ pub fn prime_step(
     let clock = Instant::now();
     let (old_logprobs, entropy) = frozen_logprobs(policy, &batch, config, true)?;
     metrics.entropy = entropy.unwrap_or_default();
+    metrics.sampler_logprob_gap = batch.sampling_logprobs.as_ref().map(|sampled| {
+        scalar(&masks::masked_mean(
+            &(&old_logprobs - sampled).abs(),
+            &batch.mask,
+        ))
+    });
     metrics.time_old_logprobs_s = clock.elapsed().as_secs_f64();
 
     // 2. Reference log-probs (spec §2.3).

@@ -73,8 +73,11 @@ pub enum Record {
 pub struct StepRecord {
     /// Steps done, this one included.
     pub step: u64,
-    /// Policy version the batch was sampled with.
+    /// Policy version the batch was collected for.
     pub policy_version: u64,
+    /// Oldest and newest policy version among the batch's groups (each group comes from one
+    /// version; on-policy both equal `policy_version`).
+    pub group_versions: [u64; 2],
     /// Seconds since the run (or the resumed run) started.
     pub wall_seconds: f64,
     /// Seconds spent collecting the batch (rollouts, grading, filtering).
@@ -267,9 +270,14 @@ impl Trainer {
             .map(|r| r.token_ids.len())
             .sum();
         let seconds = clock.elapsed().as_secs_f64() + rollout_seconds;
+        let versions = batch.groups.iter().map(|g| g.policy_version);
         let record = StepRecord {
             step: self.step,
             policy_version: batch.policy_version,
+            group_versions: [
+                versions.clone().min().unwrap_or(batch.policy_version),
+                versions.max().unwrap_or(batch.policy_version),
+            ],
             wall_seconds: self.started.elapsed().as_secs_f64(),
             rollout_seconds,
             groups_seen: batch.stats.groups_seen,
@@ -401,6 +409,7 @@ pub fn scored_group(group: &Group) -> ScoredGroup {
             .map(|r| ScoredResponse {
                 ids: r.token_ids.clone(),
                 score: r.score,
+                sampling_logprobs: r.sampling_logprobs.clone(),
             })
             .collect(),
     }

@@ -1,16 +1,63 @@
-//! `prime learner step`: one PRIME iteration on recorded groups, for replaying a batch to debug
-//! a step (and for the tests).
+//! `prime learner --config FILE`: the Learner service (work, groups, filter, PRIME steps,
+//! published weights); `prime learner step`: one PRIME iteration on recorded groups, for
+//! replaying a batch to debug a step (and for the tests).
 use std::io::BufRead;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use prime_learner::algo::Estimator;
-use prime_learner::step::ReferenceType;
-use prime_learner::{prime_step, PrimeModels, ScoredGroup, StepConfig};
+use prime_learner::config::ReferenceType;
+use prime_learner::report::{plot_run, summarize, summary_table, Summary};
+use prime_learner::run::open_run;
+use prime_learner::service::{run_learner, ListenOptions};
+use prime_learner::trainer::Trainer;
+use prime_learner::{prime_step, LearnerConfig, PrimeModels, RunConfig, ScoredGroup};
 use prime_model::checkpoint::copy_tokenizer_files;
 use prime_model::{parse_device, CausalLm, DEFAULT_MAX_SHARD_BYTES};
 use tch::Kind;
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct LearnerArgs {
+    #[command(subcommand)]
+    pub command: Option<LearnerCommand>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Options of the Learner service.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Run config (TOML): [world], [model] and [learner] are used.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override a config value, e.g. `--set learner.estimator=rloo` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Run directory: metrics.jsonl, checkpoints/, plots, summary.json.
+    #[arg(long, default_value = "runs/demo")]
+    pub run_dir: PathBuf,
+    /// gRPC listen address.
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// Prometheus metrics listen address.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Shared token every RPC must carry (`authorization: Bearer TOKEN`).
+    #[arg(long, env = "PRIME_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Continue from the latest checkpoint in the run directory, if there is one.
+    #[arg(long)]
+    pub resume: bool,
+    /// Write the bound gRPC address to this file once listening (for launchers).
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
 
 #[derive(Debug, Subcommand)]
 pub enum LearnerCommand {
@@ -66,10 +113,76 @@ pub struct StepArgs {
     pub device: String,
 }
 
-pub fn run(command: LearnerCommand) -> Result<()> {
-    match command {
-        LearnerCommand::Step(args) => run_step(args),
+pub fn run(args: LearnerArgs) -> Result<()> {
+    match args.command {
+        Some(LearnerCommand::Step(step)) => run_step(step),
+        None => serve(args.serve),
     }
+}
+
+/// Runs the Learner service until the configured steps are done, then writes the report.
+fn serve(args: ServeArgs) -> Result<()> {
+    let Some(config_path) = &args.config else {
+        bail!("`prime learner` needs --config FILE (or the `step` subcommand)");
+    };
+    let config = RunConfig::from_file_with_overrides(config_path, &args.overrides)?;
+    std::fs::create_dir_all(&args.run_dir)
+        .with_context(|| format!("creating {}", args.run_dir.display()))?;
+    std::fs::write(args.run_dir.join("config.toml"), config.to_toml())?;
+    let device = parse_device(&args.device)?;
+    let (trainer, scheduler) = open_run(&config, &args.run_dir, device, args.resume)?;
+    let options = ListenOptions {
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        token: args.token.clone(),
+    };
+    let addr_file = args.addr_file.clone();
+    let trainer = run_learner(
+        trainer,
+        scheduler,
+        &options,
+        |addr| {
+            if let Some(path) = &addr_file {
+                let tmp = path.with_extension("tmp");
+                let written = std::fs::write(&tmp, addr.to_string())
+                    .and_then(|()| std::fs::rename(&tmp, path));
+                if let Err(e) = written {
+                    tracing::error!(path = %path.display(), "cannot write the address file: {e}");
+                }
+            }
+        },
+        |record, _| {
+            tracing::info!(
+                step = record.step,
+                reward = record.train_reward,
+                pass_rate = record.filter_pass_rate,
+                prm_accuracy = record.metrics.prm_accuracy,
+                "step"
+            );
+        },
+    )?;
+    finish_run(&trainer, &config, &args.run_dir)?;
+    Ok(())
+}
+
+/// Writes plots and `summary.json` and prints the closing table.
+pub fn finish_run(trainer: &Trainer, config: &RunConfig, run_dir: &Path) -> Result<Summary> {
+    plot_run(run_dir, &trainer.history);
+    let estimator = match config.learner.estimator {
+        Estimator::Prime => "prime",
+        Estimator::Rloo => "rloo",
+    };
+    let summary = summarize(
+        &trainer.history,
+        estimator,
+        config.learner.eval_samples,
+        config.learner.eval_temperature,
+    )?;
+    let path = run_dir.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&summary)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprint!("{}", summary_table(&summary));
+    Ok(summary)
 }
 
 /// Reads a rollouts file: one [`ScoredGroup`] per non-empty line.
@@ -96,15 +209,15 @@ fn run_step(args: StepArgs) -> Result<()> {
         bail!("--mini-batches must be at least 1");
     }
     let groups = read_groups(&args.rollouts)?;
-    let mut config = StepConfig {
+    let mut config = LearnerConfig {
         mini_batches: args.mini_batches,
         reference: ReferenceType::Freeze,
-        ..StepConfig::default()
+        ..LearnerConfig::default()
     };
-    config.algo.prm.beta = args.beta;
+    config.prm.beta = args.beta;
     config.policy_optimizer.lr = args.policy_lr;
     config.prm_optimizer.lr = args.prm_lr;
-    config.algo.advantage.estimator = match args.estimator {
+    config.estimator = match args.estimator {
         EstimatorArg::Prime => Estimator::Prime,
         EstimatorArg::Rloo => Estimator::Rloo,
     };

@@ -1,7 +1,10 @@
 //! One module per subcommand: argument structs and the wiring of library crates.
+pub mod actor;
 pub mod bench;
 pub mod learner;
 pub mod model;
 pub mod sft;
+pub mod status;
+pub mod train;
 pub mod verifier;
 pub mod world;

@@ -1,11 +1,11 @@
 //! `prime sft --config FILE`: builds the embedded world if needed, then trains the policy from
 //! scratch (or continues an HF model) on the supervised split until held-out accuracy enters
 //! the configured band, and saves an HF checkpoint.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use prime_learner::sft::{eval_problems, run_sft, sft_examples};
+use prime_learner::sft::{eval_problems, run_sft, sft_examples, SftResult};
 use prime_learner::RunConfig;
 use prime_model::{default_kind, parse_device, CausalLm, Tokenizer};
 use prime_world::build_world;
@@ -29,7 +29,25 @@ pub fn run(args: SftArgs) -> Result<()> {
     std::fs::create_dir_all(&args.run_dir)
         .with_context(|| format!("creating {}", args.run_dir.display()))?;
     std::fs::write(args.run_dir.join("config.toml"), config.to_toml())?;
-    let world = build_world(&config.world, &args.run_dir.join("world"))?;
+    let result = warm_up(&config, &args.run_dir, &args.device)?;
+    let out_dir = args.run_dir.join("sft");
+    println!(
+        "supervised warm-up: {} steps, held-out accuracy {:.1}% ({} problems, temperature {}), stop: {:?}\ncheckpoint: {}\ncurves: {} and {}",
+        result.steps,
+        100.0 * result.heldout_accuracy,
+        result.eval_problems,
+        result.eval_temperature,
+        result.stop,
+        result.checkpoint.display(),
+        out_dir.join("loss.png").display(),
+        out_dir.join("accuracy.png").display(),
+    );
+    Ok(())
+}
+
+/// The supervised warm-up of `config` into `run_dir/sft/` (world built or reused first).
+pub fn warm_up(config: &RunConfig, run_dir: &Path, device: &str) -> Result<SftResult> {
+    let world = build_world(&config.world, &run_dir.join("world"))?;
     tracing::info!(root = %world.root.display(), reused = world.reused, "world ready");
     let tokenizer = Tokenizer::from_dir(&world.tokenizer_dir)?;
     let eos = tokenizer
@@ -41,7 +59,7 @@ pub fn run(args: SftArgs) -> Result<()> {
         .and_then(|t| tokenizer.token_id(t))
         .unwrap_or(eos);
 
-    let device = parse_device(&args.device)?;
+    let device = parse_device(device)?;
     tch::manual_seed(config.sft.seed as i64);
     let lm = match &config.model.path {
         Some(path) => CausalLm::load(path, device, tch::Kind::Float, default_kind(device))?,
@@ -62,8 +80,8 @@ pub fn run(args: SftArgs) -> Result<()> {
         eos,
     )?;
     let heldout = eval_problems(&prime_world::read_rows(&world.heldout.parquet)?, &tokenizer)?;
-    let out_dir = args.run_dir.join("sft");
-    let result = run_sft(
+    let out_dir = run_dir.join("sft");
+    Ok(run_sft(
         &lm,
         &tokenizer,
         &world.tokenizer_dir,
@@ -71,17 +89,5 @@ pub fn run(args: SftArgs) -> Result<()> {
         &heldout,
         &config.sft,
         &out_dir,
-    )?;
-    println!(
-        "supervised warm-up: {} steps, held-out accuracy {:.1}% ({} problems, temperature {}), stop: {:?}\ncheckpoint: {}\ncurves: {} and {}",
-        result.steps,
-        100.0 * result.heldout_accuracy,
-        result.eval_problems,
-        result.eval_temperature,
-        result.stop,
-        result.checkpoint.display(),
-        out_dir.join("loss.png").display(),
-        out_dir.join("accuracy.png").display(),
-    );
-    Ok(())
+    )?)
 }

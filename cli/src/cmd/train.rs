@@ -1,0 +1,297 @@
+//! `prime train --config FILE`: the product's main job on one machine. Runs the supervised
+//! warm-up when its checkpoint is missing, then starts a verifier, a learner and N actors as
+//! separate `prime` processes talking gRPC on loopback (or everything in this process with
+//! `--local`), shows progress, and leaves plots, `metrics.jsonl` and `summary.json` in the run
+//! dir, whose path it prints.
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use prime_learner::report::{summary_table, Summary};
+use prime_learner::run::{open_run, run_local, sft_checkpoint};
+use prime_learner::trainer::{Record, StepRecord};
+use prime_learner::RunConfig;
+use prime_model::parse_device;
+
+use crate::progress::step_bar;
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Run config (TOML).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config value, e.g. `--set learner.estimator=rloo` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Run directory (world/, sft/, metrics.jsonl, checkpoints/, plots, summary.json, logs/).
+    #[arg(long, default_value = "runs/demo")]
+    pub run_dir: PathBuf,
+    /// Rollout actors to start.
+    #[arg(long, default_value_t = 2)]
+    pub actors: usize,
+    /// Train in this one process (the learner samples its own rollouts) instead of starting
+    /// services.
+    #[arg(long)]
+    pub local: bool,
+    /// Continue from the latest checkpoint of the run directory.
+    #[arg(long)]
+    pub resume: bool,
+    /// cpu, cuda or cuda:N (learner and actors).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Kills the service processes when dropped, so a failed run leaves nothing behind.
+struct Children(Vec<(String, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (name, child) in &mut self.0 {
+            if let Ok(None) = child.try_wait() {
+                tracing::debug!(%name, "stopping");
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// A free loopback port (bound, read, released).
+fn free_port() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?)
+}
+
+fn spawn(name: &str, args: &[String], logs: &Path, threads: &str) -> Result<(String, Child)> {
+    let exe = std::env::current_exe().context("locating the prime binary")?;
+    let log_path = logs.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let child = Command::new(exe)
+        .args(args)
+        .env("PRIME_THREADS", threads)
+        .env_remove("PRIME_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting the {name}"))?;
+    Ok((name.to_string(), child))
+}
+
+/// The last lines of a log, for error messages.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+fn read_records(path: &Path) -> Vec<Record> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn progress_message(step: Option<&StepRecord>, accuracy: Option<f64>) -> String {
+    let accuracy = accuracy.map_or("-".into(), |a| format!("{:.1}%", 100.0 * a));
+    match step {
+        Some(s) => format!(
+            "reward {:.2} pass {:.0}% prm acc {:.2} held-out {accuracy}",
+            s.train_reward,
+            100.0 * s.filter_pass_rate,
+            s.metrics.prm_accuracy
+        ),
+        None => format!("collecting the first batch; held-out {accuracy}"),
+    }
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let config = RunConfig::from_file_with_overrides(&args.config, &args.overrides)?;
+    config
+        .learner
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+    let run_dir = &args.run_dir;
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let config_path = run_dir.join("config.toml");
+    std::fs::write(&config_path, config.to_toml())?;
+    let threads = std::env::var("PRIME_THREADS").unwrap_or_else(|_| "1".into());
+    if config.model.path.is_none() && !sft_checkpoint(run_dir).join("config.json").exists() {
+        eprintln!(
+            "no warm-up checkpoint in {}: running the supervised warm-up first",
+            run_dir.display()
+        );
+        let result = super::sft::warm_up(&config, run_dir, &args.device)?;
+        eprintln!(
+            "warm-up: {} steps, held-out accuracy {:.1}%",
+            result.steps,
+            100.0 * result.heldout_accuracy
+        );
+    }
+    let started = Instant::now();
+    if args.local {
+        train_local(&config, &args)?;
+    } else {
+        train_services(&config_path, &config, &args, &threads)?;
+    }
+    let summary: Summary = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("summary.json")).context("reading summary.json")?,
+    )?;
+    eprintln!(
+        "PRIME run finished in {:.0} s\n{}",
+        started.elapsed().as_secs_f64(),
+        summary_table(&summary)
+    );
+    println!("{}", run_dir.display());
+    Ok(())
+}
+
+fn train_local(config: &RunConfig, args: &TrainArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let (mut trainer, mut scheduler) = open_run(config, &args.run_dir, device, args.resume)?;
+    let bar = step_bar(config.learner.steps, "prime");
+    bar.set_position(trainer.step);
+    let mut accuracy = None;
+    run_local(&mut trainer, &mut scheduler, None, |record, trainer| {
+        if let Some(Record::Eval { evaluation, .. }) = trainer.history.last() {
+            accuracy = Some(evaluation.accuracy);
+        }
+        bar.set_position(record.step);
+        bar.set_message(progress_message(Some(record), accuracy));
+    })?;
+    bar.finish_and_clear();
+    super::learner::finish_run(&trainer, config, &args.run_dir)?;
+    Ok(())
+}
+
+fn train_services(
+    config_path: &Path,
+    config: &RunConfig,
+    args: &TrainArgs,
+    threads: &str,
+) -> Result<()> {
+    if args.actors == 0 {
+        bail!("--actors must be at least 1 (or use --local)");
+    }
+    let run_dir = &args.run_dir;
+    let logs = run_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let addr_file = run_dir.join("learner.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let verifier_addr = free_port()?;
+    eprintln!(
+        "the loopback services run without a shared token (demo launcher); logs in {}",
+        logs.display()
+    );
+    let s = |v: &str| v.to_string();
+    let mut children = Children(Vec::new());
+    children.0.push(spawn(
+        "verifier",
+        &[
+            s("verifier"),
+            s("serve"),
+            s("--listen"),
+            verifier_addr.to_string(),
+        ],
+        &logs,
+        threads,
+    )?);
+    let mut learner_args = vec![
+        s("learner"),
+        s("--config"),
+        config_path.display().to_string(),
+        s("--run-dir"),
+        run_dir.display().to_string(),
+        s("--listen"),
+        s("127.0.0.1:0"),
+        s("--addr-file"),
+        addr_file.display().to_string(),
+        s("--device"),
+        args.device.clone(),
+    ];
+    if args.resume {
+        learner_args.push(s("--resume"));
+    }
+    children
+        .0
+        .push(spawn("learner", &learner_args, &logs, threads)?);
+    let learner_addr = loop {
+        if let Ok(text) = std::fs::read_to_string(&addr_file) {
+            break text.trim().to_string();
+        }
+        if let Ok(Some(status)) = children.0[1].1.try_wait() {
+            bail!(
+                "the learner exited with {status} before listening:\n{}",
+                log_tail(&logs.join("learner.log"))
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let tokenizer = config
+        .model
+        .path
+        .clone()
+        .unwrap_or_else(|| sft_checkpoint(run_dir));
+    for i in 0..args.actors {
+        let name = format!("actor-{i}");
+        children.0.push(spawn(
+            &name,
+            &[
+                s("actor"),
+                s("--learner"),
+                format!("http://{learner_addr}"),
+                s("--verifier"),
+                format!("http://{verifier_addr}"),
+                s("--tokenizer"),
+                tokenizer.display().to_string(),
+                s("--name"),
+                name.clone(),
+                s("--device"),
+                args.device.clone(),
+            ],
+            &logs,
+            threads,
+        )?);
+    }
+
+    let bar = step_bar(config.learner.steps, "prime");
+    let metrics = run_dir.join("metrics.jsonl");
+    let status = loop {
+        if let Some(status) = children.0[1].1.try_wait()? {
+            break status;
+        }
+        for (name, child) in children.0.iter_mut().filter(|(n, _)| n != "learner") {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!(
+                    "the {name} exited with {status}:\n{}",
+                    log_tail(&logs.join(format!("{name}.log")))
+                );
+            }
+        }
+        let records = read_records(&metrics);
+        let last_step = records.iter().rev().find_map(|r| match r {
+            Record::Step(s) => Some(s.as_ref()),
+            Record::Eval { .. } => None,
+        });
+        let accuracy = records.iter().rev().find_map(|r| match r {
+            Record::Eval { evaluation, .. } => Some(evaluation.accuracy),
+            Record::Step(_) => None,
+        });
+        bar.set_position(last_step.map_or(0, |s| s.step));
+        bar.set_message(progress_message(last_step, accuracy));
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    bar.finish_and_clear();
+    if !status.success() {
+        bail!(
+            "the learner failed ({status}):\n{}",
+            log_tail(&logs.join("learner.log"))
+        );
+    }
+    Ok(())
+}
