@@ -172,3 +172,30 @@ fn run_on_sequences(dir: &Path, sequences: &[Vec<i64>], command: &[&str]) -> Vec
 pub fn path_str(path: &Path) -> &str {
     path.to_str().expect("UTF-8 path")
 }
+
+/// Prepares `run_dir` for a PRIME run of `config`: builds its world and saves a random tiny
+/// Qwen2 (with the world's tokenizer) as the warm-up checkpoint, so a run can start without
+/// the supervised stage.
+pub fn write_tiny_start_model(run_dir: &Path, config: &prime_learner::RunConfig, seed: i64) {
+    use prime_model::{CausalLm, Tokenizer};
+    let world = prime_world::build_world(&config.world, &run_dir.join("world")).expect("world");
+    let tokenizer = Tokenizer::from_dir(&world.tokenizer_dir).expect("tokenizer");
+    let eos = tokenizer
+        .token_id(tokenizer.eos_token().expect("eos"))
+        .expect("eos id");
+    let qwen2 = prime_learner::ModelSource {
+        hidden_size: 32,
+        num_hidden_layers: 2,
+        intermediate_size: 64,
+        ..prime_learner::ModelSource::default()
+    }
+    .qwen2_config(tokenizer.vocab_size() as i64, eos, eos);
+    tch::manual_seed(seed);
+    let mut lm = CausalLm::random(&qwen2, tch::Device::Cpu, tch::Kind::Float, tch::Kind::Float)
+        .expect("model");
+    lm.generation_config.eos_token_id = Some(prime_model::config::TokenIds::One(eos));
+    let dir = prime_learner::run::sft_checkpoint(run_dir);
+    lm.save(&dir, None, prime_model::DEFAULT_MAX_SHARD_BYTES)
+        .expect("save");
+    prime_model::checkpoint::copy_tokenizer_files(&world.tokenizer_dir, &dir).expect("copy");
+}

@@ -124,7 +124,8 @@ impl Shared {
     /// Prometheus text of the status figures and the scheduler's counters.
     pub fn prometheus_text(&self) -> String {
         let s = self.status();
-        let c = self.scheduler().status(Instant::now()).counters;
+        let scheduler = self.scheduler().status(Instant::now());
+        let c = scheduler.counters;
         let mut out = String::new();
         let mut gauge = |name: &str, help: &str, value: f64| {
             out.push_str(&format!(
@@ -141,6 +142,11 @@ impl Shared {
             "pending_prompts",
             "Prompts waiting to be handed out.",
             s.pending_prompts as f64,
+        );
+        gauge(
+            "in_flight",
+            "Prompts handed out and not yet returned.",
+            scheduler.in_flight as f64,
         );
         gauge(
             "groups_buffered",
@@ -192,6 +198,11 @@ impl Shared {
             "work_reissued",
             "Work items handed out again after their lease.",
             c.reissued as f64,
+        );
+        gauge(
+            "work_cancelled",
+            "Work items out when their batch completed; their prompts were queued again.",
+            c.cancelled as f64,
         );
         out
     }

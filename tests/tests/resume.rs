@@ -5,11 +5,11 @@
 use std::path::Path;
 
 use prime_learner::checkpoint;
-use prime_learner::run::{open_run, run_local, sft_checkpoint};
+use prime_learner::run::{open_run, run_local};
 use prime_learner::trainer::{Record, Trainer};
 use prime_learner::RunConfig;
-use prime_model::{CausalLm, Tokenizer};
-use tch::{Device, Kind, Tensor};
+use prime_tests::write_tiny_start_model;
+use tch::{Device, Tensor};
 
 fn config() -> RunConfig {
     let mut config: RunConfig = toml::from_str(
@@ -46,29 +46,6 @@ fn config() -> RunConfig {
     config.learner.filter.enabled = false;
     config.learner.prm.beta = 0.5;
     config
-}
-
-/// A random tiny policy as the run's warm-up checkpoint.
-fn write_start_model(run_dir: &Path, config: &RunConfig) {
-    let world = prime_world::build_world(&config.world, &run_dir.join("world")).expect("world");
-    let tokenizer = Tokenizer::from_dir(&world.tokenizer_dir).expect("tokenizer");
-    let eos = tokenizer
-        .token_id(tokenizer.eos_token().expect("eos"))
-        .expect("eos id");
-    let qwen2 = prime_learner::ModelSource {
-        hidden_size: 32,
-        num_hidden_layers: 2,
-        intermediate_size: 64,
-        ..prime_learner::ModelSource::default()
-    }
-    .qwen2_config(tokenizer.vocab_size() as i64, eos, eos);
-    tch::manual_seed(11);
-    let mut lm = CausalLm::random(&qwen2, Device::Cpu, Kind::Float, Kind::Float).expect("model");
-    lm.generation_config.eos_token_id = Some(prime_model::config::TokenIds::One(eos));
-    let dir = sft_checkpoint(run_dir);
-    lm.save(&dir, None, prime_model::DEFAULT_MAX_SHARD_BYTES)
-        .expect("save");
-    prime_model::checkpoint::copy_tokenizer_files(&world.tokenizer_dir, &dir).expect("copy");
 }
 
 fn train(run_dir: &Path, resume: bool, steps: Option<u64>) -> Trainer {
@@ -126,8 +103,8 @@ fn two_steps_resume_two_steps_equals_four_steps() {
     let root = tempfile::tempdir().unwrap();
     let (straight, split) = (root.path().join("straight"), root.path().join("split"));
     let config = config();
-    write_start_model(&straight, &config);
-    write_start_model(&split, &config);
+    write_tiny_start_model(&straight, &config, 11);
+    write_tiny_start_model(&split, &config, 11);
 
     let whole = train(&straight, false, None);
     assert_eq!(whole.step, 4);

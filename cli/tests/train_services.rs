@@ -1,0 +1,278 @@
+//! PRIME over real gRPC on loopback: a verifier, a learner and two actors run as `prime`
+//! processes on a tiny model. Checks that every batch trained on holds B whole groups from one
+//! policy version and versions increase; that an actor killed mid-run has its work handed out
+//! again; and that after the learner is killed and resumed from its checkpoint the surviving
+//! actor reconnects and training runs to the end, each step recorded once.
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use prime_tests::write_tiny_start_model;
+use serde_json::Value;
+
+const CONFIG: &str = r#"
+[world]
+seed = 4
+sft = { size = 40 }
+rl = { size = 80 }
+heldout = { size = 6 }
+
+[learner]
+batch_prompts = 4
+samples_per_prompt = 3
+steps = 1000
+mini_batches = 2
+max_response_tokens = 30
+eval_every = 0
+eval_problems = 6
+eval_greedy = false
+checkpoint_every = 1
+keep_checkpoints = 2
+lease_seconds = 2
+filter = { enabled = false }
+"#;
+
+/// Children killed on drop, so a failing test leaves no processes behind.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn spawn(args: &[&str], log: &Path) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_prime"))
+        .args(args)
+        .env("PRIME_THREADS", "1")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("prime starts")
+}
+
+fn step_records(run_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["kind"] == "step")
+        .collect()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One Prometheus gauge of the learner's metrics endpoint.
+fn gauge(addr: SocketAddr, name: &str) -> Option<f64> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn learner_args<'a>(
+    config: &'a str,
+    run_dir: &'a str,
+    listen: &'a str,
+    metrics: &'a str,
+    resume_until: Option<&'a str>,
+) -> Vec<&'a str> {
+    // The first learner would run 1000 steps; the resumed one stops at `resume_until`.
+    let mut args = vec![
+        "learner",
+        "--config",
+        config,
+        "--run-dir",
+        run_dir,
+        "--listen",
+        listen,
+        "--metrics-listen",
+        metrics,
+    ];
+    if let Some(steps) = resume_until {
+        args.extend(["--resume", "--set", steps]);
+    }
+    args
+}
+
+#[test]
+fn actors_learner_and_verifier_train_survive_kills_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir: PathBuf = tmp.path().join("run");
+    let config_path = tmp.path().join("config.toml");
+    std::fs::write(&config_path, CONFIG).unwrap();
+    let config = prime_learner::RunConfig::from_file(&config_path).unwrap();
+    write_tiny_start_model(&run_dir, &config, 7);
+    let tokenizer = prime_learner::run::sft_checkpoint(&run_dir);
+    let logs = tmp.path();
+    let (verifier, learner, metrics) = (free_addr(), free_addr(), free_addr());
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (config_arg, run_arg, tokenizer_arg) = (s(&config_path), s(&run_dir), s(&tokenizer));
+    let (verifier_arg, learner_arg, metrics_arg) = (
+        verifier.to_string(),
+        learner.to_string(),
+        metrics.to_string(),
+    );
+    let (learner_url, verifier_url) = (format!("http://{learner}"), format!("http://{verifier}"));
+
+    let mut procs = Procs(Vec::new());
+    procs.0.push(spawn(
+        &["verifier", "serve", "--listen", &verifier_arg],
+        &logs.join("verifier.log"),
+    ));
+    procs.0.push(spawn(
+        &learner_args(&config_arg, &run_arg, &learner_arg, &metrics_arg, None),
+        &logs.join("learner.log"),
+    ));
+    let actor = |i: usize, procs: &mut Procs| {
+        let name = format!("actor-{i}");
+        procs.0.push(spawn(
+            &[
+                "actor",
+                "--learner",
+                &learner_url,
+                "--verifier",
+                &verifier_url,
+                "--tokenizer",
+                &tokenizer_arg,
+                "--name",
+                &name,
+                "--max-prompts",
+                "2",
+                "--max-backoff-secs",
+                "1",
+            ],
+            &logs.join(format!("{name}.log")),
+        ));
+    };
+    actor(0, &mut procs);
+    wait_for("step 1", Duration::from_secs(240), || {
+        !step_records(&run_dir).is_empty()
+    });
+    // Freeze actor 0 at a moment it holds work, then kill it: its leases run out and the work
+    // goes to actor 1, which starts now.
+    let pid = procs.0[2].id().to_string();
+    wait_for(
+        "actor 0 frozen holding work",
+        Duration::from_secs(120),
+        || {
+            Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            if gauge(metrics, "prime_learner_in_flight").unwrap_or(0.0) >= 1.0 {
+                return true;
+            }
+            Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            false
+        },
+    );
+    procs.0[2].kill().unwrap();
+    procs.0[2].wait().unwrap();
+    let at_kill = step_records(&run_dir).len();
+    actor(1, &mut procs);
+    wait_for("two more steps", Duration::from_secs(240), || {
+        step_records(&run_dir).len() >= at_kill + 2
+    });
+    // The frozen actor's work comes back either when its lease runs out (reissued) or, when
+    // actor 1 completes the batch first, when the batch cancels work still out (its prompts go
+    // back to the front of the queue).
+    let reissued = gauge(metrics, "prime_learner_work_reissued").unwrap_or(0.0)
+        + gauge(metrics, "prime_learner_work_cancelled").unwrap_or(0.0);
+    let connected = gauge(metrics, "prime_learner_connected_actors").unwrap_or(0.0);
+
+    // Kill the learner; resume it on the same address; actor 1 reconnects.
+    procs.0[1].kill().unwrap();
+    procs.0[1].wait().unwrap();
+    let checkpointed = std::fs::read_to_string(run_dir.join("checkpoints/latest")).unwrap();
+    let resumed_at: u64 = checkpointed
+        .trim()
+        .trim_start_matches("step-")
+        .parse()
+        .expect("step-NNNNNN");
+    let last = resumed_at + 3;
+    let until = format!("learner.steps={last}");
+    procs.0[1] = spawn(
+        &learner_args(
+            &config_arg,
+            &run_arg,
+            &learner_arg,
+            &metrics_arg,
+            Some(&until),
+        ),
+        &logs.join("learner-resumed.log"),
+    );
+    let status = {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = procs.0[1].try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "the resumed learner did not finish"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let log = std::fs::read_to_string(logs.join("learner-resumed.log")).unwrap();
+    assert!(status.success(), "resumed learner failed:\n{log}");
+    assert!(
+        log.contains("resumed"),
+        "the learner did not resume:\n{log}"
+    );
+
+    let steps = step_records(&run_dir);
+    let numbers: Vec<u64> = steps.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(
+        numbers,
+        (1..=last).collect::<Vec<_>>(),
+        "each step exactly once"
+    );
+    for record in &steps {
+        let version = record["policy_version"].as_u64().unwrap();
+        assert_eq!(record["step"].as_u64().unwrap(), version + 1);
+        assert_eq!(
+            record["group_versions"],
+            serde_json::json!([version, version]),
+            "a batch mixes policy versions: {record}"
+        );
+        assert_eq!(record["groups"], 4, "B groups per batch");
+        assert_eq!(record["responses"], 12, "whole groups of K = 3");
+    }
+    assert!(
+        reissued >= 1.0,
+        "the killed actor's work was never handed out again (reissued = {reissued})"
+    );
+    assert!(connected >= 1.0);
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["steps"], last);
+    assert_eq!(summary["heldout_size"], 6);
+}
