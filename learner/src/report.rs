@@ -38,8 +38,11 @@ pub struct Summary {
     pub train_reward_last_quarter: f64,
     /// Mean filter pass rate.
     pub filter_pass_rate: f64,
-    /// Mean PRM accuracy over the steps (0.5 = chance).
+    /// Mean PRM accuracy over the steps (0.5 = chance), on each new batch before the PRM's
+    /// update on it.
     pub prm_accuracy: f64,
+    /// Mean PRM loss on each new batch before its update (0.693 = chance).
+    pub prm_loss: f64,
     /// Seconds spent in rollout, PRM update and policy update, summed over steps.
     pub seconds_rollout: f64,
     /// See `seconds_rollout`.
@@ -103,7 +106,8 @@ pub fn summarize(
         train_reward_first_quarter: reward(&steps[..quarter.min(steps.len())]),
         train_reward_last_quarter: reward(&steps[steps.len().saturating_sub(quarter)..]),
         filter_pass_rate: mean(steps.iter().map(|s| s.filter_pass_rate)),
-        prm_accuracy: mean(steps.iter().map(|s| s.metrics.prm_accuracy)),
+        prm_accuracy: mean(steps.iter().map(|s| s.metrics.prm_new_batch_accuracy)),
+        prm_loss: mean(steps.iter().map(|s| s.metrics.prm_new_batch_loss)),
         seconds_rollout: steps.iter().map(|s| s.rollout_seconds).sum(),
         seconds_prm: steps.iter().map(|s| s.metrics.time_prm_s).sum(),
         seconds_policy: steps.iter().map(|s| s.metrics.time_policy_s).sum(),
@@ -119,7 +123,8 @@ pub fn plot_run(dir: &Path, records: &[Record]) {
     let reward = points(&|s| s.train_reward);
     let pass_rate = points(&|s| s.filter_pass_rate);
     let prm_accuracy = points(&|s| s.metrics.prm_accuracy);
-    let prm_loss = points(&|s| s.metrics.prm_loss);
+    let prm_loss = points(&|s| s.metrics.prm_new_batch_loss);
+    let prm_new_accuracy = points(&|s| s.metrics.prm_new_batch_accuracy);
     let tokens = points(&|s| s.tokens_per_second);
     let rollout = points(&|s| s.rollout_seconds);
     let prm_time = points(&|s| s.metrics.time_prm_s);
@@ -158,12 +163,16 @@ pub fn plot_run(dir: &Path, records: &[Record]) {
             "accuracy / loss",
             vec![
                 Series {
-                    name: "PRM accuracy (dpo_acc)",
-                    points: &prm_accuracy,
+                    name: "accuracy on the new batch (dpo_acc)",
+                    points: &prm_new_accuracy,
                 },
                 Series {
-                    name: "PRM loss (BCE)",
+                    name: "loss on the new batch (BCE)",
                     points: &prm_loss,
+                },
+                Series {
+                    name: "accuracy of the rewards used (single-forward)",
+                    points: &prm_accuracy,
                 },
             ],
         ),
@@ -260,7 +269,13 @@ pub fn summary_table(summary: &Summary) -> String {
             ),
         ),
         ("filter pass rate", percent(summary.filter_pass_rate)),
-        ("PRM accuracy", format!("{:.3}", summary.prm_accuracy)),
+        (
+            "PRM on new batches",
+            format!(
+                "accuracy {:.3}, loss {:.3} (chance: 0.5, 0.693)",
+                summary.prm_accuracy, summary.prm_loss
+            ),
+        ),
         (
             "time split",
             format!(

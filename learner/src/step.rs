@@ -114,6 +114,11 @@ pub struct StepMetrics {
     pub prm_reward_std: f64,
     /// PRM cross-entropy, each mini-batch measured before its own update.
     pub prm_loss: f64,
+    /// PRM cross-entropy on the whole new batch before any update on it: how well the PRM
+    /// trained so far generalises to responses it has not seen (0.693 = chance).
+    pub prm_new_batch_loss: f64,
+    /// `dpo_acc` of the PRM on the whole new batch before any update on it (0.5 = chance).
+    pub prm_new_batch_accuracy: f64,
     /// `dpo_acc` (spec §3.5) of the rewards the advantages used.
     pub prm_accuracy: f64,
     /// `dpo_acc_abs` of the same rewards.
@@ -678,6 +683,20 @@ pub fn prime_step(
     let prm_lr = config.prm_optimizer.lr_at(iteration);
     let q = match config.estimator {
         Estimator::Prime => {
+            let (before, _) = frozen_logprobs(&models.prm, &batch, config, false)?;
+            let q = implicit_prm::token_log_ratio(&before, &reference_logprobs, &batch.mask);
+            metrics.prm_new_batch_loss = scalar(&implicit_prm::prm_ce_loss(
+                &q,
+                &batch.mask,
+                &batch.scores,
+                config.prm.beta,
+            ));
+            metrics.prm_new_batch_accuracy = scalar(&implicit_prm::dpo_accuracy(
+                &q,
+                &batch.mask,
+                &batch.scores,
+                k,
+            ));
             let (q, loss, grad_norm) =
                 prm_pass(models, &batch, &reference_logprobs, config, prm_lr)?;
             metrics.prm_loss = loss;

@@ -104,7 +104,7 @@ fn progress_message(step: Option<&StepRecord>, accuracy: Option<f64>) -> String 
             "reward {:.2} pass {:.0}% prm acc {:.2} held-out {accuracy}",
             s.train_reward,
             100.0 * s.filter_pass_rate,
-            s.metrics.prm_accuracy
+            s.metrics.prm_new_batch_accuracy
         ),
         None => format!("collecting the first batch; held-out {accuracy}"),
     }
