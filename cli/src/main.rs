@@ -36,6 +36,8 @@ enum Command {
     Verifier(VerifierCommand),
     /// Grade a JSONL file of responses, locally or through a running verifier.
     Grade(cmd::verifier::GradeArgs),
+    /// Held-out accuracy of several runs against time in one chart.
+    Compare(cmd::compare::CompareArgs),
     /// Benchmarks against transformers, side by side in one run.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -73,6 +75,7 @@ fn main() -> Result<()> {
         Command::Verifier(VerifierCommand::Serve(args)) => cmd::verifier::run(args),
         Command::Grade(args) => cmd::verifier::run_grade(args),
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Compare(args) => cmd::compare::run(args),
         Command::Actor(args) => cmd::actor::run(args),
         Command::Status(args) => cmd::status::run(args),
     }

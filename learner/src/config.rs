@@ -600,6 +600,10 @@ pub struct SftConfig {
     /// Give up after this many steps if accuracy never entered the band.
     #[serde(default = "s_max_steps")]
     pub max_steps: u64,
+    /// Also stop after this many seconds (evaluating once more): continued supervised
+    /// training on the same time budget as an RL run, the baseline of docs/results.md.
+    #[serde(default)]
+    pub max_seconds: Option<f64>,
     /// Evaluate held-out accuracy every this many steps.
     #[serde(default = "s_eval_every")]
     pub eval_every: u64,

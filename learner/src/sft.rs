@@ -159,6 +159,8 @@ pub enum SftStop {
     Overshot,
     /// `max_steps` ran out before the band was reached.
     MaxSteps,
+    /// `max_seconds` ran out before the band was reached.
+    OutOfTime,
 }
 
 /// What a warm-up produced (also written to `result.json`).
@@ -243,7 +245,10 @@ pub fn run_sft(
             seconds: started.elapsed().as_secs_f64(),
             heldout_accuracy: None,
         };
-        if step % config.eval_every == 0 || step == config.max_steps {
+        let out_of_time = config
+            .max_seconds
+            .is_some_and(|limit| started.elapsed().as_secs_f64() >= limit);
+        if step % config.eval_every == 0 || step == config.max_steps || out_of_time {
             let accuracy = {
                 let _guard = tch::no_grad_guard();
                 heldout_accuracy(
@@ -275,6 +280,9 @@ pub fn run_sft(
         .map_err(LearnerError::io(&metrics_path))?;
         bar.set_position(step);
         bar.set_message(format!("loss {loss:.3} acc {last_accuracy:.2}"));
+        if out_of_time && stop == SftStop::MaxSteps {
+            stop = SftStop::OutOfTime;
+        }
         if stop != SftStop::MaxSteps {
             break;
         }

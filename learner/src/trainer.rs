@@ -50,6 +50,9 @@ pub struct Evaluation {
     pub problems: usize,
     /// Seconds the evaluation took.
     pub seconds: f64,
+    /// Seconds since the run (or the resumed run) started, when the evaluation began.
+    #[serde(default)]
+    pub wall_seconds: f64,
 }
 
 /// One line of `metrics.jsonl`.
@@ -305,13 +308,15 @@ impl Trainer {
             n => n.min(self.heldout.len()),
         };
         let seed = self.config.seed.wrapping_add(1_000_003 * self.step);
-        let evaluation = evaluate(
+        let wall_seconds = self.started.elapsed().as_secs_f64();
+        let mut evaluation = evaluate(
             &self.models.policy,
             &self.tokenizer,
             &self.heldout[..count],
             &self.config,
             seed,
         )?;
+        evaluation.wall_seconds = wall_seconds;
         tracing::info!(
             step = self.step,
             accuracy = evaluation.accuracy,
@@ -450,6 +455,7 @@ pub fn evaluate(
         greedy_accuracy,
         problems: problems.len(),
         seconds: clock.elapsed().as_secs_f64(),
+        wall_seconds: 0.0,
     })
 }
 

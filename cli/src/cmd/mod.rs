@@ -1,6 +1,7 @@
 //! One module per subcommand: argument structs and the wiring of library crates.
 pub mod actor;
 pub mod bench;
+pub mod compare;
 pub mod learner;
 pub mod model;
 pub mod sft;

@@ -22,10 +22,13 @@ pub struct SftArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Override a config value, e.g. `--set sft.max_seconds=300` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
 }
 
 pub fn run(args: SftArgs) -> Result<()> {
-    let config = RunConfig::from_file(&args.config)?;
+    let config = RunConfig::from_file_with_overrides(&args.config, &args.overrides)?;
     std::fs::create_dir_all(&args.run_dir)
         .with_context(|| format!("creating {}", args.run_dir.display()))?;
     std::fs::write(args.run_dir.join("config.toml"), config.to_toml())?;
