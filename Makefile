@@ -1,6 +1,6 @@
 # prime-rs: set-up, build, test and demo in one place.
 #
-#   make demo    build, then run the embedded default job (configs/demo.toml)
+#   make demo    build, then run the embedded default job (configs/demo.toml): warm-up + PRIME
 #   make test    build and run every test (Rust + reference checks against transformers)
 #   make build   release build; leaves target/release/prime (libtorch found through its rpath)
 #
@@ -55,8 +55,10 @@ build: deps venv
 	cargo build --release -j $(JOBS) -p prime-cli
 	@echo "built target/release/prime"
 
+# Warm-up (when its checkpoint is missing), then PRIME with a verifier, a learner and two
+# actors on loopback; one torch thread per process on a 2-core machine.
 demo: build
-	target/release/prime sft --config $(CONFIG) --run-dir $(RUN_DIR)
+	PRIME_THREADS=$${PRIME_THREADS:-1} target/release/prime train --config $(CONFIG) --run-dir $(RUN_DIR)
 
 test: deps venv
 	cargo build -j $(JOBS) --workspace --all-targets
