@@ -170,7 +170,7 @@ impl Trainer {
         } else {
             None
         };
-        let trainer = match found {
+        let (models, state, history) = match found {
             Some(dir) => {
                 let policy = load_model(&dir.join(checkpoint::POLICY_DIR), device)?;
                 let prm = load_model(&dir.join(checkpoint::PRM_DIR), device)?;
@@ -187,48 +187,33 @@ impl Trainer {
                 let history = read_history(&paths.metrics(), state.step)?;
                 rewrite_history(&paths.metrics(), &history)?;
                 tracing::info!(checkpoint = %dir.display(), step = state.step, "resumed");
-                let scheduler = SchedulerState {
-                    policy_version: state.policy_version,
-                    data_cursor: state.data_cursor,
-                    data_epoch: state.data_epoch,
-                    surplus_prompts: state.surplus_prompts.clone(),
-                };
-                let trainer = Self {
-                    config,
-                    models,
-                    tokenizer,
-                    tokenizer_dir: start.tokenizer_dir.clone(),
-                    heldout,
-                    paths,
-                    step: state.step,
-                    policy_version: state.policy_version,
-                    rng: state.rng.restore(),
-                    started: Instant::now(),
-                    history,
-                };
-                return Ok((trainer, Some(scheduler)));
+                (models, Some(state), history)
             }
             None => {
                 let policy = load_model(&start.policy, device)?;
                 let prm = load_model(reference_dir, device)?;
                 let models = PrimeModels::new(policy, prm, reference, &config);
                 std::fs::write(paths.metrics(), "").map_err(LearnerError::io(paths.metrics()))?;
-                Self {
-                    rng: ChaCha8Rng::seed_from_u64(config.seed),
-                    config,
-                    models,
-                    tokenizer,
-                    tokenizer_dir: start.tokenizer_dir.clone(),
-                    heldout,
-                    paths,
-                    step: 0,
-                    policy_version: 0,
-                    started: Instant::now(),
-                    history: Vec::new(),
-                }
+                (models, None, Vec::new())
             }
         };
-        Ok((trainer, None))
+        let trainer = Self {
+            rng: state.as_ref().map_or_else(
+                || ChaCha8Rng::seed_from_u64(config.seed),
+                |s| s.rng.restore(),
+            ),
+            step: state.as_ref().map_or(0, |s| s.step),
+            policy_version: state.as_ref().map_or(0, |s| s.policy_version),
+            config,
+            models,
+            tokenizer,
+            tokenizer_dir: start.tokenizer_dir.clone(),
+            heldout,
+            paths,
+            started: Instant::now(),
+            history,
+        };
+        Ok((trainer, state.as_ref().map(SchedulerState::from_trainer_state)))
     }
 
     /// The run's files.

@@ -126,12 +126,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
             "no warm-up checkpoint in {}: running the supervised warm-up first",
             run_dir.display()
         );
-        let result = super::sft::warm_up(&config, run_dir, &args.device)?;
-        eprintln!(
-            "warm-up: {} steps, held-out accuracy {:.1}%",
-            result.steps,
-            100.0 * result.heldout_accuracy
-        );
+        // A process of its own, like every other role: the warm-up's torch state does not
+        // stay behind in this process, which only supervises from here on.
+        let status = Command::new(std::env::current_exe().context("locating the prime binary")?)
+            .args(["sft", "--config"])
+            .arg(&config_path)
+            .arg("--run-dir")
+            .arg(run_dir)
+            .args(["--device", &args.device])
+            .env("PRIME_THREADS", &threads)
+            .status()
+            .context("starting the warm-up")?;
+        if !status.success() {
+            bail!("the supervised warm-up failed ({status})");
+        }
     }
     let started = Instant::now();
     if args.local {
