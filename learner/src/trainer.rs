@@ -213,7 +213,10 @@ impl Trainer {
             started: Instant::now(),
             history,
         };
-        Ok((trainer, state.as_ref().map(SchedulerState::from_trainer_state)))
+        Ok((
+            trainer,
+            state.as_ref().map(SchedulerState::from_trainer_state),
+        ))
     }
 
     /// The run's files.
