@@ -245,6 +245,10 @@ pub struct LearnerConfig {
     /// learning rates with bf16 weights; see docs/memory.md).
     #[serde(default)]
     pub master_weights: bool,
+    /// Storage dtype of the policy's and the PRM's weights: `f32` (default; computed in bf16
+    /// on CUDA) or `bf16` (half the memory; pair it with `master_weights`).
+    #[serde(default)]
+    pub param_dtype: ParamDtype,
     /// Prompts (groups) per iteration after filtering, B.
     #[serde(default = "l_batch_prompts")]
     pub batch_prompts: usize,
@@ -545,6 +549,27 @@ fn default_policy_optimizer() -> OptimizerConfig {
 }
 fn default_prm_optimizer() -> OptimizerConfig {
     OptimizerConfig::prm_default()
+}
+
+/// How trainable weights are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamDtype {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// bfloat16.
+    Bf16,
+}
+
+impl ParamDtype {
+    /// The tch kind.
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Self::F32 => tch::Kind::Float,
+            Self::Bf16 => tch::Kind::BFloat16,
+        }
+    }
 }
 
 /// When the PRM's rewards are taken relative to its update (spec §3.3).

@@ -132,11 +132,11 @@ pub struct StartModels {
     pub tokenizer_dir: PathBuf,
 }
 
-fn load_model(dir: &Path, device: Device) -> Result<CausalLm> {
+fn load_model(dir: &Path, device: Device, param_kind: Kind) -> Result<CausalLm> {
     Ok(CausalLm::load(
         dir,
         device,
-        Kind::Float,
+        param_kind,
         prime_model::default_kind(device),
     )?)
 }
@@ -164,16 +164,17 @@ impl Trainer {
             None
         };
         let reference_dir = start.prm.as_deref().unwrap_or(&start.policy);
+        let kind = config.param_dtype.kind();
         let needs_reference = config.reference == crate::config::ReferenceType::Freeze;
         let reference = if needs_reference {
-            Some(load_model(reference_dir, device)?)
+            Some(load_model(reference_dir, device, kind)?)
         } else {
             None
         };
         let (models, state, history) = match found {
             Some(dir) => {
-                let policy = load_model(&dir.join(checkpoint::POLICY_DIR), device)?;
-                let prm = load_model(&dir.join(checkpoint::PRM_DIR), device)?;
+                let policy = load_model(&dir.join(checkpoint::POLICY_DIR), device, kind)?;
+                let prm = load_model(&dir.join(checkpoint::PRM_DIR), device, kind)?;
                 let mut models = PrimeModels::new(policy, prm, reference, &config);
                 checkpoint::load_optimizer(
                     &dir.join(checkpoint::POLICY_OPTIMIZER_FILE),
@@ -190,8 +191,8 @@ impl Trainer {
                 (models, Some(state), history)
             }
             None => {
-                let policy = load_model(&start.policy, device)?;
-                let prm = load_model(reference_dir, device)?;
+                let policy = load_model(&start.policy, device, kind)?;
+                let prm = load_model(reference_dir, device, kind)?;
                 let models = PrimeModels::new(policy, prm, reference, &config);
                 std::fs::write(paths.metrics(), "").map_err(LearnerError::io(paths.metrics()))?;
                 (models, None, Vec::new())

@@ -1,0 +1,134 @@
+//! The learner step's memory switches: activation recomputation gives the same step as the
+//! plain backward, and bf16 weights with f32 masters train (weights stay bf16 and move).
+use prime_learner::config::ReferenceType;
+use prime_learner::{prime_step, LearnerConfig, PrimeModels, ScoredGroup, ScoredResponse};
+use prime_model::{CausalLm, Qwen2Config};
+use prime_tests::{init_threads, random_sequences};
+use tch::{Device, Kind, Tensor};
+
+fn qwen2() -> Qwen2Config {
+    serde_json::from_value(serde_json::json!({
+        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "tie_word_embeddings": true, "eos_token_id": 2
+    }))
+    .unwrap()
+}
+
+/// torch's generator is global and the tests run in parallel: seed and draw under one lock.
+static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn model(seed: i64, kind: Kind) -> CausalLm {
+    let _lock = INIT.lock().unwrap_or_else(|p| p.into_inner());
+    tch::manual_seed(seed);
+    CausalLm::random(&qwen2(), Device::Cpu, kind, Kind::Float).unwrap()
+}
+
+fn models(config: &LearnerConfig, kind: Kind) -> PrimeModels {
+    PrimeModels::new(model(1, kind), model(2, kind), Some(model(3, kind)), config)
+}
+
+fn groups() -> Vec<ScoredGroup> {
+    let prompts = random_sequences(4, 3, 8, 60, 5);
+    let responses = random_sequences(12, 2, 14, 60, 6);
+    let scores = [1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.25, 1.0, 0.0, 0.0, 1.0];
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(g, p)| ScoredGroup {
+            prompt_ids: p.iter().map(|t| t + 3).collect(),
+            responses: (0..3)
+                .map(|i| ScoredResponse {
+                    ids: responses[g * 3 + i].iter().map(|t| t + 3).collect(),
+                    score: scores[g * 3 + i],
+                    sampling_logprobs: Vec::new(),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn config() -> LearnerConfig {
+    let mut config = LearnerConfig {
+        mini_batches: 2,
+        micro_batch_tokens: 40,
+        reference: ReferenceType::Freeze,
+        ..LearnerConfig::default()
+    };
+    config.prm.beta = 0.5;
+    config.policy_optimizer.lr = 2e-4;
+    config.prm_optimizer.lr = 2e-4;
+    config
+}
+
+fn variables(lm: &CausalLm) -> Vec<(String, Tensor)> {
+    let mut vars: Vec<_> = lm.vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+#[test]
+fn recomputed_activations_give_the_same_step() {
+    init_threads();
+    let plain_config = config();
+    let recompute_config = LearnerConfig {
+        recompute_activations: true,
+        ..config()
+    };
+    let mut plain = models(&plain_config, Kind::Float);
+    let mut recomputed = models(&recompute_config, Kind::Float);
+    let before = variables(&model(1, Kind::Float));
+    let a = prime_step(&mut plain, &groups(), &plain_config, 0).unwrap();
+    let b = prime_step(&mut recomputed, &groups(), &recompute_config, 0).unwrap();
+    assert!(
+        (a.prm_loss - b.prm_loss).abs() < 1e-6,
+        "{} vs {}",
+        a.prm_loss,
+        b.prm_loss
+    );
+    assert!(
+        (a.policy_loss - b.policy_loss).abs() < 1e-6,
+        "{} vs {}",
+        a.policy_loss,
+        b.policy_loss
+    );
+    let mut moved = 0f64;
+    for (lm_a, lm_b) in [
+        (&plain.policy, &recomputed.policy),
+        (&plain.prm, &recomputed.prm),
+    ] {
+        for ((name, x), (_, y)) in variables(lm_a).iter().zip(variables(lm_b)) {
+            let diff = (x - &y).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{name} differs by {diff}");
+        }
+    }
+    for ((_, x), (_, y)) in variables(&plain.policy).iter().zip(&before) {
+        moved = moved.max((x - y).abs().max().double_value(&[]));
+    }
+    assert!(moved > 1e-4, "the policy did not move ({moved})");
+}
+
+#[test]
+fn bf16_weights_with_master_weights_train() {
+    init_threads();
+    let config = LearnerConfig {
+        master_weights: true,
+        ..config()
+    };
+    let mut bf16 = models(&config, Kind::BFloat16);
+    let before = variables(&model(1, Kind::BFloat16));
+    let metrics = prime_step(&mut bf16, &groups(), &config, 0).unwrap();
+    assert!(metrics.prm_loss.is_finite() && metrics.policy_loss.is_finite());
+    let mut moved = 0f64;
+    for ((name, x), (_, y)) in variables(&bf16.policy).iter().zip(&before) {
+        assert_eq!(x.kind(), Kind::BFloat16, "{name} left bf16");
+        moved = moved.max((x - y).abs().max().double_value(&[]));
+    }
+    assert!(moved > 0.0, "no bf16 weight changed");
+    let (state, _) = bf16.policy_optimizer.state();
+    assert!(
+        state.keys().any(|k| k.ends_with(".master")),
+        "no f32 masters in the optimizer state"
+    );
+}
