@@ -3,7 +3,7 @@
 //! are decoded for the verifier without special or unknown tokens.
 mod common;
 
-use common::{tiny_model, write_tokenizer, IM_END};
+use common::{tiny_model, torch_rng, write_tokenizer, IM_END};
 use prime_actor::rollout::{
     assemble_groups, batch_seed, response_text, sample_rows, sampling_params,
 };
@@ -33,6 +33,7 @@ fn wire(max_new_tokens: u32, temperature: f64, stop: &[i64]) -> pb::SamplingPara
 
 #[test]
 fn a_seeded_batch_samples_again_exactly_and_other_batches_differ() {
+    let _rng = torch_rng();
     let lm = tiny_model(1);
     let items = [item("a", &[1, 2, 3], 3), item("b", &[4, 5], 2)];
     let rows = sample_rows(&items).unwrap();
@@ -68,6 +69,7 @@ fn a_seeded_batch_samples_again_exactly_and_other_batches_differ() {
 
 #[test]
 fn stops_and_truncations_reach_the_groups() {
+    let _rng = torch_rng();
     let lm = tiny_model(2);
     let items = [item("a", &[1, 2, 3], 1), item("b", &[7, 9, 30, 4], 2)];
     let rows = sample_rows(&items).unwrap();
@@ -115,6 +117,7 @@ fn stops_and_truncations_reach_the_groups() {
 
 #[test]
 fn responses_are_decoded_without_special_or_unknown_tokens() {
+    let _rng = torch_rng();
     let dir = tempfile::tempdir().unwrap();
     write_tokenizer(dir.path());
     let tokenizer = Tokenizer::from_dir(dir.path()).unwrap();

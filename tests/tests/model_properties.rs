@@ -101,9 +101,14 @@ fn padded_batch_equals_each_sequence_alone() {
     }
 }
 
+/// Seeded sampling draws from torch's process-wide generator and tests run in parallel: the
+/// tests that sample hold this while they do.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn seeded_sampling_repeats_and_truncation_degenerates_to_greedy() {
     init_threads();
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let lm = random_model(tmp.path());
     let prompts = random_sequences(4, 4, 12, VOCAB, 9);
@@ -148,6 +153,7 @@ fn seeded_sampling_repeats_and_truncation_degenerates_to_greedy() {
 
 #[test]
 fn sampling_logprobs_are_those_of_the_tempered_distribution() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner());
     init_threads();
     let tmp = tempfile::tempdir().unwrap();
     let lm = random_model(tmp.path());

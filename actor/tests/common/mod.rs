@@ -55,6 +55,13 @@ pub fn tiny_config() -> Qwen2Config {
 }
 
 /// A random f32 policy on the CPU.
+/// torch's random generator is global to the process and tests run in parallel: a test whose
+/// result depends on it (seeded initialisation, seeded sampling) holds this for its duration.
+pub fn torch_rng() -> std::sync::MutexGuard<'static, ()> {
+    static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub fn tiny_model(seed: i64) -> CausalLm {
     tch::set_num_threads(1);
     tch::manual_seed(seed);
