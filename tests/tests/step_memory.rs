@@ -132,3 +132,45 @@ fn bf16_weights_with_master_weights_train() {
         "no f32 masters in the optimizer state"
     );
 }
+
+#[test]
+fn the_reference_can_be_the_old_policy_and_rewards_can_follow_the_update() {
+    init_threads();
+    // With the old policy as reference and a PRM equal to the policy, every log-ratio on the
+    // new batch is 0: the PRM's loss is ln 2 exactly, and its pairwise accuracy is what the
+    // authors' tie rule gives (a tie reads as "the later response is not worse"): by hand,
+    // groups [1, 0, 0.5], [0, 1, 1], [0, 0.25, 1], [0, 0, 1] score 0.25, 1, 1, 1.
+    let policy_ref = LearnerConfig {
+        reference: ReferenceType::Policy,
+        ..config()
+    };
+    let mut same = PrimeModels::new(
+        model(1, Kind::Float),
+        model(1, Kind::Float),
+        None,
+        &policy_ref,
+    );
+    let metrics = prime_step(&mut same, &groups(), &policy_ref, 0).unwrap();
+    assert!((metrics.prm_new_batch_loss - std::f64::consts::LN_2).abs() < 1e-6);
+    assert!((metrics.prm_new_batch_accuracy - 0.8125).abs() < 1e-9);
+
+    // Update-then-score takes the same PRM updates; only the rewards (from a second forward
+    // after them) differ from single-forward.
+    let after_config = LearnerConfig {
+        prm_update: prime_learner::config::PrmUpdate::UpdateThenScore,
+        ..config()
+    };
+    let (mut single, mut double) = (
+        models(&config(), Kind::Float),
+        models(&after_config, Kind::Float),
+    );
+    let a = prime_step(&mut single, &groups(), &config(), 0).unwrap();
+    let b = prime_step(&mut double, &groups(), &after_config, 0).unwrap();
+    for ((name, x), (_, y)) in variables(&single.prm).iter().zip(variables(&double.prm)) {
+        assert!(x.equal(&y), "{name}: the PRM updates differ");
+    }
+    assert!(
+        (a.prm_reward_mean - b.prm_reward_mean).abs() > 1e-6,
+        "rewards after the update equal those before it"
+    );
+}
