@@ -435,6 +435,9 @@ pub struct Scheduler {
     /// Last time each known actor was heard from.
     actors: HashMap<String, Instant>,
     next_actor: u64,
+    /// Tags this scheduler's actor and work ids, so ids handed out before a learner restart
+    /// never collide with new ones.
+    instance: String,
     tally: FilterTally,
     recent: VecDeque<bool>,
     counters: Counters,
@@ -490,6 +493,7 @@ impl Scheduler {
             buffer: Vec::new(),
             actors: HashMap::new(),
             next_actor: 0,
+            instance: instance_tag(),
             tally: FilterTally::default(),
             recent: VecDeque::new(),
             counters: Counters::default(),
@@ -509,7 +513,7 @@ impl Scheduler {
         } else {
             actor_name
         };
-        let actor_id = format!("{name}-{}", self.next_actor);
+        let actor_id = format!("{name}-{}-{}", self.instance, self.next_actor);
         self.actors.insert(actor_id.clone(), now);
         tracing::info!(%actor_id, "actor registered");
         actor_id
@@ -736,7 +740,10 @@ impl Scheduler {
         self.next_serial += 1;
         let slot = self.slots.get_mut(&slot_id).expect("queued slot");
         let prompt_index = slot.prompt_index;
-        let work_id = format!("v{}-p{prompt_index}-n{serial}", self.policy_version);
+        let work_id = format!(
+            "v{}-p{prompt_index}-n{serial}-{}",
+            self.policy_version, self.instance
+        );
         slot.queued = false;
         slot.live_work = Some(work_id.clone());
         self.works.insert(
@@ -937,6 +944,15 @@ impl Scheduler {
 }
 
 /// The prompt order of pass `epoch`: a shuffle by `ChaCha8Rng` seeded with `seed + epoch`.
+/// Eight hex digits that differ between scheduler instances (process id and start time).
+fn instance_tag() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mixed = (nanos ^ (u64::from(std::process::id()) << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    format!("{:08x}", mixed >> 32)
+}
+
 fn permutation(seed: u64, epoch: u64, n: u64) -> Vec<u64> {
     let mut order: Vec<u64> = (0..n).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch)));
