@@ -323,6 +323,16 @@ impl StepBatch {
         out
     }
 
+    /// The full sequences of `rows`, right-padded on `model`'s device.
+    fn padded(&self, rows: &std::ops::Range<usize>, model: &CausalLm) -> Result<PaddedBatch> {
+        Ok(PaddedBatch::new(
+            &self.sequences[rows.clone()],
+            model.config.vocab_size,
+            0,
+            model.model.device(),
+        )?)
+    }
+
     fn rows_of(&self, t: &Tensor, rows: &std::ops::Range<usize>) -> Tensor {
         t.narrow(0, rows.start as i64, rows.len() as i64)
     }
@@ -339,12 +349,7 @@ fn response_logprobs(
     want_entropy: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let device = model.model.device();
-    let padded = PaddedBatch::new(
-        &batch.sequences[rows.clone()],
-        model.config.vocab_size,
-        0,
-        device,
-    )?;
+    let padded = batch.padded(rows, model)?;
     let qwen = &model.model;
     let hidden = qwen.forward(
         &padded.input_ids,
@@ -423,12 +428,7 @@ fn backward_micro(
         ));
     }
     let device = model.model.device();
-    let padded = PaddedBatch::new(
-        &batch.sequences[rows.clone()],
-        model.config.vocab_size,
-        0,
-        device,
-    )?;
+    let padded = batch.padded(rows, model)?;
     let last = padded.input_ids.size()[1] - 2;
     let index = response_positions(batch, rows, last, device);
     let valid = masks_f32(&batch.rows_of(&batch.mask, rows));

@@ -26,21 +26,14 @@ import os
 import torch
 from transformers import AutoModelForCausalLM
 
+from qwen2_ref import eos_ids
+
 
 def load(path):
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager", local_files_only=True)
     model.train()  # no dropout in Qwen2; train() only documents intent
     return model
-
-
-def eos_ids(model):
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = model.config.eos_token_id
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 def valid_length(ids, eos):
