@@ -128,29 +128,11 @@ mod tests {
         CausalLm::random(&tiny_config(), Device::Cpu, kind, kind).unwrap()
     }
 
-    /// The learner's side, written out from the proto's field documentation.
-    fn manifest_to_proto(m: &WeightManifest) -> pb::WeightManifest {
-        pb::WeightManifest {
-            policy_version: m.policy_version,
-            tensors: m
-                .tensors
-                .iter()
-                .map(|t| pb::TensorInfo {
-                    name: t.name.clone(),
-                    shape: t.shape.clone(),
-                    dtype: t.dtype.clone(),
-                    offset: t.offset,
-                    length: t.len,
-                    sha256: t.sha256.clone(),
-                })
-                .collect(),
-            total_bytes: m.total_bytes,
-        }
-    }
-
     fn messages(encoded: &EncodedWeights, chunk_bytes: usize) -> Vec<pb::WeightTransfer> {
         let mut out = vec![pb::WeightTransfer {
-            payload: Some(Payload::Manifest(manifest_to_proto(&encoded.manifest))),
+            payload: Some(Payload::Manifest(
+                prime_learner::service::manifest_to_proto(&encoded.manifest),
+            )),
         }];
         out.extend(encoded.chunks(chunk_bytes).map(|c| pb::WeightTransfer {
             payload: Some(Payload::Chunk(pb::WeightChunk {

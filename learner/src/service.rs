@@ -366,24 +366,10 @@ impl Learner for LearnerService {
             0 => DEFAULT_CHUNK_BYTES,
             n => n.min(DEFAULT_CHUNK_BYTES),
         };
-        let manifest = &published.manifest;
         let first = pb::WeightTransfer {
-            payload: Some(pb::weight_transfer::Payload::Manifest(pb::WeightManifest {
-                policy_version: manifest.policy_version,
-                tensors: manifest
-                    .tensors
-                    .iter()
-                    .map(|t| pb::TensorInfo {
-                        name: t.name.clone(),
-                        shape: t.shape.clone(),
-                        dtype: t.dtype.clone(),
-                        offset: t.offset,
-                        length: t.len,
-                        sha256: t.sha256.clone(),
-                    })
-                    .collect(),
-                total_bytes: manifest.total_bytes,
-            })),
+            payload: Some(pb::weight_transfer::Payload::Manifest(manifest_to_proto(
+                &published.manifest,
+            ))),
         };
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -415,6 +401,27 @@ impl Learner for LearnerService {
         _request: Request<pb::LearnerStatusRequest>,
     ) -> Result<Response<pb::LearnerStatus>, Status> {
         Ok(Response::new(self.shared.status()))
+    }
+}
+
+/// The wire form of a weight manifest (the actor reads it back with
+/// `prime_actor::weights::manifest_from_proto`).
+pub fn manifest_to_proto(m: &WeightManifest) -> pb::WeightManifest {
+    pb::WeightManifest {
+        policy_version: m.policy_version,
+        tensors: m
+            .tensors
+            .iter()
+            .map(|t| pb::TensorInfo {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                dtype: t.dtype.clone(),
+                offset: t.offset,
+                length: t.len,
+                sha256: t.sha256.clone(),
+            })
+            .collect(),
+        total_bytes: m.total_bytes,
     }
 }
 
