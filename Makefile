@@ -28,7 +28,7 @@ export PRIME_THREADS ?= 2
 # Debian packages: bubblewrap (the code grader's sandbox) and DejaVu fonts (plot labels).
 DEB_PACKAGES := bubblewrap fonts-dejavu-core
 
-.PHONY: all deps venv build demo test lint fmt clean
+.PHONY: all deps venv build demo test test-deploy lint fmt clean
 
 all: build
 
@@ -62,7 +62,14 @@ demo: build
 
 test: deps venv
 	cargo build -j $(JOBS) --workspace --all-targets
+	$(MAKE) --no-print-directory test-deploy
 	cargo test -j $(JOBS) --workspace -- --test-threads 2
+
+# The Helm chart rendered by Helm's Go engine (PyPI helm-python-sdk), linted, validated against
+# the Kubernetes API schemas (kubernetes-validate) and checked for meaning; deploy/Dockerfile
+# parsed and held to `make build`. Its flag check runs target/debug/prime --help when built.
+test-deploy: venv
+	$(VENV)/bin/python -m unittest discover -s tests/deploy -v
 
 lint: venv
 	cargo fmt --all -- --check
