@@ -44,6 +44,17 @@ def example_values() -> dict:
     return helm.values_from_yaml(MULTI_NODE.read_text())
 
 
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` laid over `base`, maps merged key by key (as Helm layers --set over -f)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def everything_on() -> dict:
     """Values that turn on every optional object, on top of the multi-node example."""
     values = example_values()
@@ -568,6 +579,17 @@ class ChartTest(unittest.TestCase):
             {s["metadata"]["name"] for s in scraped},
             {f"{RELEASE}-prime-learner", f"{RELEASE}-prime-verifier", f"{RELEASE}-prime-prm-server"},
         )
+
+    def test_docs_set_flags_are_valid(self):
+        """Every `--set` in docs/deploy.md parses as Helm parses it and passes the schema."""
+        docs = (REPO / "docs" / "deploy.md").read_text()
+        expressions = [
+            m.strip("'") for m in re.findall(r"--set ('[^']*'|[^\s`]+)", docs) if m != "KEY=VALUE"
+        ]
+        self.assertGreaterEqual(len(expressions), 5)
+        for expression in expressions:
+            with self.subTest(expression=expression):
+                Rendered(deep_merge(example_values(), helm.parse_set_string(expression)), self.chart)
 
     def test_notes_tell_how_to_watch(self):
         notes = self.rendered["defaults"].manifests["prime/templates/NOTES.txt"]
