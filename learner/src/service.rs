@@ -4,7 +4,7 @@
 //! [`run_learner`]; the tokio tasks do I/O and bookkeeping.
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,9 @@ pub struct Shared {
     scheduler: Mutex<Scheduler>,
     batch_ready: Condvar,
     published: RwLock<Arc<Published>>,
+    /// The PRM's weights, published once a PRM server asked for them (`FetchPrmWeights`).
+    published_prm: RwLock<Option<Arc<Published>>>,
+    prm_wanted: AtomicBool,
     model_config_json: String,
     sampling: pb::SamplingParams,
     lease_seconds: u32,
@@ -77,6 +80,8 @@ impl Shared {
             scheduler: Mutex::new(scheduler),
             batch_ready: Condvar::new(),
             published: RwLock::new(Arc::new(published)),
+            published_prm: RwLock::new(None),
+            prm_wanted: AtomicBool::new(false),
             model_config_json,
             sampling,
             lease_seconds,
@@ -223,23 +228,35 @@ impl LearnerService {
     }
 }
 
-fn group_from_proto(group: pb::RolloutGroup) -> Group {
-    Group {
+/// The plain form of a submitted group; a response without a finish reason is refused (the
+/// filter and the advantages must know which responses were truncated).
+fn group_from_proto(group: pb::RolloutGroup) -> std::result::Result<Group, String> {
+    let mut responses = Vec::with_capacity(group.responses.len());
+    for (i, r) in group.responses.into_iter().enumerate() {
+        let truncated = match pb::FinishReason::try_from(r.finish_reason) {
+            Ok(pb::FinishReason::Stop) => false,
+            Ok(pb::FinishReason::Length) => true,
+            _ => {
+                return Err(format!(
+                    "group {}: response {i} has no valid finish_reason ({})",
+                    group.group_id, r.finish_reason
+                ))
+            }
+        };
+        responses.push(GroupResponse {
+            truncated,
+            token_ids: r.token_ids,
+            sampling_logprobs: r.sampling_logprobs,
+            score: f64::from(r.score),
+        });
+    }
+    Ok(Group {
         group_id: group.group_id,
         actor_id: group.actor_id,
         policy_version: group.policy_version,
         prompt_ids: group.prompt_ids,
-        responses: group
-            .responses
-            .into_iter()
-            .map(|r| GroupResponse {
-                truncated: r.finish_reason == pb::FinishReason::Length as i32,
-                token_ids: r.token_ids,
-                sampling_logprobs: r.sampling_logprobs,
-                score: f64::from(r.score),
-            })
-            .collect(),
-    }
+        responses,
+    })
 }
 
 type WeightStream = Pin<Box<dyn Stream<Item = Result<pb::WeightTransfer, Status>> + Send>>;
@@ -323,10 +340,11 @@ impl Learner for LearnerService {
         let mut reply = pb::SubmitReply::default();
         while let Some(group) = incoming.next().await {
             let group = group?;
-            let outcome = self
-                .shared
-                .scheduler()
-                .submit(group_from_proto(group), Instant::now());
+            let group_id = group.group_id.clone();
+            let outcome = match group_from_proto(group) {
+                Ok(group) => self.shared.scheduler().submit(group, Instant::now()),
+                Err(reason) => self.shared.scheduler().reject(&group_id, reason),
+            };
             match outcome {
                 Submitted::Kept | Submitted::Filtered => reply.accepted += 1,
                 Submitted::Duplicate => reply.duplicates += 1,
@@ -349,51 +367,32 @@ impl Learner for LearnerService {
         &self,
         request: Request<pb::FetchWeightsRequest>,
     ) -> Result<Response<Self::FetchWeightsStream>, Status> {
-        let request = request.into_inner();
         let published = self
             .shared
             .published
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if request.policy_version != 0 && request.policy_version != published.policy_version {
-            return Err(Status::failed_precondition(format!(
-                "policy version {} is not published; the current one is {}",
-                request.policy_version, published.policy_version
-            )));
-        }
-        let chunk_bytes = match request.max_chunk_bytes as usize {
-            0 => DEFAULT_CHUNK_BYTES,
-            n => n.min(DEFAULT_CHUNK_BYTES),
-        };
-        let first = pb::WeightTransfer {
-            payload: Some(pb::weight_transfer::Payload::Manifest(manifest_to_proto(
-                &published.manifest,
-            ))),
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            if tx.send(Ok(first)).await.is_err() {
-                return;
-            }
-            let total = published.bytes.len();
-            for start in (0..total).step_by(chunk_bytes) {
-                let end = (start + chunk_bytes).min(total);
-                let message = pb::WeightTransfer {
-                    payload: Some(pb::weight_transfer::Payload::Chunk(pb::WeightChunk {
-                        policy_version: published.policy_version,
-                        offset: start as u64,
-                        data: published.bytes.slice(start..end),
-                    })),
-                };
-                if tx.send(Ok(message)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        stream_weights(published, request.into_inner())
+    }
+
+    type FetchPrmWeightsStream = WeightStream;
+
+    async fn fetch_prm_weights(
+        &self,
+        request: Request<pb::FetchWeightsRequest>,
+    ) -> Result<Response<Self::FetchPrmWeightsStream>, Status> {
+        self.shared.prm_wanted.store(true, Ordering::Relaxed);
+        let published = self
+            .shared
+            .published_prm
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                Status::unavailable("the PRM's weights are published from the next step on")
+            })?;
+        stream_weights(published, request.into_inner())
     }
 
     async fn status(
@@ -402,6 +401,51 @@ impl Learner for LearnerService {
     ) -> Result<Response<pb::LearnerStatus>, Status> {
         Ok(Response::new(self.shared.status()))
     }
+}
+
+/// Streams `published` as a manifest and chunks, for `FetchWeights` and `FetchPrmWeights`.
+fn stream_weights(
+    published: Arc<Published>,
+    request: pb::FetchWeightsRequest,
+) -> Result<Response<WeightStream>, Status> {
+    if request.policy_version != 0 && request.policy_version != published.policy_version {
+        return Err(Status::failed_precondition(format!(
+            "policy version {} is not published; the current one is {}",
+            request.policy_version, published.policy_version
+        )));
+    }
+    let chunk_bytes = match request.max_chunk_bytes as usize {
+        0 => DEFAULT_CHUNK_BYTES,
+        n => n.min(DEFAULT_CHUNK_BYTES),
+    };
+    let first = pb::WeightTransfer {
+        payload: Some(pb::weight_transfer::Payload::Manifest(manifest_to_proto(
+            &published.manifest,
+        ))),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        if tx.send(Ok(first)).await.is_err() {
+            return;
+        }
+        let total = published.bytes.len();
+        for start in (0..total).step_by(chunk_bytes) {
+            let end = (start + chunk_bytes).min(total);
+            let message = pb::WeightTransfer {
+                payload: Some(pb::weight_transfer::Payload::Chunk(pb::WeightChunk {
+                    policy_version: published.policy_version,
+                    offset: start as u64,
+                    data: published.bytes.slice(start..end),
+                })),
+            };
+            if tx.send(Ok(message)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Response::new(Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )))
 }
 
 /// The wire form of a weight manifest (the actor reads it back with
@@ -443,6 +487,10 @@ pub struct ListenOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// Shared token every RPC must carry, if any.
     pub token: Option<String>,
+    /// Listen on a non-loopback address without a token (refused otherwise).
+    pub allow_no_token: bool,
+    /// TLS material; plain HTTP/2 when empty.
+    pub tls: prime_proto::auth::ServerTls,
 }
 
 /// Serves the Learner service and health on a runtime of its own, then runs the compute loop
@@ -469,6 +517,14 @@ pub fn run_learner(
     let config_json = serde_json::to_string(&trainer.models.policy.config)
         .map_err(|e| LearnerError::Data(format!("model config: {e}")))?;
     let lease = trainer.config.lease_seconds.min(u64::from(u32::MAX)) as u32;
+    prime_proto::auth::check_listener(
+        options.listen,
+        options.token.as_deref(),
+        options.allow_no_token,
+    )?;
+    let server_builder = options
+        .tls
+        .apply(tonic::transport::Server::builder())?;
     let shared = Shared::new(
         scheduler,
         publish_policy(&trainer)?,
@@ -503,17 +559,18 @@ pub fn run_learner(
     let server = {
         let shared = shared.clone();
         let token = options.token.clone();
+        let mut server_builder = server_builder;
         runtime.spawn(async move {
             let (health_reporter, health_service) = tonic_health::server::health_reporter();
             health_reporter
                 .set_serving::<LearnerServer<LearnerService>>()
                 .await;
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            tonic::transport::Server::builder()
+            server_builder
                 .add_service(health_service)
                 .add_service(tonic::service::interceptor::InterceptedService::new(
                     LearnerService::server(shared),
-                    prime_verifier::service::TokenCheck::new(token),
+                    prime_proto::auth::TokenCheck::new(token),
                 ))
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stop_rx.await;
@@ -565,6 +622,13 @@ fn compute_loop(
         };
         let published = publish_policy(trainer)?;
         *shared.published.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(published);
+        if shared.prm_wanted.load(Ordering::Relaxed) {
+            let prm = encode_var_store(&trainer.models.prm.vs, trainer.policy_version, None)?;
+            *shared
+                .published_prm
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Published::new(prm)));
+        }
         shared.live.step.store(trainer.step, Ordering::Relaxed);
         shared.live.tokens_per_second_milli.store(
             (record.tokens_per_second * 1000.0) as u64,
