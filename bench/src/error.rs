@@ -17,6 +17,9 @@ pub enum BenchError {
     Reference { script: PathBuf, message: String },
     #[error("invalid benchmark settings: {0}")]
     Settings(String),
+    /// A service under load (`prime bench load`) or its setup failed.
+    #[error("load test: {0}")]
+    Service(String),
 }
 
 pub type Result<T> = std::result::Result<T, BenchError>;

@@ -5,6 +5,7 @@
 //! batch, lengths, device, dtype and thread count as a subprocess and read its JSON line.
 //! Speed is only ever measured here and reported in docs/benchmarks.md; tests never assert it.
 pub mod error;
+pub mod load;
 pub mod machine;
 pub mod ours;
 pub mod python;

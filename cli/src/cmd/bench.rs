@@ -19,6 +19,43 @@ pub enum BenchCommand {
     Logprobs(LogprobsArgs),
     /// Verifier: math grading against math-verify, sandboxed code tests against bare python3.
     Verifier(super::verifier::BenchVerifierArgs),
+    /// Simulated actors (no model) stream groups to one real learner on a tiny model:
+    /// groups/s, submit latency, the learner's peak memory and the loss check.
+    Load(LoadArgs),
+}
+
+/// Options of `prime bench load` (defaults: prime_bench::load::LoadSettings).
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Simulated actor counts, comma-separated; one learner run each.
+    #[arg(long, value_delimiter = ',', default_value = "4,16,64")]
+    pub actors: Vec<usize>,
+    /// Seconds the actors stream groups, per actor count.
+    #[arg(long, default_value_t = 30.0)]
+    pub seconds: f64,
+    /// Groups per training batch (B).
+    #[arg(long, default_value_t = 8)]
+    pub batch_prompts: usize,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn run_load(args: LoadArgs) -> Result<()> {
+    let settings = prime_bench::load::LoadSettings {
+        prime: std::env::current_exe().context("locating the prime binary")?,
+        actors: args.actors,
+        seconds: args.seconds,
+        batch_prompts: args.batch_prompts,
+        ..Default::default()
+    };
+    let report = prime_bench::load::run_load(&settings)?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Options shared by the benchmarks.
@@ -92,6 +129,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
             },
         ),
         BenchCommand::Verifier(args) => return super::verifier::run_bench(args),
+        BenchCommand::Load(args) => return run_load(args),
     };
     let python = Python {
         executable: common.python.clone().unwrap_or_else(default_python),
