@@ -12,6 +12,7 @@
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::config::Qwen2Config;
+use crate::kv_cache::KvCache;
 use crate::logprobs::{position_ids, token_logprobs, PaddedBatch};
 
 /// A dense layer `y = x W^T + b` with HF parameter names `weight` (`[out, in]`) and `bias`.
@@ -115,32 +116,6 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     x * cos + rotated * sin
 }
 
-/// Preallocated key/value cache of one layer: `[B, kv_heads, capacity, head_dim]`.
-#[derive(Debug)]
-struct LayerCache {
-    keys: Tensor,
-    values: Tensor,
-}
-
-/// The key/value cache of all layers; `len` slots are filled.
-#[derive(Debug)]
-pub struct KvCache {
-    layers: Vec<LayerCache>,
-    len: i64,
-    capacity: i64,
-}
-
-impl KvCache {
-    /// Number of filled slots (the key offset of the next forward).
-    pub fn len(&self) -> i64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
 /// Grouped-query self-attention with q/k/v biases.
 #[derive(Debug)]
 pub struct Attention {
@@ -177,7 +152,7 @@ impl Attention {
         x: &Tensor,
         rope: &(Tensor, Tensor),
         mask: &Tensor,
-        cache: Option<(&mut LayerCache, i64)>,
+        cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
         let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
@@ -187,14 +162,7 @@ impl Attention {
         let q = apply_rope(&q, &rope.0, &rope.1);
         let k = apply_rope(&k, &rope.0, &rope.1);
         let (k, v) = match cache {
-            Some((cache, offset)) => {
-                cache.keys.narrow(2, offset, t).copy_(&k);
-                cache.values.narrow(2, offset, t).copy_(&v);
-                (
-                    cache.keys.narrow(2, 0, offset + t),
-                    cache.values.narrow(2, 0, offset + t),
-                )
-            }
+            Some((cache, layer)) => cache.append(layer, &k, &v),
             None => (k, v),
         };
         let y = Tensor::scaled_dot_product_attention(
@@ -266,7 +234,7 @@ impl DecoderLayer {
         x: &Tensor,
         rope: &(Tensor, Tensor),
         mask: &Tensor,
-        cache: Option<(&mut LayerCache, i64)>,
+        cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor {
         let h = x + self
             .self_attn
@@ -361,28 +329,12 @@ impl Qwen2 {
         self.compute_kind
     }
 
-    /// An empty cache for `batch` rows of up to `capacity` tokens.
-    pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
-        let c = &self.config;
-        let shape = [batch, c.num_kv_heads(), capacity, c.head_dim()];
-        let layers = (0..c.num_hidden_layers)
-            .map(|_| LayerCache {
-                keys: Tensor::zeros(shape, (self.compute_kind, self.device())),
-                values: Tensor::zeros(shape, (self.compute_kind, self.device())),
-            })
-            .collect();
-        KvCache {
-            layers,
-            len: 0,
-            capacity,
-        }
-    }
-
     /// Final hidden states `[B, T, D]` for `input_ids` (`[B, T]`).
     ///
     /// `position_ids` (`[B, T]`) are the RoPE positions. `key_mask` (`[B, S]`, bool) marks the
-    /// real tokens among all keys: the cached ones followed by these `T`; `S = cache.len + T`.
-    /// A query attends causally to real keys and always to itself, so padding rows stay finite.
+    /// real tokens among all keys the forward attends over: the cached columns and these `T`,
+    /// where the cache's target (see [`KvCache`]) says which columns those are. A query
+    /// attends causally to real keys and always to itself, so padding rows stay finite.
     pub fn forward(
         &self,
         input_ids: &Tensor,
@@ -391,23 +343,13 @@ impl Qwen2 {
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
         let t = input_ids.size()[1];
-        let offset = cache.as_ref().map_or(0, |c| c.len);
-        if let Some(c) = cache.as_ref() {
-            assert!(
-                offset + t <= c.capacity,
-                "KV cache overflow: {offset} + {t} > {}",
-                c.capacity
-            );
-        }
+        let offset = cache.as_ref().map_or(0, |c| c.query_offset());
         let mask = attention_mask(key_mask, offset, t);
         let rope = self.rope.tables(position_ids, self.compute_kind);
         let mut h = self.embed(input_ids);
         for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], offset));
+            let layer_cache = cache.as_mut().map(|c| (&mut **c, i));
             h = layer.forward(&h, &rope, &mask, layer_cache);
-        }
-        if let Some(c) = cache {
-            c.len = offset + t;
         }
         self.norm.forward(&h)
     }
