@@ -4,7 +4,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use prime_proto::v1 as pb;
-use tonic::metadata::{Ascii, MetadataValue};
+use prime_proto::auth::ClientTls;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -20,40 +20,8 @@ pub type VerifierClient = pb::verifier_client::VerifierClient<AuthChannel>;
 /// Client of the PRM server.
 pub type PrmClient = pb::prm_server_client::PrmServerClient<AuthChannel>;
 
-/// Adds `authorization: Bearer TOKEN` to every request when a token is set, as the services'
-/// token check expects.
-#[derive(Debug, Clone)]
-pub struct BearerToken {
-    value: Option<MetadataValue<Ascii>>,
-}
-
-impl BearerToken {
-    /// An interceptor for `token` (sending nothing when `None`).
-    pub fn new(token: Option<&str>) -> Result<Self> {
-        let value = token
-            .map(|t| {
-                format!("Bearer {t}").parse().map_err(|_| {
-                    ActorError::Config("token has characters a gRPC header cannot carry".into())
-                })
-            })
-            .transpose()?;
-        Ok(Self { value })
-    }
-}
-
-impl tonic::service::Interceptor for BearerToken {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.value {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
+/// Adds `authorization: Bearer TOKEN` to every request (see [`prime_proto::auth`]).
+pub use prime_proto::auth::BearerToken;
 
 /// A channel to `url` that connects on first use and reconnects after the server went away,
 /// so a service that is not up yet (or restarts) shows up as `UNAVAILABLE` on each call
@@ -64,13 +32,25 @@ pub fn lazy_channel(
     connect_timeout: Duration,
     token: Option<&str>,
 ) -> Result<AuthChannel> {
+    lazy_channel_secure(service, url, connect_timeout, token, &ClientTls::default())
+}
+
+/// [`lazy_channel`] over TLS when `url` is `https://` (mutual TLS when `tls` carries a client
+/// certificate).
+pub fn lazy_channel_secure(
+    service: &'static str,
+    url: &str,
+    connect_timeout: Duration,
+    token: Option<&str>,
+    tls: &ClientTls,
+) -> Result<AuthChannel> {
     let url_error = |message: String| ActorError::Url {
         service,
         url: url.to_string(),
         message,
     };
     if !url.contains("://") {
-        return Err(url_error("expected http://HOST:PORT".into()));
+        return Err(url_error("expected http://HOST:PORT or https://HOST:PORT".into()));
     }
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| url_error(e.to_string()))?
@@ -80,10 +60,9 @@ pub fn lazy_channel(
         // the pings instead of at the next deadline.
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
-    Ok(InterceptedService::new(
-        endpoint.connect_lazy(),
-        BearerToken::new(token)?,
-    ))
+    let endpoint = tls.apply(endpoint).map_err(|e| url_error(e.to_string()))?;
+    let bearer = BearerToken::new(token).map_err(|e| ActorError::Config(e.to_string()))?;
+    Ok(InterceptedService::new(endpoint.connect_lazy(), bearer))
 }
 
 /// A learner client on `channel` that accepts messages up to [`MAX_MESSAGE_BYTES`] (tonic's

@@ -25,6 +25,8 @@ pub struct ActorConfig {
     pub max_prompts: u32,
     /// Shared token, sent to both services as `authorization: Bearer TOKEN`.
     pub token: Option<String>,
+    /// TLS material for `https://` service URLs.
+    pub tls: prime_proto::auth::ClientTls,
     /// Deadline of `Register`, `PullWork` and `SubmitGroups`.
     pub rpc_timeout: Duration,
     /// Deadline of one whole weight transfer (manifest and every chunk).
@@ -70,6 +72,7 @@ impl ActorConfig {
             name: "actor".into(),
             max_prompts: 8,
             token: None,
+            tls: prime_proto::auth::ClientTls::default(),
             rpc_timeout: Duration::from_secs(30),
             weights_timeout: Duration::from_secs(600),
             grade_timeout: Duration::from_secs(600),

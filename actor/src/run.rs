@@ -76,13 +76,19 @@ pub fn run_actor(config: ActorConfig, stop: Arc<AtomicBool>) -> Result<ActorStat
     let (learner, verifier) = {
         let _guard = runtime.enter();
         let token = config.token.as_deref();
-        let learner =
-            crate::client::lazy_channel("learner", &config.learner, config.connect_timeout, token)?;
-        let verifier = crate::client::lazy_channel(
+        let learner = crate::client::lazy_channel_secure(
+            "learner",
+            &config.learner,
+            config.connect_timeout,
+            token,
+            &config.tls,
+        )?;
+        let verifier = crate::client::lazy_channel_secure(
             "verifier",
             &config.verifier,
             config.connect_timeout,
             token,
+            &config.tls,
         )?;
         (learner_client(learner), verifier_client(verifier))
     };

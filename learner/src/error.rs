@@ -23,6 +23,8 @@ pub enum LearnerError {
     World(#[from] prime_world::WorldError),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Auth(#[from] prime_proto::auth::AuthError),
 }
 
 impl LearnerError {

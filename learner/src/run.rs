@@ -103,6 +103,8 @@ pub fn open_run(
             filter: learner.filter.clone(),
             seed: learner.seed,
             max_outstanding_prompts: 0,
+            vocab_size: trainer.models.policy.config.vocab_size,
+            max_response_tokens: learner.max_response_tokens,
         },
         resumed,
     )?;

@@ -84,6 +84,11 @@ pub struct SchedulerConfig {
     pub seed: u64,
     /// Most prompts out at once; 0 means 4·B.
     pub max_outstanding_prompts: usize,
+    /// Size of the models' vocabulary: a submitted token id must lie in `0..vocab_size`, so a
+    /// bad actor's group is refused at the door instead of failing the step.
+    pub vocab_size: i64,
+    /// Most tokens a submitted response may have (the sampling limit the actors are given).
+    pub max_response_tokens: usize,
 }
 
 impl SchedulerConfig {
@@ -104,6 +109,11 @@ impl SchedulerConfig {
             ))
         } else if self.lease.is_zero() {
             Some("the lease must be longer than zero".to_string())
+        } else if self.vocab_size <= 0 || self.max_response_tokens == 0 {
+            Some(format!(
+                "vocab_size ({}) and max_response_tokens ({}) must be positive",
+                self.vocab_size, self.max_response_tokens
+            ))
         } else if self.filter.enabled
             && !(self.filter.lower.is_finite()
                 && self.filter.upper.is_finite()
@@ -569,6 +579,14 @@ impl Scheduler {
         outcome
     }
 
+    /// Counts a group the service refused before it could be judged (it did not even convert
+    /// from the wire form), like any other rejection.
+    pub fn reject(&mut self, group_id: &str, reason: String) -> Submitted {
+        tracing::warn!(%group_id, %reason, "group rejected");
+        self.counters.rejected += 1;
+        Submitted::Rejected(reason)
+    }
+
     /// Once at least B groups are kept (and not while training): the first B in arrival order.
     /// Kept groups beyond them that would be stale after the next version (all of them when
     /// on-policy) have their prompts queued; work that would be stale is cancelled and its
@@ -896,7 +914,7 @@ impl Scheduler {
             return Submitted::Stale;
         }
         let prompt = &self.prompts[prompt_index as usize];
-        if let Err(reason) = check_shape(&group, prompt, self.config.k) {
+        if let Err(reason) = check_shape(&group, prompt, &self.config) {
             return Submitted::Rejected(format!("group {}: {reason}", group.group_id));
         }
 
@@ -965,7 +983,12 @@ fn work_id_version(work_id: &str) -> Option<u64> {
 }
 
 /// Whether `group` fits the prompt it was handed out for, with K well-formed responses.
-fn check_shape(group: &Group, prompt: &Prompt, k: u32) -> std::result::Result<(), String> {
+fn check_shape(
+    group: &Group,
+    prompt: &Prompt,
+    config: &SchedulerConfig,
+) -> std::result::Result<(), String> {
+    let k = config.k;
     if group.prompt_ids != prompt.prompt_ids {
         return Err(format!(
             "prompt_ids ({} tokens) differ from the work's prompt ({} tokens)",
@@ -980,8 +1003,22 @@ fn check_shape(group: &Group, prompt: &Prompt, k: u32) -> std::result::Result<()
         if response.token_ids.is_empty() {
             return Err(format!("response {i} has no tokens"));
         }
-        if let Some(id) = response.token_ids.iter().find(|&&id| id < 0) {
-            return Err(format!("response {i} has the negative token id {id}"));
+        if response.token_ids.len() > config.max_response_tokens {
+            return Err(format!(
+                "response {i} has {} tokens, over the limit of {}",
+                response.token_ids.len(),
+                config.max_response_tokens
+            ));
+        }
+        if let Some(id) = response
+            .token_ids
+            .iter()
+            .find(|&&id| !(0..config.vocab_size).contains(&id))
+        {
+            return Err(format!(
+                "response {i} has the token id {id}, outside the vocabulary 0..{}",
+                config.vocab_size
+            ));
         }
         if response.sampling_logprobs.len() != response.token_ids.len() {
             return Err(format!(
@@ -1029,6 +1066,8 @@ mod tests {
             filter: FilterConfig::default(),
             seed: SEED,
             max_outstanding_prompts: 0,
+            vocab_size: 1000,
+            max_response_tokens: 16,
         }
     }
 
@@ -1215,6 +1254,15 @@ mod tests {
         empty.responses[1].token_ids.clear();
         empty.responses[1].sampling_logprobs.clear();
         assert!(reason(s.submit(empty, t)).contains("no tokens"));
+        for bad_id in [-1, 1000, i64::MAX] {
+            let mut bad = group(work, &a, 0, 1);
+            bad.responses[0].token_ids[1] = bad_id;
+            assert!(reason(s.submit(bad, t)).contains("outside the vocabulary 0..1000"));
+        }
+        let mut long = group(work, &a, 0, 1);
+        long.responses[3].token_ids = vec![1; 17];
+        long.responses[3].sampling_logprobs = vec![-0.1; 17];
+        assert!(reason(s.submit(long, t)).contains("17 tokens, over the limit of 16"));
         assert!(reason(s.submit(group(work, &b, 0, 1), t)).contains("handed to actor"));
         assert!(reason(s.submit(group(work, &a, 1, 1), t)).contains("newer than"));
 
@@ -1225,7 +1273,7 @@ mod tests {
         assert_eq!(counters.accepted, 1);
         assert_eq!(counters.filtered, 1);
         assert_eq!(counters.duplicates, 2);
-        assert_eq!(counters.rejected, 10);
+        assert_eq!(counters.rejected, 14);
         assert_eq!(s.status(t).groups_buffered, 1);
         assert_eq!(s.pull("nobody-1", 1, t), Pull::UnknownActor);
     }
@@ -1654,6 +1702,14 @@ mod tests {
             SchedulerConfig { k: 1, ..config(1) },
             SchedulerConfig {
                 lease: Duration::ZERO,
+                ..config(1)
+            },
+            SchedulerConfig {
+                vocab_size: 0,
+                ..config(1)
+            },
+            SchedulerConfig {
+                max_response_tokens: 0,
                 ..config(1)
             },
         ];

@@ -5,3 +5,5 @@
 pub mod v1 {
     tonic::include_proto!("prime.v1");
 }
+
+pub mod auth;

@@ -12,6 +12,9 @@ pub enum VerifierError {
     /// An I/O error while preparing or running a check.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    /// The server's settings are unusable (TLS files, a listener without a token).
+    #[error("configuration: {0}")]
+    Config(String),
     /// The service is shutting down or overloaded.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -22,7 +25,7 @@ impl From<VerifierError> for tonic::Status {
         match &e {
             VerifierError::InvalidRequest(_) => tonic::Status::invalid_argument(e.to_string()),
             VerifierError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
-            VerifierError::Sandbox(_) | VerifierError::Io(_) => {
+            VerifierError::Sandbox(_) | VerifierError::Io(_) | VerifierError::Config(_) => {
                 tonic::Status::internal(e.to_string())
             }
         }

@@ -3,6 +3,7 @@
 
 use crate::error::VerifierError;
 use crate::grade::{Ability, GradeItem, GradeResult, Grader, Outcome};
+use prime_proto::auth::ServerTls;
 use prime_proto::v1 as pb;
 use prime_proto::v1::verifier_server::{Verifier, VerifierServer};
 use std::net::SocketAddr;
@@ -164,32 +165,8 @@ impl Verifier for VerifierService {
     }
 }
 
-/// Checks `authorization: Bearer <token>` when a token is configured.
-#[derive(Debug, Clone)]
-pub struct TokenCheck {
-    expected: Option<String>,
-}
-
-impl TokenCheck {
-    /// A check for `token` (no check when `None`).
-    pub fn new(token: Option<String>) -> Self {
-        Self {
-            expected: token.map(|t| format!("Bearer {t}")),
-        }
-    }
-}
-
-impl tonic::service::Interceptor for TokenCheck {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.expected else {
-            return Ok(request);
-        };
-        match request.metadata().get("authorization") {
-            Some(v) if v.as_bytes() == expected.as_bytes() => Ok(request),
-            _ => Err(Status::unauthenticated("missing or wrong token")),
-        }
-    }
-}
+/// The shared-token interceptor every prime-rs server uses (see [`prime_proto::auth`]).
+pub use prime_proto::auth::TokenCheck;
 
 /// Serves the Verifier service and `grpc.health.v1` on `listener` until `shutdown` resolves.
 pub async fn serve_on(
@@ -198,6 +175,20 @@ pub async fn serve_on(
     token: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), VerifierError> {
+    serve_secure(listener, grader, token, &ServerTls::default(), shutdown).await
+}
+
+/// [`serve_on`] with TLS (and mutual TLS when `tls.client_ca` is set).
+pub async fn serve_secure(
+    listener: tokio::net::TcpListener,
+    grader: Grader,
+    token: Option<String>,
+    tls: &ServerTls,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), VerifierError> {
+    let builder = tls
+        .apply(tonic::transport::Server::builder())
+        .map_err(|e| VerifierError::Config(e.to_string()))?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<VerifierServer<VerifierService>>()
@@ -205,7 +196,8 @@ pub async fn serve_on(
     let service = VerifierService::new(grader).into_server();
     let check = TokenCheck::new(token);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let mut builder = builder;
+    builder
         .add_service(health_service)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             service, check,
@@ -257,6 +249,10 @@ pub struct ServeOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// Shared token clients must send, if any.
     pub token: Option<String>,
+    /// Serve without a token on a non-loopback address (refused otherwise).
+    pub allow_no_token: bool,
+    /// TLS material; plain HTTP/2 when empty.
+    pub tls: ServerTls,
     /// Grader settings.
     pub grader: crate::grade::GraderConfig,
 }
@@ -266,6 +262,12 @@ pub fn run_server(options: ServeOptions) -> Result<(), VerifierError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    prime_proto::auth::check_listener(
+        options.listen,
+        options.token.as_deref(),
+        options.allow_no_token,
+    )
+    .map_err(|e| VerifierError::Config(e.to_string()))?;
     runtime.block_on(async move {
         let grader = Grader::new(options.grader.clone());
         let listener = tokio::net::TcpListener::bind(options.listen).await?;
@@ -279,6 +281,6 @@ pub fn run_server(options: ServeOptions) -> Result<(), VerifierError> {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down");
         };
-        serve_on(listener, grader, options.token, shutdown).await
+        serve_secure(listener, grader, options.token, &options.tls, shutdown).await
     })
 }

@@ -31,8 +31,11 @@ pub struct ActorArgs {
     #[arg(long, default_value_t = 8)]
     pub max_prompts: u32,
     /// Shared token sent to both services as `authorization: Bearer TOKEN`.
-    #[arg(long, env = "PRIME_TOKEN")]
+    #[arg(long, env = "PRIME_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// TLS for https:// service URLs.
+    #[command(flatten)]
+    pub security: super::tls::ClientSecurityArgs,
     /// Deadline of Register, PullWork and SubmitGroups, in seconds.
     #[arg(long, default_value_t = 30.0)]
     pub rpc_timeout_secs: f64,
@@ -75,6 +78,7 @@ impl ActorArgs {
             .unwrap_or_else(|| "actor".into());
         config.max_prompts = self.max_prompts;
         config.token = self.token;
+        config.tls = self.security.tls();
         config.rpc_timeout = seconds("rpc-timeout-secs", self.rpc_timeout_secs)?;
         config.weights_timeout = seconds("weights-timeout-secs", self.weights_timeout_secs)?;
         config.grade_timeout = seconds("grade-timeout-secs", self.grade_timeout_secs)?;

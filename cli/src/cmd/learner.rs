@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// Shared token every RPC must carry (`authorization: Bearer TOKEN`).
     #[arg(long, env = "PRIME_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// TLS and the no-token policy.
+    #[command(flatten)]
+    pub security: super::tls::ServerSecurityArgs,
     /// Continue from the latest checkpoint in the run directory, if there is one.
     #[arg(long)]
     pub resume: bool,
@@ -135,6 +138,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
         token: args.token.clone(),
+        allow_no_token: args.security.allow_no_token,
+        tls: args.security.tls(),
     };
     let addr_file = args.addr_file.clone();
     let trainer = run_learner(

@@ -6,6 +6,7 @@ pub mod learner;
 pub mod model;
 pub mod sft;
 pub mod status;
+pub mod tls;
 pub mod train;
 pub mod verifier;
 pub mod world;

@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use prime_actor::client::{lazy_channel, learner_client, prm_client, request, verifier_client};
+use prime_actor::client::{
+    lazy_channel_secure, learner_client, prm_client, request, verifier_client,
+};
+use prime_proto::auth::ClientTls;
 use prime_proto::v1 as pb;
 
 /// `prime status --addr URL [--token T]`.
@@ -14,8 +17,11 @@ pub struct StatusArgs {
     #[arg(long)]
     pub addr: String,
     /// Shared token, sent as `authorization: Bearer TOKEN`.
-    #[arg(long, env = "PRIME_TOKEN")]
+    #[arg(long, env = "PRIME_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// TLS for an https:// address.
+    #[command(flatten)]
+    pub security: super::tls::ClientSecurityArgs,
     /// Deadline of each Status call, in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub timeout_secs: f64,
@@ -33,13 +39,14 @@ pub enum ServiceStatus {
 }
 
 /// Asks the service at `addr` for its status, trying the learner, verifier and PRM-server
-/// APIs in that order.
+/// APIs in that order (over TLS when `addr` is `https://`).
 pub async fn query(
     addr: &str,
     token: Option<&str>,
+    tls: &ClientTls,
     timeout: Duration,
 ) -> anyhow::Result<ServiceStatus> {
-    let channel = lazy_channel("service", addr, timeout, token)?;
+    let channel = lazy_channel_secure("service", addr, timeout, token, tls)?;
     let answer = |result: Result<ServiceStatus, tonic::Status>, api: &str| match result {
         Ok(status) => Ok(Some(status)),
         Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
@@ -150,7 +157,12 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let timeout = Duration::from_secs_f64(args.timeout_secs);
-    let status = runtime.block_on(query(&args.addr, args.token.as_deref(), timeout))?;
+    let status = runtime.block_on(query(
+        &args.addr,
+        args.token.as_deref(),
+        &args.security.tls(),
+        timeout,
+    ))?;
     print!("{}", status.table());
     Ok(())
 }

@@ -68,8 +68,11 @@ pub struct VerifierArgs {
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
     /// Shared token clients must send as `authorization: Bearer TOKEN`.
-    #[arg(long, env = "PRIME_TOKEN")]
+    #[arg(long, env = "PRIME_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// TLS and the no-token policy.
+    #[command(flatten)]
+    pub security: super::tls::ServerSecurityArgs,
     /// Grading settings.
     #[command(flatten)]
     pub grading: GradingArgs,
@@ -81,6 +84,8 @@ pub fn run(args: VerifierArgs) -> anyhow::Result<()> {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
         token: args.token,
+        allow_no_token: args.security.allow_no_token,
+        tls: args.security.tls(),
         grader: args.grading.config()?,
     };
     run_server(options).context("verifier server failed")

@@ -1,0 +1,65 @@
+//! TLS and token-policy flags shared by every server and client subcommand (the logic lives
+//! in `prime_proto::auth`).
+use std::path::PathBuf;
+
+use prime_proto::auth::{ClientTls, ServerTls};
+
+/// TLS for a server: `--tls-cert` and `--tls-key` turn it on, `--tls-client-ca` makes it
+/// mutual. Plus the one way to serve a non-loopback address without a token.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServerSecurityArgs {
+    /// PEM certificate chain this server presents (TLS on when set, with --tls-key).
+    #[arg(long, env = "PRIME_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "PRIME_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: clients must present a certificate it signed (mutual TLS).
+    #[arg(long, env = "PRIME_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve a non-loopback address without a token (refused otherwise): anyone who can
+    /// reach the port gets in.
+    #[arg(long)]
+    pub allow_no_token: bool,
+}
+
+impl ServerSecurityArgs {
+    /// The TLS material as the servers take it.
+    pub fn tls(&self) -> ServerTls {
+        ServerTls {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+        }
+    }
+}
+
+/// TLS for a client: an `https://` URL needs `--tls-ca`; `--tls-client-cert` and
+/// `--tls-client-key` answer a server that asks for mutual TLS.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ClientSecurityArgs {
+    /// PEM CA bundle that the servers' certificates chain to (needed for https:// URLs).
+    #[arg(long, env = "PRIME_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM certificate this client presents to servers that require mutual TLS.
+    #[arg(long, env = "PRIME_TLS_CLIENT_CERT")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of --tls-client-cert.
+    #[arg(long, env = "PRIME_TLS_CLIENT_KEY")]
+    pub tls_client_key: Option<PathBuf>,
+    /// Name the servers' certificates must carry, when it is not the URL's host.
+    #[arg(long, env = "PRIME_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
+}
+
+impl ClientSecurityArgs {
+    /// The TLS material as the clients take it.
+    pub fn tls(&self) -> ClientTls {
+        ClientTls {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_client_cert.clone(),
+            key: self.tls_client_key.clone(),
+            domain: self.tls_domain.clone(),
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! Who may talk to a prime-rs service: the shared token every RPC carries, TLS and mutual TLS
+//! (rustls), and the rule that a server without a token only listens on loopback.
+//!
+//! Every server (learner, verifier, prm-server) wraps its services in [`TokenCheck`] and builds
+//! its transport with [`ServerTls::apply`]; every client adds [`BearerToken`] and
+//! [`ClientTls::apply`]. The token is compared in constant time.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use subtle::ConstantTimeEq;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Status};
+
+/// What went wrong setting up authentication or TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// A PEM file could not be read.
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        /// Which file (certificate, key, CA).
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TLS settings are incomplete or rejected by rustls.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The token cannot be sent as a gRPC header.
+    #[error("the token has characters a gRPC header cannot carry (use printable ASCII)")]
+    BadToken,
+    /// A server would accept anyone who can reach a non-loopback address.
+    #[error(
+        "refusing to serve on {0} without a token: set PRIME_TOKEN (or --token), listen on \
+         127.0.0.1, or pass --allow-no-token to let anyone who reaches the port in"
+    )]
+    OpenListener(SocketAddr),
+}
+
+/// Checks `authorization: Bearer <token>` on every request when a token is configured, and
+/// answers `UNAUTHENTICATED` otherwise.
+#[derive(Clone)]
+pub struct TokenCheck {
+    expected: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TokenCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("TokenCheck")
+            .field("enabled", &self.expected.is_some())
+            .finish()
+    }
+}
+
+impl TokenCheck {
+    /// A check for `token` (no check when `None`).
+    pub fn new(token: Option<String>) -> Self {
+        Self {
+            expected: token.map(|t| format!("Bearer {t}").into_bytes()),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(request);
+        };
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        // Constant time, so the answer's timing says nothing about how much of a guess was
+        // right (lengths differ only when the guess is wrong anyway).
+        if bool::from(presented.ct_eq(expected)) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated("missing or wrong token"))
+        }
+    }
+}
+
+/// Adds `authorization: Bearer TOKEN` to every request when a token is set.
+#[derive(Clone)]
+pub struct BearerToken {
+    value: Option<MetadataValue<Ascii>>,
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BearerToken")
+            .field("enabled", &self.value.is_some())
+            .finish()
+    }
+}
+
+impl BearerToken {
+    /// An interceptor for `token` (sending nothing when `None`).
+    pub fn new(token: Option<&str>) -> Result<Self, AuthError> {
+        let value = token
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| AuthError::BadToken)
+            })
+            .transpose()?;
+        Ok(Self { value })
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.value {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A server's TLS material: its certificate chain and key, and for mutual TLS the CA that
+/// client certificates must chain to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerTls {
+    /// PEM certificate chain of the server.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of the server.
+    pub key: Option<PathBuf>,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ServerTls {
+    /// Whether TLS is configured at all.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() || self.key.is_some() || self.client_ca.is_some()
+    }
+
+    /// The rustls configuration, or `None` for plain HTTP/2.
+    pub fn config(&self) -> Result<Option<ServerTlsConfig>, AuthError> {
+        if !self.enabled() {
+            return Ok(None);
+        }
+        let (Some(cert), Some(key)) = (&self.cert, &self.key) else {
+            return Err(AuthError::Tls(
+                "a TLS server needs both a certificate (--tls-cert) and a key (--tls-key)".into(),
+            ));
+        };
+        let identity = Identity::from_pem(read_pem("certificate", cert)?, read_pem("key", key)?);
+        let mut config = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(read_pem("client CA", ca)?));
+        }
+        Ok(Some(config))
+    }
+
+    /// `builder` with TLS applied when configured.
+    pub fn apply(&self, builder: Server) -> Result<Server, AuthError> {
+        match self.config()? {
+            Some(config) => builder
+                .tls_config(config)
+                .map_err(|e| AuthError::Tls(e.to_string())),
+            None => Ok(builder),
+        }
+    }
+}
+
+/// A client's TLS material: the CA that signs the servers' certificates, and for mutual TLS
+/// the client's own certificate and key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// PEM CA bundle that server certificates must chain to. Required for `https://` URLs.
+    pub ca: Option<PathBuf>,
+    /// PEM certificate of this client (mutual TLS).
+    pub cert: Option<PathBuf>,
+    /// PEM private key of this client (mutual TLS).
+    pub key: Option<PathBuf>,
+    /// Name to check the server's certificate against, when it differs from the URL's host.
+    pub domain: Option<String>,
+}
+
+impl ClientTls {
+    /// `endpoint` with TLS applied when its URL is `https://`. An `http://` URL with TLS
+    /// material, or an `https://` one without a CA, is an error rather than a silent
+    /// downgrade.
+    pub fn apply(&self, endpoint: Endpoint) -> Result<Endpoint, AuthError> {
+        let https = endpoint.uri().scheme_str() == Some("https");
+        let configured = self.ca.is_some() || self.cert.is_some() || self.key.is_some();
+        if !https {
+            if configured {
+                return Err(AuthError::Tls(format!(
+                    "TLS files are set but the URL {} is plain http://: use https://",
+                    endpoint.uri()
+                )));
+            }
+            return Ok(endpoint);
+        }
+        let Some(ca) = &self.ca else {
+            return Err(AuthError::Tls(format!(
+                "{} is https:// but no CA is set (--tls-ca)",
+                endpoint.uri()
+            )));
+        };
+        let mut config =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem("CA", ca)?));
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(Identity::from_pem(
+                    read_pem("certificate", cert)?,
+                    read_pem("key", key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(AuthError::Tls(
+                    "a client certificate needs its key and the other way round".into(),
+                ))
+            }
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        endpoint
+            .tls_config(config)
+            .map_err(|e| AuthError::Tls(e.to_string()))
+    }
+}
+
+/// Refuses a server that would listen on a non-loopback address without a token, unless the
+/// operator said so explicitly (`allow_no_token`).
+pub fn check_listener(
+    addr: SocketAddr,
+    token: Option<&str>,
+    allow_no_token: bool,
+) -> Result<(), AuthError> {
+    if token.is_some() || allow_no_token || addr.ip().is_loopback() {
+        return Ok(());
+    }
+    Err(AuthError::OpenListener(addr))
+}
+
+fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, AuthError> {
+    std::fs::read(path).map_err(|source| AuthError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::service::Interceptor;
+
+    fn with_header(value: Option<&str>) -> Request<()> {
+        let mut request = Request::new(());
+        if let Some(v) = value {
+            request
+                .metadata_mut()
+                .insert("authorization", v.parse().unwrap());
+        }
+        request
+    }
+
+    #[test]
+    fn the_token_check_lets_only_the_exact_token_in() {
+        let mut check = TokenCheck::new(Some("s3cret".into()));
+        assert!(check.call(with_header(Some("Bearer s3cret"))).is_ok());
+        for bad in [
+            None,
+            Some("Bearer s3cre"),
+            Some("Bearer s3cret "),
+            Some("s3cret"),
+            Some("Bearer S3CRET"),
+        ] {
+            let status = check.call(with_header(bad)).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{bad:?}");
+        }
+        let mut open = TokenCheck::new(None);
+        assert!(open.call(with_header(None)).is_ok());
+        assert!(!format!("{check:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_bearer_token_is_what_the_check_expects() {
+        let mut send = BearerToken::new(Some("s3cret")).unwrap();
+        let mut check = TokenCheck::new(Some("s3cret".into()));
+        assert!(check.call(send.call(Request::new(())).unwrap()).is_ok());
+        assert!(matches!(
+            BearerToken::new(Some("bad\ntoken")),
+            Err(AuthError::BadToken)
+        ));
+    }
+
+    #[test]
+    fn an_open_listener_needs_a_token_or_consent() {
+        let public: SocketAddr = "0.0.0.0:50051".parse().unwrap();
+        let loopback: SocketAddr = "127.0.0.1:50051".parse().unwrap();
+        let loopback6: SocketAddr = "[::1]:50051".parse().unwrap();
+        assert!(matches!(
+            check_listener(public, None, false),
+            Err(AuthError::OpenListener(_))
+        ));
+        assert!(check_listener(public, Some("t"), false).is_ok());
+        assert!(check_listener(public, None, true).is_ok());
+        assert!(check_listener(loopback, None, false).is_ok());
+        assert!(check_listener(loopback6, None, false).is_ok());
+    }
+
+    #[test]
+    fn tls_settings_must_be_complete_and_match_the_url() {
+        let half = ServerTls {
+            cert: Some("cert.pem".into()),
+            ..ServerTls::default()
+        };
+        assert!(matches!(half.config(), Err(AuthError::Tls(_))));
+        let missing = ServerTls {
+            cert: Some("/nonexistent/cert.pem".into()),
+            key: Some("/nonexistent/key.pem".into()),
+            client_ca: None,
+        };
+        assert!(matches!(missing.config(), Err(AuthError::Read { .. })));
+        assert!(ServerTls::default().config().unwrap().is_none());
+
+        let plain = Endpoint::from_static("http://127.0.0.1:1");
+        let secure = Endpoint::from_static("https://127.0.0.1:1");
+        assert!(ClientTls::default().apply(plain.clone()).is_ok());
+        let with_ca = ClientTls {
+            ca: Some("ca.pem".into()),
+            ..ClientTls::default()
+        };
+        assert!(matches!(with_ca.apply(plain), Err(AuthError::Tls(_))));
+        assert!(matches!(
+            ClientTls::default().apply(secure),
+            Err(AuthError::Tls(_))
+        ));
+    }
+}
