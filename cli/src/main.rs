@@ -46,6 +46,12 @@ enum Command {
     Actor(cmd::actor::ActorArgs),
     /// Print the Status of the learner, verifier or PRM server at an address.
     Status(cmd::status::StatusArgs),
+    /// The PrmServer gRPC service: token-level process rewards of the implicit PRM, step
+    /// scores and Best-of-N ranking; can follow a learner for new PRM weights.
+    PrmServer(cmd::prm_server::PrmServerArgs),
+    /// Evaluate a model on Eurus-schema data (avg@k, maj@k, pass@k, greedy per data source);
+    /// with `--bon N --prm URL` Best-of-N against majority vote, random pick and pass@N.
+    Eval(cmd::eval::EvalArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,5 +84,7 @@ fn main() -> Result<()> {
         Command::Compare(args) => cmd::compare::run(args),
         Command::Actor(args) => cmd::actor::run(args),
         Command::Status(args) => cmd::status::run(args),
+        Command::PrmServer(args) => cmd::prm_server::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
     }
 }

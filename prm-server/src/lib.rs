@@ -1,3 +1,24 @@
-//! Implicit process reward model serving: token-level process rewards (beta times the per-token
-//! log-ratio of PRM to reference) and Best-of-N ranking. The service lands with the prm-server
-//! issue; until then this crate is empty and the `prime prm-server` subcommand says so.
+//! Implicit process reward model serving and evaluation.
+//!
+//! - [`scorer`]: token-level process rewards, `β · (log π_prm − log π_ref)` per response token,
+//!   with the learner's own formula and mask, batched on the device.
+//! - [`steps`]: reasoning steps from text markers (token offsets from the tokenizer), step
+//!   scores and their aggregation (min, sum, mean, last).
+//! - [`vote`]: Best-of-N ranking by PRM score, optionally combined with (weighted) majority
+//!   voting over extracted answers; the tie rules are documented there.
+//! - [`service`]: the `PrmServer` gRPC service (one compute thread batching waiting requests),
+//!   health, shared token, status, Prometheus, and following a learner for new PRM weights.
+//! - [`eval`]: `prime eval`, the evaluation protocol (avg@k, maj@k, pass@k and greedy per data
+//!   source) and Best-of-N against majority vote, random pick and pass@N, with a table, JSON
+//!   and a plot.
+pub mod error;
+pub mod eval;
+pub mod scorer;
+pub mod service;
+pub mod steps;
+pub mod vote;
+
+pub use error::{PrmError, Result};
+pub use scorer::{Pair, Scorer};
+pub use steps::{Aggregation, StepSplit};
+pub use vote::Voting;

@@ -2,8 +2,10 @@
 pub mod actor;
 pub mod bench;
 pub mod compare;
+pub mod eval;
 pub mod learner;
 pub mod model;
+pub mod prm_server;
 pub mod sft;
 pub mod status;
 pub mod tls;

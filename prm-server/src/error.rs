@@ -1,0 +1,67 @@
+//! The one error type of the prm-server crate, with its mapping to gRPC status codes.
+use std::path::PathBuf;
+
+/// What can go wrong while scoring, serving or evaluating.
+#[derive(Debug, thiserror::Error)]
+pub enum PrmError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A request or an input file is malformed (gRPC `INVALID_ARGUMENT`).
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// The service cannot answer now (gRPC `UNAVAILABLE`).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A call to another service failed.
+    #[error("rpc: {0}")]
+    Rpc(String),
+    /// A plot could not be drawn.
+    #[error("plot: {0}")]
+    Plot(String),
+    /// The model layer failed.
+    #[error(transparent)]
+    Model(#[from] prime_model::ModelError),
+    /// Shared learner code (datasets, formulas) failed.
+    #[error(transparent)]
+    Learner(#[from] prime_learner::LearnerError),
+    /// A data set could not be read.
+    #[error(transparent)]
+    World(#[from] prime_world::WorldError),
+    /// The actor's client helpers failed.
+    #[error(transparent)]
+    Actor(#[from] prime_actor::error::ActorError),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+impl PrmError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, source }
+    }
+}
+
+impl From<PrmError> for tonic::Status {
+    fn from(e: PrmError) -> Self {
+        let message = e.to_string();
+        match e {
+            PrmError::Input(_) => tonic::Status::invalid_argument(message),
+            PrmError::Model(prime_model::ModelError::Input(_)) => {
+                tonic::Status::invalid_argument(message)
+            }
+            PrmError::Unavailable(_) => tonic::Status::unavailable(message),
+            _ => tonic::Status::internal(message),
+        }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = PrmError> = std::result::Result<T, E>;
