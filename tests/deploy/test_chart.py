@@ -15,7 +15,11 @@ import base64
 import copy
 import os
 import re
+import shutil
+import socket
 import subprocess
+import tempfile
+import time
 import tomllib
 import unittest
 from pathlib import Path
@@ -68,6 +72,22 @@ def everything_on() -> dict:
     return values
 
 
+TLS_SECRET = "prime-tls"
+TLS_DIR = "/etc/prime-tls"
+
+
+def tls_on() -> dict:
+    """TLS with the servers' certificate, on the default values."""
+    return {"tls": {"enabled": True, "secretName": TLS_SECRET}}
+
+
+def mutual_tls() -> dict:
+    """Mutual TLS on top of every option (the PRM server included)."""
+    values = everything_on()
+    values["tls"] = {"enabled": True, "secretName": TLS_SECRET, "mutual": True}
+    return values
+
+
 CASES = {
     "defaults": lambda: None,
     "multi-node": example_values,
@@ -77,7 +97,120 @@ CASES = {
         "actors": {"gpus": 0},
         "prmServer": {"enabled": True, "gpus": 0},
     },
+    "tls": tls_on,
+    "mutual-tls": mutual_tls,
 }
+TLS_CASES = ["tls", "mutual-tls"]
+# The TLS variables in a server container that its exec probes' `prime status` reads.
+PROBE_TLS_ENV = {"PRIME_TLS_CA", "PRIME_TLS_DOMAIN", "PRIME_TLS_CLIENT_CERT", "PRIME_TLS_CLIENT_KEY"}
+# The servers that speak TLS when it is on; `prime prm-server` has no TLS flags yet.
+TLS_SERVERS = ["learner", "verifier"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_certificates(directory: Path, names: list[str]) -> None:
+    """ca.crt, tls.crt and tls.key in `directory`, as a cert-manager CA Issuer writes a
+    Certificate's Secret: a CA, and a leaf for `names` that allows server and client auth."""
+    directory.mkdir(parents=True)
+    run = lambda *args: subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=prime-test-ca",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
+    run("req", *ec, "-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=prime")
+    (directory / "leaf.ext").write_text(
+        "subjectAltName=" + ",".join(f"DNS:{name}" for name in names) + "\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\n"
+    )
+    run("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "tls.crt", "-days", "2", "-extfile", "leaf.ext")
+
+
+def check_tls_live(test: unittest.TestCase, binary: str, rendered: "Rendered", tmp: Path) -> None:
+    """Runs the rendered verifier and its probes on loopback (see test_tls_against_the_real_binary)."""
+    secrets = tmp / "secrets"
+    make_certificates(secrets / rendered.values["tls"]["secretName"], tls_dns_names(rendered))
+    mutual = rendered.values["tls"]["mutual"]
+
+    def env_for(workload: dict) -> dict[str, str]:
+        # the kubelet's view: values as given, files from the mounted Secret, the token from its Secret
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PRIME_")}
+        env["RUST_BACKTRACE"] = "0"
+        for e in container(workload).get("env", []):
+            if "value" in e:
+                value = e["value"]
+                if value.startswith(TLS_DIR + "/"):
+                    secret, key = secret_file(workload, value)
+                    value = str(secrets / secret / key)
+                env[e["name"]] = value
+            elif "secretKeyRef" in e["valueFrom"]:
+                ref = e["valueFrom"]["secretKeyRef"]
+                data = rendered.one("Secret", ref["name"])["data"][ref["key"]]
+                env[e["name"]] = base64.b64decode(data).decode()
+        return env
+
+    verifier = rendered.component("verifier")
+    c = container(verifier)
+    server_env = env_for(verifier)
+    port = free_port()
+    args = list(c["args"])
+    args[args.index("--listen") + 1] = f"127.0.0.1:{port}"
+    at = args.index("--metrics-listen")
+    del args[at:at + 2]
+    log = open(tmp / "verifier.log", "wb")
+    server = subprocess.Popen([binary, *args], env=server_env, stdout=log, stderr=subprocess.STDOUT)
+
+    def status(env: dict[str, str], command: list[str] | None = None, timeout: float = 30):
+        command = command or ["prime", "status", "--addr", f"https://127.0.0.1:{port}"]
+        return subprocess.run([binary, *command[1:]], env=env, capture_output=True, text=True, timeout=timeout)
+
+    try:
+        probes = {p: c[p] for p in ("startupProbe", "readinessProbe", "livenessProbe")}
+        for name, probe in probes.items():
+            command = list(probe["exec"]["command"])
+            at = command.index("--addr") + 1
+            test.assertEqual(command[at], f"https://127.0.0.1:{port_number(c, 'grpc')}")
+            command[at] = f"https://127.0.0.1:{port}"
+            # as the kubelet does: the start-up probe is retried until it passes
+            deadline = time.monotonic() + 60
+            while True:
+                result = status(server_env, command, timeout=probe["timeoutSeconds"] + 20)
+                if result.returncode == 0 or name != "startupProbe" or time.monotonic() > deadline:
+                    break
+                test.assertIsNone(server.poll(), (tmp / "verifier.log").read_text())
+                time.sleep(0.5)
+            test.assertEqual(result.returncode, 0, f"{name}: {result.stderr}\n{(tmp / 'verifier.log').read_text()}")
+            test.assertIn("verifier", result.stdout)
+
+        # the actors' material, dialing the Service name of their --verifier URL
+        actor = rendered.component("actor")
+        host = urlparse(flag(container(actor)["args"], "--verifier")).hostname
+        actor_env = {**env_for(actor), "PRIME_TLS_DOMAIN": host}
+        result = status(actor_env)
+        test.assertEqual(result.returncode, 0, result.stderr)
+
+        # and what must fail does: another name, plain gRPC, no client certificate
+        result = status({**server_env, "PRIME_TLS_DOMAIN": "elsewhere.example"})
+        test.assertNotEqual(result.returncode, 0)
+        test.assertIn("elsewhere.example", result.stderr)
+        plain = {k: v for k, v in server_env.items() if not k.startswith("PRIME_TLS_")}
+        test.assertNotEqual(status(plain, ["prime", "status", "--addr", f"http://127.0.0.1:{port}"]).returncode, 0)
+        anonymous = {k: v for k, v in actor_env.items() if not k.startswith("PRIME_TLS_CLIENT_")}
+        test.assertEqual(status(anonymous).returncode == 0, not mutual)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
 
 
 class Rendered:
@@ -147,6 +280,65 @@ def listen_port(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
 
 
+def secret_file(workload: dict, path: str) -> tuple[str, str]:
+    """The (Secret, key) a file path in the workload's container comes from, through its
+    mounts and projected or secret volumes; the mount must be read-only."""
+    c = container(workload)
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+    for mount in c.get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if not path.startswith(prefix):
+            continue
+        assert mount.get("readOnly") is True, f"{mount['name']} is mounted writable"
+        relative = path[len(prefix):]
+        volume = volumes[mount["name"]]
+        if "secret" in volume:
+            sources = [{"secret": {**volume["secret"], "name": volume["secret"]["secretName"]}}]
+        else:
+            sources = volume["projected"]["sources"]
+        found = [
+            (source["secret"]["name"], item["key"])
+            for source in sources
+            if "secret" in source
+            for item in source["secret"]["items"]
+            if item["path"] == relative
+        ]
+        assert len(found) == 1, f"{path}: {found}"
+        return found[0]
+    raise AssertionError(f"{path} is on no volume of {workload['metadata']['name']}")
+
+
+def secret_keys(workload: dict, secret: str) -> set[str]:
+    """Every key of `secret` that the workload's volumes hold."""
+    keys = set()
+    for volume in workload["spec"]["template"]["spec"]["volumes"]:
+        for source in volume.get("projected", {}).get("sources", []):
+            if source.get("secret", {}).get("name") == secret:
+                keys |= {item["key"] for item in source["secret"]["items"]}
+        if volume.get("secret", {}).get("secretName") == secret:
+            keys.add("*")
+    return keys
+
+
+def tls_dns_names(rendered: "Rendered") -> list[str]:
+    """The DNS names NOTES.txt says the certificate must carry."""
+    notes = rendered.manifests["prime/templates/NOTES.txt"]
+    block = notes.split("must carry these DNS names:\n", 1)[1]
+    names = []
+    for line in block.splitlines():
+        if not line.startswith("  "):
+            break
+        names.append(line.strip())
+    return names
+
+
+def prime_binary() -> str | None:
+    return os.environ.get("PRIME_BIN") or next(
+        (str(p) for p in [REPO / "target/debug/prime", REPO / "target/release/prime"] if p.exists()),
+        None,
+    )
+
+
 class ChartTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -202,6 +394,14 @@ class ChartTest(unittest.TestCase):
                 "/actors/autoscaling",
             ),
             "bad quantity": ({"learner": {"shmSize": "lots"}}, "/learner/shmSize"),
+            "TLS without a Secret": ({"tls": {"enabled": True}}, "/tls"),
+            "TLS with an empty Secret name": ({"tls": {"enabled": True, "secretName": ""}}, "/tls/secretName"),
+            "client certificate without mutual TLS": (
+                {"tls": {"enabled": True, "secretName": TLS_SECRET, "clientSecretName": "actor-tls"}},
+                "/tls/mutual",
+            ),
+            "misspelt TLS key": ({"tls": {"enabled": True, "secretName": TLS_SECRET, "mTLS": True}}, "mTLS"),
+            "probe timeout of zero": ({"tls": {"probeTimeoutSeconds": 0}}, "/tls/probeTimeoutSeconds"),
         }
         for case, (values, where) in bad.items():
             with self.subTest(case=case):
@@ -495,18 +695,32 @@ class ChartTest(unittest.TestCase):
             "apps.kubernetes.io/pod-index": str(ordinal),
         }
 
+    @staticmethod
+    def service_of(url) -> str:
+        """The Service a URL's host names: its own name, or the first label of
+        <service>.<namespace>.svc.cluster.local."""
+        service, _, domain = url.hostname.partition(".")
+        assert domain in ("", f"{NAMESPACE}.svc.cluster.local"), url.hostname
+        return service
+
     def test_actors_reach_rank_0_and_the_verifier(self):
-        for case in ["defaults", "multi-node"]:
+        for case in ["defaults", "multi-node", "tls", "mutual-tls"]:
             rendered = self.rendered[case]
             actor = rendered.component("actor")
             c = container(actor)
             args = c["args"]
             self.assertEqual(args[0], "actor")
-            self.assertEqual(actor["spec"]["replicas"], rendered.values["actors"]["replicas"])
+            if not rendered.values["actors"]["autoscaling"]["enabled"]:
+                self.assertEqual(actor["spec"]["replicas"], rendered.values["actors"]["replicas"])
             for url_flag, component in [("--learner", "learner"), ("--verifier", "verifier")]:
                 url = urlparse(flag(args, url_flag))
-                self.assertEqual(url.scheme, "http")
-                service = rendered.one("Service", url.hostname)
+                if case in TLS_CASES:
+                    # https, to a name the certificate carries
+                    self.assertEqual(url.scheme, "https")
+                    self.assertIn(url.hostname, tls_dns_names(rendered))
+                else:
+                    self.assertEqual(url.scheme, "http")
+                service = rendered.one("Service", self.service_of(url))
                 target = rendered.component(component)
                 pod_labels = dict(target["spec"]["template"]["metadata"]["labels"])
                 if component == "learner":
@@ -516,7 +730,7 @@ class ChartTest(unittest.TestCase):
                 self.assertEqual(len(port), 1)
                 self.assertEqual(port[0]["targetPort"], "grpc")
             # the learner Service sends actors to rank 0 only: the ranks above serve no actors
-            learner_service = rendered.one("Service", urlparse(flag(args, "--learner")).hostname)
+            learner_service = rendered.one("Service", self.service_of(urlparse(flag(args, "--learner"))))
             sts = rendered.one("StatefulSet")
             template_labels = sts["spec"]["template"]["metadata"]["labels"]
             for ordinal in range(sts["spec"]["replicas"]):
@@ -596,14 +810,145 @@ class ChartTest(unittest.TestCase):
         self.assertIn(f"exec {RELEASE}-prime-learner-0 -- prime status --addr http://127.0.0.1:50051", notes)
         self.assertIn(f"get secret {RELEASE}-prime-auth", notes)
 
+    # --- TLS ----------------------------------------------------------------------------------
+
+    def test_tls_is_off_by_default(self):
+        for case in ["defaults", "multi-node", "everything-on", "cpu-only"]:
+            rendered = self.rendered[case]
+            for w in rendered.workloads():
+                c = container(w)
+                with self.subTest(case=case, workload=w["metadata"]["name"]):
+                    self.assertFalse([name for name in env_of(c) if name.startswith("PRIME_TLS_")])
+                    self.assertNotIn("tls", {v["name"] for v in w["spec"]["template"]["spec"]["volumes"]})
+                    self.assertFalse([a for a in c["args"] if a.startswith("https://")])
+
+    def test_tls_servers_get_certificate_and_key(self):
+        for case in TLS_CASES:
+            rendered = self.rendered[case]
+            mutual = rendered.values["tls"]["mutual"]
+            for component in TLS_SERVERS:
+                w = rendered.component(component)
+                env = env_of(container(w))
+                with self.subTest(case=case, component=component):
+                    file = lambda name: secret_file(w, env[name]["value"])
+                    self.assertEqual(file("PRIME_TLS_CERT"), (TLS_SECRET, "tls.crt"))
+                    self.assertEqual(file("PRIME_TLS_KEY"), (TLS_SECRET, "tls.key"))
+                    if mutual:
+                        # clients must present a certificate signed by the CA
+                        self.assertEqual(file("PRIME_TLS_CLIENT_CA"), (TLS_SECRET, "ca.crt"))
+                    else:
+                        self.assertNotIn("PRIME_TLS_CLIENT_CA", env)
+                    self.assertNotIn("--allow-no-token", container(w)["args"])
+
+    def test_tls_clients_get_the_ca_and_only_what_they_present(self):
+        cases = {
+            "tls": (self.rendered["tls"], None),
+            "mutual, shared certificate": (self.rendered["mutual-tls"], (TLS_SECRET, "tls")),
+            "mutual, own certificate": (
+                Rendered({"tls": {**tls_on()["tls"], "mutual": True, "clientSecretName": "actor-tls"}}, self.chart),
+                ("actor-tls", "tls"),
+            ),
+        }
+        for case, (rendered, presents) in cases.items():
+            actor = rendered.component("actor")
+            env = env_of(container(actor))
+            with self.subTest(case=case):
+                self.assertEqual(secret_file(actor, env["PRIME_TLS_CA"]["value"]), (TLS_SECRET, "ca.crt"))
+                # the actors dial two services: no single --tls-domain, the URL hosts are checked
+                self.assertNotIn("PRIME_TLS_DOMAIN", env)
+                self.assertFalse({"PRIME_TLS_CERT", "PRIME_TLS_KEY", "PRIME_TLS_CLIENT_CA"} & set(env))
+                if presents is None:
+                    self.assertNotIn("PRIME_TLS_CLIENT_CERT", env)
+                    self.assertNotIn("PRIME_TLS_CLIENT_KEY", env)
+                    # a client that presents nothing holds no private key
+                    self.assertEqual(secret_keys(actor, TLS_SECRET), {"ca.crt"})
+                else:
+                    secret, _ = presents
+                    self.assertEqual(secret_file(actor, env["PRIME_TLS_CLIENT_CERT"]["value"]), (secret, "tls.crt"))
+                    self.assertEqual(secret_file(actor, env["PRIME_TLS_CLIENT_KEY"]["value"]), (secret, "tls.key"))
+                    if secret != TLS_SECRET:
+                        # with their own certificate the actors never see the servers' key
+                        self.assertEqual(secret_keys(actor, TLS_SECRET), {"ca.crt"})
+
+    def test_tls_secret_is_mounted_read_only(self):
+        for case in TLS_CASES:
+            rendered = self.rendered[case]
+            holders = set()
+            for w in rendered.workloads():
+                pod = w["spec"]["template"]["spec"]
+                tls_volumes = {
+                    v["name"]: v for v in pod["volumes"]
+                    if any(s.get("secret", {}).get("name") == TLS_SECRET for s in v.get("projected", {}).get("sources", []))
+                }
+                if not tls_volumes:
+                    continue
+                holders.add(w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"])
+                for v in tls_volumes.values():
+                    mode = v["projected"]["defaultMode"]
+                    with self.subTest(case=case, workload=w["metadata"]["name"], mode=oct(mode)):
+                        # readable, never writable or executable
+                        self.assertEqual(mode & 0o444, 0o444 if "fsGroup" not in pod["securityContext"] else 0o440)
+                        self.assertEqual(mode & 0o333, 0)
+                mounts = [m for m in container(w)["volumeMounts"] if m["name"] in tls_volumes]
+                with self.subTest(case=case, workload=w["metadata"]["name"]):
+                    self.assertEqual(len(mounts), 1)
+                    self.assertIs(mounts[0]["readOnly"], True)
+                    self.assertEqual(mounts[0]["mountPath"], TLS_DIR)
+            # the prm-server serves plain gRPC: it gets no TLS files
+            self.assertEqual(holders, {"learner", "verifier", "actor"})
+
+    def test_tls_probes_are_not_native_grpc_probes(self):
+        for case in TLS_CASES:
+            rendered = self.rendered[case]
+            names = tls_dns_names(rendered)
+            for component in TLS_SERVERS:
+                w = rendered.component(component)
+                c = container(w)
+                env = env_of(c)
+                port = port_number(c, "grpc")
+                for probe in ["startupProbe", "readinessProbe", "livenessProbe"]:
+                    p = c[probe]
+                    with self.subTest(case=case, component=component, probe=probe):
+                        # the kubelet's gRPC probe speaks no TLS: `prime status` over TLS instead
+                        self.assertNotIn("grpc", p)
+                        command = p["exec"]["command"]
+                        self.assertEqual(command[:2], ["prime", "status"])
+                        self.assertEqual(flag(command, "--addr"), f"https://127.0.0.1:{port}")
+                        self.assertEqual(listen_port(flag(c["args"], "--listen")), port)
+                        # the kubelet's default of 1 s is too short for a process start
+                        self.assertGreaterEqual(p["timeoutSeconds"], 5)
+                        self.assertLessEqual(float(flag(command, "--timeout-secs")), p["timeoutSeconds"])
+                # what `prime status` in the container needs: the CA, the name of the
+                # certificate (127.0.0.1 is not in it) and, for mutual TLS, a certificate
+                self.assertEqual(secret_file(w, env["PRIME_TLS_CA"]["value"]), (TLS_SECRET, "ca.crt"))
+                own = rendered.one("Service", self.service_of(urlparse("https://" + env["PRIME_TLS_DOMAIN"]["value"])))
+                self.assertEqual(own["spec"]["selector"]["app.kubernetes.io/component"], component)
+                self.assertIn(env["PRIME_TLS_DOMAIN"]["value"], names)
+                if rendered.values["tls"]["mutual"]:
+                    self.assertEqual(secret_file(w, env["PRIME_TLS_CLIENT_CERT"]["value"]), (TLS_SECRET, "tls.crt"))
+                    self.assertEqual(secret_file(w, env["PRIME_TLS_CLIENT_KEY"]["value"]), (TLS_SECRET, "tls.key"))
+        # the prm-server, plain, keeps the gRPC probes
+        prm = container(self.rendered["mutual-tls"].component("prm-server"))
+        self.assertEqual(prm["livenessProbe"]["grpc"]["port"], port_number(prm, "grpc"))
+        self.assertFalse([name for name in env_of(prm) if name.startswith("PRIME_TLS_")])
+
+    def test_tls_notes(self):
+        rendered = self.rendered["mutual-tls"]
+        self.assertEqual(
+            tls_dns_names(rendered),
+            [f"{RELEASE}-prime-learner.{NAMESPACE}.svc.cluster.local", f"{RELEASE}-prime-verifier.{NAMESPACE}.svc.cluster.local"],
+        )
+        notes = rendered.manifests["prime/templates/NOTES.txt"]
+        self.assertIn(f"exec {RELEASE}-prime-learner-0 -- prime status --addr https://127.0.0.1:50051", notes)
+        self.assertIn("client auth", notes)
+        self.assertIn("prm-server serves plain gRPC", notes)
+
     # --- the chart against the real binary -----------------------------------------------------
 
     def test_commands_and_flags_exist_in_the_binary(self):
-        """Every subcommand and flag the chart passes is one `prime` has (its --help)."""
-        binary = os.environ.get("PRIME_BIN") or next(
-            (str(p) for p in [REPO / "target/debug/prime", REPO / "target/release/prime"] if p.exists()),
-            None,
-        )
+        """Every subcommand, flag and PRIME_* variable the chart passes is one `prime` has (its
+        --help), the exec probes' `prime status` included."""
+        binary = prime_binary()
         if binary is None:
             self.skipTest("no prime binary built yet (make test builds it before this test)")
         used: dict[tuple[str, ...], set[str]] = {}
@@ -616,7 +961,18 @@ class ChartTest(unittest.TestCase):
                 if command == ("verifier",):
                     raise AssertionError("`prime verifier` needs the serve subcommand")
                 used.setdefault(command, set()).update(a for a in args if a.startswith("--"))
-                envs.setdefault(command, set()).update(env_of(c))
+                env = {name for name in env_of(c) if name.startswith("PRIME_")}
+                probes = [c[p]["exec"]["command"] for p in ("startupProbe", "readinessProbe", "livenessProbe") if "exec" in c.get(p, {})]
+                for probe in probes:
+                    self.assertEqual(probe[0], "prime")
+                    probe_command = tuple(a for a in probe[1:3] if not a.startswith("-"))
+                    used.setdefault(probe_command, set()).update(a for a in probe if a.startswith("--"))
+                    # the client half of the TLS environment is there for the probe
+                    envs.setdefault(probe_command, set()).update(env & (PROBE_TLS_ENV | {"PRIME_TOKEN"}))
+                if probes:
+                    env -= PROBE_TLS_ENV
+                envs.setdefault(command, set()).update(env)
+        helps = {}
         for command, flags in sorted(used.items()):
             with self.subTest(command=" ".join(command)):
                 result = subprocess.run([binary, *command, "--help"], capture_output=True, text=True)
@@ -624,11 +980,34 @@ class ChartTest(unittest.TestCase):
                     print(f"\n  not in the binary yet: prime {' '.join(command)}: {PENDING_SUBCOMMANDS[command[0]]}")
                     continue
                 self.assertEqual(result.returncode, 0, result.stderr)
+                helps[command] = result.stdout
                 known = set(re.findall(r"(--[a-z][a-z0-9-]*)", result.stdout))
                 self.assertEqual(flags - known, set(), f"flags prime {' '.join(command)} does not have")
-                if "PRIME_TOKEN" in envs[command]:
-                    self.assertIn("PRIME_TOKEN", result.stdout)
+                read = set(re.findall(r"\[env: (PRIME_[A-Z_]+)", result.stdout))
+                self.assertEqual(envs.get(command, set()) - read, set(), f"variables prime {' '.join(command)} does not read")
+        # the chart leaves the prm-server plain because the binary's has no TLS: once it has,
+        # the chart (and docs/deploy.md) must give it the TLS files too
+        prm_help = helps.get(("prm-server",), "")
+        if "--tls-cert" in prm_help:
+            prm = container(self.rendered["mutual-tls"].component("prm-server"))
+            self.assertIn("PRIME_TLS_CERT", env_of(prm), "prime prm-server has TLS flags now: wire tls.* into templates/prm-server.yaml")
 
+    def test_tls_against_the_real_binary(self):
+        """The rendered TLS wiring, run: a real `prime verifier serve` with the verifier
+        container's arguments and environment (the Secret's files in a temporary directory,
+        with a certificate for exactly the names NOTES.txt lists), its exec probes as the
+        kubelet runs them, and `prime status` with the actors' environment."""
+        binary = prime_binary()
+        if binary is None:
+            self.skipTest("no prime binary built yet (make test builds it before this test)")
+        if shutil.which("openssl") is None:
+            self.skipTest("openssl is needed to make the test certificates")
+        for case in TLS_CASES:
+            with self.subTest(case=case), tempfile.TemporaryDirectory() as tmp:
+                values = copy.deepcopy(CASES[case]())
+                values["auth"] = {"token": "probe-token-0123456789"}
+                rendered = Rendered(values, self.chart)
+                check_tls_live(self, binary, rendered, Path(tmp))
 
 if __name__ == "__main__":
     unittest.main()

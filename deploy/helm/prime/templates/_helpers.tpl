@@ -78,26 +78,27 @@ the request from the limit for extended resources). Call with the component's va
 {{- if gt (int .gpus) 0 -}}cuda{{- else -}}cpu{{- end -}}
 {{- end -}}
 
-{{/* grpc.health.v1 probes; call with (dict "values" .Values.x "port" N "service" "prime.v1.X"). */}}
+{{/*
+Start-up, readiness and liveness probes of a gRPC server; call with (dict "values" .Values.x
+"port" N "service" "prime.v1.X" "tls" BOOL "timeout" SECONDS). Plain servers get Kubernetes'
+native gRPC probe on grpc.health.v1. The native probe cannot speak TLS, so a TLS server is
+probed by `prime status` in the container, over TLS to its own loopback port with the TLS
+environment of "prime.tlsServerEnv": the same certificate, client certificate and token
+checks an actor meets, and a Status answer exists exactly when the health service says
+SERVING (both start with the server).
+*/}}
 {{- define "prime.grpcProbes" -}}
-startupProbe:
-  grpc:
-    port: {{ .port }}
-    service: {{ .service }}
-  periodSeconds: {{ .values.startupProbe.periodSeconds }}
-  failureThreshold: {{ .values.startupProbe.failureThreshold }}
-readinessProbe:
-  grpc:
-    port: {{ .port }}
-    service: {{ .service }}
-  periodSeconds: {{ .values.readinessProbe.periodSeconds }}
-  failureThreshold: {{ .values.readinessProbe.failureThreshold }}
-livenessProbe:
-  grpc:
-    port: {{ .port }}
-    service: {{ .service }}
-  periodSeconds: {{ .values.livenessProbe.periodSeconds }}
-  failureThreshold: {{ .values.livenessProbe.failureThreshold }}
+{{- $check := dict "grpc" (dict "port" .port "service" .service) -}}
+{{- if .tls -}}
+{{- $command := list "prime" "status" "--addr" (printf "https://127.0.0.1:%v" .port) "--timeout-secs" (toString .timeout) -}}
+{{- $check = dict "exec" (dict "command" $command) "timeoutSeconds" (int .timeout) -}}
+{{- end -}}
+{{- $probes := dict -}}
+{{- range $probe := list "startupProbe" "readinessProbe" "livenessProbe" -}}
+{{- $timing := get $.values $probe -}}
+{{- $_ := set $probes $probe (merge (dict "periodSeconds" $timing.periodSeconds "failureThreshold" $timing.failureThreshold) (deepCopy $check)) -}}
+{{- end -}}
+{{- toYaml $probes -}}
 {{- end -}}
 
 {{/* Prometheus scrape annotations plus the component's own; call with (dict "ctx" $ "values" .Values.x "port" N). */}}
@@ -177,4 +178,110 @@ imagePullSecrets:
 {{/* Address of rank 0 through the headless Service: resolvable before rank 0 is Ready. */}}
 {{- define "prime.masterAddr" -}}
 {{- printf "%s-0.%s.%s.svc.%s" (include "prime.learnerName" .) (include "prime.learnerRanksName" .) .Release.Namespace .Values.clusterDomain -}}
+{{- end -}}
+
+
+{{/* In-cluster DNS name of one of this release's Services: what TLS certificates must carry. */}}
+{{- define "prime.serviceHost" -}}
+{{- printf "%s.%s.svc.%s" .name .ctx.Release.Namespace .ctx.Values.clusterDomain -}}
+{{- end -}}
+
+{{/* URL of a Service's gRPC port for clients: https:// and the full DNS name with TLS. */}}
+{{- define "prime.serviceUrl" -}}
+{{- if .ctx.Values.tls.enabled -}}
+{{- printf "https://%s:%v" (include "prime.serviceHost" .) .port -}}
+{{- else -}}
+{{- printf "http://%s:%v" .name .port -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The DNS names the TLS certificate must carry, one a line: the Services clients dial. */}}
+{{- define "prime.tlsDnsNames" -}}
+{{ include "prime.serviceHost" (dict "ctx" . "name" (include "prime.learnerName" .)) }}
+{{ include "prime.serviceHost" (dict "ctx" . "name" (include "prime.verifierName" .)) }}
+{{- end -}}
+
+{{/* Where the TLS files are mounted in every pod that gets them. */}}
+{{- define "prime.tlsDir" -}}/etc/prime-tls{{- end -}}
+
+{{/*
+TLS environment of a server container; call with (dict "ctx" $ "host" SERVICE_DNS_NAME).
+PRIME_TLS_CERT/KEY (and PRIME_TLS_CLIENT_CA for mutual TLS) are the server's; PRIME_TLS_CA,
+PRIME_TLS_DOMAIN (and the client certificate for mutual TLS) are read by `prime status` in the
+container: the exec probes and `kubectl exec ... prime status`. The server ignores them.
+*/}}
+{{- define "prime.tlsServerEnv" -}}
+{{- $dir := include "prime.tlsDir" .ctx -}}
+- name: PRIME_TLS_CERT
+  value: {{ printf "%s/tls.crt" $dir }}
+- name: PRIME_TLS_KEY
+  value: {{ printf "%s/tls.key" $dir }}
+{{- if .ctx.Values.tls.mutual }}
+- name: PRIME_TLS_CLIENT_CA
+  value: {{ printf "%s/ca.crt" $dir }}
+{{- end }}
+- name: PRIME_TLS_CA
+  value: {{ printf "%s/ca.crt" $dir }}
+- name: PRIME_TLS_DOMAIN
+  value: {{ .host }}
+{{- if .ctx.Values.tls.mutual }}
+- name: PRIME_TLS_CLIENT_CERT
+  value: {{ printf "%s/tls.crt" $dir }}
+- name: PRIME_TLS_CLIENT_KEY
+  value: {{ printf "%s/tls.key" $dir }}
+{{- end }}
+{{- end -}}
+
+{{/* TLS environment of a client container (actors): the CA, and its certificate for mutual TLS. */}}
+{{- define "prime.tlsClientEnv" -}}
+{{- $dir := include "prime.tlsDir" . -}}
+- name: PRIME_TLS_CA
+  value: {{ printf "%s/ca.crt" $dir }}
+{{- if .Values.tls.mutual }}
+- name: PRIME_TLS_CLIENT_CERT
+  value: {{ printf "%s/tls.crt" $dir }}
+- name: PRIME_TLS_CLIENT_KEY
+  value: {{ printf "%s/tls.key" $dir }}
+{{- end }}
+{{- end -}}
+
+{{/* Read-only mount of the TLS files. */}}
+{{- define "prime.tlsMount" -}}
+- name: tls
+  mountPath: {{ include "prime.tlsDir" . }}
+  readOnly: true
+{{- end -}}
+
+{{/*
+The TLS files as a volume; call with (dict "ctx" $ "role" "server"|"client" "mode" MODE). A
+server gets its certificate, key and the CA. A client gets only the CA, plus for mutual TLS
+the certificate it presents: the servers' own, or tls.clientSecretName's under the same
+names. Keys missing from a Secret stop the pod from starting, with the key named.
+*/}}
+{{- define "prime.tlsVolume" -}}
+{{- $tls := .ctx.Values.tls -}}
+{{- $keys := list "ca.crt" -}}
+{{- if or (eq .role "server") (and $tls.mutual (not $tls.clientSecretName)) -}}
+{{- $keys = list "tls.crt" "tls.key" "ca.crt" -}}
+{{- end -}}
+- name: tls
+  projected:
+    defaultMode: {{ .mode }}
+    sources:
+      - secret:
+          name: {{ required "tls.enabled needs tls.secretName: a Secret with tls.crt, tls.key and ca.crt" $tls.secretName }}
+          items:
+            {{- range $keys }}
+            - key: {{ . }}
+              path: {{ . }}
+            {{- end }}
+      {{- if and (eq .role "client") $tls.mutual $tls.clientSecretName }}
+      - secret:
+          name: {{ $tls.clientSecretName }}
+          items:
+            - key: tls.crt
+              path: tls.crt
+            - key: tls.key
+              path: tls.key
+      {{- end }}
 {{- end -}}
