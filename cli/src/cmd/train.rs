@@ -162,6 +162,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         started.elapsed().as_secs_f64(),
         summary_table(&summary)
     );
+    // The paper's way of reading a run: start against final checkpoint, with the trained PRM
+    // reranking each one's samples.
+    let evaluation =
+        prime_prm_server::eval::evaluate_run(&config, run_dir, parse_device(&args.device)?)
+            .context("evaluating the start and final checkpoints")?;
+    eprint!("{}", evaluation.table());
     println!("{}", run_dir.display());
     Ok(())
 }
