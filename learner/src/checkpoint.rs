@@ -173,7 +173,28 @@ fn parse_step(name: &str) -> Option<u64> {
 /// `root/latest` at it; returns its directory. With `keep > 0`, checkpoints of earlier steps
 /// beyond the newest `keep` (this one included) are deleted. Checkpoints of later steps, left by
 /// a run that was resumed from an earlier one, are kept and reported.
+///
+/// A failed save (a full disk, a read-only volume) removes what it wrote and returns
+/// [`LearnerError::Checkpoint`] naming the step, the file and the OS error, and the checkpoint
+/// a resume would start from after the failure; the checkpoints already there are left as
+/// they were.
 pub fn save(root: &Path, parts: &CheckpointParts<'_>, keep: usize) -> Result<PathBuf> {
+    let step = parts.state.step;
+    save_unreported(root, parts, keep).map_err(|e| {
+        // What a resume would start from now, so the reader knows what the failure cost.
+        let latest = match latest(root) {
+            Ok(Some(dir)) => format!("the latest checkpoint is {}", dir.display()),
+            Ok(None) => "there is no checkpoint to resume from".to_string(),
+            Err(e) => format!("the latest checkpoint cannot be read: {e}"),
+        };
+        LearnerError::Checkpoint(format!(
+            "saving step {step} under {} failed: {e}; {latest}",
+            root.display()
+        ))
+    })
+}
+
+fn save_unreported(root: &Path, parts: &CheckpointParts<'_>, keep: usize) -> Result<PathBuf> {
     fs::create_dir_all(root).map_err(LearnerError::io(root))?;
     recover(root)?;
     let step = parts.state.step;
