@@ -117,8 +117,12 @@ pub struct LoadRow {
     pub actors: usize,
     /// Seconds the actors streamed.
     pub seconds: f64,
-    /// Accepted groups per second (learner count over `seconds`).
+    /// Accepted groups per second (learner count over `seconds`). More than are trained on:
+    /// a batch that fills while other groups are still arriving keeps the first B, and the
+    /// prompts of the surplus go back to the queue (spec §5.2).
     pub groups_per_second: f64,
+    /// Groups trained on per second: steps x B over `seconds`.
+    pub trained_groups_per_second: f64,
     /// Median `SubmitGroups` latency, ms.
     pub submit_p50_ms: f64,
     /// 99th-percentile `SubmitGroups` latency, ms.
@@ -163,16 +167,17 @@ impl LoadReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "| actors | groups/s | submit p50 / p99 ms | pull p50 / p99 ms | learner peak RSS MiB | steps | submitted | accepted (actors / learner) | dup / stale / rej | lost |"
+            "| actors | groups/s accepted / trained | submit p50 / p99 ms | pull p50 / p99 ms | learner peak RSS MiB | steps | submitted | accepted (actors / learner) | dup / stale / rej | lost |"
         );
         let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &self.rows {
             let a = &r.actor_totals;
             let _ = writeln!(
                 out,
-                "| {} | {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} | {} | {} | {} / {} | {} / {} / {} | {} |",
+                "| {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} | {} | {} | {} / {} | {} / {} / {} | {} |",
                 r.actors,
                 r.groups_per_second,
+                r.trained_groups_per_second,
                 r.submit_p50_ms,
                 r.submit_p99_ms,
                 r.pull_p50_ms,
@@ -635,6 +640,8 @@ fn run_one(settings: &LoadSettings, actors: usize) -> Result<LoadRow> {
         actors,
         seconds: settings.seconds,
         groups_per_second: counters.accepted as f64 / settings.seconds,
+        trained_groups_per_second: (counters.steps * settings.batch_prompts as u64) as f64
+            / settings.seconds,
         submit_p50_ms: quantile(&mut submit_ms, 0.5),
         submit_p99_ms: quantile(&mut submit_ms, 0.99),
         pull_p50_ms: quantile(&mut pull_ms, 0.5),
