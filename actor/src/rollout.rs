@@ -73,6 +73,8 @@ fn splitmix64(x: u64) -> u64 {
 }
 
 /// The rows of the batch's one `generate` call: each item's prompt `k` times, item after item.
+/// The K copies are adjacent, so the sampler prefills each prompt once and forks its KV cache
+/// into the K rows (see `prime_model::generate_batched`).
 pub fn sample_rows(items: &[pb::WorkItem]) -> Result<Vec<Vec<i64>>> {
     let mut rows = Vec::with_capacity(items.iter().map(|i| i.k as usize).sum());
     for item in items {

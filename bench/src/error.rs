@@ -6,6 +6,10 @@ use std::path::PathBuf;
 pub enum BenchError {
     #[error(transparent)]
     Model(#[from] prime_model::ModelError),
+    #[error(transparent)]
+    Learner(#[from] prime_learner::LearnerError),
+    #[error(transparent)]
+    Actor(#[from] prime_actor::error::ActorError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

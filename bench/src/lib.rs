@@ -1,15 +1,20 @@
-//! Benchmarks of our model layer against Hugging Face transformers, side by side in one run.
+//! Benchmarks against the tools users would otherwise pick, side by side in one run: our
+//! model layer against Hugging Face transformers (generation, scoring), our learner step
+//! against the same step in plain PyTorch ([`learner_step`]), and the weight stream against a
+//! raw TCP copy ([`weight_sync`]).
 //!
 //! For each batch size we time our implementation in this process (one warm-up run excluded,
 //! median of the repeats), then run `bench/python/bench_transformers.py` with the same model,
 //! batch, lengths, device, dtype and thread count as a subprocess and read its JSON line.
 //! Speed is only ever measured here and reported in docs/benchmarks.md; tests never assert it.
 pub mod error;
+pub mod learner_step;
 pub mod load;
 pub mod machine;
 pub mod ours;
 pub mod python;
 pub mod report;
+pub mod weight_sync;
 
 pub use error::{BenchError, Result};
 pub use machine::Machine;

@@ -21,6 +21,27 @@ pub struct Machine {
     pub load_after: Option<f64>,
 }
 
+impl Machine {
+    /// One line for a report's header.
+    pub fn describe(&self) -> String {
+        let load = |v: Option<f64>| v.map_or_else(|| "?".into(), |v| format!("{v:.2}"));
+        format!(
+            "{}{}, {} cores, {} threads, load {} -> {}; torch {}, transformers {}",
+            self.cpu,
+            self.gpu
+                .as_ref()
+                .map(|g| format!(" + {g}"))
+                .unwrap_or_default(),
+            self.cores,
+            self.threads,
+            load(self.load_before),
+            load(self.load_after),
+            self.torch_version,
+            self.transformers_version
+        )
+    }
+}
+
 /// The `model name` line of /proc/cpuinfo, or "unknown" where there is none.
 pub fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")

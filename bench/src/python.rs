@@ -40,6 +40,8 @@ pub struct TinyModel {
     pub kv_heads: usize,
     pub intermediate: usize,
     pub max_positions: usize,
+    /// Seed of the random weights.
+    pub seed: u64,
 }
 
 impl Default for TinyModel {
@@ -52,12 +54,13 @@ impl Default for TinyModel {
             kv_heads: 2,
             intermediate: 1024,
             max_positions: 2048,
+            seed: 0,
         }
     }
 }
 
 /// What the reference reported besides its timings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct ReferenceEnvironment {
     pub threads: i32,
     pub torch_version: String,
@@ -72,12 +75,12 @@ pub struct ReferenceRun {
     pub environment: ReferenceEnvironment,
 }
 
-/// The JSON line the reference prints.
+/// The JSON line a reference script prints.
 #[derive(Debug, Deserialize)]
-struct ReferenceLine {
-    seconds_all: Vec<f64>,
+pub(crate) struct ReferenceLine {
+    pub(crate) seconds_all: Vec<f64>,
     #[serde(flatten)]
-    environment: ReferenceEnvironment,
+    pub(crate) environment: ReferenceEnvironment,
 }
 
 /// A python interpreter with torch and transformers.
@@ -101,6 +104,7 @@ impl Python {
             ("--intermediate", spec.intermediate.to_string()),
             ("--max-pos", spec.max_positions.to_string()),
             ("--init-std", "0.02".to_string()),
+            ("--seed", spec.seed.to_string()),
         ];
         let args: Vec<String> = args
             .into_iter()
@@ -167,7 +171,7 @@ impl Python {
     }
 
     /// Runs a script and returns the last non-empty line it printed on stdout.
-    fn run_script(&self, script: &Path, args: &[String]) -> Result<String> {
+    pub fn run_script(&self, script: &Path, args: &[String]) -> Result<String> {
         let fail = |message: String| BenchError::Reference {
             script: script.to_path_buf(),
             message,

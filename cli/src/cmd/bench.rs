@@ -1,6 +1,8 @@
-//! `prime bench generate` and `prime bench logprobs`: our model against transformers, side by
-//! side in one run (the harness lives in the prime-bench crate); `prime bench verifier` is
-//! wired from the verifier's module.
+//! `prime bench generate` and `prime bench logprobs`: our model against transformers;
+//! `prime bench learner-step`: our learner step against plain PyTorch; `prime bench
+//! weight-sync`: the weight stream against raw TCP. Each runs both sides in one invocation
+//! (the harness lives in the prime-bench crate); `prime bench verifier` is wired from the
+//! verifier's module.
 //!
 //! Both sides use the same torch thread count: the global `--threads` (or `PRIME_THREADS`),
 //! else torch's default on this machine.
@@ -17,6 +19,11 @@ pub enum BenchCommand {
     Generate(GenerateArgs),
     /// Scoring throughput (scored tokens/s): no-grad forward and next-token log-probs.
     Logprobs(LogprobsArgs),
+    /// Learner step time (PRM + policy update on one batch) against the same step in plain
+    /// PyTorch eager (tests/python/prime_step_ref.py).
+    LearnerStep(LearnerStepArgs),
+    /// Weight sync GB/s: the learner's FetchWeights stream over loopback against a raw TCP copy.
+    WeightSync(WeightSyncArgs),
     /// Verifier: math grading against math-verify, sandboxed code tests against bare python3.
     Verifier(super::verifier::BenchVerifierArgs),
     /// Simulated actors (no model) stream groups to one real learner on a tiny model:
@@ -128,6 +135,8 @@ pub fn run(command: BenchCommand) -> Result<()> {
                 seq_len: args.seq_len,
             },
         ),
+        BenchCommand::LearnerStep(args) => return run_learner_step(args),
+        BenchCommand::WeightSync(args) => return run_weight_sync(args),
         BenchCommand::Verifier(args) => return super::verifier::run_bench(args),
         BenchCommand::Load(args) => return run_load(args),
     };
@@ -166,4 +175,98 @@ pub fn run(command: BenchCommand) -> Result<()> {
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct LearnerStepArgs {
+    /// Groups in the batch.
+    #[arg(long, default_value_t = 8)]
+    pub groups: usize,
+    /// Responses per group.
+    #[arg(long, default_value_t = 4)]
+    pub k: usize,
+    /// Random prompt ids per group.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    /// Ids per response (two in three end early with EOS).
+    #[arg(long, default_value_t = 64)]
+    pub response_len: usize,
+    /// Optimizer steps per update.
+    #[arg(long, default_value_t = 2)]
+    pub mini_batches: usize,
+    /// Timed steps per side, after one warm-up step; the median counts.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Seed of the models and the batch.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Python with torch and transformers (default as for `prime bench generate`).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct WeightSyncArgs {
+    /// Vocabulary of the random model whose weights are sent.
+    #[arg(long, default_value_t = 32768)]
+    pub vocab: usize,
+    /// Hidden size.
+    #[arg(long, default_value_t = 512)]
+    pub hidden: usize,
+    /// Decoder layers.
+    #[arg(long, default_value_t = 8)]
+    pub layers: usize,
+    /// MLP size.
+    #[arg(long, default_value_t = 2048)]
+    pub intermediate: usize,
+    /// Timed transfers per side, after one warm-up; the median counts.
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn write_json(path: &Option<PathBuf>, report: serde_json::Value) -> Result<()> {
+    if let Some(path) = path {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn run_learner_step(args: LearnerStepArgs) -> Result<()> {
+    let python = Python {
+        executable: args.python.clone().unwrap_or_else(default_python),
+        threads: tch::get_num_threads(),
+    };
+    let settings = prime_bench::learner_step::StepSettings {
+        groups: args.groups,
+        k: args.k,
+        prompt_len: args.prompt_len,
+        response_len: args.response_len,
+        mini_batches: args.mini_batches,
+        repeats: args.repeats,
+        seed: args.seed,
+    };
+    let report =
+        prime_bench::learner_step::run_step_bench(&settings, &TinyModel::default(), &python)?;
+    print!("{}", report.table());
+    write_json(&args.json, serde_json::to_value(&report)?)
+}
+
+fn run_weight_sync(args: WeightSyncArgs) -> Result<()> {
+    let spec = TinyModel {
+        vocab: args.vocab,
+        hidden: args.hidden,
+        layers: args.layers,
+        intermediate: args.intermediate,
+        ..TinyModel::default()
+    };
+    let report = prime_bench::weight_sync::run_sync_bench(&spec, args.repeats)?;
+    print!("{}", report.table());
+    write_json(&args.json, serde_json::to_value(&report)?)
 }

@@ -1,0 +1,198 @@
+//! Where a decode step's time goes: `cargo run --release -p prime-bench --example
+//! profile_generate -- MODEL_DIR BATCH` times the pieces of one step (one torch thread, a
+//! 32-token prompt in the cache) at the given batch, each the mean of 200 runs. A diagnostic
+//! for docs/benchmarks.md, not a benchmark against anything.
+use std::time::Instant;
+
+use prime_model::generate::{sample, SamplingParams};
+use prime_model::kv_cache::KvCache;
+use prime_model::logprobs::position_ids;
+use prime_model::CausalLm;
+use tch::{Device, Kind, Tensor};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = std::path::PathBuf::from(&args[1]);
+    let batch: i64 = args[2].parse().unwrap();
+    tch::set_num_threads(1);
+    let _guard = tch::no_grad_guard();
+    let lm = CausalLm::load(&dir, Device::Cpu, Kind::Float, Kind::Float).unwrap();
+    let model = &lm.model;
+    let c = &lm.config;
+    let (d, h, kv, hd, v) = (
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_kv_heads(),
+        c.head_dim(),
+        c.vocab_size,
+    );
+    let prompt = 32;
+    let cap = 96;
+    let ids = Tensor::randint(v, [batch, prompt], (Kind::Int64, Device::Cpu));
+    let mask = Tensor::ones([batch, cap], (Kind::Bool, Device::Cpu));
+    let mut cache = KvCache::new(model, batch, cap);
+    cache.target_block(0, batch, 0);
+    let pm = mask.narrow(1, 0, prompt);
+    let _ = model.forward(&ids, &position_ids(&pm), &pm, Some(&mut cache));
+    let params = SamplingParams {
+        temperature: 1.0,
+        ..SamplingParams::default()
+    };
+    let n = 200;
+    let tok = Tensor::randint(v, [batch, 1], (Kind::Int64, Device::Cpu));
+    let pos = Tensor::full([batch, 1], prompt, (Kind::Int64, Device::Cpu));
+    let cols = Tensor::full([batch], prompt, (Kind::Int64, Device::Cpu));
+    let km = mask.narrow(1, 0, prompt + 1);
+    let time = |name: &str, f: &mut dyn FnMut()| {
+        f();
+        let t = Instant::now();
+        for _ in 0..n {
+            f();
+        }
+        println!(
+            "{name:<24} {:8.3} ms",
+            t.elapsed().as_secs_f64() * 1e3 / n as f64
+        );
+    };
+    let mut hidden = Tensor::zeros([batch, 1, d], (Kind::Float, Device::Cpu));
+    time("decode forward", &mut || {
+        cache.target_per_slot(&cols, prompt + 1);
+        hidden = model.forward(&tok, &pos, &km, Some(&mut cache));
+    });
+    let km1 = mask.narrow(1, 0, 1);
+    time("forward no cache t=1", &mut || {
+        let _ = model.forward(&tok, &pos, &km1, None);
+    });
+    let emb = Tensor::randn([batch, 1, d], (Kind::Float, Device::Cpu));
+    time("layers by hand", &mut || {
+        for layer in &model.layers {
+            let a = &layer.self_attn;
+            let normed = layer.input_layernorm.forward(&emb);
+            let q = a
+                .q_proj
+                .forward(&normed)
+                .view([batch, 1, h, hd])
+                .transpose(1, 2);
+            let k = a
+                .k_proj
+                .forward(&normed)
+                .view([batch, 1, kv, hd])
+                .transpose(1, 2);
+            let v = a
+                .v_proj
+                .forward(&normed)
+                .view([batch, 1, kv, hd])
+                .transpose(1, 2);
+            let y = Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                false,
+                None::<f64>,
+                true,
+            );
+            let o = a.o_proj.forward(&y.transpose(1, 2).reshape([batch, 1, d]));
+            let h2 = &emb + o;
+            let m = &layer.mlp;
+            let x2 = layer.post_attention_layernorm.forward(&h2);
+            let _ = &h2
+                + m.down_proj
+                    .forward(&(m.gate_proj.forward(&x2).silu() * m.up_proj.forward(&x2)));
+        }
+    });
+    let mut logits = Tensor::zeros([batch, v], (Kind::Float, Device::Cpu));
+    time("lm head", &mut || {
+        logits = model.logits(&hidden.select(1, 0));
+    });
+    time("sample", &mut || {
+        let _ = sample(&logits, &params);
+    });
+    time("multinomial", &mut || {
+        let _ = logits.softmax(-1, Kind::Float).multinomial(1, false);
+    });
+    time("host copy", &mut || {
+        let (t, l) = sample(&logits, &params);
+        let _ = Vec::<i64>::try_from(&t).unwrap();
+        let _ = Vec::<f32>::try_from(&l).unwrap();
+    });
+    let q = Tensor::randn([batch, h, 1, hd], (Kind::Float, Device::Cpu));
+    let kfull = Tensor::randn([batch, kv, cap, hd], (Kind::Float, Device::Cpu));
+    let k = kfull.narrow(2, 0, prompt + 1);
+    let m4 = km.view([batch, 1, 1, prompt + 1]);
+    time("sdpa gqa bool mask", &mut || {
+        let _ = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &k,
+            Some(&m4),
+            0.0,
+            false,
+            None::<f64>,
+            true,
+        );
+    });
+    let kr = k.repeat_interleave_self_int(h / kv, 1, None::<i64>);
+    time("sdpa mha bool mask", &mut || {
+        let _ = Tensor::scaled_dot_product_attention(
+            &q,
+            &kr,
+            &kr,
+            Some(&m4),
+            0.0,
+            false,
+            None::<f64>,
+            false,
+        );
+    });
+    let fm = Tensor::zeros([batch, 1, 1, prompt + 1], (Kind::Float, Device::Cpu));
+    time("sdpa gqa float mask", &mut || {
+        let _ = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &k,
+            Some(&fm),
+            0.0,
+            false,
+            None::<f64>,
+            true,
+        );
+    });
+    time("sdpa gqa no mask", &mut || {
+        let _ = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &k,
+            None::<Tensor>,
+            0.0,
+            false,
+            None::<f64>,
+            true,
+        );
+    });
+    let idx = cols
+        .view([batch, 1, 1, 1])
+        .expand([batch, kv, 1, hd], false);
+    let kn = Tensor::randn([batch, kv, 1, hd], (Kind::Float, Device::Cpu));
+    let mut kf2 = kfull.shallow_clone();
+    time("scatter", &mut || {
+        let _ = kf2.scatter_(2, &idx, &kn);
+    });
+    let x = Tensor::randn([batch, 1, d], (Kind::Float, Device::Cpu));
+    let layer = &model.layers[0];
+    time("one mlp", &mut || {
+        let _ = layer
+            .mlp
+            .down_proj
+            .forward(&(layer.mlp.gate_proj.forward(&x).silu() * layer.mlp.up_proj.forward(&x)));
+    });
+    time("one rmsnorm", &mut || {
+        let _ = layer.input_layernorm.forward(&x);
+    });
+    time("qkv proj", &mut || {
+        let _ = layer.self_attn.q_proj.forward(&x);
+        let _ = layer.self_attn.k_proj.forward(&x);
+        let _ = layer.self_attn.v_proj.forward(&x);
+    });
+}
