@@ -200,7 +200,7 @@ fn grading_failures(log: &Path) -> usize {
 
 #[test]
 fn a_verifier_that_is_down_holds_groups_back_until_it_answers() {
-    const STEPS: u64 = 3;
+    const STEPS: u64 = 5;
     let run = new_run(&config(STEPS, 0));
     let (verifier, learner, metrics) = (free_addr(), free_addr(), free_addr());
     let (verifier_arg, learner_arg, metrics_arg) = (
