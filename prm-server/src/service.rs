@@ -27,6 +27,8 @@ pub const MAX_REQUEST_RESPONSES: usize = 4096;
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// Requests kept for the latency percentiles and the throughput.
 const RECENT: usize = 1024;
+/// How long a stopping server waits for calls in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Everything `prime prm-server` needs.
 #[derive(Debug, Clone)]
@@ -674,7 +676,8 @@ impl RunningServer {
 
     /// Serves until the process is interrupted (Ctrl-C) or the server fails.
     pub fn wait(mut self) -> Result<()> {
-        self.stop.take();
+        // Dropping the sender would stop the server: it lives until the server ends.
+        let _stop = self.stop.take();
         self.thread
             .take()
             .map(|t| {
@@ -783,7 +786,7 @@ pub fn start(
                     .set_serving::<PrmServerServer<PrmService>>()
                     .await;
                 let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-                let shutdown = async move {
+                let stop = async move {
                     if until_ctrl_c {
                         tokio::select! {
                             _ = stop_rx => {}
@@ -793,15 +796,31 @@ pub fn start(
                         let _ = stop_rx.await;
                     }
                 };
-                tonic::transport::Server::builder()
+                let (graceful_tx, graceful_rx) = tokio::sync::oneshot::channel::<()>();
+                let serve = tonic::transport::Server::builder()
                     .add_service(health_service)
                     .add_service(tonic::service::interceptor::InterceptedService::new(
                         service.into_server(),
                         prime_verifier::service::TokenCheck::new(token),
                     ))
-                    .serve_with_incoming_shutdown(incoming, shutdown)
-                    .await
-                    .map_err(|e| PrmError::Unavailable(format!("server failed: {e}")))
+                    .serve_with_incoming_shutdown(incoming, async {
+                        let _ = graceful_rx.await;
+                    });
+                tokio::pin!(serve);
+                let failed = |e: tonic::transport::Error| {
+                    PrmError::Unavailable(format!("server failed: {e}"))
+                };
+                tokio::select! {
+                    result = &mut serve => return result.map_err(failed),
+                    () = stop => {}
+                }
+                let _ = graceful_tx.send(());
+                // Calls in flight get a moment to finish; an idle client that never answers
+                // the goaway does not keep the server up.
+                match tokio::time::timeout(SHUTDOWN_GRACE, serve).await {
+                    Ok(result) => result.map_err(failed),
+                    Err(_) => Ok(()),
+                }
             })
         })
         .map_err(PrmError::io("server thread"))?;
