@@ -197,7 +197,15 @@ impl DataParallel {
             shards: [None, None],
         };
         if dp.world_size() > 1 {
-            dp.sync_from_rank0(models)?;
+            // Rank 0 may still be opening its run (building the world, a first evaluation):
+            // the others wait for it as they wait for a batch.
+            let idle = std::time::Duration::from_secs(dp.config.idle_timeout_seconds.max(1));
+            let waiting = (dp.rank() > 0).then(|| dp.comm.set_op_timeout(idle));
+            let synced = dp.sync_from_rank0(models);
+            if let Some(limit) = waiting {
+                dp.comm.set_op_timeout(limit);
+            }
+            synced?;
         }
         if dp.config.zero1 {
             for which in [Trained::Policy, Trained::Prm] {
