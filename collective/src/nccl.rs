@@ -140,6 +140,16 @@ fn symbol(handle: *mut c_void, name: &str) -> Result<*mut c_void> {
     Ok(ptr)
 }
 
+/// A symbol's address as the function pointer type `F`.
+///
+/// # Safety
+/// `F` must be an `extern "C"` function pointer type matching the symbol's C declaration.
+unsafe fn function<F: Copy>(ptr: *mut c_void) -> F {
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
+    // SAFETY: same size, and the caller vouches for the signature.
+    unsafe { std::mem::transmute_copy::<*mut c_void, F>(&ptr) }
+}
+
 /// The torch wheel's `nvidia/<package>/lib/<file>` next to the libtorch we were built with.
 fn wheel_library(package: &str, file: &str) -> Option<String> {
     let torch_lib = PathBuf::from(env!("PRIME_TORCH_LIB_DIR"));
@@ -157,8 +167,8 @@ impl Nccl {
         let (handle, origin) = open_first(&candidates)?;
         macro_rules! resolve {
             ($name:literal) => {
-                // SAFETY: the signature is the one nccl.h declares for this symbol.
-                unsafe { std::mem::transmute::<*mut c_void, _>(symbol(handle, $name)?) }
+                // SAFETY: the field's type is the signature nccl.h declares for this symbol.
+                unsafe { function(symbol(handle, $name)?) }
             };
         }
         let api = Api {
@@ -219,7 +229,7 @@ fn set_device(index: usize) -> Result<()> {
         open_first(&candidates).map_err(|e| CollectiveError::Nccl(format!("CUDA runtime: {e}")))?;
     // SAFETY: cudaSetDevice(int) -> cudaError_t, as cuda_runtime_api.h declares.
     let set: unsafe extern "C" fn(c_int) -> c_int =
-        unsafe { std::mem::transmute(symbol(handle, "cudaSetDevice")?) };
+        unsafe { function(symbol(handle, "cudaSetDevice")?) };
     // SAFETY: plain call with a device ordinal.
     let code = unsafe { set(index as c_int) };
     if code != 0 {
@@ -528,14 +538,21 @@ impl Collective for NcclGroup {
 mod tests {
     use super::*;
 
-    /// Loads the libnccl of the torch wheel (present even in this CPU-only environment)
-    /// and resolves every symbol the binding uses; skipped where no libnccl exists.
+    /// Loads the libnccl of the torch wheel (present even in this CPU-only environment),
+    /// resolves every symbol the binding uses and makes two unique ids; skipped where no
+    /// libnccl exists.
     #[test]
     fn loads_the_wheels_libnccl() {
         match Nccl::load() {
             Ok(lib) => {
                 let v = lib.version().unwrap();
+                eprintln!("loaded NCCL {v} from {}", lib.origin);
                 assert!(v >= 21000, "NCCL {v} predates bf16 support");
+                // Making a unique id needs no GPU (it opens rank 0's bootstrap socket).
+                let (a, b) = (lib.unique_id().unwrap(), lib.unique_id().unwrap());
+                assert_eq!(a.len(), UNIQUE_ID_BYTES);
+                assert!(a.iter().any(|&x| x != 0));
+                assert_ne!(a, b, "two groups got the same id");
             }
             Err(e) => eprintln!("no libnccl here, nothing to check: {e}"),
         }

@@ -484,17 +484,19 @@ impl TcpGroup {
             table[rank] = Some(SocketAddr::new(*ip, *port));
         }
         let mut addresses = Vec::new();
-        for rank in 1..world {
-            let (stream, _, _) = joined[rank].as_mut().expect("all joined");
+        for (rank, entry) in joined.iter_mut().enumerate().skip(1) {
+            let (stream, _, _) = entry.as_mut().expect("all joined");
             // Rank 0 is reached the way this rank reached the master.
             let own = stream
                 .local_addr()
                 .map_err(|e| CollectiveError::Join(e.to_string()))?
                 .ip();
+            let full: Vec<SocketAddr> = table
+                .iter()
+                .map(|a| a.unwrap_or(SocketAddr::new(own, ring_port)))
+                .collect();
             let mut reply = Wire::new().u32(JOIN_MAGIC).u32(0).0;
-            for (r, addr) in table.iter().enumerate() {
-                let addr = addr.unwrap_or(SocketAddr::new(own, ring_port));
-                debug_assert!(r > 0 || addr.port() == ring_port);
+            for addr in &full {
                 let text = addr.to_string();
                 reply.extend_from_slice(&(text.len() as u32).to_le_bytes());
                 reply.extend_from_slice(text.as_bytes());
@@ -506,12 +508,8 @@ impl TcpGroup {
                 limit: deadline.saturating_duration_since(Instant::now()),
             };
             write_full(stream, &reply, deadline, ctx)?;
-            if rank == 1 {
-                addresses = table
-                    .iter()
-                    .map(|a| a.unwrap_or(SocketAddr::new(own, ring_port)))
-                    .collect();
-            }
+            // Rank 0 itself only needs the others' entries, the same in every table.
+            addresses = full;
         }
         Ok(addresses)
     }
@@ -769,7 +767,7 @@ impl Collective for TcpGroup {
     fn reduce_scatter(&mut self, input: &Tensor, output: &mut Tensor, op: ReduceOp) -> Result<()> {
         let kind = reducible(input)?;
         let w = self.world_size;
-        if input.numel() % w != 0 {
+        if !input.numel().is_multiple_of(w) {
             return Err(CollectiveError::Tensor(format!(
                 "reduce_scatter input of {} elements does not split over {w} ranks",
                 input.numel()
@@ -794,7 +792,7 @@ impl Collective for TcpGroup {
         }
         let mut mine = work.narrow(0, (self.rank * n) as i64, n as i64);
         if op == ReduceOp::Mean {
-            mine = mine / w as f64;
+            mine /= w as f64;
         }
         output.view(-1).copy_(&mine);
         Ok(())

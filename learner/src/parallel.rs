@@ -668,23 +668,6 @@ pub fn follow(models: &mut PrimeModels, config: &crate::config::LearnerConfig) -
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parts_cover_in_order() {
-        assert_eq!(
-            (0..3).map(|i| part(5, 3, i)).collect::<Vec<_>>(),
-            vec![0..2, 2..4, 4..5]
-        );
-        assert_eq!(
-            (0..3).map(|i| part(1, 3, i)).collect::<Vec<_>>(),
-            vec![0..1, 1..1, 1..1]
-        );
-    }
-}
-
 /// Forms this rank's group as `config` says, every operation under a watchdog: the TCP ring,
 /// or NCCL on a CUDA `device` (with the `nccl` feature). `epoch` is the group generation the
 /// launcher gives every rank of one start (`PRIME_GROUP_EPOCH`).
@@ -728,4 +711,21 @@ pub fn join_group(
     let dog =
         prime_collective::Watchdog::exiting(limit + Duration::from_secs(10), move || abort.abort());
     Ok(Box::new(prime_collective::Watched::new(group, dog)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_cover_in_order() {
+        assert_eq!(
+            (0..3).map(|i| part(5, 3, i)).collect::<Vec<_>>(),
+            vec![0..2, 2..4, 4..5]
+        );
+        assert_eq!(
+            (0..3).map(|i| part(1, 3, i)).collect::<Vec<_>>(),
+            vec![0..1, 1..1, 1..1]
+        );
+    }
 }

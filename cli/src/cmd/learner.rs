@@ -136,19 +136,28 @@ pub fn run(args: LearnerArgs) -> Result<()> {
     }
 }
 
-/// This process's rank, its device (`cuda` means `cuda:LOCAL_RANK`) and, with more than one
-/// rank, its joined group.
-fn join_ranks(
-    device: &str,
-    parallel: &ParallelConfig,
-) -> Result<(RankInfo, Device, Option<Box<dyn Collective>>)> {
+/// This process in the learner group.
+struct Rank {
+    info: RankInfo,
+    /// `cuda` means `cuda:LOCAL_RANK`.
+    device: Device,
+    /// The joined group, with more than one rank.
+    group: Option<Box<dyn Collective>>,
+}
+
+/// Finds this process's rank and joins its group.
+fn join_ranks(device: &str, parallel: &ParallelConfig) -> Result<Rank> {
     let info = RankInfo::from_env()?;
     let device = match parse_device(device)? {
         Device::Cuda(0) if device == "cuda" => Device::Cuda(info.local_rank),
         d => d,
     };
     if info.world_size == 1 {
-        return Ok((info, device, None));
+        return Ok(Rank {
+            info,
+            device,
+            group: None,
+        });
     }
     let epoch = match std::env::var("PRIME_GROUP_EPOCH") {
         Ok(v) => v
@@ -165,7 +174,11 @@ fn join_ranks(
     );
     let group = join_group(&info, parallel, device, epoch)
         .with_context(|| format!("rank {} joining the learner group", info.rank))?;
-    Ok((info, device, Some(group)))
+    Ok(Rank {
+        info,
+        device,
+        group: Some(group),
+    })
 }
 
 /// Runs the Learner service until the configured steps are done, then writes the report.
@@ -176,7 +189,11 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     let config = RunConfig::from_file_with_overrides(config_path, &args.overrides)?;
     let parallel = config.learner.parallel.clone();
-    let (info, device, mut group) = join_ranks(&args.device, &parallel)?;
+    let Rank {
+        info,
+        device,
+        mut group,
+    } = join_ranks(&args.device, &parallel)?;
     if info.rank > 0 {
         let group = group.take().expect("a rank above 0 has a group");
         let mut models = open_follower(&config, &args.run_dir, device)?;
@@ -287,7 +304,11 @@ fn run_step(args: StepArgs) -> Result<()> {
     };
     config.parallel.zero1 = args.zero1;
     config.parallel.collective_timeout_seconds = args.collective_timeout_seconds;
-    let (info, device, group) = join_ranks(&args.device, &config.parallel)?;
+    let Rank {
+        info,
+        device,
+        group,
+    } = join_ranks(&args.device, &config.parallel)?;
     let load = |dir: &Path, what: &str| {
         CausalLm::load(dir, device, Kind::Float, Kind::Float)
             .with_context(|| format!("loading the {what} from {}", dir.display()))
