@@ -238,3 +238,80 @@ fn a_stopped_rank_makes_rank_0_exit_at_the_collective_timeout() {
     assert!(stderr.contains("did not finish within 3s"), "{stderr}");
     assert!(waited < Duration::from_secs(30), "{waited:?}: {stderr}");
 }
+
+/// `prime train --learners 2` on the embedded world with a tiny start model: two learner
+/// ranks (the optimizer state sharded), a verifier and an actor run three steps; rank 1
+/// follows to the end and each checkpoint holds the unsharded optimizer state.
+#[test]
+fn prime_train_with_two_learner_ranks() {
+    init_threads();
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    let config_text = r#"
+[world]
+seed = 4
+sft = { size = 40 }
+rl = { size = 80 }
+heldout = { size = 6 }
+
+[learner]
+batch_prompts = 4
+samples_per_prompt = 3
+steps = 3
+mini_batches = 2
+max_response_tokens = 30
+eval_every = 0
+eval_problems = 6
+eval_greedy = false
+checkpoint_every = 1
+keep_checkpoints = 1
+filter = { enabled = false }
+parallel = { zero1 = true, collective_timeout_seconds = 120 }
+"#;
+    let config_path = tmp.path().join("config.toml");
+    std::fs::write(&config_path, config_text).unwrap();
+    let config = prime_learner::RunConfig::from_file_with_overrides(&config_path, &[]).unwrap();
+    prime_tests::write_tiny_start_model(&run_dir, &config, 7);
+    let out = Command::new(env!("CARGO_BIN_EXE_prime"))
+        .env("PRIME_THREADS", "1")
+        .env("RUST_LOG", "info")
+        .args(["train", "--config", config_path.to_str().unwrap()])
+        .args([
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--actors",
+            "1",
+            "--learners",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let logs =
+        |name: &str| std::fs::read_to_string(run_dir.join("logs").join(name)).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "prime train failed: {}\nrank 0:\n{}\nrank 1:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs("learner.log"),
+        logs("learner-1.log")
+    );
+    let steps = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"step\""))
+        .count();
+    assert_eq!(steps, 3);
+    let follower = logs("learner-1.log");
+    assert!(follower.contains("joined the TCP group"), "{follower}");
+    assert!(follower.contains("rank 0 stopped the group"), "{follower}");
+    assert_eq!(follower.matches("step done").count(), 3, "{follower}");
+    let checkpoint = run_dir.join("checkpoints").join("step-000003");
+    let state =
+        tch::Tensor::read_safetensors(checkpoint.join("policy_optimizer.safetensors")).unwrap();
+    let names: Vec<&str> = state.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.iter().all(|n| !n.starts_with("zero1")), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.ends_with(".exp_avg_sq")),
+        "{names:?}"
+    );
+}
