@@ -201,16 +201,32 @@ fn chunk_ranges(elements: usize, world: usize, elt: usize) -> Vec<Range<usize>> 
         .collect()
 }
 
+/// `dst += src` for f32 elements in little-endian bytes of any alignment.
+fn add_f32_bytes(dst: &mut [u8], src: &[u8]) {
+    for (d, s) in dst.chunks_exact_mut(4).zip(src.chunks_exact(4)) {
+        let v = f32::from_le_bytes(d.try_into().expect("4"))
+            + f32::from_le_bytes(s.try_into().expect("4"));
+        d.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
 /// `dst += src` element-wise for the reducible dtypes, little-endian bytes on both sides.
 fn add_into(dst: &mut [u8], src: &[u8], kind: Kind) {
     match kind {
-        Kind::Float => {
-            for (d, s) in dst.chunks_exact_mut(4).zip(src.chunks_exact(4)) {
-                let v = f32::from_le_bytes(d.try_into().expect("4"))
-                    + f32::from_le_bytes(s.try_into().expect("4"));
-                d.copy_from_slice(&v.to_le_bytes());
+        // The common case as whole f32 slices, which the compiler vectorises; tensor storage
+        // and the scratch buffer are normally 4-byte aligned.
+        Kind::Float if cfg!(target_endian = "little") => {
+            // SAFETY: any 4 bytes are a valid f32.
+            let (d, s) = unsafe { (dst.align_to_mut::<f32>(), src.align_to::<f32>()) };
+            if d.0.is_empty() && d.2.is_empty() && s.0.is_empty() && s.2.is_empty() {
+                for (a, b) in d.1.iter_mut().zip(s.1) {
+                    *a += b;
+                }
+            } else {
+                add_f32_bytes(dst, src);
             }
         }
+        Kind::Float => add_f32_bytes(dst, src),
         Kind::Double => {
             for (d, s) in dst.chunks_exact_mut(8).zip(src.chunks_exact(8)) {
                 let v = f64::from_le_bytes(d.try_into().expect("8"))
