@@ -280,9 +280,25 @@ fn with_host_bytes<R>(
     Ok(out)
 }
 
-/// The listener of a rank's ring connection, on every interface.
-fn ring_listener() -> std::io::Result<TcpListener> {
-    TcpListener::bind(("0.0.0.0", 0))
+/// Where the group's listeners bind: loopback only when rank 0 is on loopback (a
+/// single-machine group is then unreachable from outside), else every interface. The ring
+/// carries no credentials: on a shared network keep it on a private one (a NetworkPolicy).
+fn listen_ip(info: &RankInfo) -> IpAddr {
+    let loopback = info
+        .master()
+        .to_socket_addrs()
+        .map(|mut addrs| addrs.all(|a| a.ip().is_loopback()))
+        .unwrap_or(false);
+    if loopback {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        IpAddr::from([0, 0, 0, 0])
+    }
+}
+
+/// The listener of a rank's ring connection.
+fn ring_listener(ip: IpAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind((ip, 0))
 }
 
 /// Accepts one connection before `deadline`.
@@ -359,8 +375,8 @@ impl TcpGroup {
             return Ok(group);
         }
         let deadline = Instant::now() + options.join_timeout;
-        let ring =
-            ring_listener().map_err(|e| CollectiveError::Join(format!("ring listener: {e}")))?;
+        let ring = ring_listener(listen_ip(info))
+            .map_err(|e| CollectiveError::Join(format!("ring listener: {e}")))?;
         let ring_port = ring
             .local_addr()
             .map_err(|e| CollectiveError::Join(e.to_string()))?
@@ -440,7 +456,7 @@ impl TcpGroup {
         deadline: Instant,
     ) -> Result<Vec<SocketAddr>> {
         let world = info.world_size;
-        let listener = TcpListener::bind(("0.0.0.0", info.master_port)).map_err(|e| {
+        let listener = TcpListener::bind((listen_ip(info), info.master_port)).map_err(|e| {
             CollectiveError::Join(format!(
                 "rank 0 cannot listen on port {}: {e}",
                 info.master_port
