@@ -538,6 +538,43 @@ impl Collective for NcclGroup {
 mod tests {
     use super::*;
 
+    /// A world-size-1 communicator on real device memory: all-reduce (sum and mean) and
+    /// broadcast leave the values as they are, reduce-scatter and all-gather copy. Runs only
+    /// where CUDA is available (a GPU task); elsewhere it checks nothing.
+    #[test]
+    fn world_of_one_on_cuda() {
+        if !tch::Cuda::is_available() {
+            eprintln!("no CUDA device here: the NCCL run needs a GPU task");
+            return;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let info = RankInfo {
+            master_port: port,
+            ..RankInfo::single()
+        };
+        let mut group = NcclGroup::join(&info, 0, Duration::from_secs(60)).unwrap();
+        let device = Device::Cuda(0);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let values = Tensor::from_slice(&[1.5f32, -2.0, 3.25, 0.0]).to_kind(kind);
+            let mut t = values.to_device(device);
+            group.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+            group.all_reduce(&mut t, ReduceOp::Mean).unwrap();
+            group.broadcast(&mut t, 0).unwrap();
+            assert!(t.to_device(Device::Cpu).equal(&values), "{kind:?}");
+            let mut out = Tensor::zeros([4], (kind, device));
+            group.reduce_scatter(&t, &mut out, ReduceOp::Sum).unwrap();
+            assert!(out.to_device(Device::Cpu).equal(&values));
+            let mut gathered = Tensor::zeros([4], (kind, device));
+            group.all_gather(&out, &mut gathered).unwrap();
+            assert!(gathered.to_device(Device::Cpu).equal(&values));
+        }
+        group.barrier().unwrap();
+    }
+
     /// Loads the libnccl of the torch wheel (present even in this CPU-only environment),
     /// resolves every symbol the binding uses and makes two unique ids; skipped where no
     /// libnccl exists.
