@@ -2,6 +2,7 @@
 #
 #   make demo    build, then run the embedded default job (configs/demo.toml): warm-up + PRIME
 #   make test    build and run every test (Rust + reference checks against transformers)
+#   make lint    rustfmt and clippy, also of the NCCL feature (it builds without CUDA)
 #   make build   release build; leaves target/release/prime (libtorch found through its rpath)
 #
 # Everything the build needs is installed here on first use: a Python venv with the PyPI
@@ -71,9 +72,12 @@ test: deps venv
 test-deploy: venv
 	$(VENV)/bin/python -m unittest discover -s tests/deploy -v
 
+# The NCCL backend builds without CUDA (libnccl is loaded at run time): checked here so CI
+# compiles it on CPU machines.
 lint: venv
 	cargo fmt --all -- --check
 	cargo clippy -j $(JOBS) --workspace --all-targets -- -D warnings
+	cargo clippy -j $(JOBS) -p prime-cli -p prime-collective --all-targets --features prime-cli/nccl,prime-collective/nccl -- -D warnings
 
 fmt:
 	cargo fmt --all

@@ -7,6 +7,8 @@
 //! median of the repeats), then run `bench/python/bench_transformers.py` with the same model,
 //! batch, lengths, device, dtype and thread count as a subprocess and read its JSON line.
 //! Speed is only ever measured here and reported in docs/benchmarks.md; tests never assert it.
+//! [`allreduce`] measures the data-parallel learner's CPU collective backend.
+pub mod allreduce;
 pub mod error;
 pub mod learner_step;
 pub mod load;

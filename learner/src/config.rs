@@ -319,6 +319,10 @@ pub struct LearnerConfig {
     /// paper: all three are the SFT model).
     #[serde(default)]
     pub prm_path: Option<PathBuf>,
+    /// Data parallelism across learner ranks: optimizer sharding, buckets, backend and
+    /// timeouts (the ranks themselves come from the environment).
+    #[serde(default)]
+    pub parallel: crate::parallel::ParallelConfig,
 }
 
 fn l_mini_batches() -> usize {

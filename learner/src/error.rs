@@ -25,6 +25,8 @@ pub enum LearnerError {
     Torch(#[from] tch::TchError),
     #[error(transparent)]
     Auth(#[from] prime_proto::auth::AuthError),
+    #[error(transparent)]
+    Collective(#[from] prime_collective::CollectiveError),
 }
 
 impl LearnerError {

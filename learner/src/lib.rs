@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod optim;
+pub mod parallel;
 pub mod plot;
 pub mod report;
 pub mod run;

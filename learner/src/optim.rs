@@ -117,6 +117,21 @@ impl AdamW {
         self.step
     }
 
+    /// The optimised parameters, named, in order.
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    /// The hyperparameters.
+    pub fn config(&self) -> AdamWConfig {
+        self.config
+    }
+
+    /// Whether f32 master copies are kept (for parameters not stored in f32).
+    pub fn keeps_master_weights(&self) -> bool {
+        self.masters.iter().any(Option::is_some)
+    }
+
     /// Clears the gradients of every parameter.
     pub fn zero_grad(&mut self) {
         for (_, p) in &mut self.params {
@@ -159,6 +174,15 @@ impl AdamW {
 
     /// One AdamW update with learning rate `lr`; parameters without a gradient are skipped.
     pub fn step(&mut self, lr: f64) {
+        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
+        self.step_with_grads(lr, &grads);
+    }
+
+    /// One AdamW update with the given gradient of each parameter, in order (an undefined
+    /// tensor skips its parameter): the sharded optimizer of data parallelism passes the
+    /// reduced gradient of its shard, which no autograd pass wrote.
+    pub fn step_with_grads(&mut self, lr: f64, grads: &[Tensor]) {
+        assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         let _guard = tch::no_grad_guard();
         self.step += 1;
         let AdamWConfig {
@@ -169,13 +193,13 @@ impl AdamW {
         } = self.config;
         let bias1 = 1.0 - beta1.powi(self.step as i32);
         let bias2 = 1.0 - beta2.powi(self.step as i32);
-        for (((_, p), moments), master) in self
+        for ((((_, p), moments), master), grad) in self
             .params
             .iter_mut()
             .zip(&mut self.moments)
             .zip(&mut self.masters)
+            .zip(grads)
         {
-            let grad = p.grad();
             if !grad.defined() {
                 continue;
             }

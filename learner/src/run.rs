@@ -11,7 +11,10 @@ use crate::config::RunConfig;
 use crate::error::{LearnerError, Result};
 use crate::scheduler::{Pull, Scheduler, SchedulerConfig};
 use crate::sft::eval_problems;
-use crate::trainer::{local_rollouts, prompts_from_rows, StartModels, StepRecord, Trainer};
+use crate::step::PrimeModels;
+use crate::trainer::{
+    load_model, local_rollouts, prompts_from_rows, StartModels, StepRecord, Trainer,
+};
 
 /// Where the supervised warm-up of a run dir leaves its checkpoint.
 pub fn sft_checkpoint(run_dir: &Path) -> PathBuf {
@@ -112,6 +115,41 @@ pub fn open_run(
         trainer.evaluate()?;
     }
     Ok((trainer, scheduler))
+}
+
+/// The models of a data-parallel rank other than 0, loaded from the run's start models
+/// (the configured model, else the run's supervised checkpoint) only for their shapes:
+/// attaching the rank to its group ([`crate::parallel::DataParallel::attach`]) overwrites
+/// weights and optimizer state with rank 0's, a resumed checkpoint's included.
+pub fn open_follower(config: &RunConfig, run_dir: &Path, device: Device) -> Result<PrimeModels> {
+    let learner = &config.learner;
+    learner.validate().map_err(LearnerError::Data)?;
+    let policy_dir = config
+        .model
+        .path
+        .clone()
+        .unwrap_or_else(|| sft_checkpoint(run_dir));
+    if !policy_dir.join("config.json").exists() {
+        return Err(LearnerError::Data(format!(
+            "no start model at {} for this rank (every rank reads the start model)",
+            policy_dir.display()
+        )));
+    }
+    let prm_dir = learner
+        .prm_path
+        .clone()
+        .unwrap_or_else(|| policy_dir.clone());
+    let kind = learner.param_dtype.kind();
+    let reference = match learner.reference {
+        crate::config::ReferenceType::Freeze => Some(load_model(&prm_dir, device, kind)?),
+        crate::config::ReferenceType::Policy => None,
+    };
+    Ok(PrimeModels::new(
+        load_model(&policy_dir, device, kind)?,
+        load_model(&prm_dir, device, kind)?,
+        reference,
+        learner,
+    ))
 }
 
 /// Trains in one process: the learner samples its own rollouts through the same scheduler

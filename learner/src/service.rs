@@ -639,5 +639,5 @@ fn compute_loop(
         collecting_since = Instant::now();
         on_step(&record, trainer);
     }
-    Ok(())
+    trainer.tell_followers(crate::parallel::Command::Stop)
 }

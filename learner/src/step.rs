@@ -21,6 +21,7 @@ use crate::algo::{advantages, implicit_prm, masks, ppo, Estimator, LossAggregati
 use crate::config::{LearnerConfig, PrmUpdate, ReferenceType};
 use crate::error::{LearnerError, Result};
 use crate::optim::AdamW;
+use crate::parallel::{DataParallel, Trained};
 
 /// One scored response of a group, as sampled (EOS included when it stopped).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +59,9 @@ pub struct PrimeModels {
     pub policy_optimizer: AdamW,
     /// AdamW over the PRM's parameters.
     pub prm_optimizer: AdamW,
+    /// The data-parallel group this replica belongs to, once attached
+    /// ([`DataParallel::attach`]); `None` trains alone.
+    pub parallel: Option<DataParallel>,
 }
 
 impl PrimeModels {
@@ -87,6 +91,7 @@ impl PrimeModels {
             reference,
             policy_optimizer,
             prm_optimizer,
+            parallel: None,
         }
     }
 }
@@ -450,17 +455,20 @@ fn scalar(t: &Tensor) -> f64 {
 }
 
 /// Log-probs of every row without gradients, micro-batched; with `want_entropy` also the
-/// mean token entropy.
+/// mean token entropy. Each rank computes its share of the rows; all get every row.
 fn frozen_logprobs(
     model: &CausalLm,
     batch: &StepBatch,
     config: &LearnerConfig,
     want_entropy: bool,
+    dp: &mut DataParallel,
 ) -> Result<(Tensor, Option<f64>)> {
     let _guard = tch::no_grad_guard();
     let mut pieces = Vec::new();
     let mut entropy_sum = 0.0;
-    for rows in batch.micro_batches(0..batch.rows(), config.micro_batch_tokens) {
+    let all = 0..batch.rows();
+    let mine = dp.my_rows(&all, batch.k);
+    for rows in batch.micro_batches(mine, config.micro_batch_tokens) {
         let (logprobs, entropy) =
             response_logprobs(model, batch, &rows, config.logit_chunk_tokens, want_entropy)?;
         if let Some(h) = entropy {
@@ -469,10 +477,22 @@ fn frozen_logprobs(
         pieces.push(logprobs);
     }
     let tokens = scalar(&batch.mask.to_kind(Kind::Double).sum(Kind::Double));
+    let mut sums = [entropy_sum];
+    dp.sum(&mut sums)?;
+    let local = rows_or_empty(pieces, batch, model.model.device());
     Ok((
-        Tensor::cat(&pieces, 0),
-        want_entropy.then(|| entropy_sum / tokens.max(1.0)),
+        dp.gather_rows(&local, &all, batch.k)?,
+        want_entropy.then(|| sums[0] / tokens.max(1.0)),
     ))
+}
+
+/// The concatenated `[n, R]` pieces, or `[0, R]` for a rank without rows.
+fn rows_or_empty(pieces: Vec<Tensor>, batch: &StepBatch, device: Device) -> Tensor {
+    if pieces.is_empty() {
+        Tensor::zeros([0, batch.response_width], (Kind::Float, device))
+    } else {
+        Tensor::cat(&pieces, 0)
+    }
 }
 
 /// The weight of a micro-batch's aggregated loss in its mini-batch, so that accumulated
@@ -505,6 +525,7 @@ fn micro_weight(
 /// gradient norm.
 fn prm_pass(
     models: &mut PrimeModels,
+    dp: &mut DataParallel,
     batch: &StepBatch,
     reference_logprobs: &Tensor,
     config: &LearnerConfig,
@@ -515,8 +536,10 @@ fn prm_pass(
     let mut q_rows = Vec::new();
     let (mut loss_sum, mut norm_sum) = (0.0, 0.0);
     for mini in &minis {
-        models.prm_optimizer.zero_grad();
-        for micro in batch.micro_batches(mini.clone(), config.micro_batch_tokens) {
+        dp.zero_grad(models, Trained::Prm);
+        let mut q_mine = Vec::new();
+        // Weights stay shares of the whole mini-batch, so the ranks' gradients sum to it.
+        for micro in batch.micro_batches(dp.my_rows(mini, batch.k), config.micro_batch_tokens) {
             let mask = batch.rows_of(&batch.mask, &micro);
             let reference = batch.rows_of(reference_logprobs, &micro);
             let scores = batch.rows_of(&batch.scores, &micro);
@@ -529,21 +552,22 @@ fn prm_pass(
                 loss
             })?;
             loss_sum += scalar(&loss);
-            q_rows.push(q_micro.expect("the loss function ran"));
+            q_mine.push(q_micro.expect("the loss function ran"));
         }
-        norm_sum += models
-            .prm_optimizer
-            .clip_grad_norm(config.prm_optimizer.max_grad_norm);
-        models.prm_optimizer.step(lr);
+        let local = rows_or_empty(q_mine, batch, models.prm.model.device());
+        q_rows.push(dp.gather_rows(&local, mini, batch.k)?);
+        norm_sum += dp.update(models, Trained::Prm, config.prm_optimizer.max_grad_norm, lr)?;
     }
     let mut q = Tensor::cat(&q_rows, 0);
     if config.prm_update == PrmUpdate::UpdateThenScore {
         let _guard = tch::no_grad_guard();
-        let (logprobs, _) = frozen_logprobs(&models.prm, batch, config, false)?;
+        let (logprobs, _) = frozen_logprobs(&models.prm, batch, config, false, dp)?;
         q = implicit_prm::token_log_ratio(&logprobs, reference_logprobs, &batch.mask);
     }
+    let mut losses = [loss_sum];
+    dp.sum(&mut losses)?;
     let count = minis.len() as f64;
-    Ok((q, loss_sum / count, norm_sum / count))
+    Ok((q, losses[0] / count, norm_sum / count))
 }
 
 /// Figures of the PPO pass, means over mini-batches.
@@ -556,8 +580,10 @@ struct PolicyPass {
 
 /// The PPO pass (spec §6): per mini-batch, the clipped surrogate accumulated over
 /// micro-batches, clipping and an update.
+#[allow(clippy::too_many_arguments)]
 fn policy_pass(
     models: &mut PrimeModels,
+    dp: &mut DataParallel,
     batch: &StepBatch,
     old_logprobs: &Tensor,
     reference_logprobs: &Tensor,
@@ -570,8 +596,8 @@ fn policy_pass(
     let minis = batch.mini_batches(config.mini_batches);
     let mut totals = [0.0f64; 4];
     for mini in &minis {
-        models.policy_optimizer.zero_grad();
-        for micro in batch.micro_batches(mini.clone(), config.micro_batch_tokens) {
+        dp.zero_grad(models, Trained::Policy);
+        for micro in batch.micro_batches(dp.my_rows(mini, batch.k), config.micro_batch_tokens) {
             let reference =
                 (ppo_config.kl_coeff != 0.0).then(|| batch.rows_of(reference_logprobs, &micro));
             let old = batch.rows_of(old_logprobs, &micro);
@@ -605,11 +631,14 @@ fn policy_pass(
                 *total += value * weight;
             }
         }
-        totals[3] += models
-            .policy_optimizer
-            .clip_grad_norm(config.policy_optimizer.max_grad_norm);
-        models.policy_optimizer.step(lr);
+        totals[3] += dp.update(
+            models,
+            Trained::Policy,
+            config.policy_optimizer.max_grad_norm,
+            lr,
+        )?;
     }
+    dp.sum(&mut totals[..3])?;
     let count = minis.len() as f64;
     Ok(PolicyPass {
         loss: totals[0] / count,
@@ -627,14 +656,40 @@ fn mean_std(t: &Tensor) -> (f64, f64) {
 
 /// One PRIME iteration (spec §1 steps 2-6) on `groups`, every one of which is trained on.
 /// `iteration` (0-based) drives the learning-rate warm-up. The `rloo` estimator needs no
-/// process rewards and leaves the PRM untouched.
+/// process rewards and leaves the PRM untouched. With a data-parallel group attached, every
+/// rank calls it with the same groups and takes its share (see [`crate::parallel`]).
 pub fn prime_step(
     models: &mut PrimeModels,
     groups: &[ScoredGroup],
     config: &LearnerConfig,
     iteration: u64,
 ) -> Result<StepMetrics> {
-    let _span = tracing::info_span!("prime_step", iteration, groups = groups.len()).entered();
+    let attached = models.parallel.take();
+    let mut dp = match attached {
+        Some(dp) => dp,
+        None => DataParallel::single(models.policy.model.device()),
+    };
+    let result = step_on_ranks(models, &mut dp, groups, config, iteration);
+    if dp.world_size() > 1 || dp.zero1() {
+        models.parallel = Some(dp);
+    }
+    result
+}
+
+fn step_on_ranks(
+    models: &mut PrimeModels,
+    dp: &mut DataParallel,
+    groups: &[ScoredGroup],
+    config: &LearnerConfig,
+    iteration: u64,
+) -> Result<StepMetrics> {
+    let _span = tracing::info_span!(
+        "prime_step",
+        iteration,
+        groups = groups.len(),
+        rank = dp.rank()
+    )
+    .entered();
     let policy = &models.policy;
     let batch = StepBatch::new(
         groups,
@@ -651,7 +706,7 @@ pub fn prime_step(
 
     // 1. Old log-probs (spec §1 step 2), with the policy's entropy for monitoring.
     let clock = Instant::now();
-    let (old_logprobs, entropy) = frozen_logprobs(policy, &batch, config, true)?;
+    let (old_logprobs, entropy) = frozen_logprobs(policy, &batch, config, true, dp)?;
     metrics.entropy = entropy.unwrap_or_default();
     metrics.sampler_logprob_gap = batch.sampling_logprobs.as_ref().map(|sampled| {
         scalar(&masks::masked_mean(
@@ -666,7 +721,7 @@ pub fn prime_step(
     let needs_reference = config.estimator == Estimator::Prime || config.ppo.kl_coeff != 0.0;
     let reference_logprobs = match (&models.reference, config.reference) {
         (Some(reference), ReferenceType::Freeze) if needs_reference => {
-            frozen_logprobs(reference, &batch, config, false)?.0
+            frozen_logprobs(reference, &batch, config, false, dp)?.0
         }
         (None, ReferenceType::Freeze) if needs_reference => {
             return Err(LearnerError::Config {
@@ -683,7 +738,7 @@ pub fn prime_step(
     let prm_lr = config.prm_optimizer.lr_at(iteration);
     let q = match config.estimator {
         Estimator::Prime => {
-            let (before, _) = frozen_logprobs(&models.prm, &batch, config, false)?;
+            let (before, _) = frozen_logprobs(&models.prm, &batch, config, false, dp)?;
             let q = implicit_prm::token_log_ratio(&before, &reference_logprobs, &batch.mask);
             metrics.prm_new_batch_loss = scalar(&implicit_prm::prm_ce_loss(
                 &q,
@@ -698,7 +753,7 @@ pub fn prime_step(
                 k,
             ));
             let (q, loss, grad_norm) =
-                prm_pass(models, &batch, &reference_logprobs, config, prm_lr)?;
+                prm_pass(models, dp, &batch, &reference_logprobs, config, prm_lr)?;
             metrics.prm_loss = loss;
             metrics.prm_grad_norm = grad_norm;
             metrics.prm_lr = prm_lr;
@@ -743,6 +798,7 @@ pub fn prime_step(
     let policy_lr = config.policy_optimizer.lr_at(iteration);
     let pass = policy_pass(
         models,
+        dp,
         &batch,
         &old_logprobs,
         &reference_logprobs,

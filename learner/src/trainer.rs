@@ -17,6 +17,8 @@ use tch::{Device, Kind};
 use crate::checkpoint::{self, CheckpointParts, RngState, TrainerState};
 use crate::config::LearnerConfig;
 use crate::error::{LearnerError, Result};
+use crate::optim::AdamW;
+use crate::parallel::{Command, FullOptimizer, Trained};
 use crate::scheduler::{Batch, Group, GroupResponse, Prompt, SchedulerState, Work};
 use crate::sft::EvalProblem;
 use crate::step::{prime_step, PrimeModels, ScoredGroup, ScoredResponse, StepMetrics};
@@ -132,7 +134,8 @@ pub struct StartModels {
     pub tokenizer_dir: PathBuf,
 }
 
-fn load_model(dir: &Path, device: Device, param_kind: Kind) -> Result<CausalLm> {
+/// Loads a Hugging Face model directory with weights stored as `param_kind`.
+pub(crate) fn load_model(dir: &Path, device: Device, param_kind: Kind) -> Result<CausalLm> {
     Ok(CausalLm::load(
         dir,
         device,
@@ -252,6 +255,10 @@ impl Trainer {
     ) -> Result<StepRecord> {
         let clock = Instant::now();
         let groups: Vec<ScoredGroup> = batch.groups.iter().map(scored_group).collect();
+        self.tell_followers(Command::Step {
+            iteration: self.step,
+            groups: groups.clone(),
+        })?;
         let metrics = prime_step(&mut self.models, &groups, &self.config, self.step)?;
         self.step += 1;
         self.policy_version += 1;
@@ -319,8 +326,53 @@ impl Trainer {
         Ok(evaluation)
     }
 
-    /// Writes a checkpoint of everything a resume needs.
-    pub fn save_checkpoint(&self, scheduler: &SchedulerState) -> Result<PathBuf> {
+    /// With data parallelism, sends `command` to the other ranks (see
+    /// [`crate::parallel::follow`]); alone, does nothing.
+    pub fn tell_followers(&mut self, command: Command) -> Result<()> {
+        if let Some(dp) = self
+            .models
+            .parallel
+            .as_mut()
+            .filter(|dp| dp.world_size() > 1)
+        {
+            dp.exchange(Some(&command))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a checkpoint of everything a resume needs. With a sharded optimizer the other
+    /// ranks first send their shards, so the checkpoint has the unsharded format.
+    pub fn save_checkpoint(&mut self, scheduler: &SchedulerState) -> Result<PathBuf> {
+        let sharded = self.models.parallel.as_ref().is_some_and(|dp| dp.zero1());
+        if sharded {
+            self.tell_followers(Command::Checkpoint)?;
+        }
+        let mut dp = self.models.parallel.take();
+        let optimizers = match dp.as_mut() {
+            Some(dp) => {
+                [Trained::Policy, Trained::Prm].map(|which| dp.full_optimizer(&self.models, which))
+            }
+            None => [
+                Ok(FullOptimizer::Own(&self.models.policy_optimizer)),
+                Ok(FullOptimizer::Own(&self.models.prm_optimizer)),
+            ],
+        };
+        let written = match optimizers {
+            [Ok(policy_optimizer), Ok(prm_optimizer)] => {
+                self.write_checkpoint(scheduler, &policy_optimizer, &prm_optimizer)
+            }
+            [Err(e), _] | [_, Err(e)] => Err(e),
+        };
+        self.models.parallel = dp;
+        written
+    }
+
+    fn write_checkpoint(
+        &self,
+        scheduler: &SchedulerState,
+        policy_optimizer: &AdamW,
+        prm_optimizer: &AdamW,
+    ) -> Result<PathBuf> {
         let state = TrainerState {
             step: self.step,
             policy_version: self.policy_version,
@@ -335,8 +387,8 @@ impl Trainer {
             &CheckpointParts {
                 policy: &self.models.policy,
                 prm: &self.models.prm,
-                policy_optimizer: &self.models.policy_optimizer,
-                prm_optimizer: &self.models.prm_optimizer,
+                policy_optimizer,
+                prm_optimizer,
                 tokenizer_dir: Some(&self.tokenizer_dir),
                 state: &state,
             },

@@ -1,7 +1,8 @@
 //! `prime bench generate` and `prime bench logprobs`: our model against transformers;
 //! `prime bench learner-step`: our learner step against plain PyTorch; `prime bench
-//! weight-sync`: the weight stream against raw TCP. Each runs both sides in one invocation
-//! (the harness lives in the prime-bench crate); `prime bench verifier` is wired from the
+//! weight-sync`: the weight stream against raw TCP; `prime bench allreduce`: the learner's CPU
+//! collective backend against a plain TCP copy. Each runs both sides in one invocation (the
+//! harness lives in the prime-bench crate); `prime bench verifier` is wired from the
 //! verifier's module.
 //!
 //! Both sides use the same torch thread count: the global `--threads` (or `PRIME_THREADS`),
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use prime_bench::allreduce::AllReduceSettings;
 use prime_bench::python::default_python;
 use prime_bench::{BenchSettings, Python, Task, TinyModel};
 
@@ -29,6 +31,9 @@ pub enum BenchCommand {
     /// Simulated actors (no model) stream groups to one real learner on a tiny model:
     /// groups/s, submit latency, the learner's peak memory and the loss check.
     Load(LoadArgs),
+    /// The learner's CPU all-reduce (TCP ring on loopback): bus bandwidth against a plain TCP
+    /// copy of the same bytes.
+    Allreduce(AllreduceArgs),
 }
 
 /// Options of `prime bench load` (defaults: prime_bench::load::LoadSettings).
@@ -61,6 +66,50 @@ fn run_load(args: LoadArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct AllreduceArgs {
+    /// Ranks in the ring (threads of this process, one socket pair each).
+    #[arg(long, default_value_t = 2)]
+    pub world: usize,
+    /// Buffer sizes in MiB, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    pub sizes_mb: Vec<f64>,
+    /// f32 or bf16 elements.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Timed repeats per size after one warm-up; the median counts.
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Also write the rows as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn run_allreduce(args: AllreduceArgs) -> Result<()> {
+    let kind = match args.dtype.as_str() {
+        "f32" => tch::Kind::Float,
+        "bf16" => tch::Kind::BFloat16,
+        other => anyhow::bail!("--dtype {other}: the ring reduces f32 or bf16"),
+    };
+    let settings = AllReduceSettings {
+        world: args.world,
+        sizes: args
+            .sizes_mb
+            .iter()
+            .map(|mb| (mb * (1 << 20) as f64) as usize)
+            .collect(),
+        kind,
+        repeats: args.repeats,
+    };
+    let rows = prime_bench::allreduce::run_allreduce(&settings)?;
+    print!("{}", prime_bench::allreduce::table(&settings, &rows));
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
@@ -139,6 +188,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::WeightSync(args) => return run_weight_sync(args),
         BenchCommand::Verifier(args) => return super::verifier::run_bench(args),
         BenchCommand::Load(args) => return run_load(args),
+        BenchCommand::Allreduce(args) => return run_allreduce(args),
     };
     let python = Python {
         executable: common.python.clone().unwrap_or_else(default_python),

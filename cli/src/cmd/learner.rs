@@ -1,22 +1,29 @@
 //! `prime learner --config FILE`: the Learner service (work, groups, filter, PRIME steps,
 //! published weights); `prime learner step`: one PRIME iteration on recorded groups, for
 //! replaying a batch to debug a step (and for the tests).
+//!
+//! Both run as one process per data-parallel rank: `WORLD_SIZE`, `RANK` (or a StatefulSet
+//! ordinal in `HOSTNAME`), `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` and `PRIME_GROUP_EPOCH`
+//! say which. Rank 0 serves actors, publishes weights and writes checkpoints and outputs; the
+//! other ranks only train.
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use prime_collective::{Collective, RankInfo};
 use prime_learner::algo::Estimator;
 use prime_learner::config::ReferenceType;
+use prime_learner::parallel::{follow, join_group, DataParallel, ParallelConfig};
 use prime_learner::report::{plot_run, summarize, summary_table, Summary};
-use prime_learner::run::open_run;
+use prime_learner::run::{open_follower, open_run};
 use prime_learner::service::{run_learner, ListenOptions};
 use prime_learner::trainer::Trainer;
 use prime_learner::{prime_step, LearnerConfig, PrimeModels, RunConfig, ScoredGroup};
 use prime_model::checkpoint::copy_tokenizer_files;
 use prime_model::{parse_device, CausalLm, DEFAULT_MAX_SHARD_BYTES};
-use tch::Kind;
+use tch::{Device, Kind};
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -111,6 +118,12 @@ pub struct StepArgs {
     /// Advantage estimator.
     #[arg(long, value_enum, default_value_t = EstimatorArg::Prime)]
     pub estimator: EstimatorArg,
+    /// With several ranks: shard the optimizer state over them (ZeRO stage 1).
+    #[arg(long)]
+    pub zero1: bool,
+    /// With several ranks: seconds one collective may take before the rank fails.
+    #[arg(long, default_value_t = 600)]
+    pub collective_timeout_seconds: u64,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -123,17 +136,80 @@ pub fn run(args: LearnerArgs) -> Result<()> {
     }
 }
 
+/// This process in the learner group.
+struct Rank {
+    info: RankInfo,
+    /// `cuda` means `cuda:LOCAL_RANK`.
+    device: Device,
+    /// The joined group, with more than one rank.
+    group: Option<Box<dyn Collective>>,
+}
+
+/// Finds this process's rank and joins its group.
+fn join_ranks(device: &str, parallel: &ParallelConfig) -> Result<Rank> {
+    let info = RankInfo::from_env()?;
+    let device = match parse_device(device)? {
+        Device::Cuda(0) if device == "cuda" => Device::Cuda(info.local_rank),
+        d => d,
+    };
+    if info.world_size == 1 {
+        return Ok(Rank {
+            info,
+            device,
+            group: None,
+        });
+    }
+    let epoch = match std::env::var("PRIME_GROUP_EPOCH") {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("PRIME_GROUP_EPOCH={v:?} is not a number"))?,
+        Err(_) => 0,
+    };
+    tracing::info!(
+        rank = info.rank,
+        world_size = info.world_size,
+        master = %info.master(),
+        epoch,
+        "joining the learner group"
+    );
+    let group = join_group(&info, parallel, device, epoch)
+        .with_context(|| format!("rank {} joining the learner group", info.rank))?;
+    Ok(Rank {
+        info,
+        device,
+        group: Some(group),
+    })
+}
+
 /// Runs the Learner service until the configured steps are done, then writes the report.
+/// Ranks other than 0 follow rank 0's steps instead.
 fn serve(args: ServeArgs) -> Result<()> {
     let Some(config_path) = &args.config else {
         bail!("`prime learner` needs --config FILE (or the `step` subcommand)");
     };
     let config = RunConfig::from_file_with_overrides(config_path, &args.overrides)?;
+    let parallel = config.learner.parallel.clone();
+    let Rank {
+        info,
+        device,
+        mut group,
+    } = join_ranks(&args.device, &parallel)?;
+    if info.rank > 0 {
+        let group = group.take().expect("a rank above 0 has a group");
+        let mut models = open_follower(&config, &args.run_dir, device)?;
+        DataParallel::attach(&mut models, group, parallel)?;
+        let steps = follow(&mut models, &config.learner)
+            .with_context(|| format!("learner rank {}", info.rank))?;
+        tracing::info!(rank = info.rank, steps, "rank 0 stopped the group");
+        return Ok(());
+    }
     std::fs::create_dir_all(&args.run_dir)
         .with_context(|| format!("creating {}", args.run_dir.display()))?;
     std::fs::write(args.run_dir.join("config.toml"), config.to_toml())?;
-    let device = parse_device(&args.device)?;
-    let (trainer, scheduler) = open_run(&config, &args.run_dir, device, args.resume)?;
+    let (mut trainer, scheduler) = open_run(&config, &args.run_dir, device, args.resume)?;
+    if let Some(group) = group {
+        DataParallel::attach(&mut trainer.models, group, parallel)?;
+    }
     let options = ListenOptions {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
@@ -226,7 +302,13 @@ fn run_step(args: StepArgs) -> Result<()> {
         EstimatorArg::Prime => Estimator::Prime,
         EstimatorArg::Rloo => Estimator::Rloo,
     };
-    let device = parse_device(&args.device)?;
+    config.parallel.zero1 = args.zero1;
+    config.parallel.collective_timeout_seconds = args.collective_timeout_seconds;
+    let Rank {
+        info,
+        device,
+        group,
+    } = join_ranks(&args.device, &config.parallel)?;
     let load = |dir: &Path, what: &str| {
         CausalLm::load(dir, device, Kind::Float, Kind::Float)
             .with_context(|| format!("loading the {what} from {}", dir.display()))
@@ -240,7 +322,14 @@ fn run_step(args: StepArgs) -> Result<()> {
         bail!("policy, PRM and reference must share one vocabulary");
     }
     let mut models = PrimeModels::new(policy, prm, Some(reference), &config);
-    let metrics = prime_step(&mut models, &groups, &config, 0)?;
+    if let Some(group) = group {
+        DataParallel::attach(&mut models, group, config.parallel.clone())?;
+    }
+    let metrics = prime_step(&mut models, &groups, &config, 0)
+        .with_context(|| format!("learner rank {}", info.rank))?;
+    if info.rank > 0 {
+        return Ok(());
+    }
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;

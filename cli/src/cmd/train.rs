@@ -1,8 +1,8 @@
 //! `prime train --config FILE`: the product's main job on one machine. Runs the supervised
-//! warm-up when its checkpoint is missing, then starts a verifier, a learner and N actors as
-//! separate `prime` processes talking gRPC on loopback (or everything in this process with
-//! `--local`), shows progress, and leaves plots, `metrics.jsonl` and `summary.json` in the run
-//! dir, whose path it prints.
+//! warm-up when its checkpoint is missing, then starts a verifier, a learner (or
+//! `--learners N` data-parallel ranks) and N actors as separate `prime` processes talking
+//! gRPC on loopback (or everything in this process with `--local`), shows progress, and
+//! leaves plots, `metrics.jsonl` and `summary.json` in the run dir, whose path it prints.
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -32,6 +32,10 @@ pub struct TrainArgs {
     /// Rollout actors to start.
     #[arg(long, default_value_t = 2)]
     pub actors: usize,
+    /// Data-parallel learner ranks to start, one process each (TCP backend on a CPU
+    /// machine); rank 0 serves the actors.
+    #[arg(long, default_value_t = 1)]
+    pub learners: usize,
     /// Train in this one process (the learner samples its own rollouts) instead of starting
     /// services.
     #[arg(long)]
@@ -66,6 +70,16 @@ fn free_port() -> Result<SocketAddr> {
 }
 
 fn spawn(name: &str, args: &[String], logs: &Path, threads: &str) -> Result<(String, Child)> {
+    spawn_with_env(name, args, logs, threads, &[])
+}
+
+fn spawn_with_env(
+    name: &str,
+    args: &[String],
+    logs: &Path,
+    threads: &str,
+    envs: &[(String, String)],
+) -> Result<(String, Child)> {
     let exe = std::env::current_exe().context("locating the prime binary")?;
     let log_path = logs.join(format!("{name}.log"));
     let log = std::fs::File::create(&log_path)
@@ -79,6 +93,7 @@ fn spawn(name: &str, args: &[String], logs: &Path, threads: &str) -> Result<(Str
         .env("OMP_NUM_THREADS", threads)
         .env("OMP_WAIT_POLICY", "PASSIVE")
         .env_remove("PRIME_TOKEN")
+        .envs(envs.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -173,6 +188,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 fn train_local(config: &RunConfig, args: &TrainArgs) -> Result<()> {
+    if args.learners > 1 {
+        bail!("--local trains in one process; --learners needs the services (drop --local)");
+    }
     let device = parse_device(&args.device)?;
     let (mut trainer, mut scheduler) = open_run(config, &args.run_dir, device, args.resume)?;
     let bar = step_bar(config.learner.steps, "prime");
@@ -199,6 +217,9 @@ fn train_services(
     if args.actors == 0 {
         bail!("--actors must be at least 1 (or use --local)");
     }
+    if args.learners == 0 {
+        bail!("--learners must be at least 1");
+    }
     let run_dir = &args.run_dir;
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -222,25 +243,64 @@ fn train_services(
         &logs,
         threads,
     )?);
-    let mut learner_args = vec![
+    // Ranks above 0 neither listen for actors nor announce an address.
+    let mut follower_args = vec![
         s("learner"),
         s("--config"),
         config_path.display().to_string(),
         s("--run-dir"),
         run_dir.display().to_string(),
-        s("--listen"),
-        s("127.0.0.1:0"),
-        s("--addr-file"),
-        addr_file.display().to_string(),
         s("--device"),
         args.device.clone(),
     ];
     if args.resume {
-        learner_args.push(s("--resume"));
+        follower_args.push(s("--resume"));
     }
-    children
-        .0
-        .push(spawn("learner", &learner_args, &logs, threads)?);
+    let mut learner_args = follower_args.clone();
+    learner_args.extend([
+        s("--listen"),
+        s("127.0.0.1:0"),
+        s("--addr-file"),
+        addr_file.display().to_string(),
+    ]);
+    // Every rank of one launch shares an epoch, so a rank left over from an earlier launch
+    // cannot join this group.
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let master_port = free_port()?.port();
+    let rank_env = |rank: usize| -> Vec<(String, String)> {
+        if args.learners == 1 {
+            return Vec::new();
+        }
+        [
+            ("RANK", rank.to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("WORLD_SIZE", args.learners.to_string()),
+            ("MASTER_ADDR", s("127.0.0.1")),
+            ("MASTER_PORT", master_port.to_string()),
+            ("PRIME_GROUP_EPOCH", epoch.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    };
+    children.0.push(spawn_with_env(
+        "learner",
+        &learner_args,
+        &logs,
+        threads,
+        &rank_env(0),
+    )?);
+    for rank in 1..args.learners {
+        children.0.push(spawn_with_env(
+            &format!("learner-{rank}"),
+            &follower_args,
+            &logs,
+            threads,
+            &rank_env(rank),
+        )?);
+    }
     let learner_addr = loop {
         if let Ok(text) = std::fs::read_to_string(&addr_file) {
             break text.trim().to_string();
@@ -287,7 +347,12 @@ fn train_services(
             break status;
         }
         for (name, child) in children.0.iter_mut().filter(|(n, _)| n != "learner") {
+            // Learner ranks above 0 end by themselves once rank 0 stops the group.
+            let done = name.starts_with("learner-");
             if let Ok(Some(status)) = child.try_wait() {
+                if done && status.success() {
+                    continue;
+                }
                 bail!(
                     "the {name} exited with {status}:\n{}",
                     log_tail(&logs.join(format!("{name}.log")))
