@@ -3,8 +3,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use prime_proto::v1 as pb;
 use prime_proto::auth::ClientTls;
+use prime_proto::v1 as pb;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -50,7 +50,9 @@ pub fn lazy_channel_secure(
         message,
     };
     if !url.contains("://") {
-        return Err(url_error("expected http://HOST:PORT or https://HOST:PORT".into()));
+        return Err(url_error(
+            "expected http://HOST:PORT or https://HOST:PORT".into(),
+        ));
     }
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| url_error(e.to_string()))?

@@ -522,9 +522,7 @@ pub fn run_learner(
         options.token.as_deref(),
         options.allow_no_token,
     )?;
-    let server_builder = options
-        .tls
-        .apply(tonic::transport::Server::builder())?;
+    let server_builder = options.tls.apply(tonic::transport::Server::builder())?;
     let shared = Shared::new(
         scheduler,
         publish_policy(&trainer)?,
