@@ -32,6 +32,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "prime"
 MULTI_NODE = CHART / "examples" / "multi-node.yaml"
+TLS_EXAMPLE = CHART / "examples" / "tls.yaml"
+CERT_MANAGER_EXAMPLE = CHART / "examples" / "cert-manager.yaml"
 RELEASE = "run1"
 NAMESPACE = "train"
 # The oldest Kubernetes the chart declares (Chart.yaml kubeVersion) and the newest with schemas.
@@ -72,20 +74,19 @@ def everything_on() -> dict:
     return values
 
 
-TLS_SECRET = "prime-tls"
+TLS_SECRET = "eurus-prime-tls"
 TLS_DIR = "/etc/prime-tls"
 
 
-def tls_on() -> dict:
-    """TLS with the servers' certificate, on the default values."""
-    return {"tls": {"enabled": True, "secretName": TLS_SECRET}}
+def tls_on(mutual: bool = False) -> dict:
+    """TLS on the default values; with `mutual`, the actors present the servers' certificate."""
+    return {"tls": {"enabled": True, "secretName": TLS_SECRET, "mutual": mutual}}
 
 
 def mutual_tls() -> dict:
-    """Mutual TLS on top of every option (the PRM server included)."""
-    values = everything_on()
-    values["tls"] = {"enabled": True, "secretName": TLS_SECRET, "mutual": True}
-    return values
+    """examples/tls.yaml (mutual TLS, the actors with their own certificate) on top of every
+    option, the PRM server included."""
+    return deep_merge(everything_on(), helm.values_from_yaml(TLS_EXAMPLE.read_text()))
 
 
 CASES = {
@@ -113,30 +114,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_certificates(directory: Path, names: list[str]) -> None:
-    """ca.crt, tls.crt and tls.key in `directory`, as a cert-manager CA Issuer writes a
-    Certificate's Secret: a CA, and a leaf for `names` that allows server and client auth."""
-    directory.mkdir(parents=True)
-    run = lambda *args: subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+def make_certificates(secrets: Path, servers: str, names: list[str], client: str | None) -> None:
+    """The Secrets' files, as a cert-manager CA Issuer writes them (tls.crt, tls.key, ca.crt)
+    for examples/cert-manager.yaml: one CA; under `servers`, a certificate for `names` with
+    server and client auth; under `client`, a client-auth-only certificate with no names."""
+    ca = secrets / "ca"
+    ca.mkdir(parents=True)
+    openssl = lambda cwd, *args: subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=prime-test-ca",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
-    run("req", *ec, "-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=prime")
-    (directory / "leaf.ext").write_text(
-        "subjectAltName=" + ",".join(f"DNS:{name}" for name in names) + "\n"
-        "extendedKeyUsage=serverAuth,clientAuth\n"
-        "basicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\n"
-    )
-    run("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "tls.crt", "-days", "2", "-extfile", "leaf.ext")
+    openssl(ca, "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=prime-test-ca",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
+    leaves = [(servers, "serverAuth,clientAuth", "subjectAltName=" + ",".join(f"DNS:{n}" for n in names) + "\n")]
+    if client:
+        leaves.append((client, "clientAuth", ""))
+    for secret, usages, names_line in leaves:
+        directory = secrets / secret
+        directory.mkdir()
+        openssl(directory, "req", *ec, "-keyout", "tls.key", "-out", "tls.csr", "-subj", f"/CN={secret}")
+        (directory / "leaf.ext").write_text(
+            f"{names_line}extendedKeyUsage={usages}\n"
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        )
+        openssl(directory, "x509", "-req", "-in", "tls.csr", "-CA", "../ca/ca.crt", "-CAkey", "../ca/ca.key",
+                "-CAcreateserial", "-out", "tls.crt", "-days", "2", "-extfile", "leaf.ext")
+        shutil.copy(ca / "ca.crt", directory / "ca.crt")
 
 
 def check_tls_live(test: unittest.TestCase, binary: str, rendered: "Rendered", tmp: Path) -> None:
     """Runs the rendered verifier and its probes on loopback (see test_tls_against_the_real_binary)."""
     secrets = tmp / "secrets"
-    make_certificates(secrets / rendered.values["tls"]["secretName"], tls_dns_names(rendered))
-    mutual = rendered.values["tls"]["mutual"]
+    tls = rendered.values["tls"]
+    make_certificates(secrets, tls["secretName"], tls_dns_names(rendered), tls.get("clientSecretName") or None)
+    mutual = tls["mutual"]
 
     def env_for(workload: dict) -> dict[str, str]:
         # the kubelet's view: values as given, files from the mounted Secret, the token from its Secret
@@ -216,9 +225,9 @@ def check_tls_live(test: unittest.TestCase, binary: str, rendered: "Rendered", t
 class Rendered:
     """One rendering of the chart: every object, by (kind, name)."""
 
-    def __init__(self, values: dict | None, chart: helm.Chart):
+    def __init__(self, values: dict | None, chart: helm.Chart, name: str = RELEASE, namespace: str = NAMESPACE):
         self.values = chart.merge_values(values)
-        self.manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        self.manifests = chart.render(values, name=name, namespace=namespace, is_install=True)
         self.objects: list[dict] = []
         for path, text in sorted(self.manifests.items()):
             if path.endswith("NOTES.txt"):
@@ -843,11 +852,8 @@ class ChartTest(unittest.TestCase):
     def test_tls_clients_get_the_ca_and_only_what_they_present(self):
         cases = {
             "tls": (self.rendered["tls"], None),
-            "mutual, shared certificate": (self.rendered["mutual-tls"], (TLS_SECRET, "tls")),
-            "mutual, own certificate": (
-                Rendered({"tls": {**tls_on()["tls"], "mutual": True, "clientSecretName": "actor-tls"}}, self.chart),
-                ("actor-tls", "tls"),
-            ),
+            "mutual, shared certificate": (Rendered(tls_on(mutual=True), self.chart), (TLS_SECRET, "tls")),
+            "mutual, own certificate": (self.rendered["mutual-tls"], ("eurus-prime-actor-tls", "tls")),
         }
         for case, (rendered, presents) in cases.items():
             actor = rendered.component("actor")
@@ -932,6 +938,35 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(prm["livenessProbe"]["grpc"]["port"], port_number(prm, "grpc"))
         self.assertFalse([name for name in env_of(prm) if name.startswith("PRIME_TLS_")])
 
+    def test_cert_manager_example_fits_the_chart(self):
+        """examples/cert-manager.yaml issues what examples/tls.yaml names, for the names the
+        chart dials, with the usages mutual TLS needs, from one CA."""
+        objects = [o for o in yaml.safe_load_all(CERT_MANAGER_EXAMPLE.read_text()) if o]
+        namespace = {o["metadata"]["namespace"] for o in objects}
+        self.assertEqual(len(namespace), 1)
+        values = deep_merge(example_values(), helm.values_from_yaml(TLS_EXAMPLE.read_text()))
+        rendered = Rendered(values, self.chart, name="eurus", namespace=namespace.pop())
+        tls = rendered.values["tls"]
+        self.assertTrue(tls["enabled"] and tls["mutual"])
+        certificates = {o["spec"]["secretName"]: o for o in objects if o["kind"] == "Certificate"}
+        issuers = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Issuer"}
+        for o in objects:
+            self.assertEqual(o["apiVersion"], "cert-manager.io/v1")
+        servers = certificates[tls["secretName"]]["spec"]
+        self.assertEqual(sorted(servers["dnsNames"]), sorted(tls_dns_names(rendered)))
+        self.assertTrue({"server auth", "client auth"} <= set(servers["usages"]))
+        client = certificates[tls["clientSecretName"]]["spec"]
+        self.assertIn("client auth", client["usages"])
+        self.assertNotIn("server auth", client["usages"])
+        # one CA Issuer signs both, so ca.crt in either Secret verifies the other side
+        self.assertEqual(servers["issuerRef"], client["issuerRef"])
+        ca_issuer = issuers[servers["issuerRef"]["name"]]["spec"]["ca"]
+        ca = certificates[ca_issuer["secretName"]]["spec"]
+        self.assertTrue(ca["isCA"])
+        self.assertIn("selfSigned", issuers[ca["issuerRef"]["name"]]["spec"])
+        for spec in (servers, client):
+            self.assertLess(int(spec["renewBefore"].removesuffix("h")), int(spec["duration"].removesuffix("h")))
+
     def test_tls_notes(self):
         rendered = self.rendered["mutual-tls"]
         self.assertEqual(
@@ -1002,9 +1037,9 @@ class ChartTest(unittest.TestCase):
             self.skipTest("no prime binary built yet (make test builds it before this test)")
         if shutil.which("openssl") is None:
             self.skipTest("openssl is needed to make the test certificates")
-        for case in TLS_CASES:
+        cases = {"tls": tls_on(), "mutual, shared certificate": tls_on(mutual=True), "mutual, example": mutual_tls()}
+        for case, values in cases.items():
             with self.subTest(case=case), tempfile.TemporaryDirectory() as tmp:
-                values = copy.deepcopy(CASES[case]())
                 values["auth"] = {"token": "probe-token-0123456789"}
                 rendered = Rendered(values, self.chart)
                 check_tls_live(self, binary, rendered, Path(tmp))
