@@ -318,7 +318,7 @@ def secret_file(workload: dict, path: str) -> tuple[str, str]:
 
 
 def secret_keys(workload: dict, secret: str) -> set[str]:
-    """Every key of `secret` that the workload's volumes hold."""
+    """Every key of `secret` that the workload's volumes hold ("*" for a whole-Secret volume)."""
     keys = set()
     for volume in workload["spec"]["template"]["spec"]["volumes"]:
         for source in volume.get("projected", {}).get("sources", []):
@@ -365,7 +365,7 @@ class ChartTest(unittest.TestCase):
     # --- Helm's own checks ------------------------------------------------------------------
 
     def test_helm_lint_is_clean(self):
-        for case, make in [("defaults", lambda: None), ("multi-node", example_values)]:
+        for case, make in [("defaults", lambda: None), ("multi-node", example_values), ("mutual-tls", mutual_tls)]:
             for kube in KUBE_VERSIONS:
                 report = helm.lint(CHART, make(), strict=True, kube_version=f"v{kube}.0")
                 with self.subTest(case=case, kube=kube):

@@ -180,7 +180,6 @@ imagePullSecrets:
 {{- printf "%s-0.%s.%s.svc.%s" (include "prime.learnerName" .) (include "prime.learnerRanksName" .) .Release.Namespace .Values.clusterDomain -}}
 {{- end -}}
 
-
 {{/* In-cluster DNS name of one of this release's Services: what TLS certificates must carry. */}}
 {{- define "prime.serviceHost" -}}
 {{- printf "%s.%s.svc.%s" .name .ctx.Release.Namespace .ctx.Values.clusterDomain -}}
