@@ -232,9 +232,9 @@ fn compute_loop(scorer: Scorer, rx: mpsc::Receiver<Job>, max_batch: usize, live:
                 version,
                 reply,
             } => {
+                // `apply` checks names, shapes and hashes before copying anything.
                 let result = assembler
-                    .check_target(&scorer.prm.vs)
-                    .and_then(|()| assembler.apply(&scorer.prm.vs))
+                    .apply(&scorer.prm.vs)
                     .map(|_| ())
                     .map_err(PrmError::from);
                 if result.is_ok() {
