@@ -272,7 +272,7 @@ parallel = { zero1 = true, collective_timeout_seconds = 120 }
     std::fs::write(&config_path, config_text).unwrap();
     let config = prime_learner::RunConfig::from_file_with_overrides(&config_path, &[]).unwrap();
     prime_tests::write_tiny_start_model(&run_dir, &config, 7);
-    let out = Command::new(env!("CARGO_BIN_EXE_prime"))
+    let train = Command::new(env!("CARGO_BIN_EXE_prime"))
         .env("PRIME_THREADS", "1")
         .env("RUST_LOG", "info")
         .args(["train", "--config", config_path.to_str().unwrap()])
@@ -284,8 +284,44 @@ parallel = { zero1 = true, collective_timeout_seconds = 120 }
             "--learners",
             "2",
         ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While it runs, rank 1 answers health checks, and `prime status` reports it as such.
+    let follower_log = run_dir.join("logs").join("learner-1.log");
+    let start = Instant::now();
+    let follower_addr = loop {
+        let log = std::fs::read_to_string(&follower_log).unwrap_or_default();
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains("follower rank: grpc.health.v1 only"))
+        {
+            let addr = line
+                .split("addr=")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next();
+            break addr.unwrap().to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "rank 1 never served health"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let status = Command::new(env!("CARGO_BIN_EXE_prime"))
+        .args(["status", "--addr", &format!("http://{follower_addr}")])
         .output()
         .unwrap();
+    let status_text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success() && status_text.contains("SERVING"),
+        "prime status on rank 1: {status_text} {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let out = train.wait_with_output().unwrap();
     let logs =
         |name: &str| std::fs::read_to_string(run_dir.join("logs").join(name)).unwrap_or_default();
     assert!(

@@ -181,6 +181,40 @@ fn join_ranks(device: &str, parallel: &ParallelConfig) -> Result<Rank> {
     })
 }
 
+/// Serves `grpc.health.v1` (with the rank's TLS) on `listen` from a thread of its own,
+/// reporting `prime.v1.Learner` as serving while this follower rank lives.
+fn serve_follower_health(
+    listen: SocketAddr,
+    security: &super::tls::ServerSecurityArgs,
+) -> Result<std::thread::JoinHandle<()>> {
+    let builder = security.tls().apply(tonic::transport::Server::builder())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(listen))
+        .with_context(|| format!("follower health endpoint on {listen}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "follower rank: grpc.health.v1 only");
+    Ok(std::thread::spawn(move || {
+        runtime.block_on(async move {
+            let (reporter, health) = tonic_health::server::health_reporter();
+            reporter
+                .set_service_status("prime.v1.Learner", tonic_health::ServingStatus::Serving)
+                .await;
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let mut builder = builder;
+            if let Err(e) = builder
+                .add_service(health)
+                .serve_with_incoming(incoming)
+                .await
+            {
+                tracing::warn!(error = %e, "follower health endpoint stopped");
+            }
+        });
+    }))
+}
+
 /// Runs the Learner service until the configured steps are done, then writes the report.
 /// Ranks other than 0 follow rank 0's steps instead.
 fn serve(args: ServeArgs) -> Result<()> {
@@ -196,6 +230,8 @@ fn serve(args: ServeArgs) -> Result<()> {
     } = join_ranks(&args.device, &parallel)?;
     if info.rank > 0 {
         let group = group.take().expect("a rank above 0 has a group");
+        // Followers serve no Learner API, only grpc.health.v1, so one probe fits every rank.
+        let _health = serve_follower_health(args.listen, &args.security)?;
         let mut models = open_follower(&config, &args.run_dir, device)?;
         DataParallel::attach(&mut models, group, parallel)?;
         let steps = follow(&mut models, &config.learner)

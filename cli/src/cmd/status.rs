@@ -36,6 +36,9 @@ pub enum ServiceStatus {
     Verifier(pb::VerifierStatusResponse),
     /// A PRM server's figures.
     Prm(pb::PrmStatus),
+    /// A server with no prime-rs Status API that answers `grpc.health.v1` (a learner rank
+    /// above 0): the health of `prime.v1.Learner`, else of the whole server.
+    Health(String),
 }
 
 /// Asks the service at `addr` for its status, trying the learner, verifier and PRM-server
@@ -70,11 +73,34 @@ pub async fn query(
     if let Some(status) = answer(verifier, "Verifier")? {
         return Ok(status);
     }
-    let prm = prm_client(channel)
+    let prm = prm_client(channel.clone())
         .status(request(pb::PrmStatusRequest {}, timeout))
         .await
         .map(|r| ServiceStatus::Prm(r.into_inner()));
-    answer(prm, "PrmServer")?.with_context(|| format!("{addr} implements no prime-rs Status RPC"))
+    if let Some(status) = answer(prm, "PrmServer")? {
+        return Ok(status);
+    }
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let check = health
+        .check(request(
+            tonic_health::pb::HealthCheckRequest {
+                service: "prime.v1.Learner".into(),
+            },
+            timeout,
+        ))
+        .await
+        .with_context(|| format!("{addr} implements no prime-rs Status RPC and no health check"))?
+        .into_inner();
+    let serving = tonic_health::pb::health_check_response::ServingStatus::try_from(check.status)
+        .map_or_else(
+            |_| format!("unknown ({})", check.status),
+            |s| s.as_str_name().to_string(),
+        );
+    anyhow::ensure!(
+        check.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+        "{addr}: learner rank not serving: {serving}"
+    );
+    Ok(ServiceStatus::Health(serving))
 }
 
 fn version(build: &Option<pb::BuildInfo>) -> String {
@@ -133,6 +159,10 @@ impl ServiceStatus {
                 ("latency p50", format!("{:.1} ms", s.latency_p50_ms)),
                 ("latency p99", format!("{:.1} ms", s.latency_p99_ms)),
                 ("errors", s.errors.to_string()),
+            ],
+            ServiceStatus::Health(serving) => vec![
+                ("role", "learner rank above 0 (health only)".into()),
+                ("health", serving.clone()),
             ],
         }
     }

@@ -243,7 +243,8 @@ fn train_services(
         &logs,
         threads,
     )?);
-    // Ranks above 0 neither listen for actors nor announce an address.
+    // Ranks above 0 serve only a health check (on a free loopback port) and announce no
+    // address.
     let mut follower_args = vec![
         s("learner"),
         s("--config"),
@@ -252,17 +253,14 @@ fn train_services(
         run_dir.display().to_string(),
         s("--device"),
         args.device.clone(),
+        s("--listen"),
+        s("127.0.0.1:0"),
     ];
     if args.resume {
         follower_args.push(s("--resume"));
     }
     let mut learner_args = follower_args.clone();
-    learner_args.extend([
-        s("--listen"),
-        s("127.0.0.1:0"),
-        s("--addr-file"),
-        addr_file.display().to_string(),
-    ]);
+    learner_args.extend([s("--addr-file"), addr_file.display().to_string()]);
     // Every rank of one launch shares an epoch, so a rank left over from an earlier launch
     // cannot join this group.
     let epoch = std::time::SystemTime::now()
