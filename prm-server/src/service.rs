@@ -64,6 +64,8 @@ pub struct FollowConfig {
     pub poll: Duration,
     /// Deadline of one weight transfer.
     pub transfer_timeout: Duration,
+    /// TLS towards the learner (for an `https://` URL).
+    pub tls: prime_proto::auth::ClientTls,
 }
 
 /// Where and how the server listens.
@@ -75,6 +77,10 @@ pub struct ListenOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// Shared token every RPC must carry (and that is sent to a followed learner), if any.
     pub token: Option<String>,
+    /// Listen on a non-loopback address without a token (refused otherwise).
+    pub allow_no_token: bool,
+    /// TLS material; plain HTTP/2 when empty.
+    pub tls: prime_proto::auth::ServerTls,
 }
 
 /// Live figures for `Status` and Prometheus.
@@ -745,6 +751,16 @@ pub fn start(
         .enable_all()
         .build()
         .map_err(PrmError::io("tokio runtime"))?;
+    prime_proto::auth::check_listener(
+        listen.listen,
+        listen.token.as_deref(),
+        listen.allow_no_token,
+    )
+    .map_err(|e| PrmError::Input(e.to_string()))?;
+    let builder = listen
+        .tls
+        .apply(tonic::transport::Server::builder())
+        .map_err(|e| PrmError::Input(e.to_string()))?;
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(listen.listen))
         .map_err(PrmError::io(listen.listen.to_string()))?;
@@ -797,11 +813,12 @@ pub fn start(
                     }
                 };
                 let (graceful_tx, graceful_rx) = tokio::sync::oneshot::channel::<()>();
-                let serve = tonic::transport::Server::builder()
+                let mut builder = builder;
+                let serve = builder
                     .add_service(health_service)
                     .add_service(tonic::service::interceptor::InterceptedService::new(
                         service.into_server(),
-                        prime_verifier::service::TokenCheck::new(token),
+                        prime_proto::auth::TokenCheck::new(token),
                     ))
                     .serve_with_incoming_shutdown(incoming, async {
                         let _ = graceful_rx.await;
@@ -855,8 +872,16 @@ pub async fn pull_new_weights(
     engine: &Engine,
     current: u64,
 ) -> Result<Option<u64>> {
-    use prime_actor::client::{lazy_channel, learner_client, request, with_deadline, CallError};
-    let channel = lazy_channel("learner", &follow.url, follow.transfer_timeout, token)?;
+    use prime_actor::client::{
+        lazy_channel_secure, learner_client, request, with_deadline, CallError,
+    };
+    let channel = lazy_channel_secure(
+        "learner",
+        &follow.url,
+        follow.transfer_timeout,
+        token,
+        &follow.tls,
+    )?;
     let mut client = learner_client(channel);
     let status = with_deadline(
         "Learner",

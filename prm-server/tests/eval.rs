@@ -16,6 +16,12 @@ use tch::{Device, Kind};
 
 /// The demo's world and a random tiny policy with its tokenizer; a second random model (the
 /// "PRM") next to it.
+/// Sampling draws from torch's process-wide generator: the tests of this file take turns.
+fn torch_rng() -> std::sync::MutexGuard<'static, ()> {
+    static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TORCH_RNG.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn setup(dir: &Path) -> (RunConfig, PathBuf, PathBuf, Vec<prime_world::DataRow>) {
     let config = RunConfig::from_file(&repo_root().join("configs/demo.toml")).unwrap();
     write_tiny_start_model(dir, &config, 7);
@@ -51,6 +57,7 @@ fn eval_config(seed: u64) -> EvalConfig {
 
 #[test]
 fn eval_is_reproducible_and_recounts_on_the_default_world() {
+    let _rng = torch_rng();
     init_threads();
     let dir = tempfile::tempdir().unwrap();
     let (_, policy, _, rows) = setup(dir.path());
@@ -170,6 +177,7 @@ fn eval_is_reproducible_and_recounts_on_the_default_world() {
 
 #[test]
 fn best_of_n_through_a_server_equals_the_prm_in_process() {
+    let _rng = torch_rng();
     init_threads();
     let dir = tempfile::tempdir().unwrap();
     let (_, policy, prm_dir, rows) = setup(dir.path());
@@ -190,6 +198,8 @@ fn best_of_n_through_a_server_equals_the_prm_in_process() {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: None,
             token: None,
+            allow_no_token: false,
+            tls: Default::default(),
         },
         false,
     )

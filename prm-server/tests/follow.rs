@@ -161,12 +161,15 @@ fn a_following_server_loads_each_new_prm_version() {
                 url: format!("http://{learner_addr}"),
                 poll: Duration::from_millis(100),
                 transfer_timeout: Duration::from_secs(10),
+                tls: Default::default(),
             }),
         },
         &ListenOptions {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: None,
             token: None,
+            allow_no_token: false,
+            tls: Default::default(),
         },
         false,
     )

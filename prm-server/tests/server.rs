@@ -89,6 +89,8 @@ fn server(m: &Models, token: Option<&str>, split: &str) -> RunningServer {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         token: token.map(str::to_string),
+        allow_no_token: false,
+        tls: Default::default(),
     };
     start(&config, &listen, false).expect("server starts")
 }

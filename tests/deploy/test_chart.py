@@ -79,8 +79,12 @@ TLS_DIR = "/etc/prime-tls"
 
 
 def tls_on(mutual: bool = False) -> dict:
-    """TLS on the default values; with `mutual`, the actors present the servers' certificate."""
-    return {"tls": {"enabled": True, "secretName": TLS_SECRET, "mutual": mutual}}
+    """TLS on the default values plus the PRM server; with `mutual`, the actors present the
+    servers' certificate."""
+    return {
+        "tls": {"enabled": True, "secretName": TLS_SECRET, "mutual": mutual},
+        "prmServer": {"enabled": True},
+    }
 
 
 def mutual_tls() -> dict:
@@ -104,8 +108,8 @@ CASES = {
 TLS_CASES = ["tls", "mutual-tls"]
 # The TLS variables in a server container that its exec probes' `prime status` reads.
 PROBE_TLS_ENV = {"PRIME_TLS_CA", "PRIME_TLS_DOMAIN", "PRIME_TLS_CLIENT_CERT", "PRIME_TLS_CLIENT_KEY"}
-# The servers that speak TLS when it is on; `prime prm-server` has no TLS flags yet.
-TLS_SERVERS = ["learner", "verifier"]
+# The servers that speak TLS when it is on.
+TLS_SERVERS = ["learner", "verifier", "prm-server"]
 
 
 def free_port() -> int:
@@ -900,8 +904,7 @@ class ChartTest(unittest.TestCase):
                     self.assertEqual(len(mounts), 1)
                     self.assertIs(mounts[0]["readOnly"], True)
                     self.assertEqual(mounts[0]["mountPath"], TLS_DIR)
-            # the prm-server serves plain gRPC: it gets no TLS files
-            self.assertEqual(holders, {"learner", "verifier", "actor"})
+            self.assertEqual(holders, {"learner", "verifier", "prm-server", "actor"})
 
     def test_tls_probes_are_not_native_grpc_probes(self):
         for case in TLS_CASES:
@@ -933,10 +936,6 @@ class ChartTest(unittest.TestCase):
                 if rendered.values["tls"]["mutual"]:
                     self.assertEqual(secret_file(w, env["PRIME_TLS_CLIENT_CERT"]["value"]), (TLS_SECRET, "tls.crt"))
                     self.assertEqual(secret_file(w, env["PRIME_TLS_CLIENT_KEY"]["value"]), (TLS_SECRET, "tls.key"))
-        # the prm-server, plain, keeps the gRPC probes
-        prm = container(self.rendered["mutual-tls"].component("prm-server"))
-        self.assertEqual(prm["livenessProbe"]["grpc"]["port"], port_number(prm, "grpc"))
-        self.assertFalse([name for name in env_of(prm) if name.startswith("PRIME_TLS_")])
 
     def test_cert_manager_example_fits_the_chart(self):
         """examples/cert-manager.yaml issues what examples/tls.yaml names, for the names the
@@ -971,12 +970,15 @@ class ChartTest(unittest.TestCase):
         rendered = self.rendered["mutual-tls"]
         self.assertEqual(
             tls_dns_names(rendered),
-            [f"{RELEASE}-prime-learner.{NAMESPACE}.svc.cluster.local", f"{RELEASE}-prime-verifier.{NAMESPACE}.svc.cluster.local"],
+            [
+                f"{RELEASE}-prime-learner.{NAMESPACE}.svc.cluster.local",
+                f"{RELEASE}-prime-verifier.{NAMESPACE}.svc.cluster.local",
+                f"{RELEASE}-prime-prm-server.{NAMESPACE}.svc.cluster.local",
+            ],
         )
         notes = rendered.manifests["prime/templates/NOTES.txt"]
         self.assertIn(f"exec {RELEASE}-prime-learner-0 -- prime status --addr https://127.0.0.1:50051", notes)
         self.assertIn("client auth", notes)
-        self.assertIn("prm-server serves plain gRPC", notes)
 
     # --- the chart against the real binary -----------------------------------------------------
 
@@ -1020,12 +1022,11 @@ class ChartTest(unittest.TestCase):
                 self.assertEqual(flags - known, set(), f"flags prime {' '.join(command)} does not have")
                 read = set(re.findall(r"\[env: (PRIME_[A-Z_]+)", result.stdout))
                 self.assertEqual(envs.get(command, set()) - read, set(), f"variables prime {' '.join(command)} does not read")
-        # the chart leaves the prm-server plain because the binary's has no TLS: once it has,
-        # the chart (and docs/deploy.md) must give it the TLS files too
+        # every server with TLS flags gets the TLS files when TLS is on
         prm_help = helps.get(("prm-server",), "")
-        if "--tls-cert" in prm_help:
-            prm = container(self.rendered["mutual-tls"].component("prm-server"))
-            self.assertIn("PRIME_TLS_CERT", env_of(prm), "prime prm-server has TLS flags now: wire tls.* into templates/prm-server.yaml")
+        self.assertIn("--tls-cert", prm_help)
+        prm = container(self.rendered["mutual-tls"].component("prm-server"))
+        self.assertIn("PRIME_TLS_CERT", env_of(prm))
 
     def test_tls_against_the_real_binary(self):
         """The rendered TLS wiring, run: a real `prime verifier serve` with the verifier

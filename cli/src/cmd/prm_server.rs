@@ -33,8 +33,14 @@ pub struct PrmServerArgs {
     pub metrics_listen: Option<SocketAddr>,
     /// Shared token clients must send as `authorization: Bearer TOKEN` (also sent to a
     /// followed learner).
-    #[arg(long, env = "PRIME_TOKEN")]
+    #[arg(long, env = "PRIME_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// TLS of this server and the no-token policy.
+    #[command(flatten)]
+    pub security: super::tls::ServerSecurityArgs,
+    /// TLS towards a followed learner (an https:// --learner URL).
+    #[command(flatten)]
+    pub learner_tls: super::tls::ClientSecurityArgs,
     /// How responses without step ends are split: tokens, lines, blank-lines, step-headers,
     /// after:REGEX or before:REGEX.
     #[arg(long, default_value = "lines")]
@@ -84,12 +90,15 @@ pub fn run(args: PrmServerArgs) -> anyhow::Result<()> {
             url,
             poll: Duration::from_secs_f64(args.poll_secs),
             transfer_timeout: Duration::from_secs(300),
+            tls: args.learner_tls.tls(),
         }),
     };
     let listen = ListenOptions {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
         token: args.token,
+        allow_no_token: args.security.allow_no_token,
+        tls: args.security.tls(),
     };
     let server = start(&config, &listen, true).context("starting the PRM server")?;
     eprintln!("prm-server listening on {}", server.addr);

@@ -198,6 +198,9 @@ imagePullSecrets:
 {{- define "prime.tlsDnsNames" -}}
 {{ include "prime.serviceHost" (dict "ctx" . "name" (include "prime.learnerName" .)) }}
 {{ include "prime.serviceHost" (dict "ctx" . "name" (include "prime.verifierName" .)) }}
+{{- if .Values.prmServer.enabled }}
+{{ include "prime.serviceHost" (dict "ctx" . "name" (include "prime.prmName" .)) }}
+{{- end }}
 {{- end -}}
 
 {{/* Where the TLS files are mounted in every pod that gets them. */}}
