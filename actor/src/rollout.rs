@@ -140,8 +140,24 @@ pub fn grade_items(items: &[pb::WorkItem], texts: &[String]) -> Result<Vec<pb::G
     Ok(out)
 }
 
+/// The results of a `Grade` call, unless the verifier could not grade one of them (its sandbox
+/// failed, say): then `UNAVAILABLE`, so the batch is graded again rather than trained on as
+/// zeros that are no verdict.
+pub fn verdicts(results: Vec<pb::GradeResult>) -> Result<Vec<pb::GradeResult>, tonic::Status> {
+    match results
+        .iter()
+        .find(|r| r.outcome == pb::GradeOutcome::Unavailable as i32)
+    {
+        Some(r) => Err(tonic::Status::unavailable(format!(
+            "the verifier could not grade {}: {}",
+            r.id, r.reason
+        ))),
+        None => Ok(results),
+    }
+}
+
 /// The scores of `requested`, checked against the verifier's `results`: one per item, in
-/// request order, each in [0, 1].
+/// request order, each in [0, 1] (see [`verdicts`] for results that are no verdict).
 pub fn scores_from_grades(
     requested: &[pb::GradeItem],
     results: &[pb::GradeResult],
@@ -383,6 +399,21 @@ mod tests {
             outcome: outcome as i32,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn results_that_are_no_verdict_are_graded_again() {
+        let graded = vec![
+            result("a/0", 1.0, pb::GradeOutcome::Graded),
+            result("a/1", 0.0, pb::GradeOutcome::Timeout),
+            result("a/2", 0.0, pb::GradeOutcome::Error),
+        ];
+        assert_eq!(verdicts(graded.clone()).unwrap(), graded);
+        let mut unavailable = graded;
+        unavailable[1] = result("a/1", 0.0, pb::GradeOutcome::Unavailable);
+        let status = verdicts(unavailable).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("a/1"), "{status}");
     }
 
     #[test]

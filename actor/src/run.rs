@@ -556,7 +556,7 @@ impl Actor {
                 let message = message.clone();
                 with_deadline("Verifier", "Grade", deadline, async move {
                     let call = client.grade(request(message, deadline));
-                    call.await.map(|r| r.into_inner().results)
+                    crate::rollout::verdicts(call.await?.into_inner().results)
                 })
             })?;
             results.extend(answered);

@@ -54,8 +54,11 @@ pub enum Outcome {
     Graded,
     /// Hit the per-item time limit (score 0).
     Timeout,
-    /// Invalid item or internal failure (score 0).
+    /// Invalid item, or a response that broke the grader (score 0).
     Error,
+    /// The verifier itself could not grade (no sandbox, a sandbox that failed to start, an
+    /// I/O error): no verdict on the response; the caller should grade it again later.
+    Unavailable,
 }
 
 /// The grade of one item.
@@ -178,7 +181,13 @@ impl Grader {
         let deadline = started + self.inner.config.item_timeout;
         let (score, outcome, reason, extracted) = match self.dispatch(item, deadline) {
             Ok((score, reason, extracted)) => (score, Outcome::Graded, reason, extracted),
-            Err(e) => (0.0, Outcome::Error, e.to_string(), None),
+            Err(
+                e @ (VerifierError::Sandbox(_)
+                | VerifierError::Io(_)
+                | VerifierError::Unavailable(_)
+                | VerifierError::Config(_)),
+            ) => (0.0, Outcome::Unavailable, e.to_string(), None),
+            Err(e @ VerifierError::InvalidRequest(_)) => (0.0, Outcome::Error, e.to_string(), None),
         };
         GradeResult {
             id: item.id.clone(),
@@ -330,5 +339,34 @@ fn error_result(id: &str, reason: &str) -> GradeResult {
         reason: reason.to_string(),
         extracted_answer: None,
         latency: Duration::ZERO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(ability: Option<Ability>, response: &str, ground_truth: &str) -> GradeItem {
+        GradeItem {
+            id: "x".into(),
+            ability,
+            response: response.into(),
+            ground_truth: ground_truth.into(),
+        }
+    }
+
+    #[test]
+    fn a_verifier_that_cannot_grade_says_so_instead_of_a_verdict() {
+        // No sandbox: code cannot be run, which says nothing about the response.
+        let grader = Grader::with_sandbox(GraderConfig::default(), None);
+        let spec = r#"{"inputs": ["1\n"], "outputs": ["1\n"]}"#;
+        let code = grader.grade_now(&item(Some(Ability::Code), "print(1)", spec));
+        assert_eq!(code.outcome, Outcome::Unavailable, "{code:?}");
+        assert_eq!(code.score, 0.0);
+        // A bad item is the caller's error, and math needs no sandbox.
+        let unknown = grader.grade_now(&item(None, "x", "y"));
+        assert_eq!(unknown.outcome, Outcome::Error);
+        let math = grader.grade_now(&item(Some(Ability::Math), "\\boxed{2}", "2"));
+        assert_eq!((math.outcome, math.score), (Outcome::Graded, 1.0));
     }
 }

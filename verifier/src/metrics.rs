@@ -52,7 +52,7 @@ impl Metrics {
             Outcome::Timeout => {
                 self.timeouts.fetch_add(1, Ordering::Relaxed);
             }
-            Outcome::Error => {
+            Outcome::Error | Outcome::Unavailable => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
             }
         }

@@ -73,6 +73,7 @@ pub fn result_to_proto(r: GradeResult) -> pb::GradeResult {
             Outcome::Graded => pb::GradeOutcome::Graded,
             Outcome::Timeout => pb::GradeOutcome::Timeout,
             Outcome::Error => pb::GradeOutcome::Error,
+            Outcome::Unavailable => pb::GradeOutcome::Unavailable,
         } as i32,
         reason: r.reason,
         extracted_answer: r.extracted_answer.unwrap_or_default(),
