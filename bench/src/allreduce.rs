@@ -86,6 +86,7 @@ fn time_all_reduce(settings: &AllReduceSettings, bytes: usize) -> Result<f64> {
                         join_timeout: Duration::from_secs(60),
                         op_timeout: Duration::from_secs(600),
                         epoch: 0,
+                        token: None,
                     };
                     let mut group = TcpGroup::join(&info, options).map_err(|e| e.to_string())?;
                     let mut t = Tensor::ones([elements], (settings.kind, Device::Cpu));

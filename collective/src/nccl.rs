@@ -293,7 +293,12 @@ impl NcclGroup {
     /// Forms the group on GPU `info.local_rank`: rank 0 makes the id and serves it over gRPC
     /// on `MASTER_ADDR:MASTER_PORT` with `epoch`; the others fetch it (until `join_timeout`);
     /// then every rank calls `ncclCommInitRank`, which returns once all have.
-    pub fn join(info: &RankInfo, epoch: u64, join_timeout: Duration) -> Result<Self> {
+    pub fn join(
+        info: &RankInfo,
+        epoch: u64,
+        join_timeout: Duration,
+        token: Option<&str>,
+    ) -> Result<Self> {
         let lib = Arc::new(Nccl::load()?);
         set_device(info.local_rank)?;
         let (bytes, _server) = if info.rank == 0 {
@@ -308,6 +313,7 @@ impl NcclGroup {
                     epoch,
                     world_size: info.world_size,
                 },
+                token.map(String::from),
             )?;
             (bytes, Some(server))
         } else {
@@ -317,6 +323,7 @@ impl NcclGroup {
                 info.world_size,
                 epoch,
                 join_timeout,
+                token,
             )?;
             (bytes, None)
         };
@@ -556,7 +563,7 @@ mod tests {
             master_port: port,
             ..RankInfo::single()
         };
-        let mut group = NcclGroup::join(&info, 0, Duration::from_secs(60)).unwrap();
+        let mut group = NcclGroup::join(&info, 0, Duration::from_secs(60), None).unwrap();
         let device = Device::Cuda(0);
         for kind in [Kind::Float, Kind::BFloat16] {
             let values = Tensor::from_slice(&[1.5f32, -2.0, 3.25, 0.0]).to_kind(kind);

@@ -75,8 +75,12 @@ impl Drop for RendezvousServerHandle {
 }
 
 /// Serves `id` on `addr` (port 0 picks one) from a runtime of its own, so it can be called
-/// from the compute thread.
-pub fn serve(addr: SocketAddr, id: GroupId) -> Result<RendezvousServerHandle> {
+/// from the compute thread. With a `token`, a rank must carry it like any RPC of the project.
+pub fn serve(
+    addr: SocketAddr,
+    id: GroupId,
+    token: Option<String>,
+) -> Result<RendezvousServerHandle> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -92,7 +96,10 @@ pub fn serve(addr: SocketAddr, id: GroupId) -> Result<RendezvousServerHandle> {
     runtime.spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let served = tonic::transport::Server::builder()
-            .add_service(RendezvousServer::new(id))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                RendezvousServer::new(id),
+                prime_proto::auth::TokenCheck::new(token),
+            ))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             })
@@ -109,14 +116,17 @@ pub fn serve(addr: SocketAddr, id: GroupId) -> Result<RendezvousServerHandle> {
 }
 
 /// Asks rank 0 at `master` (`host:port`) for the id of `epoch`, retrying while it is not up
-/// yet, until `timeout`. A refusal (wrong epoch or world size) fails at once.
+/// yet, until `timeout`. A refusal (wrong epoch, world size or token) fails at once.
 pub fn fetch_unique_id(
     master: &str,
     rank: usize,
     world_size: usize,
     epoch: u64,
     timeout: Duration,
+    token: Option<&str>,
 ) -> Result<Vec<u8>> {
+    let bearer = prime_proto::auth::BearerToken::new(token)
+        .map_err(|e| CollectiveError::Join(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -133,7 +143,7 @@ pub fn fetch_unique_id(
                 .timeout(left);
             match endpoint.connect().await {
                 Ok(channel) => {
-                    let mut client = RendezvousClient::new(channel);
+                    let mut client = RendezvousClient::with_interceptor(channel, bearer.clone());
                     let request = JoinRequest {
                         rank: rank as u32,
                         world_size: world_size as u32,
@@ -173,14 +183,26 @@ mod tests {
             epoch: 7,
             world_size: 3,
         };
-        let server = serve("127.0.0.1:0".parse().unwrap(), id).unwrap();
+        let server = serve("127.0.0.1:0".parse().unwrap(), id, Some("s3cret".into())).unwrap();
         let master = server.addr.to_string();
-        let got = fetch_unique_id(&master, 2, 3, 7, Duration::from_secs(10)).unwrap();
+        let fetch = |rank, world, epoch, token| {
+            fetch_unique_id(&master, rank, world, epoch, Duration::from_secs(10), token)
+        };
+        let got = fetch(2, 3, 7, Some("s3cret")).unwrap();
         assert_eq!(got, (0..128u8).collect::<Vec<_>>());
-        let stale = fetch_unique_id(&master, 1, 3, 6, Duration::from_secs(10)).unwrap_err();
+        let stale = fetch(1, 3, 6, Some("s3cret")).unwrap_err();
         assert!(stale.to_string().contains("epoch 6"), "{stale}");
-        let wrong = fetch_unique_id(&master, 1, 4, 7, Duration::from_secs(10)).unwrap_err();
+        let wrong = fetch(1, 4, 7, Some("s3cret")).unwrap_err();
         assert!(wrong.to_string().contains("world size 4"), "{wrong}");
+        for token in [None, Some("guess")] {
+            let start = Instant::now();
+            let refused = fetch(1, 3, 7, token).unwrap_err();
+            assert!(refused.to_string().contains("token"), "{refused}");
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "a refusal fails at once"
+            );
+        }
     }
 
     #[test]
@@ -197,6 +219,7 @@ mod tests {
             2,
             0,
             Duration::from_millis(500),
+            None,
         )
         .unwrap_err();
         assert!(err.to_string().contains("did not hand out"), "{err}");

@@ -29,7 +29,7 @@ const OP_MAGIC: u32 = 0x5052_4f50; // "PROP"
 const BROADCAST_PIECE: usize = 4 << 20;
 
 /// Deadlines and identity of a TCP group.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct TcpOptions {
     /// How long forming the group may take (every rank started and connected).
     pub join_timeout: Duration,
@@ -37,6 +37,22 @@ pub struct TcpOptions {
     pub op_timeout: Duration,
     /// Generation of the group: a rank from another epoch (a restarted group) is turned away.
     pub epoch: u64,
+    /// The run's shared token (`PRIME_TOKEN`): a peer must prove it holds the same one (a
+    /// digest of it and the epoch, compared in constant time) to join or to take a ring
+    /// position. Not encryption: keep the group on a trusted network.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for TcpOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("TcpOptions")
+            .field("join_timeout", &self.join_timeout)
+            .field("op_timeout", &self.op_timeout)
+            .field("epoch", &self.epoch)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 impl Default for TcpOptions {
@@ -45,6 +61,7 @@ impl Default for TcpOptions {
             join_timeout: Duration::from_secs(300),
             op_timeout: Duration::from_secs(600),
             epoch: 0,
+            token: None,
         }
     }
 }
@@ -327,6 +344,23 @@ fn accept_until(listener: &TcpListener, deadline: Instant, what: &str) -> Result
     }
 }
 
+/// What a rank shows to prove it belongs: SHA-256 of the token and the epoch (the token
+/// itself never goes on the wire).
+fn group_key(token: Option<&str>, epoch: u64) -> [u8; 32] {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    hash.update(b"prime-rs group key\0");
+    hash.update(token.unwrap_or_default().as_bytes());
+    hash.update(b"\0");
+    hash.update(epoch.to_le_bytes());
+    hash.finalize().into()
+}
+
+fn same_key(a: &[u8], b: &[u8; 32]) -> bool {
+    use subtle::ConstantTimeEq;
+    bool::from(a.ct_eq(b))
+}
+
 /// Connects to `addr`, retrying (the peer may not be listening yet) until `deadline`.
 fn connect_until(addr: &str, deadline: Instant, what: &str) -> Result<TcpStream> {
     let mut last = String::new();
@@ -381,10 +415,11 @@ impl TcpGroup {
             .local_addr()
             .map_err(|e| CollectiveError::Join(e.to_string()))?
             .port();
+        let key = group_key(options.token.as_deref(), options.epoch);
         let addresses = if rank == 0 {
-            Self::serve_join(info, options.epoch, ring_port, deadline)?
+            Self::serve_join(info, options.epoch, &key, ring_port, deadline)?
         } else {
-            Self::ask_join(info, options.epoch, ring_port, deadline)?
+            Self::ask_join(info, options.epoch, &key, ring_port, deadline)?
         };
         let next_rank = (rank + 1) % world_size;
         let prev_rank = (rank + world_size - 1) % world_size;
@@ -393,11 +428,12 @@ impl TcpGroup {
             deadline,
             &format!("rank {next_rank}"),
         )?;
-        let hello = Wire::new()
+        let mut hello = Wire::new()
             .u32(RING_MAGIC)
             .u64(options.epoch)
             .u32(rank as u32)
             .0;
+        hello.extend_from_slice(&key);
         let ctx = Ctx {
             rank,
             peer: next_rank,
@@ -406,7 +442,7 @@ impl TcpGroup {
         };
         write_full(&mut next, &hello, deadline, ctx)?;
         let mut prev = accept_until(&ring, deadline, &format!("rank {prev_rank} to connect"))?;
-        let mut buf = [0u8; 16];
+        let mut buf = [0u8; 48];
         read_full(
             &mut prev,
             &mut buf,
@@ -417,6 +453,11 @@ impl TcpGroup {
             },
         )?;
         let (magic, epoch, from) = (u32_at(&buf, 0), u64_at(&buf, 4), u32_at(&buf, 12));
+        if magic == RING_MAGIC && epoch == options.epoch && !same_key(&buf[16..48], &key) {
+            return Err(CollectiveError::Join(format!(
+                "rank {rank}: the ring peer holds another token (PRIME_TOKEN differs)"
+            )));
+        }
         if magic != RING_MAGIC || epoch != options.epoch || from as usize != prev_rank {
             return Err(CollectiveError::Join(format!(
                 "rank {rank}: expected rank {prev_rank} of epoch {} on the ring, got rank {from} \
@@ -452,6 +493,7 @@ impl TcpGroup {
     fn serve_join(
         info: &RankInfo,
         epoch: u64,
+        key: &[u8; 32],
         ring_port: u16,
         deadline: Instant,
     ) -> Result<Vec<SocketAddr>> {
@@ -473,7 +515,7 @@ impl TcpGroup {
                 op: "join",
                 limit: deadline.saturating_duration_since(Instant::now()),
             };
-            let mut buf = [0u8; 22];
+            let mut buf = [0u8; 54];
             if let Err(e) = read_full(&mut stream, &mut buf, deadline, ctx) {
                 tracing::warn!(error = %e, "a joining connection failed");
                 continue;
@@ -483,6 +525,8 @@ impl TcpGroup {
             let port = u16::from_le_bytes([buf[20], buf[21]]);
             let refuse = if magic != JOIN_MAGIC {
                 Some("not a prime-rs rank".to_string())
+            } else if their_epoch == epoch && !same_key(&buf[22..54], key) {
+                Some("wrong token: PRIME_TOKEN differs from rank 0's".to_string())
             } else if their_epoch != epoch {
                 Some(format!(
                     "epoch {their_epoch}, the group is at epoch {epoch}"
@@ -550,6 +594,7 @@ impl TcpGroup {
     fn ask_join(
         info: &RankInfo,
         epoch: u64,
+        key: &[u8; 32],
         ring_port: u16,
         deadline: Instant,
     ) -> Result<Vec<SocketAddr>> {
@@ -561,6 +606,7 @@ impl TcpGroup {
             .u32(info.world_size as u32)
             .0;
         hello.extend_from_slice(&ring_port.to_le_bytes());
+        hello.extend_from_slice(key);
         let ctx = Ctx {
             rank: info.rank,
             peer: 0,

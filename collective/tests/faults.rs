@@ -33,6 +33,7 @@ fn options(op_timeout: Duration) -> TcpOptions {
         join_timeout: Duration::from_secs(30),
         op_timeout,
         epoch: 0,
+        token: None,
     }
 }
 

@@ -22,11 +22,13 @@ fn on_ranks<T: Send>(world: usize, body: impl Fn(&mut TcpGroup) -> T + Sync) -> 
         join_timeout: Duration::from_secs(20),
         op_timeout: Duration::from_secs(20),
         epoch: 1,
+        token: None,
     };
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
                 let body = &body;
+                let options = options.clone();
                 scope.spawn(move || {
                     tch::set_num_threads(1);
                     let info = RankInfo {
@@ -205,6 +207,7 @@ fn another_epoch_is_turned_away() {
         join_timeout: Duration::from_secs(3),
         op_timeout: Duration::from_secs(3),
         epoch,
+        token: None,
     };
     std::thread::scope(|scope| {
         let master = scope.spawn(|| TcpGroup::join(&info(0), options(5)).map(|_| ()));
@@ -218,5 +221,42 @@ fn another_epoch_is_turned_away() {
         let current = TcpGroup::join(&info(1), options(5));
         assert!(current.is_ok());
         master.join().unwrap().unwrap();
+    });
+}
+
+#[test]
+fn a_rank_without_the_runs_token_is_turned_away() {
+    let port = free_port();
+    let info = |rank| RankInfo {
+        rank,
+        world_size: 2,
+        local_rank: rank,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+    };
+    let options = |token: Option<&str>| TcpOptions {
+        join_timeout: Duration::from_secs(3),
+        op_timeout: Duration::from_secs(3),
+        epoch: 2,
+        token: token.map(String::from),
+    };
+    std::thread::scope(|scope| {
+        let master = scope.spawn(|| {
+            let mut group = TcpGroup::join(&info(0), options(Some("s3cret")))?;
+            let mut t = Tensor::from_slice(&[1.0f32, 2.0]);
+            group.all_reduce(&mut t, ReduceOp::Sum)?;
+            Ok::<_, prime_collective::CollectiveError>(Vec::<f32>::try_from(&t).unwrap())
+        });
+        for wrong in [None, Some("guess")] {
+            let refused = TcpGroup::join(&info(1), options(wrong))
+                .unwrap_err()
+                .to_string();
+            assert!(refused.contains("wrong token"), "{refused}");
+        }
+        let mut group = TcpGroup::join(&info(1), options(Some("s3cret"))).unwrap();
+        let mut t = Tensor::from_slice(&[10.0f32, 20.0]);
+        group.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [11.0, 22.0]);
+        assert_eq!(master.join().unwrap().unwrap(), [11.0, 22.0]);
     });
 }

@@ -680,6 +680,8 @@ pub fn join_group(
     use std::time::Duration;
     let limit = Duration::from_secs(config.collective_timeout_seconds.max(1));
     let join_timeout = Duration::from_secs(config.join_timeout_seconds.max(1));
+    // The run's token proves membership of the group, as it does on every RPC.
+    let token = std::env::var("PRIME_TOKEN").ok().filter(|t| !t.is_empty());
     let nccl = match config.backend {
         Backend::Auto => cfg!(feature = "nccl") && device.is_cuda(),
         Backend::Tcp => false,
@@ -688,7 +690,12 @@ pub fn join_group(
     if nccl {
         #[cfg(feature = "nccl")]
         {
-            let group = prime_collective::nccl::NcclGroup::join(info, epoch, join_timeout)?;
+            let group = prime_collective::nccl::NcclGroup::join(
+                info,
+                epoch,
+                join_timeout,
+                token.as_deref(),
+            )?;
             let abort = group.abort_handle();
             let dog = prime_collective::Watchdog::exiting(limit, move || abort.abort());
             return Ok(Box::new(prime_collective::Watched::new(group, dog)));
@@ -703,6 +710,7 @@ pub fn join_group(
         join_timeout,
         op_timeout: limit,
         epoch,
+        token,
     };
     let group = prime_collective::TcpGroup::join(info, options)?;
     let abort = group.abort_handle();

@@ -172,6 +172,7 @@ fn on_ranks(world: usize, zero1: bool) -> Vec<Outcome> {
                         join_timeout: Duration::from_secs(30),
                         op_timeout: Duration::from_secs(60),
                         epoch: 0,
+                        token: None,
                     };
                     let group = TcpGroup::join(&info, options).unwrap();
                     let parallel = ParallelConfig {
