@@ -12,13 +12,12 @@
 //!   names the previous checkpoint, no partial checkpoint is left, and the previous checkpoint
 //!   loads and resumes.
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use prime_tests::write_tiny_start_model;
-use serde_json::Value;
+use prime_tests::{free_addr, gauge, step_records, wait_for, write_tiny_start_model, Procs};
 
 fn config(steps: u64, checkpoint_every: u64) -> String {
     format!(
@@ -46,25 +45,6 @@ filter = {{ enabled = false }}
     )
 }
 
-/// Children killed on drop, so a failing test leaves no processes behind.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 fn prime(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_prime"));
     command
@@ -85,14 +65,6 @@ fn spawn(args: &[&str], log: &Path) -> Child {
         .expect("prime starts")
 }
 
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
     let start = Instant::now();
     loop {
@@ -106,27 +78,6 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
-}
-
-fn step_records(run_dir: &Path) -> Vec<Value> {
-    read(&run_dir.join("metrics.jsonl"))
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|r| r["kind"] == "step")
-        .collect()
-}
-
-/// One gauge of a Prometheus endpoint; `None` while it does not answer.
-fn gauge(addr: SocketAddr, name: &str) -> Option<f64> {
-    let mut stream = TcpStream::connect(addr).ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Groups the learner has received in any category (kept, filtered, duplicate, stale,

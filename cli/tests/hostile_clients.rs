@@ -4,15 +4,14 @@
 //! oversized message and requests for weights that do not exist. Each gets a clear answer
 //! naming what is wrong, the learner keeps serving, and its counters show every group counted
 //! once: one accepted, the resubmissions as duplicates, the rest rejected.
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use prime_actor::client::{lazy_channel, learner_client, request, LearnerClient};
 use prime_proto::v1 as pb;
-use prime_tests::write_tiny_start_model;
+use prime_tests::{free_addr, gauge, write_tiny_start_model};
 
 const CONFIG: &str = r#"
 [world]
@@ -44,25 +43,10 @@ impl Drop for Learner {
     }
 }
 
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// One Prometheus gauge of the learner's metrics endpoint.
-fn gauge(addr: SocketAddr, name: &str) -> f64 {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("prime_learner_{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no gauge {name} in {body}"))
+/// One of the learner's Prometheus gauges, which must be there.
+fn learner_gauge(addr: SocketAddr, name: &str) -> f64 {
+    gauge(addr, &format!("prime_learner_{name}"))
+        .unwrap_or_else(|| panic!("no gauge prime_learner_{name} at {addr}"))
 }
 
 fn client(url: &str, token: Option<&str>) -> LearnerClient {
@@ -296,7 +280,7 @@ fn hostile_clients_get_clear_errors_and_the_learner_keeps_count() {
             cut.submit_groups(request(stream, deadline())).await
         });
         tx.send(group(other, &actor, version)).await.unwrap();
-        let metrics_accepted = || gauge(metrics, "groups_accepted");
+        let metrics_accepted = || learner_gauge(metrics, "groups_accepted");
         let start = Instant::now();
         while metrics_accepted() < 2.0 {
             assert!(
@@ -331,9 +315,12 @@ fn hostile_clients_get_clear_errors_and_the_learner_keeps_count() {
             .unwrap()
             .into_inner();
         assert_eq!(status.step, 0);
-        assert_eq!(gauge(metrics, "groups_accepted"), 2.0);
-        assert_eq!(gauge(metrics, "groups_duplicate"), 3.0);
-        assert_eq!(gauge(metrics, "groups_rejected"), rejected_cases as f64);
+        assert_eq!(learner_gauge(metrics, "groups_accepted"), 2.0);
+        assert_eq!(learner_gauge(metrics, "groups_duplicate"), 3.0);
+        assert_eq!(
+            learner_gauge(metrics, "groups_rejected"),
+            rejected_cases as f64
+        );
     });
     assert!(
         learner.0.try_wait().unwrap().is_none(),

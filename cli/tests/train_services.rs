@@ -3,13 +3,11 @@
 //! policy version and versions increase; that an actor killed mid-run has its work handed out
 //! again; and that after the learner is killed and resumed from its checkpoint the surviving
 //! actor reconnects and training runs to the end, each step recorded once.
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use prime_tests::write_tiny_start_model;
+use prime_tests::{free_addr, gauge, step_records, wait_for, write_tiny_start_model, Procs};
 use serde_json::Value;
 
 const CONFIG: &str = r#"
@@ -34,25 +32,6 @@ lease_seconds = 2
 filter = { enabled = false }
 "#;
 
-/// Children killed on drop, so a failing test leaves no processes behind.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 fn spawn(args: &[&str], log: &Path) -> Child {
     let log = std::fs::File::create(log).unwrap();
     Command::new(env!("CARGO_BIN_EXE_prime"))
@@ -64,36 +43,6 @@ fn spawn(args: &[&str], log: &Path) -> Child {
         .stderr(log)
         .spawn()
         .expect("prime starts")
-}
-
-fn step_records(run_dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|r| r["kind"] == "step")
-        .collect()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// One Prometheus gauge of the learner's metrics endpoint.
-fn gauge(addr: SocketAddr, name: &str) -> Option<f64> {
-    let mut stream = TcpStream::connect(addr).ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 fn learner_args<'a>(
