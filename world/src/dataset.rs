@@ -215,6 +215,16 @@ fn to_record_batch(rows: &[DataRow]) -> Result<RecordBatch, arrow_schema::ArrowE
 /// Reads a parquet file with the Eurus-2-RL-Data columns; `extra_info` and `response` may be
 /// absent. Each row is checked (see [`DataRow::check`]).
 pub fn read_parquet(path: &Path) -> Result<Vec<DataRow>, WorldError> {
+    // The parquet crate panics on some corrupt metadata instead of returning an error.
+    std::panic::catch_unwind(|| read_parquet_unchecked(path)).unwrap_or_else(|_| {
+        Err(WorldError::Parquet {
+            path: path.to_path_buf(),
+            message: "corrupt parquet file (the reader panicked)".into(),
+        })
+    })
+}
+
+fn read_parquet_unchecked(path: &Path) -> Result<Vec<DataRow>, WorldError> {
     let pq = |e: &dyn std::fmt::Display| WorldError::Parquet {
         path: path.to_path_buf(),
         message: e.to_string(),
