@@ -62,6 +62,8 @@ pub fn lazy_channel_secure(
         // the pings instead of at the next deadline.
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
+    // Weight streams arrive on these channels: large windows and frames (see the module).
+    let endpoint = prime_proto::transport::bulk_client(endpoint);
     let endpoint = tls.apply(endpoint).map_err(|e| url_error(e.to_string()))?;
     let bearer = BearerToken::new(token).map_err(|e| ActorError::Config(e.to_string()))?;
     Ok(InterceptedService::new(endpoint.connect_lazy(), bearer))

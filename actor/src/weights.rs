@@ -82,7 +82,7 @@ where
                         chunk.offset
                     )));
                 }
-                assembler.push(chunk.policy_version, chunk.offset, &chunk.data)?;
+                assembler.push(chunk.policy_version, chunk.offset, chunk.data)?;
             }
             Some(Payload::Manifest(_)) => {
                 return Err(ActorError::Protocol(

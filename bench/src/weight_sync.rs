@@ -155,9 +155,12 @@ pub fn run_sync_bench(spec: &TinyModel, repeats: usize) -> Result<SyncReport> {
         })?;
     let (addr, stop) = runtime.block_on(serve(published))?;
     let client = runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| BenchError::Settings(e.to_string()))?
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        // The settings every prime client uses (the actor's weight fetches among them).
+        let endpoint = prime_proto::transport::bulk_client(endpoint);
+        let channel = endpoint
             .connect()
             .await
             .map_err(|e| BenchError::Settings(format!("connecting to {addr}: {e}")))?;
@@ -217,6 +220,9 @@ pub fn run_sync_bench(spec: &TinyModel, repeats: usize) -> Result<SyncReport> {
             receive_chunks(&mut stream, &mut assembler, DEFAULT_CHUNK_BYTES).await?;
             Ok::<_, BenchError>(assembler)
         })?;
+        // Hashing runs behind the receiver: the transfer is checked when the last hash is.
+        let mut assembler = assembler;
+        assembler.verify()?;
         let received = start.elapsed().as_secs_f64();
         // The copy into the model runs on this thread, as the actor's compute thread does.
         assembler.apply(&target)?;

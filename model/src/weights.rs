@@ -5,7 +5,12 @@
 //! little-endian bytes, so a receiver can check a tensor (its SHA-256) as soon as its last
 //! chunk arrives. These are plain Rust types; the gRPC layer maps them to `prime.v1` messages.
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -81,6 +86,36 @@ fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
+/// Fills in every entry's SHA-256 from `bytes`, spreading the tensors over a few threads
+/// (hashing is most of what encoding costs once the bytes are on the host).
+fn hash_entries(entries: &mut [TensorEntry], bytes: &[u8]) {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4);
+    let total = bytes.len().max(1);
+    // Contiguous runs of tensors of about equal bytes, one per thread.
+    let mut runs: Vec<&mut [TensorEntry]> = Vec::with_capacity(threads);
+    let mut rest = entries;
+    for t in 1..threads {
+        let boundary = (total * t / threads) as u64;
+        let split = rest.iter().take_while(|e| e.offset < boundary).count();
+        let (run, tail) = rest.split_at_mut(split);
+        runs.push(run);
+        rest = tail;
+    }
+    runs.push(rest);
+    std::thread::scope(|scope| {
+        for run in runs {
+            scope.spawn(move || {
+                for entry in run {
+                    let range = entry.offset as usize..(entry.offset + entry.len) as usize;
+                    entry.sha256 = sha256_hex(&bytes[range]);
+                }
+            });
+        }
+    });
+}
+
 fn weights_error(message: impl Into<String>) -> ModelError {
     ModelError::Weights(message.into())
 }
@@ -120,9 +155,10 @@ pub fn encode_tensors(
             dtype: dtype_name(t.kind())?.to_string(),
             offset: start as u64,
             len: (bytes.len() - start) as u64,
-            sha256: sha256_hex(&bytes[start..]),
+            sha256: String::new(),
         });
     }
+    hash_entries(&mut tensors, &bytes);
     tracing::debug!(
         policy_version,
         tensors = tensors.len(),
@@ -170,15 +206,168 @@ impl EncodedWeights {
     }
 }
 
-/// Receives a byte stream chunk by chunk, checks each tensor as soon as it is whole, and
-/// copies the weights into a model only once everything has been checked.
+/// Hashes a stream's tensors in order as their bytes arrive: each tensor's SHA-256 is
+/// computed incrementally over the chunks that carry it and compared with the manifest as soon
+/// as its last byte is in, so no pass over the whole stream is left for the end.
+#[derive(Debug)]
+struct StreamHasher {
+    /// `(name, len, sha256)` of every tensor, in stream order.
+    entries: Vec<(String, u64, String)>,
+    /// The tensor being hashed.
+    index: usize,
+    /// Bytes of it hashed so far.
+    filled: u64,
+    state: Sha256,
+}
+
+impl StreamHasher {
+    fn new(manifest: &WeightManifest) -> Self {
+        Self {
+            entries: manifest
+                .tensors
+                .iter()
+                .map(|e| (e.name.clone(), e.len, e.sha256.clone()))
+                .collect(),
+            index: 0,
+            filled: 0,
+            state: Sha256::new(),
+        }
+    }
+
+    /// Hashes the next bytes of the stream (the caller never passes bytes past its end).
+    fn feed(&mut self, mut data: &[u8]) -> std::result::Result<(), String> {
+        loop {
+            self.close_complete()?;
+            let Some((_, len, _)) = self.entries.get(self.index) else {
+                return if data.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("{} bytes past the last tensor", data.len()))
+                };
+            };
+            if data.is_empty() {
+                return Ok(());
+            }
+            let take = (len - self.filled).min(data.len() as u64) as usize;
+            self.state.update(&data[..take]);
+            self.filled += take as u64;
+            data = &data[take..];
+        }
+    }
+
+    /// Compares every tensor whose bytes are all in (empty ones included) with its hash.
+    fn close_complete(&mut self) -> std::result::Result<(), String> {
+        while let Some((name, len, expected)) = self.entries.get(self.index) {
+            if self.filled < *len {
+                break;
+            }
+            let actual = format!("{:x}", self.state.finalize_reset());
+            if &actual != expected {
+                return Err(format!(
+                    "{name}: SHA-256 {actual} of the received bytes, the manifest says {expected}"
+                ));
+            }
+            self.index += 1;
+            self.filled = 0;
+        }
+        Ok(())
+    }
+
+    /// Succeeds when every tensor has been hashed and matched.
+    fn finish(mut self) -> std::result::Result<(), String> {
+        self.close_complete()?;
+        match self.entries.get(self.index) {
+            None => Ok(()),
+            Some((name, len, _)) => Err(format!(
+                "{name}: only {} of {len} bytes were hashed",
+                self.filled
+            )),
+        }
+    }
+}
+
+/// A [`StreamHasher`] on its own thread, fed the received chunks (shared, not copied) through
+/// a bounded channel, so that hashing overlaps receiving the next chunks.
+#[derive(Debug)]
+struct BackgroundHasher {
+    sender: Option<SyncSender<Bytes>>,
+    thread: Option<JoinHandle<std::result::Result<(), String>>>,
+    /// Set by the thread at the first mismatch, so that `push` can stop a bad transfer early.
+    failed: Arc<AtomicBool>,
+    /// The thread's verdict once it has been joined.
+    verdict: Option<std::result::Result<(), String>>,
+}
+
+/// Chunks the hashing thread may lag behind the receiver (4 MiB each by default).
+const HASH_QUEUE_CHUNKS: usize = 16;
+
+impl BackgroundHasher {
+    fn start(manifest: &WeightManifest) -> Result<Self> {
+        let (sender, receiver) = sync_channel::<Bytes>(HASH_QUEUE_CHUNKS);
+        let failed = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&failed);
+        let mut hasher = StreamHasher::new(manifest);
+        let thread = std::thread::Builder::new()
+            .name("weight-hash".into())
+            .spawn(move || {
+                for chunk in receiver {
+                    if let Err(message) = hasher.feed(&chunk) {
+                        flag.store(true, Ordering::Release);
+                        return Err(message);
+                    }
+                }
+                hasher.finish()
+            })
+            .map_err(|e| weights_error(format!("cannot start the hashing thread: {e}")))?;
+        Ok(Self {
+            sender: Some(sender),
+            thread: Some(thread),
+            failed,
+            verdict: None,
+        })
+    }
+
+    /// Queues a chunk; false when the thread has stopped (it found a mismatch).
+    fn send(&self, chunk: Bytes) -> bool {
+        self.sender.as_ref().is_some_and(|s| s.send(chunk).is_ok())
+    }
+
+    /// Whether a mismatch has been found (the check may still be behind).
+    fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Stops taking chunks, waits for the thread to hash everything sent and returns its
+    /// verdict: every tensor whole and matching its hash.
+    fn finish(&mut self) -> Result<()> {
+        self.sender = None;
+        if let Some(thread) = self.thread.take() {
+            self.verdict = Some(
+                thread
+                    .join()
+                    .unwrap_or_else(|_| Err("the hashing thread panicked".into())),
+            );
+        }
+        match &self.verdict {
+            Some(Ok(())) => Ok(()),
+            Some(Err(message)) => Err(weights_error(message.clone())),
+            None => unreachable!("the verdict is set when the thread is joined"),
+        }
+    }
+}
+
+/// Receives a byte stream chunk by chunk, checks each tensor against its SHA-256 as the bytes
+/// arrive (on a background thread, overlapping the transfer), and copies the weights into a
+/// model only once everything has been checked.
 #[derive(Debug)]
 pub struct WeightAssembler {
     manifest: WeightManifest,
     kinds: Vec<Kind>,
-    bytes: Vec<u8>,
-    /// Tensors at the front of the stream whose bytes have all arrived and match their hash.
-    verified: usize,
+    /// The chunks as received, in stream order (kept, not copied into one buffer).
+    chunks: Vec<Bytes>,
+    /// Bytes received so far: the chunks' total length.
+    received: u64,
+    hasher: BackgroundHasher,
 }
 
 impl WeightAssembler {
@@ -226,16 +415,13 @@ impl WeightAssembler {
                 manifest.total_bytes
             )));
         }
-        let mut bytes = Vec::new();
-        usize::try_from(end)
-            .ok()
-            .and_then(|n| bytes.try_reserve_exact(n).ok())
-            .ok_or_else(|| weights_error(format!("cannot allocate {end} bytes")))?;
+        let hasher = BackgroundHasher::start(&manifest)?;
         Ok(Self {
             manifest,
             kinds,
-            bytes,
-            verified: 0,
+            chunks: Vec::new(),
+            received: 0,
+            hasher,
         })
     }
 
@@ -246,7 +432,7 @@ impl WeightAssembler {
 
     /// Bytes received so far.
     pub fn received_bytes(&self) -> u64 {
-        self.bytes.len() as u64
+        self.received
     }
 
     /// Whether the whole stream has arrived.
@@ -256,9 +442,14 @@ impl WeightAssembler {
 
     /// Takes the next chunk: it must carry the manifest's version and start where the bytes
     /// received so far end, and must not run past the stream. A rejected chunk changes
-    /// nothing. Fails when a tensor completed by this chunk does not match its hash; the
-    /// transfer cannot be applied after that.
-    pub fn push(&mut self, policy_version: u64, offset: u64, data: &[u8]) -> Result<()> {
+    /// nothing. The chunk is shared with the hashing thread, not copied for it. Fails once a
+    /// tensor has been found not to match its hash (the check runs behind the pushes, so the
+    /// push that completed the tensor may already have returned); the transfer cannot be
+    /// applied after that.
+    pub fn push(&mut self, policy_version: u64, offset: u64, data: Bytes) -> Result<()> {
+        if self.hasher.has_failed() {
+            return self.hasher.finish();
+        }
         if policy_version != self.manifest.policy_version {
             return Err(weights_error(format!(
                 "chunk of policy version {policy_version} in a transfer of version {}",
@@ -278,28 +469,33 @@ impl WeightAssembler {
                 self.manifest.total_bytes
             )));
         }
-        self.bytes.extend_from_slice(data);
-        self.verify_arrived()
-    }
-
-    /// Hashes the tensors that have become whole since the last call.
-    fn verify_arrived(&mut self) -> Result<()> {
-        let received = self.received_bytes();
-        while let Some(entry) = self.manifest.tensors.get(self.verified) {
-            if entry.offset + entry.len > received {
-                break;
-            }
-            let range = entry.offset as usize..(entry.offset + entry.len) as usize;
-            let actual = sha256_hex(&self.bytes[range]);
-            if actual != entry.sha256 {
-                return Err(weights_error(format!(
-                    "{}: SHA-256 {actual} of the received bytes, the manifest says {}",
-                    entry.name, entry.sha256
-                )));
-            }
-            self.verified += 1;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.received += data.len() as u64;
+        self.chunks.push(data.clone());
+        if !self.hasher.send(data) {
+            return self.hasher.finish();
         }
         Ok(())
+    }
+
+    /// Waits until every tensor has been checked against its hash and says whether all
+    /// matched; fails for an incomplete stream. [`apply`](Self::apply) calls it; call it
+    /// first to know a transfer is good before touching the model. Once it has failed or
+    /// succeeded, later pushes are refused.
+    pub fn verify(&mut self) -> Result<()> {
+        if self.hasher.has_failed() {
+            return self.hasher.finish();
+        }
+        if !self.is_complete() {
+            return Err(weights_error(format!(
+                "transfer incomplete: {} of {} bytes received",
+                self.received_bytes(),
+                self.manifest.total_bytes
+            )));
+        }
+        self.hasher.finish()
     }
 
     /// Checks that the transfer fits `vs`: the same tensor names, with the same shapes. Call
@@ -342,30 +538,242 @@ impl WeightAssembler {
     /// their policy version. Nothing is copied unless the stream is complete, every hash has
     /// matched and [`check_target`](Self::check_target) passes.
     pub fn apply(mut self, vs: &nn::VarStore) -> Result<u64> {
-        self.verify_arrived()?;
-        if !self.is_complete() {
-            return Err(weights_error(format!(
-                "transfer incomplete: {} of {} bytes received",
-                self.received_bytes(),
-                self.manifest.total_bytes
-            )));
-        }
+        let clock = std::time::Instant::now();
+        self.verify()?;
+        let hash_wait = clock.elapsed().as_secs_f64();
         self.check_target(vs)?;
         let _guard = tch::no_grad_guard();
         let mut variables: HashMap<String, Tensor> = vs.variables();
+        let mut pieces = Pieces::new(&self.chunks);
         for (entry, &kind) in self.manifest.tensors.iter().zip(&self.kinds) {
-            let range = entry.offset as usize..(entry.offset + entry.len) as usize;
-            let source = Tensor::f_from_data_size(&self.bytes[range], &entry.shape, kind)?;
             let var = variables
                 .get_mut(&entry.name)
                 .expect("check_target found every tensor");
-            var.f_copy_(&source)?;
+            let parts = pieces.take(entry.len as usize);
+            copy_pieces_into(var, &parts, &entry.shape, kind)?;
         }
         tracing::debug!(
             policy_version = self.manifest.policy_version,
             tensors = self.manifest.tensors.len(),
+            hash_wait_seconds = hash_wait,
+            copy_seconds = clock.elapsed().as_secs_f64() - hash_wait,
             "applied weights"
         );
         Ok(self.manifest.policy_version)
+    }
+}
+
+/// Walks the received chunks in stream order, handing out each tensor's bytes as the slices
+/// of the chunks that hold them.
+struct Pieces<'a> {
+    chunks: std::slice::Iter<'a, Bytes>,
+    /// The unread rest of the current chunk.
+    current: &'a [u8],
+}
+
+impl<'a> Pieces<'a> {
+    fn new(chunks: &'a [Bytes]) -> Self {
+        Self {
+            chunks: chunks.iter(),
+            current: &[],
+        }
+    }
+
+    /// The next `len` bytes of the stream, as one slice per chunk they span. The assembler
+    /// calls it only for a complete stream, in manifest order.
+    fn take(&mut self, mut len: usize) -> Vec<&'a [u8]> {
+        let mut parts = Vec::new();
+        while len > 0 {
+            if self.current.is_empty() {
+                self.current = self
+                    .chunks
+                    .next()
+                    .expect("a complete stream holds every tensor");
+            }
+            let n = len.min(self.current.len());
+            let (part, rest) = self.current.split_at(n);
+            parts.push(part);
+            self.current = rest;
+            len -= n;
+        }
+        parts
+    }
+}
+
+/// Copies a row-major tensor of `shape` and `kind`, whose bytes are `parts` back to back, into
+/// `var` (converting dtype and device as needed), part by part into its range of `var`. A part
+/// at an address aligned for `kind` is read in place, so the only copy is the one into the
+/// model; an unaligned one (the wire does not align chunk payloads) goes through a temporary
+/// tensor of the part's size, still warm in cache when it is copied on. A tensor whose parts
+/// split an element (streams mixing dtypes) is gathered whole first.
+fn copy_pieces_into(var: &mut Tensor, parts: &[&[u8]], shape: &[i64], kind: Kind) -> Result<()> {
+    let size = kind.elt_size_in_bytes();
+    let whole_elements = parts.iter().all(|p| p.len().is_multiple_of(size));
+    let aligned = |p: &[u8]| (p.as_ptr() as usize).is_multiple_of(size);
+    if parts.is_empty() || !whole_elements || !var.is_contiguous() {
+        let bytes = parts.concat();
+        let source = Tensor::f_from_data_size(&bytes, shape, kind)?;
+        var.f_copy_(&source)?;
+        return Ok(());
+    }
+    if let [part] = parts {
+        let source = if aligned(part) {
+            borrowed_tensor(part, shape, kind)?
+        } else {
+            Tensor::f_from_data_size(part, shape, kind)?
+        };
+        var.f_copy_(&source)?;
+        return Ok(());
+    }
+    let flat = var.f_view([-1])?;
+    let mut start = 0i64;
+    for part in parts {
+        let n = (part.len() / size) as i64;
+        let source = if aligned(part) {
+            borrowed_tensor(part, &[n], kind)?
+        } else {
+            Tensor::f_from_data_size(part, &[n], kind)?
+        };
+        flat.f_narrow(0, start, n)?.f_copy_(&source)?;
+        start += n;
+    }
+    Ok(())
+}
+
+/// A CPU tensor of `shape` and `kind` that reads `bytes` in place. Only for a copy that ends
+/// before `bytes` goes away.
+fn borrowed_tensor(bytes: &[u8], shape: &[i64], kind: Kind) -> Result<Tensor> {
+    let strides = contiguous_strides(shape);
+    // SAFETY: `bytes` holds exactly the shape's elements of `kind` (the manifest's lengths
+    // were checked against the shapes in `WeightAssembler::new`, and callers split parts on
+    // element boundaries), it is aligned for `kind` (checked by the caller), and the tensor
+    // is only read by a copy that finishes before the borrow of `bytes` ends.
+    Ok(unsafe { Tensor::f_from_blob(bytes.as_ptr(), shape, &strides, kind, Device::Cpu)? })
+}
+
+/// Row-major strides of `shape`, in elements.
+fn contiguous_strides(shape: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1].max(1);
+    }
+    strides
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest of `tensors` (name, bytes) packed back to back, hashed independently.
+    fn manifest(tensors: &[(&str, &[u8])]) -> WeightManifest {
+        let mut offset = 0;
+        let tensors = tensors
+            .iter()
+            .map(|(name, data)| {
+                let entry = TensorEntry {
+                    name: name.to_string(),
+                    shape: vec![data.len() as i64],
+                    dtype: "f32".into(),
+                    offset,
+                    len: data.len() as u64,
+                    sha256: format!("{:x}", Sha256::digest(data)),
+                };
+                offset += data.len() as u64;
+                entry
+            })
+            .collect();
+        WeightManifest {
+            policy_version: 1,
+            tensors,
+            total_bytes: offset,
+        }
+    }
+
+    const TENSORS: [(&str, &[u8]); 5] = [
+        ("empty_first", b""),
+        ("a", b"abcdefg"),
+        ("empty_middle", b""),
+        ("b", b"0123456789"),
+        ("empty_last", b""),
+    ];
+
+    fn stream() -> Vec<u8> {
+        TENSORS
+            .iter()
+            .flat_map(|(_, d)| d.iter().copied())
+            .collect()
+    }
+
+    #[test]
+    fn tensors_split_anywhere_across_chunks_hash_like_the_whole() {
+        let m = manifest(&TENSORS);
+        let bytes = stream();
+        for piece in 1..=bytes.len() {
+            let mut hasher = StreamHasher::new(&m);
+            for chunk in bytes.chunks(piece) {
+                hasher.feed(chunk).unwrap();
+            }
+            hasher.finish().unwrap();
+        }
+        // Empty pieces change nothing.
+        let mut hasher = StreamHasher::new(&m);
+        hasher.feed(&[]).unwrap();
+        hasher.feed(&bytes).unwrap();
+        hasher.feed(&[]).unwrap();
+        hasher.finish().unwrap();
+    }
+
+    #[test]
+    fn a_flipped_byte_names_its_tensor_and_a_short_stream_is_not_whole() {
+        let m = manifest(&TENSORS);
+        for (at, name) in [(0, "a"), (6, "a"), (7, "b"), (16, "b")] {
+            let mut bytes = stream();
+            bytes[at] ^= 0x40;
+            let mut hasher = StreamHasher::new(&m);
+            let error = bytes
+                .chunks(3)
+                .try_for_each(|c| hasher.feed(c))
+                .and_then(|()| hasher.finish())
+                .unwrap_err();
+            assert!(error.starts_with(&format!("{name}: SHA-256")), "{error}");
+        }
+        let bytes = stream();
+        let mut hasher = StreamHasher::new(&m);
+        hasher.feed(&bytes[..10]).unwrap();
+        let error = hasher.finish().unwrap_err();
+        assert!(error.contains("b: only 3 of 10 bytes"), "{error}");
+        let mut hasher = StreamHasher::new(&m);
+        let error = hasher.feed(&[bytes.clone(), vec![0]].concat()).unwrap_err();
+        assert!(error.contains("1 bytes past the last tensor"), "{error}");
+    }
+
+    #[test]
+    fn the_background_hasher_reports_the_first_mismatch() {
+        let m = manifest(&TENSORS);
+        let mut good = BackgroundHasher::start(&m).unwrap();
+        for chunk in stream().chunks(4) {
+            assert!(good.send(Bytes::copy_from_slice(chunk)));
+        }
+        good.finish().unwrap();
+        good.finish().unwrap();
+
+        let mut bad = BackgroundHasher::start(&m).unwrap();
+        let mut bytes = stream();
+        bytes[2] ^= 1;
+        for chunk in bytes.chunks(4) {
+            // The thread stops at the mismatch; later sends may find it gone.
+            let _ = bad.send(Bytes::copy_from_slice(chunk));
+        }
+        let error = bad.finish().unwrap_err().to_string();
+        assert!(error.contains("a: SHA-256"), "{error}");
+        assert!(bad.has_failed());
+    }
+
+    #[test]
+    fn strides_are_row_major_and_ignore_empty_dimensions() {
+        assert_eq!(contiguous_strides(&[2, 3, 4]), vec![12, 4, 1]);
+        assert_eq!(contiguous_strides(&[5]), vec![1]);
+        assert!(contiguous_strides(&[]).is_empty());
+        assert_eq!(contiguous_strides(&[3, 0, 2]), vec![2, 2, 1]);
     }
 }

@@ -1,0 +1,28 @@
+//! HTTP/2 settings for the clients that receive bulk streams (policy and PRM weights).
+//!
+//! Data from a server to a client is paced by the client's HTTP/2 settings: its flow-control
+//! windows bound how much the server may send before the client acknowledges, and its
+//! `SETTINGS_MAX_FRAME_SIZE` bounds each DATA frame. hyper's client defaults (2 MiB stream
+//! window, 5 MiB connection window, 16 KiB frames) cut a 4 MiB weight chunk into 256 frames and
+//! stall the sender on window updates twice per chunk. The settings below let a few whole
+//! chunks be in flight in large frames. Servers keep their defaults: what they receive
+//! (rollouts, grading requests) is small, and a large receive window on a server would let
+//! every connected client make it buffer that much.
+use tonic::transport::Endpoint;
+
+/// Per-stream receive window of a bulk client: four default weight chunks in flight.
+pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
+
+/// Receive window of the whole connection: two such streams.
+pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+
+/// Largest DATA frame the client accepts (HTTP/2 allows up to 2^24 - 1 bytes).
+pub const MAX_FRAME_BYTES: u32 = 1 << 20;
+
+/// `endpoint` with the bulk-receive settings above.
+pub fn bulk_client(endpoint: Endpoint) -> Endpoint {
+    endpoint
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+}
