@@ -179,11 +179,7 @@ fn on_ranks_with(
     parallel: &ParallelConfig,
     inspect: impl Fn(&mut PrimeModels) + Sync,
 ) -> Vec<Outcome> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
@@ -191,20 +187,7 @@ fn on_ranks_with(
                 scope.spawn(move || {
                     tch::set_num_threads(1);
                     let mut models = models(config, 1 + 10 * rank as i64);
-                    let info = RankInfo {
-                        rank,
-                        world_size: world,
-                        local_rank: rank,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
-                    let options = TcpOptions {
-                        join_timeout: Duration::from_secs(30),
-                        op_timeout: Duration::from_secs(60),
-                        epoch: 0,
-                        token: None,
-                    };
-                    let group = TcpGroup::join(&info, options).unwrap();
+                    let group = join(rank, world, port);
                     DataParallel::attach(&mut models, Box::new(group), parallel.clone()).unwrap();
                     let outcome = two_steps(&mut models, config);
                     inspect(&mut models);
@@ -214,6 +197,32 @@ fn on_ranks_with(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Rank `rank` of a TCP ring of `world` on loopback `port`.
+fn join(rank: usize, world: usize, port: u16) -> TcpGroup {
+    let info = RankInfo {
+        rank,
+        world_size: world,
+        local_rank: rank,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+    };
+    let options = TcpOptions {
+        join_timeout: Duration::from_secs(30),
+        op_timeout: Duration::from_secs(60),
+        epoch: 0,
+        token: None,
+    };
+    TcpGroup::join(&info, options).unwrap()
 }
 
 fn figures(m: &StepMetrics) -> [(&'static str, f64); 13] {
@@ -402,7 +411,23 @@ fn zero2_without_recomputation_is_refused() {
 #[test]
 fn the_gradient_sink_gets_each_stage_once_and_no_grad_is_written() {
     tch::set_num_threads(1);
-    let lm = model(7);
+    sink_gets_the_accumulated_gradients(true);
+    sink_gets_the_accumulated_gradients(false);
+}
+
+/// A model like [`model`]'s, with tied or untied embeddings.
+fn model_tied(seed: i64, tied: bool) -> CausalLm {
+    let mut config = qwen2();
+    config.tie_word_embeddings = tied;
+    let _lock = INIT.lock().unwrap_or_else(|p| p.into_inner());
+    tch::manual_seed(seed);
+    CausalLm::random(&config, Device::Cpu, Kind::Float, Kind::Float).unwrap()
+}
+
+/// `token_logprobs_backward_to` hands over, stage by stage, gradients that add up to what the
+/// recomputing backward accumulates into `.grad`, and writes no `.grad` itself.
+fn sink_gets_the_accumulated_gradients(tied: bool) {
+    let lm = model_tied(7, tied);
     let sequences: Vec<Vec<i64>> = (0..3u64).map(|i| tokens(i, 5 + 3 * i as usize)).collect();
     let batch = PaddedBatch::new(&sequences, 64, 0, Device::Cpu).unwrap();
     let width = batch.input_ids.size()[1] - 1;
@@ -418,7 +443,7 @@ fn the_gradient_sink_gets_each_stage_once_and_no_grad_is_written() {
         .into_iter()
         .map(|(n, t)| (n, t.grad().copy()))
         .collect();
-    let lm = model(7);
+    let lm = model_tied(7, tied);
     let stages = lm.model.gradient_stages();
     let mut received: Vec<(Vec<Tensor>, Vec<Tensor>)> = Vec::new();
     let mut sink = |params: &[Tensor], grads: Vec<Tensor>| {
@@ -458,6 +483,76 @@ fn the_gradient_sink_gets_each_stage_once_and_no_grad_is_written() {
             }
         }
         let diff = (&got - &want).abs().max().double_value(&[]);
-        assert!(diff <= 1e-6, "{name}: {diff}");
+        assert!(diff <= 1e-6, "tied {tied}: {name}: {diff}");
+        assert!(
+            want.abs().max().double_value(&[]) > 0.0,
+            "{name} has a gradient"
+        );
+    }
+}
+
+#[test]
+fn zero2_resumes_from_an_unsharded_checkpoint() {
+    tch::set_num_threads(1);
+    let config = recompute_config();
+    let mut single = models(&config, 1);
+    let expected: Vec<StepMetrics> = (0..3)
+        .map(|i| prime_step(&mut single, &groups(i), &config, i).unwrap())
+        .collect();
+    let (world, ports) = (2, [free_port(), free_port()]);
+    let config = &config;
+    let ranks: Vec<(StepMetrics, Vec<(String, Vec<f32>)>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                scope.spawn(move || {
+                    tch::set_num_threads(1);
+                    let seed = 1 + 10 * rank as i64;
+                    let mut first = models(config, seed);
+                    let group = join(rank, world, ports[0]);
+                    DataParallel::attach(&mut first, Box::new(group), zero2()).unwrap();
+                    for i in 0..2 {
+                        prime_step(&mut first, &groups(i), config, i).unwrap();
+                    }
+                    // What a checkpoint holds: the optimizers gathered into the unsharded form.
+                    let mut dp = first.parallel.take().unwrap();
+                    let states = [Trained::Policy, Trained::Prm].map(|which| {
+                        let (state, step) = dp.full_optimizer(&first, which).unwrap().state();
+                        let state: std::collections::BTreeMap<String, Tensor> =
+                            state.into_iter().map(|(n, t)| (n, t.copy())).collect();
+                        (state, step)
+                    });
+                    drop(dp);
+                    // A restarted rank loads the checkpoint and shards it again.
+                    let mut resumed = models(config, seed);
+                    resumed.policy.vs.copy(&first.policy.vs).unwrap();
+                    resumed.prm.vs.copy(&first.prm.vs).unwrap();
+                    let [(policy, policy_step), (prm, prm_step)] = states;
+                    resumed
+                        .policy_optimizer
+                        .load_state(&policy, policy_step)
+                        .unwrap();
+                    resumed.prm_optimizer.load_state(&prm, prm_step).unwrap();
+                    let group = join(rank, world, ports[1]);
+                    DataParallel::attach(&mut resumed, Box::new(group), zero2()).unwrap();
+                    let metrics = prime_step(&mut resumed, &groups(2), config, 2).unwrap();
+                    (metrics, weights(&resumed))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let want = weights(&single);
+    for (rank, (metrics, rank_weights)) in ranks.iter().enumerate() {
+        for ((name, x), (_, y)) in figures(&expected[2]).into_iter().zip(figures(metrics)) {
+            assert!(
+                (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+                "rank {rank} after resuming: {name} {x} alone, {y} resumed"
+            );
+        }
+        for ((name, x), (_, y)) in want.iter().zip(rank_weights) {
+            for (a, b) in x.iter().zip(y) {
+                assert!((a - b).abs() <= 1e-6, "rank {rank}: {name}: {a} vs {b}");
+            }
+        }
     }
 }
