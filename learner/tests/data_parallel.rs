@@ -112,6 +112,9 @@ fn weights(models: &PrimeModels) -> Vec<(String, Vec<f32>)> {
     out
 }
 
+/// Named flattened variables, as [`weights`] lists them.
+type Weights = Vec<(String, Vec<f32>)>;
+
 /// Step metrics, weights, and the policy optimizer's state (unsharded format) and step count.
 type Outcome = (
     Vec<StepMetrics>,
@@ -501,7 +504,7 @@ fn zero2_resumes_from_an_unsharded_checkpoint() {
         .collect();
     let (world, ports) = (2, [free_port(), free_port()]);
     let config = &config;
-    let ranks: Vec<(StepMetrics, Vec<(String, Vec<f32>)>)> = std::thread::scope(|scope| {
+    let ranks: Vec<(StepMetrics, Weights)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
                 scope.spawn(move || {
