@@ -350,6 +350,12 @@ fn sharded_gradients_take_the_single_process_step() {
             assert!(!p.grad().defined(), "{name} has a .grad under ZeRO-2");
         }
     };
+    // One rank with sharding on: the same code path with every collective the identity.
+    let mut one = models(&config, 1);
+    DataParallel::attach(&mut one, Box::new(prime_collective::Single), zero2()).unwrap();
+    let outcome = two_steps(&mut one, &config);
+    check(&mut one);
+    assert_same_step(&single, &[outcome], "DP=1 ZeRO-2");
     assert_same_step(
         &single,
         &on_ranks_with(2, &config, &zero2(), check),
