@@ -442,6 +442,13 @@ impl LearnerConfig {
                 "learner.max_prompt_tokens and max_response_tokens must be positive".into(),
             );
         }
+        if self.parallel.zero2 && !self.recompute_activations {
+            return Err(
+                "learner.parallel.zero2 = true needs learner.recompute_activations = true: \
+                 gradients are handed over layer by layer from the recomputing backward pass"
+                    .into(),
+            );
+        }
         Ok(())
     }
 }

@@ -12,10 +12,21 @@
 //! With `zero1` the optimizer state is sharded (ZeRO stage 1): gradients are reduce-scattered
 //! over a flat f32 buffer, each rank runs AdamW on its 1/W of the elements, and the updated
 //! shards are all-gathered back into the parameters.
+//!
+//! With `zero2` the gradients are sharded too (ZeRO stage 2): the backward pass recomputes
+//! one decoder layer at a time and hands each layer's parameter gradients, as fresh tensors,
+//! to [`ShardedGradSink`], which reduce-scatters them bucket by bucket into this rank's f32
+//! gradient shard and drops them; no parameter's `.grad` is ever written. Every bucket is
+//! split evenly over the ranks, so each rank owns 1/W of every bucket (not one contiguous
+//! run of the model as with `zero1`): a reduce-scatter then moves only real gradient, and
+//! the updated parameters come back one bucket at a time.
+use std::collections::HashMap;
 use std::ops::Range;
 
 use prime_collective::flat::{flatten, unflatten, FlatLayout};
 use prime_collective::{broadcast_bytes, Collective, ReduceOp};
+use prime_model::qwen2::GradSink;
+use prime_model::Qwen2;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -45,7 +56,13 @@ pub struct ParallelConfig {
     /// weights) take 1/W of the memory on each rank; results are the same.
     #[serde(default)]
     pub zero1: bool,
-    /// Size of a gradient bucket (MiB of f32) all-reduced at once without `zero1`.
+    /// Shard the gradients too (ZeRO stage 2; implies `zero1`): each decoder layer's
+    /// gradients are reduce-scattered as soon as the backward pass has them, so no rank holds
+    /// a whole model's gradients. Needs `learner.recompute_activations = true`.
+    #[serde(default)]
+    pub zero2: bool,
+    /// Size of a gradient bucket (MiB of f32) all-reduced at once without `zero1`, or
+    /// reduce-scattered (and all-gathered back) at once with `zero2`.
     #[serde(default = "p_bucket_mb")]
     pub bucket_mb: usize,
     /// `auto`, `tcp` or `nccl`.
@@ -128,6 +145,224 @@ struct Shard {
     master: bool,
 }
 
+/// Elements `from .. from + len` of parameter `param` (flattened), inside a bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Segment {
+    param: usize,
+    from: usize,
+    len: usize,
+}
+
+/// Parameter elements reduce-scattered, and all-gathered back, as one flat f32 vector that
+/// splits evenly over the ranks (ZeRO-2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Bucket {
+    /// The pieces, back to back in the flat vector (zero padding after the last).
+    segments: Vec<Segment>,
+    /// Elements per rank: the bucket padded to a multiple of the world size, divided by it.
+    chunk: usize,
+    /// Where this bucket's chunk sits in every rank's shard.
+    shard_offset: usize,
+}
+
+/// Name of the shard optimizer's parameter for bucket `b` (ZeRO-2).
+fn bucket_param(b: usize) -> String {
+    format!("zero2.bucket{b}")
+}
+
+impl Bucket {
+    /// This rank's chunk of the bucket in a shard-long vector (a view).
+    fn mine(&self, shard: &Tensor) -> Tensor {
+        shard.narrow(0, self.shard_offset as i64, self.chunk as i64)
+    }
+
+    /// Flat `[chunk · world]` f32 vector of the bucket's pieces of `tensors` (one per
+    /// parameter, each flattened; an undefined one counts as zeros).
+    fn flatten(&self, tensors: &[Tensor], world: usize, device: Device) -> Tensor {
+        let flat = Tensor::zeros([(self.chunk * world) as i64], (Kind::Float, device));
+        let mut at = 0i64;
+        for s in &self.segments {
+            let t = &tensors[s.param];
+            if t.defined() {
+                let piece = t.reshape(-1).narrow(0, s.from as i64, s.len as i64);
+                flat.narrow(0, at, s.len as i64).copy_(&piece);
+            }
+            at += s.len as i64;
+        }
+        flat
+    }
+
+    /// Copies the pieces of `flat` back into `tensors` (converting dtype), skipping the
+    /// parameters `keep` says no.
+    fn unflatten(&self, flat: &Tensor, tensors: &[Tensor], keep: impl Fn(usize) -> bool) {
+        let mut at = 0i64;
+        for s in &self.segments {
+            if keep(s.param) {
+                let piece = flat.narrow(0, at, s.len as i64);
+                tensors[s.param]
+                    .view(-1)
+                    .narrow(0, s.from as i64, s.len as i64)
+                    .copy_(&piece);
+            }
+            at += s.len as i64;
+        }
+    }
+}
+
+/// The buckets of ZeRO-2 for parameters of `sizes` elements: the stages of the backward
+/// pass in order (parameter indices; one already placed by an earlier stage, a tied
+/// embedding, is not placed again), then any parameter no stage names, each cut into
+/// buckets of at most `bucket_elements` (a large tensor spans several). A bucket never mixes
+/// stages, so each one is complete when its stage's gradients arrive.
+fn plan_buckets(
+    stages: &[Vec<usize>],
+    sizes: &[usize],
+    bucket_elements: usize,
+    world: usize,
+) -> Vec<Bucket> {
+    let bucket_elements = bucket_elements.max(1);
+    let mut placed = vec![false; sizes.len()];
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for stage in stages {
+        let mut group = Vec::new();
+        for &p in stage {
+            if !placed[p] {
+                placed[p] = true;
+                group.push(p);
+            }
+        }
+        groups.push(group);
+    }
+    groups.push((0..sizes.len()).filter(|&p| !placed[p]).collect());
+    let mut buckets = Vec::new();
+    let mut shard_offset = 0;
+    let mut close = |segments: &mut Vec<Segment>, filled: &mut usize| {
+        if *filled > 0 {
+            let chunk = filled.div_ceil(world);
+            buckets.push(Bucket {
+                segments: std::mem::take(segments),
+                chunk,
+                shard_offset,
+            });
+            shard_offset += chunk;
+            *filled = 0;
+        }
+    };
+    for group in groups {
+        let (mut segments, mut filled) = (Vec::new(), 0);
+        for p in group {
+            let mut from = 0;
+            while from < sizes[p] {
+                let len = (sizes[p] - from).min(bucket_elements - filled);
+                segments.push(Segment {
+                    param: p,
+                    from,
+                    len,
+                });
+                (from, filled) = (from + len, filled + len);
+                if filled == bucket_elements {
+                    close(&mut segments, &mut filled);
+                }
+            }
+        }
+        close(&mut segments, &mut filled);
+    }
+    buckets
+}
+
+/// A rank's shard of one model's gradients and optimizer (ZeRO-2).
+#[derive(Debug)]
+struct GradShard {
+    /// The model's parameters (shallow clones), in the optimizer's order.
+    params: Vec<Tensor>,
+    names: Vec<String>,
+    /// Parameter index by data pointer: how a handed-over gradient finds its parameter.
+    index: HashMap<usize, usize>,
+    buckets: Vec<Bucket>,
+    /// Per parameter, the buckets holding its elements.
+    buckets_of: Vec<Vec<usize>>,
+    /// The f32 shard the optimizer updates (shared with the shard optimizer).
+    values: Tensor,
+    /// This rank's f32 gradient shard: the sum over ranks and micro-batches so far.
+    grad: Tensor,
+    /// Which parameters got a gradient on this rank since the last `zero_grad`.
+    touched: Vec<bool>,
+    /// Whether `values` persists between steps as master weights.
+    master: bool,
+}
+
+/// The data pointer of `t`, which identifies a parameter across shallow clones.
+fn address(t: &Tensor) -> usize {
+    t.data_ptr() as usize
+}
+
+/// Where a ZeRO-2 rank's backward pass hands its gradients (see [`GradSink`]): each call's
+/// gradients are reduce-scattered bucket by bucket into the rank's gradient shard, then
+/// dropped. Every rank must hand over the same stages in the same order. The first error
+/// stops the communication and is returned by [`ShardedGradSink::finish`].
+pub struct ShardedGradSink<'a> {
+    comm: &'a mut dyn Collective,
+    shard: &'a mut GradShard,
+    device: Device,
+    error: Option<LearnerError>,
+}
+
+impl ShardedGradSink<'_> {
+    /// Ends the backward pass: its first error, if any.
+    pub fn finish(self) -> Result<()> {
+        self.error.map_or(Ok(()), Err)
+    }
+
+    fn reduce(&mut self, params: &[Tensor], grads: Vec<Tensor>) -> Result<()> {
+        let world = self.comm.world_size();
+        let mut local: Vec<Tensor> = Vec::new();
+        let mut indices = Vec::with_capacity(params.len());
+        for (p, g) in params.iter().zip(grads) {
+            let &i = self.shard.index.get(&address(p)).ok_or_else(|| {
+                LearnerError::Data("a gradient for a parameter the optimizer does not hold".into())
+            })?;
+            if local.is_empty() {
+                local = self.shard.params.iter().map(|_| Tensor::new()).collect();
+            }
+            self.shard.touched[i] |= g.defined();
+            local[i] = g;
+            indices.push(i);
+        }
+        let mut buckets: Vec<usize> = indices
+            .iter()
+            .flat_map(|&i| self.shard.buckets_of[i].iter().copied())
+            .collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        for b in buckets {
+            let bucket = &self.shard.buckets[b];
+            let flat = bucket.flatten(&local, world, self.device);
+            let mut mine = Tensor::zeros([bucket.chunk as i64], (Kind::Float, self.device));
+            self.comm
+                .reduce_scatter(&flat, &mut mine, ReduceOp::Sum)
+                .map_err(comm_err)?;
+            let _ = self
+                .shard
+                .grad
+                .narrow(0, bucket.shard_offset as i64, bucket.chunk as i64)
+                .g_add_(&mine);
+        }
+        Ok(())
+    }
+}
+
+impl GradSink for ShardedGradSink<'_> {
+    fn accept(&mut self, params: &[Tensor], grads: Vec<Tensor>) {
+        if self.error.is_some() {
+            return;
+        }
+        let _guard = tch::no_grad_guard();
+        if let Err(e) = self.reduce(params, grads) {
+            self.error = Some(e);
+        }
+    }
+}
+
 /// An optimizer in the unsharded form a checkpoint stores.
 #[derive(Debug)]
 pub enum FullOptimizer<'a> {
@@ -157,6 +392,8 @@ pub struct DataParallel {
     /// Where the small tensors of collectives live (the models' device).
     device: Device,
     shards: [Option<Shard>; 2],
+    /// ZeRO-2: the gradient and optimizer shards (instead of `shards`).
+    grad_shards: [Option<GradShard>; 2],
 }
 
 impl std::fmt::Debug for DataParallel {
@@ -165,6 +402,7 @@ impl std::fmt::Debug for DataParallel {
             .field("rank", &self.comm.rank())
             .field("world_size", &self.comm.world_size())
             .field("zero1", &self.config.zero1)
+            .field("zero2", &self.config.zero2)
             .finish()
     }
 }
@@ -195,6 +433,7 @@ impl DataParallel {
             config,
             device,
             shards: [None, None],
+            grad_shards: [None, None],
         };
         if dp.world_size() > 1 {
             // Rank 0 may still be opening its run (building the world, a first evaluation):
@@ -207,8 +446,10 @@ impl DataParallel {
             }
             synced?;
         }
-        if dp.config.zero1 {
-            for which in [Trained::Policy, Trained::Prm] {
+        for which in [Trained::Policy, Trained::Prm] {
+            if dp.config.zero2 {
+                dp.shard_gradients(models, which)?;
+            } else if dp.config.zero1 {
                 dp.shard_optimizer(models, which)?;
             }
         }
@@ -216,6 +457,7 @@ impl DataParallel {
             rank = dp.rank(),
             world_size = dp.world_size(),
             zero1 = dp.config.zero1,
+            zero2 = dp.config.zero2,
             "data parallelism attached"
         );
         models.parallel = Some(dp);
@@ -229,6 +471,7 @@ impl DataParallel {
             config: ParallelConfig::default(),
             device,
             shards: [None, None],
+            grad_shards: [None, None],
         }
     }
 
@@ -242,9 +485,15 @@ impl DataParallel {
         self.comm.world_size()
     }
 
-    /// Whether the optimizer state is sharded.
+    /// Whether the optimizer state is sharded (`zero1`, or `zero2`, which implies it).
     pub fn zero1(&self) -> bool {
-        self.config.zero1
+        self.config.zero1 || self.config.zero2
+    }
+
+    /// Whether the gradients are sharded too (ZeRO-2): the backward passes of the trained
+    /// models must then hand their gradients to [`DataParallel::grad_sink`].
+    pub fn zero2(&self) -> bool {
+        self.config.zero2
     }
 
     /// The collective group.
@@ -342,14 +591,8 @@ impl DataParallel {
             format!("{SHARD_PARAM}.exp_avg_sq"),
             shard_of("exp_avg_sq", &params),
         );
-        let mut optimizer = AdamW::new(
-            vec![(SHARD_PARAM.to_string(), values.shallow_clone())],
-            adamw,
-        );
-        optimizer
-            .load_state(&shard_state, step)
-            .map_err(LearnerError::Checkpoint)?;
-        *Self::optimizer_of(models, which) = optimizer;
+        let pieces = vec![(SHARD_PARAM.to_string(), values.shallow_clone())];
+        *Self::optimizer_of(models, which) = shard_adamw(pieces, &shard_state, adamw, step)?;
         self.shards[which as usize] = Some(Shard {
             params,
             names,
@@ -363,9 +606,150 @@ impl DataParallel {
         Ok(())
     }
 
+    /// ZeRO-2: replaces the model's optimizer by one over this rank's share of every
+    /// gradient bucket (moments and master weights taken from the full optimizer) and sets
+    /// up the gradient shard the backward passes reduce into.
+    fn shard_gradients(&mut self, models: &mut PrimeModels, which: Trained) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let stage_tensors = match which {
+            Trained::Policy => models.policy.model.gradient_stages(),
+            Trained::Prm => models.prm.model.gradient_stages(),
+        };
+        let full = Self::optimizer_of(models, which);
+        let (state, step) = full.state();
+        let names: Vec<String> = full.params().iter().map(|(n, _)| n.clone()).collect();
+        let params: Vec<Tensor> = full
+            .params()
+            .iter()
+            .map(|(_, p)| p.shallow_clone())
+            .collect();
+        let (master, adamw) = (full.keeps_master_weights(), full.config());
+        let index: HashMap<usize, usize> = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (address(p), i))
+            .collect();
+        let stages: Vec<Vec<usize>> = stage_tensors
+            .iter()
+            .map(|s| {
+                s.iter()
+                    .filter_map(|t| index.get(&address(t)).copied())
+                    .collect()
+            })
+            .collect();
+        let sizes: Vec<usize> = params.iter().map(Tensor::numel).collect();
+        let (world, rank, device) = (self.world_size(), self.rank(), self.device);
+        let buckets = plan_buckets(&stages, &sizes, self.bucket_elements(), world);
+        let len: usize = buckets.iter().map(|b| b.chunk).sum();
+        let mut buckets_of = vec![Vec::new(); params.len()];
+        for (b, bucket) in buckets.iter().enumerate() {
+            for s in &bucket.segments {
+                if buckets_of[s.param].last() != Some(&b) {
+                    buckets_of[s.param].push(b);
+                }
+            }
+        }
+        let shard_of = |suffix: &str| -> Tensor {
+            let whole: Vec<Tensor> = names
+                .iter()
+                .zip(&params)
+                .map(|(n, p)| {
+                    state
+                        .get(&format!("{n}.{suffix}"))
+                        .map_or_else(|| p.shallow_clone(), Tensor::shallow_clone)
+                })
+                .collect();
+            let shard = Tensor::zeros([len as i64], (Kind::Float, device));
+            for b in &buckets {
+                let (at, n) = (b.shard_offset as i64, b.chunk as i64);
+                let flat = b.flatten(&whole, world, device);
+                shard
+                    .narrow(0, at, n)
+                    .copy_(&flat.narrow(0, rank as i64 * n, n));
+            }
+            shard
+        };
+        let values = shard_of("master");
+        // One optimizer parameter per bucket (views of `values`), so that AdamW's temporaries
+        // are a bucket's share, not the whole shard's.
+        let pieces: Vec<(String, Tensor)> = buckets
+            .iter()
+            .enumerate()
+            .map(|(b, bucket)| (bucket_param(b), bucket.mine(&values)))
+            .collect();
+        let mut shard_state = std::collections::BTreeMap::new();
+        for suffix in ["exp_avg", "exp_avg_sq"] {
+            let moments = shard_of(suffix);
+            for (b, bucket) in buckets.iter().enumerate() {
+                shard_state.insert(
+                    format!("{}.{suffix}", bucket_param(b)),
+                    bucket.mine(&moments),
+                );
+            }
+        }
+        *Self::optimizer_of(models, which) = shard_adamw(pieces, &shard_state, adamw, step)?;
+        let touched = vec![false; params.len()];
+        self.grad_shards[which as usize] = Some(GradShard {
+            params,
+            names,
+            index,
+            buckets,
+            buckets_of,
+            values,
+            grad: Tensor::zeros([len as i64], (Kind::Float, device)),
+            touched,
+            master,
+        });
+        Ok(())
+    }
+
+    /// ZeRO-2: the length of this rank's f32 gradient shard of `which` (about 1/W of the
+    /// model's parameters); `None` without gradient sharding.
+    pub fn gradient_shard_len(&self, which: Trained) -> Option<usize> {
+        self.grad_shards[which as usize]
+            .as_ref()
+            .map(|s| s.grad.numel())
+    }
+
+    /// Elements of f32 in one bucket (`bucket_mb`).
+    fn bucket_elements(&self) -> usize {
+        (self.config.bucket_mb.max(1) << 20) / 4
+    }
+
+    /// ZeRO-2: the sink the backward passes of `which` hand their gradients to (one per
+    /// pass; call [`ShardedGradSink::finish`] after it). `None` without gradient sharding.
+    pub fn grad_sink(&mut self, which: Trained) -> Option<ShardedGradSink<'_>> {
+        let shard = self.grad_shards[which as usize].as_mut()?;
+        Some(ShardedGradSink {
+            comm: &mut *self.comm,
+            shard,
+            device: self.device,
+            error: None,
+        })
+    }
+
+    /// ZeRO-2: takes part in one backward pass of `model` (the model `which`) without rows:
+    /// hands over every stage with no gradient, so that this rank joins the reduce-scatters
+    /// of ranks that have one more micro-batch than it.
+    pub fn idle_backward(&mut self, model: &Qwen2, which: Trained) -> Result<()> {
+        let Some(mut sink) = self.grad_sink(which) else {
+            return Ok(());
+        };
+        for params in model.gradient_stages() {
+            let none = params.iter().map(|_| Tensor::new()).collect();
+            sink.accept(&params, none);
+        }
+        sink.finish()
+    }
+
     /// The rows of `rows` (whole groups of `k` responses) this rank works on.
     pub fn my_rows(&self, rows: &Range<usize>, k: usize) -> Range<usize> {
-        let groups = part(rows.len() / k, self.world_size(), self.rank());
+        self.rows_of_rank(rows, k, self.rank())
+    }
+
+    /// The rows of `rows` (whole groups of `k` responses) rank `rank` works on.
+    pub fn rows_of_rank(&self, rows: &Range<usize>, k: usize, rank: usize) -> Range<usize> {
+        let groups = part(rows.len() / k, self.world_size(), rank);
         rows.start + groups.start * k..rows.start + groups.end * k
     }
 
@@ -432,6 +816,11 @@ impl DataParallel {
 
     /// Clears the gradients of `which` before a mini-batch.
     pub fn zero_grad(&mut self, models: &mut PrimeModels, which: Trained) {
+        if let Some(shard) = &mut self.grad_shards[which as usize] {
+            let _ = shard.grad.zero_();
+            shard.touched.fill(false);
+            return;
+        }
         match &self.shards[which as usize] {
             Some(shard) => {
                 for p in &shard.params {
@@ -455,6 +844,11 @@ impl DataParallel {
         max_norm: f64,
         lr: f64,
     ) -> Result<f64> {
+        if let Some(mut shard) = self.grad_shards[which as usize].take() {
+            let result = self.update_zero2(&mut shard, models, which, max_norm, lr);
+            self.grad_shards[which as usize] = Some(shard);
+            return result;
+        }
         if self.shards[which as usize].is_some() {
             return self.update_sharded(models, which, max_norm, lr);
         }
@@ -481,6 +875,62 @@ impl DataParallel {
         }
         let norm = optimizer.clip_grad_norm(max_norm);
         optimizer.step(lr);
+        Ok(norm)
+    }
+
+    /// ZeRO-2's update: the gradient shard is already reduced; the global norm comes from
+    /// every shard's sum of squares, AdamW updates the shard, and each bucket of updated
+    /// values is all-gathered back into the parameters.
+    fn update_zero2(
+        &mut self,
+        shard: &mut GradShard,
+        models: &mut PrimeModels,
+        which: Trained,
+        max_norm: f64,
+        lr: f64,
+    ) -> Result<f64> {
+        let _guard = tch::no_grad_guard();
+        let (world, rank, device) = (self.world_size(), self.rank(), self.device);
+        // Bucket by bucket, so that no temporary is as long as the shard.
+        let mut square = [shard
+            .buckets
+            .iter()
+            .map(|b| {
+                b.mine(&shard.grad)
+                    .square()
+                    .sum(Kind::Double)
+                    .double_value(&[])
+            })
+            .sum::<f64>()];
+        self.sum(&mut square)?;
+        let norm = square[0].sqrt();
+        // Parameters no rank has a gradient for are skipped, as the unsharded AdamW does.
+        let mut anywhere: Vec<f64> = shard
+            .touched
+            .iter()
+            .map(|&t| f64::from(u8::from(t)))
+            .collect();
+        self.sum(&mut anywhere)?;
+        if max_norm > 0.0 && norm > max_norm {
+            let _ = shard.grad.g_mul_scalar_(max_norm / (norm + 1e-6));
+        }
+        if !shard.master {
+            for b in &shard.buckets {
+                let n = b.chunk as i64;
+                let flat = b.flatten(&shard.params, world, device);
+                b.mine(&shard.values)
+                    .copy_(&flat.narrow(0, rank as i64 * n, n));
+            }
+        }
+        let grads: Vec<Tensor> = shard.buckets.iter().map(|b| b.mine(&shard.grad)).collect();
+        Self::optimizer_of(models, which).step_with_grads(lr, &grads);
+        for b in &shard.buckets {
+            let mut flat = Tensor::zeros([(b.chunk * world) as i64], (Kind::Float, device));
+            self.comm
+                .all_gather(&b.mine(&shard.values), &mut flat)
+                .map_err(comm_err)?;
+            b.unflatten(&flat, &shard.params, |p| anywhere[p] > 0.0);
+        }
         Ok(norm)
     }
 
@@ -568,6 +1018,11 @@ impl DataParallel {
             Trained::Policy => &models.policy_optimizer,
             Trained::Prm => &models.prm_optimizer,
         };
+        if let Some(shard) = self.grad_shards[which as usize].take() {
+            let rebuilt = self.gather_zero2(&shard, optimizer);
+            self.grad_shards[which as usize] = Some(shard);
+            return Ok(FullOptimizer::Gathered(Box::new(rebuilt?)));
+        }
         let Some(shard) = &self.shards[which as usize] else {
             return Ok(FullOptimizer::Own(optimizer));
         };
@@ -592,11 +1047,6 @@ impl DataParallel {
             .cloned()
             .zip(shard.params.iter().map(Tensor::shallow_clone))
             .collect();
-        let mut rebuilt = if shard.master {
-            AdamW::with_master_weights(named, optimizer.config())
-        } else {
-            AdamW::new(named, optimizer.config())
-        };
         let mut full_state = std::collections::BTreeMap::new();
         let mut offset = 0i64;
         for (name, p) in shard.names.iter().zip(&shard.params) {
@@ -615,10 +1065,57 @@ impl DataParallel {
             }
             offset += n;
         }
-        rebuilt
-            .load_state(&full_state, step)
-            .map_err(LearnerError::Checkpoint)?;
+        let rebuilt = full_adamw(named, shard.master, optimizer.config(), &full_state, step)?;
         Ok(FullOptimizer::Gathered(Box::new(rebuilt)))
+    }
+
+    /// ZeRO-2's [`DataParallel::full_optimizer`]: every bucket of the moments (and master
+    /// weights) all-gathered into whole tensors.
+    fn gather_zero2(&mut self, shard: &GradShard, optimizer: &AdamW) -> Result<AdamW> {
+        let _guard = tch::no_grad_guard();
+        let (world, device) = (self.world_size(), self.device);
+        let (state, step) = optimizer.state();
+        // Per suffix, this rank's chunk of every bucket.
+        let mut parts: Vec<(&str, Vec<Tensor>)> = ["exp_avg", "exp_avg_sq"]
+            .into_iter()
+            .map(|suffix| {
+                let chunks = (0..shard.buckets.len())
+                    .map(|b| state[&format!("{}.{suffix}", bucket_param(b))].shallow_clone())
+                    .collect();
+                (suffix, chunks)
+            })
+            .collect();
+        if shard.master {
+            let chunks = shard
+                .buckets
+                .iter()
+                .map(|b| b.mine(&shard.values))
+                .collect();
+            parts.push(("master", chunks));
+        }
+        let mut full_state = std::collections::BTreeMap::new();
+        for (suffix, part) in parts {
+            let whole: Vec<Tensor> = shard
+                .params
+                .iter()
+                .map(|p| Tensor::zeros(p.size(), (Kind::Float, device)))
+                .collect();
+            for (b, mine) in shard.buckets.iter().zip(&part) {
+                let mut flat = Tensor::zeros([(b.chunk * world) as i64], (Kind::Float, device));
+                self.comm.all_gather(mine, &mut flat).map_err(comm_err)?;
+                b.unflatten(&flat, &whole, |_| true);
+            }
+            for (name, t) in shard.names.iter().zip(whole) {
+                full_state.insert(format!("{name}.{suffix}"), t);
+            }
+        }
+        let named: Vec<(String, Tensor)> = shard
+            .names
+            .iter()
+            .cloned()
+            .zip(shard.params.iter().map(Tensor::shallow_clone))
+            .collect();
+        full_adamw(named, shard.master, optimizer.config(), &full_state, step)
     }
 
     /// Rank 0: sends `command` to every other rank. Other ranks: wait for it (up to
@@ -639,6 +1136,40 @@ impl DataParallel {
         serde_json::from_slice(&bytes)
             .map_err(|e| LearnerError::Data(format!("a command from rank 0 is unreadable: {e}")))
     }
+}
+
+/// The optimizer of a shard: AdamW over the flat f32 `pieces` of the shard, with their
+/// moments from `state` (`<piece>.exp_avg`, `.exp_avg_sq`).
+fn shard_adamw(
+    pieces: Vec<(String, Tensor)>,
+    state: &std::collections::BTreeMap<String, Tensor>,
+    config: crate::optim::AdamWConfig,
+    step: i64,
+) -> Result<AdamW> {
+    let mut optimizer = AdamW::new(pieces, config);
+    optimizer
+        .load_state(state, step)
+        .map_err(LearnerError::Checkpoint)?;
+    Ok(optimizer)
+}
+
+/// The unsharded optimizer over `named` parameters with the gathered `state`.
+fn full_adamw(
+    named: Vec<(String, Tensor)>,
+    master: bool,
+    config: crate::optim::AdamWConfig,
+    state: &std::collections::BTreeMap<String, Tensor>,
+    step: i64,
+) -> Result<AdamW> {
+    let mut rebuilt = if master {
+        AdamW::with_master_weights(named, config)
+    } else {
+        AdamW::new(named, config)
+    };
+    rebuilt
+        .load_state(state, step)
+        .map_err(LearnerError::Checkpoint)?;
+    Ok(rebuilt)
 }
 
 /// The loop of a rank other than 0: runs each step rank 0 announces and takes part in its
@@ -724,6 +1255,64 @@ pub fn join_group(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buckets_follow_the_stages_split_large_tensors_and_place_a_tied_weight_once() {
+        // Parameters 0..4 of 5, 3, 8 and 2 elements; stages [3], [1, 2], [0, 3] (3 is tied).
+        let stages = vec![vec![3], vec![1, 2], vec![0, 3]];
+        let buckets = plan_buckets(&stages, &[5, 3, 8, 2], 6, 4);
+        let seg = |param, from, len| Segment { param, from, len };
+        let expected = [
+            (vec![seg(3, 0, 2)], 1),
+            (vec![seg(1, 0, 3), seg(2, 0, 3)], 2),
+            (vec![seg(2, 3, 5)], 2),
+            (vec![seg(0, 0, 5)], 2),
+        ];
+        assert_eq!(buckets.len(), expected.len());
+        let mut offset = 0;
+        for (bucket, (segments, chunk)) in buckets.iter().zip(expected) {
+            assert_eq!(bucket.segments, segments);
+            assert_eq!((bucket.chunk, bucket.shard_offset), (chunk, offset));
+            offset += chunk;
+        }
+        // A parameter no stage names still gets a bucket.
+        let buckets = plan_buckets(&[vec![1]], &[4, 4], 100, 2);
+        assert_eq!(buckets[1].segments, vec![seg(0, 0, 4)]);
+    }
+
+    #[test]
+    fn a_bucket_flattens_and_unflattens_its_pieces() {
+        let a = Tensor::from_slice(&[1f32, 2., 3., 4.]).view([2, 2]);
+        let b = Tensor::from_slice(&[5f32, 6., 7.]);
+        let bucket = Bucket {
+            segments: vec![
+                Segment {
+                    param: 1,
+                    from: 1,
+                    len: 2,
+                },
+                Segment {
+                    param: 0,
+                    from: 0,
+                    len: 3,
+                },
+            ],
+            chunk: 2,
+            shard_offset: 0,
+        };
+        let flat = bucket.flatten(&[a.shallow_clone(), b.shallow_clone()], 3, Device::Cpu);
+        assert_eq!(
+            Vec::<f32>::try_from(&flat).unwrap(),
+            vec![6., 7., 1., 2., 3., 0.]
+        );
+        let out = [a.zeros_like(), b.zeros_like()];
+        bucket.unflatten(&(flat * 10.0), &out, |p| p == 0);
+        assert_eq!(
+            Vec::<f32>::try_from(&out[0].view(-1)).unwrap(),
+            vec![10., 20., 30., 0.]
+        );
+        assert_eq!(Vec::<f32>::try_from(&out[1]).unwrap(), vec![0., 0., 0.]);
+    }
 
     #[test]
     fn parts_cover_in_order() {

@@ -22,6 +22,7 @@ use crate::config::{LearnerConfig, PrmUpdate, ReferenceType};
 use crate::error::{LearnerError, Result};
 use crate::optim::AdamW;
 use crate::parallel::{DataParallel, Trained};
+use prime_model::qwen2::GradSink;
 
 /// One scored response of a group, as sampled (EOS included when it stopped).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -411,15 +412,20 @@ fn response_positions(
 /// Forward with gradients on `rows`, `loss_fn(logprobs, entropy)` on the response-aligned
 /// log-probs, backward. With `recompute` the decoder layers are recomputed during the
 /// backward pass (activation checkpointing; same gradients, less memory); entropies are then
-/// not available. Returns the detached loss.
+/// not available. With a `sink` (ZeRO-2) the parameter gradients go to it layer by layer
+/// instead of into `.grad`, which needs recomputation. Returns the detached loss.
 fn backward_micro(
     model: &CausalLm,
     batch: &StepBatch,
     rows: &std::ops::Range<usize>,
     config: &LearnerConfig,
     want_entropy: bool,
+    sink: Option<&mut dyn GradSink>,
     loss_fn: impl FnOnce(&Tensor, Option<&Tensor>) -> Tensor,
 ) -> Result<Tensor> {
+    if sink.is_some() && !config.recompute_activations {
+        return Err(zero2_needs_recompute());
+    }
     if !config.recompute_activations {
         let (logprobs, entropy) =
             response_logprobs(model, batch, rows, config.logit_chunk_tokens, want_entropy)?;
@@ -437,13 +443,81 @@ fn backward_micro(
     let last = padded.input_ids.size()[1] - 2;
     let index = response_positions(batch, rows, last, device);
     let valid = masks_f32(&batch.rows_of(&batch.mask, rows));
-    let result = model.model.token_logprobs_backward(
-        &padded,
-        config.logit_chunk_tokens,
-        true,
-        |sequence_logprobs| loss_fn(&(sequence_logprobs.gather(1, &index, false) * &valid), None),
-    );
+    let loss = |sequence_logprobs: &Tensor| {
+        loss_fn(&(sequence_logprobs.gather(1, &index, false) * &valid), None)
+    };
+    let qwen = &model.model;
+    let chunk = config.logit_chunk_tokens;
+    let result = match sink {
+        Some(sink) => qwen.token_logprobs_backward_to(&padded, chunk, sink, loss),
+        None => qwen.token_logprobs_backward(&padded, chunk, true, loss),
+    };
     Ok(result.loss)
+}
+
+/// The refusal of `learner.parallel.zero2` without recomputation.
+fn zero2_needs_recompute() -> LearnerError {
+    LearnerError::Config {
+        path: "learner.parallel.zero2".into(),
+        message: "gradient sharding hands gradients over layer by layer from the recomputing \
+                  backward pass: it needs learner.recompute_activations = true"
+            .into(),
+    }
+}
+
+/// One micro-batch's backward pass on this rank: with ZeRO-2 through a gradient sink that
+/// reduce-scatters each layer's gradients, otherwise into `.grad`.
+#[allow(clippy::too_many_arguments)]
+fn rank_backward(
+    dp: &mut DataParallel,
+    which: Trained,
+    model: &CausalLm,
+    batch: &StepBatch,
+    rows: &std::ops::Range<usize>,
+    config: &LearnerConfig,
+    want_entropy: bool,
+    loss_fn: impl FnOnce(&Tensor, Option<&Tensor>) -> Tensor,
+) -> Result<Tensor> {
+    let Some(mut sink) = dp.grad_sink(which) else {
+        return backward_micro(model, batch, rows, config, want_entropy, None, loss_fn);
+    };
+    let loss = backward_micro(
+        model,
+        batch,
+        rows,
+        config,
+        want_entropy,
+        Some(&mut sink),
+        loss_fn,
+    );
+    // A communication error explains a failed pass better than what followed from it.
+    sink.finish()?;
+    loss
+}
+
+/// The micro-batches of `mini` this rank runs. With ZeRO-2 every backward pass reduces its
+/// gradients over all ranks, so a rank with fewer micro-batches than the busiest one (or no
+/// rows) also returns how many passes without rows it must add ([`DataParallel::idle_backward`]).
+fn rank_micro_batches(
+    dp: &DataParallel,
+    batch: &StepBatch,
+    mini: &std::ops::Range<usize>,
+    config: &LearnerConfig,
+) -> (Vec<std::ops::Range<usize>>, usize) {
+    let budget = config.micro_batch_tokens;
+    let mine = batch.micro_batches(dp.my_rows(mini, batch.k), budget);
+    if !dp.zero2() {
+        return (mine, 0);
+    }
+    let most = (0..dp.world_size())
+        .map(|r| {
+            let rows = dp.rows_of_rank(mini, batch.k, r);
+            batch.micro_batches(rows, budget).len()
+        })
+        .max()
+        .unwrap_or(0);
+    let idle = most - mine.len();
+    (mine, idle)
 }
 
 fn masks_f32(mask: &Tensor) -> Tensor {
@@ -538,21 +612,34 @@ fn prm_pass(
     for mini in &minis {
         dp.zero_grad(models, Trained::Prm);
         let mut q_mine = Vec::new();
+        let (micros, idle) = rank_micro_batches(dp, batch, mini, config);
         // Weights stay shares of the whole mini-batch, so the ranks' gradients sum to it.
-        for micro in batch.micro_batches(dp.my_rows(mini, batch.k), config.micro_batch_tokens) {
+        for micro in micros {
             let mask = batch.rows_of(&batch.mask, &micro);
             let reference = batch.rows_of(reference_logprobs, &micro);
             let scores = batch.rows_of(&batch.scores, &micro);
             let weight = micro.len() as f64 / mini.len() as f64;
             let mut q_micro = None;
-            let loss = backward_micro(&models.prm, batch, &micro, config, false, |logprobs, _| {
-                let q = implicit_prm::token_log_ratio(logprobs, &reference, &mask);
-                let loss = implicit_prm::prm_ce_loss(&q, &mask, &scores, beta) * weight;
-                q_micro = Some(q.detach());
-                loss
-            })?;
+            let loss = rank_backward(
+                dp,
+                Trained::Prm,
+                &models.prm,
+                batch,
+                &micro,
+                config,
+                false,
+                |logprobs, _| {
+                    let q = implicit_prm::token_log_ratio(logprobs, &reference, &mask);
+                    let loss = implicit_prm::prm_ce_loss(&q, &mask, &scores, beta) * weight;
+                    q_micro = Some(q.detach());
+                    loss
+                },
+            )?;
             loss_sum += scalar(&loss);
             q_mine.push(q_micro.expect("the loss function ran"));
+        }
+        for _ in 0..idle {
+            dp.idle_backward(&models.prm.model, Trained::Prm)?;
         }
         let local = rows_or_empty(q_mine, batch, models.prm.model.device());
         q_rows.push(dp.gather_rows(&local, mini, batch.k)?);
@@ -597,7 +684,8 @@ fn policy_pass(
     let mut totals = [0.0f64; 4];
     for mini in &minis {
         dp.zero_grad(models, Trained::Policy);
-        for micro in batch.micro_batches(dp.my_rows(mini, batch.k), config.micro_batch_tokens) {
+        let (micros, idle) = rank_micro_batches(dp, batch, mini, config);
+        for micro in micros {
             let reference =
                 (ppo_config.kl_coeff != 0.0).then(|| batch.rows_of(reference_logprobs, &micro));
             let old = batch.rows_of(old_logprobs, &micro);
@@ -605,7 +693,9 @@ fn policy_pass(
             let mask = batch.rows_of(&batch.mask, &micro);
             let weight = micro_weight(batch, &micro, mini, aggregation);
             let mut figures = None;
-            let _loss = backward_micro(
+            let _loss = rank_backward(
+                dp,
+                Trained::Policy,
                 &models.policy,
                 batch,
                 &micro,
@@ -630,6 +720,9 @@ fn policy_pass(
             for (total, value) in totals.iter_mut().zip(figures) {
                 *total += value * weight;
             }
+        }
+        for _ in 0..idle {
+            dp.idle_backward(&models.policy.model, Trained::Policy)?;
         }
         totals[3] += dp.update(
             models,

@@ -1,7 +1,9 @@
 //! Data parallelism gives the step of one process: DP=2 and DP=3 ranks (threads joined by
 //! the TCP backend on loopback) against DP=1 on the same global batch, with and without
-//! optimizer sharding, over two iterations: the same losses and the same weights within
-//! 1e-6 (f32), and bit-identical weights on every rank.
+//! optimizer sharding (ZeRO-1) and gradient sharding (ZeRO-2), over two iterations: the same
+//! losses, gradient norms and weights within 1e-6 (f32), and bit-identical weights on every
+//! rank. A ZeRO-2 rank never writes a parameter's `.grad`, and its gradient accumulator is
+//! its share of the model.
 use std::time::Duration;
 
 use prime_collective::tcp::TcpOptions;
@@ -12,8 +14,9 @@ use prime_learner::AdamW;
 use prime_learner::{
     prime_step, LearnerConfig, PrimeModels, ScoredGroup, ScoredResponse, StepMetrics,
 };
+use prime_model::logprobs::PaddedBatch;
 use prime_model::{CausalLm, Qwen2Config};
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 fn qwen2() -> Qwen2Config {
     serde_json::from_value(serde_json::json!({
@@ -109,6 +112,9 @@ fn weights(models: &PrimeModels) -> Vec<(String, Vec<f32>)> {
     out
 }
 
+/// Named flattened variables, as [`weights`] lists them.
+type Weights = Vec<(String, Vec<f32>)>;
+
 /// Step metrics, weights, and the policy optimizer's state (unsharded format) and step count.
 type Outcome = (
     Vec<StepMetrics>,
@@ -144,49 +150,82 @@ fn two_steps(models: &mut PrimeModels, config: &LearnerConfig) -> Outcome {
 }
 
 fn alone() -> Outcome {
-    let config = config();
-    two_steps(&mut models(&config, 1), &config)
+    alone_with(&config())
+}
+
+fn alone_with(config: &LearnerConfig) -> Outcome {
+    two_steps(&mut models(config, 1), config)
+}
+
+/// The config of the ZeRO-2 runs, DP=1 included: recomputation, which ZeRO-2 needs.
+fn recompute_config() -> LearnerConfig {
+    LearnerConfig {
+        recompute_activations: true,
+        ..config()
+    }
 }
 
 fn on_ranks(world: usize, zero1: bool) -> Vec<Outcome> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let parallel = ParallelConfig {
+        zero1,
+        bucket_mb: 1,
+        ..ParallelConfig::default()
+    };
+    on_ranks_with(world, &config(), &parallel, |_| {})
+}
+
+/// `world` ranks as threads, each attached with `parallel`, taking two steps under `config`;
+/// `inspect` sees each rank's models after the steps.
+fn on_ranks_with(
+    world: usize,
+    config: &LearnerConfig,
+    parallel: &ParallelConfig,
+    inspect: impl Fn(&mut PrimeModels) + Sync,
+) -> Vec<Outcome> {
+    let port = free_port();
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
+                let inspect = &inspect;
                 scope.spawn(move || {
                     tch::set_num_threads(1);
-                    let config = config();
-                    let mut models = models(&config, 1 + 10 * rank as i64);
-                    let info = RankInfo {
-                        rank,
-                        world_size: world,
-                        local_rank: rank,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
-                    let options = TcpOptions {
-                        join_timeout: Duration::from_secs(30),
-                        op_timeout: Duration::from_secs(60),
-                        epoch: 0,
-                        token: None,
-                    };
-                    let group = TcpGroup::join(&info, options).unwrap();
-                    let parallel = ParallelConfig {
-                        zero1,
-                        bucket_mb: 1,
-                        ..ParallelConfig::default()
-                    };
-                    DataParallel::attach(&mut models, Box::new(group), parallel).unwrap();
-                    two_steps(&mut models, &config)
+                    let mut models = models(config, 1 + 10 * rank as i64);
+                    let group = join(rank, world, port);
+                    DataParallel::attach(&mut models, Box::new(group), parallel.clone()).unwrap();
+                    let outcome = two_steps(&mut models, config);
+                    inspect(&mut models);
+                    outcome
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Rank `rank` of a TCP ring of `world` on loopback `port`.
+fn join(rank: usize, world: usize, port: u16) -> TcpGroup {
+    let info = RankInfo {
+        rank,
+        world_size: world,
+        local_rank: rank,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+    };
+    let options = TcpOptions {
+        join_timeout: Duration::from_secs(30),
+        op_timeout: Duration::from_secs(60),
+        epoch: 0,
+        token: None,
+    };
+    TcpGroup::join(&info, options).unwrap()
 }
 
 fn figures(m: &StepMetrics) -> [(&'static str, f64); 13] {
@@ -280,4 +319,249 @@ fn sharded_optimizer_takes_the_single_process_step() {
     let single = alone();
     assert_same_step(&single, &on_ranks(2, true), "DP=2 ZeRO-1");
     assert_same_step(&single, &on_ranks(3, true), "DP=3 ZeRO-1");
+}
+
+fn zero2() -> ParallelConfig {
+    ParallelConfig {
+        zero2: true,
+        bucket_mb: 1,
+        ..ParallelConfig::default()
+    }
+}
+
+/// Every trainable parameter of policy and PRM.
+fn trained(models: &PrimeModels) -> Vec<(String, Tensor)> {
+    let policy = models.policy.vs.variables().into_iter();
+    let prm = models.prm.vs.variables().into_iter();
+    policy
+        .chain(prm)
+        .filter(|(_, t)| t.requires_grad())
+        .collect()
+}
+
+#[test]
+fn sharded_gradients_take_the_single_process_step() {
+    tch::set_num_threads(1);
+    let config = recompute_config();
+    let single = alone_with(&config);
+    let check = |models: &mut PrimeModels| {
+        // No rank ever held a whole model's gradients in `.grad`.
+        for (name, p) in trained(models) {
+            assert!(!p.grad().defined(), "{name} has a .grad under ZeRO-2");
+        }
+    };
+    // One rank with sharding on: the same code path with every collective the identity.
+    let mut one = models(&config, 1);
+    DataParallel::attach(&mut one, Box::new(prime_collective::Single), zero2()).unwrap();
+    let outcome = two_steps(&mut one, &config);
+    check(&mut one);
+    assert_same_step(&single, &[outcome], "DP=1 ZeRO-2");
+    assert_same_step(
+        &single,
+        &on_ranks_with(2, &config, &zero2(), check),
+        "DP=2 ZeRO-2",
+    );
+    assert_same_step(
+        &single,
+        &on_ranks_with(3, &config, &zero2(), check),
+        "DP=3 ZeRO-2",
+    );
+}
+
+#[test]
+fn zero2_accumulates_only_its_share_of_the_gradients() {
+    tch::set_num_threads(1);
+    let config = recompute_config();
+    for world in [2usize, 3] {
+        on_ranks_with(world, &config, &zero2(), |models| {
+            let dp = models.parallel.as_ref().unwrap();
+            for (which, lm) in [
+                (Trained::Policy, &models.policy),
+                (Trained::Prm, &models.prm),
+            ] {
+                let total: usize = lm.vs.trainable_variables().iter().map(Tensor::numel).sum();
+                // Each bucket (here one per backward stage) is padded to a multiple of W.
+                let buckets = lm.model.gradient_stages().len();
+                let len = dp.gradient_shard_len(which).expect("gradients are sharded");
+                assert!(
+                    len >= total / world && len <= total / world + buckets,
+                    "W={world} {which:?}: shard of {len} elements for {total} parameters"
+                );
+            }
+        });
+    }
+}
+
+#[test]
+fn zero2_without_recomputation_is_refused() {
+    let mut config = config();
+    config.parallel.zero2 = true;
+    let message = config.validate().unwrap_err();
+    assert!(
+        message.contains("learner.parallel.zero2")
+            && message.contains("learner.recompute_activations"),
+        "{message}"
+    );
+    config.recompute_activations = true;
+    config.validate().unwrap();
+    // A step refuses too, for a config built past `validate`.
+    let config = self::config();
+    let mut models = models(&config, 1);
+    DataParallel::attach(&mut models, Box::new(prime_collective::Single), zero2()).unwrap();
+    let error = prime_step(&mut models, &groups(0), &config, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("learner.parallel.zero2") && error.contains("learner.recompute_activations"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_gradient_sink_gets_each_stage_once_and_no_grad_is_written() {
+    tch::set_num_threads(1);
+    sink_gets_the_accumulated_gradients(true);
+    sink_gets_the_accumulated_gradients(false);
+}
+
+/// A model like [`model`]'s, with tied or untied embeddings.
+fn model_tied(seed: i64, tied: bool) -> CausalLm {
+    let mut config = qwen2();
+    config.tie_word_embeddings = tied;
+    let _lock = INIT.lock().unwrap_or_else(|p| p.into_inner());
+    tch::manual_seed(seed);
+    CausalLm::random(&config, Device::Cpu, Kind::Float, Kind::Float).unwrap()
+}
+
+/// `token_logprobs_backward_to` hands over, stage by stage, gradients that add up to what the
+/// recomputing backward accumulates into `.grad`, and writes no `.grad` itself.
+fn sink_gets_the_accumulated_gradients(tied: bool) {
+    let lm = model_tied(7, tied);
+    let sequences: Vec<Vec<i64>> = (0..3u64).map(|i| tokens(i, 5 + 3 * i as usize)).collect();
+    let batch = PaddedBatch::new(&sequences, 64, 0, Device::Cpu).unwrap();
+    let width = batch.input_ids.size()[1] - 1;
+    let weights = Tensor::arange(3 * width, (Kind::Float, Device::Cpu))
+        .sin()
+        .view([3, width]);
+    let loss = |logprobs: &Tensor| (logprobs * &weights).sum(Kind::Float);
+    // The reference: recomputation accumulating into `.grad`.
+    let reference = lm.model.token_logprobs_backward(&batch, 4, true, loss);
+    let expected: Vec<(String, Tensor)> = lm
+        .vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.grad().copy()))
+        .collect();
+    let lm = model_tied(7, tied);
+    let stages = lm.model.gradient_stages();
+    let mut received: Vec<(Vec<Tensor>, Vec<Tensor>)> = Vec::new();
+    let mut sink = |params: &[Tensor], grads: Vec<Tensor>| {
+        // While the pass runs, no parameter has a `.grad`.
+        assert!(lm
+            .vs
+            .trainable_variables()
+            .iter()
+            .all(|p| !p.grad().defined()));
+        received.push((params.iter().map(Tensor::shallow_clone).collect(), grads));
+    };
+    let out = lm
+        .model
+        .token_logprobs_backward_to(&batch, 4, &mut sink, loss);
+    assert!((out.loss.double_value(&[]) - reference.loss.double_value(&[])).abs() < 1e-6);
+    assert_eq!(received.len(), stages.len(), "one call per stage");
+    for ((params, grads), stage) in received.iter().zip(&stages) {
+        assert_eq!(params.len(), stage.len());
+        assert_eq!(grads.len(), stage.len());
+        for (p, q) in params.iter().zip(stage) {
+            assert_eq!(
+                p.data_ptr(),
+                q.data_ptr(),
+                "stages in gradient_stages order"
+            );
+        }
+    }
+    // The handed-over gradients add up to the accumulated ones (tied embeddings: twice).
+    for (name, want) in expected {
+        let var = &lm.vs.variables()[&name];
+        let mut got = Tensor::zeros_like(var);
+        for (params, grads) in &received {
+            for (p, g) in params.iter().zip(grads) {
+                if p.data_ptr() == var.data_ptr() && g.defined() {
+                    got += g;
+                }
+            }
+        }
+        let diff = (&got - &want).abs().max().double_value(&[]);
+        assert!(diff <= 1e-6, "tied {tied}: {name}: {diff}");
+        assert!(
+            want.abs().max().double_value(&[]) > 0.0,
+            "{name} has a gradient"
+        );
+    }
+}
+
+#[test]
+fn zero2_resumes_from_an_unsharded_checkpoint() {
+    tch::set_num_threads(1);
+    let config = recompute_config();
+    let mut single = models(&config, 1);
+    let expected: Vec<StepMetrics> = (0..3)
+        .map(|i| prime_step(&mut single, &groups(i), &config, i).unwrap())
+        .collect();
+    let (world, ports) = (2, [free_port(), free_port()]);
+    let config = &config;
+    let ranks: Vec<(StepMetrics, Weights)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                scope.spawn(move || {
+                    tch::set_num_threads(1);
+                    let seed = 1 + 10 * rank as i64;
+                    let mut first = models(config, seed);
+                    let group = join(rank, world, ports[0]);
+                    DataParallel::attach(&mut first, Box::new(group), zero2()).unwrap();
+                    for i in 0..2 {
+                        prime_step(&mut first, &groups(i), config, i).unwrap();
+                    }
+                    // What a checkpoint holds: the optimizers gathered into the unsharded form.
+                    let mut dp = first.parallel.take().unwrap();
+                    let states = [Trained::Policy, Trained::Prm].map(|which| {
+                        let (state, step) = dp.full_optimizer(&first, which).unwrap().state();
+                        let state: std::collections::BTreeMap<String, Tensor> =
+                            state.into_iter().map(|(n, t)| (n, t.copy())).collect();
+                        (state, step)
+                    });
+                    drop(dp);
+                    // A restarted rank loads the checkpoint and shards it again.
+                    let mut resumed = models(config, seed);
+                    resumed.policy.vs.copy(&first.policy.vs).unwrap();
+                    resumed.prm.vs.copy(&first.prm.vs).unwrap();
+                    let [(policy, policy_step), (prm, prm_step)] = states;
+                    resumed
+                        .policy_optimizer
+                        .load_state(&policy, policy_step)
+                        .unwrap();
+                    resumed.prm_optimizer.load_state(&prm, prm_step).unwrap();
+                    let group = join(rank, world, ports[1]);
+                    DataParallel::attach(&mut resumed, Box::new(group), zero2()).unwrap();
+                    let metrics = prime_step(&mut resumed, &groups(2), config, 2).unwrap();
+                    (metrics, weights(&resumed))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let want = weights(&single);
+    for (rank, (metrics, rank_weights)) in ranks.iter().enumerate() {
+        for ((name, x), (_, y)) in figures(&expected[2]).into_iter().zip(figures(metrics)) {
+            assert!(
+                (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+                "rank {rank} after resuming: {name} {x} alone, {y} resumed"
+            );
+        }
+        for ((name, x), (_, y)) in want.iter().zip(rank_weights) {
+            for (a, b) in x.iter().zip(y) {
+                assert!((a - b).abs() <= 1e-6, "rank {rank}: {name}: {a} vs {b}");
+            }
+        }
+    }
 }
