@@ -169,20 +169,20 @@ pub fn run_sync_bench(spec: &TinyModel, repeats: usize) -> Result<SyncReport> {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
     })?;
-    let mut stream_only = Vec::with_capacity(repeats);
+    // The four transfers take turns within each repeat, so that all of them see the same
+    // load on a shared machine and the ratios compare like with like.
+    let mut raw = RawTcp::start(&bytes, repeats + 1)?;
+    let (mut stream_only, mut grpc, mut applied, mut tcp) = (
+        Vec::with_capacity(repeats),
+        Vec::with_capacity(repeats),
+        Vec::with_capacity(repeats),
+        Vec::with_capacity(repeats),
+    );
     for run in 0..=repeats {
         let start = Instant::now();
-        let mut client = client.clone();
+        let mut client_for_stream = client.clone();
         let received = runtime.block_on(async move {
-            let request = pb::FetchWeightsRequest {
-                policy_version: version,
-                max_chunk_bytes: 0,
-            };
-            let mut stream = client
-                .fetch_weights(request)
-                .await
-                .map_err(|s| BenchError::Settings(format!("FetchWeights: {s}")))?
-                .into_inner();
+            let mut stream = fetch(&mut client_for_stream, version).await?;
             let mut received = 0u64;
             while let Some(message) = stream.next().await {
                 let message = message.map_err(|s| BenchError::Settings(s.to_string()))?;
@@ -192,49 +192,40 @@ pub fn run_sync_bench(spec: &TinyModel, repeats: usize) -> Result<SyncReport> {
             }
             Ok::<_, BenchError>(received)
         })?;
+        let stream_seconds = start.elapsed().as_secs_f64();
         if received != total {
             return Err(BenchError::Settings(format!(
                 "the stream carried {received} of {total} bytes"
             )));
         }
-        if run > 0 {
-            stream_only.push(start.elapsed().as_secs_f64());
-        }
-    }
-    let mut grpc = Vec::with_capacity(repeats);
-    let mut applied = Vec::with_capacity(repeats);
-    for run in 0..=repeats {
+
         let start = Instant::now();
-        let mut client = client.clone();
-        let assembler = runtime.block_on(async move {
-            let request = pb::FetchWeightsRequest {
-                policy_version: version,
-                max_chunk_bytes: 0,
-            };
-            let mut stream = client
-                .fetch_weights(request)
-                .await
-                .map_err(|s| BenchError::Settings(format!("FetchWeights: {s}")))?
-                .into_inner();
+        let mut client_for_weights = client.clone();
+        let mut assembler = runtime.block_on(async move {
+            let mut stream = fetch(&mut client_for_weights, version).await?;
             let mut assembler = open_transfer(&mut stream, version).await?;
             receive_chunks(&mut stream, &mut assembler, DEFAULT_CHUNK_BYTES).await?;
             Ok::<_, BenchError>(assembler)
         })?;
         // Hashing runs behind the receiver: the transfer is checked when the last hash is.
-        let mut assembler = assembler;
         assembler.verify()?;
-        let received = start.elapsed().as_secs_f64();
+        let checked_seconds = start.elapsed().as_secs_f64();
         // The copy into the model runs on this thread, as the actor's compute thread does.
         assembler.apply(&target)?;
+        let applied_seconds = start.elapsed().as_secs_f64();
+
+        let raw_seconds = raw.copy_once()?;
         if run > 0 {
-            grpc.push(received);
-            applied.push(start.elapsed().as_secs_f64());
+            stream_only.push(stream_seconds);
+            grpc.push(checked_seconds);
+            applied.push(applied_seconds);
+            tcp.push(raw_seconds);
         }
     }
+    raw.finish()?;
     let _ = stop.send(());
     runtime.shutdown_timeout(Duration::from_secs(2));
 
-    let tcp = raw_tcp(&bytes, repeats)?;
     let (grpc_stream_only, grpc, grpc_applied, tcp) = (
         StepTimes::new(stream_only),
         StepTimes::new(grpc),
@@ -318,42 +309,83 @@ async fn serve(
     Ok((addr, stop_tx))
 }
 
-/// Copies `bytes` over a fresh loopback TCP connection `repeats + 1` times (the first is a
-/// warm-up): one thread writes them, this one reads them into a preallocated buffer.
-fn raw_tcp(bytes: &[u8], repeats: usize) -> Result<Vec<f64>> {
-    let io = |source| BenchError::Io {
+/// The reference: the same bytes over a fresh loopback TCP connection per copy, one thread
+/// writing them, the caller reading them into a preallocated buffer.
+struct RawTcp {
+    addr: std::net::SocketAddr,
+    writer: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    expected: Arc<[u8]>,
+    buffer: Vec<u8>,
+}
+
+impl RawTcp {
+    /// Starts a writer that serves `copies` connections.
+    fn start(bytes: &[u8], copies: usize) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(raw_io)?;
+        let addr = listener.local_addr().map_err(raw_io)?;
+        let payload: Arc<[u8]> = Arc::from(bytes);
+        let expected = Arc::clone(&payload);
+        let writer = std::thread::spawn(move || -> std::io::Result<()> {
+            for _ in 0..copies {
+                let (mut socket, _) = listener.accept()?;
+                socket.set_nodelay(true)?;
+                socket.write_all(&payload)?;
+            }
+            Ok(())
+        });
+        Ok(Self {
+            addr,
+            writer: Some(writer),
+            expected,
+            buffer: vec![0u8; bytes.len()],
+        })
+    }
+
+    /// Receives one copy and returns its seconds (connecting included).
+    fn copy_once(&mut self) -> Result<f64> {
+        let start = Instant::now();
+        let mut socket = TcpStream::connect(self.addr).map_err(raw_io)?;
+        socket.read_exact(&mut self.buffer).map_err(raw_io)?;
+        let seconds = start.elapsed().as_secs_f64();
+        if self.buffer[..] != self.expected[..] {
+            return Err(BenchError::Settings(
+                "the raw TCP copy arrived corrupted".into(),
+            ));
+        }
+        Ok(seconds)
+    }
+
+    /// Waits for the writer, reporting its errors.
+    fn finish(mut self) -> Result<()> {
+        match self.writer.take() {
+            Some(writer) => writer
+                .join()
+                .map_err(|_| BenchError::Settings("the TCP writer panicked".into()))?
+                .map_err(raw_io),
+            None => Ok(()),
+        }
+    }
+}
+
+fn raw_io(source: std::io::Error) -> BenchError {
+    BenchError::Io {
         path: "127.0.0.1 (raw TCP)".into(),
         source,
+    }
+}
+
+/// Opens a `FetchWeights` stream for `version`.
+async fn fetch(
+    client: &mut pb::learner_client::LearnerClient<tonic::transport::Channel>,
+    version: u64,
+) -> Result<tonic::Streaming<pb::WeightTransfer>> {
+    let request = pb::FetchWeightsRequest {
+        policy_version: version,
+        max_chunk_bytes: 0,
     };
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(io)?;
-    let addr = listener.local_addr().map_err(io)?;
-    let payload: Arc<[u8]> = Arc::from(bytes);
-    let writer = std::thread::spawn(move || -> std::io::Result<()> {
-        for _ in 0..=repeats {
-            let (mut socket, _) = listener.accept()?;
-            socket.set_nodelay(true)?;
-            socket.write_all(&payload)?;
-        }
-        Ok(())
-    });
-    let mut buffer = vec![0u8; bytes.len()];
-    let mut seconds = Vec::with_capacity(repeats);
-    for run in 0..=repeats {
-        let start = Instant::now();
-        let mut socket = TcpStream::connect(addr).map_err(io)?;
-        socket.read_exact(&mut buffer).map_err(io)?;
-        if run > 0 {
-            seconds.push(start.elapsed().as_secs_f64());
-        }
-    }
-    writer
-        .join()
-        .map_err(|_| BenchError::Settings("the TCP writer panicked".into()))?
-        .map_err(io)?;
-    if buffer != bytes {
-        return Err(BenchError::Settings(
-            "the raw TCP copy arrived corrupted".into(),
-        ));
-    }
-    Ok(seconds)
+    Ok(client
+        .fetch_weights(request)
+        .await
+        .map_err(|s| BenchError::Settings(format!("FetchWeights: {s}")))?
+        .into_inner())
 }
