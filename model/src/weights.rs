@@ -6,7 +6,7 @@
 //! chunk arrives. These are plain Rust types; the gRPC layer maps them to `prime.v1` messages.
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -208,33 +208,45 @@ impl EncodedWeights {
 
 /// Hashes a stream's tensors in order as their bytes arrive: each tensor's SHA-256 is
 /// computed incrementally over the chunks that carry it and compared with the manifest as soon
-/// as its last byte is in, so no pass over the whole stream is left for the end.
+/// as its last byte is in, so no pass over the whole stream is left for the end. It is fed the
+/// whole stream but hashes only the tensors it owns, stepping over the others' bytes, so that
+/// several hashers can share one stream.
 #[derive(Debug)]
 struct StreamHasher {
     /// `(name, len, sha256)` of every tensor, in stream order.
     entries: Vec<(String, u64, String)>,
-    /// The tensor being hashed.
+    /// Which tensors this hasher checks.
+    owned: Vec<bool>,
+    /// The tensor the stream is in.
     index: usize,
-    /// Bytes of it hashed so far.
+    /// Bytes of it passed so far.
     filled: u64,
     state: Sha256,
 }
 
 impl StreamHasher {
-    fn new(manifest: &WeightManifest) -> Self {
+    /// A hasher of the tensors `owned` says (one flag per manifest tensor).
+    fn new(manifest: &WeightManifest, owned: Vec<bool>) -> Self {
         Self {
             entries: manifest
                 .tensors
                 .iter()
                 .map(|e| (e.name.clone(), e.len, e.sha256.clone()))
                 .collect(),
+            owned,
             index: 0,
             filled: 0,
             state: Sha256::new(),
         }
     }
 
-    /// Hashes the next bytes of the stream (the caller never passes bytes past its end).
+    /// A hasher of every tensor.
+    #[cfg(test)]
+    fn all(manifest: &WeightManifest) -> Self {
+        Self::new(manifest, vec![true; manifest.tensors.len()])
+    }
+
+    /// Takes the next bytes of the stream (the caller never passes bytes past its end).
     fn feed(&mut self, mut data: &[u8]) -> std::result::Result<(), String> {
         loop {
             self.close_complete()?;
@@ -249,23 +261,28 @@ impl StreamHasher {
                 return Ok(());
             }
             let take = (len - self.filled).min(data.len() as u64) as usize;
-            self.state.update(&data[..take]);
+            if self.owned[self.index] {
+                self.state.update(&data[..take]);
+            }
             self.filled += take as u64;
             data = &data[take..];
         }
     }
 
-    /// Compares every tensor whose bytes are all in (empty ones included) with its hash.
+    /// Compares every owned tensor whose bytes are all in (empty ones included) with its hash
+    /// and steps past the others.
     fn close_complete(&mut self) -> std::result::Result<(), String> {
         while let Some((name, len, expected)) = self.entries.get(self.index) {
             if self.filled < *len {
                 break;
             }
-            let actual = format!("{:x}", self.state.finalize_reset());
-            if &actual != expected {
-                return Err(format!(
-                    "{name}: SHA-256 {actual} of the received bytes, the manifest says {expected}"
-                ));
+            if self.owned[self.index] {
+                let actual = format!("{:x}", self.state.finalize_reset());
+                if &actual != expected {
+                    return Err(format!(
+                        "{name}: SHA-256 {actual} of the received bytes, the manifest says {expected}"
+                    ));
+                }
             }
             self.index += 1;
             self.filled = 0;
@@ -273,7 +290,7 @@ impl StreamHasher {
         Ok(())
     }
 
-    /// Succeeds when every tensor has been hashed and matched.
+    /// Succeeds when the whole stream has passed and every owned tensor matched.
     fn finish(mut self) -> std::result::Result<(), String> {
         self.close_complete()?;
         match self.entries.get(self.index) {
@@ -286,50 +303,80 @@ impl StreamHasher {
     }
 }
 
-/// A [`StreamHasher`] on its own thread, fed the received chunks (shared, not copied) through
-/// a bounded channel, so that hashing overlaps receiving the next chunks.
+/// Splits the tensors of `lens` (bytes, stream order) among `workers` hashers: each tensor goes
+/// to the worker with the fewest bytes so far, so the work is even and every worker has some
+/// of each part of the stream. Returns each worker's ownership flags.
+fn assign_tensors(lens: &[u64], workers: usize) -> Vec<Vec<bool>> {
+    let workers = workers.max(1);
+    let mut owned = vec![vec![false; lens.len()]; workers];
+    let mut load = vec![0u64; workers];
+    for (t, &len) in lens.iter().enumerate() {
+        let w = (0..workers).min_by_key(|&w| load[w]).unwrap_or(0);
+        owned[w][t] = true;
+        load[w] += len.max(1);
+    }
+    owned
+}
+
+/// Hashing threads per transfer: one per core, at most 8, never more than the tensors.
+fn hash_workers(tensors: usize) -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8)
+        .min(tensors.max(1))
+}
+
+/// [`StreamHasher`]s on their own threads, each fed every received chunk (shared, not copied)
+/// and hashing its share of the tensors, so that hashing overlaps receiving the next chunks
+/// and spreads over the cores. The queues hold only handles to chunks the assembler keeps
+/// anyway, so they are unbounded.
 #[derive(Debug)]
 struct BackgroundHasher {
-    sender: Option<SyncSender<Bytes>>,
-    thread: Option<JoinHandle<std::result::Result<(), String>>>,
-    /// Set by the thread at the first mismatch, so that `push` can stop a bad transfer early.
+    senders: Vec<Sender<Bytes>>,
+    threads: Vec<JoinHandle<std::result::Result<(), String>>>,
+    /// Set by a thread at its first mismatch, so that `push` can stop a bad transfer early.
     failed: Arc<AtomicBool>,
-    /// The thread's verdict once it has been joined.
+    /// The threads' verdict once they have been joined.
     verdict: Option<std::result::Result<(), String>>,
 }
 
-/// Chunks the hashing thread may lag behind the receiver (4 MiB each by default).
-const HASH_QUEUE_CHUNKS: usize = 16;
-
 impl BackgroundHasher {
-    fn start(manifest: &WeightManifest) -> Result<Self> {
-        let (sender, receiver) = sync_channel::<Bytes>(HASH_QUEUE_CHUNKS);
+    fn start(manifest: &WeightManifest, workers: usize) -> Result<Self> {
+        let lens: Vec<u64> = manifest.tensors.iter().map(|t| t.len).collect();
         let failed = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&failed);
-        let mut hasher = StreamHasher::new(manifest);
-        let thread = std::thread::Builder::new()
-            .name("weight-hash".into())
-            .spawn(move || {
-                for chunk in receiver {
-                    if let Err(message) = hasher.feed(&chunk) {
-                        flag.store(true, Ordering::Release);
-                        return Err(message);
+        let mut senders = Vec::new();
+        let mut threads = Vec::new();
+        for owned in assign_tensors(&lens, workers) {
+            let (sender, receiver) = channel::<Bytes>();
+            let flag = Arc::clone(&failed);
+            let mut hasher = StreamHasher::new(manifest, owned);
+            let thread = std::thread::Builder::new()
+                .name("weight-hash".into())
+                .spawn(move || {
+                    for chunk in receiver {
+                        if let Err(message) = hasher.feed(&chunk) {
+                            flag.store(true, Ordering::Release);
+                            return Err(message);
+                        }
                     }
-                }
-                hasher.finish()
-            })
-            .map_err(|e| weights_error(format!("cannot start the hashing thread: {e}")))?;
+                    hasher.finish()
+                })
+                .map_err(|e| weights_error(format!("cannot start a hashing thread: {e}")))?;
+            senders.push(sender);
+            threads.push(thread);
+        }
         Ok(Self {
-            sender: Some(sender),
-            thread: Some(thread),
+            senders,
+            threads,
             failed,
             verdict: None,
         })
     }
 
-    /// Queues a chunk; false when the thread has stopped (it found a mismatch).
+    /// Queues a chunk for every thread; false when one has stopped (it found a mismatch) or
+    /// the verdict is already in.
     fn send(&self, chunk: Bytes) -> bool {
-        self.sender.as_ref().is_some_and(|s| s.send(chunk).is_ok())
+        !self.senders.is_empty() && self.senders.iter().all(|s| s.send(chunk.clone()).is_ok())
     }
 
     /// Whether a mismatch has been found (the check may still be behind).
@@ -337,21 +384,27 @@ impl BackgroundHasher {
         self.failed.load(Ordering::Acquire)
     }
 
-    /// Stops taking chunks, waits for the thread to hash everything sent and returns its
-    /// verdict: every tensor whole and matching its hash.
+    /// Stops taking chunks, waits for the threads to hash everything sent and returns their
+    /// verdict: every tensor whole and matching its hash (otherwise the mismatch one of them
+    /// found).
     fn finish(&mut self) -> Result<()> {
-        self.sender = None;
-        if let Some(thread) = self.thread.take() {
-            self.verdict = Some(
-                thread
+        self.senders.clear();
+        if self.verdict.is_none() {
+            let mut verdict = Ok(());
+            for thread in self.threads.drain(..) {
+                let result = thread
                     .join()
-                    .unwrap_or_else(|_| Err("the hashing thread panicked".into())),
-            );
+                    .unwrap_or_else(|_| Err("a hashing thread panicked".into()));
+                if verdict.is_ok() {
+                    verdict = result;
+                }
+            }
+            self.verdict = Some(verdict);
         }
         match &self.verdict {
             Some(Ok(())) => Ok(()),
             Some(Err(message)) => Err(weights_error(message.clone())),
-            None => unreachable!("the verdict is set when the thread is joined"),
+            None => unreachable!("the verdict is set when the threads are joined"),
         }
     }
 }
@@ -415,7 +468,7 @@ impl WeightAssembler {
                 manifest.total_bytes
             )));
         }
-        let hasher = BackgroundHasher::start(&manifest)?;
+        let hasher = BackgroundHasher::start(&manifest, hash_workers(manifest.tensors.len()))?;
         Ok(Self {
             manifest,
             kinds,
@@ -709,14 +762,14 @@ mod tests {
         let m = manifest(&TENSORS);
         let bytes = stream();
         for piece in 1..=bytes.len() {
-            let mut hasher = StreamHasher::new(&m);
+            let mut hasher = StreamHasher::all(&m);
             for chunk in bytes.chunks(piece) {
                 hasher.feed(chunk).unwrap();
             }
             hasher.finish().unwrap();
         }
         // Empty pieces change nothing.
-        let mut hasher = StreamHasher::new(&m);
+        let mut hasher = StreamHasher::all(&m);
         hasher.feed(&[]).unwrap();
         hasher.feed(&bytes).unwrap();
         hasher.feed(&[]).unwrap();
@@ -729,7 +782,7 @@ mod tests {
         for (at, name) in [(0, "a"), (6, "a"), (7, "b"), (16, "b")] {
             let mut bytes = stream();
             bytes[at] ^= 0x40;
-            let mut hasher = StreamHasher::new(&m);
+            let mut hasher = StreamHasher::all(&m);
             let error = bytes
                 .chunks(3)
                 .try_for_each(|c| hasher.feed(c))
@@ -738,11 +791,11 @@ mod tests {
             assert!(error.starts_with(&format!("{name}: SHA-256")), "{error}");
         }
         let bytes = stream();
-        let mut hasher = StreamHasher::new(&m);
+        let mut hasher = StreamHasher::all(&m);
         hasher.feed(&bytes[..10]).unwrap();
         let error = hasher.finish().unwrap_err();
         assert!(error.contains("b: only 3 of 10 bytes"), "{error}");
-        let mut hasher = StreamHasher::new(&m);
+        let mut hasher = StreamHasher::all(&m);
         let error = hasher.feed(&[bytes.clone(), vec![0]].concat()).unwrap_err();
         assert!(error.contains("1 bytes past the last tensor"), "{error}");
     }
@@ -750,14 +803,14 @@ mod tests {
     #[test]
     fn the_background_hasher_reports_the_first_mismatch() {
         let m = manifest(&TENSORS);
-        let mut good = BackgroundHasher::start(&m).unwrap();
+        let mut good = BackgroundHasher::start(&m, 1).unwrap();
         for chunk in stream().chunks(4) {
             assert!(good.send(Bytes::copy_from_slice(chunk)));
         }
         good.finish().unwrap();
         good.finish().unwrap();
 
-        let mut bad = BackgroundHasher::start(&m).unwrap();
+        let mut bad = BackgroundHasher::start(&m, 1).unwrap();
         let mut bytes = stream();
         bytes[2] ^= 1;
         for chunk in bytes.chunks(4) {
@@ -767,6 +820,59 @@ mod tests {
         let error = bad.finish().unwrap_err().to_string();
         assert!(error.contains("a: SHA-256"), "{error}");
         assert!(bad.has_failed());
+    }
+
+    #[test]
+    fn several_hashing_threads_share_the_stream_and_each_mismatch_is_found() {
+        let m = manifest(&TENSORS);
+        for workers in 1..=6 {
+            let mut good = BackgroundHasher::start(&m, workers).unwrap();
+            for chunk in stream().chunks(3) {
+                assert!(good.send(Bytes::copy_from_slice(chunk)));
+            }
+            good.finish().unwrap();
+            for (at, name) in [(1, "a"), (12, "b")] {
+                let mut bytes = stream();
+                bytes[at] ^= 2;
+                let mut bad = BackgroundHasher::start(&m, workers).unwrap();
+                for chunk in bytes.chunks(5) {
+                    let _ = bad.send(Bytes::copy_from_slice(chunk));
+                }
+                let error = bad.finish().unwrap_err().to_string();
+                assert!(
+                    error.contains(&format!("{name}: SHA-256")),
+                    "{workers}: {error}"
+                );
+            }
+            // A stream cut short is not whole for whichever thread owns the cut tensor.
+            let mut short = BackgroundHasher::start(&m, workers).unwrap();
+            assert!(short.send(Bytes::copy_from_slice(&stream()[..9])));
+            let error = short.finish().unwrap_err().to_string();
+            assert!(
+                error.contains("b: only 2 of 10 bytes"),
+                "{workers}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn tensors_are_split_evenly_and_each_owned_once() {
+        let lens = [64u64, 8, 8, 0, 8, 32, 8, 8, 8, 8];
+        for workers in 1..=4 {
+            let owned = assign_tensors(&lens, workers);
+            assert_eq!(owned.len(), workers);
+            for t in 0..lens.len() {
+                assert_eq!(owned.iter().filter(|o| o[t]).count(), 1, "tensor {t}");
+            }
+        }
+        // Greedy by hand: 64 to worker 0; 8, 8, 0 (counted as 1), 8, 32, 8 to worker 1
+        // (65 by then); 8 to worker 0 (72); 8 to worker 1 (73); 8 to worker 0 (80).
+        let owned = assign_tensors(&lens, 2);
+        let bytes =
+            |o: &Vec<bool>| -> u64 { (0..lens.len()).filter(|&t| o[t]).map(|t| lens[t]).sum() };
+        assert_eq!((bytes(&owned[0]), bytes(&owned[1])), (80, 72));
+        assert_eq!(hash_workers(0), 1);
+        assert!(hash_workers(3) <= 3);
     }
 
     #[test]
