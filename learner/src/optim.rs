@@ -655,4 +655,98 @@ mod tests {
         let optimizer = AdamW::with_master_weights(vec![("w".into(), f32_param)], NO_DECAY);
         assert!(!optimizer.state().0.contains_key("w.master"));
     }
+
+    #[test]
+    fn state_is_allocated_at_the_first_update_only_for_updated_parameters() {
+        tch::set_num_threads(1);
+        let (a, b) = (ones_bf16(), ones_bf16());
+        let mut optimizer = AdamW::with_master_weights(
+            vec![
+                ("a".into(), a.shallow_clone()),
+                ("b".into(), b.shallow_clone()),
+            ],
+            NO_DECAY,
+        );
+        assert_eq!(optimizer.allocated_state_elements(), 0);
+        // The checkpoint's view of a fresh state: zeros and the parameter, made on the host.
+        let (state, step) = optimizer.state();
+        assert_eq!(step, 0);
+        assert_eq!(values(&state["a.exp_avg"]), vec![0.0; 4]);
+        assert_eq!(values(&state["b.master"]), vec![1.0; 4]);
+        assert_eq!(state["b.master"].kind(), Kind::Float);
+        assert_eq!(
+            optimizer.state_names(),
+            state.keys().cloned().collect::<Vec<_>>()
+        );
+        assert_eq!(optimizer.allocated_state_elements(), 0);
+        // Only `a` gets a gradient: its m, v and master (3 x 4 elements) come into being.
+        a.sum(Kind::Float).backward();
+        optimizer.step(1e-3);
+        assert_eq!(optimizer.allocated_state_elements(), 12);
+        assert!(optimizer.held(0, StatePart::ExpAvg).is_some());
+        assert!(optimizer.held(1, StatePart::ExpAvg).is_none());
+        assert_eq!(values(&optimizer.state().0["b.exp_avg_sq"]), vec![0.0; 4]);
+    }
+
+    #[test]
+    fn a_staged_state_steps_as_a_loaded_one_bit_for_bit() {
+        tch::set_num_threads(1);
+        let lr = 1e-3;
+        let param = ones_bf16();
+        let mut first =
+            AdamW::with_master_weights(vec![("w".into(), param.shallow_clone())], NO_DECAY);
+        constant_gradient_steps(&mut first, &param, 5, lr);
+        let (state, step) = first.state();
+        let saved: BTreeMap<String, Tensor> =
+            state.iter().map(|(k, t)| (k.clone(), t.copy())).collect();
+        let run = |staged: bool| {
+            let p = param.detach().copy().set_requires_grad(true);
+            let mut optimizer =
+                AdamW::with_master_weights(vec![("w".into(), p.shallow_clone())], NO_DECAY);
+            if staged {
+                optimizer.stage_state(&saved, step).unwrap();
+                assert_eq!(optimizer.allocated_state_elements(), 0);
+                assert_eq!(optimizer.staged_state_elements(), 12);
+            } else {
+                optimizer.load_state(&saved, step).unwrap();
+                assert_eq!(optimizer.allocated_state_elements(), 12);
+            }
+            constant_gradient_steps(&mut optimizer, &p, 3, lr);
+            assert_eq!(optimizer.staged_state_elements(), 0);
+            let (state, step) = optimizer.state();
+            let state: Vec<Vec<f64>> = state.values().map(values).collect();
+            (values(&p), state, step)
+        };
+        assert_eq!(run(true), run(false));
+        // The saved tensors were copied, not updated in place.
+        assert_eq!(values(&saved["w.exp_avg"]), values(&state["w.exp_avg"]));
+    }
+
+    #[test]
+    fn a_bad_state_is_refused_and_changes_nothing() {
+        let param = ones_bf16();
+        let mut optimizer = AdamW::new(vec![("w".into(), param)], NO_DECAY);
+        let mut state = BTreeMap::new();
+        state.insert(
+            "w.exp_avg".to_string(),
+            Tensor::zeros([4], (Kind::Float, tch::Device::Cpu)),
+        );
+        assert!(optimizer
+            .stage_state(&state, 3)
+            .unwrap_err()
+            .contains("w.exp_avg_sq"));
+        state.insert(
+            "w.exp_avg_sq".to_string(),
+            Tensor::zeros([5], (Kind::Float, tch::Device::Cpu)),
+        );
+        assert!(optimizer
+            .load_state(&state, 3)
+            .unwrap_err()
+            .contains("shape"));
+        assert_eq!(optimizer.step_count(), 0);
+        assert_eq!(
+            optimizer.allocated_state_elements() + optimizer.staged_state_elements(),
+            0
+        );
+    }
 }
