@@ -171,6 +171,9 @@ impl ParamState {
     }
 }
 
+/// Per piece of one parameter's state, the tensor a load takes (`None`: a master absent).
+type Sources<'a> = Vec<(StatePart, Option<&'a Tensor>)>;
+
 /// Zeros of `p`'s shape in f32 on `device`: a moment never allocated.
 fn zeros_for(p: &Tensor, device: Device) -> Tensor {
     Tensor::zeros(p.size(), (Kind::Float, device))
@@ -432,11 +435,7 @@ impl AdamW {
     /// Checks that `state` holds every parameter's moments with the parameter's shape, and
     /// any master copies with it too; returns, per parameter and piece, the tensor to take
     /// (`None`: a master absent from `state`).
-    #[allow(clippy::type_complexity)]
-    fn checked<'a>(
-        &self,
-        state: &'a BTreeMap<String, Tensor>,
-    ) -> Result<Vec<Vec<(StatePart, Option<&'a Tensor>)>>, String> {
+    fn checked<'a>(&self, state: &'a BTreeMap<String, Tensor>) -> Result<Vec<Sources<'a>>, String> {
         let mut out = Vec::with_capacity(self.params.len());
         for ((name, p), param_state) in self.params.iter().zip(&self.states) {
             let mut pieces = Vec::new();
