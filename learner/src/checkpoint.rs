@@ -276,10 +276,34 @@ pub fn save_optimizer(path: &Path, optimizer: &AdamW) -> Result<()> {
         .map_err(|e| LearnerError::Checkpoint(format!("{}: {e}", path.display())))
 }
 
-/// Restores `optimizer` from a file written by [`save_optimizer`]. The file must hold exactly
-/// the moments of the optimizer's parameters, with their shapes.
+/// Restores `optimizer` from a file written by [`save_optimizer`] onto the parameters'
+/// devices. The file must hold exactly the moments of the optimizer's parameters, with their
+/// shapes.
 pub fn load_optimizer(path: &Path, optimizer: &mut AdamW) -> Result<()> {
-    let bad = |message: String| LearnerError::Checkpoint(format!("{}: {message}", path.display()));
+    let (state, step) = read_optimizer(path, optimizer)?;
+    optimizer
+        .load_state(&state, step)
+        .map_err(|message| optimizer_error(path, message))
+}
+
+/// Like [`load_optimizer`], but the state stays on the host (as the file is read) until the
+/// first update needs it ([`AdamW::stage_state`]): a data-parallel rank that shards the
+/// optimizer moves only its shard to the device.
+pub fn load_optimizer_to_host(path: &Path, optimizer: &mut AdamW) -> Result<()> {
+    let (state, step) = read_optimizer(path, optimizer)?;
+    optimizer
+        .stage_state(&state, step)
+        .map_err(|message| optimizer_error(path, message))
+}
+
+fn optimizer_error(path: &Path, message: String) -> LearnerError {
+    LearnerError::Checkpoint(format!("{}: {message}", path.display()))
+}
+
+/// The tensors (on the host) and step count of an optimizer file, checked to name only
+/// state that `optimizer` has.
+fn read_optimizer(path: &Path, optimizer: &AdamW) -> Result<(BTreeMap<String, Tensor>, i64)> {
+    let bad = |message: String| optimizer_error(path, message);
     let mut state: BTreeMap<String, Tensor> = Tensor::read_safetensors(path)
         .map_err(|e| bad(e.to_string()))?
         .into_iter()
@@ -294,16 +318,14 @@ pub fn load_optimizer(path: &Path, optimizer: &mut AdamW) -> Result<()> {
             step.size()
         )));
     }
-    let expected: BTreeSet<String> = optimizer.state().0.into_keys().collect();
+    let expected: BTreeSet<String> = optimizer.state_names().into_iter().collect();
     let unexpected: Vec<&String> = state.keys().filter(|k| !expected.contains(*k)).collect();
     if !unexpected.is_empty() {
         return Err(bad(format!(
             "tensors for parameters the optimizer lacks: {unexpected:?}"
         )));
     }
-    optimizer
-        .load_state(&state, step.int64_value(&[]))
-        .map_err(bad)
+    Ok((state, step.int64_value(&[])))
 }
 
 /// Writes every part under `tmp`, the trainer state last.

@@ -6,10 +6,16 @@
 //! then rounded once into the parameter. An update smaller than half a bf16 step of the
 //! parameter (2^-8 relative) is then lost; [`AdamW::with_master_weights`] keeps an f32 master
 //! copy that accumulates such updates, at 4 more bytes per parameter.
+//!
+//! The state is allocated lazily: a parameter's moments (and master copy) come into being
+//! on its device at its first update. Until then they are zeros (and the parameter itself),
+//! which [`AdamW::state`] produces on the host. A loaded state can be kept on the host
+//! ([`AdamW::stage_state`]) until the first update moves it: the data-parallel learner
+//! shards it from there, so no rank ever holds a whole model's optimizer state on its GPU.
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// AdamW hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -53,61 +59,166 @@ impl Default for AdamWConfig {
     }
 }
 
-/// Moments of one parameter.
-#[derive(Debug)]
-struct Moments {
-    m: Tensor,
-    v: Tensor,
+/// One piece of a parameter's optimizer state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatePart {
+    /// The first moment (`<param>.exp_avg`).
+    ExpAvg,
+    /// The second moment (`<param>.exp_avg_sq`).
+    ExpAvgSq,
+    /// The f32 master copy (`<param>.master`).
+    Master,
 }
 
-/// AdamW over named parameters, with f32 moments and optional f32 master weights.
+impl StatePart {
+    /// The suffix of the piece's name in [`AdamW::state`].
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::ExpAvg => "exp_avg",
+            Self::ExpAvgSq => "exp_avg_sq",
+            Self::Master => "master",
+        }
+    }
+}
+
+/// Where one piece of a parameter's state is.
+#[derive(Debug)]
+enum Slot {
+    /// Never allocated: zeros for a moment, the parameter itself for a master copy.
+    Fresh,
+    /// Loaded and kept where it was read (the host); moved to the parameter's device by the
+    /// first update that needs it.
+    Staged(Tensor),
+    /// On the parameter's device (f32), updated in place.
+    Live(Tensor),
+}
+
+impl Slot {
+    /// The tensor of the piece, unless it was never allocated.
+    fn held(&self) -> Option<&Tensor> {
+        match self {
+            Self::Fresh => None,
+            Self::Staged(t) | Self::Live(t) => Some(t),
+        }
+    }
+
+    /// The piece on `device`, allocated there now if it was not: `fresh` makes a never
+    /// allocated one, a staged one is copied over (and the host copy dropped).
+    fn live(&mut self, device: Device, fresh: impl FnOnce() -> Tensor) -> &mut Tensor {
+        let tensor = match std::mem::replace(self, Self::Fresh) {
+            Self::Live(t) => t,
+            Self::Staged(t) => {
+                let mut live = Tensor::empty(t.size(), (Kind::Float, device));
+                live.copy_(&t);
+                live
+            }
+            Self::Fresh => fresh(),
+        };
+        *self = Self::Live(tensor);
+        match self {
+            Self::Live(t) => t,
+            _ => unreachable!("just set"),
+        }
+    }
+
+    /// Elements held on the parameter's device.
+    fn live_elements(&self) -> usize {
+        match self {
+            Self::Live(t) => t.numel(),
+            _ => 0,
+        }
+    }
+
+    /// Elements held on the host, waiting for the first update.
+    fn staged_elements(&self) -> usize {
+        match self {
+            Self::Staged(t) => t.numel(),
+            _ => 0,
+        }
+    }
+}
+
+/// The state of one parameter.
+#[derive(Debug)]
+struct ParamState {
+    m: Slot,
+    v: Slot,
+    /// `None` when no master copy is kept for the parameter.
+    master: Option<Slot>,
+}
+
+impl ParamState {
+    fn slot(&self, part: StatePart) -> Option<&Slot> {
+        match part {
+            StatePart::ExpAvg => Some(&self.m),
+            StatePart::ExpAvgSq => Some(&self.v),
+            StatePart::Master => self.master.as_ref(),
+        }
+    }
+
+    fn slot_mut(&mut self, part: StatePart) -> Option<&mut Slot> {
+        match part {
+            StatePart::ExpAvg => Some(&mut self.m),
+            StatePart::ExpAvgSq => Some(&mut self.v),
+            StatePart::Master => self.master.as_mut(),
+        }
+    }
+
+    fn slots(&self) -> impl Iterator<Item = &Slot> {
+        [Some(&self.m), Some(&self.v), self.master.as_ref()]
+            .into_iter()
+            .flatten()
+    }
+}
+
+/// Per piece of one parameter's state, the tensor a load takes (`None`: a master absent).
+type Sources<'a> = Vec<(StatePart, Option<&'a Tensor>)>;
+
+/// Zeros of `p`'s shape in f32 on `device`: a moment never allocated.
+fn zeros_for(p: &Tensor, device: Device) -> Tensor {
+    Tensor::zeros(p.size(), (Kind::Float, device))
+}
+
+/// AdamW over named parameters, with f32 moments and optional f32 master weights, allocated
+/// at each parameter's first update.
 #[derive(Debug)]
 pub struct AdamW {
     config: AdamWConfig,
     params: Vec<(String, Tensor)>,
-    moments: Vec<Moments>,
-    /// Per parameter: the f32 master copy the updates go to, when one is kept.
-    masters: Vec<Option<Tensor>>,
+    states: Vec<ParamState>,
     step: i64,
 }
 
 impl AdamW {
     /// Optimises `params` (shallow clones of the trainable variables), named for checkpoints.
     /// Each update is computed in f32 and written into the parameter in its own dtype.
+    /// Allocates no state until the first update.
     pub fn new(params: Vec<(String, Tensor)>, config: AdamWConfig) -> Self {
-        let masters = params.iter().map(|_| None).collect();
-        Self::build(params, config, masters)
+        Self::build(params, config, false)
     }
 
     /// Like [`AdamW::new`], but every parameter not stored in f32 gets an f32 master copy:
     /// updates accumulate there and the parameter receives its rounding after each step.
-    /// The masters are the truth from then on (writes to the parameters are overwritten by
-    /// the next step) and are part of [`AdamW::state`] as `<param>.master`.
+    /// A master is taken from its parameter at the parameter's first update (or loaded);
+    /// from then on it is the truth (writes to the parameter are overwritten by the next
+    /// step). Masters are part of [`AdamW::state`] as `<param>.master`.
     pub fn with_master_weights(params: Vec<(String, Tensor)>, config: AdamWConfig) -> Self {
-        let masters = params
-            .iter()
-            .map(|(_, p)| (p.kind() != Kind::Float).then(|| p.detach().to_kind(Kind::Float)))
-            .collect();
-        Self::build(params, config, masters)
+        Self::build(params, config, true)
     }
 
-    fn build(
-        params: Vec<(String, Tensor)>,
-        config: AdamWConfig,
-        masters: Vec<Option<Tensor>>,
-    ) -> Self {
-        let moments = params
+    fn build(params: Vec<(String, Tensor)>, config: AdamWConfig, masters: bool) -> Self {
+        let states = params
             .iter()
-            .map(|(_, p)| Moments {
-                m: p.zeros_like().to_kind(Kind::Float),
-                v: p.zeros_like().to_kind(Kind::Float),
+            .map(|(_, p)| ParamState {
+                m: Slot::Fresh,
+                v: Slot::Fresh,
+                master: (masters && p.kind() != Kind::Float).then_some(Slot::Fresh),
             })
             .collect();
         Self {
             config,
             params,
-            moments,
-            masters,
+            states,
             step: 0,
         }
     }
@@ -115,6 +226,11 @@ impl AdamW {
     /// Number of updates taken so far.
     pub fn step_count(&self) -> i64 {
         self.step
+    }
+
+    /// Sets the number of updates taken (the bias correction of the next step follows it).
+    pub fn set_step_count(&mut self, step: i64) {
+        self.step = step;
     }
 
     /// The optimised parameters, named, in order.
@@ -129,7 +245,58 @@ impl AdamW {
 
     /// Whether f32 master copies are kept (for parameters not stored in f32).
     pub fn keeps_master_weights(&self) -> bool {
-        self.masters.iter().any(Option::is_some)
+        self.states.iter().any(|s| s.master.is_some())
+    }
+
+    /// Whether parameter `index` has an f32 master copy.
+    pub fn keeps_master(&self, index: usize) -> bool {
+        self.states[index].master.is_some()
+    }
+
+    /// The piece `part` of parameter `index`'s state as held (on the device, or on the host
+    /// when staged); `None` when it was never allocated (zeros for a moment, the parameter
+    /// for a master) or the parameter keeps no master.
+    pub fn held(&self, index: usize, part: StatePart) -> Option<Tensor> {
+        self.states[index]
+            .slot(part)
+            .and_then(Slot::held)
+            .map(Tensor::shallow_clone)
+    }
+
+    /// Puts `tensor` (f32, the parameter's shape, on its device; not copied) in place as the
+    /// piece `part` of parameter `index`'s state. Ignored for a master the parameter does
+    /// not keep.
+    pub fn put(&mut self, index: usize, part: StatePart, tensor: Tensor) {
+        if let Some(slot) = self.states[index].slot_mut(part) {
+            *slot = Slot::Live(tensor);
+        }
+    }
+
+    /// Forgets the piece `part` of parameter `index`'s state: zeros again (the parameter, for
+    /// a master), allocated at the next update.
+    pub fn clear(&mut self, index: usize, part: StatePart) {
+        if let Some(slot) = self.states[index].slot_mut(part) {
+            *slot = Slot::Fresh;
+        }
+    }
+
+    /// Elements of state (moments and masters) allocated on the parameters' devices.
+    pub fn allocated_state_elements(&self) -> usize {
+        self.states
+            .iter()
+            .flat_map(ParamState::slots)
+            .map(Slot::live_elements)
+            .sum()
+    }
+
+    /// Elements of state loaded and kept on the host until the first update
+    /// ([`AdamW::stage_state`]).
+    pub fn staged_state_elements(&self) -> usize {
+        self.states
+            .iter()
+            .flat_map(ParamState::slots)
+            .map(Slot::staged_elements)
+            .sum()
     }
 
     /// Clears the gradients of every parameter.
@@ -180,7 +347,8 @@ impl AdamW {
 
     /// One AdamW update with the given gradient of each parameter, in order (an undefined
     /// tensor skips its parameter): the sharded optimizer of data parallelism passes the
-    /// reduced gradient of its shard, which no autograd pass wrote.
+    /// reduced gradient of its shard, which no autograd pass wrote. A parameter's state is
+    /// allocated on its device here, at its first update.
     pub fn step_with_grads(&mut self, lr: f64, grads: &[Tensor]) {
         assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         let _guard = tch::no_grad_guard();
@@ -193,31 +361,26 @@ impl AdamW {
         } = self.config;
         let bias1 = 1.0 - beta1.powi(self.step as i32);
         let bias2 = 1.0 - beta2.powi(self.step as i32);
-        for ((((_, p), moments), master), grad) in self
-            .params
-            .iter_mut()
-            .zip(&mut self.moments)
-            .zip(&mut self.masters)
-            .zip(grads)
-        {
+        for (((_, p), state), grad) in self.params.iter_mut().zip(&mut self.states).zip(grads) {
             if !grad.defined() {
                 continue;
             }
+            let device = p.device();
             let grad = grad.to_kind(Kind::Float);
             // m <- b1 m + (1 - b1) g ; v <- b2 v + (1 - b2) g^2
-            let _ = moments
-                .m
-                .g_mul_scalar_(beta1)
-                .g_add_(&(&grad * (1.0 - beta1)));
-            let _ = moments
-                .v
+            let m = state.m.live(device, || zeros_for(p, device));
+            let _ = m.g_mul_scalar_(beta1).g_add_(&(&grad * (1.0 - beta1)));
+            let m = m.shallow_clone();
+            let v = state.v.live(device, || zeros_for(p, device));
+            let _ = v
                 .g_mul_scalar_(beta2)
                 .g_add_(&(grad.square() * (1.0 - beta2)));
             // p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)
-            let denom = (&moments.v / bias2).sqrt() + eps;
-            let update = (&moments.m / bias1) / denom * lr;
-            match master {
-                Some(master) => {
+            let denom = (&*v / bias2).sqrt() + eps;
+            let update = (&m / bias1) / denom * lr;
+            match &mut state.master {
+                Some(slot) => {
+                    let master = slot.live(device, || p.detach().to_kind(Kind::Float));
                     let decayed = &*master * (1.0 - lr * weight_decay) - update;
                     master.copy_(&decayed);
                     p.copy_(master);
@@ -230,60 +393,117 @@ impl AdamW {
         }
     }
 
+    /// The names of [`AdamW::state`]'s tensors, without producing them.
+    pub fn state_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for ((name, _), state) in self.params.iter().zip(&self.states) {
+            for part in [StatePart::ExpAvg, StatePart::ExpAvgSq, StatePart::Master] {
+                if state.slot(part).is_some() {
+                    names.push(format!("{name}.{}", part.suffix()));
+                }
+            }
+        }
+        names.sort();
+        names
+    }
+
     /// The optimizer state as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`, and
-    /// `<param>.master` for master weights) plus the step count, for checkpoints.
+    /// `<param>.master` for master weights) plus the step count, for checkpoints. Pieces
+    /// held are shared, not copied; a never allocated one is made on the host (zeros, or the
+    /// parameter in f32 for a master) and allocates nothing on the device.
     pub fn state(&self) -> (BTreeMap<String, Tensor>, i64) {
+        let _guard = tch::no_grad_guard();
         let mut state = BTreeMap::new();
-        for (((name, _), moments), master) in
-            self.params.iter().zip(&self.moments).zip(&self.masters)
-        {
-            state.insert(format!("{name}.exp_avg"), moments.m.shallow_clone());
-            state.insert(format!("{name}.exp_avg_sq"), moments.v.shallow_clone());
-            if let Some(master) = master {
-                state.insert(format!("{name}.master"), master.shallow_clone());
+        for ((name, p), param_state) in self.params.iter().zip(&self.states) {
+            for part in [StatePart::ExpAvg, StatePart::ExpAvgSq, StatePart::Master] {
+                let Some(slot) = param_state.slot(part) else {
+                    continue;
+                };
+                let tensor = match (slot.held(), part) {
+                    (Some(t), _) => t.shallow_clone(),
+                    (None, StatePart::Master) => {
+                        p.detach().to_device(Device::Cpu).to_kind(Kind::Float)
+                    }
+                    (None, _) => zeros_for(p, Device::Cpu),
+                };
+                state.insert(format!("{name}.{}", part.suffix()), tensor);
             }
         }
         (state, self.step)
     }
 
-    /// Restores a state written by [`AdamW::state`]; every parameter's moments must be present
-    /// with the right shape. A master copy absent from `state` (a run that had none) is taken
-    /// from the parameter as it is now.
+    /// Checks that `state` holds every parameter's moments with the parameter's shape, and
+    /// any master copies with it too; returns, per parameter and piece, the tensor to take
+    /// (`None`: a master absent from `state`).
+    fn checked<'a>(&self, state: &'a BTreeMap<String, Tensor>) -> Result<Vec<Sources<'a>>, String> {
+        let mut out = Vec::with_capacity(self.params.len());
+        for ((name, p), param_state) in self.params.iter().zip(&self.states) {
+            let mut pieces = Vec::new();
+            for part in [StatePart::ExpAvg, StatePart::ExpAvgSq, StatePart::Master] {
+                if param_state.slot(part).is_none() {
+                    continue;
+                }
+                let key = format!("{name}.{}", part.suffix());
+                let src = state.get(&key);
+                match src {
+                    None if part != StatePart::Master => {
+                        return Err(format!("optimizer state lacks {key}"));
+                    }
+                    Some(src) if src.size() != p.size() => {
+                        return Err(format!(
+                            "{key}: shape {:?}, parameter has {:?}",
+                            src.size(),
+                            p.size()
+                        ));
+                    }
+                    _ => {}
+                }
+                pieces.push((part, src));
+            }
+            out.push(pieces);
+        }
+        Ok(out)
+    }
+
+    /// Restores a state written by [`AdamW::state`] onto the parameters' devices (copied);
+    /// every parameter's moments must be present with the right shape. A master copy absent
+    /// from `state` (a run that had none) is taken from the parameter as it is now. Nothing
+    /// changes on an error.
     pub fn load_state(
         &mut self,
         state: &BTreeMap<String, Tensor>,
         step: i64,
     ) -> Result<(), String> {
         let _guard = tch::no_grad_guard();
-        for ((name, p), moments) in self.params.iter().zip(&mut self.moments) {
-            for (suffix, dst) in [("exp_avg", &mut moments.m), ("exp_avg_sq", &mut moments.v)] {
-                let key = format!("{name}.{suffix}");
-                let src = state
-                    .get(&key)
-                    .ok_or_else(|| format!("optimizer state lacks {key}"))?;
-                if src.size() != p.size() {
-                    return Err(format!(
-                        "{key}: shape {:?}, parameter has {:?}",
-                        src.size(),
-                        p.size()
-                    ));
-                }
-                dst.copy_(src);
+        let pieces = self.checked(state)?;
+        for (((_, p), param_state), pieces) in self.params.iter().zip(&mut self.states).zip(pieces)
+        {
+            for (part, src) in pieces {
+                let mut live = zeros_for(p, p.device());
+                live.copy_(src.unwrap_or(p));
+                *param_state.slot_mut(part).expect("checked") = Slot::Live(live);
             }
         }
-        for ((name, p), master) in self.params.iter().zip(&mut self.masters) {
-            let Some(master) = master else { continue };
-            let key = format!("{name}.master");
-            match state.get(&key) {
-                Some(src) if src.size() != p.size() => {
-                    return Err(format!(
-                        "{key}: shape {:?}, parameter has {:?}",
-                        src.size(),
-                        p.size()
-                    ));
-                }
-                Some(src) => master.copy_(src),
-                None => master.copy_(p),
+        self.step = step;
+        Ok(())
+    }
+
+    /// Like [`AdamW::load_state`], but keeps the tensors of `state` where they are (read
+    /// from a file: on the host): a piece moves to its parameter's device
+    /// at the first update that needs it, and a sharded optimizer takes only its slice (f32
+    /// tensors are not copied). A master absent from `state` is taken from the parameter when needed.
+    pub fn stage_state(
+        &mut self,
+        state: &BTreeMap<String, Tensor>,
+        step: i64,
+    ) -> Result<(), String> {
+        let pieces = self.checked(state)?;
+        for (param_state, pieces) in self.states.iter_mut().zip(pieces) {
+            for (part, src) in pieces {
+                *param_state.slot_mut(part).expect("checked") = match src {
+                    Some(src) => Slot::Staged(src.to_kind(Kind::Float)),
+                    None => Slot::Fresh,
+                };
             }
         }
         self.step = step;
@@ -433,5 +653,99 @@ mod tests {
         let f32_param = Tensor::ones([4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         let optimizer = AdamW::with_master_weights(vec![("w".into(), f32_param)], NO_DECAY);
         assert!(!optimizer.state().0.contains_key("w.master"));
+    }
+
+    #[test]
+    fn state_is_allocated_at_the_first_update_only_for_updated_parameters() {
+        tch::set_num_threads(1);
+        let (a, b) = (ones_bf16(), ones_bf16());
+        let mut optimizer = AdamW::with_master_weights(
+            vec![
+                ("a".into(), a.shallow_clone()),
+                ("b".into(), b.shallow_clone()),
+            ],
+            NO_DECAY,
+        );
+        assert_eq!(optimizer.allocated_state_elements(), 0);
+        // The checkpoint's view of a fresh state: zeros and the parameter, made on the host.
+        let (state, step) = optimizer.state();
+        assert_eq!(step, 0);
+        assert_eq!(values(&state["a.exp_avg"]), vec![0.0; 4]);
+        assert_eq!(values(&state["b.master"]), vec![1.0; 4]);
+        assert_eq!(state["b.master"].kind(), Kind::Float);
+        assert_eq!(
+            optimizer.state_names(),
+            state.keys().cloned().collect::<Vec<_>>()
+        );
+        assert_eq!(optimizer.allocated_state_elements(), 0);
+        // Only `a` gets a gradient: its m, v and master (3 x 4 elements) come into being.
+        a.sum(Kind::Float).backward();
+        optimizer.step(1e-3);
+        assert_eq!(optimizer.allocated_state_elements(), 12);
+        assert!(optimizer.held(0, StatePart::ExpAvg).is_some());
+        assert!(optimizer.held(1, StatePart::ExpAvg).is_none());
+        assert_eq!(values(&optimizer.state().0["b.exp_avg_sq"]), vec![0.0; 4]);
+    }
+
+    #[test]
+    fn a_staged_state_steps_as_a_loaded_one_bit_for_bit() {
+        tch::set_num_threads(1);
+        let lr = 1e-3;
+        let param = ones_bf16();
+        let mut first =
+            AdamW::with_master_weights(vec![("w".into(), param.shallow_clone())], NO_DECAY);
+        constant_gradient_steps(&mut first, &param, 5, lr);
+        let (state, step) = first.state();
+        let saved: BTreeMap<String, Tensor> =
+            state.iter().map(|(k, t)| (k.clone(), t.copy())).collect();
+        let run = |staged: bool| {
+            let p = param.detach().copy().set_requires_grad(true);
+            let mut optimizer =
+                AdamW::with_master_weights(vec![("w".into(), p.shallow_clone())], NO_DECAY);
+            if staged {
+                optimizer.stage_state(&saved, step).unwrap();
+                assert_eq!(optimizer.allocated_state_elements(), 0);
+                assert_eq!(optimizer.staged_state_elements(), 12);
+            } else {
+                optimizer.load_state(&saved, step).unwrap();
+                assert_eq!(optimizer.allocated_state_elements(), 12);
+            }
+            constant_gradient_steps(&mut optimizer, &p, 3, lr);
+            assert_eq!(optimizer.staged_state_elements(), 0);
+            let (state, step) = optimizer.state();
+            let state: Vec<Vec<f64>> = state.values().map(values).collect();
+            (values(&p), state, step)
+        };
+        assert_eq!(run(true), run(false));
+        // The saved tensors were copied, not updated in place.
+        assert_eq!(values(&saved["w.exp_avg"]), values(&state["w.exp_avg"]));
+    }
+
+    #[test]
+    fn a_bad_state_is_refused_and_changes_nothing() {
+        let param = ones_bf16();
+        let mut optimizer = AdamW::new(vec![("w".into(), param)], NO_DECAY);
+        let mut state = BTreeMap::new();
+        state.insert(
+            "w.exp_avg".to_string(),
+            Tensor::zeros([4], (Kind::Float, tch::Device::Cpu)),
+        );
+        assert!(optimizer
+            .stage_state(&state, 3)
+            .unwrap_err()
+            .contains("w.exp_avg_sq"));
+        state.insert(
+            "w.exp_avg_sq".to_string(),
+            Tensor::zeros([5], (Kind::Float, tch::Device::Cpu)),
+        );
+        assert!(optimizer
+            .load_state(&state, 3)
+            .unwrap_err()
+            .contains("shape"));
+        assert_eq!(optimizer.step_count(), 0);
+        assert_eq!(
+            optimizer.allocated_state_elements() + optimizer.staged_state_elements(),
+            0
+        );
     }
 }

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{LearnerError, Result};
-use crate::optim::AdamW;
+use crate::optim::{AdamW, StatePart};
 use crate::step::{PrimeModels, ScoredGroup};
 
 /// Which collective implementation the ranks use.
@@ -124,6 +124,100 @@ pub enum Trained {
     Policy,
     /// The implicit PRM.
     Prm,
+}
+
+/// The pieces of a parameter's optimizer state, in the order [`Origin::held`] lists them.
+const PARTS: [StatePart; 3] = [StatePart::ExpAvg, StatePart::ExpAvgSq, StatePart::Master];
+
+/// What rank 0's optimizer holds when a rank attaches: the source of every rank's state.
+#[derive(Debug)]
+struct Origin {
+    /// Rank 0's step count.
+    step: i64,
+    /// Per parameter and piece ([`PARTS`]), whether rank 0 holds it (loaded or updated);
+    /// the others are zeros, or for a master the parameter itself.
+    held: Vec<[bool; 3]>,
+}
+
+impl Origin {
+    /// Whether rank 0 holds `part` of any parameter.
+    fn any(&self, part: StatePart) -> bool {
+        let k = PARTS.iter().position(|&p| p == part).expect("a part");
+        self.held.iter().any(|h| h[k])
+    }
+}
+
+/// Per parameter of `optimizer`, its piece `part` as this rank sources it for a shard: the
+/// tensor held when rank 0 holds any of `part` (`origin`), else what a never allocated piece
+/// is: zeros (an undefined tensor) for a moment, the parameter for a master (a parameter
+/// without a master copy is its own).
+fn source_pieces(optimizer: &AdamW, part: StatePart, origin: &Origin) -> Vec<Tensor> {
+    optimizer
+        .params()
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| {
+            origin
+                .any(part)
+                .then(|| optimizer.held(i, part))
+                .flatten()
+                .unwrap_or_else(|| match part {
+                    StatePart::Master => p.shallow_clone(),
+                    _ => Tensor::new(),
+                })
+        })
+        .collect()
+}
+
+/// Elements `start .. start + len` of the flat concatenation of `pieces` (of `sizes`
+/// elements, each flattened; an undefined piece, and anything past the last, counts as
+/// zeros), as a new f32 vector on `device`. Only the overlapping parts are copied.
+fn flat_slice(
+    pieces: &[Tensor],
+    sizes: &[usize],
+    start: usize,
+    len: usize,
+    device: Device,
+) -> Tensor {
+    let out = Tensor::zeros([len as i64], (Kind::Float, device));
+    let mut offset = 0;
+    for (t, &n) in pieces.iter().zip(sizes) {
+        let (lo, hi) = (offset.max(start), (offset + n).min(start + len));
+        if lo < hi && t.defined() {
+            let piece = t
+                .reshape(-1)
+                .narrow(0, (lo - offset) as i64, (hi - lo) as i64);
+            out.narrow(0, (lo - start) as i64, (hi - lo) as i64)
+                .copy_(&piece);
+        }
+        offset += n;
+    }
+    out
+}
+
+/// Copies `data`, elements `start ..` of a flat concatenation of `whole` (of `sizes`
+/// elements), into the tensors it covers (converting device and dtype); what lies past the
+/// last tensor (padding) is dropped.
+fn write_flat(whole: &[Tensor], sizes: &[usize], start: usize, data: &Tensor) {
+    let len = data.numel();
+    let mut offset = 0;
+    for (t, &n) in whole.iter().zip(sizes) {
+        let (lo, hi) = (offset.max(start), (offset + n).min(start + len));
+        if lo < hi {
+            t.view(-1)
+                .narrow(0, (lo - offset) as i64, (hi - lo) as i64)
+                .copy_(&data.narrow(0, (lo - start) as i64, (hi - lo) as i64));
+        }
+        offset += n;
+    }
+}
+
+/// Host f32 zeros of each of `params`' shapes: where a gathered state is assembled.
+fn host_zeros(params: &[Tensor]) -> Vec<Tensor> {
+    params
+        .iter()
+        .map(|p| Tensor::zeros(p.size(), (Kind::Float, Device::Cpu)))
+        .collect()
 }
 
 /// A rank's shard of one model's optimizer (ZeRO-1).
@@ -421,7 +515,10 @@ fn part(n: usize, parts: usize, i: usize) -> Range<usize> {
 impl DataParallel {
     /// Joins `models` to the group `comm`: rank 0's weights and optimizer state are
     /// broadcast to every rank (so all start identical, whatever each loaded), then, with
-    /// `zero1`, each rank keeps only its shard of the optimizer state.
+    /// `zero1`, each rank keeps only its shard of the optimizer state. With sharding no rank
+    /// ever holds a whole optimizer state on the device: the shards of a state rank 0 holds
+    /// (loaded, possibly still on the host) are broadcast one bucket at a time, and a fresh
+    /// optimizer's stay unallocated until the first step.
     pub fn attach(
         models: &mut PrimeModels,
         comm: Box<dyn Collective>,
@@ -440,17 +537,20 @@ impl DataParallel {
             // the others wait for it as they wait for a batch.
             let idle = std::time::Duration::from_secs(dp.config.idle_timeout_seconds.max(1));
             let waiting = (dp.rank() > 0).then(|| dp.comm.set_op_timeout(idle));
-            let synced = dp.sync_from_rank0(models);
+            let synced = dp.sync_weights_from_rank0(models);
             if let Some(limit) = waiting {
                 dp.comm.set_op_timeout(limit);
             }
             synced?;
         }
         for which in [Trained::Policy, Trained::Prm] {
+            let origin = dp.origin(Self::optimizer_of(models, which))?;
             if dp.config.zero2 {
-                dp.shard_gradients(models, which)?;
+                dp.shard_gradients(models, which, &origin)?;
             } else if dp.config.zero1 {
-                dp.shard_optimizer(models, which)?;
+                dp.shard_optimizer(models, which, &origin)?;
+            } else if dp.world_size() > 1 {
+                dp.sync_optimizer_from_rank0(models, which, &origin)?;
             }
         }
         tracing::info!(
@@ -501,9 +601,9 @@ impl DataParallel {
         &mut *self.comm
     }
 
-    fn sync_from_rank0(&mut self, models: &mut PrimeModels) -> Result<()> {
+    /// Broadcasts rank 0's weights (policy, PRM and reference) to every rank.
+    fn sync_weights_from_rank0(&mut self, models: &mut PrimeModels) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        let mut tensors: Vec<Tensor> = Vec::new();
         for lm in [
             Some(&models.policy),
             Some(&models.prm),
@@ -514,30 +614,64 @@ impl DataParallel {
         {
             let mut vars: Vec<(String, Tensor)> = lm.vs.variables().into_iter().collect();
             vars.sort_by(|a, b| a.0.cmp(&b.0));
-            tensors.extend(vars.into_iter().map(|(_, t)| t));
+            for (_, mut t) in vars {
+                self.comm.broadcast(&mut t, 0).map_err(comm_err)?;
+            }
         }
-        let mut steps = Vec::new();
-        for optimizer in [&models.policy_optimizer, &models.prm_optimizer] {
-            let (state, step) = optimizer.state();
-            tensors.extend(state.into_values());
-            steps.push(step);
+        Ok(())
+    }
+
+    /// What rank 0's `optimizer` holds (every rank gets rank 0's answer).
+    fn origin(&mut self, optimizer: &AdamW) -> Result<Origin> {
+        let mut flags = vec![optimizer.step_count()];
+        for i in 0..optimizer.params().len() {
+            flags.extend(PARTS.map(|part| i64::from(optimizer.held(i, part).is_some())));
         }
-        for t in &mut tensors {
-            self.comm.broadcast(t, 0).map_err(comm_err)?;
+        if self.world_size() > 1 {
+            let mut t = Tensor::from_slice(&flags).to_device(self.device);
+            self.comm.broadcast(&mut t, 0).map_err(comm_err)?;
+            flags = Vec::<i64>::try_from(&t.to_device(Device::Cpu))?;
         }
-        let mut counts = Tensor::from_slice(&steps).to_device(self.device);
-        self.comm.broadcast(&mut counts, 0).map_err(comm_err)?;
-        let counts = Vec::<i64>::try_from(&counts.to_device(Device::Cpu))?;
-        for (optimizer, step) in [&mut models.policy_optimizer, &mut models.prm_optimizer]
-            .into_iter()
-            .zip(counts)
-        {
-            // The moments were broadcast in place; this sets the step count.
-            let (state, _) = optimizer.state();
-            optimizer
-                .load_state(&state, step)
-                .map_err(LearnerError::Checkpoint)?;
+        Ok(Origin {
+            step: flags[0],
+            held: flags[1..]
+                .chunks(PARTS.len())
+                .map(|c| [c[0] != 0, c[1] != 0, c[2] != 0])
+                .collect(),
+        })
+    }
+
+    /// Without sharding: every piece of state rank 0 holds is broadcast into a whole tensor
+    /// on every rank's device (one at a time; each rank needs the whole state anyway), the
+    /// others are dropped, and the step count is rank 0's.
+    fn sync_optimizer_from_rank0(
+        &mut self,
+        models: &mut PrimeModels,
+        which: Trained,
+        origin: &Origin,
+    ) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let rank = self.rank();
+        let optimizer = Self::optimizer_of(models, which);
+        for i in 0..optimizer.params().len() {
+            let p = optimizer.params()[i].1.shallow_clone();
+            for (k, part) in PARTS.into_iter().enumerate() {
+                if part == StatePart::Master && !optimizer.keeps_master(i) {
+                    continue;
+                }
+                if !origin.held[i][k] {
+                    optimizer.clear(i, part);
+                    continue;
+                }
+                let mut t = match optimizer.held(i, part).filter(|_| rank == 0) {
+                    Some(held) => held.to_device(p.device()),
+                    None => Tensor::zeros(p.size(), (Kind::Float, p.device())),
+                };
+                self.comm.broadcast(&mut t, 0).map_err(comm_err)?;
+                optimizer.put(i, part, t);
+            }
         }
+        optimizer.set_step_count(origin.step);
         Ok(())
     }
 
@@ -549,11 +683,16 @@ impl DataParallel {
     }
 
     /// Replaces the model's optimizer by one over this rank's shard, moments (and master
-    /// weights) taken from the full optimizer.
-    fn shard_optimizer(&mut self, models: &mut PrimeModels, which: Trained) -> Result<()> {
+    /// weights) taken from rank 0's full optimizer (`origin`); moments rank 0 never
+    /// allocated stay unallocated until the first step.
+    fn shard_optimizer(
+        &mut self,
+        models: &mut PrimeModels,
+        which: Trained,
+        origin: &Origin,
+    ) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let full = Self::optimizer_of(models, which);
-        let (state, step) = full.state();
         let names: Vec<String> = full.params().iter().map(|(n, _)| n.clone()).collect();
         let params: Vec<Tensor> = full
             .params()
@@ -562,37 +701,34 @@ impl DataParallel {
             .collect();
         let master = full.keeps_master_weights();
         let adamw = full.config();
+        let sources = PARTS.map(|part| source_pieces(full, part, origin));
         let layout = FlatLayout::new(&params);
         let world = self.world_size();
         let padded = layout.padded(world);
         let len = padded / world;
         let start = self.rank() * len;
-        let shard_of = |suffix: &str, fallback: &[Tensor]| -> Tensor {
-            let pieces: Vec<Tensor> = names
-                .iter()
-                .zip(fallback)
-                .map(|(n, p)| {
-                    state
-                        .get(&format!("{n}.{suffix}"))
-                        .map_or_else(|| p.shallow_clone(), Tensor::shallow_clone)
-                })
-                .collect();
-            flatten(&pieces, 0..pieces.len(), padded, Kind::Float)
-                .narrow(0, start as i64, len as i64)
-                .copy()
-        };
-        let values = shard_of("master", &params);
-        let mut shard_state = std::collections::BTreeMap::new();
-        shard_state.insert(
-            format!("{SHARD_PARAM}.exp_avg"),
-            shard_of("exp_avg", &params),
+        let [m, v, values] = &sources;
+        let values = self.zero1_slice(
+            values,
+            &layout.sizes,
+            padded,
+            start,
+            len,
+            origin.any(StatePart::Master),
+        )?;
+        let mut optimizer = AdamW::new(
+            vec![(SHARD_PARAM.to_string(), values.shallow_clone())],
+            adamw,
         );
-        shard_state.insert(
-            format!("{SHARD_PARAM}.exp_avg_sq"),
-            shard_of("exp_avg_sq", &params),
-        );
-        let pieces = vec![(SHARD_PARAM.to_string(), values.shallow_clone())];
-        *Self::optimizer_of(models, which) = shard_adamw(pieces, &shard_state, adamw, step)?;
+        for (part, pieces) in [(StatePart::ExpAvg, m), (StatePart::ExpAvgSq, v)] {
+            if origin.any(part) {
+                let shard = self.zero1_slice(pieces, &layout.sizes, padded, start, len, true)?;
+                optimizer.put(0, part, shard);
+            }
+        }
+        optimizer.set_step_count(origin.step);
+        // The full optimizer (and any state it held) goes here.
+        *Self::optimizer_of(models, which) = optimizer;
         self.shards[which as usize] = Some(Shard {
             params,
             names,
@@ -606,17 +742,60 @@ impl DataParallel {
         Ok(())
     }
 
+    /// ZeRO-1: this rank's elements `start .. start + len` of the flat concatenation of
+    /// `pieces` (see [`flat_slice`]; `padded` long in all). With `from_rank0` (and more than
+    /// one rank) they are rank 0's, broadcast a bucket at a time, so no rank holds more than
+    /// a bucket beyond its shard; otherwise this rank's own.
+    fn zero1_slice(
+        &mut self,
+        pieces: &[Tensor],
+        sizes: &[usize],
+        padded: usize,
+        start: usize,
+        len: usize,
+        from_rank0: bool,
+    ) -> Result<Tensor> {
+        let device = self.device;
+        if !from_rank0 || self.world_size() == 1 {
+            return Ok(flat_slice(pieces, sizes, start, len, device));
+        }
+        let out = Tensor::zeros([len as i64], (Kind::Float, device));
+        let window = self.bucket_elements();
+        let mut at = 0;
+        while at < padded {
+            let n = window.min(padded - at);
+            let mut flat = if self.rank() == 0 {
+                flat_slice(pieces, sizes, at, n, device)
+            } else {
+                Tensor::zeros([n as i64], (Kind::Float, device))
+            };
+            self.comm.broadcast(&mut flat, 0).map_err(comm_err)?;
+            let (lo, hi) = (at.max(start), (at + n).min(start + len));
+            if lo < hi {
+                out.narrow(0, (lo - start) as i64, (hi - lo) as i64)
+                    .copy_(&flat.narrow(0, (lo - at) as i64, (hi - lo) as i64));
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+
     /// ZeRO-2: replaces the model's optimizer by one over this rank's share of every
-    /// gradient bucket (moments and master weights taken from the full optimizer) and sets
+    /// gradient bucket (moments and master weights taken from rank 0's full optimizer,
+    /// `origin`; moments it never allocated stay unallocated until the first step) and sets
     /// up the gradient shard the backward passes reduce into.
-    fn shard_gradients(&mut self, models: &mut PrimeModels, which: Trained) -> Result<()> {
+    fn shard_gradients(
+        &mut self,
+        models: &mut PrimeModels,
+        which: Trained,
+        origin: &Origin,
+    ) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let stage_tensors = match which {
             Trained::Policy => models.policy.model.gradient_stages(),
             Trained::Prm => models.prm.model.gradient_stages(),
         };
         let full = Self::optimizer_of(models, which);
-        let (state, step) = full.state();
         let names: Vec<String> = full.params().iter().map(|(n, _)| n.clone()).collect();
         let params: Vec<Tensor> = full
             .params()
@@ -624,6 +803,7 @@ impl DataParallel {
             .map(|(_, p)| p.shallow_clone())
             .collect();
         let (master, adamw) = (full.keeps_master_weights(), full.config());
+        let sources = PARTS.map(|part| source_pieces(full, part, origin));
         let index: HashMap<usize, usize> = params
             .iter()
             .enumerate()
@@ -638,8 +818,8 @@ impl DataParallel {
             })
             .collect();
         let sizes: Vec<usize> = params.iter().map(Tensor::numel).collect();
-        let (world, rank, device) = (self.world_size(), self.rank(), self.device);
-        let buckets = plan_buckets(&stages, &sizes, self.bucket_elements(), world);
+        let device = self.device;
+        let buckets = plan_buckets(&stages, &sizes, self.bucket_elements(), self.world_size());
         let len: usize = buckets.iter().map(|b| b.chunk).sum();
         let mut buckets_of = vec![Vec::new(); params.len()];
         for (b, bucket) in buckets.iter().enumerate() {
@@ -649,27 +829,8 @@ impl DataParallel {
                 }
             }
         }
-        let shard_of = |suffix: &str| -> Tensor {
-            let whole: Vec<Tensor> = names
-                .iter()
-                .zip(&params)
-                .map(|(n, p)| {
-                    state
-                        .get(&format!("{n}.{suffix}"))
-                        .map_or_else(|| p.shallow_clone(), Tensor::shallow_clone)
-                })
-                .collect();
-            let shard = Tensor::zeros([len as i64], (Kind::Float, device));
-            for b in &buckets {
-                let (at, n) = (b.shard_offset as i64, b.chunk as i64);
-                let flat = b.flatten(&whole, world, device);
-                shard
-                    .narrow(0, at, n)
-                    .copy_(&flat.narrow(0, rank as i64 * n, n));
-            }
-            shard
-        };
-        let values = shard_of("master");
+        let [m, v, values] = &sources;
+        let values = self.zero2_shard(&buckets, values, len, origin.any(StatePart::Master))?;
         // One optimizer parameter per bucket (views of `values`), so that AdamW's temporaries
         // are a bucket's share, not the whole shard's.
         let pieces: Vec<(String, Tensor)> = buckets
@@ -677,17 +838,18 @@ impl DataParallel {
             .enumerate()
             .map(|(b, bucket)| (bucket_param(b), bucket.mine(&values)))
             .collect();
-        let mut shard_state = std::collections::BTreeMap::new();
-        for suffix in ["exp_avg", "exp_avg_sq"] {
-            let moments = shard_of(suffix);
-            for (b, bucket) in buckets.iter().enumerate() {
-                shard_state.insert(
-                    format!("{}.{suffix}", bucket_param(b)),
-                    bucket.mine(&moments),
-                );
+        let mut optimizer = AdamW::new(pieces, adamw);
+        for (part, sources) in [(StatePart::ExpAvg, m), (StatePart::ExpAvgSq, v)] {
+            if origin.any(part) {
+                let moments = self.zero2_shard(&buckets, sources, len, true)?;
+                for (b, bucket) in buckets.iter().enumerate() {
+                    optimizer.put(b, part, bucket.mine(&moments));
+                }
             }
         }
-        *Self::optimizer_of(models, which) = shard_adamw(pieces, &shard_state, adamw, step)?;
+        optimizer.set_step_count(origin.step);
+        // The full optimizer (and any state it held) goes here.
+        *Self::optimizer_of(models, which) = optimizer;
         let touched = vec![false; params.len()];
         self.grad_shards[which as usize] = Some(GradShard {
             params,
@@ -701,6 +863,34 @@ impl DataParallel {
             master,
         });
         Ok(())
+    }
+
+    /// ZeRO-2: this rank's `len`-long shard of `pieces` (one per parameter, an undefined one
+    /// counting as zeros): its chunk of every bucket. With `from_rank0` (and more than one
+    /// rank) the buckets are rank 0's, broadcast one at a time; otherwise this rank's own.
+    fn zero2_shard(
+        &mut self,
+        buckets: &[Bucket],
+        pieces: &[Tensor],
+        len: usize,
+        from_rank0: bool,
+    ) -> Result<Tensor> {
+        let (world, rank, device) = (self.world_size(), self.rank(), self.device);
+        let broadcast = from_rank0 && world > 1;
+        let shard = Tensor::zeros([len as i64], (Kind::Float, device));
+        for b in buckets {
+            let n = b.chunk as i64;
+            let mut flat = if broadcast && rank > 0 {
+                Tensor::zeros([n * world as i64], (Kind::Float, device))
+            } else {
+                b.flatten(pieces, world, device)
+            };
+            if broadcast {
+                self.comm.broadcast(&mut flat, 0).map_err(comm_err)?;
+            }
+            b.mine(&shard).copy_(&flat.narrow(0, rank as i64 * n, n));
+        }
+        Ok(shard)
     }
 
     /// ZeRO-2: the length of this rank's f32 gradient shard of `which` (about 1/W of the
@@ -972,10 +1162,8 @@ impl DataParallel {
             let _ = shard_grad.g_mul_scalar_(max_norm / (norm + 1e-6));
         }
         if !shard.master {
-            let current = flatten(&shard.params, 0..shard.params.len(), padded, Kind::Float);
-            shard
-                .values
-                .copy_(&current.narrow(0, start as i64, len as i64));
+            let current = flat_slice(&shard.params, &shard.layout.sizes, start, len, self.device);
+            shard.values.copy_(&current);
         }
         Self::optimizer_of(models, which).step_with_grads(lr, &[shard_grad]);
         let mut full = Tensor::zeros([padded as i64], (Kind::Float, shard.values.device()));
@@ -1008,7 +1196,8 @@ impl DataParallel {
 
     /// The full optimizer of `which` rebuilt from every rank's shard (a collective: every
     /// rank calls it), for a checkpoint in the unsharded format. Without `zero1` the
-    /// optimizer is returned as is.
+    /// optimizer is returned as is. The shards are all-gathered a bucket at a time and the
+    /// whole state is assembled on the host, never on the device.
     pub fn full_optimizer<'a>(
         &mut self,
         models: &'a PrimeModels,
@@ -1018,71 +1207,131 @@ impl DataParallel {
             Trained::Policy => &models.policy_optimizer,
             Trained::Prm => &models.prm_optimizer,
         };
-        if let Some(shard) = self.grad_shards[which as usize].take() {
-            let rebuilt = self.gather_zero2(&shard, optimizer);
-            self.grad_shards[which as usize] = Some(shard);
-            return Ok(FullOptimizer::Gathered(Box::new(rebuilt?)));
-        }
-        let Some(shard) = &self.shards[which as usize] else {
-            return Ok(FullOptimizer::Own(optimizer));
+        Ok(match self.gather(optimizer, which, true)? {
+            Some(rebuilt) => FullOptimizer::Gathered(Box::new(rebuilt)),
+            None => FullOptimizer::Own(optimizer),
+        })
+    }
+
+    /// Takes part in [`DataParallel::full_optimizer`] on a rank that does not write the
+    /// checkpoint: the same collectives, without assembling the state.
+    pub fn contribute_full_optimizer(
+        &mut self,
+        models: &PrimeModels,
+        which: Trained,
+    ) -> Result<()> {
+        let optimizer = match which {
+            Trained::Policy => &models.policy_optimizer,
+            Trained::Prm => &models.prm_optimizer,
         };
-        let _guard = tch::no_grad_guard();
-        let (state, step) = optimizer.state();
-        let mut gathered = Vec::new();
-        let suffixes = ["exp_avg", "exp_avg_sq"];
-        for suffix in suffixes {
-            let part = &state[&format!("{SHARD_PARAM}.{suffix}")];
-            let mut full = Tensor::zeros([shard.padded as i64], (Kind::Float, part.device()));
-            self.comm.all_gather(part, &mut full).map_err(comm_err)?;
-            gathered.push(full);
+        self.gather(optimizer, which, false).map(drop)
+    }
+
+    /// The full optimizer gathered from the shards of `which` (`optimizer` is this rank's
+    /// shard optimizer), assembled on the host when `keep`; `None` when it is not sharded
+    /// or not kept.
+    fn gather(&mut self, optimizer: &AdamW, which: Trained, keep: bool) -> Result<Option<AdamW>> {
+        if let Some(shard) = self.grad_shards[which as usize].take() {
+            let rebuilt = self.gather_zero2(&shard, optimizer, keep);
+            self.grad_shards[which as usize] = Some(shard);
+            return rebuilt;
         }
-        let mut full_values =
-            Tensor::zeros([shard.padded as i64], (Kind::Float, shard.values.device()));
-        self.comm
-            .all_gather(&shard.values, &mut full_values)
-            .map_err(comm_err)?;
-        let named: Vec<(String, Tensor)> = shard
+        if let Some(shard) = self.shards[which as usize].take() {
+            let rebuilt = self.gather_zero1(&shard, optimizer, keep);
+            self.shards[which as usize] = Some(shard);
+            return rebuilt;
+        }
+        Ok(None)
+    }
+
+    /// ZeRO-1's [`DataParallel::gather`]: each rank's contiguous shard of the moments (and
+    /// master weights), all-gathered a bucket's worth at a time.
+    fn gather_zero1(
+        &mut self,
+        shard: &Shard,
+        optimizer: &AdamW,
+        keep: bool,
+    ) -> Result<Option<AdamW>> {
+        let _guard = tch::no_grad_guard();
+        let (world, device) = (self.world_size(), self.device);
+        let mut parts: Vec<(StatePart, Tensor)> = [StatePart::ExpAvg, StatePart::ExpAvgSq]
+            .into_iter()
+            .map(|part| {
+                let mine = optimizer
+                    .held(0, part)
+                    .unwrap_or_else(|| Tensor::zeros([shard.len as i64], (Kind::Float, device)));
+                (part, mine)
+            })
+            .collect();
+        if shard.master {
+            parts.push((StatePart::Master, shard.values.shallow_clone()));
+        }
+        // Elements of each rank's shard per round: a bucket in all.
+        let window = self.bucket_elements().div_ceil(world).max(1);
+        let mut full_state = std::collections::BTreeMap::new();
+        for (part, mine) in parts {
+            let whole = if keep {
+                host_zeros(&shard.params)
+            } else {
+                Vec::new()
+            };
+            let mut at = 0;
+            while at < shard.len {
+                let n = window.min(shard.len - at);
+                let mut flat = Tensor::zeros([(n * world) as i64], (Kind::Float, device));
+                self.comm
+                    .all_gather(&mine.narrow(0, at as i64, n as i64), &mut flat)
+                    .map_err(comm_err)?;
+                if keep {
+                    for r in 0..world {
+                        let piece = flat.narrow(0, (r * n) as i64, n as i64);
+                        write_flat(&whole, &shard.layout.sizes, r * shard.len + at, &piece);
+                    }
+                }
+                at += n;
+            }
+            for (name, t) in shard.names.iter().zip(whole) {
+                full_state.insert(format!("{name}.{}", part.suffix()), t);
+            }
+        }
+        if !keep {
+            return Ok(None);
+        }
+        let named = shard
             .names
             .iter()
             .cloned()
             .zip(shard.params.iter().map(Tensor::shallow_clone))
             .collect();
-        let mut full_state = std::collections::BTreeMap::new();
-        let mut offset = 0i64;
-        for (name, p) in shard.names.iter().zip(&shard.params) {
-            let n = p.numel() as i64;
-            for (suffix, flat) in suffixes.iter().zip(&gathered) {
-                full_state.insert(
-                    format!("{name}.{suffix}"),
-                    flat.narrow(0, offset, n).view_(p.size()),
-                );
-            }
-            if shard.master {
-                full_state.insert(
-                    format!("{name}.master"),
-                    full_values.narrow(0, offset, n).view_(p.size()),
-                );
-            }
-            offset += n;
-        }
-        let rebuilt = full_adamw(named, shard.master, optimizer.config(), &full_state, step)?;
-        Ok(FullOptimizer::Gathered(Box::new(rebuilt)))
+        let step = optimizer.step_count();
+        full_adamw(named, shard.master, optimizer.config(), &full_state, step).map(Some)
     }
 
-    /// ZeRO-2's [`DataParallel::full_optimizer`]: every bucket of the moments (and master
-    /// weights) all-gathered into whole tensors.
-    fn gather_zero2(&mut self, shard: &GradShard, optimizer: &AdamW) -> Result<AdamW> {
+    /// ZeRO-2's [`DataParallel::gather`]: every bucket of the moments (and master weights)
+    /// all-gathered into whole tensors on the host.
+    fn gather_zero2(
+        &mut self,
+        shard: &GradShard,
+        optimizer: &AdamW,
+        keep: bool,
+    ) -> Result<Option<AdamW>> {
         let _guard = tch::no_grad_guard();
         let (world, device) = (self.world_size(), self.device);
-        let (state, step) = optimizer.state();
-        // Per suffix, this rank's chunk of every bucket.
-        let mut parts: Vec<(&str, Vec<Tensor>)> = ["exp_avg", "exp_avg_sq"]
+        // Per piece, this rank's chunk of every bucket.
+        let mut parts: Vec<(StatePart, Vec<Tensor>)> = [StatePart::ExpAvg, StatePart::ExpAvgSq]
             .into_iter()
-            .map(|suffix| {
-                let chunks = (0..shard.buckets.len())
-                    .map(|b| state[&format!("{}.{suffix}", bucket_param(b))].shallow_clone())
+            .map(|part| {
+                let chunks = shard
+                    .buckets
+                    .iter()
+                    .enumerate()
+                    .map(|(b, bucket)| {
+                        optimizer.held(b, part).unwrap_or_else(|| {
+                            Tensor::zeros([bucket.chunk as i64], (Kind::Float, device))
+                        })
+                    })
                     .collect();
-                (suffix, chunks)
+                (part, chunks)
             })
             .collect();
         if shard.master {
@@ -1091,31 +1340,37 @@ impl DataParallel {
                 .iter()
                 .map(|b| b.mine(&shard.values))
                 .collect();
-            parts.push(("master", chunks));
+            parts.push((StatePart::Master, chunks));
         }
         let mut full_state = std::collections::BTreeMap::new();
-        for (suffix, part) in parts {
-            let whole: Vec<Tensor> = shard
-                .params
-                .iter()
-                .map(|p| Tensor::zeros(p.size(), (Kind::Float, device)))
-                .collect();
-            for (b, mine) in shard.buckets.iter().zip(&part) {
+        for (part, chunks) in parts {
+            let whole = if keep {
+                host_zeros(&shard.params)
+            } else {
+                Vec::new()
+            };
+            for (b, mine) in shard.buckets.iter().zip(&chunks) {
                 let mut flat = Tensor::zeros([(b.chunk * world) as i64], (Kind::Float, device));
                 self.comm.all_gather(mine, &mut flat).map_err(comm_err)?;
-                b.unflatten(&flat, &whole, |_| true);
+                if keep {
+                    b.unflatten(&flat, &whole, |_| true);
+                }
             }
             for (name, t) in shard.names.iter().zip(whole) {
-                full_state.insert(format!("{name}.{suffix}"), t);
+                full_state.insert(format!("{name}.{}", part.suffix()), t);
             }
         }
-        let named: Vec<(String, Tensor)> = shard
+        if !keep {
+            return Ok(None);
+        }
+        let named = shard
             .names
             .iter()
             .cloned()
             .zip(shard.params.iter().map(Tensor::shallow_clone))
             .collect();
-        full_adamw(named, shard.master, optimizer.config(), &full_state, step)
+        let step = optimizer.step_count();
+        full_adamw(named, shard.master, optimizer.config(), &full_state, step).map(Some)
     }
 
     /// Rank 0: sends `command` to every other rank. Other ranks: wait for it (up to
@@ -1138,22 +1393,8 @@ impl DataParallel {
     }
 }
 
-/// The optimizer of a shard: AdamW over the flat f32 `pieces` of the shard, with their
-/// moments from `state` (`<piece>.exp_avg`, `.exp_avg_sq`).
-fn shard_adamw(
-    pieces: Vec<(String, Tensor)>,
-    state: &std::collections::BTreeMap<String, Tensor>,
-    config: crate::optim::AdamWConfig,
-    step: i64,
-) -> Result<AdamW> {
-    let mut optimizer = AdamW::new(pieces, config);
-    optimizer
-        .load_state(state, step)
-        .map_err(LearnerError::Checkpoint)?;
-    Ok(optimizer)
-}
-
-/// The unsharded optimizer over `named` parameters with the gathered `state`.
+/// The unsharded optimizer over `named` parameters with the gathered `state` (on the host,
+/// where it stays until a step needs it).
 fn full_adamw(
     named: Vec<(String, Tensor)>,
     master: bool,
@@ -1167,7 +1408,7 @@ fn full_adamw(
         AdamW::new(named, config)
     };
     rebuilt
-        .load_state(state, step)
+        .stage_state(state, step)
         .map_err(LearnerError::Checkpoint)?;
     Ok(rebuilt)
 }
@@ -1190,7 +1431,7 @@ pub fn follow(models: &mut PrimeModels, config: &crate::config::LearnerConfig) -
                 let mut dp = models.parallel.take().expect("attached");
                 let result = [Trained::Policy, Trained::Prm]
                     .into_iter()
-                    .try_for_each(|which| dp.full_optimizer(models, which).map(drop));
+                    .try_for_each(|which| dp.contribute_full_optimizer(models, which));
                 models.parallel = Some(dp);
                 result?;
             }

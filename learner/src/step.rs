@@ -66,7 +66,9 @@ pub struct PrimeModels {
 }
 
 impl PrimeModels {
-    /// Builds both optimizers over every trainable parameter.
+    /// Builds both optimizers over every trainable parameter. Their state is allocated at
+    /// each parameter's first update (or sharded first, by [`DataParallel::attach`]), so
+    /// building them takes no device memory.
     pub fn new(
         policy: CausalLm,
         prm: CausalLm,

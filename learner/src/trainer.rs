@@ -179,11 +179,18 @@ impl Trainer {
                 let policy = load_model(&dir.join(checkpoint::POLICY_DIR), device, kind)?;
                 let prm = load_model(&dir.join(checkpoint::PRM_DIR), device, kind)?;
                 let mut models = PrimeModels::new(policy, prm, reference, &config);
-                checkpoint::load_optimizer(
+                // With a sharded optimizer the state stays on the host: attaching to the
+                // group moves only this rank's shard to the device.
+                let load = if config.parallel.zero1 || config.parallel.zero2 {
+                    checkpoint::load_optimizer_to_host
+                } else {
+                    checkpoint::load_optimizer
+                };
+                load(
                     &dir.join(checkpoint::POLICY_OPTIMIZER_FILE),
                     &mut models.policy_optimizer,
                 )?;
-                checkpoint::load_optimizer(
+                load(
                     &dir.join(checkpoint::PRM_OPTIMIZER_FILE),
                     &mut models.prm_optimizer,
                 )?;

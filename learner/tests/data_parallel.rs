@@ -565,3 +565,181 @@ fn zero2_resumes_from_an_unsharded_checkpoint() {
         }
     }
 }
+
+/// Elements of state the optimizers of `models` hold on the device, policy and PRM.
+fn allocated(models: &PrimeModels) -> [usize; 2] {
+    [&models.policy_optimizer, &models.prm_optimizer].map(AdamW::allocated_state_elements)
+}
+
+/// Moments (m and v) of a whole model's optimizer, policy and PRM: what an unsharded
+/// optimizer allocates.
+fn full_moments(models: &PrimeModels) -> [usize; 2] {
+    [&models.policy, &models.prm].map(|lm| {
+        2 * lm
+            .vs
+            .trainable_variables()
+            .iter()
+            .map(Tensor::numel)
+            .sum::<usize>()
+    })
+}
+
+/// Checks that a rank of `world` holds its share of the moments on the device: 1/W of
+/// the whole model's (up to the padding of a few buckets), never the whole.
+fn assert_share(models: &PrimeModels, world: usize, what: &str) {
+    for ((held, full), name) in allocated(models)
+        .into_iter()
+        .zip(full_moments(models))
+        .zip(["policy", "prm"])
+    {
+        assert!(
+            held * world >= full && held * world <= full + 2 * world * 64,
+            "{what} {name}: {held} elements of state on the device, the model's {full} / {world}"
+        );
+    }
+}
+
+#[test]
+fn optimizers_are_built_and_resumed_without_device_state() {
+    tch::set_num_threads(1);
+    let config = recompute_config();
+    let mut fresh = models(&config, 1);
+    assert_eq!(
+        allocated(&fresh),
+        [0, 0],
+        "a fresh PrimeModels allocates no state"
+    );
+    // The checkpoint's view of a fresh optimizer (zeros) allocates nothing either.
+    let (state, _) = fresh.policy_optimizer.state();
+    assert!(state
+        .values()
+        .all(|t| t.abs().max().double_value(&[]) == 0.0));
+    assert_eq!(allocated(&fresh), [0, 0]);
+    // Alone, the first step allocates the whole moments.
+    prime_step(&mut fresh, &groups(0), &config, 0).unwrap();
+    assert_eq!(allocated(&fresh), full_moments(&fresh));
+    // Loaded to the host: staged, nothing on the device until a step.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy_optimizer.safetensors");
+    prime_learner::checkpoint::save_optimizer(&path, &fresh.policy_optimizer).unwrap();
+    let mut resumed = models(&config, 1);
+    prime_learner::checkpoint::load_optimizer_to_host(&path, &mut resumed.policy_optimizer)
+        .unwrap();
+    assert_eq!(allocated(&resumed), [0, 0]);
+    assert_eq!(
+        resumed.policy_optimizer.staged_state_elements(),
+        full_moments(&resumed)[0]
+    );
+}
+
+/// ZeRO-1 and ZeRO-2 on DP=2 from fresh optimizers, then resumed the way the trainer does:
+/// rank 0 loads the gathered checkpoint to the host, rank 1 starts from fresh models. No
+/// rank holds more than its share of the moments on the device after building, loading or
+/// attaching, and the resumed step is the single process's third.
+#[test]
+fn sharded_optimizers_take_only_their_share_and_resume_from_the_host() {
+    tch::set_num_threads(1);
+    let config = recompute_config();
+    let mut single = models(&config, 1);
+    let expected: Vec<StepMetrics> = (0..3)
+        .map(|i| prime_step(&mut single, &groups(i), &config, i).unwrap())
+        .collect();
+    let want = weights(&single);
+    let zero1 = ParallelConfig {
+        zero1: true,
+        bucket_mb: 1,
+        ..ParallelConfig::default()
+    };
+    for (label, parallel) in [("ZeRO-1", zero1), ("ZeRO-2", zero2())] {
+        let dir = tempfile::tempdir().unwrap();
+        let (world, ports) = (2, [free_port(), free_port()]);
+        let (config, parallel, dir) = (&config, &parallel, dir.path());
+        let ranks: Vec<(StepMetrics, Weights)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..world)
+                .map(|rank| {
+                    scope.spawn(move || {
+                        tch::set_num_threads(1);
+                        let seed = 1 + 10 * rank as i64;
+                        let mut first = models(config, seed);
+                        assert_eq!(allocated(&first), [0, 0], "{label}: built");
+                        let group = join(rank, world, ports[0]);
+                        DataParallel::attach(&mut first, Box::new(group), parallel.clone())
+                            .unwrap();
+                        // Fresh shards stay unallocated until the first step.
+                        assert_eq!(allocated(&first), [0, 0], "{label}: attached fresh");
+                        for i in 0..2 {
+                            prime_step(&mut first, &groups(i), config, i).unwrap();
+                        }
+                        assert_share(&first, world, &format!("{label} after two steps"));
+                        let updates = first.policy_optimizer.step_count();
+                        assert!(updates >= 2, "{label}: {updates} updates");
+                        // The checkpoint: rank 0 writes the gathered optimizers.
+                        let mut dp = first.parallel.take().unwrap();
+                        for (which, file) in [
+                            (Trained::Policy, "policy.safetensors"),
+                            (Trained::Prm, "prm.safetensors"),
+                        ] {
+                            if rank == 0 {
+                                let full = dp.full_optimizer(&first, which).unwrap();
+                                assert_eq!(
+                                    full.allocated_state_elements(),
+                                    0,
+                                    "{label}: gathered on the host"
+                                );
+                                prime_learner::checkpoint::save_optimizer(&dir.join(file), &full)
+                                    .unwrap();
+                            } else {
+                                dp.contribute_full_optimizer(&first, which).unwrap();
+                            }
+                        }
+                        drop(dp);
+                        // Resumed: rank 0 loads the checkpoint to the host, rank 1 loads
+                        // nothing (its models are only shapes).
+                        let mut resumed = models(config, seed);
+                        if rank == 0 {
+                            resumed.policy.vs.copy(&first.policy.vs).unwrap();
+                            resumed.prm.vs.copy(&first.prm.vs).unwrap();
+                            for (optimizer, file) in [
+                                (&mut resumed.policy_optimizer, "policy.safetensors"),
+                                (&mut resumed.prm_optimizer, "prm.safetensors"),
+                            ] {
+                                prime_learner::checkpoint::load_optimizer_to_host(
+                                    &dir.join(file),
+                                    optimizer,
+                                )
+                                .unwrap();
+                            }
+                            assert!(resumed.policy_optimizer.staged_state_elements() > 0);
+                        }
+                        assert_eq!(allocated(&resumed), [0, 0], "{label}: loaded");
+                        let group = join(rank, world, ports[1]);
+                        DataParallel::attach(&mut resumed, Box::new(group), parallel.clone())
+                            .unwrap();
+                        assert_share(&resumed, world, &format!("{label} resumed, attached"));
+                        assert_eq!(resumed.policy_optimizer.step_count(), updates);
+                        let metrics = prime_step(&mut resumed, &groups(2), config, 2).unwrap();
+                        assert_share(&resumed, world, &format!("{label} resumed, stepped"));
+                        (metrics, weights(&resumed))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, (metrics, rank_weights)) in ranks.iter().enumerate() {
+            for ((name, x), (_, y)) in figures(&expected[2]).into_iter().zip(figures(metrics)) {
+                assert!(
+                    (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+                    "{label} rank {rank} after resuming: {name} {x} alone, {y} resumed"
+                );
+            }
+            for ((name, x), (_, y)) in want.iter().zip(rank_weights) {
+                for (a, b) in x.iter().zip(y) {
+                    assert!(
+                        (a - b).abs() <= 1e-6,
+                        "{label} rank {rank}: {name}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}
