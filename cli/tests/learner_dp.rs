@@ -112,12 +112,11 @@ fn metrics(dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.json")).unwrap()).unwrap()
 }
 
-fn two_ranks_match_one(zero1: bool) {
+fn two_ranks_match_one(extra: &[&str]) {
     init_threads();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     fixtures(dir);
-    let extra: &[&str] = if zero1 { &["--zero1"] } else { &[] };
     let single = step(dir, "dp1", 0, 1, 0, extra).spawn().unwrap();
     finish(single);
     let port = free_port();
@@ -167,12 +166,17 @@ fn two_ranks_match_one(zero1: bool) {
 
 #[test]
 fn two_rank_processes_take_the_single_process_step() {
-    two_ranks_match_one(false);
+    two_ranks_match_one(&[]);
 }
 
 #[test]
 fn two_rank_processes_with_sharded_optimizer_take_the_single_process_step() {
-    two_ranks_match_one(true);
+    two_ranks_match_one(&["--zero1"]);
+}
+
+#[test]
+fn two_rank_processes_with_sharded_gradients_take_the_single_process_step() {
+    two_ranks_match_one(&["--zero2"]);
 }
 
 /// Starts two ranks, waits until rank 1 has joined, does `to_rank1` to it, and returns how

@@ -121,6 +121,10 @@ pub struct StepArgs {
     /// With several ranks: shard the optimizer state over them (ZeRO stage 1).
     #[arg(long)]
     pub zero1: bool,
+    /// With several ranks: shard the gradients too (ZeRO stage 2; implies --zero1). Turns on
+    /// activation recomputation, whose layer-by-layer backward hands the gradients over.
+    #[arg(long)]
+    pub zero2: bool,
     /// With several ranks: seconds one collective may take before the rank fails.
     #[arg(long, default_value_t = 600)]
     pub collective_timeout_seconds: u64,
@@ -339,6 +343,8 @@ fn run_step(args: StepArgs) -> Result<()> {
         EstimatorArg::Rloo => Estimator::Rloo,
     };
     config.parallel.zero1 = args.zero1;
+    config.parallel.zero2 = args.zero2;
+    config.recompute_activations |= args.zero2;
     config.parallel.collective_timeout_seconds = args.collective_timeout_seconds;
     let Rank {
         info,
