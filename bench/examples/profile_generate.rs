@@ -195,4 +195,52 @@ fn main() {
         let _ = layer.self_attn.k_proj.forward(&x);
         let _ = layer.self_attn.v_proj.forward(&x);
     });
+    let a = &layer.self_attn;
+    let bias = |l: &prime_model::qwen2::Linear| l.bias.as_ref().unwrap().shallow_clone();
+    let qkv_w = Tensor::cat(&[&a.q_proj.weight, &a.k_proj.weight, &a.v_proj.weight], 0);
+    let qkv_b = Tensor::cat(&[bias(&a.q_proj), bias(&a.k_proj), bias(&a.v_proj)], 0);
+    time("qkv proj fused", &mut || {
+        let _ = x.linear(&qkv_w, Some(&qkv_b));
+    });
+    let m = &layer.mlp;
+    let gu_w = Tensor::cat(&[&m.gate_proj.weight, &m.up_proj.weight], 0);
+    let f = c.intermediate_size;
+    time("gate/up + act", &mut || {
+        let _ = m.gate_proj.forward(&x).silu() * m.up_proj.forward(&x);
+    });
+    time("gate/up fused + act", &mut || {
+        let gu = x.linear(&gu_w, None::<Tensor>);
+        let mut g = gu.narrow(-1, 0, f);
+        let _ = g.silu_();
+        let _ = g.g_mul_(&gu.narrow(-1, f, f));
+    });
+    let nw = &layer.input_layernorm.weight;
+    time("rms_norm op", &mut || {
+        let _ = x.rms_norm([d], Some(nw), 1e-6);
+    });
+    let all = h + 2 * kv;
+    let qkv = Tensor::randn([batch, 1, all, hd], (Kind::Float, Device::Cpu));
+    let cos = Tensor::randn([batch, 1, all, hd], (Kind::Float, Device::Cpu));
+    time("rope all heads", &mut || {
+        let sw = qkv
+            .view([batch, 1, all, 2, hd / 2])
+            .flip([3])
+            .view([batch, 1, all, hd]);
+        let _ = (&qkv * &cos).addcmul_(&sw, &cos);
+    });
+    let c1 = Tensor::randn([batch, 1, 1, hd], (Kind::Float, Device::Cpu));
+    time("rope q and k apart", &mut || {
+        for x in [qkv.narrow(2, 0, h), qkv.narrow(2, h, kv)] {
+            let x1 = x.narrow(3, 0, hd / 2);
+            let x2 = x.narrow(3, hd / 2, hd / 2);
+            let r = Tensor::cat(&[&x2.neg(), &x1], -1);
+            let _ = &x * &c1 + r * &c1;
+        }
+    });
+    time("empty op (view)", &mut || {
+        let _ = x.view([batch, d]);
+    });
+    time("small add", &mut || {
+        let _ = &x + &x;
+    });
 }
