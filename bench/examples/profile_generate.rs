@@ -54,10 +54,50 @@ fn main() {
             t.elapsed().as_secs_f64() * 1e3 / n as f64
         );
     };
+    let prompts: Vec<Vec<i64>> = (0..batch)
+        .map(|i| (0..prompt).map(|j| (i * 131 + j * 7) % v).collect())
+        .collect();
+    let gen_params = SamplingParams {
+        max_new_tokens: 64,
+        temperature: 1.0,
+        seed: Some(1),
+        ..SamplingParams::default()
+    };
+    for new_tokens in [1, 64] {
+        let gen_params = SamplingParams {
+            max_new_tokens: new_tokens,
+            ..gen_params.clone()
+        };
+        let t = Instant::now();
+        for _ in 0..5 {
+            let _ = prime_model::generate(model, &prompts, &gen_params).unwrap();
+        }
+        println!(
+            "{:<24} {:8.3} ms",
+            format!("generate 32 + {new_tokens} (run)"),
+            t.elapsed().as_secs_f64() * 1e3 / 5.0
+        );
+    }
+    let mut prefill_cache = KvCache::new(model, batch, cap);
+    let t = Instant::now();
+    for _ in 0..5 {
+        prefill_cache.target_block(0, batch, 0);
+        let _ = model.forward(&ids, &position_ids(&pm), &pm, Some(&mut prefill_cache));
+    }
+    println!(
+        "{:<24} {:8.3} ms",
+        "prefill forward",
+        t.elapsed().as_secs_f64() * 1e3 / 5.0
+    );
     let mut hidden = Tensor::zeros([batch, 1, d], (Kind::Float, Device::Cpu));
     time("decode forward", &mut || {
         cache.target_per_slot(&cols, prompt + 1);
         hidden = model.forward(&tok, &pos, &km, Some(&mut cache));
+    });
+    let cols_late = Tensor::full([batch], cap - 1, (Kind::Int64, Device::Cpu));
+    time("decode forward, 96 keys", &mut || {
+        cache.target_per_slot(&cols_late, cap);
+        hidden = model.forward(&tok, &pos, &mask, Some(&mut cache));
     });
     let km1 = mask.narrow(1, 0, 1);
     time("forward no cache t=1", &mut || {

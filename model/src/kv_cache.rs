@@ -103,6 +103,11 @@ impl KvCache {
         }
     }
 
+    /// Whether the next forward is a per-slot decode step (one token per slot).
+    pub fn is_per_slot(&self) -> bool {
+        matches!(self.target, Target::PerSlot { .. })
+    }
+
     /// The slots the target covers and the columns the forward attends over.
     fn span(&self) -> (i64, i64, i64) {
         match &self.target {

@@ -236,15 +236,40 @@ impl Attention {
         )
     }
 
+    /// Attention of one query per row: `q` is `[B, heads, 1, head_dim]`, `k` and `v`
+    /// `[B, kv_heads, S, head_dim]`, `bias` the `[B * kv_heads, 1, S]` additive key mask.
+    /// Query head `i` reads kv head `i / (heads / kv_heads)`, as SDPA's GQA does. Scores are
+    /// `bias + q k^T / sqrt(head_dim)`, softmax in f32. Returns `[B * kv_heads, group,
+    /// head_dim]`, which is `[B, heads * head_dim]` in memory.
+    fn decode_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Tensor {
+        let (b, s) = (q.size()[0], k.size()[2]);
+        let (kv, hd) = (self.num_kv_heads, self.head_dim);
+        let group = self.num_heads / kv;
+        let q = q.reshape([b * kv, group, hd]);
+        let scores = bias.baddbmm(
+            &q,
+            &k.reshape([b * kv, s, hd]).transpose(1, 2),
+            1.0,
+            1.0 / (hd as f64).sqrt(),
+        );
+        let probs = cast(&scores.softmax(-1, Kind::Float), q.kind());
+        probs.bmm(&v.reshape([b * kv, s, hd]))
+    }
+
     /// [`Attention::forward`] with a cache, on the fused q/k/v projection: one matmul, one
     /// RoPE op over q and k (`rope` from [`Rope::head_tables`] with `num_heads +
-    /// num_kv_heads` rotated heads and `num_kv_heads` plain ones), one cache write.
+    /// num_kv_heads` rotated heads and `num_kv_heads` plain ones), one cache write. A decode
+    /// step (one query per row) passes `decode_bias` ([`decode_bias`]) and attends with two
+    /// batched matmuls ([`Attention::decode_attention`]), which beat SDPA's CPU kernel for a
+    /// single query.
+    #[allow(clippy::too_many_arguments)]
     fn forward_fused(
         &self,
         x: &Tensor,
         fused: &FusedLayer,
         rope: &(Tensor, Tensor),
         mask: &Tensor,
+        decode_bias: Option<&Tensor>,
         cache: &mut KvCache,
         layer: usize,
     ) -> Tensor {
@@ -261,6 +286,12 @@ impl Attention {
         let q = qkv.narrow(2, 0, self.num_heads).transpose(1, 2);
         let (k, v) =
             cache.append_fused(layer, &qkv.narrow(2, self.num_heads, 2 * self.num_kv_heads));
+        if let Some(bias) = decode_bias {
+            let y = self.decode_attention(&q, &k, &v, bias);
+            return self
+                .o_proj
+                .forward(&y.view([b, t, self.num_heads * self.head_dim]));
+        }
         let y = Tensor::scaled_dot_product_attention(
             &q,
             &k,
@@ -457,12 +488,14 @@ impl DecoderLayer {
     }
 
     /// [`DecoderLayer::forward`] with a cache, on the fused projections.
+    #[allow(clippy::too_many_arguments)]
     fn forward_fused(
         &self,
         x: &Tensor,
         fused: &FusedLayer,
         rope: &(Tensor, Tensor),
         mask: &Tensor,
+        decode_bias: Option<&Tensor>,
         cache: &mut KvCache,
         layer: usize,
     ) -> Tensor {
@@ -471,6 +504,7 @@ impl DecoderLayer {
             fused,
             rope,
             mask,
+            decode_bias,
             cache,
             layer,
         );
@@ -605,8 +639,11 @@ impl Qwen2 {
                 c.num_attention_heads + c.num_kv_heads(),
                 c.num_kv_heads(),
             );
+            let bias = cache
+                .is_per_slot()
+                .then(|| decode_bias(&mask, c.num_kv_heads(), self.compute_kind));
             for (i, (layer, fused)) in self.layers.iter().zip(self.fused_layers()).enumerate() {
-                h = layer.forward_fused(&h, &fused, &rope, &mask, cache, i);
+                h = layer.forward_fused(&h, &fused, &rope, &mask, bias.as_ref(), cache, i);
             }
             return self.norm.forward(&h);
         }
@@ -809,6 +846,16 @@ fn backward_through(
     let input = input.detach().set_requires_grad(true);
     (stage(&input) * grad_output).sum(Kind::Float).backward();
     input.grad()
+}
+
+/// The additive form (0 or -inf, `[B * kv_heads, 1, S]` in `kind`) of a decode step's key
+/// mask `[B, 1, 1, S]` (true = attend), for [`Attention::decode_attention`].
+fn decode_bias(mask: &Tensor, kv_heads: i64, kind: Kind) -> Tensor {
+    let (b, s) = (mask.size()[0], mask.size()[3]);
+    Tensor::zeros([b, 1, 1, s], (kind, mask.device()))
+        .masked_fill(&mask.logical_not(), f64::NEG_INFINITY)
+        .expand([b, kv_heads, 1, s], false)
+        .reshape([b * kv_heads, 1, s])
 }
 
 /// Boolean attention mask `[B, 1, T, S]` (true = attend) for `T` queries at key slots
