@@ -16,6 +16,11 @@ use tch::{nn, Device, Kind, Tensor};
 const VOCAB: i64 = 300;
 
 fn random_lm() -> CausalLm {
+    random_lm_in(Kind::Float)
+}
+
+/// A random model with parameters and activations in `kind`.
+fn random_lm_in(kind: Kind) -> CausalLm {
     let config: Qwen2Config = serde_json::from_value(serde_json::json!({
         "vocab_size": VOCAB,
         "hidden_size": 64,
@@ -27,12 +32,22 @@ fn random_lm() -> CausalLm {
         "tie_word_embeddings": false,
     }))
     .unwrap();
-    CausalLm::random(&config, Device::Cpu, Kind::Float, Kind::Float).unwrap()
+    CausalLm::random(&config, Device::Cpu, kind, kind).unwrap()
 }
 
 /// Greedy responses to `prompts`, after checking every token's log-prob against a
 /// teacher-forced forward of prompt + response.
 fn decode_and_check(lm: &CausalLm, prompts: &[Vec<i64>], what: &str) -> Vec<Vec<i64>> {
+    decode_and_check_within(lm, prompts, what, 1e-4)
+}
+
+/// [`decode_and_check`] with log-probs equal within `tolerance`.
+fn decode_and_check_within(
+    lm: &CausalLm,
+    prompts: &[Vec<i64>],
+    what: &str,
+    tolerance: f32,
+) -> Vec<Vec<i64>> {
     let params = SamplingParams {
         max_new_tokens: 12,
         temperature: 0.0,
@@ -47,7 +62,7 @@ fn decode_and_check(lm: &CausalLm, prompts: &[Vec<i64>], what: &str) -> Vec<Vec<
     let forced = sequence_logprobs(&lm.model, &full, 1 << 16).unwrap();
     for ((prompt, g), forced) in prompts.iter().zip(&generations).zip(&forced) {
         let diff = max_abs_diff(&forced[prompt.len() - 1..], &g.logprobs);
-        assert!(diff < 1e-4, "{what}: max |diff| {diff}");
+        assert!(diff < tolerance, "{what}: max |diff| {diff}");
     }
     generations.into_iter().map(|g| g.token_ids).collect()
 }
@@ -121,4 +136,17 @@ fn a_cached_forward_with_grad_reaches_every_projection() {
             "{name}"
         );
     }
+}
+
+#[test]
+fn bf16_decoding_matches_a_teacher_forced_forward() {
+    init_threads();
+    tch::manual_seed(13);
+    // bf16 parameters: `set_kind` gives every variable new storage after the model fused its
+    // projections, so the first decode fuses again.
+    let lm = random_lm_in(Kind::BFloat16);
+    let prompts = random_sequences(3, 4, 9, VOCAB, 2);
+    decode_and_check_within(&lm, &prompts, "bf16", 0.05);
+    copy_new_weights(&lm);
+    decode_and_check_within(&lm, &prompts, "bf16 after copy_", 0.05);
 }
