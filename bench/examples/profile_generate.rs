@@ -1,6 +1,7 @@
 //! Where a decode step's time goes: `cargo run --release -p prime-bench --example
 //! profile_generate -- MODEL_DIR BATCH` times the pieces of one step (one torch thread, a
-//! 32-token prompt in the cache) at the given batch, each the mean of 200 runs. A diagnostic
+//! 32-token prompt in the cache) at the given batch, each the mean of 200 runs, after whole
+//! `generate` runs (32 + 1 and 32 + 64 tokens) and the prefill, the mean of 5. A diagnostic
 //! for docs/benchmarks.md, not a benchmark against anything.
 use std::time::Instant;
 
