@@ -1,6 +1,7 @@
 //! Where a decode step's time goes: `cargo run --release -p prime-bench --example
 //! profile_generate -- MODEL_DIR BATCH` times the pieces of one step (one torch thread, a
-//! 32-token prompt in the cache) at the given batch, each the mean of 200 runs. A diagnostic
+//! 32-token prompt in the cache) at the given batch, each the mean of 200 runs, after whole
+//! `generate` runs (32 + 1 and 32 + 64 tokens) and the prefill, the mean of 5. A diagnostic
 //! for docs/benchmarks.md, not a benchmark against anything.
 use std::time::Instant;
 
@@ -54,10 +55,50 @@ fn main() {
             t.elapsed().as_secs_f64() * 1e3 / n as f64
         );
     };
+    let prompts: Vec<Vec<i64>> = (0..batch)
+        .map(|i| (0..prompt).map(|j| (i * 131 + j * 7) % v).collect())
+        .collect();
+    let gen_params = SamplingParams {
+        max_new_tokens: 64,
+        temperature: 1.0,
+        seed: Some(1),
+        ..SamplingParams::default()
+    };
+    for new_tokens in [1, 64] {
+        let gen_params = SamplingParams {
+            max_new_tokens: new_tokens,
+            ..gen_params.clone()
+        };
+        let t = Instant::now();
+        for _ in 0..5 {
+            let _ = prime_model::generate(model, &prompts, &gen_params).unwrap();
+        }
+        println!(
+            "{:<24} {:8.3} ms",
+            format!("generate 32 + {new_tokens} (run)"),
+            t.elapsed().as_secs_f64() * 1e3 / 5.0
+        );
+    }
+    let mut prefill_cache = KvCache::new(model, batch, cap);
+    let t = Instant::now();
+    for _ in 0..5 {
+        prefill_cache.target_block(0, batch, 0);
+        let _ = model.forward(&ids, &position_ids(&pm), &pm, Some(&mut prefill_cache));
+    }
+    println!(
+        "{:<24} {:8.3} ms",
+        "prefill forward",
+        t.elapsed().as_secs_f64() * 1e3 / 5.0
+    );
     let mut hidden = Tensor::zeros([batch, 1, d], (Kind::Float, Device::Cpu));
     time("decode forward", &mut || {
         cache.target_per_slot(&cols, prompt + 1);
         hidden = model.forward(&tok, &pos, &km, Some(&mut cache));
+    });
+    let cols_late = Tensor::full([batch], cap - 1, (Kind::Int64, Device::Cpu));
+    time("decode forward, 96 keys", &mut || {
+        cache.target_per_slot(&cols_late, cap);
+        hidden = model.forward(&tok, &pos, &mask, Some(&mut cache));
     });
     let km1 = mask.narrow(1, 0, 1);
     time("forward no cache t=1", &mut || {
@@ -194,5 +235,53 @@ fn main() {
         let _ = layer.self_attn.q_proj.forward(&x);
         let _ = layer.self_attn.k_proj.forward(&x);
         let _ = layer.self_attn.v_proj.forward(&x);
+    });
+    let a = &layer.self_attn;
+    let bias = |l: &prime_model::qwen2::Linear| l.bias.as_ref().unwrap().shallow_clone();
+    let qkv_w = Tensor::cat(&[&a.q_proj.weight, &a.k_proj.weight, &a.v_proj.weight], 0);
+    let qkv_b = Tensor::cat(&[bias(&a.q_proj), bias(&a.k_proj), bias(&a.v_proj)], 0);
+    time("qkv proj fused", &mut || {
+        let _ = x.linear(&qkv_w, Some(&qkv_b));
+    });
+    let m = &layer.mlp;
+    let gu_w = Tensor::cat(&[&m.gate_proj.weight, &m.up_proj.weight], 0);
+    let f = c.intermediate_size;
+    time("gate/up + act", &mut || {
+        let _ = m.gate_proj.forward(&x).silu() * m.up_proj.forward(&x);
+    });
+    time("gate/up fused + act", &mut || {
+        let gu = x.linear(&gu_w, None::<Tensor>);
+        let mut g = gu.narrow(-1, 0, f);
+        let _ = g.silu_();
+        let _ = g.g_mul_(&gu.narrow(-1, f, f));
+    });
+    let nw = &layer.input_layernorm.weight;
+    time("rms_norm op", &mut || {
+        let _ = x.rms_norm([d], Some(nw), 1e-6);
+    });
+    let all = h + 2 * kv;
+    let qkv = Tensor::randn([batch, 1, all, hd], (Kind::Float, Device::Cpu));
+    let cos = Tensor::randn([batch, 1, all, hd], (Kind::Float, Device::Cpu));
+    time("rope all heads", &mut || {
+        let sw = qkv
+            .view([batch, 1, all, 2, hd / 2])
+            .flip([3])
+            .view([batch, 1, all, hd]);
+        let _ = (&qkv * &cos).addcmul_(&sw, &cos);
+    });
+    let c1 = Tensor::randn([batch, 1, 1, hd], (Kind::Float, Device::Cpu));
+    time("rope q and k apart", &mut || {
+        for x in [qkv.narrow(2, 0, h), qkv.narrow(2, h, kv)] {
+            let x1 = x.narrow(3, 0, hd / 2);
+            let x2 = x.narrow(3, hd / 2, hd / 2);
+            let r = Tensor::cat(&[&x2.neg(), &x1], -1);
+            let _ = &x * &c1 + r * &c1;
+        }
+    });
+    time("empty op (view)", &mut || {
+        let _ = x.view([batch, d]);
+    });
+    time("small add", &mut || {
+        let _ = &x + &x;
     });
 }

@@ -419,7 +419,11 @@ pub fn sample(logits: &Tensor, params: &SamplingParams) -> (Tensor, Tensor) {
             .squeeze_dim(-1);
         return (tokens, logprobs);
     }
-    let scaled = logits / params.temperature;
+    let scaled = if params.temperature == 1.0 {
+        logits.shallow_clone()
+    } else {
+        logits / params.temperature
+    };
     let logprobs_all = scaled.log_softmax(-1, Kind::Float);
     let probs = if params.top_k == 0 && params.top_p >= 1.0 {
         logprobs_all.exp()
@@ -439,7 +443,7 @@ pub fn sample(logits: &Tensor, params: &SamplingParams) -> (Tensor, Tensor) {
 /// keep every token's interval.
 fn draw(probs: &Tensor) -> Tensor {
     let rows = probs.size()[0];
-    let cdf = probs.to_kind(Kind::Double).cumsum(-1, Kind::Double);
+    let cdf = probs.cumsum(-1, Kind::Double);
     let total = cdf.select(1, -1).unsqueeze(1);
     // u in (0, 1]: the point u * total is above 0, so it never lands on a leading
     // zero-probability token, and at most the total, so it never runs past the last token.

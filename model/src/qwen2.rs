@@ -11,6 +11,12 @@
 //! layer's input, and every layer is run again with autograd during the backward pass.
 //! [`Qwen2::token_logprobs_backward_to`] does the same but hands each stage's parameter
 //! gradients to a [`GradSink`] instead of accumulating them (ZeRO-2 data parallelism).
+//!
+//! Sampling with a KV cache runs a leaner path (see [`Qwen2::forward`]): each layer's q/k/v
+//! projections are one matmul and its gate/up projections another, over weights the
+//! VarStore's variables are views of (see [`FusedLayer`]), and RoPE rotates q and k in one op.
+use std::sync::{Mutex, PoisonError};
+
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::config::Qwen2Config;
@@ -76,6 +82,9 @@ impl RmsNorm {
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// `sin` with its first half negated: `rotate_half(x) * sin` is
+    /// `swap_halves(x) * signed_sin`, which needs no negation of `x`.
+    signed_sin: Tensor,
 }
 
 impl Rope {
@@ -91,9 +100,16 @@ impl Rope {
         let positions = Tensor::arange(max_positions, (Kind::Float, device));
         let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let sin = emb.sin();
+        let half = head_dim / 2;
+        let signed_sin = Tensor::cat(
+            &[sin.narrow(1, 0, half).neg(), sin.narrow(1, half, half)],
+            1,
+        );
         Self {
             cos: emb.cos(),
-            sin: emb.sin(),
+            sin,
+            signed_sin,
         }
     }
 
@@ -107,6 +123,45 @@ impl Rope {
         };
         (lookup(&self.cos), lookup(&self.sin))
     }
+
+    /// Per-head tables for [`rotate_heads`] over `[B, T, rotated + plain, head_dim]`: the
+    /// first `rotated` heads get the rotation at `position_ids` (`[B, T]`), the last `plain`
+    /// ones cos 1 and sin 0, which leaves them as they are. Returns `(cos, signed_sin)`.
+    fn head_tables(
+        &self,
+        position_ids: &Tensor,
+        kind: Kind,
+        rotated: i64,
+        plain: i64,
+    ) -> (Tensor, Tensor) {
+        let (b, t) = (position_ids.size()[0], position_ids.size()[1]);
+        let head_dim = self.cos.size()[1];
+        let ids = position_ids.flatten(0, -1);
+        let table = |values: &Tensor, fill: f64| {
+            let rows = values.index_select(0, &ids).view([b, t, 1, head_dim]);
+            let rest = Tensor::full([1, 1, 1, 1], fill, (values.kind(), values.device()));
+            Tensor::cat(
+                &[
+                    rows.expand([b, t, rotated, head_dim], false),
+                    rest.expand([b, t, plain, head_dim], false),
+                ],
+                2,
+            )
+            .to_kind(kind)
+        };
+        (table(&self.cos, 1.0), table(&self.signed_sin, 0.0))
+    }
+}
+
+/// RoPE on every head of `x` (`[B, T, heads, head_dim]`) with [`Rope::head_tables`]:
+/// `x * cos + swap_halves(x) * signed_sin`, equal to [`apply_rope`] head by head.
+fn rotate_heads(x: &Tensor, cos: &Tensor, signed_sin: &Tensor) -> Tensor {
+    let size = x.size();
+    let swapped = x
+        .view([size[0], size[1], size[2], 2, size[3] / 2])
+        .flip([3])
+        .view([size[0], size[1], size[2], size[3]]);
+    (x * cos).addcmul_(&swapped, signed_sin)
 }
 
 /// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = cat(-x2, x1)`.
@@ -182,6 +237,78 @@ impl Attention {
                 .reshape([b, t, self.num_heads * self.head_dim]),
         )
     }
+
+    /// Attention of one query per row: `q` is `[B, heads, 1, head_dim]`, `k` and `v`
+    /// `[B, kv_heads, S, head_dim]`, `bias` the `[B * kv_heads, 1, S]` additive key mask.
+    /// Query head `i` reads kv head `i / (heads / kv_heads)`, as SDPA's GQA does. Scores are
+    /// `bias + q k^T / sqrt(head_dim)`, softmax in f32. Returns `[B * kv_heads, group,
+    /// head_dim]`, which is `[B, heads * head_dim]` in memory.
+    fn decode_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Tensor {
+        let (b, s) = (q.size()[0], k.size()[2]);
+        let (kv, hd) = (self.num_kv_heads, self.head_dim);
+        let group = self.num_heads / kv;
+        let q = q.reshape([b * kv, group, hd]);
+        let scores = bias.baddbmm(
+            &q,
+            &k.reshape([b * kv, s, hd]).transpose(1, 2),
+            1.0,
+            1.0 / (hd as f64).sqrt(),
+        );
+        let probs = cast(&scores.softmax(-1, Kind::Float), q.kind());
+        probs.bmm(&v.reshape([b * kv, s, hd]))
+    }
+
+    /// [`Attention::forward`] with a cache, on the fused q/k/v projection: one matmul, one
+    /// RoPE op over q and k (`rope` from [`Rope::head_tables`] with `num_heads +
+    /// num_kv_heads` rotated heads and `num_kv_heads` plain ones), one cache write. A decode
+    /// step (one query per row) passes `decode_bias` ([`decode_bias`]) and attends with two
+    /// batched matmuls ([`Attention::decode_attention`]), which beat SDPA's CPU kernel for a
+    /// single query.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        fused: &FusedLayer,
+        rope: &(Tensor, Tensor),
+        mask: &Tensor,
+        decode_bias: Option<&Tensor>,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let kind = x.kind();
+        let all_heads = self.num_heads + 2 * self.num_kv_heads;
+        let qkv = x
+            .linear(
+                &cast(&fused.qkv_weight, kind),
+                Some(&cast(&fused.qkv_bias, kind)),
+            )
+            .view([b, t, all_heads, self.head_dim]);
+        let qkv = rotate_heads(&qkv, &rope.0, &rope.1);
+        let q = qkv.narrow(2, 0, self.num_heads).transpose(1, 2);
+        let (k, v) =
+            cache.append_fused(layer, &qkv.narrow(2, self.num_heads, 2 * self.num_kv_heads));
+        if let Some(bias) = decode_bias {
+            let y = self.decode_attention(&q, &k, &v, bias);
+            return self
+                .o_proj
+                .forward(&y.view([b, t, self.num_heads * self.head_dim]));
+        }
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            Some(mask),
+            0.0,
+            false,
+            None::<f64>,
+            self.num_heads != self.num_kv_heads,
+        );
+        self.o_proj.forward(
+            &y.transpose(1, 2)
+                .reshape([b, t, self.num_heads * self.head_dim]),
+        )
+    }
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
@@ -206,6 +333,123 @@ impl Mlp {
         self.down_proj
             .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
     }
+
+    /// [`Mlp::forward`] on the fused gate/up projection (`[2 * intermediate, hidden]`).
+    fn forward_fused(&self, x: &Tensor, gate_up_weight: &Tensor) -> Tensor {
+        let f = gate_up_weight.size()[0] / 2;
+        let gate_up = x.linear(&cast(gate_up_weight, x.kind()), None::<Tensor>);
+        let mut gate = gate_up.narrow(-1, 0, f);
+        let _ = gate.silu_();
+        let _ = gate.g_mul_(&gate_up.narrow(-1, f, f));
+        self.down_proj.forward(&gate)
+    }
+}
+
+/// One layer's q/k/v projections (`[(heads + 2 kv_heads) * head_dim, hidden]` and the
+/// biases) and gate/up projections (`[2 * intermediate, hidden]`) as single tensors.
+///
+/// The VarStore keeps Hugging Face names and shapes, so these are not variables of their own:
+/// [`FusedLayer::new`] moves the layer's variables into them (each variable becomes a view of
+/// its rows, `set_data`), and every in-place change of a variable (`copy_` from a checkpoint
+/// or a weight sync, an optimizer step) is a change of the fused tensor. What can undo that
+/// is a variable given new storage (`VarStore::set_kind` to another dtype, a move to another
+/// device); [`FusedLayer::is_current`] notices by address, and the model fuses again.
+#[derive(Debug)]
+struct FusedLayer {
+    qkv_weight: Tensor,
+    qkv_bias: Tensor,
+    gate_up_weight: Tensor,
+}
+
+impl FusedLayer {
+    /// Fuses `layer`'s variables with their current values; they become views of the result.
+    fn new(layer: &DecoderLayer) -> Self {
+        let (attn, mlp) = (&layer.self_attn, &layer.mlp);
+        let bias = |l: &Linear| {
+            l.bias
+                .as_ref()
+                .expect("Qwen2 q/k/v projections have biases")
+                .shallow_clone()
+        };
+        Self {
+            qkv_weight: fuse_rows(&[
+                &attn.q_proj.weight,
+                &attn.k_proj.weight,
+                &attn.v_proj.weight,
+            ]),
+            qkv_bias: fuse_rows(&[
+                &bias(&attn.q_proj),
+                &bias(&attn.k_proj),
+                &bias(&attn.v_proj),
+            ]),
+            gate_up_weight: fuse_rows(&[&mlp.gate_proj.weight, &mlp.up_proj.weight]),
+        }
+    }
+
+    /// Whether `layer`'s variables still are the rows of these tensors.
+    fn is_current(&self, layer: &DecoderLayer) -> bool {
+        let (attn, mlp) = (&layer.self_attn, &layer.mlp);
+        let bias = |l: &Linear| l.bias.as_ref().map(Tensor::shallow_clone);
+        let (qb, kb, vb) = (bias(&attn.q_proj), bias(&attn.k_proj), bias(&attn.v_proj));
+        let (Some(qb), Some(kb), Some(vb)) = (qb, kb, vb) else {
+            return false;
+        };
+        holds_rows(
+            &self.qkv_weight,
+            &[
+                &attn.q_proj.weight,
+                &attn.k_proj.weight,
+                &attn.v_proj.weight,
+            ],
+        ) && holds_rows(&self.qkv_bias, &[&qb, &kb, &vb])
+            && holds_rows(
+                &self.gate_up_weight,
+                &[&mlp.gate_proj.weight, &mlp.up_proj.weight],
+            )
+    }
+
+    /// Handles to the same tensors.
+    fn shallow_clone(&self) -> Self {
+        Self {
+            qkv_weight: self.qkv_weight.shallow_clone(),
+            qkv_bias: self.qkv_bias.shallow_clone(),
+            gate_up_weight: self.gate_up_weight.shallow_clone(),
+        }
+    }
+}
+
+/// Concatenates `parts` along dim 0 (their current values, no autograd) and makes each a
+/// view of its rows of the result, which it returns.
+fn fuse_rows(parts: &[&Tensor]) -> Tensor {
+    let fused = tch::no_grad(|| {
+        let parts: Vec<Tensor> = parts.iter().map(|p| p.contiguous()).collect();
+        Tensor::cat(&parts, 0)
+    });
+    let mut row = 0;
+    for part in parts {
+        let rows = part.size()[0];
+        part.shallow_clone().set_data(&fused.narrow(0, row, rows));
+        row += rows;
+    }
+    fused
+}
+
+/// Whether `parts` are, in order, the consecutive rows of `fused` (same device and dtype, each
+/// starting at the address where the previous one ends).
+fn holds_rows(fused: &Tensor, parts: &[&Tensor]) -> bool {
+    let kind = fused.kind();
+    let device = fused.device();
+    let mut address = fused.data_ptr() as usize;
+    let mut rows = 0;
+    for part in parts {
+        if part.kind() != kind || part.device() != device || part.data_ptr() as usize != address {
+            return false;
+        }
+        let size = part.size();
+        rows += size[0];
+        address += part.numel() * kind.elt_size_in_bytes();
+    }
+    rows == fused.size()[0]
 }
 
 /// Pre-norm decoder block: attention and MLP, each with a residual connection.
@@ -266,6 +510,35 @@ impl DecoderLayer {
         let out = self.mlp.forward(&self.post_attention_layernorm.forward(&h));
         h + out
     }
+
+    /// [`DecoderLayer::forward`] with a cache, on the fused projections.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        fused: &FusedLayer,
+        rope: &(Tensor, Tensor),
+        mask: &Tensor,
+        decode_bias: Option<&Tensor>,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Tensor {
+        let attn = self.self_attn.forward_fused(
+            &self.input_layernorm.forward(x),
+            fused,
+            rope,
+            mask,
+            decode_bias,
+            cache,
+            layer,
+        );
+        let h = x + attn;
+        let out = self.mlp.forward_fused(
+            &self.post_attention_layernorm.forward(&h),
+            &fused.gate_up_weight,
+        );
+        h + out
+    }
 }
 
 /// How new variables are initialised: zeros when a checkpoint will overwrite them, or
@@ -299,6 +572,11 @@ pub struct Qwen2 {
     rope: Rope,
     config: Qwen2Config,
     compute_kind: Kind,
+    /// Each layer's fused projections for the cached forward; refreshed when a variable left
+    /// them (see [`FusedLayer`]).
+    fused: Mutex<Vec<FusedLayer>>,
+    /// A tensor that requires grad: an op on it records autograd exactly when grad mode is on.
+    grad_probe: Tensor,
 }
 
 impl Qwen2 {
@@ -310,7 +588,7 @@ impl Qwen2 {
             &[config.vocab_size, config.hidden_size],
             init.matrix(),
         );
-        let layers = (0..config.num_hidden_layers)
+        let layers: Vec<DecoderLayer> = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::new(&model / "layers" / i, config, init))
             .collect();
         let norm = RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps);
@@ -329,6 +607,8 @@ impl Qwen2 {
             config.rope_theta(),
             root.device(),
         );
+        let fused = Mutex::new(layers.iter().map(FusedLayer::new).collect());
+        let grad_probe = Tensor::zeros([1], (Kind::Float, root.device())).set_requires_grad(true);
         Self {
             embed_tokens,
             layers,
@@ -337,6 +617,8 @@ impl Qwen2 {
             rope,
             config: config.clone(),
             compute_kind,
+            fused,
+            grad_probe,
         }
     }
 
@@ -359,6 +641,9 @@ impl Qwen2 {
     /// real tokens among all keys the forward attends over: the cached columns and these `T`,
     /// where the cache's target (see [`KvCache`]) says which columns those are. A query
     /// attends causally to real keys and always to itself, so padding rows stay finite.
+    ///
+    /// With a cache and grad mode off (sampling), every layer runs on its fused projections
+    /// ([`FusedLayer`]); the result is the same up to rounding.
     pub fn forward(
         &self,
         input_ids: &Tensor,
@@ -369,13 +654,47 @@ impl Qwen2 {
         let t = input_ids.size()[1];
         let offset = cache.as_ref().map_or(0, |c| c.query_offset());
         let mask = attention_mask(key_mask, offset, t);
-        let rope = self.rope.tables(position_ids, self.compute_kind);
         let mut h = self.embed(input_ids);
+        if let Some(cache) = cache.as_mut().filter(|_| !self.grad_enabled()) {
+            let c = &self.config;
+            let rope = self.rope.head_tables(
+                position_ids,
+                self.compute_kind,
+                c.num_attention_heads + c.num_kv_heads(),
+                c.num_kv_heads(),
+            );
+            let bias = cache
+                .is_per_slot()
+                .then(|| decode_bias(&mask, c.num_kv_heads(), self.compute_kind));
+            for (i, (layer, fused)) in self.layers.iter().zip(self.fused_layers()).enumerate() {
+                h = layer.forward_fused(&h, &fused, &rope, &mask, bias.as_ref(), cache, i);
+            }
+            return self.norm.forward(&h);
+        }
+        let rope = self.rope.tables(position_ids, self.compute_kind);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| (&mut **c, i));
             h = layer.forward(&h, &rope, &mask, layer_cache);
         }
         self.norm.forward(&h)
+    }
+
+    /// Whether autograd is recording (tch does not expose the grad mode itself).
+    fn grad_enabled(&self) -> bool {
+        self.grad_probe.neg().requires_grad()
+    }
+
+    /// Handles to every layer's fused projections, fused again first for a layer whose
+    /// variables no longer are their rows.
+    fn fused_layers(&self) -> Vec<FusedLayer> {
+        let mut fused = self.fused.lock().unwrap_or_else(PoisonError::into_inner);
+        for (layer, f) in self.layers.iter().zip(fused.iter_mut()) {
+            if !f.is_current(layer) {
+                tracing::debug!("fusing a layer's projections again");
+                *f = FusedLayer::new(layer);
+            }
+        }
+        fused.iter().map(FusedLayer::shallow_clone).collect()
     }
 
     /// Logits `[.., V]` in f32 for hidden states `[.., D]`.
@@ -724,6 +1043,16 @@ fn backward_through(
     let (mut input_grad, param_grads) = target.run(&root, &[&input], params);
     target.hand_over(params, param_grads);
     input_grad.remove(0)
+}
+
+/// The additive form (0 or -inf, `[B * kv_heads, 1, S]` in `kind`) of a decode step's key
+/// mask `[B, 1, 1, S]` (true = attend), for [`Attention::decode_attention`].
+fn decode_bias(mask: &Tensor, kv_heads: i64, kind: Kind) -> Tensor {
+    let (b, s) = (mask.size()[0], mask.size()[3]);
+    Tensor::zeros([b, 1, 1, s], (kind, mask.device()))
+        .masked_fill(&mask.logical_not(), f64::NEG_INFINITY)
+        .expand([b, kv_heads, 1, s], false)
+        .reshape([b * kv_heads, 1, s])
 }
 
 /// Boolean attention mask `[B, 1, T, S]` (true = attend) for `T` queries at key slots
