@@ -530,7 +530,8 @@ pub fn summarize(
             }
             _ => None,
         })
-        .sum();
+        // Not `sum`, which gives -0.0 for no evaluations.
+        .fold(0.0, |total, seconds| total + seconds);
     let count = steps.len() as u64;
     let per_second = |x: f64| x / wall.max(1e-9);
     Ok(TrainRow {
