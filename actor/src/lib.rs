@@ -15,4 +15,4 @@ pub mod weights;
 
 pub use config::{ActorConfig, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES};
 pub use error::{ActorError, Result};
-pub use run::{run_actor, ActorStats};
+pub use run::{run_actor, ActorStats, BatchTimes};

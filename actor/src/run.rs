@@ -54,6 +54,38 @@ pub struct ActorStats {
     pub groups_rejected: u64,
     /// Policy version of the weights held at the end, if any were fetched.
     pub policy_version: Option<u64>,
+    /// Where the submitted batches' time went, summed over them.
+    pub time: BatchTimes,
+}
+
+/// Where one batch's time went (or, summed, many batches'). Each part is timed on the
+/// actor's compute thread, so the parts do not overlap and add up to the batch's share of
+/// the actor's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchTimes {
+    /// From the end of the previous batch (or the start of the session) until this batch's
+    /// work arrived: `PullWork` calls and the pauses while the learner had no work to hand
+    /// out (it was training, or its in-flight cap was reached).
+    pub waiting: Duration,
+    /// Fetching, verifying and applying the batch's policy weights (zero when held).
+    pub weights: Duration,
+    /// Sampling the responses.
+    pub sampling: Duration,
+    /// Decoding the responses and the verifier's `Grade` calls.
+    pub grading: Duration,
+    /// The `SubmitGroups` stream.
+    pub submitting: Duration,
+}
+
+impl BatchTimes {
+    /// Adds `other` part by part.
+    pub fn add(&mut self, other: &BatchTimes) {
+        self.waiting += other.waiting;
+        self.weights += other.weights;
+        self.sampling += other.sampling;
+        self.grading += other.grading;
+        self.submitting += other.submitting;
+    }
 }
 
 /// How often a wait checks the stop flag.
@@ -342,6 +374,7 @@ impl Actor {
 
     /// Pulls and rolls out batches until `max_batches` is reached (Ok) or the session ends.
     fn serve(&mut self, session: &Session, session_backoff: &mut Backoff) -> Result<(), Halt> {
+        let mut idle_since = Instant::now();
         loop {
             if self
                 .config
@@ -368,10 +401,11 @@ impl Actor {
                 prompts = batch.items.len()
             );
             let _entered = span.enter();
-            if let Err(halt) = self.roll_out(session, batch) {
+            if let Err(halt) = self.roll_out(session, batch, idle_since.elapsed()) {
                 self.stats.abandoned_batches += 1;
                 return Err(halt);
             }
+            idle_since = Instant::now();
             self.stats.batches += 1;
             session_backoff.reset();
         }
@@ -393,9 +427,18 @@ impl Actor {
         })
     }
 
-    /// Samples, grades and submits one batch.
-    fn roll_out(&mut self, session: &Session, batch: pb::WorkBatch) -> Result<(), Halt> {
+    /// Samples, grades and submits one batch whose work took `waiting` to arrive.
+    fn roll_out(
+        &mut self,
+        session: &Session,
+        batch: pb::WorkBatch,
+        waiting: Duration,
+    ) -> Result<(), Halt> {
         let started = Instant::now();
+        let mut time = BatchTimes {
+            waiting,
+            ..BatchTimes::default()
+        };
         let wire = batch
             .sampling
             .as_ref()
@@ -412,7 +455,9 @@ impl Actor {
             .map(|seed| batch_seed(seed, batch.policy_version, &work_ids));
         let rows = sample_rows(&batch.items)?;
 
+        let weights_started = Instant::now();
         self.ensure_weights(batch.policy_version)?;
+        time.weights = weights_started.elapsed();
         self.check_stop()?;
         let policy = self
             .policy
@@ -428,7 +473,8 @@ impl Actor {
             })?
         };
         let tokens: usize = generations.iter().map(|g| g.token_ids.len()).sum();
-        let sampling_secs = sampling_started.elapsed().as_secs_f64();
+        time.sampling = sampling_started.elapsed();
+        let sampling_secs = time.sampling.as_secs_f64();
         self.stats.responses += generations.len() as u64;
         self.stats.generated_tokens += tokens as u64;
         debug!(
@@ -437,6 +483,7 @@ impl Actor {
             "sampled"
         );
 
+        let grading_started = Instant::now();
         let texts = generations
             .iter()
             .map(|g| response_text(&self.tokenizer, &g.token_ids))
@@ -444,6 +491,7 @@ impl Actor {
         let requested = grade_items(&batch.items, &texts)?;
         let results = self.grade(&requested)?;
         let scores = scores_from_grades(&requested, &results)?;
+        time.grading = grading_started.elapsed();
         let groups = assemble_groups(
             &session.actor_id,
             batch.policy_version,
@@ -452,7 +500,10 @@ impl Actor {
             &scores,
         )?;
         let submitted = groups.len() as u64;
+        let submit_started = Instant::now();
         let reply = self.submit(groups)?;
+        time.submitting = submit_started.elapsed();
+        self.stats.time.add(&time);
 
         self.stats.groups_submitted += submitted;
         self.stats.groups_accepted += u64::from(reply.accepted);
@@ -476,6 +527,11 @@ impl Actor {
             tokens,
             mean_score,
             secs = elapsed.as_secs_f64(),
+            wait_secs = time.waiting.as_secs_f64(),
+            weights_secs = time.weights.as_secs_f64(),
+            sample_secs = time.sampling.as_secs_f64(),
+            grade_secs = time.grading.as_secs_f64(),
+            submit_secs = time.submitting.as_secs_f64(),
             "batch submitted"
         );
         if !session.lease.is_zero() && elapsed > session.lease {

@@ -7,7 +7,8 @@
 //! median of the repeats), then run `bench/python/bench_transformers.py` with the same model,
 //! batch, lengths, device, dtype and thread count as a subprocess and read its JSON line.
 //! Speed is only ever measured here and reported in docs/benchmarks.md; tests never assert it.
-//! [`allreduce`] measures the data-parallel learner's CPU collective backend.
+//! [`allreduce`] measures the data-parallel learner's CPU collective backend, [`train`] the
+//! end-to-end demo (`prime train`) with several actor counts.
 pub mod allreduce;
 pub mod error;
 pub mod learner_step;
@@ -16,6 +17,7 @@ pub mod machine;
 pub mod ours;
 pub mod python;
 pub mod report;
+pub mod train;
 pub mod weight_sync;
 
 pub use error::{BenchError, Result};

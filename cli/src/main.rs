@@ -73,6 +73,9 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(threads) = cli.threads {
         tch::set_num_threads(threads);
+        // Processes this one starts (`prime train`'s services, `prime bench train`'s runs)
+        // take the same count.
+        std::env::set_var("PRIME_THREADS", threads.to_string());
     }
     match cli.command {
         Command::Model(command) => cmd::model::run(command),

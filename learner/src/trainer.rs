@@ -87,6 +87,12 @@ pub struct StepRecord {
     pub wall_seconds: f64,
     /// Seconds spent collecting the batch (rollouts, grading, filtering).
     pub rollout_seconds: f64,
+    /// Seconds of the step itself, from the filtered batch to this record: the timed parts in
+    /// `metrics` (`time_*_s`) plus what lies between them. Evaluation, checkpointing and
+    /// publishing the weights come after the record and are not in it (0 in records written
+    /// before this field existed).
+    #[serde(default)]
+    pub train_seconds: f64,
     /// Groups that arrived for this batch, kept or not.
     pub groups_seen: u64,
     /// Share of arrived groups the filter kept.
@@ -275,7 +281,8 @@ impl Trainer {
             .flat_map(|g| &g.responses)
             .map(|r| r.token_ids.len())
             .sum();
-        let seconds = clock.elapsed().as_secs_f64() + rollout_seconds;
+        let train_seconds = clock.elapsed().as_secs_f64();
+        let seconds = train_seconds + rollout_seconds;
         let versions = batch.groups.iter().map(|g| g.policy_version);
         let record = StepRecord {
             step: self.step,
@@ -286,6 +293,7 @@ impl Trainer {
             ],
             wall_seconds: self.started.elapsed().as_secs_f64(),
             rollout_seconds,
+            train_seconds,
             groups_seen: batch.stats.groups_seen,
             filter_pass_rate: batch.stats.pass_rate,
             train_reward: batch.stats.mean_score,

@@ -3,10 +3,12 @@
 //! weight-sync`: the weight stream against raw TCP; `prime bench allreduce`: the learner's CPU
 //! collective backend against a plain TCP copy. Each runs both sides in one invocation (the
 //! harness lives in the prime-bench crate); `prime bench verifier` is wired from the
-//! verifier's module.
+//! verifier's module. `prime bench train` times the end-to-end demo (`prime train`) with
+//! 1, 2, 4 actors.
 //!
 //! Both sides use the same torch thread count: the global `--threads` (or `PRIME_THREADS`),
-//! else torch's default on this machine.
+//! else torch's default on this machine; `prime bench train` gives each of its processes the
+//! global `--threads`, else one thread.
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -34,6 +36,66 @@ pub enum BenchCommand {
     /// The learner's CPU all-reduce (TCP ring on loopback): bus bandwidth against a plain TCP
     /// copy of the same bytes.
     Allreduce(AllreduceArgs),
+    /// The end-to-end demo timed: `prime train` (verifier, learner, N actors on loopback) for
+    /// a few PRIME steps from one warm-up checkpoint, per actor count: steps/hour, groups/s,
+    /// sampled tokens/s, the learner's time split (rollout wait, PRM, policy, other), the
+    /// actors' (waiting, weights, sampling, grading, submitting) and the speed-up over one
+    /// actor.
+    Train(TrainBenchArgs),
+}
+
+/// Options of `prime bench train`.
+#[derive(Debug, Args)]
+pub struct TrainBenchArgs {
+    /// Run config (default: the embedded configs/demo.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override a config value, e.g. `--set learner.batch_prompts=16` (repeatable; applied
+    /// after the benchmark's own: steps, no evaluation or checkpoints between steps, 16
+    /// closing evaluation problems).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// PRIME steps per actor count, from the warm-up checkpoint.
+    #[arg(long, default_value_t = 10)]
+    pub steps: u64,
+    /// Actor counts, comma-separated; one fresh run each (same config and seed).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub actors: Vec<usize>,
+    /// Directory of the runs: actors-N/ per actor count (replaced) and warmup/.
+    #[arg(long, default_value = "runs/bench-train")]
+    pub out_dir: PathBuf,
+    /// Run directory of the supervised warm-up to start from (e.g. runs/demo after `make
+    /// demo`, with the same [world], [model] and [sft]); made with `prime sft` when it has
+    /// no checkpoint. Default: OUT_DIR/warmup.
+    #[arg(long)]
+    pub warmup_dir: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (learner and actors).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn run_train(args: TrainBenchArgs) -> Result<()> {
+    let threads = std::env::var("PRIME_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(1);
+    let settings = prime_bench::train::TrainSettings {
+        prime: std::env::current_exe().context("locating the prime binary")?,
+        config: args.config,
+        overrides: args.overrides,
+        out_dir: args.out_dir,
+        warmup_dir: args.warmup_dir,
+        steps: args.steps,
+        actors: args.actors,
+        threads,
+        device: args.device,
+    };
+    let report = prime_bench::train::run_train(&settings)?;
+    print!("{}", report.table());
+    write_json(&args.json, serde_json::to_value(&report)?)
 }
 
 /// Options of `prime bench load` (defaults: prime_bench::load::LoadSettings).
@@ -189,6 +251,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Verifier(args) => return super::verifier::run_bench(args),
         BenchCommand::Load(args) => return run_load(args),
         BenchCommand::Allreduce(args) => return run_allreduce(args),
+        BenchCommand::Train(args) => return run_train(args),
     };
     let python = Python {
         executable: common.python.clone().unwrap_or_else(default_python),

@@ -1,0 +1,168 @@
+//! `prime bench train` on a tiny config: two PRIME steps with one and with two actor processes
+//! from a tiny start model. The report must agree with what the runs wrote: the steps it
+//! counts are the `metrics.jsonl` step records, its wall time is the last record's clock,
+//! throughput is steps over that time, the learner's split adds up to the wall time with no
+//! part negative, and the actors' logs account for every group trained on.
+use std::path::Path;
+use std::process::Command;
+
+use prime_tests::{step_records, write_tiny_start_model};
+use serde_json::Value;
+
+const CONFIG: &str = r#"
+[world]
+seed = 5
+sft = { size = 40 }
+rl = { size = 80 }
+heldout = { size = 6 }
+
+[learner]
+batch_prompts = 4
+samples_per_prompt = 3
+steps = 1000
+mini_batches = 2
+max_response_tokens = 24
+eval_every = 1
+eval_problems = 6
+eval_greedy = false
+checkpoint_every = 1
+lease_seconds = 30
+filter = { enabled = false }
+"#;
+
+fn f(value: &Value, key: &str) -> f64 {
+    value[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing in {value}"))
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1.0)
+}
+
+#[test]
+fn bench_train_reports_what_the_runs_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config_path = tmp.path().join("tiny.toml");
+    std::fs::write(&config_path, CONFIG).unwrap();
+    let config = prime_learner::RunConfig::from_file(&config_path).unwrap();
+    let warmup = tmp.path().join("warmup");
+    write_tiny_start_model(&warmup, &config, 3);
+    let (out, json) = (tmp.path().join("out"), tmp.path().join("report.json"));
+    let output = Command::new(env!("CARGO_BIN_EXE_prime"))
+        .args([
+            "--threads",
+            "1",
+            "bench",
+            "train",
+            "--steps",
+            "2",
+            "--actors",
+            "1,2",
+        ])
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--warmup-dir")
+        .arg(&warmup)
+        .arg("--out-dir")
+        .arg(&out)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("prime starts");
+    assert!(
+        output.status.success(),
+        "prime bench train failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let table = String::from_utf8_lossy(&output.stdout);
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["warmup_reused"], true);
+    assert_eq!(report["batch_prompts"], 4);
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, actors) in rows.iter().zip([1u64, 2]) {
+        assert_eq!(row["actors"], actors);
+        let run_dir = Path::new(row["run_dir"].as_str().unwrap());
+        assert_eq!(run_dir, out.join(format!("actors-{actors}")));
+        assert!(
+            table.contains(&format!("\n| {actors} |")),
+            "no row for {actors} actors in:\n{table}"
+        );
+
+        // Evaluation and checkpoints were off between the steps: the run is evaluated before
+        // the first step and after the last, and checkpointed after the last.
+        let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+        let evals: Vec<Value> = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| r["kind"] == "eval")
+            .collect();
+        let eval_steps: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+        assert_eq!(eval_steps, [0, 2]);
+        let checkpoints: Vec<_> = std::fs::read_dir(run_dir.join("checkpoints"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .collect();
+        assert_eq!(checkpoints.len(), 1);
+
+        // Steps and wall time are the run's own records; the window opens when the start
+        // evaluation ends.
+        let records = step_records(run_dir);
+        assert_eq!(records.len(), 2, "the benchmark asks for 2 steps");
+        assert_eq!(row["steps"], 2);
+        let start = f(&evals[0], "wall_seconds") + f(&evals[0], "seconds");
+        assert!(close(f(row, "start_seconds"), start));
+        let wall = f(row, "wall_seconds");
+        assert!(close(wall, f(&records[1], "wall_seconds") - start));
+        assert!(f(row, "process_seconds") > wall);
+        assert!(close(f(row, "steps_per_hour"), 2.0 * 3600.0 / wall));
+        let second_step = f(&records[1], "wall_seconds") - f(&records[0], "wall_seconds");
+        assert!(close(f(row, "steady_steps_per_hour"), 3600.0 / second_step));
+        let groups_seen: f64 = records.iter().map(|r| f(r, "groups_seen")).sum();
+        assert!(groups_seen >= 8.0, "two batches of 4 groups");
+        assert!(close(f(row, "groups_per_second"), groups_seen / wall));
+
+        // The learner's split: its measured parts fit in the wall time and the parts add up.
+        let l = &row["learner"];
+        let measured = f(l, "rollout_wait") + f(l, "prm_update") + f(l, "policy_update");
+        assert!(measured > 0.0 && measured <= wall, "{l} against {wall}");
+        for part in ["step_untimed", "between_steps", "other"] {
+            assert!(f(l, part) >= 0.0, "{part} < 0: {l}");
+        }
+        assert!(close(
+            f(l, "other"),
+            f(l, "step_untimed") + f(l, "between_steps")
+        ));
+        assert!(close(measured + f(l, "other"), wall));
+        assert_eq!(f(l, "evaluation"), 0.0);
+        let rollout: f64 = records.iter().map(|r| f(r, "rollout_seconds")).sum();
+        let prm: f64 = records
+            .iter()
+            .map(|r| f(r, "time_prm_s") + f(r, "time_reference_s"))
+            .sum();
+        assert!(close(f(l, "rollout_wait"), rollout));
+        assert!(close(f(l, "prm_update"), prm));
+
+        // The actors' logs account for every group trained on, and their timed parts for
+        // the tokens they sampled.
+        let a = &row["actor"];
+        assert!(
+            a["batches"].as_u64().unwrap() >= 2,
+            "one batch per step at least"
+        );
+        assert!(a["groups_accepted"].as_u64().unwrap() >= 8);
+        assert!(f(a, "sampling") > 0.0 && f(a, "grading") > 0.0 && f(a, "weights") > 0.0);
+        assert!(a["tokens"].as_u64().unwrap() > 0);
+        assert!(close(
+            f(row, "sampled_tokens_per_second"),
+            f(a, "tokens") / wall
+        ));
+    }
+    assert_eq!(rows[0]["speedup"], 1.0);
+    assert!(close(
+        f(&rows[1], "speedup"),
+        f(&rows[1], "steps_per_hour") / f(&rows[0], "steps_per_hour")
+    ));
+}
