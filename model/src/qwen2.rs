@@ -222,10 +222,24 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, &k, &v),
             None => (k, v),
         };
+        self.sdpa_and_project(&q, &k, &v, mask, b, t)
+    }
+
+    /// SDPA over `[b, heads, t, head_dim]` queries and the keys and values (grouped-query when
+    /// they have fewer heads), then the output projection back to `[b, t, hidden]`.
+    fn sdpa_and_project(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        b: i64,
+        t: i64,
+    ) -> Tensor {
         let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
+            q,
+            k,
+            v,
             Some(mask),
             0.0,
             false,
@@ -294,20 +308,7 @@ impl Attention {
                 .o_proj
                 .forward(&y.view([b, t, self.num_heads * self.head_dim]));
         }
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            Some(mask),
-            0.0,
-            false,
-            None::<f64>,
-            self.num_heads != self.num_kv_heads,
-        );
-        self.o_proj.forward(
-            &y.transpose(1, 2)
-                .reshape([b, t, self.num_heads * self.head_dim]),
-        )
+        self.sdpa_and_project(&q, &k, &v, mask, b, t)
     }
 }
 
