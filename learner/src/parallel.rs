@@ -1297,14 +1297,14 @@ impl DataParallel {
         if !keep {
             return Ok(None);
         }
-        let named = shard
-            .names
-            .iter()
-            .cloned()
-            .zip(shard.params.iter().map(Tensor::shallow_clone))
-            .collect();
-        let step = optimizer.step_count();
-        full_adamw(named, shard.master, optimizer.config(), &full_state, step).map(Some)
+        full_adamw(
+            &shard.names,
+            &shard.params,
+            shard.master,
+            optimizer,
+            &full_state,
+        )
+        .map(Some)
     }
 
     /// ZeRO-2's [`DataParallel::gather`]: every bucket of the moments (and master weights)
@@ -1363,14 +1363,14 @@ impl DataParallel {
         if !keep {
             return Ok(None);
         }
-        let named = shard
-            .names
-            .iter()
-            .cloned()
-            .zip(shard.params.iter().map(Tensor::shallow_clone))
-            .collect();
-        let step = optimizer.step_count();
-        full_adamw(named, shard.master, optimizer.config(), &full_state, step).map(Some)
+        full_adamw(
+            &shard.names,
+            &shard.params,
+            shard.master,
+            optimizer,
+            &full_state,
+        )
+        .map(Some)
     }
 
     /// Rank 0: sends `command` to every other rank. Other ranks: wait for it (up to
@@ -1393,22 +1393,29 @@ impl DataParallel {
     }
 }
 
-/// The unsharded optimizer over `named` parameters with the gathered `state` (on the host,
-/// where it stays until a step needs it).
+/// The unsharded optimizer over the parameters `params` named `names`, with the gathered
+/// `state` (on the host, where it stays until a step needs it) and the configuration and step
+/// count of `shard_optimizer`, this rank's shard of it.
 fn full_adamw(
-    named: Vec<(String, Tensor)>,
+    names: &[String],
+    params: &[Tensor],
     master: bool,
-    config: crate::optim::AdamWConfig,
+    shard_optimizer: &AdamW,
     state: &std::collections::BTreeMap<String, Tensor>,
-    step: i64,
 ) -> Result<AdamW> {
+    let named = names
+        .iter()
+        .cloned()
+        .zip(params.iter().map(Tensor::shallow_clone))
+        .collect();
+    let config = shard_optimizer.config();
     let mut rebuilt = if master {
         AdamW::with_master_weights(named, config)
     } else {
         AdamW::new(named, config)
     };
     rebuilt
-        .stage_state(state, step)
+        .stage_state(state, shard_optimizer.step_count())
         .map_err(LearnerError::Checkpoint)?;
     Ok(rebuilt)
 }
