@@ -669,21 +669,12 @@ fn copy_pieces_into(var: &mut Tensor, parts: &[&[u8]], shape: &[i64], kind: Kind
         var.f_copy_(&source)?;
         return Ok(());
     }
-    if let [part] = parts {
-        let source = if aligned(part) {
-            borrowed_tensor(part, shape, kind)?
-        } else {
-            Tensor::f_from_data_size(part, shape, kind)?
-        };
-        var.f_copy_(&source)?;
-        return Ok(());
-    }
     let flat = var.f_view([-1])?;
     let mut start = 0i64;
     for part in parts {
         let n = (part.len() / size) as i64;
         let source = if aligned(part) {
-            borrowed_tensor(part, &[n], kind)?
+            borrowed_tensor(part, kind)?
         } else {
             Tensor::f_from_data_size(part, &[n], kind)?
         };
@@ -693,24 +684,14 @@ fn copy_pieces_into(var: &mut Tensor, parts: &[&[u8]], shape: &[i64], kind: Kind
     Ok(())
 }
 
-/// A CPU tensor of `shape` and `kind` that reads `bytes` in place. Only for a copy that ends
-/// before `bytes` goes away.
-fn borrowed_tensor(bytes: &[u8], shape: &[i64], kind: Kind) -> Result<Tensor> {
-    let strides = contiguous_strides(shape);
-    // SAFETY: `bytes` holds exactly the shape's elements of `kind` (the manifest's lengths
-    // were checked against the shapes in `WeightAssembler::new`, and callers split parts on
-    // element boundaries), it is aligned for `kind` (checked by the caller), and the tensor
-    // is only read by a copy that finishes before the borrow of `bytes` ends.
-    Ok(unsafe { Tensor::f_from_blob(bytes.as_ptr(), shape, &strides, kind, Device::Cpu)? })
-}
-
-/// Row-major strides of `shape`, in elements.
-fn contiguous_strides(shape: &[i64]) -> Vec<i64> {
-    let mut strides = vec![1i64; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1].max(1);
-    }
-    strides
+/// A 1-D CPU tensor of `kind` that reads `bytes` in place. Only for a copy that ends before
+/// `bytes` goes away.
+fn borrowed_tensor(bytes: &[u8], kind: Kind) -> Result<Tensor> {
+    let n = (bytes.len() / kind.elt_size_in_bytes()) as i64;
+    // SAFETY: `bytes` holds exactly `n` elements of `kind` (callers split parts on element
+    // boundaries), it is aligned for `kind` (checked by the caller), and the tensor is only
+    // read by a copy that finishes before the borrow of `bytes` ends.
+    Ok(unsafe { Tensor::f_from_blob(bytes.as_ptr(), &[n], &[1], kind, Device::Cpu)? })
 }
 
 #[cfg(test)]
@@ -873,13 +854,5 @@ mod tests {
         assert_eq!((bytes(&owned[0]), bytes(&owned[1])), (80, 72));
         assert_eq!(hash_workers(0), 1);
         assert!(hash_workers(3) <= 3);
-    }
-
-    #[test]
-    fn strides_are_row_major_and_ignore_empty_dimensions() {
-        assert_eq!(contiguous_strides(&[2, 3, 4]), vec![12, 4, 1]);
-        assert_eq!(contiguous_strides(&[5]), vec![1]);
-        assert!(contiguous_strides(&[]).is_empty());
-        assert_eq!(contiguous_strides(&[3, 0, 2]), vec![2, 2, 1]);
     }
 }
