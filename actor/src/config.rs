@@ -47,6 +47,13 @@ pub struct ActorConfig {
     pub max_chunk_bytes: u32,
     /// Return after this many batches have been submitted; `None` runs until stopped.
     pub max_batches: Option<u64>,
+    /// Follow the learner's weight broadcast when it offers one (each new version arrives in
+    /// one collective broadcast; `FetchWeights` stays the fallback). Turn it off for an actor
+    /// the learner cannot reach directly (behind a proxy, another network).
+    pub weight_broadcast: bool,
+    /// How long a batch waits for the broadcast round of its version to start before the
+    /// actor fetches the weights over gRPC instead (only while the follower is in a group).
+    pub broadcast_wait: Duration,
 }
 
 /// Largest chunk of a weight transfer, as the protocol fixes it.
@@ -82,6 +89,8 @@ impl ActorConfig {
             give_up_after: None,
             max_chunk_bytes: MAX_CHUNK_BYTES,
             max_batches: None,
+            weight_broadcast: true,
+            broadcast_wait: Duration::from_secs(5),
         }
     }
 

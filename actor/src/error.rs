@@ -44,6 +44,9 @@ pub enum ActorError {
     /// Model construction, weight verification, tokenization or sampling failed.
     #[error(transparent)]
     Model(#[from] prime_model::ModelError),
+    /// Joining the learner's weight broadcast group or receiving from it failed.
+    #[error("weight broadcast: {0}")]
+    Broadcast(#[from] prime_collective::CollectiveError),
     /// The actor's tokio runtime could not start.
     #[error("runtime: {0}")]
     Runtime(#[from] std::io::Error),
@@ -97,7 +100,7 @@ impl ActorError {
                 Code::Unauthenticated | Code::PermissionDenied | Code::Unimplemented
             ),
             Self::Config(_) | Self::Url { .. } | Self::GaveUp { .. } | Self::Runtime(_) => true,
-            Self::Protocol(_) | Self::Model(_) => false,
+            Self::Protocol(_) | Self::Model(_) | Self::Broadcast(_) => false,
         }
     }
 }

@@ -5,7 +5,9 @@
 //!
 //! - [`run_actor`] is the loop (see [`run`] for the threads and the session rules).
 //! - [`rollout`] holds the pure steps of one batch, [`weights`] the receiving end of a weight
-//!   transfer and [`client`] the gRPC plumbing, shared with `prime status`.
+//!   transfer, [`broadcast`] the follower of the learner's weight broadcast and [`client`]
+//!   the gRPC plumbing, shared with `prime status`.
+pub mod broadcast;
 pub mod client;
 pub mod config;
 pub mod error;

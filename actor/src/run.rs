@@ -16,6 +16,7 @@ use prime_proto::v1 as pb;
 use tch::Device;
 use tracing::{debug, info, info_span, warn};
 
+use crate::broadcast::{Delivered, Follower, FollowerConfig, Received};
 use crate::client::{
     learner_client, request, verifier_client, with_deadline, Backoff, LearnerClient, VerifierClient,
 };
@@ -36,8 +37,10 @@ pub struct ActorStats {
     pub batches: u64,
     /// Batches given up (weights or grades unobtainable, learner session lost, stopped).
     pub abandoned_batches: u64,
-    /// Weight transfers verified and applied.
+    /// Weight transfers over gRPC verified and applied.
     pub weight_fetches: u64,
+    /// Versions received by the learner's weight broadcast and applied.
+    pub weight_broadcasts: u64,
     /// Responses sampled.
     pub responses: u64,
     /// Tokens sampled, over all responses.
@@ -136,6 +139,7 @@ pub fn run_actor(config: ActorConfig, stop: Arc<AtomicBool>) -> Result<ActorStat
         tokenizer,
         policy: None,
         stats: ActorStats::default(),
+        follower: None,
     };
     let result = actor.run();
     info!(stats = ?actor.stats, "actor stopped");
@@ -192,9 +196,11 @@ struct Actor {
     tokenizer: Tokenizer,
     policy: Option<Policy>,
     stats: ActorStats,
+    /// Follows the learner's weight broadcast, once a registration offered it.
+    follower: Option<Follower>,
 }
 
-fn device_name(device: Device) -> String {
+pub(crate) fn device_name(device: Device) -> String {
     match device {
         Device::Cuda(n) => format!("cuda:{n}"),
         Device::Mps => "mps".into(),
@@ -336,6 +342,7 @@ impl Actor {
             .validate()
             .map_err(|e| ActorError::Protocol(format!("model_config_json: {e}")))?;
         self.ensure_model(&model_config)?;
+        self.follow_broadcast(&reply.weight_broadcast)?;
         info!(
             actor_id = %reply.actor_id,
             policy_version = reply.policy_version,
@@ -347,6 +354,49 @@ impl Actor {
             lease: Duration::from_secs(reply.lease_seconds.into()),
             sampling: reply.sampling,
         })
+    }
+
+    /// Starts following the learner's weight broadcast when a registration offers one
+    /// (`backend` non-empty), the actor allows it and can take part (NCCL needs a CUDA device
+    /// and an NCCL build). Once started, the follower lives as long as the actor.
+    fn follow_broadcast(&mut self, backend: &str) -> Result<(), Halt> {
+        if backend.is_empty() || !self.config.weight_broadcast || self.follower.is_some() {
+            return Ok(());
+        }
+        let nccl_capable = cfg!(feature = "nccl") && self.config.device.is_cuda();
+        if backend == "nccl" && !nccl_capable {
+            info!(
+                device = %device_name(self.config.device),
+                "the learner broadcasts weights over NCCL, which this actor cannot join; \
+                 fetching over gRPC"
+            );
+            return Ok(());
+        }
+        let learner_host = self
+            .config
+            .learner
+            .parse::<tonic::codegen::http::Uri>()
+            .ok()
+            .and_then(|uri| uri.host().map(str::to_string))
+            .ok_or_else(|| ActorError::Url {
+                service: "learner",
+                url: self.config.learner.clone(),
+                message: "no host to join the weight broadcast at".into(),
+            })?;
+        let config = FollowerConfig {
+            member_id: format!("{}-{:016x}", self.config.name, rand::random::<u64>()),
+            learner_host,
+            device: self.config.device,
+            token: self.config.token.clone(),
+            timeout: self.config.weights_timeout,
+        };
+        info!(backend, member = %config.member_id, "following the learner's weight broadcast");
+        self.follower = Some(Follower::start(
+            config,
+            self.learner.clone(),
+            self.runtime.handle().clone(),
+        )?);
+        Ok(())
     }
 
     /// Builds the policy for `config` unless the one held already has it; a new policy holds
@@ -549,6 +599,20 @@ impl Actor {
         if self.policy.as_ref().and_then(|p| p.version) == Some(version) {
             return Ok(());
         }
+        if let Some(delivered) = self.follower.as_ref().and_then(|f| {
+            f.take(
+                version,
+                self.config.broadcast_wait,
+                self.config.weights_timeout,
+                &self.stop,
+            )
+        }) {
+            match self.apply_delivered(delivered) {
+                Ok(()) => return Ok(()),
+                Err(e) => warn!(error = %e, "broadcast weights unusable; fetching over gRPC"),
+            }
+        }
+        self.check_stop()?;
         let _span = info_span!("fetch_weights", policy_version = version).entered();
         let started = Instant::now();
         let timeout = self.config.weights_timeout;
@@ -595,6 +659,39 @@ impl Actor {
             bytes,
             secs = started.elapsed().as_secs_f64(),
             "fetched and verified weights"
+        );
+        Ok(())
+    }
+
+    /// Applies weights the broadcast brought: host bytes are checked against the manifest's
+    /// hashes first, like a gRPC transfer; device bytes are copied in as they are.
+    fn apply_delivered(&mut self, delivered: Delivered) -> Result<()> {
+        let started = Instant::now();
+        let policy = self
+            .policy
+            .as_mut()
+            .expect("registration builds the policy");
+        let Delivered { manifest, bytes } = delivered;
+        let version = manifest.policy_version;
+        // A failed copy leaves the weights mixed: they belong to no version until the next.
+        policy.version = None;
+        policy.version = Some(match bytes {
+            Received::Host(bytes) => {
+                let mut assembler = prime_model::weights::WeightAssembler::new(manifest)?;
+                assembler.check_target(&policy.lm.vs)?;
+                assembler.push(version, 0, bytes)?;
+                assembler.apply(&policy.lm.vs)?
+            }
+            Received::Device(bytes) => {
+                prime_model::weights::apply_device_bytes(&manifest, &bytes, &policy.lm.vs)?
+            }
+        });
+        self.stats.weight_broadcasts += 1;
+        self.stats.policy_version = policy.version;
+        info!(
+            policy_version = version,
+            secs = started.elapsed().as_secs_f64(),
+            "applied broadcast weights"
         );
         Ok(())
     }

@@ -19,7 +19,7 @@ use tch::Tensor;
 
 pub use env::RankInfo;
 pub use error::{CollectiveError, Result};
-pub use tcp::TcpGroup;
+pub use tcp::{HostBuffer, TcpGroup, TcpOptions};
 pub use watchdog::{Watchdog, Watched};
 
 /// How an all-reduce or reduce-scatter combines the ranks' values.

@@ -327,6 +327,39 @@ impl NcclGroup {
             )?;
             (bytes, None)
         };
+        let group = Self::with_unique_id(lib, &bytes, info.rank, info.world_size, info.local_rank)?;
+        tracing::info!(
+            rank = info.rank,
+            world_size = info.world_size,
+            epoch,
+            nccl = group.lib.version().unwrap_or_default(),
+            "joined the NCCL group"
+        );
+        Ok(group)
+    }
+
+    /// Forms a group from an id handed out by other means (the learner's weight broadcast
+    /// sends it in a gRPC reply): every rank calls `ncclCommInitRank` on CUDA device
+    /// `device`, which returns once all have.
+    pub fn from_unique_id(
+        unique_id: &[u8],
+        rank: usize,
+        world_size: usize,
+        device: usize,
+    ) -> Result<Self> {
+        let lib = Arc::new(Nccl::load()?);
+        set_device(device)?;
+        Self::with_unique_id(lib, unique_id, rank, world_size, device)
+    }
+
+    /// `ncclCommInitRank` with `bytes` as the id.
+    fn with_unique_id(
+        lib: Arc<Nccl>,
+        bytes: &[u8],
+        rank: usize,
+        world_size: usize,
+        device: usize,
+    ) -> Result<Self> {
         if bytes.len() != UNIQUE_ID_BYTES {
             return Err(CollectiveError::Join(format!(
                 "the group id has {} bytes, NCCL's has {UNIQUE_ID_BYTES}",
@@ -336,28 +369,20 @@ impl NcclGroup {
         let mut id = UniqueId {
             internal: [0; UNIQUE_ID_BYTES],
         };
-        for (d, s) in id.internal.iter_mut().zip(&bytes) {
+        for (d, s) in id.internal.iter_mut().zip(bytes) {
             *d = *s as c_char;
         }
         let mut comm: Comm = std::ptr::null_mut();
         // SAFETY: comm receives the new communicator; id is passed by value as nccl.h says.
-        let r = unsafe {
-            (lib.api.comm_init_rank)(&mut comm, info.world_size as c_int, id, info.rank as c_int)
-        };
+        let r =
+            unsafe { (lib.api.comm_init_rank)(&mut comm, world_size as c_int, id, rank as c_int) };
         lib.check("ncclCommInitRank", r)?;
-        tracing::info!(
-            rank = info.rank,
-            world_size = info.world_size,
-            epoch,
-            nccl = lib.version().unwrap_or_default(),
-            "joined the NCCL group"
-        );
         Ok(Self {
             lib,
             comm,
-            rank: info.rank,
-            world_size: info.world_size,
-            device: info.local_rank,
+            rank,
+            world_size,
+            device,
             aborted: false,
         })
     }

@@ -80,6 +80,15 @@ impl TcpAbort {
     }
 }
 
+/// This rank's bytes in [`TcpGroup::broadcast_host`].
+#[derive(Debug)]
+pub enum HostBuffer<'a> {
+    /// The root's bytes, sent to every other rank.
+    Send(&'a [u8]),
+    /// Where a non-root rank receives the root's bytes.
+    Receive(&'a mut [u8]),
+}
+
 /// A ring of ranks over TCP implementing [`Collective`].
 #[derive(Debug)]
 pub struct TcpGroup {
@@ -393,6 +402,31 @@ impl TcpGroup {
     /// Forms the group described by `info`; returns when every rank has joined, or fails at
     /// `options.join_timeout`.
     pub fn join(info: &RankInfo, options: TcpOptions) -> Result<Self> {
+        Self::join_inner(info, options, None)
+    }
+
+    /// Rank 0's [`TcpGroup::join`] on a join listener bound beforehand (port 0 lets the
+    /// system pick one, which the caller hands to the other ranks); `info.master_port` is
+    /// not used.
+    pub fn join_listening(
+        info: &RankInfo,
+        options: TcpOptions,
+        listener: TcpListener,
+    ) -> Result<Self> {
+        if info.rank != 0 {
+            return Err(CollectiveError::Join(format!(
+                "only rank 0 listens for the join, this is rank {}",
+                info.rank
+            )));
+        }
+        Self::join_inner(info, options, Some(listener))
+    }
+
+    fn join_inner(
+        info: &RankInfo,
+        options: TcpOptions,
+        listener: Option<TcpListener>,
+    ) -> Result<Self> {
         let (rank, world_size) = (info.rank, info.world_size);
         let mut group = Self {
             rank,
@@ -417,7 +451,7 @@ impl TcpGroup {
             .port();
         let key = group_key(options.token.as_deref(), options.epoch);
         let addresses = if rank == 0 {
-            Self::serve_join(info, options.epoch, &key, ring_port, deadline)?
+            Self::serve_join(info, listener, options.epoch, &key, ring_port, deadline)?
         } else {
             Self::ask_join(info, options.epoch, &key, ring_port, deadline)?
         };
@@ -492,18 +526,22 @@ impl TcpGroup {
     /// Rank 0: collects every other rank's join, then tells each of them all ring addresses.
     fn serve_join(
         info: &RankInfo,
+        listener: Option<TcpListener>,
         epoch: u64,
         key: &[u8; 32],
         ring_port: u16,
         deadline: Instant,
     ) -> Result<Vec<SocketAddr>> {
         let world = info.world_size;
-        let listener = TcpListener::bind((listen_ip(info), info.master_port)).map_err(|e| {
-            CollectiveError::Join(format!(
-                "rank 0 cannot listen on port {}: {e}",
-                info.master_port
-            ))
-        })?;
+        let listener = match listener {
+            Some(listener) => listener,
+            None => TcpListener::bind((listen_ip(info), info.master_port)).map_err(|e| {
+                CollectiveError::Join(format!(
+                    "rank 0 cannot listen on port {}: {e}",
+                    info.master_port
+                ))
+            })?,
+        };
         let mut joined: Vec<Option<(TcpStream, IpAddr, u16)>> = (0..world).map(|_| None).collect();
         let mut missing = world - 1;
         while missing > 0 {
@@ -652,6 +690,66 @@ impl TcpGroup {
     /// The group's epoch.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// [`Collective::broadcast`] on plain host bytes: the root sends `Send`, every other rank
+    /// receives into `Receive` (of the same length). The bytes travel along the ring in 4 MiB
+    /// pieces, each forwarded as soon as it arrives, so the root sends them once whatever the
+    /// group's size and the hops overlap.
+    pub fn broadcast_host(&mut self, buffer: HostBuffer<'_>, root: usize) -> Result<()> {
+        let w = self.world_size;
+        if root >= w {
+            return Err(CollectiveError::Tensor(format!(
+                "broadcast root {root} is not a rank of {w}"
+            )));
+        }
+        let is_root = matches!(buffer, HostBuffer::Send(_));
+        if is_root != (self.rank == root) {
+            return Err(CollectiveError::Tensor(format!(
+                "rank {} {} in a broadcast from rank {root}",
+                self.rank,
+                if is_root { "sends" } else { "receives" }
+            )));
+        }
+        if w == 1 {
+            return Ok(());
+        }
+        let bytes = match &buffer {
+            HostBuffer::Send(data) => data.len(),
+            HostBuffer::Receive(data) => data.len(),
+        };
+        let (rank, next_rank) = (self.rank, (self.rank + 1) % w);
+        let prev_rank = (rank + w - 1) % w;
+        self.operation(
+            "broadcast",
+            4 + ((root as u32) << 8),
+            bytes as u64,
+            |g, deadline| {
+                let (recv_ctx, send_ctx) =
+                    (g.ctx("broadcast", prev_rank), g.ctx("broadcast", next_rank));
+                let (next, prev) = (
+                    g.next.as_mut().expect("ring"),
+                    g.prev.as_mut().expect("ring"),
+                );
+                let forward = next_rank != root;
+                match buffer {
+                    HostBuffer::Send(data) => {
+                        for piece in data.chunks(BROADCAST_PIECE) {
+                            write_full(next, piece, deadline, send_ctx)?;
+                        }
+                    }
+                    HostBuffer::Receive(data) => {
+                        for piece in data.chunks_mut(BROADCAST_PIECE) {
+                            read_full(prev, piece, deadline, recv_ctx)?;
+                            if forward {
+                                write_full(next, piece, deadline, send_ctx)?;
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )
     }
 
     fn ctx(&self, op: &'static str, peer: usize) -> Ctx {
@@ -902,42 +1000,15 @@ impl Collective for TcpGroup {
     }
 
     fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<()> {
-        let w = self.world_size;
-        if root >= w {
-            return Err(CollectiveError::Tensor(format!(
-                "broadcast root {root} is not a rank of {w}"
-            )));
-        }
-        if w == 1 {
-            return Ok(());
-        }
-        let bytes = tensor.numel() * tensor.kind().elt_size_in_bytes();
-        let (rank, next_rank) = (self.rank, (self.rank + 1) % w);
-        let prev_rank = (rank + w - 1) % w;
-        self.operation(
-            "broadcast",
-            4 + ((root as u32) << 8),
-            bytes as u64,
-            |g, deadline| {
-                let (recv_ctx, send_ctx) =
-                    (g.ctx("broadcast", prev_rank), g.ctx("broadcast", next_rank));
-                let (next, prev) = (
-                    g.next.as_mut().expect("ring"),
-                    g.prev.as_mut().expect("ring"),
-                );
-                with_host_bytes(tensor, rank != root, |data| {
-                    for piece in data.chunks_mut(BROADCAST_PIECE) {
-                        if rank != root {
-                            read_full(prev, piece, deadline, recv_ctx)?;
-                        }
-                        if next_rank != root {
-                            write_full(next, piece, deadline, send_ctx)?;
-                        }
-                    }
-                    Ok(())
-                })
-            },
-        )
+        let is_root = self.rank == root;
+        with_host_bytes(tensor, !is_root, |data| {
+            let buffer = if is_root {
+                HostBuffer::Send(data)
+            } else {
+                HostBuffer::Receive(data)
+            };
+            self.broadcast_host(buffer, root)
+        })
     }
 
     fn set_op_timeout(&mut self, limit: Duration) -> Duration {

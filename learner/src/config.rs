@@ -323,6 +323,10 @@ pub struct LearnerConfig {
     /// timeouts (the ranks themselves come from the environment).
     #[serde(default)]
     pub parallel: crate::parallel::ParallelConfig,
+    /// Pushing each new version to the actors in one broadcast (TCP ring or NCCL) instead
+    /// of a gRPC transfer per actor; off by default.
+    #[serde(default)]
+    pub weight_broadcast: crate::broadcast::WeightBroadcastConfig,
 }
 
 fn l_mini_batches() -> usize {
@@ -442,6 +446,7 @@ impl LearnerConfig {
                 "learner.max_prompt_tokens and max_response_tokens must be positive".into(),
             );
         }
+        self.weight_broadcast.validate()?;
         if self.parallel.zero2 && !self.recompute_activations {
             return Err(
                 "learner.parallel.zero2 = true needs learner.recompute_activations = true: \

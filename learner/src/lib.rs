@@ -1,6 +1,7 @@
 //! The PRIME learner: the algorithm core ([`algo`]), one iteration on scored groups
 //! ([`step`]), AdamW with its schedules, the supervised warm-up, plots and the run config.
 pub mod algo;
+pub mod broadcast;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

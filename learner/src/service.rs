@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use prime_model::weights::{encode_var_store, EncodedWeights, WeightManifest, DEFAULT_CHUNK_BYTES};
@@ -14,6 +14,7 @@ use prime_proto::v1::learner_server::{Learner, LearnerServer};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::broadcast::{Broadcaster, Transport};
 use crate::error::{LearnerError, Result};
 use crate::scheduler::{Group, GroupResponse, Pull, Scheduler, Submitted};
 use crate::trainer::{StepRecord, Trainer};
@@ -65,6 +66,8 @@ pub struct Shared {
     sampling: pb::SamplingParams,
     lease_seconds: u32,
     live: Live,
+    /// Pushes each new version to following actors, when `learner.weight_broadcast` is on.
+    broadcaster: OnceLock<Arc<Broadcaster>>,
 }
 
 impl Shared {
@@ -89,7 +92,32 @@ impl Shared {
                 phase: Mutex::new("collecting"),
                 ..Live::default()
             },
+            broadcaster: OnceLock::new(),
         })
+    }
+
+    /// Offers the weight broadcast of `broadcaster` to actors from now on (once).
+    pub fn attach_broadcaster(&self, broadcaster: Arc<Broadcaster>) {
+        if self.broadcaster.set(broadcaster).is_err() {
+            tracing::warn!("a weight broadcaster was already attached; keeping the first");
+        }
+    }
+
+    /// The newest published policy weights.
+    pub fn published(&self) -> Arc<Published> {
+        self.published
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Makes `published` the weights `FetchWeights` serves and broadcasts it to followers.
+    pub fn publish(&self, published: Published) {
+        let published = Arc::new(published);
+        *self.published.write().unwrap_or_else(|p| p.into_inner()) = published.clone();
+        if let Some(broadcaster) = self.broadcaster.get() {
+            broadcaster.publish(published);
+        }
     }
 
     fn scheduler(&self) -> std::sync::MutexGuard<'_, Scheduler> {
@@ -209,6 +237,39 @@ impl Shared {
             "Work items out when their batch completed; their prompts were queued again.",
             c.cancelled as f64,
         );
+        if let Some(broadcaster) = self.broadcaster.get() {
+            let b = broadcaster.stats();
+            gauge(
+                "broadcast_rounds",
+                "Weight broadcasts completed.",
+                b.rounds as f64,
+            );
+            gauge(
+                "broadcast_failed_rounds",
+                "Weight broadcasts failed (their members fetched over gRPC).",
+                b.failed_rounds as f64,
+            );
+            gauge(
+                "broadcast_epoch",
+                "Weight broadcast groups formed.",
+                b.epoch as f64,
+            );
+            gauge(
+                "broadcast_members",
+                "Actors in the last weight broadcast.",
+                b.members as f64,
+            );
+            gauge(
+                "broadcast_bytes_sent",
+                "Bytes the learner sent in weight broadcasts.",
+                b.bytes_sent as f64,
+            );
+            gauge(
+                "broadcast_last_round_seconds",
+                "Seconds the last weight broadcast took, forming the group included.",
+                b.last_round_seconds,
+            );
+        }
         out
     }
 }
@@ -284,6 +345,12 @@ impl Learner for LearnerService {
             policy_version,
             sampling: Some(self.shared.sampling.clone()),
             model_config_json: self.shared.model_config_json.clone(),
+            weight_broadcast: self
+                .shared
+                .broadcaster
+                .get()
+                .map_or("", |b| b.transport().name())
+                .into(),
         }))
     }
 
@@ -393,6 +460,22 @@ impl Learner for LearnerService {
                 Status::unavailable("the PRM's weights are published from the next step on")
             })?;
         stream_weights(published, request.into_inner())
+    }
+
+    async fn join_weight_broadcast(
+        &self,
+        request: Request<pb::JoinBroadcastRequest>,
+    ) -> Result<Response<pb::BroadcastRound>, Status> {
+        let broadcaster = self.shared.broadcaster.get().cloned().ok_or_else(|| {
+            Status::failed_precondition(
+                "this learner does not broadcast weights (learner.weight_broadcast.enabled is \
+                 false): fetch them with FetchWeights",
+            )
+        })?;
+        broadcaster
+            .join(request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn status(
@@ -531,6 +614,28 @@ pub fn run_learner(
         lease,
     );
     shared.live.step.store(trainer.step, Ordering::Relaxed);
+    let broadcast = &trainer.config.weight_broadcast;
+    let broadcasting = if broadcast.enabled {
+        let transport = Transport::resolve(broadcast.backend, trainer.models.policy.vs.device())?;
+        let broadcaster = Broadcaster::new(
+            broadcast.clone(),
+            transport,
+            options.listen.ip(),
+            options.token.clone(),
+            shared.published(),
+        );
+        let thread = broadcaster
+            .spawn()
+            .map_err(LearnerError::io("weight broadcast thread"))?;
+        shared.attach_broadcaster(broadcaster.clone());
+        tracing::info!(
+            transport = transport.name(),
+            "offering the weight broadcast"
+        );
+        Some((broadcaster, thread))
+    } else {
+        None
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -580,6 +685,11 @@ pub fn run_learner(
     on_listen(addr);
 
     let result = compute_loop(&mut trainer, &shared, &mut on_step);
+    if let Some((broadcaster, thread)) = broadcasting {
+        // Before the server stops: its long polls end at once.
+        broadcaster.shutdown();
+        let _ = thread.join();
+    }
     let _ = stop_tx.send(());
     let _ = runtime.block_on(server);
     runtime.shutdown_timeout(Duration::from_secs(2));
@@ -618,8 +728,7 @@ fn compute_loop(
                 return Err(e);
             }
         };
-        let published = publish_policy(trainer)?;
-        *shared.published.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(published);
+        shared.publish(publish_policy(trainer)?);
         if shared.prm_wanted.load(Ordering::Relaxed) {
             let prm = encode_var_store(&trainer.models.prm.vs, trainer.policy_version, None)?;
             *shared

@@ -409,6 +409,52 @@ impl BackgroundHasher {
     }
 }
 
+/// Checks that `manifest` is self-consistent (unique names, known dtypes, lengths that fit
+/// the shapes, tensors packed in order up to `total_bytes`) and returns each tensor's kind.
+fn manifest_kinds(manifest: &WeightManifest) -> Result<Vec<Kind>> {
+    let mut names = HashSet::new();
+    let mut kinds = Vec::with_capacity(manifest.tensors.len());
+    let mut end = 0u64;
+    for entry in &manifest.tensors {
+        let name = &entry.name;
+        if !names.insert(name.as_str()) {
+            return Err(weights_error(format!("tensor {name} is listed twice")));
+        }
+        let kind = parse_kind(&entry.dtype)
+            .map_err(|_| weights_error(format!("{name}: unknown dtype {:?}", entry.dtype)))?;
+        let len = entry
+            .shape
+            .iter()
+            .try_fold(kind.elt_size_in_bytes() as u64, |acc, &d| {
+                u64::try_from(d).ok().and_then(|d| acc.checked_mul(d))
+            })
+            .ok_or_else(|| weights_error(format!("{name}: invalid shape {:?}", entry.shape)))?;
+        if len != entry.len {
+            return Err(weights_error(format!(
+                "{name}: {} bytes listed, shape {:?} of {} needs {len}",
+                entry.len, entry.shape, entry.dtype
+            )));
+        }
+        if entry.offset != end {
+            return Err(weights_error(format!(
+                "{name}: offset {} where the previous tensor ends at {end}",
+                entry.offset
+            )));
+        }
+        end = end
+            .checked_add(len)
+            .ok_or_else(|| weights_error("tensor sizes overflow"))?;
+        kinds.push(kind);
+    }
+    if end != manifest.total_bytes {
+        return Err(weights_error(format!(
+            "total_bytes is {}, the tensors take {end}",
+            manifest.total_bytes
+        )));
+    }
+    Ok(kinds)
+}
+
 /// Receives a byte stream chunk by chunk, checks each tensor against its SHA-256 as the bytes
 /// arrive (on a background thread, overlapping the transfer), and copies the weights into a
 /// model only once everything has been checked.
@@ -428,46 +474,7 @@ impl WeightAssembler {
     /// (known dtypes, lengths that fit the shapes, tensors packed in order) and reserving its
     /// bytes.
     pub fn new(manifest: WeightManifest) -> Result<Self> {
-        let mut names = HashSet::new();
-        let mut kinds = Vec::with_capacity(manifest.tensors.len());
-        let mut end = 0u64;
-        for entry in &manifest.tensors {
-            let name = &entry.name;
-            if !names.insert(name.as_str()) {
-                return Err(weights_error(format!("tensor {name} is listed twice")));
-            }
-            let kind = parse_kind(&entry.dtype)
-                .map_err(|_| weights_error(format!("{name}: unknown dtype {:?}", entry.dtype)))?;
-            let len = entry
-                .shape
-                .iter()
-                .try_fold(kind.elt_size_in_bytes() as u64, |acc, &d| {
-                    u64::try_from(d).ok().and_then(|d| acc.checked_mul(d))
-                })
-                .ok_or_else(|| weights_error(format!("{name}: invalid shape {:?}", entry.shape)))?;
-            if len != entry.len {
-                return Err(weights_error(format!(
-                    "{name}: {} bytes listed, shape {:?} of {} needs {len}",
-                    entry.len, entry.shape, entry.dtype
-                )));
-            }
-            if entry.offset != end {
-                return Err(weights_error(format!(
-                    "{name}: offset {} where the previous tensor ends at {end}",
-                    entry.offset
-                )));
-            }
-            end = end
-                .checked_add(len)
-                .ok_or_else(|| weights_error("tensor sizes overflow"))?;
-            kinds.push(kind);
-        }
-        if end != manifest.total_bytes {
-            return Err(weights_error(format!(
-                "total_bytes is {}, the tensors take {end}",
-                manifest.total_bytes
-            )));
-        }
+        let kinds = manifest_kinds(&manifest)?;
         let hasher = BackgroundHasher::start(&manifest, hash_workers(manifest.tensors.len()))?;
         Ok(Self {
             manifest,
@@ -554,37 +561,7 @@ impl WeightAssembler {
     /// Checks that the transfer fits `vs`: the same tensor names, with the same shapes. Call
     /// it on the manifest alone to refuse a transfer before its bytes are sent.
     pub fn check_target(&self, vs: &nn::VarStore) -> Result<()> {
-        let variables = vs.variables();
-        for entry in &self.manifest.tensors {
-            let var = variables
-                .get(&entry.name)
-                .ok_or_else(|| weights_error(format!("{}: not a model variable", entry.name)))?;
-            if var.size() != entry.shape {
-                return Err(weights_error(format!(
-                    "{}: shape {:?} in the transfer, the model has {:?}",
-                    entry.name,
-                    entry.shape,
-                    var.size()
-                )));
-            }
-        }
-        let listed: HashSet<&str> = self
-            .manifest
-            .tensors
-            .iter()
-            .map(|e| e.name.as_str())
-            .collect();
-        let mut missing: Vec<&String> = variables
-            .keys()
-            .filter(|n| !listed.contains(n.as_str()))
-            .collect();
-        if !missing.is_empty() {
-            missing.sort();
-            return Err(weights_error(format!(
-                "model variables missing from the transfer: {missing:?}"
-            )));
-        }
-        Ok(())
+        check_target(&self.manifest, vs)
     }
 
     /// Copies the received weights into `vs` (converting to its dtype and device) and returns
@@ -614,6 +591,75 @@ impl WeightAssembler {
         );
         Ok(self.manifest.policy_version)
     }
+}
+
+/// Errors unless `manifest` lists exactly the variables of `vs`, with their shapes.
+fn check_target(manifest: &WeightManifest, vs: &nn::VarStore) -> Result<()> {
+    let variables = vs.variables();
+    for entry in &manifest.tensors {
+        let var = variables
+            .get(&entry.name)
+            .ok_or_else(|| weights_error(format!("{}: not a model variable", entry.name)))?;
+        if var.size() != entry.shape {
+            return Err(weights_error(format!(
+                "{}: shape {:?} in the transfer, the model has {:?}",
+                entry.name,
+                entry.shape,
+                var.size()
+            )));
+        }
+    }
+    let listed: HashSet<&str> = manifest.tensors.iter().map(|e| e.name.as_str()).collect();
+    let mut missing: Vec<&String> = variables
+        .keys()
+        .filter(|n| !listed.contains(n.as_str()))
+        .collect();
+    if !missing.is_empty() {
+        missing.sort();
+        return Err(weights_error(format!(
+            "model variables missing from the transfer: {missing:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Copies weights received whole into a tensor of bytes (`uint8`, on any device: an NCCL
+/// broadcast leaves them on the GPU) into `vs`, tensor by tensor as views of `bytes`, and
+/// returns their policy version. The manifest and the target are checked first; the hashes
+/// are not (the bytes never reach the host: NCCL's transports carry their own integrity
+/// checks; every other path goes through [`WeightAssembler`]).
+pub fn apply_device_bytes(
+    manifest: &WeightManifest,
+    bytes: &Tensor,
+    vs: &nn::VarStore,
+) -> Result<u64> {
+    let kinds = manifest_kinds(manifest)?;
+    check_target(manifest, vs)?;
+    if bytes.kind() != Kind::Uint8
+        || bytes.dim() != 1
+        || bytes.numel() as u64 != manifest.total_bytes
+    {
+        return Err(weights_error(format!(
+            "expected {} bytes as a 1-D uint8 tensor, got {:?} of {:?}",
+            manifest.total_bytes,
+            bytes.size(),
+            bytes.kind()
+        )));
+    }
+    let _guard = tch::no_grad_guard();
+    let mut variables: HashMap<String, Tensor> = vs.variables();
+    for (entry, &kind) in manifest.tensors.iter().zip(&kinds) {
+        let var = variables
+            .get_mut(&entry.name)
+            .expect("check_target found every tensor");
+        let mut part = bytes.f_narrow(0, entry.offset as i64, entry.len as i64)?;
+        if !(entry.offset as usize).is_multiple_of(kind.elt_size_in_bytes()) {
+            // A dtype view needs an aligned start.
+            part = part.copy();
+        }
+        var.f_copy_(&part.f_view_dtype(kind)?.f_reshape(&entry.shape)?)?;
+    }
+    Ok(manifest.policy_version)
 }
 
 /// Walks the received chunks in stream order, handing out each tensor's bytes as the slices

@@ -58,6 +58,14 @@ pub struct ActorArgs {
     /// Exit after submitting this many batches (default: run until stopped).
     #[arg(long)]
     pub max_batches: Option<u64>,
+    /// Do not follow the learner's weight broadcast even when it offers one; fetch every
+    /// version over gRPC (for an actor the learner cannot reach directly).
+    #[arg(long)]
+    pub no_weight_broadcast: bool,
+    /// How long a batch waits for the broadcast round of its version to start before the
+    /// weights are fetched over gRPC, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub broadcast_wait_secs: f64,
 }
 
 fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
@@ -89,6 +97,8 @@ impl ActorArgs {
             .transpose()?;
         config.max_chunk_bytes = self.max_chunk_bytes;
         config.max_batches = self.max_batches;
+        config.weight_broadcast = !self.no_weight_broadcast;
+        config.broadcast_wait = seconds("broadcast-wait-secs", self.broadcast_wait_secs)?;
         Ok(config)
     }
 }

@@ -1,0 +1,622 @@
+//! Weight broadcast: each new policy version pushed to the actors that follow the learner in
+//! one collective broadcast, instead of every actor pulling the whole model over gRPC.
+//!
+//! With N actors, `FetchWeights` sends the model N times out of the learner; a broadcast
+//! sends it once: the TCP ring forwards it member to member in pieces (the hops overlap), and
+//! NCCL does the same between CUDA devices over NVLink or InfiniBand. A collective group has
+//! fixed members while actors come and go, so the group is remade whenever its members
+//! change:
+//!
+//! - each actor's follower long-polls `JoinWeightBroadcast` with the version it holds;
+//! - when the compute loop publishes version V, the round waits (at most `join_window_ms`
+//!   after the publish) for the last group's members to ask, then takes everyone waiting with
+//!   an older version;
+//! - the same members as the last group keep its epoch and communicator; other members start
+//!   a new epoch: the learner binds a new join listener (TCP) or makes an NCCL id, answers
+//!   every member with its rank, and all of them join;
+//! - the learner, rank 0, broadcasts the bytes `FetchWeights` would stream; the manifest in
+//!   each reply carries their SHA-256 checksums.
+//!
+//! A member that does not come back in time or fails is left out; its actor fetches that
+//! version over gRPC, as does every actor while the broadcast is off or before its follower
+//! is in a group. A failed round ends its group: the next round starts a new epoch.
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use prime_collective::tcp::TcpOptions;
+use prime_collective::{HostBuffer, RankInfo, TcpGroup};
+use prime_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+use tch::Device;
+use tonic::Status;
+
+use crate::error::{LearnerError, Result};
+use crate::parallel::Backend;
+use crate::service::{manifest_to_proto, Published};
+
+/// `[learner.weight_broadcast]`: pushing new weights to the actors in one broadcast.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightBroadcastConfig {
+    /// Offer the broadcast to actors (each follows unless started with
+    /// `--no-weight-broadcast`); actors outside it fetch over gRPC as before.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `auto` (NCCL when the learner trains on CUDA and is built with the `nccl` feature, the
+    /// TCP ring otherwise), `tcp` or `nccl` (every member on a CUDA device).
+    #[serde(default)]
+    pub backend: Backend,
+    /// TCP port the learner listens on while a group forms; 0 picks a free one each time.
+    /// Set it where a network policy must name the port.
+    #[serde(default)]
+    pub port: u16,
+    /// Milliseconds a round waits after a publish for the last group's members to ask; the
+    /// round then goes on without the missing ones (a new group, a new epoch).
+    #[serde(default = "default_join_window_ms")]
+    pub join_window_ms: u64,
+    /// Seconds forming a group or one broadcast may take; past it the round fails and its
+    /// members fetch over gRPC.
+    #[serde(default = "default_timeout_seconds")]
+    pub timeout_seconds: u64,
+}
+
+fn default_join_window_ms() -> u64 {
+    2000
+}
+fn default_timeout_seconds() -> u64 {
+    120
+}
+
+impl Default for WeightBroadcastConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            backend: Backend::Auto,
+            port: 0,
+            join_window_ms: default_join_window_ms(),
+            timeout_seconds: default_timeout_seconds(),
+        }
+    }
+}
+
+impl WeightBroadcastConfig {
+    /// Checks the values that cannot work.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.timeout_seconds == 0 {
+            return Err("learner.weight_broadcast.timeout_seconds must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// How the bytes travel, resolved for the learner's device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The pipelined TCP ring (host memory).
+    Tcp,
+    /// NCCL from the learner's CUDA device `device`.
+    Nccl {
+        /// The learner's CUDA device index.
+        device: usize,
+    },
+}
+
+impl Transport {
+    /// Picks the transport `backend` asks for on the learner's `device`.
+    pub fn resolve(backend: Backend, device: Device) -> Result<Self> {
+        let cuda = match device {
+            Device::Cuda(index) => Some(index),
+            _ => None,
+        };
+        match (backend, cuda) {
+            (Backend::Tcp, _) => Ok(Self::Tcp),
+            (Backend::Auto, Some(device)) if cfg!(feature = "nccl") => Ok(Self::Nccl { device }),
+            (Backend::Auto, _) => Ok(Self::Tcp),
+            (Backend::Nccl, Some(device)) if cfg!(feature = "nccl") => Ok(Self::Nccl { device }),
+            (Backend::Nccl, _) => Err(LearnerError::Config {
+                path: "learner.weight_broadcast.backend".into(),
+                message: "\"nccl\" needs a CUDA learner and a build with the `nccl` feature".into(),
+            }),
+        }
+    }
+
+    /// The name actors see in `RegisterReply.weight_broadcast`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Nccl { .. } => "nccl",
+        }
+    }
+}
+
+/// A long poll without a round answers "ask again" (version 0) after this long.
+pub const LONG_POLL: Duration = Duration::from_secs(30);
+
+/// Figures of the broadcast, for Prometheus.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BroadcastStats {
+    /// Rounds whose broadcast completed.
+    pub rounds: u64,
+    /// Rounds that failed (a member missing or dead); their members fetched over gRPC.
+    pub failed_rounds: u64,
+    /// The current group's epoch (groups formed so far).
+    pub epoch: u64,
+    /// Actors in the last round.
+    pub members: usize,
+    /// Bytes the learner sent in completed rounds (once per round, whatever the members).
+    pub bytes_sent: u64,
+    /// Seconds the last completed round took, joining included.
+    pub last_round_seconds: f64,
+}
+
+/// A follower waiting for its next round.
+struct Waiter {
+    ticket: u64,
+    member_id: String,
+    held_version: u64,
+    reply: tokio::sync::oneshot::Sender<pb::BroadcastRound>,
+}
+
+struct State {
+    latest: Arc<Published>,
+    published_at: Instant,
+    /// Version of the last round (at start, the first published version: never broadcast).
+    last_round: u64,
+    waiting: Vec<Waiter>,
+    next_ticket: u64,
+    /// Member ids of the live group, sorted (rank = index + 1); empty when there is none.
+    group_members: Vec<String>,
+    stats: BroadcastStats,
+    stop: bool,
+}
+
+/// The learner's side: membership, rounds, and the broadcasting thread.
+pub struct Broadcaster {
+    config: WeightBroadcastConfig,
+    transport: Transport,
+    /// Where a group's join listener binds (the learner's gRPC listen address's IP).
+    bind_ip: IpAddr,
+    token: Option<String>,
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+impl std::fmt::Debug for Broadcaster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broadcaster")
+            .field("transport", &self.transport)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Takes a waiter out of the queue when its call ends without a round (deadline or a
+/// dropped connection).
+struct Ticket<'a> {
+    broadcaster: &'a Broadcaster,
+    ticket: u64,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.broadcaster
+            .lock()
+            .waiting
+            .retain(|w| w.ticket != self.ticket);
+    }
+}
+
+/// The live communicator of the current epoch.
+enum Group {
+    Tcp(TcpGroup),
+    #[cfg(feature = "nccl")]
+    Nccl {
+        group: prime_collective::Watched<prime_collective::nccl::NcclGroup>,
+        device: usize,
+    },
+}
+
+/// What members need to join a new group.
+enum Rendezvous {
+    Tcp(TcpListener),
+    #[cfg(feature = "nccl")]
+    Nccl(Vec<u8>),
+}
+
+impl Broadcaster {
+    /// A broadcaster whose rounds start with the version after `first`.
+    pub fn new(
+        config: WeightBroadcastConfig,
+        transport: Transport,
+        bind_ip: IpAddr,
+        token: Option<String>,
+        first: Arc<Published>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            transport,
+            bind_ip,
+            token,
+            state: Mutex::new(State {
+                last_round: first.policy_version,
+                latest: first,
+                published_at: Instant::now(),
+                waiting: Vec::new(),
+                next_ticket: 0,
+                group_members: Vec::new(),
+                stats: BroadcastStats::default(),
+                stop: false,
+            }),
+            wake: Condvar::new(),
+        })
+    }
+
+    /// The transport's name, for `RegisterReply.weight_broadcast`.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands the next version to the broadcasting thread.
+    pub fn publish(&self, published: Arc<Published>) {
+        let mut state = self.lock();
+        state.latest = published;
+        state.published_at = Instant::now();
+        self.wake.notify_all();
+    }
+
+    /// The figures so far.
+    pub fn stats(&self) -> BroadcastStats {
+        self.lock().stats.clone()
+    }
+
+    /// Ends the thread and answers every waiting call (with UNAVAILABLE).
+    pub fn shutdown(&self) {
+        let mut state = self.lock();
+        state.stop = true;
+        state.waiting.clear();
+        self.wake.notify_all();
+    }
+
+    /// Starts the broadcasting thread.
+    pub fn spawn(self: &Arc<Self>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let this = self.clone();
+        std::thread::Builder::new()
+            .name("weight-broadcast".into())
+            .spawn(move || this.run())
+    }
+
+    /// The `JoinWeightBroadcast` handler's work: waits for a round newer than the member's
+    /// version (answering version 0 after [`LONG_POLL`]).
+    pub async fn join(
+        &self,
+        request: pb::JoinBroadcastRequest,
+    ) -> std::result::Result<pb::BroadcastRound, Status> {
+        if request.member_id.is_empty() || request.member_id.len() > 256 {
+            return Err(Status::invalid_argument(
+                "member_id must be 1 to 256 bytes long",
+            ));
+        }
+        if matches!(self.transport, Transport::Nccl { .. }) && !request.device.starts_with("cuda") {
+            return Err(Status::failed_precondition(format!(
+                "the learner broadcasts weights over NCCL, which needs a CUDA device; this \
+                 member receives on {:?}: fetch over gRPC",
+                request.device
+            )));
+        }
+        let (send, receive) = tokio::sync::oneshot::channel();
+        let ticket = {
+            let mut state = self.lock();
+            if state.stop {
+                return Err(Status::unavailable("the learner is stopping"));
+            }
+            state.next_ticket += 1;
+            let ticket = state.next_ticket;
+            // A member asking again replaces its earlier call.
+            state.waiting.retain(|w| w.member_id != request.member_id);
+            state.waiting.push(Waiter {
+                ticket,
+                member_id: request.member_id,
+                held_version: request.held_version,
+                reply: send,
+            });
+            self.wake.notify_all();
+            Ticket {
+                broadcaster: self,
+                ticket,
+            }
+        };
+        let answer = tokio::time::timeout(LONG_POLL, receive).await;
+        drop(ticket);
+        match answer {
+            Ok(Ok(round)) => Ok(round),
+            Ok(Err(_)) => Err(Status::unavailable(
+                "the learner stopped or replaced this call before a round",
+            )),
+            Err(_) => Ok(pb::BroadcastRound::default()),
+        }
+    }
+
+    /// Waits until a round can start: a version newer than the last round, someone waiting
+    /// for it, and the last group's members all back or the join window over. Takes the
+    /// round's members out of the queue. `None` once stopped.
+    fn next_round(&self) -> Option<(Arc<Published>, Vec<Waiter>, bool, u64)> {
+        let window = Duration::from_millis(self.config.join_window_ms);
+        let mut state = self.lock();
+        loop {
+            if state.stop {
+                return None;
+            }
+            state.waiting.retain(|w| !w.reply.is_closed());
+            let version = state.latest.policy_version;
+            let wants = |w: &Waiter| w.held_version < version;
+            if version > state.last_round && state.waiting.iter().any(wants) {
+                let missing = state
+                    .group_members
+                    .iter()
+                    .any(|m| !state.waiting.iter().any(|w| &w.member_id == m && wants(w)));
+                let window_end = state.published_at + window;
+                let now = Instant::now();
+                if !missing || now >= window_end {
+                    break;
+                }
+                state = self
+                    .wake
+                    .wait_timeout(state, window_end - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            } else {
+                state = self
+                    .wake
+                    .wait_timeout(state, Duration::from_secs(1))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        let version = state.latest.policy_version;
+        let (mut members, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut state.waiting)
+            .into_iter()
+            .partition(|w| w.held_version < version);
+        state.waiting = rest;
+        members.sort_by(|a, b| a.member_id.cmp(&b.member_id));
+        let ids: Vec<String> = members.iter().map(|w| w.member_id.clone()).collect();
+        let new_group = ids != state.group_members;
+        if new_group {
+            state.stats.epoch += 1;
+            state.group_members = ids;
+        }
+        state.last_round = version;
+        state.stats.members = members.len();
+        Some((state.latest.clone(), members, new_group, state.stats.epoch))
+    }
+
+    /// The broadcasting thread: one round per published version, until shut down.
+    fn run(&self) {
+        let mut group: Option<Group> = None;
+        while let Some((published, members, new_group, epoch)) = self.next_round() {
+            let started = Instant::now();
+            let world_size = members.len() + 1;
+            let version = published.policy_version;
+            let outcome = self.round(
+                &mut group,
+                &published,
+                members,
+                new_group.then_some(epoch),
+                world_size,
+            );
+            let mut state = self.lock();
+            match outcome {
+                Ok(()) => {
+                    state.stats.rounds += 1;
+                    state.stats.bytes_sent += published.bytes.len() as u64;
+                    state.stats.last_round_seconds = started.elapsed().as_secs_f64();
+                    tracing::info!(
+                        policy_version = version,
+                        epoch,
+                        members = world_size - 1,
+                        new_group,
+                        bytes = published.bytes.len(),
+                        secs = started.elapsed().as_secs_f64(),
+                        "broadcast weights"
+                    );
+                }
+                Err(e) => {
+                    group = None;
+                    state.group_members.clear();
+                    state.stats.failed_rounds += 1;
+                    tracing::warn!(
+                        policy_version = version,
+                        epoch,
+                        error = %e,
+                        "weight broadcast failed; its members fetch over gRPC, the next round \
+                         forms a new group"
+                    );
+                }
+            }
+        }
+        drop(group);
+    }
+
+    /// Answers the members, forms the group when `new_epoch` says so, and broadcasts.
+    fn round(
+        &self,
+        group: &mut Option<Group>,
+        published: &Published,
+        members: Vec<Waiter>,
+        new_epoch: Option<u64>,
+        world_size: usize,
+    ) -> Result<()> {
+        let timeout = Duration::from_secs(self.config.timeout_seconds);
+        let epoch = new_epoch.unwrap_or_else(|| self.lock().stats.epoch);
+        let rendezvous = match new_epoch {
+            Some(_) => {
+                *group = None;
+                Some(self.rendezvous()?)
+            }
+            None => None,
+        };
+        let manifest = manifest_to_proto(&published.manifest);
+        let mut template = pb::BroadcastRound {
+            policy_version: published.policy_version,
+            epoch,
+            world_size: world_size as u32,
+            backend: self.transport.name().into(),
+            manifest: Some(manifest),
+            ..pb::BroadcastRound::default()
+        };
+        match &rendezvous {
+            Some(Rendezvous::Tcp(listener)) => {
+                template.port = u32::from(
+                    listener
+                        .local_addr()
+                        .map_err(LearnerError::io("weight broadcast listener"))?
+                        .port(),
+                );
+            }
+            #[cfg(feature = "nccl")]
+            Some(Rendezvous::Nccl(id)) => template.nccl_unique_id = id.clone().into(),
+            None => {}
+        }
+        for (index, member) in members.into_iter().enumerate() {
+            let round = pb::BroadcastRound {
+                rank: index as u32 + 1,
+                ..template.clone()
+            };
+            if member.reply.send(round).is_err() {
+                tracing::warn!(member = %member.member_id, "a member left before its round");
+            }
+        }
+        if let Some(rendezvous) = rendezvous {
+            *group = Some(self.form(rendezvous, epoch, world_size, timeout)?);
+        }
+        let group = group.as_mut().expect("a group for the round");
+        send(group, &published.bytes)
+    }
+
+    /// What the members of a new group need: a bound join listener or an NCCL id.
+    fn rendezvous(&self) -> Result<Rendezvous> {
+        match self.transport {
+            Transport::Tcp => {
+                let addr = SocketAddr::new(self.bind_ip, self.config.port);
+                let listener = TcpListener::bind(addr).map_err(LearnerError::io(format!(
+                    "weight broadcast listener {addr}"
+                )))?;
+                Ok(Rendezvous::Tcp(listener))
+            }
+            #[cfg(feature = "nccl")]
+            Transport::Nccl { .. } => Ok(Rendezvous::Nccl(
+                prime_collective::nccl::Nccl::load()?.unique_id()?,
+            )),
+            #[cfg(not(feature = "nccl"))]
+            Transport::Nccl { .. } => Err(LearnerError::Config {
+                path: "learner.weight_broadcast.backend".into(),
+                message: "this build has no NCCL (the `nccl` feature)".into(),
+            }),
+        }
+    }
+
+    /// Joins the new group as rank 0.
+    fn form(
+        &self,
+        rendezvous: Rendezvous,
+        epoch: u64,
+        world_size: usize,
+        timeout: Duration,
+    ) -> Result<Group> {
+        match rendezvous {
+            Rendezvous::Tcp(listener) => {
+                let info = RankInfo {
+                    rank: 0,
+                    world_size,
+                    local_rank: 0,
+                    master_addr: self.bind_ip.to_string(),
+                    master_port: 0,
+                };
+                let options = TcpOptions {
+                    join_timeout: timeout,
+                    op_timeout: timeout,
+                    epoch,
+                    token: self.token.clone(),
+                };
+                Ok(Group::Tcp(TcpGroup::join_listening(
+                    &info, options, listener,
+                )?))
+            }
+            #[cfg(feature = "nccl")]
+            Rendezvous::Nccl(id) => {
+                let Transport::Nccl { device } = self.transport else {
+                    unreachable!("an NCCL id only for the NCCL transport");
+                };
+                let group =
+                    prime_collective::nccl::NcclGroup::from_unique_id(&id, 0, world_size, device)?;
+                let abort = group.abort_handle();
+                let dog = prime_collective::Watchdog::new(timeout, move |op, limit| {
+                    tracing::error!(op, ?limit, "weight broadcast overran; aborting its group");
+                    abort.abort();
+                });
+                Ok(Group::Nccl {
+                    group: prime_collective::Watched::new(group, dog),
+                    device,
+                })
+            }
+        }
+    }
+}
+
+/// Broadcasts `bytes` from rank 0 over `group`.
+fn send(group: &mut Group, bytes: &[u8]) -> Result<()> {
+    match group {
+        Group::Tcp(tcp) => Ok(tcp.broadcast_host(HostBuffer::Send(bytes), 0)?),
+        #[cfg(feature = "nccl")]
+        Group::Nccl { group, device } => {
+            use prime_collective::Collective;
+            // One copy to the device; NCCL sends from there.
+            let mut on_device = tch::Tensor::from_slice(bytes).to_device(Device::Cuda(*device));
+            Ok(group.broadcast(&mut on_device, 0)?)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_transport_follows_the_backend_and_the_device() {
+        assert_eq!(
+            Transport::resolve(Backend::Auto, Device::Cpu).unwrap(),
+            Transport::Tcp
+        );
+        assert_eq!(
+            Transport::resolve(Backend::Tcp, Device::Cuda(0)).unwrap(),
+            Transport::Tcp
+        );
+        let nccl = Transport::resolve(Backend::Nccl, Device::Cpu).unwrap_err();
+        assert!(nccl.to_string().contains("CUDA"), "{nccl}");
+        let expected = if cfg!(feature = "nccl") {
+            Transport::Nccl { device: 1 }
+        } else {
+            Transport::Tcp
+        };
+        assert_eq!(
+            Transport::resolve(Backend::Auto, Device::Cuda(1)).unwrap(),
+            expected
+        );
+    }
+
+    #[test]
+    fn config_defaults_and_refusals() {
+        let config: WeightBroadcastConfig = toml::from_str("enabled = true").unwrap();
+        assert!(config.enabled);
+        assert_eq!(config.join_window_ms, 2000);
+        assert_eq!(config.timeout_seconds, 120);
+        config.validate().unwrap();
+        let zero: WeightBroadcastConfig = toml::from_str("timeout_seconds = 0").unwrap();
+        assert!(zero.validate().unwrap_err().contains("timeout_seconds"));
+        assert!(toml::from_str::<WeightBroadcastConfig>("enable = true").is_err());
+    }
+}
