@@ -87,8 +87,6 @@ pub struct FollowerConfig {
     pub device: Device,
     /// The shared token, proven to the group's other members when joining.
     pub token: Option<String>,
-    /// How long joining a group or one broadcast may take.
-    pub timeout: Duration,
 }
 
 /// The following thread and what it has received.
@@ -126,6 +124,11 @@ impl Follower {
             shared,
             thread: Some(thread),
         })
+    }
+
+    /// Whether the follower still follows (it ends when the learner offers no broadcast).
+    pub fn is_following(&self) -> bool {
+        !self.shared.lock().ended
     }
 
     /// Rounds received so far, and rounds that failed.
@@ -324,6 +327,11 @@ fn receive(
     Ok(Delivered { manifest, bytes })
 }
 
+/// A limit the learner sent, in seconds (a learner that sent none: 2 minutes).
+fn round_seconds(seconds: u32) -> Duration {
+    Duration::from_secs(if seconds == 0 { 120 } else { seconds.into() })
+}
+
 /// Joins the group of a new epoch as `rank`.
 fn join(
     config: &FollowerConfig,
@@ -343,8 +351,8 @@ fn join(
                 })?,
             };
             let options = TcpOptions {
-                join_timeout: config.timeout,
-                op_timeout: config.timeout,
+                join_timeout: round_seconds(round.join_timeout_seconds),
+                op_timeout: round_seconds(round.timeout_seconds),
                 epoch: round.epoch,
                 token: config.token.clone(),
             };
@@ -364,7 +372,8 @@ fn join(
                 device,
             )?;
             let abort = group.abort_handle();
-            let dog = prime_collective::Watchdog::new(config.timeout, move |op, limit| {
+            let limit = round_seconds(round.timeout_seconds);
+            let dog = prime_collective::Watchdog::new(limit, move |op, limit| {
                 warn!(op, ?limit, "weight broadcast overran; aborting its group");
                 abort.abort();
             });

@@ -388,7 +388,6 @@ impl Actor {
             learner_host,
             device: self.config.device,
             token: self.config.token.clone(),
-            timeout: self.config.weights_timeout,
         };
         info!(backend, member = %config.member_id, "following the learner's weight broadcast");
         self.follower = Some(Follower::start(

@@ -55,14 +55,22 @@ pub struct WeightBroadcastConfig {
     /// round then goes on without the missing ones (a new group, a new epoch).
     #[serde(default = "default_join_window_ms")]
     pub join_window_ms: u64,
-    /// Seconds forming a group or one broadcast may take; past it the round fails and its
+    /// Seconds the members of a new group have to join it; past it the round fails and its
     /// members fetch over gRPC.
+    #[serde(default = "default_join_timeout_seconds")]
+    pub join_timeout_seconds: u64,
+    /// Seconds one broadcast may take. The bytes pass from member to member, so a stalled
+    /// member holds up the ones after it until this runs out; then the round fails, its
+    /// members fetch over gRPC and the next group is formed without the stalled one.
     #[serde(default = "default_timeout_seconds")]
     pub timeout_seconds: u64,
 }
 
 fn default_join_window_ms() -> u64 {
     2000
+}
+fn default_join_timeout_seconds() -> u64 {
+    30
 }
 fn default_timeout_seconds() -> u64 {
     120
@@ -75,6 +83,7 @@ impl Default for WeightBroadcastConfig {
             backend: Backend::Auto,
             port: 0,
             join_window_ms: default_join_window_ms(),
+            join_timeout_seconds: default_join_timeout_seconds(),
             timeout_seconds: default_timeout_seconds(),
         }
     }
@@ -83,8 +92,16 @@ impl Default for WeightBroadcastConfig {
 impl WeightBroadcastConfig {
     /// Checks the values that cannot work.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.timeout_seconds == 0 {
-            return Err("learner.weight_broadcast.timeout_seconds must be positive".into());
+        let limit = u64::from(u32::MAX);
+        for (name, value) in [
+            ("join_timeout_seconds", self.join_timeout_seconds),
+            ("timeout_seconds", self.timeout_seconds),
+        ] {
+            if value == 0 || value > limit {
+                return Err(format!(
+                    "learner.weight_broadcast.{name} must be in 1..={limit}, got {value}"
+                ));
+            }
         }
         Ok(())
     }
@@ -140,14 +157,16 @@ pub struct BroadcastStats {
     pub rounds: u64,
     /// Rounds that failed (a member missing or dead); their members fetched over gRPC.
     pub failed_rounds: u64,
-    /// The current group's epoch (groups formed so far).
-    pub epoch: u64,
+    /// Groups formed so far (each a new epoch).
+    pub groups: u64,
     /// Actors in the last round.
     pub members: usize,
     /// Bytes the learner sent in completed rounds (once per round, whatever the members).
     pub bytes_sent: u64,
     /// Seconds the last completed round took, joining included.
     pub last_round_seconds: f64,
+    /// Followers waiting for the next round now.
+    pub waiting: usize,
 }
 
 /// A follower waiting for its next round.
@@ -167,6 +186,9 @@ struct State {
     next_ticket: u64,
     /// Member ids of the live group, sorted (rank = index + 1); empty when there is none.
     group_members: Vec<String>,
+    /// The live group's epoch. Epochs start at a random number, so a member still holding
+    /// a group of a learner that restarted cannot mistake it for the new learner's.
+    epoch: u64,
     stats: BroadcastStats,
     stop: bool,
 }
@@ -245,6 +267,7 @@ impl Broadcaster {
                 waiting: Vec::new(),
                 next_ticket: 0,
                 group_members: Vec::new(),
+                epoch: u64::from(rand::random::<u32>()),
                 stats: BroadcastStats::default(),
                 stop: false,
             }),
@@ -271,7 +294,15 @@ impl Broadcaster {
 
     /// The figures so far.
     pub fn stats(&self) -> BroadcastStats {
-        self.lock().stats.clone()
+        let state = self.lock();
+        BroadcastStats {
+            waiting: state
+                .waiting
+                .iter()
+                .filter(|w| !w.reply.is_closed())
+                .count(),
+            ..state.stats.clone()
+        }
     }
 
     /// Ends the thread and answers every waiting call (with UNAVAILABLE).
@@ -386,12 +417,13 @@ impl Broadcaster {
         let ids: Vec<String> = members.iter().map(|w| w.member_id.clone()).collect();
         let new_group = ids != state.group_members;
         if new_group {
-            state.stats.epoch += 1;
+            state.stats.groups += 1;
+            state.epoch += 1;
             state.group_members = ids;
         }
         state.last_round = version;
         state.stats.members = members.len();
-        Some((state.latest.clone(), members, new_group, state.stats.epoch))
+        Some((state.latest.clone(), members, new_group, state.epoch))
     }
 
     /// The broadcasting thread: one round per published version, until shut down.
@@ -405,7 +437,8 @@ impl Broadcaster {
                 &mut group,
                 &published,
                 members,
-                new_group.then_some(epoch),
+                epoch,
+                new_group,
                 world_size,
             );
             let mut state = self.lock();
@@ -447,17 +480,17 @@ impl Broadcaster {
         group: &mut Option<Group>,
         published: &Published,
         members: Vec<Waiter>,
-        new_epoch: Option<u64>,
+        epoch: u64,
+        new_group: bool,
         world_size: usize,
     ) -> Result<()> {
+        let join_timeout = Duration::from_secs(self.config.join_timeout_seconds);
         let timeout = Duration::from_secs(self.config.timeout_seconds);
-        let epoch = new_epoch.unwrap_or_else(|| self.lock().stats.epoch);
-        let rendezvous = match new_epoch {
-            Some(_) => {
-                *group = None;
-                Some(self.rendezvous()?)
-            }
-            None => None,
+        let rendezvous = if new_group {
+            *group = None;
+            Some(self.rendezvous()?)
+        } else {
+            None
         };
         let manifest = manifest_to_proto(&published.manifest);
         let mut template = pb::BroadcastRound {
@@ -466,6 +499,8 @@ impl Broadcaster {
             world_size: world_size as u32,
             backend: self.transport.name().into(),
             manifest: Some(manifest),
+            join_timeout_seconds: self.config.join_timeout_seconds as u32,
+            timeout_seconds: self.config.timeout_seconds as u32,
             ..pb::BroadcastRound::default()
         };
         match &rendezvous {
@@ -491,7 +526,7 @@ impl Broadcaster {
             }
         }
         if let Some(rendezvous) = rendezvous {
-            *group = Some(self.form(rendezvous, epoch, world_size, timeout)?);
+            *group = Some(self.form(rendezvous, epoch, world_size, join_timeout, timeout)?);
         }
         let group = group.as_mut().expect("a group for the round");
         send(group, &published.bytes)
@@ -525,6 +560,7 @@ impl Broadcaster {
         rendezvous: Rendezvous,
         epoch: u64,
         world_size: usize,
+        join_timeout: Duration,
         timeout: Duration,
     ) -> Result<Group> {
         match rendezvous {
@@ -537,7 +573,7 @@ impl Broadcaster {
                     master_port: 0,
                 };
                 let options = TcpOptions {
-                    join_timeout: timeout,
+                    join_timeout,
                     op_timeout: timeout,
                     epoch,
                     token: self.token.clone(),
@@ -617,6 +653,9 @@ mod tests {
         config.validate().unwrap();
         let zero: WeightBroadcastConfig = toml::from_str("timeout_seconds = 0").unwrap();
         assert!(zero.validate().unwrap_err().contains("timeout_seconds"));
+        let huge: WeightBroadcastConfig =
+            toml::from_str("join_timeout_seconds = 5000000000").unwrap();
+        assert!(huge.validate().unwrap_err().contains("join_timeout_seconds"));
         assert!(toml::from_str::<WeightBroadcastConfig>("enable = true").is_err());
     }
 }

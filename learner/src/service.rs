@@ -250,14 +250,19 @@ impl Shared {
                 b.failed_rounds as f64,
             );
             gauge(
-                "broadcast_epoch",
+                "broadcast_groups",
                 "Weight broadcast groups formed.",
-                b.epoch as f64,
+                b.groups as f64,
             );
             gauge(
                 "broadcast_members",
                 "Actors in the last weight broadcast.",
                 b.members as f64,
+            );
+            gauge(
+                "broadcast_waiting",
+                "Actors waiting for the next weight broadcast.",
+                b.waiting as f64,
             );
             gauge(
                 "broadcast_bytes_sent",

@@ -3,7 +3,9 @@
 //! transfer, compared with casting in tch), chunk limits, and every kind of bad transfer
 //! refused with the target model left as it was.
 use bytes::Bytes;
-use prime_model::weights::{encode_tensors, encode_var_store, EncodedWeights, WeightAssembler};
+use prime_model::weights::{
+    apply_device_bytes, encode_tensors, encode_var_store, EncodedWeights, WeightAssembler,
+};
 use prime_model::{CausalLm, ModelError, Qwen2Config, DEFAULT_CHUNK_BYTES};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
@@ -439,4 +441,62 @@ fn inconsistent_manifests_are_refused() {
     refused(&|m| m.tensors[1].name = m.tensors[0].name.clone(), "twice");
     refused(&|m| m.tensors.swap(0, 1), "offset");
     WeightAssembler::new(manifest).unwrap();
+}
+
+/// What an NCCL broadcast leaves on the GPU, applied from a byte tensor (here on the CPU): the
+/// same weights the hash-checking assembler applies, in f32, in bf16, and for a stream whose
+/// tensors start at offsets that are not aligned for their dtype; wrong buffers and wrong
+/// targets are refused before anything is copied.
+#[test]
+fn device_bytes_apply_like_the_assembler() {
+    let source = model(&tiny(), 0, Kind::Float);
+    for kind in [None, Some(Kind::BFloat16)] {
+        let encoded = encode_var_store(&source.vs, 6, kind).unwrap();
+        let via_assembler = model(&tiny(), 1, Kind::Float);
+        transfer(&encoded, 4096, &via_assembler, |_, _| {}).unwrap();
+        let target = model(&tiny(), 2, Kind::Float);
+        let bytes = Tensor::from_slice(&encoded.bytes);
+        let version = apply_device_bytes(&encoded.manifest, &bytes, &target.vs).unwrap();
+        assert_eq!(version, 6);
+        assert_eq!(snapshot(&target), snapshot(&via_assembler), "{kind:?}");
+    }
+
+    // Three bf16 values put the f32 tensor after them at offset 6: not a multiple of 4.
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let _ = vs.root().zeros("a", &[3]);
+    let _ = vs.root().zeros("b", &[2, 2]);
+    let mut a = vs.variables()["a"].shallow_clone();
+    a.set_data(&a.to_kind(Kind::BFloat16));
+    let values_a = Tensor::from_slice(&[1.5f32, -2.25, 3.0]).to_kind(Kind::BFloat16);
+    let values_b = Tensor::from_slice(&[0.1f32, 0.2, 0.3, 0.4]).reshape([2, 2]);
+    let encoded = encode_tensors(
+        &[
+            ("a".to_string(), values_a.shallow_clone()),
+            ("b".to_string(), values_b.shallow_clone()),
+        ],
+        9,
+        None,
+    )
+    .unwrap();
+    assert_eq!(encoded.manifest.tensors[1].offset, 6);
+    let bytes = Tensor::from_slice(&encoded.bytes);
+    apply_device_bytes(&encoded.manifest, &bytes, &vs).unwrap();
+    let vars = vs.variables();
+    assert_eq!(bits(&vars["a"]), bits(&values_a));
+    assert_eq!(bits(&vars["b"]), bits(&values_b));
+
+    // A buffer of the wrong length or dtype, and a target missing a tensor, change nothing.
+    let source_stream = encode_var_store(&source.vs, 7, None).unwrap();
+    let target = model(&tiny(), 3, Kind::Float);
+    let before = snapshot(&target);
+    let short = Tensor::from_slice(&source_stream.bytes[1..]);
+    let message = weights_message(apply_device_bytes(&source_stream.manifest, &short, &target.vs));
+    assert!(message.contains("bytes as a 1-D uint8 tensor"), "{message}");
+    let as_f32 = Tensor::from_slice(&source_stream.bytes).to_kind(Kind::Float);
+    assert!(apply_device_bytes(&source_stream.manifest, &as_f32, &target.vs).is_err());
+    let other = model(&config(97, 32, 64), 4, Kind::Float);
+    let bytes = Tensor::from_slice(&source_stream.bytes);
+    let message = weights_message(apply_device_bytes(&source_stream.manifest, &bytes, &other.vs));
+    assert!(message.contains("shape"), "{message}");
+    assert_eq!(snapshot(&target), before);
 }

@@ -1,0 +1,334 @@
+//! The weight broadcast end to end over loopback: a real Learner gRPC service with its
+//! broadcaster, real actor followers, TCP groups. Checks what members receive (bit-identical
+//! to what `FetchWeights` serves, applicable to a model), when groups are kept and re-formed
+//! (same members: same epoch; a member gone or new: a new epoch), that a member that never
+//! joins fails the round for everyone without hanging anyone and the next round recovers,
+//! and that a learner without the broadcast makes followers stop at once.
+mod common;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{tiny_model, torch_rng};
+use prime_actor::broadcast::{Delivered, Follower, FollowerConfig, Received};
+use prime_actor::client::{lazy_channel, learner_client, request};
+use prime_learner::broadcast::{BroadcastStats, Broadcaster, Transport, WeightBroadcastConfig};
+use prime_learner::scheduler::{Prompt, Scheduler, SchedulerConfig};
+use prime_learner::service::{LearnerService, Published, Shared};
+use prime_model::weights::{encode_var_store, WeightAssembler};
+use prime_model::CausalLm;
+use prime_proto::v1 as pb;
+use tch::Device;
+
+const TOKEN: &str = "s3cret";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn publish(lm: &CausalLm, version: u64) -> Published {
+    Published::new(encode_var_store(&lm.vs, version, None).unwrap())
+}
+
+/// A learner service on a loopback port, with a broadcaster when `broadcast` is given.
+struct Learner {
+    shared: Arc<Shared>,
+    broadcaster: Option<(Arc<Broadcaster>, std::thread::JoinHandle<()>)>,
+    url: String,
+}
+
+impl Learner {
+    fn start(
+        runtime: &tokio::runtime::Runtime,
+        first: Published,
+        broadcast: Option<WeightBroadcastConfig>,
+    ) -> Self {
+        let prompt = Prompt {
+            prompt_ids: vec![1],
+            ground_truth: "4".into(),
+            ability: "math".into(),
+        };
+        let scheduler = Scheduler::new(
+            vec![prompt],
+            SchedulerConfig {
+                batch_groups: 1,
+                k: 2,
+                max_staleness: 0,
+                lease: Duration::from_secs(60),
+                filter: Default::default(),
+                seed: 0,
+                max_outstanding_prompts: 0,
+                vocab_size: 61,
+                max_response_tokens: 4,
+            },
+            None,
+        )
+        .unwrap();
+        let shared = Shared::new(
+            scheduler,
+            first,
+            String::new(),
+            pb::SamplingParams::default(),
+            60,
+        );
+        let broadcaster = broadcast.map(|config| {
+            let broadcaster = Broadcaster::new(
+                config,
+                Transport::Tcp,
+                "127.0.0.1".parse().unwrap(),
+                Some(TOKEN.into()),
+                shared.published(),
+            );
+            let thread = broadcaster.spawn().unwrap();
+            shared.attach_broadcaster(broadcaster.clone());
+            (broadcaster, thread)
+        });
+        let url = runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let service = LearnerService::server(shared.clone());
+            tokio::spawn(async move {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(incoming)
+                    .await
+                    .unwrap();
+            });
+            url
+        });
+        Self {
+            shared,
+            broadcaster,
+            url,
+        }
+    }
+
+    fn stats(&self) -> BroadcastStats {
+        self.broadcaster.as_ref().unwrap().0.stats()
+    }
+
+    /// Waits until `done` holds for the broadcast figures (at most 30 s).
+    fn wait_for(&self, what: &str, done: impl Fn(&BroadcastStats) -> bool) -> BroadcastStats {
+        wait_until(what, || {
+            let stats = self.stats();
+            done(&stats).then_some(stats)
+        })
+    }
+
+    fn follower(&self, runtime: &tokio::runtime::Runtime, name: &str) -> Follower {
+        let channel = {
+            let _guard = runtime.enter();
+            lazy_channel("learner", &self.url, Duration::from_secs(5), Some(TOKEN)).unwrap()
+        };
+        Follower::start(
+            FollowerConfig {
+                member_id: name.into(),
+                learner_host: "127.0.0.1".into(),
+                device: Device::Cpu,
+                token: Some(TOKEN.into()),
+            },
+            learner_client(channel),
+            runtime.handle().clone(),
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for Learner {
+    fn drop(&mut self) {
+        if let Some((broadcaster, thread)) = self.broadcaster.take() {
+            broadcaster.shutdown();
+            thread.join().unwrap();
+        }
+    }
+}
+
+fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Takes `version` from `follower` and checks it is the learner's published bytes, then
+/// applies it through the hash-checking assembler to a model, which must equal `source`.
+fn check_delivered(follower: &Follower, version: u64, published: &Published, source: &CausalLm) {
+    let stop = AtomicBool::new(false);
+    let Delivered { manifest, bytes } = follower
+        .take(version, Duration::from_secs(10), Duration::from_secs(30), &stop)
+        .unwrap_or_else(|| panic!("version {version} did not arrive by broadcast"));
+    assert_eq!(manifest, published.manifest);
+    let Received::Host(bytes) = bytes else {
+        panic!("a TCP broadcast lands in host memory");
+    };
+    assert!(bytes == published.bytes, "broadcast bytes differ");
+    let target = tiny_model(99);
+    let mut assembler = WeightAssembler::new(manifest).unwrap();
+    assembler.push(version, 0, bytes).unwrap();
+    assert_eq!(assembler.apply(&target.vs).unwrap(), version);
+    for (name, expected) in source.vs.variables() {
+        let got = &target.vs.variables()[&name];
+        assert!(got.equal(&expected), "{name} differs after applying");
+    }
+}
+
+#[test]
+fn members_receive_each_version_and_groups_follow_membership() {
+    let _rng = torch_rng();
+    let runtime = runtime();
+    let models: Vec<CausalLm> = (0..7).map(tiny_model).collect();
+    let config = WeightBroadcastConfig {
+        enabled: true,
+        join_window_ms: 300,
+        join_timeout_seconds: 3,
+        timeout_seconds: 3,
+        ..WeightBroadcastConfig::default()
+    };
+    let learner = Learner::start(&runtime, publish(&models[0], 0), Some(config));
+    let mut followers: Vec<Follower> = ["a", "b", "c"]
+        .iter()
+        .map(|name| learner.follower(&runtime, name))
+        .collect();
+    learner.wait_for("three followers waiting", |s| s.waiting == 3);
+
+    // Version 1: the first group (epoch 1) of three; version 2: the same group.
+    for version in [1u64, 2] {
+        let published = publish(&models[version as usize], version);
+        learner.shared.publish(publish(&models[version as usize], version));
+        let stats = learner.wait_for("the round counted", |s| s.rounds == version);
+        for follower in &followers {
+            check_delivered(follower, version, &published, &models[version as usize]);
+        }
+        assert_eq!((stats.groups, stats.members), (1, 3), "{stats:?}");
+        assert_eq!(stats.bytes_sent, version * published.bytes.len() as u64);
+    }
+
+    // A member leaves: after the join window the round goes on without it, in a new group.
+    drop(followers.pop());
+    learner.wait_for("two followers waiting", |s| s.waiting == 2);
+    let published = publish(&models[3], 3);
+    learner.shared.publish(publish(&models[3], 3));
+    let stats = learner.wait_for("round 3", |s| s.rounds == 3);
+    for follower in &followers {
+        check_delivered(follower, 3, &published, &models[3]);
+    }
+    assert_eq!((stats.groups, stats.members), (2, 2), "{stats:?}");
+
+    // A member arrives: a new group of three.
+    followers.push(learner.follower(&runtime, "d"));
+    learner.wait_for("three followers waiting", |s| s.waiting == 3);
+    let published = publish(&models[4], 4);
+    learner.shared.publish(publish(&models[4], 4));
+    let stats = learner.wait_for("round 4", |s| s.rounds == 4);
+    for follower in &followers {
+        check_delivered(follower, 4, &published, &models[4]);
+    }
+    assert_eq!((stats.groups, stats.members), (3, 3), "{stats:?}");
+    for follower in &followers {
+        assert!(follower.is_following());
+    }
+    // The newcomer held nothing before version 4, the others every version since they came.
+    let rounds: Vec<(u64, u64)> = followers.iter().map(Follower::rounds).collect();
+    assert_eq!(rounds, vec![(4, 0), (4, 0), (1, 0)]);
+}
+
+#[test]
+fn a_member_that_never_joins_fails_the_round_and_the_next_recovers() {
+    let _rng = torch_rng();
+    let runtime = runtime();
+    let models: Vec<CausalLm> = (10..13).map(tiny_model).collect();
+    let config = WeightBroadcastConfig {
+        enabled: true,
+        join_window_ms: 300,
+        join_timeout_seconds: 2,
+        timeout_seconds: 2,
+        ..WeightBroadcastConfig::default()
+    };
+    let learner = Learner::start(&runtime, publish(&models[0], 0), Some(config));
+    let followers: Vec<Follower> = ["a", "b"]
+        .iter()
+        .map(|name| learner.follower(&runtime, name))
+        .collect();
+    // A member that asks for a round and then never joins the group.
+    let ghost = {
+        let channel = {
+            let _guard = runtime.enter();
+            lazy_channel("learner", &learner.url, Duration::from_secs(5), Some(TOKEN)).unwrap()
+        };
+        let mut client = learner_client(channel);
+        runtime.spawn(async move {
+            let message = pb::JoinBroadcastRequest {
+                member_id: "ghost".into(),
+                held_version: 0,
+                device: "cpu".into(),
+            };
+            client
+                .join_weight_broadcast(request(message, Duration::from_secs(60)))
+                .await
+                .map(|r| r.into_inner())
+        })
+    };
+    learner.wait_for("two followers and the ghost waiting", |s| s.waiting == 3);
+
+    let started = Instant::now();
+    learner.shared.publish(publish(&models[1], 1));
+    let stats = learner.wait_for("the failed round", |s| s.failed_rounds == 1);
+    let stop = AtomicBool::new(false);
+    for follower in &followers {
+        // The round fails for the members too; the batch would fetch over gRPC instead.
+        assert!(follower
+            .take(1, Duration::from_secs(10), Duration::from_secs(30), &stop)
+            .is_none());
+    }
+    assert_eq!(stats.rounds, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the failure took {:?}",
+        started.elapsed()
+    );
+    let ghost_round = runtime.block_on(ghost).unwrap().unwrap();
+    assert_eq!((ghost_round.policy_version, ghost_round.world_size), (1, 4));
+    for follower in &followers {
+        assert_eq!(follower.rounds(), (0, 1));
+    }
+
+    // The followers ask again; the next version goes to them in a new group.
+    learner.wait_for("the followers back", |s| s.waiting == 2);
+    let published = publish(&models[2], 2);
+    learner.shared.publish(publish(&models[2], 2));
+    let stats = learner.wait_for("round 2", |s| s.rounds == 1);
+    for follower in &followers {
+        check_delivered(follower, 2, &published, &models[2]);
+    }
+    assert_eq!((stats.groups, stats.members), (2, 2), "{stats:?}");
+}
+
+#[test]
+fn without_a_broadcast_followers_stop_and_batches_fetch_over_grpc() {
+    let _rng = torch_rng();
+    let runtime = runtime();
+    let learner = Learner::start(&runtime, publish(&tiny_model(20), 0), None);
+    let follower = learner.follower(&runtime, "a");
+    wait_until("the follower to stop", || {
+        (!follower.is_following()).then_some(())
+    });
+    let started = Instant::now();
+    let stop = AtomicBool::new(false);
+    assert!(follower
+        .take(1, Duration::from_secs(10), Duration::from_secs(30), &stop)
+        .is_none());
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
