@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use prime_collective::tcp::TcpOptions;
-use prime_collective::{Collective, RankInfo, ReduceOp, TcpGroup};
+use prime_collective::{Collective, HostBuffer, RankInfo, ReduceOp, TcpGroup};
 use tch::{Kind, Tensor};
 
 fn free_port() -> u16 {
@@ -259,4 +259,75 @@ fn a_rank_without_the_runs_token_is_turned_away() {
         assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [11.0, 22.0]);
         assert_eq!(master.join().unwrap().unwrap(), [11.0, 22.0]);
     });
+}
+
+/// Host-memory broadcasts (the learner's weight broadcast): 9 MiB plus a few bytes from root
+/// 0, so the 4 MiB pieces end mid-way, reach every rank of 4 bit-identical; rank 0 joins on a
+/// listener bound beforehand on a system-picked port; a rank that takes the wrong role fails
+/// at once, before anything is sent.
+#[test]
+fn host_broadcasts_from_a_listener_bound_beforehand() {
+    let world = 4;
+    let len = (9 << 20) + 13;
+    let payload: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let listener = std::sync::Mutex::new(Some(listener));
+    let options = TcpOptions {
+        join_timeout: Duration::from_secs(20),
+        op_timeout: Duration::from_secs(20),
+        epoch: 3,
+        token: Some("s3cret".into()),
+    };
+    let received: Vec<Vec<u8>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                let (payload, options, listener) = (&payload, options.clone(), &listener);
+                scope.spawn(move || {
+                    let info = RankInfo {
+                        rank,
+                        world_size: world,
+                        local_rank: 0,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
+                    let mut group = if rank == 0 {
+                        let bound = listener.lock().unwrap().take().unwrap();
+                        TcpGroup::join_listening(&info, options, bound).unwrap()
+                    } else {
+                        TcpGroup::join(&info, options).unwrap()
+                    };
+                    let mut mine = vec![0u8; len];
+                    if rank == 0 {
+                        // Sending is refused from a receiving role and the other way round.
+                        let wrong = group.broadcast_host(HostBuffer::Receive(&mut mine), 0);
+                        assert!(wrong.unwrap_err().to_string().contains("receives"));
+                        group.broadcast_host(HostBuffer::Send(payload), 0).unwrap();
+                        return payload.clone();
+                    }
+                    let wrong = group.broadcast_host(HostBuffer::Send(payload), 0);
+                    assert!(wrong.unwrap_err().to_string().contains("sends"));
+                    group
+                        .broadcast_host(HostBuffer::Receive(&mut mine), 0)
+                        .unwrap();
+                    mine
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (rank, bytes) in received.iter().enumerate() {
+        assert!(bytes == &payload, "rank {rank} received other bytes");
+    }
+    // Only rank 0 listens for the join.
+    let info = RankInfo {
+        rank: 1,
+        world_size: 2,
+        local_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: 0,
+    };
+    let bound = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let err = TcpGroup::join_listening(&info, TcpOptions::default(), bound).unwrap_err();
+    assert!(err.to_string().contains("only rank 0"), "{err}");
 }
