@@ -168,7 +168,12 @@ fn wait_until<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
 fn check_delivered(follower: &Follower, version: u64, published: &Published, source: &CausalLm) {
     let stop = AtomicBool::new(false);
     let Delivered { manifest, bytes } = follower
-        .take(version, Duration::from_secs(10), Duration::from_secs(30), &stop)
+        .take(
+            version,
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+            &stop,
+        )
         .unwrap_or_else(|| panic!("version {version} did not arrive by broadcast"));
     assert_eq!(manifest, published.manifest);
     let Received::Host(bytes) = bytes else {
@@ -207,7 +212,9 @@ fn members_receive_each_version_and_groups_follow_membership() {
     // Version 1: the first group (epoch 1) of three; version 2: the same group.
     for version in [1u64, 2] {
         let published = publish(&models[version as usize], version);
-        learner.shared.publish(publish(&models[version as usize], version));
+        learner
+            .shared
+            .publish(publish(&models[version as usize], version));
         let stats = learner.wait_for("the round counted", |s| s.rounds == version);
         for follower in &followers {
             check_delivered(follower, version, &published, &models[version as usize]);

@@ -434,12 +434,7 @@ impl Broadcaster {
             let world_size = members.len() + 1;
             let version = published.policy_version;
             let outcome = self.round(
-                &mut group,
-                &published,
-                members,
-                epoch,
-                new_group,
-                world_size,
+                &mut group, &published, members, epoch, new_group, world_size,
             );
             let mut state = self.lock();
             match outcome {
@@ -655,7 +650,10 @@ mod tests {
         assert!(zero.validate().unwrap_err().contains("timeout_seconds"));
         let huge: WeightBroadcastConfig =
             toml::from_str("join_timeout_seconds = 5000000000").unwrap();
-        assert!(huge.validate().unwrap_err().contains("join_timeout_seconds"));
+        assert!(huge
+            .validate()
+            .unwrap_err()
+            .contains("join_timeout_seconds"));
         assert!(toml::from_str::<WeightBroadcastConfig>("enable = true").is_err());
     }
 }

@@ -490,13 +490,21 @@ fn device_bytes_apply_like_the_assembler() {
     let target = model(&tiny(), 3, Kind::Float);
     let before = snapshot(&target);
     let short = Tensor::from_slice(&source_stream.bytes[1..]);
-    let message = weights_message(apply_device_bytes(&source_stream.manifest, &short, &target.vs));
+    let message = weights_message(apply_device_bytes(
+        &source_stream.manifest,
+        &short,
+        &target.vs,
+    ));
     assert!(message.contains("bytes as a 1-D uint8 tensor"), "{message}");
     let as_f32 = Tensor::from_slice(&source_stream.bytes).to_kind(Kind::Float);
     assert!(apply_device_bytes(&source_stream.manifest, &as_f32, &target.vs).is_err());
     let other = model(&config(97, 32, 64), 4, Kind::Float);
     let bytes = Tensor::from_slice(&source_stream.bytes);
-    let message = weights_message(apply_device_bytes(&source_stream.manifest, &bytes, &other.vs));
+    let message = weights_message(apply_device_bytes(
+        &source_stream.manifest,
+        &bytes,
+        &other.vs,
+    ));
     assert!(message.contains("shape"), "{message}");
     assert_eq!(snapshot(&target), before);
 }

@@ -104,6 +104,12 @@ impl Learner for StandIn {
         }));
         Ok(Response::new(Box::pin(tokio_stream::iter(messages))))
     }
+    async fn join_weight_broadcast(
+        &self,
+        _: Request<pb::JoinBroadcastRequest>,
+    ) -> Result<Response<pb::BroadcastRound>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
     async fn status(
         &self,
         _: Request<pb::LearnerStatusRequest>,
