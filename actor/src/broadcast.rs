@@ -176,11 +176,23 @@ impl Follower {
     }
 }
 
+/// How long dropping a follower waits for its thread; one in the middle of joining a group or
+/// of a broadcast is left to end at its own deadline rather than holding up the actor's exit.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
 impl Drop for Follower {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            let started = Instant::now();
+            while !thread.is_finished() && started.elapsed() < STOP_WAIT {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                debug!("the weight follower is mid-round; not waiting for it");
+            }
         }
     }
 }
