@@ -93,6 +93,32 @@ def mutual_tls() -> dict:
     return deep_merge(everything_on(), helm.values_from_yaml(TLS_EXAMPLE.read_text()))
 
 
+WEIGHTS_PORT = 29700
+
+
+def weight_broadcast_on() -> dict:
+    """The multi-node example with the weight broadcast over NCCL on a port of its own, and
+    the actors on the learner's fabric."""
+    return deep_merge(example_values(), {
+        "learner": {"weightBroadcast": {"enabled": True, "port": WEIGHTS_PORT, "backend": "nccl"}},
+        "actors": {"ncclEnv": {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_DEBUG": "WARN"}},
+    })
+
+
+def toml_override(table: dict, assignment: str) -> None:
+    """`--set key.path=value` applied as the learner applies it (learner/src/config.rs,
+    apply_override): the value read as TOML, or as a string when it is not TOML."""
+    key, raw = assignment.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    *parents, last = key.strip().split(".")
+    for part in parents:
+        table = table.setdefault(part, {})
+    table[last] = value
+
+
 CASES = {
     "defaults": lambda: None,
     "multi-node": example_values,
@@ -104,6 +130,7 @@ CASES = {
     },
     "tls": tls_on,
     "mutual-tls": mutual_tls,
+    "weight-broadcast": weight_broadcast_on,
 }
 TLS_CASES = ["tls", "mutual-tls"]
 # The TLS variables in a server container that its exec probes' `prime status` reads.
@@ -415,6 +442,28 @@ class ChartTest(unittest.TestCase):
             ),
             "misspelt TLS key": ({"tls": {"enabled": True, "secretName": TLS_SECRET, "mTLS": True}}, "mTLS"),
             "probe timeout of zero": ({"tls": {"probeTimeoutSeconds": 0}}, "/tls/probeTimeoutSeconds"),
+            "weights port out of range": (
+                {"learner": {"weightBroadcast": {"enabled": True, "port": 70000}}},
+                "/learner/weightBroadcast/port",
+            ),
+            "weights port as a string": (
+                {"learner": {"weightBroadcast": {"port": "29600"}}},
+                "/learner/weightBroadcast/port",
+            ),
+            "weights port zero (ephemeral: unreachable through a Service)": (
+                {"learner": {"weightBroadcast": {"enabled": True, "port": 0}}},
+                "/learner/weightBroadcast/port",
+            ),
+            "weight broadcast enabled as a string": (
+                {"learner": {"weightBroadcast": {"enabled": "yes"}}},
+                "/learner/weightBroadcast/enabled",
+            ),
+            "unknown broadcast backend": (
+                {"learner": {"weightBroadcast": {"backend": "udp"}}},
+                "/learner/weightBroadcast/backend",
+            ),
+            "misspelt broadcast key": ({"learner": {"weightBroadcast": {"prot": 1}}}, "prot"),
+            "actor NCCL env as a list": ({"actors": {"ncclEnv": ["NCCL_DEBUG=WARN"]}}, "/actors/ncclEnv"),
         }
         for case, (values, where) in bad.items():
             with self.subTest(case=case):
@@ -822,6 +871,138 @@ class ChartTest(unittest.TestCase):
         notes = self.rendered["defaults"].manifests["prime/templates/NOTES.txt"]
         self.assertIn(f"exec {RELEASE}-prime-learner-0 -- prime status --addr http://127.0.0.1:50051", notes)
         self.assertIn(f"get secret {RELEASE}-prime-auth", notes)
+
+    # --- weight broadcast -----------------------------------------------------------------------
+
+    def test_weight_broadcast_is_off_by_default(self):
+        for case in ["defaults", "multi-node", "everything-on", "cpu-only", "tls", "mutual-tls"]:
+            rendered = self.rendered[case]
+            with self.subTest(case=case):
+                for w in rendered.workloads():
+                    c = container(w)
+                    self.assertNotIn("weights", [p["name"] for p in c.get("ports", [])])
+                    self.assertFalse([a for a in c["args"] if "weight_broadcast" in a])
+                    self.assertNotIn("--no-weight-broadcast", c["args"])
+                for service in rendered.all("Service"):
+                    self.assertNotIn("weights", [p["name"] for p in service["spec"]["ports"]])
+                self.assertFalse([n for n in env_of(container(rendered.component("actor"))) if n.startswith("NCCL_")])
+        # off renders exactly what the chart rendered before the broadcast existed, whatever
+        # the other broadcast values say (the Secret's token is drawn anew on each render)
+        without_secret = lambda r: [o for o in r.objects if o["kind"] != "Secret"]
+        off = Rendered(
+            {"learner": {"weightBroadcast": {"enabled": False, "port": 31000, "backend": "tcp"}}, "actors": {"ncclEnv": {}}},
+            self.chart,
+        )
+        self.assertEqual(without_secret(off), without_secret(self.rendered["defaults"]))
+
+    def test_weight_broadcast_flags_ports_and_service(self):
+        rendered = self.rendered["weight-broadcast"]
+        sts = rendered.one("StatefulSet")
+        c = container(sts)
+        args = c["args"]
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        self.assertEqual(sets, [
+            "learner.weight_broadcast.enabled=true",
+            f"learner.weight_broadcast.port={WEIGHTS_PORT}",
+            "learner.weight_broadcast.backend=nccl",
+        ])
+        # what the learner reads: the run config with the --set values laid over it, typed
+        config = tomllib.loads(rendered.one("ConfigMap")["data"][Path(flag(args, "--config")).name])
+        for assignment in sets:
+            toml_override(config, assignment)
+        broadcast = config["learner"]["weight_broadcast"]
+        self.assertEqual(broadcast, {"enabled": True, "port": WEIGHTS_PORT, "backend": "nccl"})
+        self.assertIs(broadcast["enabled"], True)
+        self.assertIsInstance(broadcast["port"], int)
+        # the learner binds the port on its --listen IP: every interface of the pod
+        self.assertEqual(flag(args, "--listen").rsplit(":", 1)[0], "0.0.0.0")
+        self.assertEqual(port_number(c, "weights"), WEIGHTS_PORT)
+
+        # the actors reach it at the host of their --learner URL: the learner Service, rank 0 only
+        actor = container(rendered.component("actor"))
+        service = rendered.one("Service", self.service_of(urlparse(flag(actor["args"], "--learner"))))
+        weights = [p for p in service["spec"]["ports"] if p["name"] == "weights"]
+        self.assertEqual(weights, [{"name": "weights", "port": WEIGHTS_PORT, "targetPort": "weights"}])
+        template_labels = sts["spec"]["template"]["metadata"]["labels"]
+        for ordinal in range(sts["spec"]["replicas"]):
+            labels = {**template_labels, **self.controller_labels(sts, ordinal)}
+            self.assertEqual(selects(service["spec"]["selector"], labels), ordinal == 0)
+        # the actors follow by default and carry the NCCL settings the nccl backend needs
+        self.assertNotIn("--no-weight-broadcast", actor["args"])
+        self.assertEqual(env_of(actor)["NCCL_SOCKET_IFNAME"]["value"], "eth0")
+        self.assertEqual(env_of(actor)["NCCL_DEBUG"]["value"], "WARN")
+
+        # the chart's --set flags come first, so the user's overrides are laid over them
+        values = deep_merge(everything_on(), {"learner": {"weightBroadcast": {"enabled": True}}})
+        args = container(Rendered(values, self.chart).one("StatefulSet"))["args"]
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        self.assertEqual(sets, [
+            "learner.weight_broadcast.enabled=true",
+            "learner.weight_broadcast.port=29600",
+            "learner.weight_broadcast.backend=auto",
+            "learner.steps=100",
+            "learner.prm.beta=0.1",
+        ])
+
+    def test_weight_broadcast_refuses_what_cannot_work(self):
+        for port in ("grpcPort", "metricsPort", "rendezvousPort"):
+            taken = self.rendered["defaults"].values["learner"][port]
+            with self.subTest(port=port), self.assertRaises(helm.HelmRenderError) as raised:
+                self.chart.render(
+                    {"learner": {"weightBroadcast": {"enabled": True, "port": taken}}},
+                    name=RELEASE, namespace=NAMESPACE,
+                )
+            self.assertIn(f"learner.weightBroadcast.port {taken}", str(raised.exception))
+        # the port must stay the one the chart exposes: the keys it sets are not overrides
+        for key in ("enabled=true", "port=31000", "backend=tcp"):
+            with self.subTest(key=key), self.assertRaises(helm.HelmRenderError) as raised:
+                self.chart.render(
+                    {"learner": {"overrides": [f"learner.weight_broadcast.{key}"]}},
+                    name=RELEASE, namespace=NAMESPACE,
+                )
+            self.assertIn("learner.weightBroadcast", str(raised.exception))
+        # the other broadcast keys are overrides like any other
+        rendered = Rendered({"learner": {"overrides": ["learner.weight_broadcast.join_window_ms=500"]}}, self.chart)
+        self.assertIn("learner.weight_broadcast.join_window_ms=500", container(rendered.one("StatefulSet"))["args"])
+
+    def test_weight_broadcast_flags_against_the_real_binary(self):
+        """The rendered learner arguments and run config given to a real `prime learner`: the
+        config with the broadcast's --set values is accepted (the run stops later, at the
+        missing model), and one bad value in the same place is refused by name."""
+        binary = prime_binary()
+        if binary is None:
+            self.skipTest("no prime binary built yet (make test builds it before this test)")
+        rendered = self.rendered["weight-broadcast"]
+        c = container(rendered.one("StatefulSet"))
+        config_name = Path(flag(c["args"], "--config")).name
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / config_name
+            config.write_text(rendered.one("ConfigMap")["data"][config_name])
+            args = list(c["args"])
+            for name, value in [("--config", str(config)), ("--run-dir", f"{tmp}/run"),
+                                ("--listen", "127.0.0.1:0"), ("--device", "cpu")]:
+                args[args.index(name) + 1] = value
+            at = args.index("--metrics-listen")
+            del args[at:at + 2]
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("PRIME_", "RANK", "WORLD_SIZE", "MASTER_"))}
+            env["RUST_BACKTRACE"] = "0"
+            run = lambda a: subprocess.run([binary, *a], env=env, capture_output=True, text=True, timeout=120)
+
+            result = run(args)
+            self.assertNotEqual(result.returncode, 0)
+            self.assertNotIn("Error: config", result.stderr)
+            self.assertIn("/models/Eurus-2-7B-SFT", result.stderr)
+
+            bad = [a.replace("backend=nccl", "backend=udp") for a in args]
+            self.assertNotEqual(bad, args)
+            result = run(bad)
+            self.assertNotEqual(result.returncode, 0)
+            self.assertIn("Error: config", result.stderr)
+            self.assertIn("learner.weight_broadcast.backend", result.stderr)
+
+        # the opt-out the docs give actors outside the broadcast is a flag `prime actor` has
+        help_text = subprocess.run([binary, "actor", "--help"], capture_output=True, text=True).stdout
+        self.assertIn("--no-weight-broadcast", help_text)
 
     # --- TLS ----------------------------------------------------------------------------------
 
