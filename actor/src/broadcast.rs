@@ -8,8 +8,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use prime_collective::bytecast::{self, ByteCast};
 use prime_collective::tcp::TcpOptions;
-use prime_collective::{HostBuffer, RankInfo, TcpGroup};
+use prime_collective::RankInfo;
 use prime_model::weights::WeightManifest;
 use prime_proto::v1 as pb;
 use tch::Device;
@@ -94,16 +95,6 @@ pub struct FollowerConfig {
 pub struct Follower {
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
-}
-
-/// The live group of the follower's epoch.
-enum Group {
-    Tcp(TcpGroup),
-    #[cfg(feature = "nccl")]
-    Nccl {
-        group: prime_collective::Watched<prime_collective::nccl::NcclGroup>,
-        device: usize,
-    },
 }
 
 impl Follower {
@@ -204,7 +195,7 @@ fn follow(
     runtime: &tokio::runtime::Handle,
     shared: &Shared,
 ) {
-    let mut group: Option<(u64, Group)> = None;
+    let mut group: Option<(u64, ByteCast)> = None;
     let mut backoff = Backoff::new(Duration::from_secs(10));
     let device = crate::run::device_name(config.device);
     while !shared.stop.load(Ordering::Relaxed) {
@@ -290,7 +281,7 @@ fn follow(
 /// Takes part in one round: joins its group when the epoch is new, then receives the bytes.
 fn receive(
     config: &FollowerConfig,
-    group: &mut Option<(u64, Group)>,
+    group: &mut Option<(u64, ByteCast)>,
     mut round: pb::BroadcastRound,
 ) -> Result<Delivered> {
     let manifest = manifest_from_proto(
@@ -321,20 +312,9 @@ fn receive(
     let (_, group) = group.as_mut().expect("joined above");
     let total = usize::try_from(manifest.total_bytes)
         .map_err(|_| ActorError::Protocol("a transfer larger than memory".into()))?;
-    let bytes = match group {
-        Group::Tcp(tcp) => {
-            let mut buffer = vec![0u8; total];
-            tcp.broadcast_host(HostBuffer::Receive(&mut buffer), 0)?;
-            Received::Host(Bytes::from(buffer))
-        }
-        #[cfg(feature = "nccl")]
-        Group::Nccl { group, device } => {
-            use prime_collective::Collective;
-            let mut buffer =
-                tch::Tensor::zeros([total as i64], (tch::Kind::Uint8, Device::Cuda(*device)));
-            group.broadcast(&mut buffer, 0)?;
-            Received::Device(buffer)
-        }
+    let bytes = match group.receive(total)? {
+        bytecast::Received::Host(bytes) => Received::Host(Bytes::from(bytes)),
+        bytecast::Received::Device(bytes) => Received::Device(bytes),
     };
     Ok(Delivered { manifest, bytes })
 }
@@ -350,7 +330,8 @@ fn join(
     round: &pb::BroadcastRound,
     rank: usize,
     world_size: usize,
-) -> Result<Group> {
+) -> Result<ByteCast> {
+    let limit = round_seconds(round.timeout_seconds);
     match round.backend.as_str() {
         "tcp" => {
             let info = RankInfo {
@@ -364,11 +345,11 @@ fn join(
             };
             let options = TcpOptions {
                 join_timeout: round_seconds(round.join_timeout_seconds),
-                op_timeout: round_seconds(round.timeout_seconds),
+                op_timeout: limit,
                 epoch: round.epoch,
                 token: config.token.clone(),
             };
-            Ok(Group::Tcp(TcpGroup::join(&info, options)?))
+            Ok(ByteCast::join_tcp(&info, options, None)?)
         }
         #[cfg(feature = "nccl")]
         "nccl" => {
@@ -377,22 +358,13 @@ fn join(
                     "an NCCL broadcast round for an actor that samples on the CPU".into(),
                 ));
             };
-            let group = prime_collective::nccl::NcclGroup::from_unique_id(
+            Ok(ByteCast::join_nccl(
                 &round.nccl_unique_id,
                 rank,
                 world_size,
                 device,
-            )?;
-            let abort = group.abort_handle();
-            let limit = round_seconds(round.timeout_seconds);
-            let dog = prime_collective::Watchdog::new(limit, move |op, limit| {
-                warn!(op, ?limit, "weight broadcast overran; aborting its group");
-                abort.abort();
-            });
-            Ok(Group::Nccl {
-                group: prime_collective::Watched::new(group, dog),
-                device,
-            })
+                limit,
+            )?)
         }
         other => Err(ActorError::Protocol(format!(
             "the learner broadcasts over {other:?}, which this build does not speak"

@@ -10,11 +10,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{tiny_model, torch_rng};
+use common::{runtime, tiny_model, torch_rng};
 use prime_actor::broadcast::{Delivered, Follower, FollowerConfig, Received};
 use prime_actor::client::{lazy_channel, learner_client, request};
 use prime_learner::broadcast::{BroadcastStats, Broadcaster, Transport, WeightBroadcastConfig};
-use prime_learner::scheduler::{Prompt, Scheduler, SchedulerConfig};
 use prime_learner::service::{LearnerService, Published, Shared};
 use prime_model::weights::{encode_var_store, WeightAssembler};
 use prime_model::CausalLm;
@@ -22,14 +21,6 @@ use prime_proto::v1 as pb;
 use tch::Device;
 
 const TOKEN: &str = "s3cret";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn publish(lm: &CausalLm, version: u64) -> Published {
     Published::new(encode_var_store(&lm.vs, version, None).unwrap())
@@ -48,34 +39,7 @@ impl Learner {
         first: Published,
         broadcast: Option<WeightBroadcastConfig>,
     ) -> Self {
-        let prompt = Prompt {
-            prompt_ids: vec![1],
-            ground_truth: "4".into(),
-            ability: "math".into(),
-        };
-        let scheduler = Scheduler::new(
-            vec![prompt],
-            SchedulerConfig {
-                batch_groups: 1,
-                k: 2,
-                max_staleness: 0,
-                lease: Duration::from_secs(60),
-                filter: Default::default(),
-                seed: 0,
-                max_outstanding_prompts: 0,
-                vocab_size: 61,
-                max_response_tokens: 4,
-            },
-            None,
-        )
-        .unwrap();
-        let shared = Shared::new(
-            scheduler,
-            first,
-            String::new(),
-            pb::SamplingParams::default(),
-            60,
-        );
+        let shared = Shared::serving_weights(first).unwrap();
         let broadcaster = broadcast.map(|config| {
             let broadcaster = Broadcaster::new(
                 config,
@@ -190,6 +154,24 @@ fn check_delivered(follower: &Follower, version: u64, published: &Published, sou
     }
 }
 
+/// Publishes `source` as `version`, waits until the learner has counted `rounds` completed
+/// rounds, and checks that every follower received and applies it.
+fn broadcast_round(
+    learner: &Learner,
+    followers: &[Follower],
+    source: &CausalLm,
+    version: u64,
+    rounds: u64,
+) -> BroadcastStats {
+    let published = publish(source, version);
+    learner.shared.publish(publish(source, version));
+    let stats = learner.wait_for("the round", |s| s.rounds == rounds);
+    for follower in followers {
+        check_delivered(follower, version, &published, source);
+    }
+    stats
+}
+
 #[test]
 fn members_receive_each_version_and_groups_follow_membership() {
     let _rng = torch_rng();
@@ -211,38 +193,23 @@ fn members_receive_each_version_and_groups_follow_membership() {
 
     // Version 1: the first group (epoch 1) of three; version 2: the same group.
     for version in [1u64, 2] {
-        let published = publish(&models[version as usize], version);
-        learner
-            .shared
-            .publish(publish(&models[version as usize], version));
-        let stats = learner.wait_for("the round counted", |s| s.rounds == version);
-        for follower in &followers {
-            check_delivered(follower, version, &published, &models[version as usize]);
-        }
+        let source = &models[version as usize];
+        let stats = broadcast_round(&learner, &followers, source, version, version);
         assert_eq!((stats.groups, stats.members), (1, 3), "{stats:?}");
-        assert_eq!(stats.bytes_sent, version * published.bytes.len() as u64);
+        let size = publish(source, version).bytes.len() as u64;
+        assert_eq!(stats.bytes_sent, version * size, "one copy per round");
     }
 
     // A member leaves: after the join window the round goes on without it, in a new group.
     drop(followers.pop());
     learner.wait_for("two followers waiting", |s| s.waiting == 2);
-    let published = publish(&models[3], 3);
-    learner.shared.publish(publish(&models[3], 3));
-    let stats = learner.wait_for("round 3", |s| s.rounds == 3);
-    for follower in &followers {
-        check_delivered(follower, 3, &published, &models[3]);
-    }
+    let stats = broadcast_round(&learner, &followers, &models[3], 3, 3);
     assert_eq!((stats.groups, stats.members), (2, 2), "{stats:?}");
 
     // A member arrives: a new group of three.
     followers.push(learner.follower(&runtime, "d"));
     learner.wait_for("three followers waiting", |s| s.waiting == 3);
-    let published = publish(&models[4], 4);
-    learner.shared.publish(publish(&models[4], 4));
-    let stats = learner.wait_for("round 4", |s| s.rounds == 4);
-    for follower in &followers {
-        check_delivered(follower, 4, &published, &models[4]);
-    }
+    let stats = broadcast_round(&learner, &followers, &models[4], 4, 4);
     assert_eq!((stats.groups, stats.members), (3, 3), "{stats:?}");
     for follower in &followers {
         assert!(follower.is_following());
@@ -314,12 +281,7 @@ fn a_member_that_never_joins_fails_the_round_and_the_next_recovers() {
 
     // The followers ask again; the next version goes to them in a new group.
     learner.wait_for("the followers back", |s| s.waiting == 2);
-    let published = publish(&models[2], 2);
-    learner.shared.publish(publish(&models[2], 2));
-    let stats = learner.wait_for("round 2", |s| s.rounds == 1);
-    for follower in &followers {
-        check_delivered(follower, 2, &published, &models[2]);
-    }
+    let stats = broadcast_round(&learner, &followers, &models[2], 2, 1);
     assert_eq!((stats.groups, stats.members), (2, 2), "{stats:?}");
 }
 

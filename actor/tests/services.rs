@@ -8,20 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{closed_port_url, start_verifier, write_tokenizer};
+use common::{closed_port_url, runtime, start_verifier, write_tokenizer};
 use prime_actor::client::{lazy_channel, request, verifier_client, with_deadline};
 use prime_actor::rollout::{grade_items, response_text, scores_from_grades};
 use prime_actor::{run_actor, ActorConfig, ActorError};
 use prime_model::Tokenizer;
 use prime_proto::v1 as pb;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 #[test]
 fn responses_are_graded_by_a_real_verifier_in_row_order() {

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prime_actor::weights::{open_transfer, receive_chunks};
-use prime_learner::scheduler::{Prompt, Scheduler, SchedulerConfig};
 use prime_learner::service::{LearnerService, Published, Shared, MAX_MESSAGE_BYTES};
 use prime_model::qwen2::{Init, Qwen2};
 use prime_model::weights::{encode_var_store, DEFAULT_CHUNK_BYTES};
@@ -262,33 +261,7 @@ async fn serve(
         path: "127.0.0.1:0".into(),
         source,
     };
-    let prompt = Prompt {
-        prompt_ids: vec![1],
-        ground_truth: String::new(),
-        ability: "math".into(),
-    };
-    let scheduler = Scheduler::new(
-        vec![prompt],
-        SchedulerConfig {
-            batch_groups: 1,
-            k: 2,
-            max_staleness: 0,
-            lease: Duration::from_secs(60),
-            filter: Default::default(),
-            seed: 0,
-            max_outstanding_prompts: 0,
-            vocab_size: 2,
-            max_response_tokens: 1,
-        },
-        None,
-    )?;
-    let shared: Arc<Shared> = Shared::new(
-        scheduler,
-        published,
-        String::new(),
-        pb::SamplingParams::default(),
-        60,
-    );
+    let shared = Shared::serving_weights(published)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(io)?;

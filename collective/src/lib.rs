@@ -4,8 +4,10 @@
 //! reduce-scatter, all-gather, broadcast, barrier) over tch tensors, and two backends:
 //! [`tcp::TcpGroup`], a ring over TCP that runs anywhere (loopback in tests, the pod network
 //! on a CPU cluster), and, with the `nccl` feature, `nccl::NcclGroup` on CUDA device memory.
-//! [`env::RankInfo`] says which rank a process is; [`watchdog::Watchdog`] turns a collective
+//! [`bytecast::ByteCast`] moves one byte string from rank 0 to the others over either
+//! backend (the learner's weight broadcast). [`env::RankInfo`] says which rank a process is; [`watchdog::Watchdog`] turns a collective
 //! that never returns into a clear error and a non-zero exit.
+pub mod bytecast;
 pub mod env;
 pub mod error;
 pub mod flat;

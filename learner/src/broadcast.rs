@@ -24,8 +24,9 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use prime_collective::bytecast::ByteCast;
 use prime_collective::tcp::TcpOptions;
-use prime_collective::{HostBuffer, RankInfo, TcpGroup};
+use prime_collective::RankInfo;
 use prime_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use tch::Device;
@@ -229,16 +230,6 @@ impl Drop for Ticket<'_> {
     }
 }
 
-/// The live communicator of the current epoch.
-enum Group {
-    Tcp(TcpGroup),
-    #[cfg(feature = "nccl")]
-    Nccl {
-        group: prime_collective::Watched<prime_collective::nccl::NcclGroup>,
-        device: usize,
-    },
-}
-
 /// What members need to join a new group.
 enum Rendezvous {
     Tcp(TcpListener),
@@ -428,7 +419,7 @@ impl Broadcaster {
 
     /// The broadcasting thread: one round per published version, until shut down.
     fn run(&self) {
-        let mut group: Option<Group> = None;
+        let mut group: Option<ByteCast> = None;
         while let Some((published, members, new_group, epoch)) = self.next_round() {
             let started = Instant::now();
             let world_size = members.len() + 1;
@@ -472,7 +463,7 @@ impl Broadcaster {
     /// Answers the members, forms the group when `new_epoch` says so, and broadcasts.
     fn round(
         &self,
-        group: &mut Option<Group>,
+        group: &mut Option<ByteCast>,
         published: &Published,
         members: Vec<Waiter>,
         epoch: u64,
@@ -524,7 +515,7 @@ impl Broadcaster {
             *group = Some(self.form(rendezvous, epoch, world_size, join_timeout, timeout)?);
         }
         let group = group.as_mut().expect("a group for the round");
-        send(group, &published.bytes)
+        Ok(group.send(&published.bytes)?)
     }
 
     /// What the members of a new group need: a bound join listener or an NCCL id.
@@ -557,7 +548,7 @@ impl Broadcaster {
         world_size: usize,
         join_timeout: Duration,
         timeout: Duration,
-    ) -> Result<Group> {
+    ) -> Result<ByteCast> {
         match rendezvous {
             Rendezvous::Tcp(listener) => {
                 let info = RankInfo {
@@ -573,41 +564,15 @@ impl Broadcaster {
                     epoch,
                     token: self.token.clone(),
                 };
-                Ok(Group::Tcp(TcpGroup::join_listening(
-                    &info, options, listener,
-                )?))
+                Ok(ByteCast::join_tcp(&info, options, Some(listener))?)
             }
             #[cfg(feature = "nccl")]
             Rendezvous::Nccl(id) => {
                 let Transport::Nccl { device } = self.transport else {
                     unreachable!("an NCCL id only for the NCCL transport");
                 };
-                let group =
-                    prime_collective::nccl::NcclGroup::from_unique_id(&id, 0, world_size, device)?;
-                let abort = group.abort_handle();
-                let dog = prime_collective::Watchdog::new(timeout, move |op, limit| {
-                    tracing::error!(op, ?limit, "weight broadcast overran; aborting its group");
-                    abort.abort();
-                });
-                Ok(Group::Nccl {
-                    group: prime_collective::Watched::new(group, dog),
-                    device,
-                })
+                Ok(ByteCast::join_nccl(&id, 0, world_size, device, timeout)?)
             }
-        }
-    }
-}
-
-/// Broadcasts `bytes` from rank 0 over `group`.
-fn send(group: &mut Group, bytes: &[u8]) -> Result<()> {
-    match group {
-        Group::Tcp(tcp) => Ok(tcp.broadcast_host(HostBuffer::Send(bytes), 0)?),
-        #[cfg(feature = "nccl")]
-        Group::Nccl { group, device } => {
-            use prime_collective::Collective;
-            // One copy to the device; NCCL sends from there.
-            let mut on_device = tch::Tensor::from_slice(bytes).to_device(Device::Cuda(*device));
-            Ok(group.broadcast(&mut on_device, 0)?)
         }
     }
 }

@@ -96,6 +96,39 @@ impl Shared {
         })
     }
 
+    /// Shared state of a Learner service that serves `published` and has no real work to hand
+    /// out (its scheduler holds one placeholder prompt): for benchmarks and tests of the weight
+    /// transfers.
+    pub fn serving_weights(published: Published) -> Result<Arc<Self>> {
+        let prompt = crate::scheduler::Prompt {
+            prompt_ids: vec![1],
+            ground_truth: String::new(),
+            ability: "math".into(),
+        };
+        let scheduler = Scheduler::new(
+            vec![prompt],
+            crate::scheduler::SchedulerConfig {
+                batch_groups: 1,
+                k: 2,
+                max_staleness: 0,
+                lease: Duration::from_secs(60),
+                filter: Default::default(),
+                seed: 0,
+                max_outstanding_prompts: 0,
+                vocab_size: 2,
+                max_response_tokens: 1,
+            },
+            None,
+        )?;
+        Ok(Self::new(
+            scheduler,
+            published,
+            String::new(),
+            pb::SamplingParams::default(),
+            60,
+        ))
+    }
+
     /// Offers the weight broadcast of `broadcaster` to actors from now on (once).
     pub fn attach_broadcaster(&self, broadcaster: Arc<Broadcaster>) {
         if self.broadcaster.set(broadcaster).is_err() {

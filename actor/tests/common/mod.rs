@@ -68,6 +68,15 @@ pub fn tiny_model(seed: i64) -> CausalLm {
     CausalLm::random(&tiny_config(), Device::Cpu, Kind::Float, Kind::Float).unwrap()
 }
 
+/// A two-thread runtime for the tests' clients and servers.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Starts a real verifier (optionally checking `token`) on an ephemeral loopback port of
 /// `runtime` and returns its URL.
 pub fn start_verifier(runtime: &tokio::runtime::Runtime, token: Option<&str>) -> String {
