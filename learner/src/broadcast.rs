@@ -604,6 +604,63 @@ mod tests {
         );
     }
 
+    fn published(version: u64) -> Arc<Published> {
+        let tensors = vec![("w".to_string(), tch::Tensor::from_slice(&[1.0f32, 2.0]))];
+        Arc::new(Published::new(
+            prime_model::weights::encode_tensors(&tensors, version, None).unwrap(),
+        ))
+    }
+
+    #[test]
+    fn bad_join_requests_are_refused_at_once() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let config = WeightBroadcastConfig {
+            enabled: true,
+            ..WeightBroadcastConfig::default()
+        };
+        let ask = |transport, member_id: &str, device: &str| {
+            let broadcaster = Broadcaster::new(
+                config.clone(),
+                transport,
+                "127.0.0.1".parse().unwrap(),
+                None,
+                published(0),
+            );
+            let request = pb::JoinBroadcastRequest {
+                member_id: member_id.into(),
+                held_version: 0,
+                device: device.into(),
+            };
+            runtime.block_on(broadcaster.join(request)).unwrap_err()
+        };
+        let empty = ask(Transport::Tcp, "", "cpu");
+        assert_eq!(empty.code(), tonic::Code::InvalidArgument);
+        let long = ask(Transport::Tcp, &"m".repeat(257), "cpu");
+        assert_eq!(long.code(), tonic::Code::InvalidArgument);
+        let cpu = ask(Transport::Nccl { device: 0 }, "actor-1", "cpu");
+        assert_eq!(cpu.code(), tonic::Code::FailedPrecondition);
+        assert!(cpu.message().contains("CUDA"), "{}", cpu.message());
+        // A stopped broadcaster takes no more members.
+        let broadcaster = Broadcaster::new(
+            config.clone(),
+            Transport::Tcp,
+            "127.0.0.1".parse().unwrap(),
+            None,
+            published(0),
+        );
+        broadcaster.shutdown();
+        let request = pb::JoinBroadcastRequest {
+            member_id: "actor-1".into(),
+            held_version: 0,
+            device: "cpu".into(),
+        };
+        let stopped = runtime.block_on(broadcaster.join(request)).unwrap_err();
+        assert_eq!(stopped.code(), tonic::Code::Unavailable);
+    }
+
     #[test]
     fn config_defaults_and_refusals() {
         let config: WeightBroadcastConfig = toml::from_str("enabled = true").unwrap();
