@@ -57,7 +57,7 @@ impl Learner {
             let url = format!("http://{}", listener.local_addr().unwrap());
             let service = LearnerService::server(shared.clone());
             tokio::spawn(async move {
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                let incoming = prime_proto::transport::incoming(listener);
                 tonic::transport::Server::builder()
                     .add_service(service)
                     .serve_with_incoming(incoming)

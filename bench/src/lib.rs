@@ -1,7 +1,8 @@
 //! Benchmarks against the tools users would otherwise pick, side by side in one run: our
 //! model layer against Hugging Face transformers (generation, scoring), our learner step
-//! against the same step in plain PyTorch ([`learner_step`]), and the weight stream against a
-//! raw TCP copy ([`weight_sync`]).
+//! against the same step in plain PyTorch ([`learner_step`]), the weight stream against a
+//! raw TCP copy ([`weight_sync`]), and the weight broadcast to N actors against N concurrent
+//! weight streams ([`weight_broadcast`]).
 //!
 //! For each batch size we time our implementation in this process (one warm-up run excluded,
 //! median of the repeats), then run `bench/python/bench_transformers.py` with the same model,
@@ -18,6 +19,7 @@ pub mod ours;
 pub mod python;
 pub mod report;
 pub mod train;
+pub mod weight_broadcast;
 pub mod weight_sync;
 
 pub use error::{BenchError, Result};

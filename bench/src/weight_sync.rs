@@ -28,6 +28,9 @@ use crate::learner_step::StepTimes;
 use crate::machine::{cores, cpu_model, load_average};
 use crate::python::TinyModel;
 
+/// A plain learner client (no token: the benchmark's service checks none).
+pub(crate) type LearnerClient = pb::learner_client::LearnerClient<tonic::transport::Channel>;
+
 /// What `prime bench weight-sync` measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct SyncReport {
@@ -111,7 +114,7 @@ impl SyncReport {
 }
 
 /// A random untied Qwen2 of `spec`'s shape in a fresh var store on the CPU.
-fn random_model(spec: &TinyModel) -> Result<nn::VarStore> {
+pub(crate) fn random_model(spec: &TinyModel) -> Result<nn::VarStore> {
     let config: Qwen2Config = serde_json::from_value(serde_json::json!({
         "vocab_size": spec.vocab,
         "hidden_size": spec.hidden,
@@ -144,30 +147,10 @@ pub fn run_sync_bench(spec: &TinyModel, repeats: usize) -> Result<SyncReport> {
     let bytes = published.bytes.clone();
     let total = bytes.len() as u64;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|source| BenchError::Io {
-            path: "tokio runtime".into(),
-            source,
-        })?;
-    let (addr, stop) = runtime.block_on(serve(published))?;
-    let client = runtime.block_on(async {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| BenchError::Settings(e.to_string()))?
-            .tcp_nodelay(true);
-        // The settings every prime client uses (the actor's weight fetches among them).
-        let endpoint = prime_proto::transport::bulk_client(endpoint);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| BenchError::Settings(format!("connecting to {addr}: {e}")))?;
-        Ok::<_, BenchError>(
-            pb::learner_client::LearnerClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-    })?;
+    let runtime = runtime()?;
+    let shared = Shared::serving_weights(published)?;
+    let (addr, stop) = runtime.block_on(serve(shared))?;
+    let client = runtime.block_on(connect(addr))?;
     // The four transfers take turns within each repeat, so that all of them see the same
     // load on a shared machine and the ratios compare like with like.
     let mut raw = RawTcp::start(&bytes, repeats + 1)?;
@@ -252,23 +235,34 @@ pub fn run_sync_bench(spec: &TinyModel, repeats: usize) -> Result<SyncReport> {
     })
 }
 
-/// Serves the Learner service for `published` on an ephemeral loopback port; sending on the
+/// The runtime of the benchmark's service and clients: two workers, as a small learner has.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|source| BenchError::Io {
+            path: "tokio runtime".into(),
+            source,
+        })
+}
+
+/// Serves the Learner service on `shared` on an ephemeral loopback port; sending on the
 /// returned channel stops it.
-async fn serve(
-    published: Published,
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
 ) -> Result<(std::net::SocketAddr, tokio::sync::oneshot::Sender<()>)> {
     let io = |source| BenchError::Io {
         path: "127.0.0.1:0".into(),
         source,
     };
-    let shared = Shared::serving_weights(published)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(io)?;
     let addr = listener.local_addr().map_err(io)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = prime_proto::transport::incoming(listener);
         let served = tonic::transport::Server::builder()
             .add_service(LearnerService::server(shared))
             .serve_with_incoming_shutdown(incoming, async {
@@ -347,9 +341,22 @@ fn raw_io(source: std::io::Error) -> BenchError {
     }
 }
 
+/// A learner client on a connection of its own to `addr`, with the settings every prime
+/// client uses (the actor's weight fetches among them).
+pub(crate) async fn connect(addr: std::net::SocketAddr) -> Result<LearnerClient> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| BenchError::Settings(e.to_string()))?
+        .tcp_nodelay(true);
+    let channel = prime_proto::transport::bulk_client(endpoint)
+        .connect()
+        .await
+        .map_err(|e| BenchError::Settings(format!("connecting to {addr}: {e}")))?;
+    Ok(LearnerClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES))
+}
+
 /// Opens a `FetchWeights` stream for `version`.
-async fn fetch(
-    client: &mut pb::learner_client::LearnerClient<tonic::transport::Channel>,
+pub(crate) async fn fetch(
+    client: &mut LearnerClient,
     version: u64,
 ) -> Result<tonic::Streaming<pb::WeightTransfer>> {
     let request = pb::FetchWeightsRequest {

@@ -94,7 +94,7 @@ pub fn serve(
         .map_err(|e| CollectiveError::Join(e.to_string()))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     runtime.spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = prime_proto::transport::incoming(listener);
         let served = tonic::transport::Server::builder()
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 RendezvousServer::new(id),

@@ -706,7 +706,7 @@ pub fn run_learner(
             health_reporter
                 .set_serving::<LearnerServer<LearnerService>>()
                 .await;
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let incoming = prime_proto::transport::incoming(listener);
             server_builder
                 .add_service(health_service)
                 .add_service(tonic::service::interceptor::InterceptedService::new(

@@ -801,7 +801,7 @@ pub fn start(
                 health_reporter
                     .set_serving::<PrmServerServer<PrmService>>()
                     .await;
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                let incoming = prime_proto::transport::incoming(listener);
                 let stop = async move {
                     if until_ctrl_c {
                         tokio::select! {

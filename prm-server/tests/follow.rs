@@ -149,7 +149,7 @@ fn a_following_server_loads_each_new_prm_version() {
     runtime.spawn(
         tonic::transport::Server::builder()
             .add_service(LearnerServer::new(learner.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .serve_with_incoming(prime_proto::transport::incoming(listener)),
     );
 
     let server = start(

@@ -1,4 +1,5 @@
-//! HTTP/2 settings for the clients that receive bulk streams (policy and PRM weights).
+//! Connection settings: [`incoming`] for every server's accepted sockets, and HTTP/2 settings
+//! for the clients that receive bulk streams (policy and PRM weights).
 //!
 //! Data from a server to a client is paced by the client's HTTP/2 settings: its flow-control
 //! windows bound how much the server may send before the client acknowledges, and its
@@ -8,7 +9,16 @@
 //! chunks be in flight in large frames. Servers keep their defaults: what they receive
 //! (rollouts, grading requests) is small, and a large receive window on a server would let
 //! every connected client make it buffer that much.
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Endpoint;
+
+/// The connections `listener` accepts, for `serve_with_incoming*`, with `TCP_NODELAY` set.
+/// tonic sets it only on listeners it binds itself; without it a small reply (a long poll's
+/// answer, a status) that follows another write waits for the peer's delayed ACK, about
+/// 40 ms on Linux.
+pub fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
 
 /// Per-stream receive window of a bulk client: four default weight chunks in flight.
 pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;

@@ -196,7 +196,7 @@ pub async fn serve_secure(
         .await;
     let service = VerifierService::new(grader).into_server();
     let check = TokenCheck::new(token);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = prime_proto::transport::incoming(listener);
     let mut builder = builder;
     builder
         .add_service(health_service)

@@ -1,10 +1,11 @@
 //! `prime bench generate` and `prime bench logprobs`: our model against transformers;
 //! `prime bench learner-step`: our learner step against plain PyTorch; `prime bench
-//! weight-sync`: the weight stream against raw TCP; `prime bench allreduce`: the learner's CPU
-//! collective backend against a plain TCP copy. Each runs both sides in one invocation (the
-//! harness lives in the prime-bench crate); `prime bench verifier` is wired from the
-//! verifier's module. `prime bench train` times the end-to-end demo (`prime train`) with
-//! 1, 2, 4 actors.
+//! weight-sync`: the weight stream against raw TCP; `prime bench weight-broadcast`: the
+//! weight broadcast to N actors against N concurrent weight streams; `prime bench
+//! allreduce`: the learner's CPU collective backend against a plain TCP copy. Each runs both
+//! sides in one invocation (the harness lives in the prime-bench crate); `prime bench
+//! verifier` is wired from the verifier's module. `prime bench train` times the end-to-end
+//! demo (`prime train`) with 1, 2, 4 actors.
 //!
 //! Both sides use the same torch thread count: the global `--threads` (or `PRIME_THREADS`),
 //! else torch's default on this machine; `prime bench train` gives each of its processes the
@@ -28,6 +29,10 @@ pub enum BenchCommand {
     LearnerStep(LearnerStepArgs),
     /// Weight sync GB/s: the learner's FetchWeights stream over loopback against a raw TCP copy.
     WeightSync(WeightSyncArgs),
+    /// A new version to N actors on loopback: the learner's weight broadcast (TCP ring) against
+    /// N concurrent FetchWeights streams; seconds until all N verified it, bytes the learner
+    /// sent, and the first round (forming the group) apart.
+    WeightBroadcast(WeightBroadcastArgs),
     /// Verifier: math grading against math-verify, sandboxed code tests against bare python3.
     Verifier(super::verifier::BenchVerifierArgs),
     /// Simulated actors (no model) stream groups to one real learner on a tiny model:
@@ -248,6 +253,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         ),
         BenchCommand::LearnerStep(args) => return run_learner_step(args),
         BenchCommand::WeightSync(args) => return run_weight_sync(args),
+        BenchCommand::WeightBroadcast(args) => return run_weight_broadcast(args),
         BenchCommand::Verifier(args) => return super::verifier::run_bench(args),
         BenchCommand::Load(args) => return run_load(args),
         BenchCommand::Allreduce(args) => return run_allreduce(args),
@@ -321,8 +327,10 @@ pub struct LearnerStepArgs {
     pub json: Option<PathBuf>,
 }
 
+/// Shape of the random model whose weights `weight-sync` and `weight-broadcast` send
+/// (default: 256 MB of f32).
 #[derive(Debug, Args)]
-pub struct WeightSyncArgs {
+pub struct WeightShapeArgs {
     /// Vocabulary of the random model whose weights are sent.
     #[arg(long, default_value_t = 32768)]
     pub vocab: usize,
@@ -335,8 +343,43 @@ pub struct WeightSyncArgs {
     /// MLP size.
     #[arg(long, default_value_t = 2048)]
     pub intermediate: usize,
+}
+
+impl WeightShapeArgs {
+    /// The model these flags describe (the other dimensions as the benchmarks' default).
+    fn model(&self) -> TinyModel {
+        TinyModel {
+            vocab: self.vocab,
+            hidden: self.hidden,
+            layers: self.layers,
+            intermediate: self.intermediate,
+            ..TinyModel::default()
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct WeightSyncArgs {
+    #[command(flatten)]
+    pub shape: WeightShapeArgs,
     /// Timed transfers per side, after one warm-up; the median counts.
     #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Options of `prime bench weight-broadcast`.
+#[derive(Debug, Args)]
+pub struct WeightBroadcastArgs {
+    #[command(flatten)]
+    pub shape: WeightShapeArgs,
+    /// Actor counts, comma-separated; one learner, group and set of followers each.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub members: Vec<usize>,
+    /// Timed rounds per path after the first (which forms the group); the median counts.
+    #[arg(long, default_value_t = 3)]
     pub repeats: usize,
     /// Also write the report as JSON here.
     #[arg(long)]
@@ -372,14 +415,18 @@ fn run_learner_step(args: LearnerStepArgs) -> Result<()> {
 }
 
 fn run_weight_sync(args: WeightSyncArgs) -> Result<()> {
-    let spec = TinyModel {
-        vocab: args.vocab,
-        hidden: args.hidden,
-        layers: args.layers,
-        intermediate: args.intermediate,
-        ..TinyModel::default()
+    let report = prime_bench::weight_sync::run_sync_bench(&args.shape.model(), args.repeats)?;
+    print!("{}", report.table());
+    write_json(&args.json, serde_json::to_value(&report)?)
+}
+
+fn run_weight_broadcast(args: WeightBroadcastArgs) -> Result<()> {
+    let settings = prime_bench::weight_broadcast::BroadcastSettings {
+        model: args.shape.model(),
+        members: args.members,
+        repeats: args.repeats,
     };
-    let report = prime_bench::weight_sync::run_sync_bench(&spec, args.repeats)?;
+    let report = prime_bench::weight_broadcast::run_broadcast_bench(&settings)?;
     print!("{}", report.table());
     write_json(&args.json, serde_json::to_value(&report)?)
 }

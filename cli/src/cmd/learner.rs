@@ -206,7 +206,7 @@ fn serve_follower_health(
             reporter
                 .set_service_status("prime.v1.Learner", tonic_health::ServingStatus::Serving)
                 .await;
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let incoming = prime_proto::transport::incoming(listener);
             let mut builder = builder;
             if let Err(e) = builder
                 .add_service(health)
