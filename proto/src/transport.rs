@@ -36,3 +36,33 @@ pub fn bulk_client(endpoint: Endpoint) -> Endpoint {
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
 }
+
+#[cfg(test)]
+mod tests {
+    use tonic::codegen::tokio_stream::StreamExt;
+
+    /// The accepted socket carries TCP_NODELAY, which a plain listener's does not.
+    #[test]
+    fn accepted_connections_have_nodelay() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let accept_one = |wrap: bool| async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let accepted = if wrap {
+                    super::incoming(listener).next().await.unwrap().unwrap()
+                } else {
+                    listener.accept().await.unwrap().0
+                };
+                drop(client);
+                accepted.nodelay().unwrap()
+            };
+            assert!(accept_one(true).await);
+            assert!(!accept_one(false).await, "the system default has Nagle on");
+        });
+    }
+}
