@@ -165,9 +165,6 @@ impl Verifier for VerifierService {
     }
 }
 
-/// The shared-token interceptor every prime-rs server uses (see [`prime_proto::auth`]).
-pub use prime_proto::auth::TokenCheck;
-
 /// Serves the Verifier service and `grpc.health.v1` on `listener` until `shutdown` resolves.
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
