@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use prime_actor::client::{lazy_channel_secure, request, verifier_client, with_deadline};
-use prime_proto::auth::{ClientTls, ServerTls};
+use prime_proto::auth::{ClientTls, ServerAuth, ServerTls};
 use prime_proto::v1 as pb;
 use prime_verifier::grade::{Grader, GraderConfig};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -93,10 +93,14 @@ fn mutual_tls_lets_in_only_clients_with_a_signed_certificate_and_the_token() {
         .enable_all()
         .build()
         .unwrap();
-    let server_tls = ServerTls {
-        cert: Some(server_cert),
-        key: Some(server_key),
-        client_ca: Some(client_ca.write(dir.path(), "client")),
+    let server_auth = ServerAuth {
+        token: Some("s3cret".into()),
+        allow_no_token: false,
+        tls: ServerTls {
+            cert: Some(server_cert),
+            key: Some(server_key),
+            client_ca: Some(client_ca.write(dir.path(), "client")),
+        },
     };
     let port = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -106,8 +110,7 @@ fn mutual_tls_lets_in_only_clients_with_a_signed_certificate_and_the_token() {
             prime_verifier::service::serve_secure(
                 listener,
                 grader,
-                Some("s3cret".into()),
-                &server_tls,
+                &server_auth,
                 std::future::pending(),
             )
             .await

@@ -599,20 +599,8 @@ pub fn publish_policy(trainer: &Trainer) -> Result<Published> {
     )?))
 }
 
-/// Where the learner listens.
-#[derive(Debug, Clone)]
-pub struct ListenOptions {
-    /// gRPC address (port 0 picks a free one).
-    pub listen: SocketAddr,
-    /// Prometheus address, if any.
-    pub metrics_listen: Option<SocketAddr>,
-    /// Shared token every RPC must carry, if any.
-    pub token: Option<String>,
-    /// Listen on a non-loopback address without a token (refused otherwise).
-    pub allow_no_token: bool,
-    /// TLS material; plain HTTP/2 when empty.
-    pub tls: prime_proto::auth::ServerTls,
-}
+/// Where the learner listens and who it lets in.
+pub use prime_proto::auth::ListenOptions;
 
 /// Serves the Learner service and health on a runtime of its own, then runs the compute loop
 /// on this thread until the configured steps are done: wait for a filtered batch, train,
@@ -638,12 +626,7 @@ pub fn run_learner(
     let config_json = serde_json::to_string(&trainer.models.policy.config)
         .map_err(|e| LearnerError::Data(format!("model config: {e}")))?;
     let lease = trainer.config.lease_seconds.min(u64::from(u32::MAX)) as u32;
-    prime_proto::auth::check_listener(
-        options.listen,
-        options.token.as_deref(),
-        options.allow_no_token,
-    )?;
-    let server_builder = options.tls.apply(tonic::transport::Server::builder())?;
+    let server_builder = options.auth.server(options.listen)?;
     let shared = Shared::new(
         scheduler,
         publish_policy(&trainer)?,
@@ -659,7 +642,7 @@ pub fn run_learner(
             broadcast.clone(),
             transport,
             options.listen.ip(),
-            options.token.clone(),
+            options.auth.token.clone(),
             shared.published(),
         );
         let thread = broadcaster
@@ -698,8 +681,7 @@ pub fn run_learner(
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = {
-        let shared = shared.clone();
-        let token = options.token.clone();
+        let learner = options.auth.guard(LearnerService::server(shared.clone()));
         let mut server_builder = server_builder;
         runtime.spawn(async move {
             let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -709,10 +691,7 @@ pub fn run_learner(
             let incoming = prime_proto::transport::incoming(listener);
             server_builder
                 .add_service(health_service)
-                .add_service(tonic::service::interceptor::InterceptedService::new(
-                    LearnerService::server(shared),
-                    prime_proto::auth::TokenCheck::new(token),
-                ))
+                .add_service(learner)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stop_rx.await;
                 })

@@ -68,20 +68,8 @@ pub struct FollowConfig {
     pub tls: prime_proto::auth::ClientTls,
 }
 
-/// Where and how the server listens.
-#[derive(Debug, Clone)]
-pub struct ListenOptions {
-    /// gRPC address (port 0 picks a free one).
-    pub listen: SocketAddr,
-    /// Prometheus address, if any.
-    pub metrics_listen: Option<SocketAddr>,
-    /// Shared token every RPC must carry (and that is sent to a followed learner), if any.
-    pub token: Option<String>,
-    /// Listen on a non-loopback address without a token (refused otherwise).
-    pub allow_no_token: bool,
-    /// TLS material; plain HTTP/2 when empty.
-    pub tls: prime_proto::auth::ServerTls,
-}
+/// Where the server listens and who it lets in (its token is also sent to a followed learner).
+pub use prime_proto::auth::ListenOptions;
 
 /// Live figures for `Status` and Prometheus.
 #[derive(Debug, Default)]
@@ -751,15 +739,9 @@ pub fn start(
         .enable_all()
         .build()
         .map_err(PrmError::io("tokio runtime"))?;
-    prime_proto::auth::check_listener(
-        listen.listen,
-        listen.token.as_deref(),
-        listen.allow_no_token,
-    )
-    .map_err(|e| PrmError::Input(e.to_string()))?;
     let builder = listen
-        .tls
-        .apply(tonic::transport::Server::builder())
+        .auth
+        .server(listen.listen)
         .map_err(|e| PrmError::Input(e.to_string()))?;
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(listen.listen))
@@ -787,12 +769,12 @@ pub fn start(
     if let Some(follow) = &config.follow {
         runtime.spawn(follow_learner(
             follow.clone(),
-            listen.token.clone(),
+            listen.auth.token.clone(),
             engine.clone(),
         ));
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let token = listen.token.clone();
+    let service = listen.auth.guard(service.into_server());
     let thread = std::thread::Builder::new()
         .name("prm-server".into())
         .spawn(move || {
@@ -816,10 +798,7 @@ pub fn start(
                 let mut builder = builder;
                 let serve = builder
                     .add_service(health_service)
-                    .add_service(tonic::service::interceptor::InterceptedService::new(
-                        service.into_server(),
-                        prime_proto::auth::TokenCheck::new(token),
-                    ))
+                    .add_service(service)
                     .serve_with_incoming_shutdown(incoming, async {
                         let _ = graceful_rx.await;
                     });

@@ -197,9 +197,7 @@ fn best_of_n_through_a_server_equals_the_prm_in_process() {
         &ListenOptions {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: None,
-            token: None,
-            allow_no_token: false,
-            tls: Default::default(),
+            auth: Default::default(),
         },
         false,
     )

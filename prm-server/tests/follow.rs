@@ -173,9 +173,7 @@ fn a_following_server_loads_each_new_prm_version() {
         &ListenOptions {
             listen: "127.0.0.1:0".parse().unwrap(),
             metrics_listen: None,
-            token: None,
-            allow_no_token: false,
-            tls: Default::default(),
+            auth: Default::default(),
         },
         false,
     )

@@ -10,6 +10,7 @@ use prime_learner::config::ReferenceType;
 use prime_learner::{prime_step, LearnerConfig, PrimeModels, ScoredGroup, ScoredResponse};
 use prime_model::{CausalLm, Tokenizer};
 use prime_prm_server::service::{start, ListenOptions, RunningServer, ServerConfig};
+use prime_proto::auth::ServerAuth;
 use prime_proto::v1 as pb;
 use prime_tests::{
     init_threads, path_str, qwen2_ref, random_sequences, reference_greedy, reference_logprobs,
@@ -88,9 +89,10 @@ fn server(m: &Models, token: Option<&str>, split: &str) -> RunningServer {
     let listen = ListenOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        token: token.map(str::to_string),
-        allow_no_token: false,
-        tls: Default::default(),
+        auth: ServerAuth {
+            token: token.map(str::to_string),
+            ..ServerAuth::default()
+        },
     };
     start(&config, &listen, false).expect("server starts")
 }

@@ -1,14 +1,16 @@
 //! Who may talk to a prime-rs service: the shared token every RPC carries, TLS and mutual TLS
 //! (rustls), and the rule that a server without a token only listens on loopback.
 //!
-//! Every server (learner, verifier, prm-server) wraps its services in [`TokenCheck`] and builds
-//! its transport with [`ServerTls::apply`]; every client adds [`BearerToken`] and
-//! [`ClientTls::apply`]. The token is compared in constant time.
+//! Every server (learner, verifier, prm-server) takes a [`ServerAuth`]: [`ServerAuth::server`]
+//! checks its address and builds the transport with TLS, [`ServerAuth::guard`] puts a service
+//! behind the [`TokenCheck`]. Every client adds [`BearerToken`] and [`ClientTls::apply`]. The
+//! token is compared in constant time.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use subtle::ConstantTimeEq;
 use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 
@@ -231,17 +233,60 @@ impl ClientTls {
     }
 }
 
-/// Refuses a server that would listen on a non-loopback address without a token, unless the
-/// operator said so explicitly (`allow_no_token`).
-pub fn check_listener(
-    addr: SocketAddr,
-    token: Option<&str>,
-    allow_no_token: bool,
-) -> Result<(), AuthError> {
-    if token.is_some() || allow_no_token || addr.ip().is_loopback() {
-        return Ok(());
+/// Who a server lets in: the shared token every RPC must carry, whether a non-loopback address
+/// may go without one, and the TLS material.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ServerAuth {
+    /// Shared token every RPC must carry (`authorization: Bearer TOKEN`), if any.
+    pub token: Option<String>,
+    /// Listen on a non-loopback address without a token (refused otherwise).
+    pub allow_no_token: bool,
+    /// TLS material; plain HTTP/2 when empty.
+    pub tls: ServerTls,
+}
+
+impl std::fmt::Debug for ServerAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("ServerAuth")
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("allow_no_token", &self.allow_no_token)
+            .field("tls", &self.tls)
+            .finish()
     }
-    Err(AuthError::OpenListener(addr))
+}
+
+impl ServerAuth {
+    /// Refuses to listen on a non-loopback `addr` without a token, unless the operator said so
+    /// explicitly (`allow_no_token`).
+    pub fn check(&self, addr: SocketAddr) -> Result<(), AuthError> {
+        if self.token.is_some() || self.allow_no_token || addr.ip().is_loopback() {
+            return Ok(());
+        }
+        Err(AuthError::OpenListener(addr))
+    }
+
+    /// The transport of a server on `addr`, with TLS when configured, after [`Self::check`].
+    pub fn server(&self, addr: SocketAddr) -> Result<Server, AuthError> {
+        self.check(addr)?;
+        self.tls.apply(Server::builder())
+    }
+
+    /// `service` behind the token check.
+    pub fn guard<S>(&self, service: S) -> InterceptedService<S, TokenCheck> {
+        InterceptedService::new(service, TokenCheck::new(self.token.clone()))
+    }
+}
+
+/// Where a server listens and who it lets in.
+#[derive(Debug, Clone)]
+pub struct ListenOptions {
+    /// gRPC address (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Prometheus address, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Token and TLS.
+    pub auth: ServerAuth,
 }
 
 fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, AuthError> {
@@ -302,14 +347,45 @@ mod tests {
         let public: SocketAddr = "0.0.0.0:50051".parse().unwrap();
         let loopback: SocketAddr = "127.0.0.1:50051".parse().unwrap();
         let loopback6: SocketAddr = "[::1]:50051".parse().unwrap();
+        let open = ServerAuth::default();
+        let with_token = ServerAuth {
+            token: Some("t".into()),
+            ..ServerAuth::default()
+        };
+        let consenting = ServerAuth {
+            allow_no_token: true,
+            ..ServerAuth::default()
+        };
         assert!(matches!(
-            check_listener(public, None, false),
+            open.check(public),
             Err(AuthError::OpenListener(_))
         ));
-        assert!(check_listener(public, Some("t"), false).is_ok());
-        assert!(check_listener(public, None, true).is_ok());
-        assert!(check_listener(loopback, None, false).is_ok());
-        assert!(check_listener(loopback6, None, false).is_ok());
+        assert!(matches!(
+            open.server(public),
+            Err(AuthError::OpenListener(_))
+        ));
+        assert!(with_token.check(public).is_ok());
+        assert!(consenting.check(public).is_ok());
+        assert!(open.check(loopback).is_ok());
+        assert!(open.check(loopback6).is_ok());
+        assert!(open.server(loopback).is_ok());
+    }
+
+    #[test]
+    fn server_auth_never_prints_its_token() {
+        let auth = ServerAuth {
+            token: Some("s3cret".into()),
+            ..ServerAuth::default()
+        };
+        let printed = format!("{auth:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("<set>"), "{printed}");
+        let listen = ListenOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: None,
+            auth,
+        };
+        assert!(!format!("{listen:?}").contains("s3cret"));
     }
 
     #[test]
@@ -319,6 +395,14 @@ mod tests {
             ..ServerTls::default()
         };
         assert!(matches!(half.config(), Err(AuthError::Tls(_))));
+        let half_auth = ServerAuth {
+            tls: half,
+            ..ServerAuth::default()
+        };
+        assert!(matches!(
+            half_auth.server("127.0.0.1:0".parse().unwrap()),
+            Err(AuthError::Tls(_))
+        ));
         let missing = ServerTls {
             cert: Some("/nonexistent/cert.pem".into()),
             key: Some("/nonexistent/key.pem".into()),

@@ -3,10 +3,9 @@
 
 use crate::error::VerifierError;
 use crate::grade::{Ability, GradeItem, GradeResult, Grader, Outcome};
-use prime_proto::auth::ServerTls;
+use prime_proto::auth::ServerAuth;
 use prime_proto::v1 as pb;
 use prime_proto::v1::verifier_server::{Verifier, VerifierServer};
-use std::net::SocketAddr;
 use std::pin::Pin;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::{Stream, StreamExt};
@@ -166,9 +165,6 @@ impl Verifier for VerifierService {
     }
 }
 
-/// The shared-token interceptor every prime-rs server uses (see [`prime_proto::auth`]).
-pub use prime_proto::auth::TokenCheck;
-
 /// Serves the Verifier service and `grpc.health.v1` on `listener` until `shutdown` resolves.
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
@@ -176,33 +172,32 @@ pub async fn serve_on(
     token: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), VerifierError> {
-    serve_secure(listener, grader, token, &ServerTls::default(), shutdown).await
+    let auth = ServerAuth {
+        token,
+        ..ServerAuth::default()
+    };
+    serve_secure(listener, grader, &auth, shutdown).await
 }
 
-/// [`serve_on`] with TLS (and mutual TLS when `tls.client_ca` is set).
+/// [`serve_on`] with every setting of `auth`: TLS (mutual when `auth.tls.client_ca` is set)
+/// and the refusal of an open non-loopback listener.
 pub async fn serve_secure(
     listener: tokio::net::TcpListener,
     grader: Grader,
-    token: Option<String>,
-    tls: &ServerTls,
+    auth: &ServerAuth,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), VerifierError> {
-    let builder = tls
-        .apply(tonic::transport::Server::builder())
+    let mut builder = auth
+        .server(listener.local_addr()?)
         .map_err(|e| VerifierError::Config(e.to_string()))?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<VerifierServer<VerifierService>>()
         .await;
-    let service = VerifierService::new(grader).into_server();
-    let check = TokenCheck::new(token);
     let incoming = prime_proto::transport::incoming(listener);
-    let mut builder = builder;
     builder
         .add_service(health_service)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            service, check,
-        ))
+        .add_service(auth.guard(VerifierService::new(grader).into_server()))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| VerifierError::Unavailable(format!("server failed: {e}")))
@@ -241,19 +236,14 @@ pub async fn serve_prometheus(
     }
 }
 
-/// Options of `prime verifier`.
+/// Where the server listens and who it lets in.
+pub use prime_proto::auth::ListenOptions;
+
+/// Options of `prime verifier serve`.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// gRPC listen address.
-    pub listen: SocketAddr,
-    /// Prometheus listen address, if any.
-    pub metrics_listen: Option<SocketAddr>,
-    /// Shared token clients must send, if any.
-    pub token: Option<String>,
-    /// Serve without a token on a non-loopback address (refused otherwise).
-    pub allow_no_token: bool,
-    /// TLS material; plain HTTP/2 when empty.
-    pub tls: ServerTls,
+    /// Where the server listens and who it lets in.
+    pub server: ListenOptions,
     /// Grader settings.
     pub grader: crate::grade::GraderConfig,
 }
@@ -263,17 +253,17 @@ pub fn run_server(options: ServeOptions) -> Result<(), VerifierError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    prime_proto::auth::check_listener(
-        options.listen,
-        options.token.as_deref(),
-        options.allow_no_token,
-    )
-    .map_err(|e| VerifierError::Config(e.to_string()))?;
+    // Refused before anything is bound.
+    options
+        .server
+        .auth
+        .check(options.server.listen)
+        .map_err(|e| VerifierError::Config(e.to_string()))?;
     runtime.block_on(async move {
         let grader = Grader::new(options.grader.clone());
-        let listener = tokio::net::TcpListener::bind(options.listen).await?;
+        let listener = tokio::net::TcpListener::bind(options.server.listen).await?;
         tracing::info!(addr = %listener.local_addr()?, status = ?grader.status(), "verifier listening");
-        if let Some(addr) = options.metrics_listen {
+        if let Some(addr) = options.server.metrics_listen {
             let metrics_listener = tokio::net::TcpListener::bind(addr).await?;
             tracing::info!(addr = %metrics_listener.local_addr()?, "metrics listening");
             tokio::spawn(serve_metrics(metrics_listener, grader.clone()));
@@ -282,6 +272,6 @@ pub fn run_server(options: ServeOptions) -> Result<(), VerifierError> {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down");
         };
-        serve_secure(listener, grader, options.token, &options.tls, shutdown).await
+        serve_secure(listener, grader, &options.server.auth, shutdown).await
     })
 }

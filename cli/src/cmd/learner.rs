@@ -52,10 +52,7 @@ pub struct ServeArgs {
     /// Prometheus metrics listen address.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
-    /// Shared token every RPC must carry (`authorization: Bearer TOKEN`).
-    #[arg(long, env = "PRIME_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// TLS and the no-token policy.
+    /// Token, TLS and the no-token policy.
     #[command(flatten)]
     pub security: super::tls::ServerSecurityArgs,
     /// Continue from the latest checkpoint in the run directory, if there is one.
@@ -191,7 +188,10 @@ fn serve_follower_health(
     listen: SocketAddr,
     security: &super::tls::ServerSecurityArgs,
 ) -> Result<std::thread::JoinHandle<()>> {
-    let builder = security.tls().apply(tonic::transport::Server::builder())?;
+    let builder = security
+        .auth()
+        .tls
+        .apply(tonic::transport::Server::builder())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -253,9 +253,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let options = ListenOptions {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
-        token: args.token.clone(),
-        allow_no_token: args.security.allow_no_token,
-        tls: args.security.tls(),
+        auth: args.security.auth(),
     };
     let addr_file = args.addr_file.clone();
     let trainer = run_learner(

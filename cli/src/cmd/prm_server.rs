@@ -31,11 +31,7 @@ pub struct PrmServerArgs {
     /// Prometheus metrics listen address (HTTP, `/metrics`); off when not given.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
-    /// Shared token clients must send as `authorization: Bearer TOKEN` (also sent to a
-    /// followed learner).
-    #[arg(long, env = "PRIME_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// TLS of this server and the no-token policy.
+    /// Token (also sent to a followed learner), TLS of this server and the no-token policy.
     #[command(flatten)]
     pub security: super::tls::ServerSecurityArgs,
     /// TLS towards a followed learner (an https:// --learner URL).
@@ -57,7 +53,8 @@ pub struct PrmServerArgs {
     /// Most responses of waiting requests gathered into one device batch.
     #[arg(long, default_value_t = 256)]
     pub max_batch_responses: usize,
-    /// Follow a learner at this URL: load the PRM weights of each new version it publishes.
+    /// Follow a learner at this URL: load the PRM weights of each new version it publishes
+    /// (--token is sent to it too).
     #[arg(long)]
     pub learner: Option<String>,
     /// Seconds between polls of the followed learner.
@@ -96,9 +93,7 @@ pub fn run(args: PrmServerArgs) -> anyhow::Result<()> {
     let listen = ListenOptions {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
-        token: args.token,
-        allow_no_token: args.security.allow_no_token,
-        tls: args.security.tls(),
+        auth: args.security.auth(),
     };
     let server = start(&config, &listen, true).context("starting the PRM server")?;
     eprintln!("prm-server listening on {}", server.addr);

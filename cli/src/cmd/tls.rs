@@ -1,13 +1,17 @@
-//! TLS and token-policy flags shared by every server and client subcommand (the logic lives
-//! in `prime_proto::auth`).
+//! Token, TLS and token-policy flags shared by every server and client subcommand (the logic
+//! lives in `prime_proto::auth`).
 use std::path::PathBuf;
 
-use prime_proto::auth::{ClientTls, ServerTls};
+use prime_proto::auth::{ClientTls, ServerAuth, ServerTls};
 
-/// TLS for a server: `--tls-cert` and `--tls-key` turn it on, `--tls-client-ca` makes it
-/// mutual. Plus the one way to serve a non-loopback address without a token.
-#[derive(clap::Args, Debug, Clone, Default)]
+/// Who a server lets in: the shared token, TLS (`--tls-cert` and `--tls-key` turn it on,
+/// `--tls-client-ca` makes it mutual), and the one way to serve a non-loopback address without
+/// a token.
+#[derive(clap::Args, Clone, Default)]
 pub struct ServerSecurityArgs {
+    /// Shared token every RPC must carry (`authorization: Bearer TOKEN`).
+    #[arg(long, env = "PRIME_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// PEM certificate chain this server presents (TLS on when set, with --tls-key).
     #[arg(long, env = "PRIME_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -23,13 +27,24 @@ pub struct ServerSecurityArgs {
     pub allow_no_token: bool,
 }
 
+impl std::fmt::Debug for ServerSecurityArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // ServerAuth's Debug never prints the token.
+        std::fmt::Debug::fmt(&self.auth(), f)
+    }
+}
+
 impl ServerSecurityArgs {
-    /// The TLS material as the servers take it.
-    pub fn tls(&self) -> ServerTls {
-        ServerTls {
-            cert: self.tls_cert.clone(),
-            key: self.tls_key.clone(),
-            client_ca: self.tls_client_ca.clone(),
+    /// The settings as the servers take them.
+    pub fn auth(&self) -> ServerAuth {
+        ServerAuth {
+            token: self.token.clone(),
+            allow_no_token: self.allow_no_token,
+            tls: ServerTls {
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            },
         }
     }
 }

@@ -6,7 +6,7 @@ use prime_verifier::code::sandbox::SandboxLimits;
 use prime_verifier::code::CodeGraderConfig;
 use prime_verifier::grade::GraderConfig;
 use prime_verifier::jsonl::{grade_file, GradeFileOptions};
-use prime_verifier::service::{run_server, ServeOptions};
+use prime_verifier::service::{run_server, ListenOptions, ServeOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -67,10 +67,7 @@ pub struct VerifierArgs {
     /// Prometheus metrics listen address (HTTP, `/metrics`); off when not given.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
-    /// Shared token clients must send as `authorization: Bearer TOKEN`.
-    #[arg(long, env = "PRIME_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// TLS and the no-token policy.
+    /// Token, TLS and the no-token policy.
     #[command(flatten)]
     pub security: super::tls::ServerSecurityArgs,
     /// Grading settings.
@@ -81,11 +78,11 @@ pub struct VerifierArgs {
 /// Runs the verifier server until Ctrl-C.
 pub fn run(args: VerifierArgs) -> anyhow::Result<()> {
     let options = ServeOptions {
-        listen: args.listen,
-        metrics_listen: args.metrics_listen,
-        token: args.token,
-        allow_no_token: args.security.allow_no_token,
-        tls: args.security.tls(),
+        server: ListenOptions {
+            listen: args.listen,
+            metrics_listen: args.metrics_listen,
+            auth: args.security.auth(),
+        },
         grader: args.grading.config()?,
     };
     run_server(options).context("verifier server failed")
