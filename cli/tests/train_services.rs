@@ -129,18 +129,22 @@ fn actors_learner_and_verifier_train_survive_kills_and_resume() {
     });
     // Freeze actor 0 at a moment it holds work, then kill it: its leases run out and the work
     // goes to actor 1, which starts now.
+    // The pause before each try varies: an actor resumed by SIGCONT starts its next batch at
+    // once, and a batch shorter than a fixed pause would always end before the next SIGSTOP.
     let pid = procs.0[2].id().to_string();
+    let mut tries = 0u64;
     wait_for(
         "actor 0 frozen holding work",
         Duration::from_secs(120),
         || {
+            tries += 1;
+            std::thread::sleep(Duration::from_millis(10 + tries * 37 % 400));
             Command::new("kill").args(["-STOP", &pid]).status().unwrap();
             std::thread::sleep(Duration::from_millis(300));
             if gauge(metrics, "prime_learner_in_flight").unwrap_or(0.0) >= 1.0 {
                 return true;
             }
             Command::new("kill").args(["-CONT", &pid]).status().unwrap();
-            std::thread::sleep(Duration::from_millis(50));
             false
         },
     );
