@@ -8,10 +8,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use prime_collective::bytecast::{self, ByteCast};
+use prime_collective::bytecast::{ByteCast, Receiver};
 use prime_collective::tcp::TcpOptions;
 use prime_collective::RankInfo;
-use prime_model::weights::WeightManifest;
+use prime_model::weights::{WeightAssembler, WeightManifest};
 use prime_proto::v1 as pb;
 use tch::Device;
 use tracing::{debug, info, warn};
@@ -26,8 +26,9 @@ const POLL_DEADLINE: Duration = Duration::from_secs(45);
 /// The bytes of a version, where the broadcast left them.
 #[derive(Debug)]
 pub enum Received {
-    /// Host memory (the TCP ring), checked against the manifest's hashes when applied.
-    Host(Bytes),
+    /// Host memory (the TCP ring): the pieces as they arrived, each tensor's SHA-256 computed
+    /// on background threads while the rest arrived; applying waits for the last check.
+    Host(WeightAssembler),
     /// A `uint8` tensor on the actor's CUDA device (NCCL).
     Device(tch::Tensor),
 }
@@ -302,6 +303,10 @@ fn receive(
             "broadcast rank {rank} is not in 1..{world_size}"
         )));
     }
+    let total = usize::try_from(manifest.total_bytes)
+        .map_err(|_| ActorError::Protocol("a transfer larger than memory".into()))?;
+    // Refuses an inconsistent manifest before joining; starts the hashing threads.
+    let assembler = WeightAssembler::new(manifest.clone())?;
     if group
         .as_ref()
         .is_none_or(|(epoch, _)| *epoch != round.epoch)
@@ -310,13 +315,46 @@ fn receive(
         *group = Some((round.epoch, join(config, &round, rank, world_size)?));
     }
     let (_, group) = group.as_mut().expect("joined above");
-    let total = usize::try_from(manifest.total_bytes)
-        .map_err(|_| ActorError::Protocol("a transfer larger than memory".into()))?;
-    let bytes = match group.receive(total)? {
-        bytecast::Received::Host(bytes) => Received::Host(Bytes::from(bytes)),
-        bytecast::Received::Device(bytes) => Received::Device(bytes),
+    let bytes = match group.device() {
+        Some(device) => {
+            let mut buffer =
+                tch::Tensor::zeros([total as i64], (tch::Kind::Uint8, Device::Cuda(device)));
+            group.receive(total, Receiver::Device(&mut buffer))?;
+            Received::Device(buffer)
+        }
+        None => Received::Host(receive_checked(group, assembler, total)?),
     };
     Ok(Delivered { manifest, bytes })
+}
+
+/// Receives `total` host bytes and feeds each piece to `assembler` as it arrives, so the
+/// hashes are computed while the rest is on its way. A piece the assembler refuses (a hash
+/// already known to be wrong) does not stop the broadcast, which the members after this one
+/// still need; the refusal is the result once it has ended.
+fn receive_checked(
+    group: &mut ByteCast,
+    mut assembler: WeightAssembler,
+    total: usize,
+) -> Result<WeightAssembler> {
+    let version = assembler.manifest().policy_version;
+    let mut offset = 0u64;
+    let mut refused = None;
+    group.receive(
+        total,
+        Receiver::Host(&mut |piece: Vec<u8>| {
+            let len = piece.len() as u64;
+            if refused.is_none() {
+                if let Err(e) = assembler.push(version, offset, Bytes::from(piece)) {
+                    refused = Some(e);
+                }
+            }
+            offset += len;
+        }),
+    )?;
+    match refused {
+        Some(e) => Err(e.into()),
+        None => Ok(assembler),
+    }
 }
 
 /// A limit the learner sent, in seconds (a learner that sent none: 2 minutes).

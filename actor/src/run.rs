@@ -675,10 +675,8 @@ impl Actor {
         // A failed copy leaves the weights mixed: they belong to no version until the next.
         policy.version = None;
         policy.version = Some(match bytes {
-            Received::Host(bytes) => {
-                let mut assembler = prime_model::weights::WeightAssembler::new(manifest)?;
+            Received::Host(assembler) => {
                 assembler.check_target(&policy.lm.vs)?;
-                assembler.push(version, 0, bytes)?;
                 assembler.apply(&policy.lm.vs)?
             }
             Received::Device(bytes) => {

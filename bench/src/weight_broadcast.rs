@@ -445,13 +445,12 @@ fn take_verified(follower: &Follower, version: u64) -> Result<u64> {
         }
         std::thread::sleep(Duration::from_millis(1));
     };
-    let Received::Host(bytes) = bytes else {
+    let Received::Host(mut assembler) = bytes else {
         return Err(BenchError::Service(
             "a TCP broadcast arrived outside host memory".into(),
         ));
     };
-    let mut assembler = WeightAssembler::new(manifest)?;
-    assembler.push(version, 0, bytes)?;
+    debug_assert_eq!(assembler.manifest(), &manifest);
     assembler.verify()?;
     Ok(assembler.received_bytes())
 }

@@ -9,13 +9,12 @@ use crate::error::Result;
 use crate::tcp::{HostBuffer, TcpGroup, TcpOptions};
 use crate::RankInfo;
 
-/// The bytes a member received, where the transport left them.
-#[derive(Debug)]
-pub enum Received {
-    /// Host memory (the TCP ring).
-    Host(Vec<u8>),
-    /// A 1-D `uint8` tensor on the member's CUDA device (NCCL).
-    Device(tch::Tensor),
+/// Where a member's received bytes end up.
+pub enum Receiver<'a> {
+    /// Host memory (the TCP ring): each piece goes to the sink as soon as it has arrived.
+    Host(&'a mut dyn FnMut(Vec<u8>)),
+    /// A 1-D `uint8` tensor on the member's CUDA device (NCCL), filled in place.
+    Device(&'a mut tch::Tensor),
 }
 
 /// A broadcast group of one epoch.
@@ -93,24 +92,36 @@ impl ByteCast {
         }
     }
 
-    /// Ranks above 0: receives rank 0's `len` bytes.
-    pub fn receive(&mut self, len: usize) -> Result<Received> {
+    /// Whether received bytes land on a CUDA device (else in host memory).
+    pub fn receives_on_device(&self) -> bool {
+        !matches!(self, Self::Tcp(_))
+    }
+
+    /// The CUDA device an NCCL group receives on.
+    pub fn device(&self) -> Option<usize> {
         match self {
-            Self::Tcp(group) => {
-                let mut buffer = vec![0u8; len];
-                group.broadcast_host(HostBuffer::Receive(&mut buffer), 0)?;
-                Ok(Received::Host(buffer))
+            Self::Tcp(_) => None,
+            #[cfg(feature = "nccl")]
+            Self::Nccl { device, .. } => Some(*device),
+        }
+    }
+
+    /// Ranks above 0: receives rank 0's `len` bytes into `into`, which must be the kind
+    /// [`ByteCast::receives_on_device`] says (a device tensor of `len` bytes for NCCL).
+    pub fn receive(&mut self, len: usize, into: Receiver<'_>) -> Result<()> {
+        match (self, into) {
+            (Self::Tcp(group), Receiver::Host(sink)) => {
+                group.broadcast_host(HostBuffer::Pieces { len, sink }, 0)
             }
             #[cfg(feature = "nccl")]
-            Self::Nccl { group, device } => {
+            (Self::Nccl { group, .. }, Receiver::Device(buffer)) => {
                 use crate::Collective;
-                let mut buffer = tch::Tensor::zeros(
-                    [len as i64],
-                    (tch::Kind::Uint8, tch::Device::Cuda(*device)),
-                );
-                group.broadcast(&mut buffer, 0)?;
-                Ok(Received::Device(buffer))
+                crate::check_numel(buffer, len, "broadcast buffer")?;
+                group.broadcast(buffer, 0)
             }
+            (_, _) => Err(crate::CollectiveError::Tensor(
+                "a broadcast received into the wrong kind of buffer".into(),
+            )),
         }
     }
 }

@@ -81,12 +81,31 @@ impl TcpAbort {
 }
 
 /// This rank's bytes in [`TcpGroup::broadcast_host`].
-#[derive(Debug)]
 pub enum HostBuffer<'a> {
     /// The root's bytes, sent to every other rank.
     Send(&'a [u8]),
     /// Where a non-root rank receives the root's bytes.
     Receive(&'a mut [u8]),
+    /// A non-root rank receives `len` bytes piece by piece (4 MiB each, the last shorter):
+    /// each piece is handed to `sink` once it has arrived and been passed on, so work on it
+    /// (hashing) overlaps the rest of the transfer. The sink cannot fail the broadcast: the
+    /// ranks after this one still need every piece.
+    Pieces {
+        /// Bytes to receive.
+        len: usize,
+        /// Takes each piece, in order.
+        sink: &'a mut dyn FnMut(Vec<u8>),
+    },
+}
+
+impl std::fmt::Debug for HostBuffer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Send(data) => write!(f, "Send({} bytes)", data.len()),
+            Self::Receive(data) => write!(f, "Receive({} bytes)", data.len()),
+            Self::Pieces { len, .. } => write!(f, "Pieces({len} bytes)"),
+        }
+    }
 }
 
 /// A ring of ranks over TCP implementing [`Collective`].
@@ -717,6 +736,7 @@ impl TcpGroup {
         let bytes = match &buffer {
             HostBuffer::Send(data) => data.len(),
             HostBuffer::Receive(data) => data.len(),
+            HostBuffer::Pieces { len, .. } => *len,
         };
         let (rank, next_rank) = (self.rank, (self.rank + 1) % w);
         let prev_rank = (rank + w - 1) % w;
@@ -744,6 +764,18 @@ impl TcpGroup {
                             if forward {
                                 write_full(next, piece, deadline, send_ctx)?;
                             }
+                        }
+                    }
+                    HostBuffer::Pieces { len, sink } => {
+                        let mut left = len;
+                        while left > 0 {
+                            let mut piece = vec![0u8; left.min(BROADCAST_PIECE)];
+                            read_full(prev, &mut piece, deadline, recv_ctx)?;
+                            if forward {
+                                write_full(next, &piece, deadline, send_ctx)?;
+                            }
+                            left -= piece.len();
+                            sink(piece);
                         }
                     }
                 }

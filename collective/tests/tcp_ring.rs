@@ -262,7 +262,8 @@ fn a_rank_without_the_runs_token_is_turned_away() {
 }
 
 /// Host-memory broadcasts (the learner's weight broadcast): 9 MiB plus a few bytes from root
-/// 0, so the 4 MiB pieces end mid-way, reach every rank of 4 bit-identical; rank 0 joins on a
+/// 0, so the 4 MiB pieces end mid-way, reach every rank of 4 bit-identical, whether received
+/// into one buffer or piece by piece (rank 2, which passes them on to rank 3); rank 0 joins on a
 /// listener bound beforehand on a system-picked port; a rank that takes the wrong role fails
 /// at once, before anything is sent.
 #[test]
@@ -307,10 +308,23 @@ fn host_broadcasts_from_a_listener_bound_beforehand() {
                     }
                     let wrong = group.broadcast_host(HostBuffer::Send(payload), 0);
                     assert!(wrong.unwrap_err().to_string().contains("sends"));
-                    group
-                        .broadcast_host(HostBuffer::Receive(&mut mine), 0)
-                        .unwrap();
-                    mine
+                    if rank != 2 {
+                        group
+                            .broadcast_host(HostBuffer::Receive(&mut mine), 0)
+                            .unwrap();
+                        return mine;
+                    }
+                    // Rank 2 takes the bytes piece by piece (and still passes them on).
+                    let mut pieces: Vec<Vec<u8>> = Vec::new();
+                    let mut sink = |piece: Vec<u8>| pieces.push(piece);
+                    let buffer = HostBuffer::Pieces {
+                        len,
+                        sink: &mut sink,
+                    };
+                    group.broadcast_host(buffer, 0).unwrap();
+                    let sizes: Vec<usize> = pieces.iter().map(Vec::len).collect();
+                    assert_eq!(sizes, vec![4 << 20, 4 << 20, (1 << 20) + 13]);
+                    pieces.concat()
                 })
             })
             .collect();
