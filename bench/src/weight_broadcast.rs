@@ -28,7 +28,7 @@ use prime_actor::client::{lazy_channel, learner_client};
 use prime_actor::weights::{open_transfer, receive_chunks};
 use prime_learner::broadcast::{BroadcastStats, Broadcaster, Transport, WeightBroadcastConfig};
 use prime_learner::service::{Published, Shared};
-use prime_model::weights::{encode_var_store, WeightAssembler, DEFAULT_CHUNK_BYTES};
+use prime_model::weights::{encode_var_store, DEFAULT_CHUNK_BYTES};
 use serde::Serialize;
 use tch::Device;
 
