@@ -240,6 +240,23 @@ pub fn step_records(run_dir: &Path) -> Vec<Value> {
 }
 
 /// One gauge of a Prometheus endpoint (`name` in full); `None` while it does not answer.
+/// Runs `command` (a `prime` benchmark) with `--json PATH` appended, asserts it succeeded,
+/// and returns the JSON report it wrote and the table it printed.
+pub fn run_report(mut command: Command, json: &Path) -> (Value, String) {
+    let output = command
+        .arg("--json")
+        .arg(json)
+        .output()
+        .expect("prime starts");
+    assert!(
+        output.status.success(),
+        "{command:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    (report, String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 pub fn gauge(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).ok()?;

@@ -578,14 +578,7 @@ fn run_one(settings: &LoadSettings, actors: usize) -> Result<LoadRow> {
     let (learner, addr) = start_learner(settings, &config, &run_dir, metrics)?;
     let pid = learner.0.id();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|source| BenchError::Io {
-            path: "tokio runtime".into(),
-            source,
-        })?;
+    let runtime = crate::weight_sync::runtime()?;
     let stop = Arc::new(AtomicBool::new(false));
     let duration = Duration::from_secs_f64(settings.seconds);
     let logs = runtime.block_on(async {

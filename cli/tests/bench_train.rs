@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use prime_tests::{step_records, write_tiny_start_model};
+use prime_tests::{run_report, step_records, write_tiny_start_model};
 use serde_json::Value;
 
 const CONFIG: &str = r#"
@@ -49,7 +49,8 @@ fn bench_train_reports_what_the_runs_recorded() {
     let warmup = tmp.path().join("warmup");
     write_tiny_start_model(&warmup, &config, 3);
     let (out, json) = (tmp.path().join("out"), tmp.path().join("report.json"));
-    let output = Command::new(env!("CARGO_BIN_EXE_prime"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_prime"));
+    command
         .args([
             "--threads",
             "1",
@@ -65,18 +66,8 @@ fn bench_train_reports_what_the_runs_recorded() {
         .arg("--warmup-dir")
         .arg(&warmup)
         .arg("--out-dir")
-        .arg(&out)
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .expect("prime starts");
-    assert!(
-        output.status.success(),
-        "prime bench train failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let table = String::from_utf8_lossy(&output.stdout);
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        .arg(&out);
+    let (report, table) = run_report(command, &json);
     assert_eq!(report["warmup_reused"], true);
     assert_eq!(report["batch_prompts"], 4);
     let rows = report["rows"].as_array().unwrap();

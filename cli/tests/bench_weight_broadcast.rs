@@ -4,6 +4,7 @@
 //! model's f32 parameters; every round after the first in the group the first one formed.
 use std::process::Command;
 
+use prime_tests::run_report;
 use serde_json::Value;
 
 /// f32 bytes of an untied Qwen2 (q/k/v biases, no o/MLP biases, two norms per layer and a
@@ -33,36 +34,26 @@ fn seconds(value: &Value) -> f64 {
 fn bench_weight_broadcast_counts_one_copy_per_round_against_n() {
     let tmp = tempfile::tempdir().unwrap();
     let json = tmp.path().join("report.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_prime"))
-        .args([
-            "--threads",
-            "1",
-            "bench",
-            "weight-broadcast",
-            "--vocab",
-            "512",
-            "--hidden",
-            "64",
-            "--layers",
-            "2",
-            "--intermediate",
-            "128",
-            "--members",
-            "1,2",
-            "--repeats",
-            "1",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .expect("prime starts");
-    assert!(
-        output.status.success(),
-        "prime bench weight-broadcast failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let table = String::from_utf8_lossy(&output.stdout);
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_prime"));
+    command.args([
+        "--threads",
+        "1",
+        "bench",
+        "weight-broadcast",
+        "--vocab",
+        "512",
+        "--hidden",
+        "64",
+        "--layers",
+        "2",
+        "--intermediate",
+        "128",
+        "--members",
+        "1,2",
+        "--repeats",
+        "1",
+    ]);
+    let (report, table) = run_report(command, &json);
 
     // The benchmark's model keeps the default 8 heads / 2 kv heads.
     let size = qwen2_f32_bytes(512, 64, 2, 128, 8, 2);
