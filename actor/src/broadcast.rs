@@ -131,8 +131,10 @@ impl Follower {
 
     /// The weights of `version` once the broadcast brings them: at once when received, after
     /// the round when one for it is being received (for at most `limit`), and after waiting
-    /// up to `expect` for a round to start when the follower is in a group (its learner
-    /// broadcasts each version right after publishing it). `None`: fetch over gRPC.
+    /// up to `expect` for a round to start when the follower is in a group and received the
+    /// version before (its learner broadcasts each version right after publishing it; a
+    /// follower whose rounds stopped coming waits once, not at every version). `None`: fetch
+    /// over gRPC.
     pub fn take(
         &self,
         version: u64,
@@ -153,7 +155,9 @@ impl Follower {
             let waited = started.elapsed();
             let worth_waiting = match state.receiving {
                 Some(v) => v == version && waited < limit,
-                None => state.in_group && !state.ended && state.held < version && waited < expect,
+                None => {
+                    state.in_group && !state.ended && state.held + 1 == version && waited < expect
+                }
             };
             if !worth_waiting || stop.load(Ordering::Relaxed) {
                 return None;
