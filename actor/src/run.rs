@@ -358,9 +358,11 @@ impl Actor {
 
     /// Starts following the learner's weight broadcast when a registration offers one
     /// (`backend` non-empty), the actor allows it and can take part (NCCL needs a CUDA device
-    /// and an NCCL build). Once started, the follower lives as long as the actor.
+    /// and an NCCL build). A follower lives as long as the actor, unless it ended (a learner
+    /// that restarted without the broadcast); a later offer starts a new one.
     fn follow_broadcast(&mut self, backend: &str) -> Result<(), Halt> {
-        if backend.is_empty() || !self.config.weight_broadcast || self.follower.is_some() {
+        let following = self.follower.as_ref().is_some_and(Follower::is_following);
+        if backend.is_empty() || !self.config.weight_broadcast || following {
             return Ok(());
         }
         let nccl_capable = cfg!(feature = "nccl") && self.config.device.is_cuda();
