@@ -123,16 +123,12 @@ pub enum Transport {
 impl Transport {
     /// Picks the transport `backend` asks for on the learner's `device`.
     pub fn resolve(backend: Backend, device: Device) -> Result<Self> {
-        let cuda = match device {
-            Device::Cuda(index) => Some(index),
-            _ => None,
-        };
-        match (backend, cuda) {
-            (Backend::Tcp, _) => Ok(Self::Tcp),
-            (Backend::Auto, Some(device)) if cfg!(feature = "nccl") => Ok(Self::Nccl { device }),
-            (Backend::Auto, _) => Ok(Self::Tcp),
-            (Backend::Nccl, Some(device)) if cfg!(feature = "nccl") => Ok(Self::Nccl { device }),
-            (Backend::Nccl, _) => Err(LearnerError::Config {
+        if !backend.uses_nccl(device) {
+            return Ok(Self::Tcp);
+        }
+        match device {
+            Device::Cuda(device) if cfg!(feature = "nccl") => Ok(Self::Nccl { device }),
+            _ => Err(LearnerError::Config {
                 path: "learner.weight_broadcast.backend".into(),
                 message: "\"nccl\" needs a CUDA learner and a build with the `nccl` feature".into(),
             }),

@@ -47,6 +47,18 @@ pub enum Backend {
     Nccl,
 }
 
+impl Backend {
+    /// Whether this choice means NCCL for a process on `device`: `nccl` always, `auto` on
+    /// CUDA in a build with the `nccl` feature.
+    pub fn uses_nccl(self, device: Device) -> bool {
+        match self {
+            Backend::Auto => cfg!(feature = "nccl") && device.is_cuda(),
+            Backend::Tcp => false,
+            Backend::Nccl => true,
+        }
+    }
+}
+
 /// `[learner.parallel]`: how data-parallel ranks cooperate. The number of ranks and each
 /// one's index come from the environment (`WORLD_SIZE`, `RANK`, ...), not from the config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1461,12 +1473,7 @@ pub fn join_group(
     let join_timeout = Duration::from_secs(config.join_timeout_seconds.max(1));
     // The run's token proves membership of the group, as it does on every RPC.
     let token = std::env::var("PRIME_TOKEN").ok().filter(|t| !t.is_empty());
-    let nccl = match config.backend {
-        Backend::Auto => cfg!(feature = "nccl") && device.is_cuda(),
-        Backend::Tcp => false,
-        Backend::Nccl => true,
-    };
-    if nccl {
+    if config.backend.uses_nccl(device) {
         #[cfg(feature = "nccl")]
         {
             let group = prime_collective::nccl::NcclGroup::join(
