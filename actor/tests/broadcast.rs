@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use common::{runtime, tiny_model, torch_rng};
 use prime_actor::broadcast::{Delivered, Follower, FollowerConfig, Received};
 use prime_actor::client::{lazy_channel, learner_client, request};
-use prime_learner::broadcast::{BroadcastStats, Broadcaster, Transport, WeightBroadcastConfig};
+use prime_learner::broadcast::{
+    BroadcastHandle, BroadcastStats, Broadcaster, Transport, WeightBroadcastConfig,
+};
 use prime_learner::service::{LearnerService, Published, Shared};
 use prime_model::weights::encode_var_store;
 use prime_model::CausalLm;
@@ -29,7 +31,7 @@ fn publish(lm: &CausalLm, version: u64) -> Published {
 /// A learner service on a loopback port, with a broadcaster when `broadcast` is given.
 struct Learner {
     shared: Arc<Shared>,
-    broadcaster: Option<(Arc<Broadcaster>, std::thread::JoinHandle<()>)>,
+    broadcaster: Option<BroadcastHandle>,
     url: String,
 }
 
@@ -41,16 +43,8 @@ impl Learner {
     ) -> Self {
         let shared = Shared::serving_weights(first).unwrap();
         let broadcaster = broadcast.map(|config| {
-            let broadcaster = Broadcaster::new(
-                config,
-                Transport::Tcp,
-                "127.0.0.1".parse().unwrap(),
-                Some(TOKEN.into()),
-                shared.published(),
-            );
-            let thread = broadcaster.spawn().unwrap();
-            shared.attach_broadcaster(broadcaster.clone());
-            (broadcaster, thread)
+            let ip = "127.0.0.1".parse().unwrap();
+            Broadcaster::start(config, Transport::Tcp, ip, Some(TOKEN.into()), &shared).unwrap()
         });
         let url = runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -74,7 +68,7 @@ impl Learner {
     }
 
     fn stats(&self) -> BroadcastStats {
-        self.broadcaster.as_ref().unwrap().0.stats()
+        self.broadcaster.as_ref().unwrap().broadcaster().stats()
     }
 
     /// Waits until `done` holds for the broadcast figures (at most 30 s).
@@ -106,9 +100,8 @@ impl Learner {
 
 impl Drop for Learner {
     fn drop(&mut self) {
-        if let Some((broadcaster, thread)) = self.broadcaster.take() {
-            broadcaster.shutdown();
-            thread.join().unwrap();
+        if let Some(broadcaster) = self.broadcaster.take() {
+            broadcaster.stop().unwrap();
         }
     }
 }

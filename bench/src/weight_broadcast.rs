@@ -20,13 +20,14 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use prime_actor::broadcast::{Delivered, Follower, FollowerConfig, Received};
 use prime_actor::client::{lazy_channel, learner_client};
 use prime_actor::weights::{open_transfer, receive_chunks};
-use prime_learner::broadcast::{BroadcastStats, Broadcaster, Transport, WeightBroadcastConfig};
+use prime_learner::broadcast::{
+    BroadcastHandle, BroadcastStats, Broadcaster, Transport, WeightBroadcastConfig,
+};
 use prime_learner::service::{Published, Shared};
 use prime_model::weights::{encode_var_store, DEFAULT_CHUNK_BYTES};
 use serde::Serialize;
@@ -199,9 +200,8 @@ struct Bench<'a> {
     runtime: &'a tokio::runtime::Runtime,
     /// The service's state: publishing here starts a round.
     shared: Arc<Shared>,
-    broadcaster: Arc<Broadcaster>,
-    /// The broadcaster's thread, joined when the bench stops.
-    broadcasting: Option<JoinHandle<()>>,
+    /// The broadcaster; stopped (its thread joined) when the bench stops.
+    broadcasting: Option<BroadcastHandle>,
     /// Stops the service.
     server: Option<tokio::sync::oneshot::Sender<()>>,
     /// One per actor, each waiting for the next round.
@@ -228,23 +228,21 @@ impl<'a> Bench<'a> {
             timeout_seconds: ROUND_LIMIT.as_secs(),
             ..WeightBroadcastConfig::default()
         };
-        let broadcaster = Broadcaster::new(
+        let broadcasting = Broadcaster::start(
             config,
             Transport::Tcp,
             [127, 0, 0, 1].into(),
             Some(TOKEN.into()),
-            shared.published(),
-        );
-        let broadcasting = broadcaster.spawn().map_err(|source| BenchError::Io {
+            &shared,
+        )
+        .map_err(|source| BenchError::Io {
             path: "weight broadcast thread".into(),
             source,
         })?;
-        shared.attach_broadcaster(broadcaster.clone());
         let (addr, server) = runtime.block_on(serve(shared.clone()))?;
         let mut bench = Self {
             runtime,
             shared,
-            broadcaster,
             broadcasting: Some(broadcasting),
             server: Some(server),
             followers: Vec::with_capacity(members),
@@ -308,7 +306,7 @@ impl<'a> Bench<'a> {
             group_formation_seconds,
             grpc_bytes_sent: grpc_sent,
             broadcast_bytes_sent: broadcast_sent,
-            groups: self.broadcaster.stats().groups,
+            groups: self.stats().groups,
         })
     }
 
@@ -358,6 +356,15 @@ impl<'a> Bench<'a> {
         Ok((seconds, after.bytes_sent - before.bytes_sent))
     }
 
+    /// The broadcaster's figures now.
+    fn stats(&self) -> BroadcastStats {
+        self.broadcasting
+            .as_ref()
+            .expect("running until dropped")
+            .broadcaster()
+            .stats()
+    }
+
     /// The broadcaster's figures once `done` holds for them (at most [`ROUND_LIMIT`]).
     fn wait_for(
         &self,
@@ -366,7 +373,7 @@ impl<'a> Bench<'a> {
     ) -> Result<BroadcastStats> {
         let started = Instant::now();
         loop {
-            let stats = self.broadcaster.stats();
+            let stats = self.stats();
             if done(&stats) {
                 return Ok(stats);
             }
@@ -385,9 +392,8 @@ impl Drop for Bench<'_> {
     fn drop(&mut self) {
         // Followers first: they would otherwise back off against a learner that is gone.
         self.followers.clear();
-        self.broadcaster.shutdown();
-        if let Some(thread) = self.broadcasting.take() {
-            if thread.join().is_err() {
+        if let Some(broadcasting) = self.broadcasting.take() {
+            if broadcasting.stop().is_err() {
                 tracing::warn!("the benchmark's broadcast thread panicked");
             }
         }

@@ -34,7 +34,7 @@ use tonic::Status;
 
 use crate::error::{LearnerError, Result};
 use crate::parallel::Backend;
-use crate::service::{manifest_to_proto, Published};
+use crate::service::{manifest_to_proto, Published, Shared};
 
 /// `[learner.weight_broadcast]`: pushing new weights to the actors in one broadcast.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -210,6 +210,41 @@ impl std::fmt::Debug for Broadcaster {
     }
 }
 
+/// A running broadcaster; stopping or dropping it shuts the broadcaster down (its long polls
+/// end at once, so do it before the gRPC server stops) and joins its thread.
+#[derive(Debug)]
+pub struct BroadcastHandle {
+    broadcaster: Arc<Broadcaster>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BroadcastHandle {
+    /// The broadcaster.
+    pub fn broadcaster(&self) -> &Broadcaster {
+        &self.broadcaster
+    }
+
+    /// Shuts the broadcaster down and joins its thread; `Err` if the thread panicked.
+    pub fn stop(mut self) -> std::thread::Result<()> {
+        self.stop_thread()
+    }
+
+    fn stop_thread(&mut self) -> std::thread::Result<()> {
+        self.broadcaster.shutdown();
+        self.thread
+            .take()
+            .map_or(Ok(()), std::thread::JoinHandle::join)
+    }
+}
+
+impl Drop for BroadcastHandle {
+    fn drop(&mut self) {
+        if self.stop_thread().is_err() {
+            tracing::warn!("the weight broadcast thread panicked");
+        }
+    }
+}
+
 /// Takes a waiter out of the queue when its call ends without a round (deadline or a
 /// dropped connection).
 struct Ticket<'a> {
@@ -300,12 +335,27 @@ impl Broadcaster {
         self.wake.notify_all();
     }
 
-    /// Starts the broadcasting thread.
-    pub fn spawn(self: &Arc<Self>) -> std::io::Result<std::thread::JoinHandle<()>> {
-        let this = self.clone();
-        std::thread::Builder::new()
-            .name("weight-broadcast".into())
-            .spawn(move || this.run())
+    /// A broadcaster of `shared`'s versions, its thread started and offered to actors from
+    /// now on; rounds start with the version after the one `shared` holds.
+    pub fn start(
+        config: WeightBroadcastConfig,
+        transport: Transport,
+        bind_ip: IpAddr,
+        token: Option<String>,
+        shared: &Shared,
+    ) -> std::io::Result<BroadcastHandle> {
+        let broadcaster = Self::new(config, transport, bind_ip, token, shared.published());
+        let thread = {
+            let this = broadcaster.clone();
+            std::thread::Builder::new()
+                .name("weight-broadcast".into())
+                .spawn(move || this.run())?
+        };
+        shared.attach_broadcaster(broadcaster.clone());
+        Ok(BroadcastHandle {
+            broadcaster,
+            thread: Some(thread),
+        })
     }
 
     /// The `JoinWeightBroadcast` handler's work: waits for a round newer than the member's

@@ -638,22 +638,19 @@ pub fn run_learner(
     let broadcast = &trainer.config.weight_broadcast;
     let broadcasting = if broadcast.enabled {
         let transport = Transport::resolve(broadcast.backend, trainer.models.policy.vs.device())?;
-        let broadcaster = Broadcaster::new(
+        let handle = Broadcaster::start(
             broadcast.clone(),
             transport,
             options.listen.ip(),
             options.auth.token.clone(),
-            shared.published(),
-        );
-        let thread = broadcaster
-            .spawn()
-            .map_err(LearnerError::io("weight broadcast thread"))?;
-        shared.attach_broadcaster(broadcaster.clone());
+            &shared,
+        )
+        .map_err(LearnerError::io("weight broadcast thread"))?;
         tracing::info!(
             transport = transport.name(),
             "offering the weight broadcast"
         );
-        Some((broadcaster, thread))
+        Some(handle)
     } else {
         None
     };
@@ -702,11 +699,8 @@ pub fn run_learner(
     on_listen(addr);
 
     let result = compute_loop(&mut trainer, &shared, &mut on_step);
-    if let Some((broadcaster, thread)) = broadcasting {
-        // Before the server stops: its long polls end at once.
-        broadcaster.shutdown();
-        let _ = thread.join();
-    }
+    // Before the server stops: the broadcast's long polls end at once.
+    drop(broadcasting);
     let _ = stop_tx.send(());
     let _ = runtime.block_on(server);
     runtime.shutdown_timeout(Duration::from_secs(2));
