@@ -92,12 +92,7 @@ impl ByteCast {
         }
     }
 
-    /// Whether received bytes land on a CUDA device (else in host memory).
-    pub fn receives_on_device(&self) -> bool {
-        !matches!(self, Self::Tcp(_))
-    }
-
-    /// The CUDA device an NCCL group receives on.
+    /// The CUDA device an NCCL group receives on; `None`: the group receives in host memory.
     pub fn device(&self) -> Option<usize> {
         match self {
             Self::Tcp(_) => None,
@@ -107,7 +102,7 @@ impl ByteCast {
     }
 
     /// Ranks above 0: receives rank 0's `len` bytes into `into`, which must be the kind
-    /// [`ByteCast::receives_on_device`] says (a device tensor of `len` bytes for NCCL).
+    /// [`ByteCast::device`] says (a device tensor of `len` bytes for NCCL).
     pub fn receive(&mut self, len: usize, into: Receiver<'_>) -> Result<()> {
         match (self, into) {
             (Self::Tcp(group), Receiver::Host(sink)) => {
