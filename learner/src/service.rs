@@ -130,7 +130,7 @@ impl Shared {
     }
 
     /// Offers the weight broadcast of `broadcaster` to actors from now on (once).
-    pub fn attach_broadcaster(&self, broadcaster: Arc<Broadcaster>) {
+    pub(crate) fn attach_broadcaster(&self, broadcaster: Arc<Broadcaster>) {
         if self.broadcaster.set(broadcaster).is_err() {
             tracing::warn!("a weight broadcaster was already attached; keeping the first");
         }
