@@ -131,7 +131,7 @@ mod tests {
     fn messages(encoded: &EncodedWeights, chunk_bytes: usize) -> Vec<pb::WeightTransfer> {
         let mut out = vec![pb::WeightTransfer {
             payload: Some(Payload::Manifest(
-                prime_learner::service::manifest_to_proto(&encoded.manifest),
+                prime_learner::publish::manifest_to_proto(&encoded.manifest),
             )),
         }];
         out.extend(encoded.chunks(chunk_bytes).map(|c| pb::WeightTransfer {

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use common::{runtime, tiny_model, torch_rng};
 use prime_actor::broadcast::{Delivered, Follower, FollowerConfig, Received};
 use prime_actor::client::{lazy_channel, learner_client, request};
-use prime_learner::broadcast::{
-    BroadcastHandle, BroadcastStats, Broadcaster, Transport, WeightBroadcastConfig,
-};
-use prime_learner::service::{LearnerService, Published, Shared};
+use prime_learner::broadcast::{BroadcastHandle, BroadcastStats, Broadcaster, Transport};
+use prime_learner::config::WeightBroadcastConfig;
+use prime_learner::publish::Published;
+use prime_learner::service::{LearnerService, Shared};
 use prime_model::weights::encode_var_store;
 use prime_model::CausalLm;
 use prime_proto::v1 as pb;
@@ -44,7 +44,9 @@ impl Learner {
         let shared = Shared::serving_weights(first).unwrap();
         let broadcaster = broadcast.map(|config| {
             let ip = "127.0.0.1".parse().unwrap();
-            Broadcaster::start(config, Transport::Tcp, ip, Some(TOKEN.into()), &shared).unwrap()
+            shared
+                .start_broadcast(config, Transport::Tcp, ip, Some(TOKEN.into()))
+                .unwrap()
         });
         let url = runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

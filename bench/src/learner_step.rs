@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use prime_learner::config::ReferenceType;
+use prime_algo::ReferenceType;
 use prime_learner::{prime_step, LearnerConfig, PrimeModels, ScoredGroup};
 use prime_model::CausalLm;
 use rand::rngs::StdRng;
@@ -253,12 +253,13 @@ fn time_ours(settings: &StepSettings, dir: &Path, rollouts: &Path) -> Result<Ste
         .map(serde_json::from_str)
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| BenchError::Settings(format!("rollouts: {e}")))?;
-    let mut config = LearnerConfig {
-        mini_batches: settings.mini_batches,
-        reference: ReferenceType::Freeze,
-        ..LearnerConfig::default()
+    let mut config = {
+        let mut c = LearnerConfig::default();
+        c.algo.mini_batches = settings.mini_batches;
+        c.algo.reference = ReferenceType::Freeze;
+        c
     };
-    config.prm.beta = BETA;
+    config.algo.prm.beta = BETA;
     config.policy_optimizer.lr = POLICY_LR;
     config.prm_optimizer.lr = PRM_LR;
     let load = |name: &str| CausalLm::load(&dir.join(name), Device::Cpu, Kind::Float, Kind::Float);
@@ -266,7 +267,7 @@ fn time_ours(settings: &StepSettings, dir: &Path, rollouts: &Path) -> Result<Ste
     let mut seconds = Vec::with_capacity(settings.repeats);
     for iteration in 0..=settings.repeats {
         let start = Instant::now();
-        prime_step(&mut models, &groups, &config, iteration as u64)?;
+        prime_step(&mut models, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups, &config, iteration as u64)?;
         if iteration > 0 {
             seconds.push(start.elapsed().as_secs_f64());
         }

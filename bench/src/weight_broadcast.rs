@@ -25,10 +25,10 @@ use std::time::{Duration, Instant};
 use prime_actor::broadcast::{Delivered, Follower, FollowerConfig, Received};
 use prime_actor::client::{lazy_channel, learner_client};
 use prime_actor::weights::{open_transfer, receive_chunks};
-use prime_learner::broadcast::{
-    BroadcastHandle, BroadcastStats, Broadcaster, Transport, WeightBroadcastConfig,
-};
-use prime_learner::service::{Published, Shared};
+use prime_learner::broadcast::{BroadcastHandle, BroadcastStats, Broadcaster, Transport};
+use prime_learner::config::WeightBroadcastConfig;
+use prime_learner::publish::Published;
+use prime_learner::service::Shared;
 use prime_model::weights::{encode_var_store, DEFAULT_CHUNK_BYTES};
 use serde::Serialize;
 use tch::Device;
@@ -228,12 +228,11 @@ impl<'a> Bench<'a> {
             timeout_seconds: ROUND_LIMIT.as_secs(),
             ..WeightBroadcastConfig::default()
         };
-        let broadcasting = Broadcaster::start(
+        let broadcasting = shared.start_broadcast(
             config,
             Transport::Tcp,
             [127, 0, 0, 1].into(),
             Some(TOKEN.into()),
-            &shared,
         )
         .map_err(|source| BenchError::Io {
             path: "weight broadcast thread".into(),

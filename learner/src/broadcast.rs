@@ -30,83 +30,10 @@ use prime_collective::RankInfo;
 use prime_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use tch::Device;
-use tonic::Status;
 
+use crate::config::{Backend, WeightBroadcastConfig};
 use crate::error::{LearnerError, Result};
-use crate::parallel::Backend;
-use crate::service::{manifest_to_proto, Published, Shared};
-
-/// `[learner.weight_broadcast]`: pushing new weights to the actors in one broadcast.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WeightBroadcastConfig {
-    /// Offer the broadcast to actors (each follows unless started with
-    /// `--no-weight-broadcast`); actors outside it fetch over gRPC as before.
-    #[serde(default)]
-    pub enabled: bool,
-    /// `auto` (NCCL when the learner trains on CUDA and is built with the `nccl` feature, the
-    /// TCP ring otherwise), `tcp` or `nccl` (every member on a CUDA device).
-    #[serde(default)]
-    pub backend: Backend,
-    /// TCP port the learner listens on while a group forms; 0 picks a free one each time.
-    /// Set it where a network policy must name the port.
-    #[serde(default)]
-    pub port: u16,
-    /// Milliseconds a round waits after a publish for the last group's members to ask; the
-    /// round then goes on without the missing ones (a new group, a new epoch).
-    #[serde(default = "default_join_window_ms")]
-    pub join_window_ms: u64,
-    /// Seconds the members of a new group have to join it; past it the round fails and its
-    /// members fetch over gRPC.
-    #[serde(default = "default_join_timeout_seconds")]
-    pub join_timeout_seconds: u64,
-    /// Seconds one broadcast may take. The bytes pass from member to member, so a stalled
-    /// member holds up the ones after it until this runs out; then the round fails, its
-    /// members fetch over gRPC and the next group is formed without the stalled one.
-    #[serde(default = "default_timeout_seconds")]
-    pub timeout_seconds: u64,
-}
-
-fn default_join_window_ms() -> u64 {
-    2000
-}
-fn default_join_timeout_seconds() -> u64 {
-    30
-}
-fn default_timeout_seconds() -> u64 {
-    120
-}
-
-impl Default for WeightBroadcastConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            backend: Backend::Auto,
-            port: 0,
-            join_window_ms: default_join_window_ms(),
-            join_timeout_seconds: default_join_timeout_seconds(),
-            timeout_seconds: default_timeout_seconds(),
-        }
-    }
-}
-
-impl WeightBroadcastConfig {
-    /// Checks the values that cannot work.
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        let limit = u64::from(u32::MAX);
-        for (name, value) in [
-            ("join_timeout_seconds", self.join_timeout_seconds),
-            ("timeout_seconds", self.timeout_seconds),
-        ] {
-            if value == 0 || value > limit {
-                return Err(format!(
-                    "learner.weight_broadcast.{name} must be in 1..={limit}, got {value}"
-                ));
-            }
-        }
-        Ok(())
-    }
-}
+use crate::publish::{manifest_to_proto, Published};
 
 /// How the bytes travel, resolved for the learner's device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,23 +262,22 @@ impl Broadcaster {
         self.wake.notify_all();
     }
 
-    /// A broadcaster of `shared`'s versions, its thread started and offered to actors from
-    /// now on; rounds start with the version after the one `shared` holds.
+    /// A broadcaster with its thread started; rounds start with the version after `current`,
+    /// the one published now.
     pub fn start(
         config: WeightBroadcastConfig,
         transport: Transport,
         bind_ip: IpAddr,
         token: Option<String>,
-        shared: &Shared,
+        current: Arc<Published>,
     ) -> std::io::Result<BroadcastHandle> {
-        let broadcaster = Self::new(config, transport, bind_ip, token, shared.published());
+        let broadcaster = Self::new(config, transport, bind_ip, token, current);
         let thread = {
             let this = broadcaster.clone();
             std::thread::Builder::new()
                 .name("weight-broadcast".into())
                 .spawn(move || this.run())?
         };
-        shared.attach_broadcaster(broadcaster.clone());
         Ok(BroadcastHandle {
             broadcaster,
             thread: Some(thread),
@@ -363,14 +289,14 @@ impl Broadcaster {
     pub async fn join(
         &self,
         request: pb::JoinBroadcastRequest,
-    ) -> std::result::Result<pb::BroadcastRound, Status> {
+    ) -> Result<pb::BroadcastRound> {
         if request.member_id.is_empty() || request.member_id.len() > 256 {
-            return Err(Status::invalid_argument(
-                "member_id must be 1 to 256 bytes long",
+            return Err(LearnerError::InvalidRequest(
+                "member_id must be 1 to 256 bytes long".into(),
             ));
         }
         if matches!(self.transport, Transport::Nccl { .. }) && !request.device.starts_with("cuda") {
-            return Err(Status::failed_precondition(format!(
+            return Err(LearnerError::Precondition(format!(
                 "the learner broadcasts weights over NCCL, which needs a CUDA device; this \
                  member receives on {:?}: fetch over gRPC",
                 request.device
@@ -380,7 +306,7 @@ impl Broadcaster {
         let ticket = {
             let mut state = self.lock();
             if state.stop {
-                return Err(Status::unavailable("the learner is stopping"));
+                return Err(LearnerError::Unavailable("the learner is stopping".into()));
             }
             state.next_ticket += 1;
             let ticket = state.next_ticket;
@@ -402,8 +328,8 @@ impl Broadcaster {
         drop(ticket);
         match answer {
             Ok(Ok(round)) => Ok(round),
-            Ok(Err(_)) => Err(Status::unavailable(
-                "the learner stopped or replaced this call before a round",
+            Ok(Err(_)) => Err(LearnerError::Unavailable(
+                "the learner stopped or replaced this call before a round".into(),
             )),
             Err(_) => Ok(pb::BroadcastRound::default()),
         }

@@ -6,7 +6,9 @@ use prime_model::Qwen2Config;
 use prime_world::WorldConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::algo::{AdvantageConfig, AlgoConfig, Estimator, FilterConfig, PpoConfig, PrmConfig};
+use prime_algo::AlgoConfig;
+use tch::Device;
+
 use crate::error::{LearnerError, Result};
 use crate::optim::AdamWConfig;
 
@@ -48,6 +50,7 @@ impl RunConfig {
         for assignment in overrides {
             apply_override(&mut table, assignment).map_err(config_error)?;
         }
+        refuse_moved_keys(&table).map_err(config_error)?;
         table
             .try_into()
             .map_err(|e: toml::de::Error| config_error(e.to_string()))
@@ -187,33 +190,39 @@ impl ModelSource {
     }
 }
 
-/// The PRIME learner: the algorithm (spec §2-6), the batch it collects, the sampling it asks
-/// actors for, evaluation and checkpoints. Defaults are the paper's main run (spec §7).
+/// `[learner]`: PRIME, composed of one sub-config per TOML table. Defaults are the paper's main
+/// run (spec §7).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LearnerConfig {
-    /// `prime` (process plus outcome rewards, the paper) or `rloo` (outcome only, the
-    /// paper's baseline; the PRM is not trained).
+    /// RL iterations to run.
+    #[serde(default = "l_steps")]
+    pub steps: u64,
+    /// Seed of data order, rollout sampling seeds and evaluation.
     #[serde(default)]
-    pub estimator: Estimator,
-    /// Implicit PRM: β, token rewards, normalisation.
+    pub seed: u64,
+    /// The PRM's and the reference's start model; unset: the policy's start model (the
+    /// paper: all three are the SFT model).
     #[serde(default)]
-    pub prm: PrmConfig,
-    /// Leave-one-out baselines and discounts.
+    pub prm_path: Option<PathBuf>,
+    /// `[learner.algo]`: the estimator, mini-batches, PRM rewards, advantages, PPO, filter.
     #[serde(default)]
-    pub advantage: AdvantageConfig,
-    /// The clipped surrogate, entropy and KL terms.
+    pub algo: AlgoConfig,
+    /// `[learner.rollout]`: the batch collected per iteration and the sampling actors use.
     #[serde(default)]
-    pub ppo: PpoConfig,
-    /// Online filter on group mean scores.
+    pub rollout: RolloutConfig,
+    /// `[learner.data]`: training and held-out prompts.
     #[serde(default)]
-    pub filter: FilterConfig,
-    /// Rewards from the forward before the PRM's update (the paper) or after it.
+    pub data: DataConfig,
+    /// `[learner.eval]`: held-out evaluation.
     #[serde(default)]
-    pub prm_update: PrmUpdate,
-    /// The PRM's reference: the frozen start model or the old policy.
+    pub eval: EvalConfig,
+    /// `[learner.checkpoint]`: how often and how many.
     #[serde(default)]
-    pub reference: ReferenceType,
+    pub checkpoint: CheckpointConfig,
+    /// `[learner.memory]`: micro-batching, recomputation and weight storage.
+    #[serde(default)]
+    pub memory: MemoryConfig,
     /// The policy's optimizer.
     #[serde(
         default = "default_policy_optimizer",
@@ -226,48 +235,46 @@ pub struct LearnerConfig {
         deserialize_with = "prm_optimizer_over_defaults"
     )]
     pub prm_optimizer: OptimizerConfig,
-    /// Optimizer steps per iteration for the PRM and for the policy: the batch's groups are
-    /// split into this many mini-batches, whole and in order (the paper: 4).
-    #[serde(default = "l_mini_batches")]
-    pub mini_batches: usize,
-    /// Token budget of a micro-batch (rows × padded width); gradients accumulate over the
-    /// micro-batches of a mini-batch, so it bounds memory without changing the result.
-    #[serde(default = "l_micro_batch_tokens")]
-    pub micro_batch_tokens: usize,
-    /// Positions per chunk of the vocabulary log-softmax.
-    #[serde(default = "l_logit_chunk")]
-    pub logit_chunk_tokens: i64,
-    /// Recompute each decoder layer's activations during the backward pass instead of
-    /// keeping them (same gradients, far less memory, about a third more compute).
+    /// Data parallelism across learner ranks: optimizer sharding, buckets, backend and
+    /// timeouts (the ranks themselves come from the environment).
     #[serde(default)]
-    pub recompute_activations: bool,
-    /// Keep f32 master copies of bf16/f16 weights in the optimizers (needed for PRIME's tiny
-    /// learning rates with bf16 weights; see docs/memory.md).
+    pub parallel: ParallelConfig,
+    /// Pushing each new version to the actors in one broadcast (TCP ring or NCCL) instead
+    /// of a gRPC transfer per actor; off by default.
     #[serde(default)]
-    pub master_weights: bool,
-    /// Storage dtype of the policy's and the PRM's weights: `f32` (default; computed in bf16
-    /// on CUDA) or `bf16` (half the memory; pair it with `master_weights`).
-    #[serde(default)]
-    pub param_dtype: ParamDtype,
+    pub weight_broadcast: WeightBroadcastConfig,
+}
+
+fn l_steps() -> u64 {
+    592
+}
+fn l_one() -> f64 {
+    1.0
+}
+
+impl Default for LearnerConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// `[learner.rollout]`: the batch one iteration trains on and how actors sample it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutConfig {
     /// Prompts (groups) per iteration after filtering, B.
-    #[serde(default = "l_batch_prompts")]
+    #[serde(default = "r_batch_prompts")]
     pub batch_prompts: usize,
     /// Responses sampled per prompt, K.
-    #[serde(default = "l_k")]
+    #[serde(default = "r_k")]
     pub samples_per_prompt: u32,
-    /// RL iterations to run.
-    #[serde(default = "l_steps")]
-    pub steps: u64,
     /// Prompts sampled per rollout round as a multiple of `batch_prompts` (`oversample` in
     /// the authors' config): above 1 fills a filtered batch in fewer rounds; kept groups
     /// beyond B go back to the queue.
     #[serde(default = "l_one")]
     pub oversample: f64,
-    /// Prompts longer than this (tokens, chat template applied) are dropped at load.
-    #[serde(default = "l_max_prompt")]
-    pub max_prompt_tokens: usize,
     /// Longest response sampled.
-    #[serde(default = "l_max_response")]
+    #[serde(default = "r_max_response")]
     pub max_response_tokens: usize,
     /// Sampling temperature of rollouts.
     #[serde(default = "l_one")]
@@ -282,32 +289,33 @@ pub struct LearnerConfig {
     #[serde(default)]
     pub max_staleness: u64,
     /// Seconds an actor has to return a work item before it is handed out again.
-    #[serde(default = "l_lease")]
+    #[serde(default = "r_lease")]
     pub lease_seconds: u64,
-    /// Evaluate on the held-out set every this many steps (and at the start and end).
-    #[serde(default = "l_eval_every")]
-    pub eval_every: u64,
-    /// Held-out problems per evaluation (0: all).
-    #[serde(default)]
-    pub eval_problems: usize,
-    /// Samples per held-out problem at `eval_temperature`; accuracy is their mean.
-    #[serde(default = "l_eval_samples")]
-    pub eval_samples: usize,
-    /// Temperature of the sampled evaluation.
-    #[serde(default = "l_one")]
-    pub eval_temperature: f64,
-    /// Also report greedy accuracy (the paper's protocol).
-    #[serde(default = "l_true")]
-    pub eval_greedy: bool,
-    /// Checkpoint every this many steps (0: only at the end).
-    #[serde(default = "l_eval_every")]
-    pub checkpoint_every: u64,
-    /// Checkpoints kept (older ones are deleted).
-    #[serde(default = "l_keep")]
-    pub keep_checkpoints: usize,
-    /// Seed of data order, rollout sampling seeds and evaluation.
-    #[serde(default)]
-    pub seed: u64,
+}
+
+fn r_batch_prompts() -> usize {
+    256
+}
+fn r_k() -> u32 {
+    4
+}
+fn r_max_response() -> usize {
+    3072
+}
+fn r_lease() -> u64 {
+    600
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// `[learner.data]`: where prompts come from and which are kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
     /// Training prompts (Eurus-2-RL-Data schema, parquet or jsonl); empty: the embedded
     /// world's RL split.
     #[serde(default)]
@@ -315,112 +323,195 @@ pub struct LearnerConfig {
     /// Held-out prompts; empty: the embedded world's held-out split.
     #[serde(default)]
     pub heldout_files: Vec<PathBuf>,
-    /// The PRM's and the reference's start model; unset: the policy's start model (the
-    /// paper: all three are the SFT model).
-    #[serde(default)]
-    pub prm_path: Option<PathBuf>,
-    /// Data parallelism across learner ranks: optimizer sharding, buckets, backend and
-    /// timeouts (the ranks themselves come from the environment).
-    #[serde(default)]
-    pub parallel: crate::parallel::ParallelConfig,
-    /// Pushing each new version to the actors in one broadcast (TCP ring or NCCL) instead
-    /// of a gRPC transfer per actor; off by default.
-    #[serde(default)]
-    pub weight_broadcast: crate::broadcast::WeightBroadcastConfig,
+    /// Prompts longer than this (tokens, chat template applied) are dropped at load.
+    #[serde(default = "d_max_prompt")]
+    pub max_prompt_tokens: usize,
 }
 
-fn l_mini_batches() -> usize {
-    4
-}
-fn l_micro_batch_tokens() -> usize {
-    16384
-}
-fn l_logit_chunk() -> i64 {
+fn d_max_prompt() -> usize {
     1024
-}
-fn l_batch_prompts() -> usize {
-    256
-}
-fn l_k() -> u32 {
-    4
-}
-fn l_steps() -> u64 {
-    592
-}
-fn l_max_prompt() -> usize {
-    1024
-}
-fn l_max_response() -> usize {
-    3072
-}
-fn l_one() -> f64 {
-    1.0
-}
-fn l_true() -> bool {
-    true
-}
-fn l_lease() -> u64 {
-    600
-}
-fn l_eval_every() -> u64 {
-    16
-}
-fn l_eval_samples() -> usize {
-    1
-}
-fn l_keep() -> usize {
-    2
 }
 
-impl Default for LearnerConfig {
+impl Default for DataConfig {
     fn default() -> Self {
         toml::from_str("").expect("defaults")
     }
 }
 
+/// `[learner.eval]`: held-out evaluation of the policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Evaluate on the held-out set every this many steps (and at the start and end).
+    #[serde(default = "e_every")]
+    pub every: u64,
+    /// Held-out problems per evaluation (0: all).
+    #[serde(default)]
+    pub problems: usize,
+    /// Samples per held-out problem at `temperature`; accuracy is their mean.
+    #[serde(default = "e_samples")]
+    pub samples: usize,
+    /// Temperature of the sampled evaluation.
+    #[serde(default = "l_one")]
+    pub temperature: f64,
+    /// Also report greedy accuracy (the paper's protocol).
+    #[serde(default = "e_true")]
+    pub greedy: bool,
+}
+
+fn e_every() -> u64 {
+    16
+}
+fn e_samples() -> usize {
+    1
+}
+fn e_true() -> bool {
+    true
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// `[learner.checkpoint]`: when checkpoints are written and how many are kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Checkpoint every this many steps (0: only at the end).
+    #[serde(default = "e_every")]
+    pub every: u64,
+    /// Checkpoints kept (older ones are deleted).
+    #[serde(default = "c_keep")]
+    pub keep: usize,
+}
+
+fn c_keep() -> usize {
+    2
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// `[learner.memory]`: what bounds the step's memory without changing its result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Token budget of a micro-batch (rows × padded width); gradients accumulate over the
+    /// micro-batches of a mini-batch, so it bounds memory without changing the result.
+    #[serde(default = "m_micro_batch_tokens")]
+    pub micro_batch_tokens: usize,
+    /// Positions per chunk of the vocabulary log-softmax.
+    #[serde(default = "m_logit_chunk")]
+    pub logit_chunk_tokens: i64,
+    /// Recompute each decoder layer's activations during the backward pass instead of
+    /// keeping them (same gradients, far less memory, about a third more compute).
+    #[serde(default)]
+    pub recompute_activations: bool,
+    /// Keep f32 master copies of bf16/f16 weights in the optimizers (needed for PRIME's tiny
+    /// learning rates with bf16 weights; see docs/memory.md).
+    #[serde(default)]
+    pub master_weights: bool,
+    /// Storage dtype of the policy's and the PRM's weights: `f32` (default; computed in bf16
+    /// on CUDA) or `bf16` (half the memory; pair it with `master_weights`).
+    #[serde(default)]
+    pub param_dtype: ParamDtype,
+}
+
+fn m_micro_batch_tokens() -> usize {
+    16384
+}
+fn m_logit_chunk() -> i64 {
+    1024
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// Keys of `[learner]` that moved into its tables, with their new place.
+const MOVED_KEYS: &[(&str, &str)] = &[
+    ("estimator", "algo.estimator"),
+    ("mini_batches", "algo.mini_batches"),
+    ("prm_update", "algo.prm_update"),
+    ("reference", "algo.reference"),
+    ("prm", "algo.prm"),
+    ("advantage", "algo.advantage"),
+    ("ppo", "algo.ppo"),
+    ("filter", "algo.filter"),
+    ("batch_prompts", "rollout.batch_prompts"),
+    ("samples_per_prompt", "rollout.samples_per_prompt"),
+    ("oversample", "rollout.oversample"),
+    ("max_response_tokens", "rollout.max_response_tokens"),
+    ("temperature", "rollout.temperature"),
+    ("top_p", "rollout.top_p"),
+    ("top_k", "rollout.top_k"),
+    ("max_staleness", "rollout.max_staleness"),
+    ("lease_seconds", "rollout.lease_seconds"),
+    ("train_files", "data.train_files"),
+    ("heldout_files", "data.heldout_files"),
+    ("max_prompt_tokens", "data.max_prompt_tokens"),
+    ("eval_every", "eval.every"),
+    ("eval_problems", "eval.problems"),
+    ("eval_samples", "eval.samples"),
+    ("eval_temperature", "eval.temperature"),
+    ("eval_greedy", "eval.greedy"),
+    ("checkpoint_every", "checkpoint.every"),
+    ("keep_checkpoints", "checkpoint.keep"),
+    ("micro_batch_tokens", "memory.micro_batch_tokens"),
+    ("logit_chunk_tokens", "memory.logit_chunk_tokens"),
+    ("recompute_activations", "memory.recompute_activations"),
+    ("master_weights", "memory.master_weights"),
+    ("param_dtype", "memory.param_dtype"),
+];
+
+/// Refuses a `[learner]` key of the flat layout, naming where it lives now.
+fn refuse_moved_keys(table: &toml::Table) -> std::result::Result<(), String> {
+    let Some(learner) = table.get("learner").and_then(toml::Value::as_table) else {
+        return Ok(());
+    };
+    match MOVED_KEYS.iter().find(|(old, _)| learner.contains_key(*old)) {
+        Some((old, new)) => Err(format!(
+            "learner.{old} has moved: write it as learner.{new} (docs/configuration.md lists \
+             every key)"
+        )),
+        None => Ok(()),
+    }
+}
+
 impl LearnerConfig {
-    /// The algorithm core's view: the sub-tables with the estimator filled in.
-    pub fn algo(&self) -> AlgoConfig {
-        AlgoConfig {
-            prm: self.prm.clone(),
-            advantage: self.advantage_config(),
-            ppo: self.ppo.clone(),
-            filter: self.filter.clone(),
-        }
-    }
-
-    /// The advantage settings with the estimator filled in.
-    pub fn advantage_config(&self) -> AdvantageConfig {
-        AdvantageConfig {
-            estimator: self.estimator,
-            ..self.advantage.clone()
-        }
-    }
-
     /// Checks values serde cannot: positive sizes, a K the baselines can use, a sane filter.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.samples_per_prompt < 2 {
+        let (rollout, algo) = (&self.rollout, &self.algo);
+        if rollout.samples_per_prompt < 2 {
             return Err(format!(
-                "learner.samples_per_prompt must be at least 2 for the leave-one-out baselines, got {}",
-                self.samples_per_prompt
+                "learner.rollout.samples_per_prompt must be at least 2 for the leave-one-out baselines, got {}",
+                rollout.samples_per_prompt
             ));
         }
-        if self.batch_prompts == 0 || self.mini_batches == 0 || self.micro_batch_tokens == 0 {
+        if rollout.batch_prompts == 0 || algo.mini_batches == 0 || self.memory.micro_batch_tokens == 0
+        {
             return Err(
-                "learner.batch_prompts, learner.mini_batches and learner.micro_batch_tokens must be positive"
+                "learner.rollout.batch_prompts, learner.algo.mini_batches and learner.memory.micro_batch_tokens must be positive"
                     .into(),
             );
         }
-        if self.mini_batches > self.batch_prompts {
+        if algo.mini_batches > rollout.batch_prompts {
             return Err(format!(
-                "learner.mini_batches ({}) cannot exceed learner.batch_prompts ({}): mini-batches hold whole groups",
-                self.mini_batches, self.batch_prompts
+                "learner.algo.mini_batches ({}) cannot exceed learner.rollout.batch_prompts ({}): mini-batches hold whole groups",
+                algo.mini_batches, rollout.batch_prompts
             ));
         }
-        let f = &self.filter;
+        let f = &algo.filter;
         if !(0.0..=1.0).contains(&f.lower) || !(f.lower..=1.0).contains(&f.upper) {
             return Err(format!(
-                "learner.filter needs 0 <= lower <= upper <= 1, got [{}, {}]",
+                "learner.algo.filter needs 0 <= lower <= upper <= 1, got [{}, {}]",
                 f.lower, f.upper
             ));
         }
@@ -432,27 +523,181 @@ impl LearnerConfig {
                 return Err(format!("learner.{name}.lr must be >= 0, got {}", opt.lr));
             }
         }
-        if self.oversample.is_nan() || self.oversample < 1.0 {
+        if rollout.oversample.is_nan() || rollout.oversample < 1.0 {
             return Err(format!(
-                "learner.oversample must be >= 1, got {}",
-                self.oversample
+                "learner.rollout.oversample must be >= 1, got {}",
+                rollout.oversample
             ));
         }
-        if self.temperature <= 0.0 || self.eval_temperature < 0.0 {
-            return Err("learner.temperature must be positive and eval_temperature >= 0".into());
-        }
-        if self.max_response_tokens == 0 || self.max_prompt_tokens == 0 {
+        if rollout.temperature <= 0.0 || self.eval.temperature < 0.0 {
             return Err(
-                "learner.max_prompt_tokens and max_response_tokens must be positive".into(),
+                "learner.rollout.temperature must be positive and learner.eval.temperature >= 0"
+                    .into(),
+            );
+        }
+        if rollout.max_response_tokens == 0 || self.data.max_prompt_tokens == 0 {
+            return Err(
+                "learner.data.max_prompt_tokens and learner.rollout.max_response_tokens must be positive"
+                    .into(),
             );
         }
         self.weight_broadcast.validate()?;
-        if self.parallel.zero2 && !self.recompute_activations {
+        if self.parallel.zero2 && !self.memory.recompute_activations {
             return Err(
-                "learner.parallel.zero2 = true needs learner.recompute_activations = true: \
+                "learner.parallel.zero2 = true needs learner.memory.recompute_activations = true: \
                  gradients are handed over layer by layer from the recomputing backward pass"
                     .into(),
             );
+        }
+        Ok(())
+    }
+}
+
+/// Which collective implementation the ranks use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// NCCL on CUDA devices (when built with the `nccl` feature), the TCP ring otherwise.
+    #[default]
+    Auto,
+    /// The TCP ring (any device; tensors go through host memory).
+    Tcp,
+    /// NCCL (CUDA only; needs the `nccl` feature).
+    Nccl,
+}
+
+impl Backend {
+    /// Whether this choice means NCCL for a process on `device`: `nccl` always, `auto` on
+    /// CUDA in a build with the `nccl` feature.
+    pub fn uses_nccl(self, device: Device) -> bool {
+        match self {
+            Backend::Auto => cfg!(feature = "nccl") && device.is_cuda(),
+            Backend::Tcp => false,
+            Backend::Nccl => true,
+        }
+    }
+}
+
+/// `[learner.parallel]`: how data-parallel ranks cooperate. The number of ranks and each
+/// one's index come from the environment (`WORLD_SIZE`, `RANK`, ...), not from the config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelConfig {
+    /// Shard the optimizer state over the ranks (ZeRO stage 1): AdamW's moments (and master
+    /// weights) take 1/W of the memory on each rank; results are the same.
+    #[serde(default)]
+    pub zero1: bool,
+    /// Shard the gradients too (ZeRO stage 2; implies `zero1`): each decoder layer's
+    /// gradients are reduce-scattered as soon as the backward pass has them, so no rank holds
+    /// a whole model's gradients. Needs `learner.memory.recompute_activations = true`.
+    #[serde(default)]
+    pub zero2: bool,
+    /// Size of a gradient bucket (MiB of f32) all-reduced at once without `zero1`, or
+    /// reduce-scattered (and all-gathered back) at once with `zero2`.
+    #[serde(default = "p_bucket_mb")]
+    pub bucket_mb: usize,
+    /// `auto`, `tcp` or `nccl`.
+    #[serde(default)]
+    pub backend: Backend,
+    /// Seconds one collective may take before the rank fails (and the watchdog ends the
+    /// process): a dead or stuck rank never hangs the others.
+    #[serde(default = "p_collective_timeout")]
+    pub collective_timeout_seconds: u64,
+    /// Seconds every rank has to join the group.
+    #[serde(default = "p_join_timeout")]
+    pub join_timeout_seconds: u64,
+    /// Seconds the other ranks wait for rank 0's next instruction: rank 0 collects rollouts
+    /// and evaluates between steps, which takes far longer than a collective.
+    #[serde(default = "p_idle_timeout")]
+    pub idle_timeout_seconds: u64,
+}
+
+fn p_bucket_mb() -> usize {
+    64
+}
+fn p_collective_timeout() -> u64 {
+    600
+}
+fn p_join_timeout() -> u64 {
+    600
+}
+fn p_idle_timeout() -> u64 {
+    86_400
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// `[learner.weight_broadcast]`: pushing new weights to the actors in one broadcast.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightBroadcastConfig {
+    /// Offer the broadcast to actors (each follows unless started with
+    /// `--no-weight-broadcast`); actors outside it fetch over gRPC as before.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `auto` (NCCL when the learner trains on CUDA and is built with the `nccl` feature, the
+    /// TCP ring otherwise), `tcp` or `nccl` (every member on a CUDA device).
+    #[serde(default)]
+    pub backend: Backend,
+    /// TCP port the learner listens on while a group forms; 0 picks a free one each time.
+    /// Set it where a network policy must name the port.
+    #[serde(default)]
+    pub port: u16,
+    /// Milliseconds a round waits after a publish for the last group's members to ask; the
+    /// round then goes on without the missing ones (a new group, a new epoch).
+    #[serde(default = "default_join_window_ms")]
+    pub join_window_ms: u64,
+    /// Seconds the members of a new group have to join it; past it the round fails and its
+    /// members fetch over gRPC.
+    #[serde(default = "default_join_timeout_seconds")]
+    pub join_timeout_seconds: u64,
+    /// Seconds one broadcast may take. The bytes pass from member to member, so a stalled
+    /// member holds up the ones after it until this runs out; then the round fails, its
+    /// members fetch over gRPC and the next group is formed without the stalled one.
+    #[serde(default = "default_timeout_seconds")]
+    pub timeout_seconds: u64,
+}
+
+fn default_join_window_ms() -> u64 {
+    2000
+}
+fn default_join_timeout_seconds() -> u64 {
+    30
+}
+fn default_timeout_seconds() -> u64 {
+    120
+}
+
+impl Default for WeightBroadcastConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            backend: Backend::Auto,
+            port: 0,
+            join_window_ms: default_join_window_ms(),
+            join_timeout_seconds: default_join_timeout_seconds(),
+            timeout_seconds: default_timeout_seconds(),
+        }
+    }
+}
+
+impl WeightBroadcastConfig {
+    /// Checks the values that cannot work.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let limit = u64::from(u32::MAX);
+        for (name, value) in [
+            ("join_timeout_seconds", self.join_timeout_seconds),
+            ("timeout_seconds", self.timeout_seconds),
+        ] {
+            if value == 0 || value > limit {
+                return Err(format!(
+                    "learner.weight_broadcast.{name} must be in 1..={limit}, got {value}"
+                ));
+            }
         }
         Ok(())
     }
@@ -586,30 +831,6 @@ impl ParamDtype {
             Self::Bf16 => tch::Kind::BFloat16,
         }
     }
-}
-
-/// When the PRM's rewards are taken relative to its update (spec §3.3).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PrmUpdate {
-    /// Single-forward ([REPO] `after`, the paper): each mini-batch's rewards come from the
-    /// forward that computes its loss, before its own update.
-    #[default]
-    ScoreThenUpdate,
-    /// Double-forward ([RECIPE] `before`): update on every mini-batch, then score the whole
-    /// batch with the updated PRM.
-    UpdateThenScore,
-}
-
-/// The reference of the implicit PRM (spec §2.3).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReferenceType {
-    /// A frozen copy of the SFT model (the paper's default).
-    #[default]
-    Freeze,
-    /// The policy that sampled the batch: its old log-probs.
-    Policy,
 }
 
 /// Supervised warm-up: next-token cross-entropy on the response tokens of the supervised

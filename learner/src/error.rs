@@ -27,6 +27,15 @@ pub enum LearnerError {
     Auth(#[from] prime_proto::auth::AuthError),
     #[error(transparent)]
     Collective(#[from] prime_collective::CollectiveError),
+    /// A peer's request that cannot be served as asked.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// A request this learner cannot serve in its configuration or state.
+    #[error("{0}")]
+    Precondition(String),
+    /// Not now: the learner is stopping or the answer went away; the caller may retry.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl LearnerError {

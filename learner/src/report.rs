@@ -77,7 +77,7 @@ pub fn summarize(
     samples: usize,
     temperature: f64,
 ) -> Result<Summary> {
-    let evals: Vec<(u64, &crate::trainer::Evaluation)> = records
+    let evals: Vec<(u64, &crate::eval::Evaluation)> = records
         .iter()
         .filter_map(|r| match r {
             Record::Eval { step, evaluation } => Some((*step, evaluation)),

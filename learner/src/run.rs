@@ -9,12 +9,10 @@ use tch::Device;
 
 use crate::config::RunConfig;
 use crate::error::{LearnerError, Result};
+use crate::eval::{eval_problems, local_rollouts, prompts_from_rows};
+use crate::models::PrimeModels;
 use crate::scheduler::{Pull, Scheduler, SchedulerConfig};
-use crate::sft::eval_problems;
-use crate::step::PrimeModels;
-use crate::trainer::{
-    load_model, local_rollouts, prompts_from_rows, StartModels, StepRecord, Trainer,
-};
+use crate::trainer::{load_model, StartModels, StepRecord, Trainer};
 
 /// Where the supervised warm-up of a run dir leaves its checkpoint.
 pub fn sft_checkpoint(run_dir: &Path) -> PathBuf {
@@ -47,8 +45,8 @@ pub fn open_run(
 ) -> Result<(Trainer, Scheduler)> {
     let learner = &config.learner;
     // The embedded world is built (or reused) only when the run uses a part of it.
-    let needs_world = learner.train_files.is_empty()
-        || learner.heldout_files.is_empty()
+    let needs_world = learner.data.train_files.is_empty()
+        || learner.data.heldout_files.is_empty()
         || config.model.path.is_none();
     let world = if needs_world {
         Some(prime_world::build_world(
@@ -75,18 +73,18 @@ pub fn open_run(
         _ => policy.clone(),
     };
     let tokenizer = Tokenizer::from_dir(&tokenizer_dir)?;
-    let train_rows = read_rows(&learner.train_files, world_file(|w| &w.rl.parquet))?;
-    let (prompts, dropped) = prompts_from_rows(&train_rows, &tokenizer, learner.max_prompt_tokens)?;
+    let train_rows = read_rows(&learner.data.train_files, world_file(|w| &w.rl.parquet))?;
+    let (prompts, dropped) = prompts_from_rows(&train_rows, &tokenizer, learner.data.max_prompt_tokens)?;
     if dropped > 0 {
         tracing::warn!(
             dropped,
             kept = prompts.len(),
-            max_prompt_tokens = learner.max_prompt_tokens,
+            max_prompt_tokens = learner.data.max_prompt_tokens,
             "prompts over the length limit dropped"
         );
     }
     let heldout = eval_problems(
-        &read_rows(&learner.heldout_files, world_file(|w| &w.heldout.parquet))?,
+        &read_rows(&learner.data.heldout_files, world_file(|w| &w.heldout.parquet))?,
         &tokenizer,
     )?;
     let start = StartModels {
@@ -99,15 +97,15 @@ pub fn open_run(
     let scheduler = Scheduler::new(
         prompts,
         SchedulerConfig {
-            batch_groups: learner.batch_prompts,
-            k: learner.samples_per_prompt,
-            max_staleness: learner.max_staleness,
-            lease: Duration::from_secs(learner.lease_seconds),
-            filter: learner.filter.clone(),
+            batch_groups: learner.rollout.batch_prompts,
+            k: learner.rollout.samples_per_prompt,
+            max_staleness: learner.rollout.max_staleness,
+            lease: Duration::from_secs(learner.rollout.lease_seconds),
+            filter: learner.algo.filter.clone(),
             seed: learner.seed,
             max_outstanding_prompts: 0,
             vocab_size: trainer.models.policy.config.vocab_size,
-            max_response_tokens: learner.max_response_tokens,
+            max_response_tokens: learner.rollout.max_response_tokens,
         },
         resumed,
     )?;
@@ -139,10 +137,10 @@ pub fn open_follower(config: &RunConfig, run_dir: &Path, device: Device) -> Resu
         .prm_path
         .clone()
         .unwrap_or_else(|| policy_dir.clone());
-    let kind = learner.param_dtype.kind();
-    let reference = match learner.reference {
-        crate::config::ReferenceType::Freeze => Some(load_model(&prm_dir, device, kind)?),
-        crate::config::ReferenceType::Policy => None,
+    let kind = learner.memory.param_dtype.kind();
+    let reference = match learner.algo.reference {
+        prime_algo::ReferenceType::Freeze => Some(load_model(&prm_dir, device, kind)?),
+        prime_algo::ReferenceType::Policy => None,
     };
     Ok(PrimeModels::new(
         load_model(&policy_dir, device, kind)?,
@@ -165,7 +163,7 @@ pub fn run_local(
     let target = max_steps.map_or(trainer.config.steps, |n| {
         (trainer.step + n).min(trainer.config.steps)
     });
-    let round = (trainer.config.batch_prompts as f64 * trainer.config.oversample).ceil() as usize;
+    let round = (trainer.config.rollout.batch_prompts as f64 * trainer.config.rollout.oversample).ceil() as usize;
     let mut collecting_since = Instant::now();
     while trainer.step < target {
         if let Some(batch) = scheduler.take_batch() {

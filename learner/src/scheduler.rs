@@ -44,8 +44,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::algo::filter::{verdict, Verdict};
-use crate::algo::FilterConfig;
+use prime_algo::filter::{verdict, Verdict};
+use prime_algo::FilterConfig;
+
+use crate::batch::ScoredGroup;
 use crate::checkpoint::TrainerState;
 use crate::error::{LearnerError, Result};
 
@@ -169,19 +171,6 @@ pub enum Pull {
     UnknownActor,
 }
 
-/// One sampled and graded response.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GroupResponse {
-    /// Generated token ids.
-    pub token_ids: Vec<i64>,
-    /// Log-probability of each token under the sampling distribution.
-    pub sampling_logprobs: Vec<f32>,
-    /// Verifier score in [0, 1].
-    pub score: f64,
-    /// Generation hit the token limit.
-    pub truncated: bool,
-}
-
 /// The K responses of one work item, all sampled with one policy version.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Group {
@@ -191,10 +180,9 @@ pub struct Group {
     pub actor_id: String,
     /// The version every response was sampled with.
     pub policy_version: u64,
-    /// The prompt as received in the work item.
-    pub prompt_ids: Vec<i64>,
-    /// Exactly K responses.
-    pub responses: Vec<GroupResponse>,
+    /// The prompt as received in the work item and exactly K scored responses: what the
+    /// step trains on.
+    pub scored: ScoredGroup,
 }
 
 /// What [`Scheduler::submit`] made of a group.
@@ -930,8 +918,8 @@ impl Scheduler {
         self.renew_leases(&group.actor_id, now);
 
         let mean_score =
-            group.responses.iter().map(|r| r.score).sum::<f64>() / group.responses.len() as f64;
-        let any_truncated = group.responses.iter().any(|r| r.truncated);
+            group.scored.responses.iter().map(|r| r.score).sum::<f64>() / group.scored.responses.len() as f64;
+        let any_truncated = group.scored.responses.iter().any(|r| r.truncated);
         let verdict = verdict(mean_score, any_truncated, &self.config.filter);
         self.tally.add(mean_score, verdict);
         if self.recent.len() == RECENT_GROUPS {
@@ -989,24 +977,24 @@ fn check_shape(
     config: &SchedulerConfig,
 ) -> std::result::Result<(), String> {
     let k = config.k;
-    if group.prompt_ids != prompt.prompt_ids {
+    if group.scored.prompt_ids != prompt.prompt_ids {
         return Err(format!(
             "prompt_ids ({} tokens) differ from the work's prompt ({} tokens)",
-            group.prompt_ids.len(),
+            group.scored.prompt_ids.len(),
             prompt.prompt_ids.len()
         ));
     }
-    if group.responses.len() != k as usize {
-        return Err(format!("{} responses, but K = {k}", group.responses.len()));
+    if group.scored.responses.len() != k as usize {
+        return Err(format!("{} responses, but K = {k}", group.scored.responses.len()));
     }
-    for (i, response) in group.responses.iter().enumerate() {
-        if response.token_ids.is_empty() {
+    for (i, response) in group.scored.responses.iter().enumerate() {
+        if response.ids.is_empty() {
             return Err(format!("response {i} has no tokens"));
         }
-        if response.token_ids.len() > config.max_response_tokens {
+        if response.ids.len() > config.max_response_tokens {
             return Err(format!(
                 "response {i} has {} tokens, over the limit of {}",
-                response.token_ids.len(),
+                response.ids.len(),
                 config.max_response_tokens
             ));
         }
@@ -1020,11 +1008,11 @@ fn check_shape(
                 config.vocab_size
             ));
         }
-        if response.sampling_logprobs.len() != response.token_ids.len() {
+        if response.sampling_logprobs.len() != response.ids.len() {
             return Err(format!(
                 "response {i} has {} sampling log-probs for {} tokens",
                 response.sampling_logprobs.len(),
-                response.token_ids.len()
+                response.ids.len()
             ));
         }
         if response.sampling_logprobs.iter().any(|lp| !lp.is_finite()) {
@@ -1043,6 +1031,7 @@ fn check_shape(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::ScoredResponse;
 
     const SEED: u64 = 7;
 
@@ -1084,15 +1073,17 @@ mod tests {
             group_id: work.work_id.clone(),
             actor_id: actor_id.into(),
             policy_version,
-            prompt_ids: work.prompt.prompt_ids.clone(),
-            responses: (0..work.k)
-                .map(|i| GroupResponse {
-                    token_ids: vec![1, 2, 3],
-                    sampling_logprobs: vec![-0.5, -1.0, -0.1],
-                    score: if i < correct { 1.0 } else { 0.0 },
-                    truncated: false,
-                })
-                .collect(),
+            scored: ScoredGroup {
+                prompt_ids: work.prompt.prompt_ids.clone(),
+                responses: (0..work.k)
+                    .map(|i| ScoredResponse {
+                        ids: vec![1, 2, 3],
+                        sampling_logprobs: vec![-0.5, -1.0, -0.1],
+                        score: if i < correct { 1.0 } else { 0.0 },
+                        truncated: false,
+                    })
+                    .collect(),
+            },
         }
     }
 
@@ -1155,7 +1146,7 @@ mod tests {
         assert_eq!(batch.policy_version, 0);
         assert_eq!(batch.prompt_indices, kept[..4]);
         for (group, &i) in batch.groups.iter().zip(&batch.prompt_indices) {
-            assert_eq!(group.prompt_ids, vec![100 + i as i64]);
+            assert_eq!(group.scored.prompt_ids, vec![100 + i as i64]);
         }
         let seen = arrivals.len() as u64;
         let mean = arrivals
@@ -1237,31 +1228,31 @@ mod tests {
         unknown.group_id = "v0-p3-n999".into();
         assert!(reason(s.submit(unknown, t)).contains("not a work id"));
         let mut wrong_prompt = group(work, &a, 0, 1);
-        wrong_prompt.prompt_ids.push(5);
+        wrong_prompt.scored.prompt_ids.push(5);
         assert!(reason(s.submit(wrong_prompt, t)).contains("prompt_ids"));
         let mut short = group(work, &a, 0, 1);
-        short.responses.pop();
+        short.scored.responses.pop();
         assert!(reason(s.submit(short, t)).contains("3 responses, but K = 4"));
         for bad_score in [1.5, -0.1, f64::NAN] {
             let mut bad = group(work, &a, 0, 1);
-            bad.responses[2].score = bad_score;
+            bad.scored.responses[2].score = bad_score;
             assert!(reason(s.submit(bad, t)).contains("outside [0, 1]"));
         }
         let mut lengths = group(work, &a, 0, 1);
-        lengths.responses[0].sampling_logprobs.pop();
+        lengths.scored.responses[0].sampling_logprobs.pop();
         assert!(reason(s.submit(lengths, t)).contains("log-probs for 3 tokens"));
         let mut empty = group(work, &a, 0, 1);
-        empty.responses[1].token_ids.clear();
-        empty.responses[1].sampling_logprobs.clear();
+        empty.scored.responses[1].ids.clear();
+        empty.scored.responses[1].sampling_logprobs.clear();
         assert!(reason(s.submit(empty, t)).contains("no tokens"));
         for bad_id in [-1, 1000, i64::MAX] {
             let mut bad = group(work, &a, 0, 1);
-            bad.responses[0].token_ids[1] = bad_id;
+            bad.scored.responses[0].ids[1] = bad_id;
             assert!(reason(s.submit(bad, t)).contains("outside the vocabulary 0..1000"));
         }
         let mut long = group(work, &a, 0, 1);
-        long.responses[3].token_ids = vec![1; 17];
-        long.responses[3].sampling_logprobs = vec![-0.1; 17];
+        long.scored.responses[3].ids = vec![1; 17];
+        long.scored.responses[3].sampling_logprobs = vec![-0.1; 17];
         assert!(reason(s.submit(long, t)).contains("17 tokens, over the limit of 16"));
         assert!(reason(s.submit(group(work, &b, 0, 1), t)).contains("handed to actor"));
         assert!(reason(s.submit(group(work, &a, 1, 1), t)).contains("newer than"));
@@ -1686,7 +1677,7 @@ mod tests {
         let actor = s.register("a", t);
         let (_, works) = items(s.pull(&actor, 2, t));
         let mut truncated = group(&works[0], &actor, 0, 2);
-        truncated.responses[3].truncated = true;
+        truncated.scored.responses[3].truncated = true;
         assert_eq!(s.submit(truncated, t), Submitted::Filtered);
         assert_eq!(s.submit(group(&works[1], &actor, 0, 2), t), Submitted::Kept);
         assert_eq!(s.status(t).filter_pass_rate, 0.5);

@@ -8,41 +8,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use prime_model::weights::{encode_var_store, EncodedWeights, WeightManifest, DEFAULT_CHUNK_BYTES};
+use prime_model::weights::DEFAULT_CHUNK_BYTES;
 use prime_proto::v1 as pb;
 use prime_proto::v1::learner_server::{Learner, LearnerServer};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::broadcast::{Broadcaster, Transport};
+use crate::batch::{ScoredGroup, ScoredResponse};
+use crate::broadcast::{BroadcastHandle, Broadcaster, Transport};
+use crate::config::WeightBroadcastConfig;
+use crate::publish::{manifest_to_proto, Published};
 use crate::error::{LearnerError, Result};
-use crate::scheduler::{Group, GroupResponse, Pull, Scheduler, Submitted};
+use crate::scheduler::{Group, Pull, Scheduler, Submitted};
 use crate::trainer::{StepRecord, Trainer};
 
 /// Largest message the service accepts or sends (a weight chunk is at most 4 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
-
-/// Policy weights as published to actors.
-#[derive(Debug)]
-pub struct Published {
-    /// The version these weights are.
-    pub policy_version: u64,
-    /// Names, shapes, dtypes, offsets and checksums.
-    pub manifest: WeightManifest,
-    /// Every tensor's bytes, back to back; chunks are slices of it (no copies).
-    pub bytes: tonic::codegen::Bytes,
-}
-
-impl Published {
-    /// Takes over encoded weights.
-    pub fn new(weights: EncodedWeights) -> Self {
-        Self {
-            policy_version: weights.manifest.policy_version,
-            manifest: weights.manifest,
-            bytes: weights.bytes.into(),
-        }
-    }
-}
 
 /// Live figures for `Status` and Prometheus.
 #[derive(Debug, Default)]
@@ -129,11 +110,20 @@ impl Shared {
         ))
     }
 
-    /// Offers the weight broadcast of `broadcaster` to actors from now on (once).
-    pub(crate) fn attach_broadcaster(&self, broadcaster: Arc<Broadcaster>) {
-        if self.broadcaster.set(broadcaster).is_err() {
+    /// Starts the weight broadcast of the versions published here and offers it to actors
+    /// from now on; its rounds start with the version after the current one.
+    pub fn start_broadcast(
+        &self,
+        config: WeightBroadcastConfig,
+        transport: Transport,
+        bind_ip: std::net::IpAddr,
+        token: Option<String>,
+    ) -> std::io::Result<BroadcastHandle> {
+        let handle = Broadcaster::start(config, transport, bind_ip, token, self.published())?;
+        if self.broadcaster.set(handle.broadcaster().clone()).is_err() {
             tracing::warn!("a weight broadcaster was already attached; keeping the first");
         }
+        Ok(handle)
     }
 
     /// The newest published policy weights.
@@ -342,9 +332,9 @@ fn group_from_proto(group: pb::RolloutGroup) -> std::result::Result<Group, Strin
                 ))
             }
         };
-        responses.push(GroupResponse {
+        responses.push(ScoredResponse {
             truncated,
-            token_ids: r.token_ids,
+            ids: r.token_ids,
             sampling_logprobs: r.sampling_logprobs,
             score: f64::from(r.score),
         });
@@ -353,8 +343,10 @@ fn group_from_proto(group: pb::RolloutGroup) -> std::result::Result<Group, Strin
         group_id: group.group_id,
         actor_id: group.actor_id,
         policy_version: group.policy_version,
-        prompt_ids: group.prompt_ids,
-        responses,
+        scored: ScoredGroup {
+            prompt_ids: group.prompt_ids,
+            responses,
+        },
     })
 }
 
@@ -510,10 +502,7 @@ impl Learner for LearnerService {
                  false): fetch them with FetchWeights",
             )
         })?;
-        broadcaster
-            .join(request.into_inner())
-            .await
-            .map(Response::new)
+        Ok(Response::new(broadcaster.join(request.into_inner()).await?))
     }
 
     async fn status(
@@ -521,6 +510,19 @@ impl Learner for LearnerService {
         _request: Request<pb::LearnerStatusRequest>,
     ) -> Result<Response<pb::LearnerStatus>, Status> {
         Ok(Response::new(self.shared.status()))
+    }
+}
+
+/// The gRPC status of a learner error: what the caller did wrong, what it cannot have here,
+/// what it may retry, and the rest as internal.
+impl From<LearnerError> for Status {
+    fn from(e: LearnerError) -> Self {
+        match e {
+            LearnerError::InvalidRequest(m) => Status::invalid_argument(m),
+            LearnerError::Precondition(m) => Status::failed_precondition(m),
+            LearnerError::Unavailable(m) => Status::unavailable(m),
+            other => Status::internal(other.to_string()),
+        }
     }
 }
 
@@ -569,36 +571,6 @@ fn stream_weights(
     )))
 }
 
-/// The wire form of a weight manifest (the actor reads it back with
-/// `prime_actor::weights::manifest_from_proto`).
-pub fn manifest_to_proto(m: &WeightManifest) -> pb::WeightManifest {
-    pb::WeightManifest {
-        policy_version: m.policy_version,
-        tensors: m
-            .tensors
-            .iter()
-            .map(|t| pb::TensorInfo {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-                dtype: t.dtype.clone(),
-                offset: t.offset,
-                length: t.len,
-                sha256: t.sha256.clone(),
-            })
-            .collect(),
-        total_bytes: m.total_bytes,
-    }
-}
-
-/// Encodes the trainer's policy as version `policy_version`.
-pub fn publish_policy(trainer: &Trainer) -> Result<Published> {
-    Ok(Published::new(encode_var_store(
-        &trainer.models.policy.vs,
-        trainer.policy_version,
-        None,
-    )?))
-}
-
 /// Where the learner listens and who it lets in.
 pub use prime_proto::auth::ListenOptions;
 
@@ -625,11 +597,11 @@ pub fn run_learner(
     };
     let config_json = serde_json::to_string(&trainer.models.policy.config)
         .map_err(|e| LearnerError::Data(format!("model config: {e}")))?;
-    let lease = trainer.config.lease_seconds.min(u64::from(u32::MAX)) as u32;
+    let lease = trainer.config.rollout.lease_seconds.min(u64::from(u32::MAX)) as u32;
     let server_builder = options.auth.server(options.listen)?;
     let shared = Shared::new(
         scheduler,
-        publish_policy(&trainer)?,
+        Published::encode(&trainer.models.policy, trainer.policy_version)?,
         config_json,
         sampling,
         lease,
@@ -638,14 +610,14 @@ pub fn run_learner(
     let broadcast = &trainer.config.weight_broadcast;
     let broadcasting = if broadcast.enabled {
         let transport = Transport::resolve(broadcast.backend, trainer.models.policy.vs.device())?;
-        let handle = Broadcaster::start(
-            broadcast.clone(),
-            transport,
-            options.listen.ip(),
-            options.auth.token.clone(),
-            &shared,
-        )
-        .map_err(LearnerError::io("weight broadcast thread"))?;
+        let handle = shared
+            .start_broadcast(
+                broadcast.clone(),
+                transport,
+                options.listen.ip(),
+                options.auth.token.clone(),
+            )
+            .map_err(LearnerError::io("weight broadcast thread"))?;
         tracing::info!(
             transport = transport.name(),
             "offering the weight broadcast"
@@ -739,13 +711,13 @@ fn compute_loop(
                 return Err(e);
             }
         };
-        shared.publish(publish_policy(trainer)?);
+        shared.publish(Published::encode(&trainer.models.policy, trainer.policy_version)?);
         if shared.prm_wanted.load(Ordering::Relaxed) {
-            let prm = encode_var_store(&trainer.models.prm.vs, trainer.policy_version, None)?;
+            let prm = Published::encode(&trainer.models.prm, trainer.policy_version)?;
             *shared
                 .published_prm
                 .write()
-                .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Published::new(prm)));
+                .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(prm));
         }
         shared.live.step.store(trainer.step, Ordering::Relaxed);
         shared.live.tokens_per_second_milli.store(

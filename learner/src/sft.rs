@@ -5,9 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use prime_model::{
-    generate, token_logprobs, CausalLm, ChatMessage, PaddedBatch, SamplingParams, Tokenizer,
-};
+use prime_model::{token_logprobs, CausalLm, PaddedBatch, SamplingParams, Tokenizer};
 use prime_world::DataRow;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -17,6 +15,8 @@ use tch::{Kind, Tensor};
 
 use crate::config::SftConfig;
 use crate::error::{LearnerError, Result};
+use crate::eval::{to_chat, EvalProblem};
+use crate::models::trainable_parameters;
 use crate::optim::{lr_at, AdamW};
 use crate::plot::{line_chart, Series};
 
@@ -26,23 +26,6 @@ use crate::plot::{line_chart, Series};
 pub struct SftExample {
     pub prompt_ids: Vec<i64>,
     pub response_ids: Vec<i64>,
-}
-
-/// A held-out problem: prompt ids and the reference answer.
-#[derive(Debug, Clone)]
-pub struct EvalProblem {
-    pub prompt_ids: Vec<i64>,
-    pub ground_truth: String,
-}
-
-fn to_chat(row: &DataRow) -> Vec<ChatMessage> {
-    row.prompt
-        .iter()
-        .map(|m| ChatMessage {
-            role: m.role.clone(),
-            content: m.content.clone(),
-        })
-        .collect()
 }
 
 /// Tokenizes the supervised rows; each must carry a `response`.
@@ -63,18 +46,6 @@ pub fn sft_examples(
             Ok(SftExample {
                 prompt_ids: tokenizer.encode_chat(&to_chat(row), true)?,
                 response_ids,
-            })
-        })
-        .collect()
-}
-
-/// Tokenizes held-out rows into prompts and reference answers.
-pub fn eval_problems(rows: &[DataRow], tokenizer: &Tokenizer) -> Result<Vec<EvalProblem>> {
-    rows.iter()
-        .map(|row| {
-            Ok(EvalProblem {
-                prompt_ids: tokenizer.encode_chat(&to_chat(row), true)?,
-                ground_truth: row.reward_model.ground_truth.clone(),
             })
         })
         .collect()
@@ -104,7 +75,7 @@ pub fn response_nll(lm: &CausalLm, batch: &[&SftExample]) -> Result<Tensor> {
 }
 
 /// Samples one response per held-out problem at `temperature` and returns the fraction
-/// graded correct by the math verifier.
+/// graded correct by the math grader.
 pub fn heldout_accuracy(
     lm: &CausalLm,
     tokenizer: &Tokenizer,
@@ -113,7 +84,6 @@ pub fn heldout_accuracy(
     max_new_tokens: usize,
     seed: u64,
 ) -> Result<f64> {
-    let prompts: Vec<Vec<i64>> = problems.iter().map(|p| p.prompt_ids.clone()).collect();
     let params = SamplingParams {
         max_new_tokens,
         temperature,
@@ -122,19 +92,7 @@ pub fn heldout_accuracy(
         seed: Some(seed),
         stop_token_ids: lm.eos_token_ids(),
     };
-    let mut correct = 0usize;
-    for (chunk_prompts, chunk_problems) in prompts.chunks(256).zip(problems.chunks(256)) {
-        for (generation, problem) in generate(&lm.model, chunk_prompts, &params)?
-            .iter()
-            .zip(chunk_problems)
-        {
-            let text = tokenizer.decode(&generation.token_ids, true)?;
-            if prime_verifier::math::grade_math(&text, &problem.ground_truth).correct {
-                correct += 1;
-            }
-        }
-    }
-    Ok(correct as f64 / problems.len().max(1) as f64)
+    crate::eval::accuracy(lm, tokenizer, problems, 1, &params)
 }
 
 /// One line of `metrics.jsonl`.
@@ -360,16 +318,4 @@ fn plot_curves(out_dir: &Path, losses: &[(f64, f64)], accuracies: &[(f64, f64)],
             tracing::warn!("{e}");
         }
     }
-}
-
-/// The trainable variables of a model by name, sorted so optimizer state lines up on resume.
-pub fn trainable_parameters(lm: &CausalLm) -> Vec<(String, Tensor)> {
-    let mut params: Vec<(String, Tensor)> = lm
-        .vs
-        .variables()
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .collect();
-    params.sort_by(|a, b| a.0.cmp(&b.0));
-    params
 }

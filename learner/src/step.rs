@@ -13,91 +13,19 @@
 //! token budget and their gradients accumulate so that the loss equals the mini-batch loss.
 use std::time::Instant;
 
-use prime_model::{CausalLm, PaddedBatch};
+use prime_algo::{
+    advantages, implicit_prm, masks, ppo, Estimator, LossAggregation, PrmUpdate, ReferenceType,
+};
+use prime_model::qwen2::GradSink;
+use prime_model::CausalLm;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::algo::{advantages, implicit_prm, masks, ppo, Estimator, LossAggregation};
-use crate::config::{LearnerConfig, PrmUpdate, ReferenceType};
+use crate::batch::{ScoredGroup, StepBatch};
+use crate::config::LearnerConfig;
 use crate::error::{LearnerError, Result};
-use crate::optim::AdamW;
+use crate::models::PrimeModels;
 use crate::parallel::{DataParallel, Trained};
-use prime_model::qwen2::GradSink;
-
-/// One scored response of a group, as sampled (EOS included when it stopped).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScoredResponse {
-    /// Response token ids.
-    pub ids: Vec<i64>,
-    /// Verifier score in [0, 1]; fractional for code.
-    pub score: f64,
-    /// Log-probs the sampler reported for `ids`, when known: only monitored (the step
-    /// recomputes the old log-probs), to catch a sampler that disagrees with the learner.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub sampling_logprobs: Vec<f32>,
-}
-
-/// The K responses of one prompt: the unit of the filter, the baselines and the mini-batches.
-/// One line of a `prime learner step --rollouts` file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScoredGroup {
-    /// Prompt token ids (chat template applied).
-    pub prompt_ids: Vec<i64>,
-    /// The K responses.
-    pub responses: Vec<ScoredResponse>,
-}
-
-/// The models and optimizers a step updates.
-#[derive(Debug)]
-pub struct PrimeModels {
-    /// π_θ, the trained policy.
-    pub policy: CausalLm,
-    /// π_φ, the implicit PRM.
-    pub prm: CausalLm,
-    /// π_ref, frozen; `None` when the reference is the old policy.
-    pub reference: Option<CausalLm>,
-    /// AdamW over the policy's parameters.
-    pub policy_optimizer: AdamW,
-    /// AdamW over the PRM's parameters.
-    pub prm_optimizer: AdamW,
-    /// The data-parallel group this replica belongs to, once attached
-    /// ([`DataParallel::attach`]); `None` trains alone.
-    pub parallel: Option<DataParallel>,
-}
-
-impl PrimeModels {
-    /// Builds both optimizers over every trainable parameter. Their state is allocated at
-    /// each parameter's first update (or sharded first, by [`DataParallel::attach`]), so
-    /// building them takes no device memory.
-    pub fn new(
-        policy: CausalLm,
-        prm: CausalLm,
-        reference: Option<CausalLm>,
-        config: &LearnerConfig,
-    ) -> Self {
-        let optimizer = if config.master_weights {
-            AdamW::with_master_weights
-        } else {
-            AdamW::new
-        };
-        let policy_optimizer = optimizer(
-            crate::sft::trainable_parameters(&policy),
-            config.policy_optimizer.adamw,
-        );
-        let prm_optimizer = optimizer(
-            crate::sft::trainable_parameters(&prm),
-            config.prm_optimizer.adamw,
-        );
-        Self {
-            policy,
-            prm,
-            reference,
-            policy_optimizer,
-            prm_optimizer,
-            parallel: None,
-        }
-    }
-}
 
 /// What one step measured. Rewards are per response; losses are means over mini-batches.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -164,186 +92,6 @@ pub struct StepMetrics {
     pub time_advantages_s: f64,
     /// Seconds in the PPO pass.
     pub time_policy_s: f64,
-}
-
-/// A batch of groups laid out for the models: full sequences for the forwards and
-/// response-aligned `[N, R]` tensors for the algorithm (row `g·K + i` is response i of group g).
-#[derive(Debug)]
-pub struct StepBatch {
-    /// Responses per group.
-    pub k: usize,
-    /// Prompt + response ids of each row.
-    pub sequences: Vec<Vec<i64>>,
-    /// Prompt length of each row.
-    pub prompt_lengths: Vec<i64>,
-    /// `[N, R]` valid-token mask (spec §0), on the device.
-    pub mask: Tensor,
-    /// `[N]` f32 scores, on the device.
-    pub scores: Tensor,
-    /// Width R of the response tensors.
-    pub response_width: i64,
-    /// `[N, R]` sampler log-probs, when every response carried them.
-    pub sampling_logprobs: Option<Tensor>,
-}
-
-impl StepBatch {
-    /// Lays out `groups`; every group must hold the same number K ≥ 2 of responses, each with
-    /// at least one token, and every id must be in the vocabulary.
-    pub fn new(
-        groups: &[ScoredGroup],
-        eos_ids: &[i64],
-        vocab_size: i64,
-        device: Device,
-    ) -> Result<Self> {
-        let k = groups.first().map(|g| g.responses.len()).unwrap_or(0);
-        if k < 2 {
-            return Err(LearnerError::Data(
-                "a step needs at least one group of at least 2 responses".into(),
-            ));
-        }
-        let mut sequences = Vec::new();
-        let mut prompt_lengths = Vec::new();
-        let mut scores = Vec::new();
-        for (g, group) in groups.iter().enumerate() {
-            if group.responses.len() != k {
-                return Err(LearnerError::Data(format!(
-                    "group {g} has {} responses, group 0 has {k}: every group needs the same K",
-                    group.responses.len()
-                )));
-            }
-            if group.prompt_ids.is_empty() {
-                return Err(LearnerError::Data(format!("group {g} has an empty prompt")));
-            }
-            for (i, response) in group.responses.iter().enumerate() {
-                if response.ids.is_empty() {
-                    return Err(LearnerError::Data(format!(
-                        "group {g} response {i} has no tokens"
-                    )));
-                }
-                if !(0.0..=1.0).contains(&response.score) {
-                    return Err(LearnerError::Data(format!(
-                        "group {g} response {i}: score {} is outside [0, 1]",
-                        response.score
-                    )));
-                }
-                let sequence: Vec<i64> = group
-                    .prompt_ids
-                    .iter()
-                    .chain(&response.ids)
-                    .copied()
-                    .collect();
-                prime_model::logprobs::check_ids(&sequence, vocab_size)
-                    .map_err(|e| LearnerError::Data(format!("group {g} response {i}: {e}")))?;
-                sequences.push(sequence);
-                prompt_lengths.push(group.prompt_ids.len() as i64);
-                scores.push(response.score as f32);
-            }
-        }
-        let responses: Vec<&[i64]> = groups
-            .iter()
-            .flat_map(|g| g.responses.iter().map(|r| r.ids.as_slice()))
-            .collect();
-        let width = responses.iter().map(|r| r.len()).max().unwrap_or(1);
-        let n = responses.len();
-        let mut ids = vec![0i64; n * width];
-        let mut generated = vec![false; n * width];
-        for (row, response) in responses.iter().enumerate() {
-            ids[row * width..row * width + response.len()].copy_from_slice(response);
-            generated[row * width..row * width + response.len()].fill(true);
-        }
-        let shape = [n as i64, width as i64];
-        let sampled: Vec<&[f32]> = groups
-            .iter()
-            .flat_map(|g| g.responses.iter().map(|r| r.sampling_logprobs.as_slice()))
-            .collect();
-        let sampling_logprobs = sampled
-            .iter()
-            .zip(&responses)
-            .all(|(s, r)| s.len() == r.len())
-            .then(|| {
-                let mut values = vec![0f32; n * width];
-                for (row, s) in sampled.iter().enumerate() {
-                    values[row * width..row * width + s.len()].copy_from_slice(s);
-                }
-                Tensor::from_slice(&values).view(shape).to_device(device)
-            });
-        let mask = masks::response_mask(
-            &Tensor::from_slice(&ids).view(shape),
-            &Tensor::from_slice(&generated).view(shape),
-            eos_ids,
-        );
-        Ok(Self {
-            k,
-            sequences,
-            prompt_lengths,
-            mask: mask.to_device(device),
-            scores: Tensor::from_slice(&scores).to_device(device),
-            response_width: width as i64,
-            sampling_logprobs,
-        })
-    }
-
-    /// Number of responses.
-    pub fn rows(&self) -> usize {
-        self.sequences.len()
-    }
-
-    /// Row ranges of `parts` mini-batches of whole groups, in order (the first ones take one
-    /// group more when the groups do not divide evenly).
-    pub fn mini_batches(&self, parts: usize) -> Vec<std::ops::Range<usize>> {
-        let groups = self.rows() / self.k;
-        let parts = parts.clamp(1, groups);
-        let (base, extra) = (groups / parts, groups % parts);
-        let mut start = 0;
-        (0..parts)
-            .map(|p| {
-                let len = (base + usize::from(p < extra)) * self.k;
-                let range = start..start + len;
-                start += len;
-                range
-            })
-            .collect()
-    }
-
-    /// Splits `rows` into consecutive micro-batches whose padded size (rows × longest
-    /// sequence) stays within `budget` tokens; a single longer row goes alone.
-    pub fn micro_batches(
-        &self,
-        rows: std::ops::Range<usize>,
-        budget: usize,
-    ) -> Vec<std::ops::Range<usize>> {
-        let mut out = Vec::new();
-        let mut start = rows.start;
-        let mut width = 0;
-        for row in rows.clone() {
-            let candidate = width.max(self.sequences[row].len());
-            if row > start && candidate * (row - start + 1) > budget {
-                out.push(start..row);
-                start = row;
-                width = self.sequences[row].len();
-            } else {
-                width = candidate;
-            }
-        }
-        if start < rows.end {
-            out.push(start..rows.end);
-        }
-        out
-    }
-
-    /// The full sequences of `rows`, right-padded on `model`'s device.
-    fn padded(&self, rows: &std::ops::Range<usize>, model: &CausalLm) -> Result<PaddedBatch> {
-        Ok(PaddedBatch::new(
-            &self.sequences[rows.clone()],
-            model.config.vocab_size,
-            0,
-            model.model.device(),
-        )?)
-    }
-
-    fn rows_of(&self, t: &Tensor, rows: &std::ops::Range<usize>) -> Tensor {
-        t.narrow(0, rows.start as i64, rows.len() as i64)
-    }
 }
 
 /// Response-aligned log-probs `[n, R]` of `rows` under `model` (0 off the response), and
@@ -425,12 +173,12 @@ fn backward_micro(
     sink: Option<&mut dyn GradSink>,
     loss_fn: impl FnOnce(&Tensor, Option<&Tensor>) -> Tensor,
 ) -> Result<Tensor> {
-    if sink.is_some() && !config.recompute_activations {
+    if sink.is_some() && !config.memory.recompute_activations {
         return Err(zero2_needs_recompute());
     }
-    if !config.recompute_activations {
+    if !config.memory.recompute_activations {
         let (logprobs, entropy) =
-            response_logprobs(model, batch, rows, config.logit_chunk_tokens, want_entropy)?;
+            response_logprobs(model, batch, rows, config.memory.logit_chunk_tokens, want_entropy)?;
         let loss = loss_fn(&logprobs, entropy.as_ref());
         loss.backward();
         return Ok(loss.detach());
@@ -449,7 +197,7 @@ fn backward_micro(
         loss_fn(&(sequence_logprobs.gather(1, &index, false) * &valid), None)
     };
     let qwen = &model.model;
-    let chunk = config.logit_chunk_tokens;
+    let chunk = config.memory.logit_chunk_tokens;
     let result = match sink {
         Some(sink) => qwen.token_logprobs_backward_to(&padded, chunk, sink, loss),
         None => qwen.token_logprobs_backward(&padded, chunk, true, loss),
@@ -462,7 +210,7 @@ fn zero2_needs_recompute() -> LearnerError {
     LearnerError::Config {
         path: "learner.parallel.zero2".into(),
         message: "gradient sharding hands gradients over layer by layer from the recomputing \
-                  backward pass: it needs learner.recompute_activations = true"
+                  backward pass: it needs learner.memory.recompute_activations = true"
             .into(),
     }
 }
@@ -506,7 +254,7 @@ fn rank_micro_batches(
     mini: &std::ops::Range<usize>,
     config: &LearnerConfig,
 ) -> (Vec<std::ops::Range<usize>>, usize) {
-    let budget = config.micro_batch_tokens;
+    let budget = config.memory.micro_batch_tokens;
     let mine = batch.micro_batches(dp.my_rows(mini, batch.k), budget);
     if !dp.zero2() {
         return (mine, 0);
@@ -544,9 +292,9 @@ fn frozen_logprobs(
     let mut entropy_sum = 0.0;
     let all = 0..batch.rows();
     let mine = dp.my_rows(&all, batch.k);
-    for rows in batch.micro_batches(mine, config.micro_batch_tokens) {
+    for rows in batch.micro_batches(mine, config.memory.micro_batch_tokens) {
         let (logprobs, entropy) =
-            response_logprobs(model, batch, &rows, config.logit_chunk_tokens, want_entropy)?;
+            response_logprobs(model, batch, &rows, config.memory.logit_chunk_tokens, want_entropy)?;
         if let Some(h) = entropy {
             entropy_sum += scalar(&h.sum(Kind::Double));
         }
@@ -607,8 +355,8 @@ fn prm_pass(
     config: &LearnerConfig,
     lr: f64,
 ) -> Result<(Tensor, f64, f64)> {
-    let beta = config.prm.beta;
-    let minis = batch.mini_batches(config.mini_batches);
+    let beta = config.algo.prm.beta;
+    let minis = batch.mini_batches(config.algo.mini_batches);
     let mut q_rows = Vec::new();
     let (mut loss_sum, mut norm_sum) = (0.0, 0.0);
     for mini in &minis {
@@ -648,7 +396,7 @@ fn prm_pass(
         norm_sum += dp.update(models, Trained::Prm, config.prm_optimizer.max_grad_norm, lr)?;
     }
     let mut q = Tensor::cat(&q_rows, 0);
-    if config.prm_update == PrmUpdate::UpdateThenScore {
+    if config.algo.prm_update == PrmUpdate::UpdateThenScore {
         let _guard = tch::no_grad_guard();
         let (logprobs, _) = frozen_logprobs(&models.prm, batch, config, false, dp)?;
         q = implicit_prm::token_log_ratio(&logprobs, reference_logprobs, &batch.mask);
@@ -680,9 +428,9 @@ fn policy_pass(
     config: &LearnerConfig,
     lr: f64,
 ) -> Result<PolicyPass> {
-    let ppo_config = &config.ppo;
+    let ppo_config = &config.algo.ppo;
     let aggregation = ppo_config.loss_aggregation;
-    let minis = batch.mini_batches(config.mini_batches);
+    let minis = batch.mini_batches(config.algo.mini_batches);
     let mut totals = [0.0f64; 4];
     for mini in &minis {
         dp.zero_grad(models, Trained::Policy);
@@ -751,27 +499,10 @@ fn mean_std(t: &Tensor) -> (f64, f64) {
 
 /// One PRIME iteration (spec §1 steps 2-6) on `groups`, every one of which is trained on.
 /// `iteration` (0-based) drives the learning-rate warm-up. The `rloo` estimator needs no
-/// process rewards and leaves the PRM untouched. With a data-parallel group attached, every
-/// rank calls it with the same groups and takes its share (see [`crate::parallel`]).
+/// process rewards and leaves the PRM untouched. `dp` is this rank's data-parallel group
+/// ([`DataParallel::single`] alone): every rank calls it with the same groups and takes its
+/// share (see [`crate::parallel`]).
 pub fn prime_step(
-    models: &mut PrimeModels,
-    groups: &[ScoredGroup],
-    config: &LearnerConfig,
-    iteration: u64,
-) -> Result<StepMetrics> {
-    let attached = models.parallel.take();
-    let mut dp = match attached {
-        Some(dp) => dp,
-        None => DataParallel::single(models.policy.model.device()),
-    };
-    let result = step_on_ranks(models, &mut dp, groups, config, iteration);
-    if dp.world_size() > 1 || dp.zero1() {
-        models.parallel = Some(dp);
-    }
-    result
-}
-
-fn step_on_ranks(
     models: &mut PrimeModels,
     dp: &mut DataParallel,
     groups: &[ScoredGroup],
@@ -813,8 +544,8 @@ fn step_on_ranks(
 
     // 2. Reference log-probs (spec §2.3).
     let clock = Instant::now();
-    let needs_reference = config.estimator == Estimator::Prime || config.ppo.kl_coeff != 0.0;
-    let reference_logprobs = match (&models.reference, config.reference) {
+    let needs_reference = config.algo.estimator == Estimator::Prime || config.algo.ppo.kl_coeff != 0.0;
+    let reference_logprobs = match (&models.reference, config.algo.reference) {
         (Some(reference), ReferenceType::Freeze) if needs_reference => {
             frozen_logprobs(reference, &batch, config, false, dp)?.0
         }
@@ -831,7 +562,7 @@ fn step_on_ranks(
     // 3. PRM pass (spec §3), skipped by the outcome-only baseline.
     let clock = Instant::now();
     let prm_lr = config.prm_optimizer.lr_at(iteration);
-    let q = match config.estimator {
+    let q = match config.algo.estimator {
         Estimator::Prime => {
             let (before, _) = frozen_logprobs(&models.prm, &batch, config, false, dp)?;
             let q = implicit_prm::token_log_ratio(&before, &reference_logprobs, &batch.mask);
@@ -839,7 +570,7 @@ fn step_on_ranks(
                 &q,
                 &batch.mask,
                 &batch.scores,
-                config.prm.beta,
+                config.algo.prm.beta,
             ));
             metrics.prm_new_batch_accuracy = scalar(&implicit_prm::dpo_accuracy(
                 &q,
@@ -860,7 +591,7 @@ fn step_on_ranks(
 
     // 4. Rewards and advantages (spec §2.2, §2.5, §4).
     let clock = Instant::now();
-    let prm_config = &config.prm;
+    let prm_config = &config.algo.prm;
     let mask = &batch.mask;
     let sequence_rewards = implicit_prm::sequence_reward(&q, mask, prm_config.beta);
     (metrics.prm_reward_mean, metrics.prm_reward_std) = mean_std(&sequence_rewards);
@@ -881,7 +612,8 @@ fn step_on_ranks(
         &batch.scores,
         mask,
         k,
-        &config.advantage_config(),
+        config.algo.estimator,
+        &config.algo.advantage,
     );
     let advantages = advantages::whiten(&returns, mask);
     metrics.process_reward_abs_mean = scalar(&masks::masked_mean(&process_rewards.abs(), mask));

@@ -3,25 +3,28 @@
 //! writes `metrics.jsonl` and checkpoints, and resumes from them exactly.
 //!
 //! Rollouts come from remote actors in the service ([`crate::service`]) or, for a single
-//! process and the tests, from [`local_rollouts`] on the learner's own policy.
+//! process and the tests, from [`crate::eval::local_rollouts`] on the learner's own policy.
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use prime_model::{generate, CausalLm, FinishReason, SamplingParams, Tokenizer};
+use prime_collective::Collective;
+use prime_model::{CausalLm, SamplingParams, Tokenizer};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
+use crate::batch::ScoredGroup;
 use crate::checkpoint::{self, CheckpointParts, RngState, TrainerState};
-use crate::config::LearnerConfig;
+use crate::config::{LearnerConfig, ParallelConfig};
 use crate::error::{LearnerError, Result};
+use crate::eval::{evaluate, rollout_params, EvalProblem, Evaluation};
+use crate::models::PrimeModels;
 use crate::optim::AdamW;
-use crate::parallel::{Command, FullOptimizer, Trained};
-use crate::scheduler::{Batch, Group, GroupResponse, Prompt, SchedulerState, Work};
-use crate::sft::EvalProblem;
-use crate::step::{prime_step, PrimeModels, ScoredGroup, ScoredResponse, StepMetrics};
+use crate::parallel::{Command, DataParallel, FullOptimizer, Trained};
+use crate::scheduler::{Batch, SchedulerState};
+use crate::step::{prime_step, StepMetrics};
 
 /// Where a learner run keeps its files.
 #[derive(Debug, Clone)]
@@ -39,22 +42,6 @@ impl RunPaths {
     pub fn checkpoints(&self) -> PathBuf {
         self.root.join("checkpoints")
     }
-}
-
-/// Held-out accuracy at one point of the run.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Evaluation {
-    /// Mean correctness over `samples` samples per problem at the configured temperature.
-    pub accuracy: f64,
-    /// Correctness of greedy decoding, when configured.
-    pub greedy_accuracy: Option<f64>,
-    /// Problems evaluated.
-    pub problems: usize,
-    /// Seconds the evaluation took.
-    pub seconds: f64,
-    /// Seconds since the run (or the resumed run) started, when the evaluation began.
-    #[serde(default)]
-    pub wall_seconds: f64,
 }
 
 /// One line of `metrics.jsonl`.
@@ -113,6 +100,8 @@ pub struct Trainer {
     pub config: LearnerConfig,
     /// Policy, PRM, reference and their optimizers.
     pub models: PrimeModels,
+    /// This rank's data-parallel group (a group of one unless [`Trainer::join`] was called).
+    pub dp: DataParallel,
     /// The tokenizer the three models share.
     pub tokenizer: Tokenizer,
     tokenizer_dir: PathBuf,
@@ -173,8 +162,8 @@ impl Trainer {
             None
         };
         let reference_dir = start.prm.as_deref().unwrap_or(&start.policy);
-        let kind = config.param_dtype.kind();
-        let needs_reference = config.reference == crate::config::ReferenceType::Freeze;
+        let kind = config.memory.param_dtype.kind();
+        let needs_reference = config.algo.reference == prime_algo::ReferenceType::Freeze;
         let reference = if needs_reference {
             Some(load_model(reference_dir, device, kind)?)
         } else {
@@ -221,6 +210,7 @@ impl Trainer {
             ),
             step: state.as_ref().map_or(0, |s| s.step),
             policy_version: state.as_ref().map_or(0, |s| s.policy_version),
+            dp: DataParallel::single(device),
             config,
             models,
             tokenizer,
@@ -236,6 +226,12 @@ impl Trainer {
         ))
     }
 
+    /// Joins this rank to its data-parallel group `comm` (see [`DataParallel::attach`]).
+    pub fn join(&mut self, comm: Box<dyn Collective>, config: ParallelConfig) -> Result<()> {
+        self.dp = DataParallel::attach(&mut self.models, comm, config)?;
+        Ok(())
+    }
+
     /// The run's files.
     pub fn paths(&self) -> &RunPaths {
         &self.paths
@@ -248,14 +244,7 @@ impl Trainer {
 
     /// Sampling parameters of rollouts for the current policy version.
     pub fn rollout_params(&self) -> SamplingParams {
-        SamplingParams {
-            max_new_tokens: self.config.max_response_tokens,
-            temperature: self.config.temperature,
-            top_p: self.config.top_p,
-            top_k: self.config.top_k,
-            seed: None,
-            stop_token_ids: self.models.policy.eos_token_ids(),
-        }
+        rollout_params(&self.config.rollout, self.models.policy.eos_token_ids())
     }
 
     /// One PRIME iteration on `batch`; bumps the policy version, appends to `metrics.jsonl`,
@@ -267,19 +256,25 @@ impl Trainer {
         scheduler: impl Fn() -> SchedulerState,
     ) -> Result<StepRecord> {
         let clock = Instant::now();
-        let groups: Vec<ScoredGroup> = batch.groups.iter().map(scored_group).collect();
+        let groups: Vec<ScoredGroup> = batch.groups.iter().map(|g| g.scored.clone()).collect();
         self.tell_followers(Command::Step {
             iteration: self.step,
             groups: groups.clone(),
         })?;
-        let metrics = prime_step(&mut self.models, &groups, &self.config, self.step)?;
+        let metrics = prime_step(
+            &mut self.models,
+            &mut self.dp,
+            &groups,
+            &self.config,
+            self.step,
+        )?;
         self.step += 1;
         self.policy_version += 1;
         let sampled: usize = batch
             .groups
             .iter()
-            .flat_map(|g| &g.responses)
-            .map(|r| r.token_ids.len())
+            .flat_map(|g| &g.scored.responses)
+            .map(|r| r.ids.len())
             .sum();
         let train_seconds = clock.elapsed().as_secs_f64();
         let seconds = train_seconds + rollout_seconds;
@@ -301,11 +296,11 @@ impl Trainer {
             metrics,
         };
         self.append(Record::Step(Box::new(record.clone())))?;
-        let every = self.config.eval_every;
+        let every = self.config.eval.every;
         if self.finished() || (every > 0 && self.step.is_multiple_of(every)) {
             self.evaluate()?;
         }
-        let every = self.config.checkpoint_every;
+        let every = self.config.checkpoint.every;
         if self.finished() || (every > 0 && self.step.is_multiple_of(every)) {
             self.save_checkpoint(&scheduler())?;
         }
@@ -314,7 +309,7 @@ impl Trainer {
 
     /// Held-out accuracy of the current policy, recorded in the history.
     pub fn evaluate(&mut self) -> Result<Evaluation> {
-        let count = match self.config.eval_problems {
+        let count = match self.config.eval.problems {
             0 => self.heldout.len(),
             n => n.min(self.heldout.len()),
         };
@@ -324,7 +319,8 @@ impl Trainer {
             &self.models.policy,
             &self.tokenizer,
             &self.heldout[..count],
-            &self.config,
+            &self.config.eval,
+            self.config.rollout.max_response_tokens,
             seed,
         )?;
         evaluation.wall_seconds = wall_seconds;
@@ -344,13 +340,8 @@ impl Trainer {
     /// With data parallelism, sends `command` to the other ranks (see
     /// [`crate::parallel::follow`]); alone, does nothing.
     pub fn tell_followers(&mut self, command: Command) -> Result<()> {
-        if let Some(dp) = self
-            .models
-            .parallel
-            .as_mut()
-            .filter(|dp| dp.world_size() > 1)
-        {
-            dp.exchange(Some(&command))?;
+        if self.dp.world_size() > 1 {
+            self.dp.exchange(Some(&command))?;
         }
         Ok(())
     }
@@ -358,28 +349,17 @@ impl Trainer {
     /// Writes a checkpoint of everything a resume needs. With a sharded optimizer the other
     /// ranks first send their shards, so the checkpoint has the unsharded format.
     pub fn save_checkpoint(&mut self, scheduler: &SchedulerState) -> Result<PathBuf> {
-        let sharded = self.models.parallel.as_ref().is_some_and(|dp| dp.zero1());
-        if sharded {
+        if self.dp.zero1() {
             self.tell_followers(Command::Checkpoint)?;
         }
-        let mut dp = self.models.parallel.take();
-        let optimizers = match dp.as_mut() {
-            Some(dp) => {
-                [Trained::Policy, Trained::Prm].map(|which| dp.full_optimizer(&self.models, which))
-            }
-            None => [
-                Ok(FullOptimizer::Own(&self.models.policy_optimizer)),
-                Ok(FullOptimizer::Own(&self.models.prm_optimizer)),
-            ],
-        };
-        let written = match optimizers {
+        let optimizers =
+            [Trained::Policy, Trained::Prm].map(|which| self.dp.full_optimizer(&self.models, which));
+        match optimizers {
             [Ok(policy_optimizer), Ok(prm_optimizer)] => {
                 self.write_checkpoint(scheduler, &policy_optimizer, &prm_optimizer)
             }
             [Err(e), _] | [_, Err(e)] => Err(e),
-        };
-        self.models.parallel = dp;
-        written
+        }
     }
 
     fn write_checkpoint(
@@ -407,7 +387,7 @@ impl Trainer {
                 tokenizer_dir: Some(&self.tokenizer_dir),
                 state: &state,
             },
-            self.config.keep_checkpoints,
+            self.config.checkpoint.keep,
         )?;
         tracing::info!(dir = %dir.display(), step = self.step, "checkpoint written");
         Ok(dir)
@@ -458,170 +438,4 @@ fn rewrite_history(path: &Path, records: &[Record]) -> Result<()> {
         .map(|r| serde_json::to_string(r).expect("records serialise") + "\n")
         .collect();
     std::fs::write(path, text).map_err(LearnerError::io(path))
-}
-
-/// A scheduler group as the step reads it.
-pub fn scored_group(group: &Group) -> ScoredGroup {
-    ScoredGroup {
-        prompt_ids: group.prompt_ids.clone(),
-        responses: group
-            .responses
-            .iter()
-            .map(|r| ScoredResponse {
-                ids: r.token_ids.clone(),
-                score: r.score,
-                sampling_logprobs: r.sampling_logprobs.clone(),
-            })
-            .collect(),
-    }
-}
-
-/// Held-out accuracy: `eval_samples` samples per problem at `eval_temperature`, graded by the
-/// math verifier, plus greedy decoding when `eval_greedy` is set.
-pub fn evaluate(
-    lm: &CausalLm,
-    tokenizer: &Tokenizer,
-    problems: &[EvalProblem],
-    config: &LearnerConfig,
-    seed: u64,
-) -> Result<Evaluation> {
-    let clock = Instant::now();
-    let _guard = tch::no_grad_guard();
-    let samples = config.eval_samples.max(1);
-    let params = SamplingParams {
-        max_new_tokens: config.max_response_tokens,
-        temperature: config.eval_temperature,
-        top_p: 1.0,
-        top_k: 0,
-        seed: Some(seed),
-        stop_token_ids: lm.eos_token_ids(),
-    };
-    let accuracy = accuracy_of(lm, tokenizer, problems, samples, &params)?;
-    let greedy_accuracy = if config.eval_greedy {
-        let greedy = SamplingParams {
-            temperature: 0.0,
-            ..params.clone()
-        };
-        Some(accuracy_of(lm, tokenizer, problems, 1, &greedy)?)
-    } else {
-        None
-    };
-    Ok(Evaluation {
-        accuracy,
-        greedy_accuracy,
-        problems: problems.len(),
-        seconds: clock.elapsed().as_secs_f64(),
-        wall_seconds: 0.0,
-    })
-}
-
-/// Mean math-verifier correctness of `samples` generations per problem.
-fn accuracy_of(
-    lm: &CausalLm,
-    tokenizer: &Tokenizer,
-    problems: &[EvalProblem],
-    samples: usize,
-    params: &SamplingParams,
-) -> Result<f64> {
-    let rows: Vec<&EvalProblem> = problems
-        .iter()
-        .flat_map(|p| std::iter::repeat_n(p, samples))
-        .collect();
-    let mut correct = 0usize;
-    for (index, chunk) in rows.chunks(256).enumerate() {
-        let prompts: Vec<Vec<i64>> = chunk.iter().map(|p| p.prompt_ids.clone()).collect();
-        let params = SamplingParams {
-            seed: params.seed.map(|s| s.wrapping_add(index as u64)),
-            ..params.clone()
-        };
-        for (generation, problem) in generate(&lm.model, &prompts, &params)?.iter().zip(chunk) {
-            let text = tokenizer.decode(&generation.token_ids, true)?;
-            if prime_verifier::math::grade_math(&text, &problem.ground_truth).correct {
-                correct += 1;
-            }
-        }
-    }
-    Ok(correct as f64 / rows.len().max(1) as f64)
-}
-
-/// Samples K responses for each work item with the learner's own policy and grades them
-/// with the math verifier in process: the rollouts of a single-process run. Deterministic for
-/// a given `seed`.
-pub fn local_rollouts(
-    lm: &CausalLm,
-    tokenizer: &Tokenizer,
-    work: &[Work],
-    params: &SamplingParams,
-    policy_version: u64,
-    actor_id: &str,
-    seed: u64,
-) -> Result<Vec<Group>> {
-    let _guard = tch::no_grad_guard();
-    let mut prompts = Vec::new();
-    for item in work {
-        if item.prompt.ability != "math" {
-            return Err(LearnerError::Data(format!(
-                "local rollouts grade math only; prompt {} is {:?} (run the verifier service)",
-                item.prompt_index, item.prompt.ability
-            )));
-        }
-        for _ in 0..item.k {
-            prompts.push(item.prompt.prompt_ids.clone());
-        }
-    }
-    let params = SamplingParams {
-        seed: Some(seed),
-        ..params.clone()
-    };
-    let generations = generate(&lm.model, &prompts, &params)?;
-    let mut rows = generations.into_iter();
-    work.iter()
-        .map(|item| {
-            let responses = (0..item.k)
-                .map(|_| {
-                    let generation = rows.next().expect("one generation per row");
-                    let text = tokenizer.decode(&generation.token_ids, true)?;
-                    let correct =
-                        prime_verifier::math::grade_math(&text, &item.prompt.ground_truth).correct;
-                    Ok(GroupResponse {
-                        token_ids: generation.token_ids,
-                        sampling_logprobs: generation.logprobs,
-                        score: f64::from(u8::from(correct)),
-                        truncated: generation.finish_reason == FinishReason::Length,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Ok(Group {
-                group_id: item.work_id.clone(),
-                actor_id: actor_id.to_string(),
-                policy_version,
-                prompt_ids: item.prompt.prompt_ids.clone(),
-                responses,
-            })
-        })
-        .collect()
-}
-
-/// Prompts of Eurus-2-RL-Data rows with the chat template applied; rows whose prompt is
-/// longer than `max_tokens` are dropped. Returns the prompts and the number dropped.
-pub fn prompts_from_rows(
-    rows: &[prime_world::DataRow],
-    tokenizer: &Tokenizer,
-    max_tokens: usize,
-) -> Result<(Vec<Prompt>, usize)> {
-    let problems = crate::sft::eval_problems(rows, tokenizer)?;
-    let mut prompts = Vec::new();
-    let mut dropped = 0;
-    for (problem, row) in problems.into_iter().zip(rows) {
-        if problem.prompt_ids.len() > max_tokens {
-            dropped += 1;
-            continue;
-        }
-        prompts.push(Prompt {
-            prompt_ids: problem.prompt_ids,
-            ground_truth: problem.ground_truth,
-            ability: row.ability.clone(),
-        });
-    }
-    Ok((prompts, dropped))
 }

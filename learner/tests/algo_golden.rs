@@ -11,17 +11,17 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use prime_learner::algo::advantages::{
+use prime_algo::advantages::{
     advantages, leave_one_out, returns, rloo_outcome_rewards, whiten,
 };
-use prime_learner::algo::filter::{group_mean_scores, keep_groups};
-use prime_learner::algo::implicit_prm::{
+use prime_algo::filter::{group_mean_scores, keep_groups};
+use prime_algo::implicit_prm::{
     dpo_abs_accuracy, dpo_accuracy, normalize_process_rewards, prm_ce_loss, process_rewards,
     sequence_reward, token_log_ratio,
 };
-use prime_learner::algo::masks::{last_token_mask, response_mask, valid_lengths};
-use prime_learner::algo::ppo::{policy_loss, token_entropy};
-use prime_learner::algo::{
+use prime_algo::masks::{last_token_mask, response_mask, valid_lengths};
+use prime_algo::ppo::{policy_loss, token_entropy};
+use prime_algo::{
     AlgoConfig, Estimator, KlEstimator, LossAggregation, ProcessBaseline, ProcessRewardVariant,
     RewardGranularity, RewardNorm,
 };
@@ -238,23 +238,23 @@ fn case_json(f: &Fixture, config: &AlgoConfig) -> Value {
         "scores": f.scores.iter().map(|s| s.to_string().parse::<f64>().unwrap()).collect::<Vec<_>>(),
         "truncated": f.truncated.iter().map(|&t| t as i32).collect::<Vec<_>>(),
         "config": {
-            "beta": config.prm.beta,
+            "beta": config.algo.prm.beta,
             "process_reward": snake(config.prm.process_reward),
             "granularity": snake(config.prm.granularity),
             "norm": snake(config.prm.norm),
-            "estimator": snake(config.advantage.estimator),
-            "process_baseline": snake(config.advantage.process_baseline),
-            "process_gamma": config.advantage.process_gamma,
-            "outcome_gamma": config.advantage.outcome_gamma,
-            "clip_ratio": config.ppo.clip_ratio,
-            "loss_aggregation": snake(config.ppo.loss_aggregation),
-            "entropy_coeff": config.ppo.entropy_coeff,
-            "kl_coeff": config.ppo.kl_coeff,
-            "kl_estimator": snake(config.ppo.kl_estimator),
-            "filter_enabled": config.filter.enabled,
-            "filter_lower": config.filter.lower,
-            "filter_upper": config.filter.upper,
-            "drop_truncated": config.filter.drop_truncated,
+            "estimator": snake(config.algo.advantage.estimator),
+            "process_baseline": snake(config.algo.advantage.process_baseline),
+            "process_gamma": config.algo.advantage.process_gamma,
+            "outcome_gamma": config.algo.advantage.outcome_gamma,
+            "clip_ratio": config.algo.ppo.clip_ratio,
+            "loss_aggregation": snake(config.algo.ppo.loss_aggregation),
+            "entropy_coeff": config.algo.ppo.entropy_coeff,
+            "kl_coeff": config.algo.ppo.kl_coeff,
+            "kl_estimator": snake(config.algo.ppo.kl_estimator),
+            "filter_enabled": config.algo.filter.enabled,
+            "filter_lower": config.algo.filter.lower,
+            "filter_upper": config.algo.filter.upper,
+            "drop_truncated": config.algo.filter.drop_truncated,
         },
     })
 }

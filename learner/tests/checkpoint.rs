@@ -7,7 +7,8 @@ use prime_learner::checkpoint::{
     TrainerState, LATEST_FILE, POLICY_DIR, POLICY_OPTIMIZER_FILE, PRM_DIR, PRM_OPTIMIZER_FILE,
     TRAINER_STATE_FILE,
 };
-use prime_learner::sft::{response_nll, trainable_parameters, SftExample};
+use prime_learner::models::trainable_parameters;
+use prime_learner::sft::{response_nll, SftExample};
 use prime_learner::{AdamW, AdamWConfig, ModelSource};
 use prime_model::CausalLm;
 use rand::{Rng, RngCore, SeedableRng};

@@ -1,7 +1,7 @@
 //! Every shipped config parses (unknown keys are errors) and passes validation.
 use std::path::Path;
 
-use prime_learner::algo::Estimator;
+use prime_algo::Estimator;
 use prime_learner::RunConfig;
 
 fn shipped() -> Vec<std::path::PathBuf> {
@@ -70,13 +70,13 @@ fn overrides_and_partial_optimizer_tables() {
     let config = RunConfig::from_file_with_overrides(
         &path,
         &[
-            "learner.estimator=rloo".into(),
+            "learner.algo.estimator=rloo".into(),
             "learner.prm.beta=0.5".into(),
         ],
     )
     .unwrap();
-    assert_eq!(config.learner.estimator, Estimator::Rloo);
-    assert_eq!(config.learner.prm.beta, 0.5);
+    assert_eq!(config.learner.algo.estimator, Estimator::Rloo);
+    assert_eq!(config.learner.algo.prm.beta, 0.5);
     // A partial table keeps the PRM's own defaults for the rest (not the policy's).
     assert_eq!(config.learner.prm_optimizer.lr, 1e-4);
     assert_eq!(config.learner.prm_optimizer.max_grad_norm, 10.0);
@@ -84,7 +84,7 @@ fn overrides_and_partial_optimizer_tables() {
     assert_eq!(config.learner.policy_optimizer.adamw.weight_decay, 0.01);
     let bad = RunConfig::from_file_with_overrides(&path, &["learner.betta=1".into()]);
     assert!(bad.unwrap_err().to_string().contains("betta"));
-    let bad = RunConfig::from_file_with_overrides(&path, &["learner.samples_per_prompt=1".into()])
+    let bad = RunConfig::from_file_with_overrides(&path, &["learner.rollout.samples_per_prompt=1".into()])
         .unwrap();
     assert!(bad.learner.validate().is_err());
 }

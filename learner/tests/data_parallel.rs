@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use prime_collective::tcp::TcpOptions;
 use prime_collective::{RankInfo, TcpGroup};
-use prime_learner::config::ReferenceType;
-use prime_learner::parallel::{DataParallel, ParallelConfig, Trained};
+use prime_algo::ReferenceType;
+use prime_learner::config::ParallelConfig;
+use prime_learner::parallel::{DataParallel, Trained};
 use prime_learner::AdamW;
 use prime_learner::{
     prime_step, LearnerConfig, PrimeModels, ScoredGroup, ScoredResponse, StepMetrics,
@@ -84,13 +85,11 @@ fn groups(round: u64) -> Vec<ScoredGroup> {
 }
 
 fn config() -> LearnerConfig {
-    let mut config = LearnerConfig {
-        mini_batches: 2,
-        micro_batch_tokens: 40,
-        reference: ReferenceType::Freeze,
-        ..LearnerConfig::default()
-    };
-    config.prm.beta = 0.5;
+    let mut config = LearnerConfig::default();
+    config.algo.mini_batches = 2;
+    config.memory.micro_batch_tokens = 40;
+    config.algo.reference = ReferenceType::Freeze;
+    config.algo.prm.beta = 0.5;
     config.policy_optimizer.lr = 1e-4;
     config.prm_optimizer.lr = 1e-4;
     config
@@ -131,21 +130,14 @@ fn optimizer_state(optimizer: &AdamW) -> (Vec<(String, Vec<f32>)>, i64) {
     (flat, step)
 }
 
-fn two_steps(models: &mut PrimeModels, config: &LearnerConfig) -> Outcome {
+fn two_steps(models: &mut PrimeModels, dp: &mut DataParallel, config: &LearnerConfig) -> Outcome {
     let metrics = (0..2)
-        .map(|i| prime_step(models, &groups(i), config, i).unwrap())
+        .map(|i| prime_step(models, dp, &groups(i), config, i).unwrap())
         .collect();
     // As a checkpoint sees it: gathered from the shards when the state is sharded.
-    let state = match models.parallel.take() {
-        Some(mut dp) => {
-            let full = dp.full_optimizer(models, Trained::Policy).unwrap();
-            let state = optimizer_state(&full);
-            drop(full);
-            models.parallel = Some(dp);
-            state
-        }
-        None => optimizer_state(&models.policy_optimizer),
-    };
+    let full = dp.full_optimizer(models, Trained::Policy).unwrap();
+    let state = optimizer_state(&full);
+    drop(full);
     (metrics, weights(models), state)
 }
 
@@ -154,15 +146,18 @@ fn alone() -> Outcome {
 }
 
 fn alone_with(config: &LearnerConfig) -> Outcome {
-    two_steps(&mut models(config, 1), config)
+    two_steps(
+        &mut models(config, 1),
+        &mut DataParallel::single(tch::Device::Cpu),
+        config,
+    )
 }
 
 /// The config of the ZeRO-2 runs, DP=1 included: recomputation, which ZeRO-2 needs.
 fn recompute_config() -> LearnerConfig {
-    LearnerConfig {
-        recompute_activations: true,
-        ..config()
-    }
+    let mut config = config();
+    config.memory.recompute_activations = true;
+    config
 }
 
 fn on_ranks(world: usize, zero1: bool) -> Vec<Outcome> {
@@ -171,7 +166,7 @@ fn on_ranks(world: usize, zero1: bool) -> Vec<Outcome> {
         bucket_mb: 1,
         ..ParallelConfig::default()
     };
-    on_ranks_with(world, &config(), &parallel, |_| {})
+    on_ranks_with(world, &config(), &parallel, |_, _| {})
 }
 
 /// `world` ranks as threads, each attached with `parallel`, taking two steps under `config`;
@@ -180,7 +175,7 @@ fn on_ranks_with(
     world: usize,
     config: &LearnerConfig,
     parallel: &ParallelConfig,
-    inspect: impl Fn(&mut PrimeModels) + Sync,
+    inspect: impl Fn(&mut PrimeModels, &DataParallel) + Sync,
 ) -> Vec<Outcome> {
     let port = free_port();
     std::thread::scope(|scope| {
@@ -191,9 +186,11 @@ fn on_ranks_with(
                     tch::set_num_threads(1);
                     let mut models = models(config, 1 + 10 * rank as i64);
                     let group = join(rank, world, port);
-                    DataParallel::attach(&mut models, Box::new(group), parallel.clone()).unwrap();
-                    let outcome = two_steps(&mut models, config);
-                    inspect(&mut models);
+                    let mut dp =
+                        DataParallel::attach(&mut models, Box::new(group), parallel.clone())
+                            .unwrap();
+                    let outcome = two_steps(&mut models, &mut dp, config);
+                    inspect(&mut models, &dp);
                     outcome
                 })
             })
@@ -352,8 +349,8 @@ fn sharded_gradients_take_the_single_process_step() {
     };
     // One rank with sharding on: the same code path with every collective the identity.
     let mut one = models(&config, 1);
-    DataParallel::attach(&mut one, Box::new(prime_collective::Single), zero2()).unwrap();
-    let outcome = two_steps(&mut one, &config);
+    let mut one_dp = DataParallel::attach(&mut one, Box::new(prime_collective::Single), zero2()).unwrap();
+    let outcome = two_steps(&mut one, &mut one_dp, &config);
     check(&mut one);
     assert_same_step(&single, &[outcome], "DP=1 ZeRO-2");
     assert_same_step(
@@ -373,8 +370,7 @@ fn zero2_accumulates_only_its_share_of_the_gradients() {
     tch::set_num_threads(1);
     let config = recompute_config();
     for world in [2usize, 3] {
-        on_ranks_with(world, &config, &zero2(), |models| {
-            let dp = models.parallel.as_ref().unwrap();
+        on_ranks_with(world, &config, &zero2(), |models, dp| {
             for (which, lm) in [
                 (Trained::Policy, &models.policy),
                 (Trained::Prm, &models.prm),
@@ -399,20 +395,20 @@ fn zero2_without_recomputation_is_refused() {
     let message = config.validate().unwrap_err();
     assert!(
         message.contains("learner.parallel.zero2")
-            && message.contains("learner.recompute_activations"),
+            && message.contains("learner.memory.recompute_activations"),
         "{message}"
     );
-    config.recompute_activations = true;
+    config.memory.recompute_activations = true;
     config.validate().unwrap();
     // A step refuses too, for a config built past `validate`.
     let config = self::config();
     let mut models = models(&config, 1);
-    DataParallel::attach(&mut models, Box::new(prime_collective::Single), zero2()).unwrap();
-    let error = prime_step(&mut models, &groups(0), &config, 0)
+    let mut models_dp = DataParallel::attach(&mut models, Box::new(prime_collective::Single), zero2()).unwrap();
+    let error = prime_step(&mut models, &mut models_dp, &groups(0), &config, 0)
         .unwrap_err()
         .to_string();
     assert!(
-        error.contains("learner.parallel.zero2") && error.contains("learner.recompute_activations"),
+        error.contains("learner.parallel.zero2") && error.contains("learner.memory.recompute_activations"),
         "{error}"
     );
 }
@@ -505,8 +501,9 @@ fn zero2_resumes_from_an_unsharded_checkpoint() {
     tch::set_num_threads(1);
     let config = recompute_config();
     let mut single = models(&config, 1);
+    let mut single_dp = DataParallel::single(tch::Device::Cpu);
     let expected: Vec<StepMetrics> = (0..3)
-        .map(|i| prime_step(&mut single, &groups(i), &config, i).unwrap())
+        .map(|i| prime_step(&mut single, &mut single_dp, &groups(i), &config, i).unwrap())
         .collect();
     let (world, ports) = (2, [free_port(), free_port()]);
     let config = &config;
@@ -518,9 +515,9 @@ fn zero2_resumes_from_an_unsharded_checkpoint() {
                     let seed = 1 + 10 * rank as i64;
                     let mut first = models(config, seed);
                     let group = join(rank, world, ports[0]);
-                    DataParallel::attach(&mut first, Box::new(group), zero2()).unwrap();
+                    let mut first_dp = DataParallel::attach(&mut first, Box::new(group), zero2()).unwrap();
                     for i in 0..2 {
-                        prime_step(&mut first, &groups(i), config, i).unwrap();
+                        prime_step(&mut first, &mut first_dp, &groups(i), config, i).unwrap();
                     }
                     // What a checkpoint holds: the optimizers gathered into the unsharded form.
                     let mut dp = first.parallel.take().unwrap();
@@ -542,8 +539,8 @@ fn zero2_resumes_from_an_unsharded_checkpoint() {
                         .unwrap();
                     resumed.prm_optimizer.load_state(&prm, prm_step).unwrap();
                     let group = join(rank, world, ports[1]);
-                    DataParallel::attach(&mut resumed, Box::new(group), zero2()).unwrap();
-                    let metrics = prime_step(&mut resumed, &groups(2), config, 2).unwrap();
+                    let mut resumed_dp = DataParallel::attach(&mut resumed, Box::new(group), zero2()).unwrap();
+                    let metrics = prime_step(&mut resumed, &mut resumed_dp, &groups(2), config, 2).unwrap();
                     (metrics, weights(&resumed))
                 })
             })
@@ -604,6 +601,7 @@ fn optimizers_are_built_and_resumed_without_device_state() {
     tch::set_num_threads(1);
     let config = recompute_config();
     let mut fresh = models(&config, 1);
+    let mut fresh_dp = DataParallel::single(tch::Device::Cpu);
     assert_eq!(
         allocated(&fresh),
         [0, 0],
@@ -616,7 +614,7 @@ fn optimizers_are_built_and_resumed_without_device_state() {
         .all(|t| t.abs().max().double_value(&[]) == 0.0));
     assert_eq!(allocated(&fresh), [0, 0]);
     // Alone, the first step allocates the whole moments.
-    prime_step(&mut fresh, &groups(0), &config, 0).unwrap();
+    prime_step(&mut fresh, &mut fresh_dp, &groups(0), &config, 0).unwrap();
     assert_eq!(allocated(&fresh), full_moments(&fresh));
     // Loaded to the host: staged, nothing on the device until a step.
     let dir = tempfile::tempdir().unwrap();
@@ -641,8 +639,9 @@ fn sharded_optimizers_take_only_their_share_and_resume_from_the_host() {
     tch::set_num_threads(1);
     let config = recompute_config();
     let mut single = models(&config, 1);
+    let mut single_dp = DataParallel::single(tch::Device::Cpu);
     let expected: Vec<StepMetrics> = (0..3)
-        .map(|i| prime_step(&mut single, &groups(i), &config, i).unwrap())
+        .map(|i| prime_step(&mut single, &mut single_dp, &groups(i), &config, i).unwrap())
         .collect();
     let want = weights(&single);
     let zero1 = ParallelConfig {
@@ -663,12 +662,12 @@ fn sharded_optimizers_take_only_their_share_and_resume_from_the_host() {
                         let mut first = models(config, seed);
                         assert_eq!(allocated(&first), [0, 0], "{label}: built");
                         let group = join(rank, world, ports[0]);
-                        DataParallel::attach(&mut first, Box::new(group), parallel.clone())
+                        let mut first_dp = DataParallel::attach(&mut first, Box::new(group), parallel.clone())
                             .unwrap();
                         // Fresh shards stay unallocated until the first step.
                         assert_eq!(allocated(&first), [0, 0], "{label}: attached fresh");
                         for i in 0..2 {
-                            prime_step(&mut first, &groups(i), config, i).unwrap();
+                            prime_step(&mut first, &mut first_dp, &groups(i), config, i).unwrap();
                         }
                         assert_share(&first, world, &format!("{label} after two steps"));
                         let updates = first.policy_optimizer.step_count();
@@ -713,11 +712,11 @@ fn sharded_optimizers_take_only_their_share_and_resume_from_the_host() {
                         }
                         assert_eq!(allocated(&resumed), [0, 0], "{label}: loaded");
                         let group = join(rank, world, ports[1]);
-                        DataParallel::attach(&mut resumed, Box::new(group), parallel.clone())
+                        let mut resumed_dp = DataParallel::attach(&mut resumed, Box::new(group), parallel.clone())
                             .unwrap();
                         assert_share(&resumed, world, &format!("{label} resumed, attached"));
                         assert_eq!(resumed.policy_optimizer.step_count(), updates);
-                        let metrics = prime_step(&mut resumed, &groups(2), config, 2).unwrap();
+                        let metrics = prime_step(&mut resumed, &mut resumed_dp, &groups(2), config, 2).unwrap();
                         assert_share(&resumed, world, &format!("{label} resumed, stepped"));
                         (metrics, weights(&resumed))
                     })

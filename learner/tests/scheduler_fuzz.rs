@@ -6,9 +6,10 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use prime_learner::algo::FilterConfig;
+use prime_algo::FilterConfig;
+use prime_learner::{ScoredGroup, ScoredResponse};
 use prime_learner::scheduler::{
-    Group, GroupResponse, Prompt, Pull, Scheduler, SchedulerConfig, Submitted, Work,
+    Group, Prompt, Pull, Scheduler, SchedulerConfig, Submitted, Work,
 };
 use proptest::prelude::*;
 
@@ -78,34 +79,36 @@ fn group(work: &Work, actor_id: &str, version: u64, correct: u32, damage: u8) ->
         group_id: work.work_id.clone(),
         actor_id: actor_id.into(),
         policy_version: version,
-        prompt_ids: work.prompt.prompt_ids.clone(),
-        responses: (0..work.k)
-            .map(|i| GroupResponse {
-                token_ids: vec![3, 4, 5],
-                sampling_logprobs: vec![-0.1, -0.2, -0.3],
-                score: if i < correct { 1.0 } else { 0.0 },
-                truncated: false,
-            })
-            .collect(),
+        scored: ScoredGroup {
+            prompt_ids: work.prompt.prompt_ids.clone(),
+            responses: (0..work.k)
+                .map(|i| ScoredResponse {
+                    ids: vec![3, 4, 5],
+                    sampling_logprobs: vec![-0.1, -0.2, -0.3],
+                    score: if i < correct { 1.0 } else { 0.0 },
+                    truncated: false,
+                })
+                .collect(),
+        },
     };
     match damage {
-        0 => group.responses[0].token_ids[0] = VOCAB,
-        1 => group.responses[1].token_ids[2] = -1,
-        2 => group.responses[0].token_ids = vec![3; MAX_TOKENS + 1],
+        0 => group.scored.responses[0].ids[0] = VOCAB,
+        1 => group.scored.responses[1].ids[2] = -1,
+        2 => group.scored.responses[0].ids = vec![3; MAX_TOKENS + 1],
         3 => {
-            group.responses.pop();
+            group.scored.responses.pop();
         }
-        4 => group.responses[2].sampling_logprobs[0] = f32::INFINITY,
-        5 => group.responses[0].score = 2.0,
+        4 => group.scored.responses[2].sampling_logprobs[0] = f32::INFINITY,
+        5 => group.scored.responses[0].score = 2.0,
         6 => group.policy_version = u64::MAX / 2,
-        7 => group.prompt_ids.push(7),
+        7 => group.scored.prompt_ids.push(7),
         8 => group.group_id.push('x'),
         _ => {}
     }
     if damage == 4 || damage == 2 {
         // keep lengths consistent so only the intended rule fires
-        let n = group.responses[0].token_ids.len();
-        group.responses[0].sampling_logprobs.resize(n, -0.1);
+        let n = group.scored.responses[0].ids.len();
+        group.scored.responses[0].sampling_logprobs.resize(n, -0.1);
     }
     group
 }

@@ -775,8 +775,8 @@ impl RunEvaluation {
 }
 
 /// Evaluates a finished run's start policy (`model.path`, else the warm-up checkpoint) and its
-/// final policy (the latest checkpoint) on its held-out problems (`learner.eval_problems` of
-/// them, at `learner.eval_temperature`, [`RUN_EVAL_SAMPLES`] samples each plus greedy), and
+/// final policy (the latest checkpoint) on its held-out problems (`learner.eval.problems` of
+/// them, at `learner.eval.temperature`, [`RUN_EVAL_SAMPLES`] samples each plus greedy), and
 /// ranks each one's samples with the run's final implicit PRM (Best-of-N, steps split at
 /// lines, min aggregation). Writes `eval/start` and `eval/final` in the run dir.
 pub fn evaluate_run(
@@ -794,12 +794,12 @@ pub fn evaluate_run(
     let last = prime_learner::checkpoint::latest(&root)?
         .ok_or_else(|| PrmError::Input(format!("no checkpoint in {}", root.display())))?;
     let mut rows = Vec::new();
-    let data = if learner.heldout_files.is_empty() {
+    let data = if learner.data.heldout_files.is_empty() {
         let world = prime_world::build_world(&config.world, &run_dir.join("world"))?;
         rows.extend(prime_world::read_rows(&world.heldout.parquet)?);
         world.heldout.parquet.display().to_string()
     } else {
-        for file in &learner.heldout_files {
+        for file in &learner.data.heldout_files {
             rows.extend(prime_world::read_rows(file)?);
         }
         learner
@@ -818,11 +818,11 @@ pub fn evaluate_run(
     )?;
     let eval_config = EvalConfig {
         k: RUN_EVAL_SAMPLES,
-        temperature: learner.eval_temperature,
+        temperature: learner.eval.temperature,
         top_p: 1.0,
-        max_new_tokens: learner.max_response_tokens,
+        max_new_tokens: learner.rollout.max_response_tokens,
         greedy: true,
-        limit: Some(learner.eval_problems),
+        limit: Some(learner.eval.problems),
         seed: learner.seed,
         batch_rows: 256,
     };

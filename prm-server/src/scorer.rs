@@ -2,7 +2,7 @@
 //! the tokens the learner trains on (up to and including the first EOS), 0 after them. The
 //! log-ratio and the mask are the learner's own functions ([`implicit_prm::token_log_ratio`],
 //! [`masks::response_mask`]); the log-probs are the model crate's batched forward.
-use prime_learner::algo::{implicit_prm, masks};
+use prime_algo::{implicit_prm, masks};
 use prime_model::{sequence_logprobs, CausalLm};
 use tch::{Kind, Tensor};
 

@@ -89,7 +89,7 @@ impl Learner for StandIn {
         }
         let mut messages = vec![Ok(pb::WeightTransfer {
             payload: Some(pb::weight_transfer::Payload::Manifest(
-                prime_learner::service::manifest_to_proto(&encoded.manifest),
+                prime_learner::publish::manifest_to_proto(&encoded.manifest),
             )),
         })];
         // Small chunks: the server must assemble many.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use prime_actor::client::{lazy_channel, prm_client, request, PrmClient};
-use prime_learner::config::ReferenceType;
+use prime_algo::ReferenceType;
 use prime_learner::{prime_step, LearnerConfig, PrimeModels, ScoredGroup, ScoredResponse};
 use prime_model::{CausalLm, Tokenizer};
 use prime_prm_server::service::{start, ListenOptions, RunningServer, ServerConfig};
@@ -231,19 +231,20 @@ fn token_rewards_equal_the_learners_and_transformers() {
 
     // The learner's step on the same weights and groups: its PRM figures come from the same
     // rewards, before any update.
-    let mut config = LearnerConfig {
-        mini_batches: 1,
-        reference: ReferenceType::Freeze,
-        ..LearnerConfig::default()
+    let mut config = {
+        let mut c = LearnerConfig::default();
+        c.algo.mini_batches = 1;
+        c.algo.reference = ReferenceType::Freeze;
+        c
     };
-    config.prm.beta = BETA;
+    config.algo.prm.beta = BETA;
     let mut learner = PrimeModels::new(
         load(&m.reference),
         load(&m.prm),
         Some(load(&m.reference)),
         &config,
     );
-    let metrics = prime_step(&mut learner, &groups, &config, 0).unwrap();
+    let metrics = prime_step(&mut learner, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups, &config, 0).unwrap();
     let sums: Vec<f64> = results
         .iter()
         .map(|r| r.token_rewards.iter().map(|&x| f64::from(x)).sum())

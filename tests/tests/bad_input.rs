@@ -39,7 +39,7 @@ fn config_errors_name_the_key_at_fault() {
         ("[learner\nsteps = 3\n", &[], "line 1"),
         ("", &["learner.no_such_key=1"], "no_such_key"),
         ("", &["learner.steps"], "learner.steps"),
-        ("", &["learner.samples_per_prompt=1"], "samples_per_prompt"),
+        ("", &["learner.rollout.samples_per_prompt=1"], "samples_per_prompt"),
     ] {
         let message = config_error(text, overrides);
         assert!(
@@ -265,7 +265,7 @@ fn checkpoint_state_errors_name_the_file() {
     // An optimizer file cut short, or holding garbage.
     let lm = tiny_model_dir(&dir.path().join("model"));
     let mut adamw = prime_learner::AdamW::new(
-        prime_learner::sft::trainable_parameters(&lm),
+        prime_learner::models::trainable_parameters(&lm),
         prime_learner::AdamWConfig::default(),
     );
     let path = dir.path().join("optimizer.safetensors");

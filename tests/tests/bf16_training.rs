@@ -1,7 +1,7 @@
 //! A model stored in bf16 trains through the learner's AdamW (f32 moments, f32 master
 //! weights) with activation recomputation: the variables stay bf16, and a fixed batch is
 //! memorised.
-use prime_learner::sft::trainable_parameters;
+use prime_learner::models::trainable_parameters;
 use prime_learner::{AdamW, AdamWConfig};
 use prime_model::logprobs::PaddedBatch;
 use prime_model::{CausalLm, Qwen2Config};

@@ -4,7 +4,8 @@ use prime_learner::checkpoint::{
     save, CheckpointParts, RngState, TrainerState, POLICY_DIR, POLICY_OPTIMIZER_FILE, PRM_DIR,
     PRM_OPTIMIZER_FILE,
 };
-use prime_learner::sft::{response_nll, trainable_parameters, SftExample};
+use prime_learner::models::trainable_parameters;
+use prime_learner::sft::{response_nll, SftExample};
 use prime_learner::{AdamW, AdamWConfig, ModelSource};
 use prime_model::{sequence_logprobs, CausalLm};
 use prime_tests::*;

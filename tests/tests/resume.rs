@@ -43,8 +43,8 @@ fn config() -> RunConfig {
     .expect("config");
     // A random model never answers right: without a filter every group is trained on, with
     // the PRM's process rewards as the only signal.
-    config.learner.filter.enabled = false;
-    config.learner.prm.beta = 0.5;
+    config.learner.algo.filter.enabled = false;
+    config.learner.algo.prm.beta = 0.5;
     config
 }
 

@@ -1,6 +1,6 @@
 //! The learner step's memory switches: activation recomputation gives the same step as the
 //! plain backward, and bf16 weights with f32 masters train (weights stay bf16 and move).
-use prime_learner::config::ReferenceType;
+use prime_algo::ReferenceType;
 use prime_learner::{prime_step, LearnerConfig, PrimeModels, ScoredGroup, ScoredResponse};
 use prime_model::{CausalLm, Qwen2Config};
 use prime_tests::{init_threads, random_sequences};
@@ -50,13 +50,14 @@ fn groups() -> Vec<ScoredGroup> {
 }
 
 fn config() -> LearnerConfig {
-    let mut config = LearnerConfig {
-        mini_batches: 2,
-        micro_batch_tokens: 40,
-        reference: ReferenceType::Freeze,
-        ..LearnerConfig::default()
+    let mut config = {
+        let mut c = LearnerConfig::default();
+        c.algo.mini_batches = 2;
+        c.memory.micro_batch_tokens = 40;
+        c.algo.reference = ReferenceType::Freeze;
+        c
     };
-    config.prm.beta = 0.5;
+    config.algo.prm.beta = 0.5;
     config.policy_optimizer.lr = 2e-4;
     config.prm_optimizer.lr = 2e-4;
     config
@@ -72,15 +73,16 @@ fn variables(lm: &CausalLm) -> Vec<(String, Tensor)> {
 fn recomputed_activations_give_the_same_step() {
     init_threads();
     let plain_config = config();
-    let recompute_config = LearnerConfig {
-        recompute_activations: true,
-        ..config()
+    let recompute_config = {
+        let mut c = config();
+        c.memory.recompute_activations = true;
+        c
     };
     let mut plain = models(&plain_config, Kind::Float);
     let mut recomputed = models(&recompute_config, Kind::Float);
     let before = variables(&model(1, Kind::Float));
-    let a = prime_step(&mut plain, &groups(), &plain_config, 0).unwrap();
-    let b = prime_step(&mut recomputed, &groups(), &recompute_config, 0).unwrap();
+    let a = prime_step(&mut plain, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups(), &plain_config, 0).unwrap();
+    let b = prime_step(&mut recomputed, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups(), &recompute_config, 0).unwrap();
     assert!(
         (a.prm_loss - b.prm_loss).abs() < 1e-6,
         "{} vs {}",
@@ -112,13 +114,14 @@ fn recomputed_activations_give_the_same_step() {
 #[test]
 fn bf16_weights_with_master_weights_train() {
     init_threads();
-    let config = LearnerConfig {
-        master_weights: true,
-        ..config()
+    let config = {
+        let mut c = config();
+        c.memory.master_weights = true;
+        c
     };
     let mut bf16 = models(&config, Kind::BFloat16);
     let before = variables(&model(1, Kind::BFloat16));
-    let metrics = prime_step(&mut bf16, &groups(), &config, 0).unwrap();
+    let metrics = prime_step(&mut bf16, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups(), &config, 0).unwrap();
     assert!(metrics.prm_loss.is_finite() && metrics.policy_loss.is_finite());
     let mut moved = 0f64;
     for ((name, x), (_, y)) in variables(&bf16.policy).iter().zip(&before) {
@@ -140,9 +143,10 @@ fn the_reference_can_be_the_old_policy_and_rewards_can_follow_the_update() {
     // new batch is 0: the PRM's loss is ln 2 exactly, and its pairwise accuracy is what the
     // authors' tie rule gives (a tie reads as "the later response is not worse"): by hand,
     // groups [1, 0, 0.5], [0, 1, 1], [0, 0.25, 1], [0, 0, 1] score 0.25, 1, 1, 1.
-    let policy_ref = LearnerConfig {
-        reference: ReferenceType::Policy,
-        ..config()
+    let policy_ref = {
+        let mut c = config();
+        c.algo.reference = ReferenceType::Policy;
+        c
     };
     let mut same = PrimeModels::new(
         model(1, Kind::Float),
@@ -150,22 +154,23 @@ fn the_reference_can_be_the_old_policy_and_rewards_can_follow_the_update() {
         None,
         &policy_ref,
     );
-    let metrics = prime_step(&mut same, &groups(), &policy_ref, 0).unwrap();
+    let metrics = prime_step(&mut same, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups(), &policy_ref, 0).unwrap();
     assert!((metrics.prm_new_batch_loss - std::f64::consts::LN_2).abs() < 1e-6);
     assert!((metrics.prm_new_batch_accuracy - 0.8125).abs() < 1e-9);
 
     // Update-then-score takes the same PRM updates; only the rewards (from a second forward
     // after them) differ from single-forward.
-    let after_config = LearnerConfig {
-        prm_update: prime_learner::config::PrmUpdate::UpdateThenScore,
-        ..config()
+    let after_config = {
+        let mut c = config();
+        c.algo.prm_update = prime_algo::PrmUpdate::UpdateThenScore;
+        c
     };
     let (mut single, mut double) = (
         models(&config(), Kind::Float),
         models(&after_config, Kind::Float),
     );
-    let a = prime_step(&mut single, &groups(), &config(), 0).unwrap();
-    let b = prime_step(&mut double, &groups(), &after_config, 0).unwrap();
+    let a = prime_step(&mut single, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups(), &config(), 0).unwrap();
+    let b = prime_step(&mut double, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups(), &after_config, 0).unwrap();
     for ((name, x), (_, y)) in variables(&single.prm).iter().zip(variables(&double.prm)) {
         assert!(x.equal(&y), "{name}: the PRM updates differ");
     }

@@ -12,18 +12,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use prime_collective::{Collective, RankInfo};
-use prime_learner::algo::Estimator;
-use prime_learner::config::ReferenceType;
-use prime_learner::parallel::{follow, join_group, DataParallel, ParallelConfig};
-use prime_learner::report::{plot_run, summarize, summary_table, Summary};
-use prime_learner::run::{open_follower, open_run};
-use prime_learner::service::{run_learner, ListenOptions};
-use prime_learner::trainer::Trainer;
+use prime_algo::{Estimator, ReferenceType};
+use prime_learner::ranks::{join_ranks, run_rank, RankOptions};
+use prime_learner::report::summary_table;
+use prime_learner::service::ListenOptions;
 use prime_learner::{prime_step, LearnerConfig, PrimeModels, RunConfig, ScoredGroup};
 use prime_model::checkpoint::copy_tokenizer_files;
-use prime_model::{parse_device, CausalLm, DEFAULT_MAX_SHARD_BYTES};
-use tch::{Device, Kind};
+use prime_model::{CausalLm, DEFAULT_MAX_SHARD_BYTES};
+use tch::Kind;
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -40,7 +36,7 @@ pub struct ServeArgs {
     /// Run config (TOML): [world], [model] and [learner] are used.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Override a config value, e.g. `--set learner.estimator=rloo` (repeatable).
+    /// Override a config value, e.g. `--set learner.algo.estimator=rloo` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// Run directory: metrics.jsonl, checkpoints/, plots, summary.json.
@@ -137,171 +133,28 @@ pub fn run(args: LearnerArgs) -> Result<()> {
     }
 }
 
-/// This process in the learner group.
-struct Rank {
-    info: RankInfo,
-    /// `cuda` means `cuda:LOCAL_RANK`.
-    device: Device,
-    /// The joined group, with more than one rank.
-    group: Option<Box<dyn Collective>>,
-}
-
-/// Finds this process's rank and joins its group.
-fn join_ranks(device: &str, parallel: &ParallelConfig) -> Result<Rank> {
-    let info = RankInfo::from_env()?;
-    let device = match parse_device(device)? {
-        Device::Cuda(0) if device == "cuda" => Device::Cuda(info.local_rank),
-        d => d,
-    };
-    if info.world_size == 1 {
-        return Ok(Rank {
-            info,
-            device,
-            group: None,
-        });
-    }
-    let epoch = match std::env::var("PRIME_GROUP_EPOCH") {
-        Ok(v) => v
-            .parse()
-            .with_context(|| format!("PRIME_GROUP_EPOCH={v:?} is not a number"))?,
-        Err(_) => 0,
-    };
-    tracing::info!(
-        rank = info.rank,
-        world_size = info.world_size,
-        master = %info.master(),
-        epoch,
-        "joining the learner group"
-    );
-    let group = join_group(&info, parallel, device, epoch)
-        .with_context(|| format!("rank {} joining the learner group", info.rank))?;
-    Ok(Rank {
-        info,
-        device,
-        group: Some(group),
-    })
-}
-
-/// Serves `grpc.health.v1` (with the rank's TLS) on `listen` from a thread of its own,
-/// reporting `prime.v1.Learner` as serving while this follower rank lives.
-fn serve_follower_health(
-    listen: SocketAddr,
-    security: &super::tls::ServerSecurityArgs,
-) -> Result<std::thread::JoinHandle<()>> {
-    let builder = security
-        .auth()
-        .tls
-        .apply(tonic::transport::Server::builder())?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(listen))
-        .with_context(|| format!("follower health endpoint on {listen}"))?;
-    let bound = listener.local_addr()?;
-    tracing::info!(addr = %bound, "follower rank: grpc.health.v1 only");
-    Ok(std::thread::spawn(move || {
-        runtime.block_on(async move {
-            let (reporter, health) = tonic_health::server::health_reporter();
-            reporter
-                .set_service_status("prime.v1.Learner", tonic_health::ServingStatus::Serving)
-                .await;
-            let incoming = prime_proto::transport::incoming(listener);
-            let mut builder = builder;
-            if let Err(e) = builder
-                .add_service(health)
-                .serve_with_incoming(incoming)
-                .await
-            {
-                tracing::warn!(error = %e, "follower health endpoint stopped");
-            }
-        });
-    }))
-}
-
-/// Runs the Learner service until the configured steps are done, then writes the report.
-/// Ranks other than 0 follow rank 0's steps instead.
+/// Runs this process's rank of the learner (see `prime_learner::ranks`); rank 0 prints the
+/// closing table.
 fn serve(args: ServeArgs) -> Result<()> {
     let Some(config_path) = &args.config else {
         bail!("`prime learner` needs --config FILE (or the `step` subcommand)");
     };
     let config = RunConfig::from_file_with_overrides(config_path, &args.overrides)?;
-    let parallel = config.learner.parallel.clone();
-    let Rank {
-        info,
-        device,
-        mut group,
-    } = join_ranks(&args.device, &parallel)?;
-    if info.rank > 0 {
-        let group = group.take().expect("a rank above 0 has a group");
-        // Followers serve no Learner API, only grpc.health.v1, so one probe fits every rank.
-        let _health = serve_follower_health(args.listen, &args.security)?;
-        let mut models = open_follower(&config, &args.run_dir, device)?;
-        DataParallel::attach(&mut models, group, parallel)?;
-        let steps = follow(&mut models, &config.learner)
-            .with_context(|| format!("learner rank {}", info.rank))?;
-        tracing::info!(rank = info.rank, steps, "rank 0 stopped the group");
-        return Ok(());
-    }
-    std::fs::create_dir_all(&args.run_dir)
-        .with_context(|| format!("creating {}", args.run_dir.display()))?;
-    std::fs::write(args.run_dir.join("config.toml"), config.to_toml())?;
-    let (mut trainer, scheduler) = open_run(&config, &args.run_dir, device, args.resume)?;
-    if let Some(group) = group {
-        DataParallel::attach(&mut trainer.models, group, parallel)?;
-    }
-    let options = ListenOptions {
-        listen: args.listen,
-        metrics_listen: args.metrics_listen,
-        auth: args.security.auth(),
+    let options = RankOptions {
+        run_dir: args.run_dir,
+        listen: ListenOptions {
+            listen: args.listen,
+            metrics_listen: args.metrics_listen,
+            auth: args.security.auth(),
+        },
+        resume: args.resume,
+        addr_file: args.addr_file,
+        device: args.device,
     };
-    let addr_file = args.addr_file.clone();
-    let trainer = run_learner(
-        trainer,
-        scheduler,
-        &options,
-        |addr| {
-            if let Some(path) = &addr_file {
-                let tmp = path.with_extension("tmp");
-                let written = std::fs::write(&tmp, addr.to_string())
-                    .and_then(|()| std::fs::rename(&tmp, path));
-                if let Err(e) = written {
-                    tracing::error!(path = %path.display(), "cannot write the address file: {e}");
-                }
-            }
-        },
-        |record, _| {
-            tracing::info!(
-                step = record.step,
-                reward = record.train_reward,
-                pass_rate = record.filter_pass_rate,
-                prm_accuracy = record.metrics.prm_accuracy,
-                "step"
-            );
-        },
-    )?;
-    finish_run(&trainer, &config, &args.run_dir)?;
+    if let Some(summary) = run_rank(&config, &options)? {
+        eprint!("{}", summary_table(&summary));
+    }
     Ok(())
-}
-
-/// Writes plots and `summary.json` and prints the closing table.
-pub fn finish_run(trainer: &Trainer, config: &RunConfig, run_dir: &Path) -> Result<Summary> {
-    plot_run(run_dir, &trainer.history);
-    let estimator = match config.learner.estimator {
-        Estimator::Prime => "prime",
-        Estimator::Rloo => "rloo",
-    };
-    let summary = summarize(
-        &trainer.history,
-        estimator,
-        config.learner.eval_samples,
-        config.learner.eval_temperature,
-    )?;
-    let path = run_dir.join("summary.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&summary)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))?;
-    eprint!("{}", summary_table(&summary));
-    Ok(summary)
 }
 
 /// Reads a rollouts file: one [`ScoredGroup`] per non-empty line.
@@ -328,27 +181,22 @@ fn run_step(args: StepArgs) -> Result<()> {
         bail!("--mini-batches must be at least 1");
     }
     let groups = read_groups(&args.rollouts)?;
-    let mut config = LearnerConfig {
-        mini_batches: args.mini_batches,
-        reference: ReferenceType::Freeze,
-        ..LearnerConfig::default()
-    };
-    config.prm.beta = args.beta;
+    let mut config = LearnerConfig::default();
+    config.algo.mini_batches = args.mini_batches;
+    config.algo.reference = ReferenceType::Freeze;
+    config.algo.prm.beta = args.beta;
     config.policy_optimizer.lr = args.policy_lr;
     config.prm_optimizer.lr = args.prm_lr;
-    config.estimator = match args.estimator {
+    config.algo.estimator = match args.estimator {
         EstimatorArg::Prime => Estimator::Prime,
         EstimatorArg::Rloo => Estimator::Rloo,
     };
     config.parallel.zero1 = args.zero1;
     config.parallel.zero2 = args.zero2;
-    config.recompute_activations |= args.zero2;
+    config.memory.recompute_activations |= args.zero2;
     config.parallel.collective_timeout_seconds = args.collective_timeout_seconds;
-    let Rank {
-        info,
-        device,
-        group,
-    } = join_ranks(&args.device, &config.parallel)?;
+    let mut rank = join_ranks(&args.device, &config.parallel)?;
+    let (info, device) = (rank.info.clone(), rank.device);
     let load = |dir: &Path, what: &str| {
         CausalLm::load(dir, device, Kind::Float, Kind::Float)
             .with_context(|| format!("loading the {what} from {}", dir.display()))
@@ -362,10 +210,8 @@ fn run_step(args: StepArgs) -> Result<()> {
         bail!("policy, PRM and reference must share one vocabulary");
     }
     let mut models = PrimeModels::new(policy, prm, Some(reference), &config);
-    if let Some(group) = group {
-        DataParallel::attach(&mut models, group, config.parallel.clone())?;
-    }
-    let metrics = prime_step(&mut models, &groups, &config, 0)
+    let mut dp = rank.data_parallel(&mut models, &config.parallel)?;
+    let metrics = prime_step(&mut models, &mut dp, &groups, &config, 0)
         .with_context(|| format!("learner rank {}", info.rank))?;
     if info.rank > 0 {
         return Ok(());

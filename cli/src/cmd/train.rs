@@ -23,7 +23,7 @@ pub struct TrainArgs {
     /// Run config (TOML).
     #[arg(long)]
     pub config: PathBuf,
-    /// Override a config value, e.g. `--set learner.estimator=rloo` (repeatable).
+    /// Override a config value, e.g. `--set learner.algo.estimator=rloo` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// Run directory (world/, sft/, metrics.jsonl, checkpoints/, plots, summary.json, logs/).
@@ -204,7 +204,8 @@ fn train_local(config: &RunConfig, args: &TrainArgs) -> Result<()> {
         bar.set_message(progress_message(Some(record), accuracy));
     })?;
     bar.finish_and_clear();
-    super::learner::finish_run(&trainer, config, &args.run_dir)?;
+    let summary = prime_learner::ranks::finish_run(&trainer, config, &args.run_dir)?;
+    eprint!("{}", summary_table(&summary));
     Ok(())
 }
 

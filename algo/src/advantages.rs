@@ -80,10 +80,11 @@ pub fn returns(
     scores: &Tensor,
     mask: &Tensor,
     k: i64,
+    estimator: Estimator,
     config: &AdvantageConfig,
 ) -> Tensor {
     let outcome = discounted_returns(&rloo_outcome_rewards(scores, mask, k), config.outcome_gamma);
-    match config.estimator {
+    match estimator {
         Estimator::Rloo => outcome,
         Estimator::Prime => {
             let process = leave_one_out(process_rewards, mask, k, config.process_baseline);
@@ -110,9 +111,13 @@ pub fn advantages(
     scores: &Tensor,
     mask: &Tensor,
     k: i64,
+    estimator: Estimator,
     config: &AdvantageConfig,
 ) -> Tensor {
-    whiten(&returns(process_rewards, scores, mask, k, config), mask)
+    whiten(
+        &returns(process_rewards, scores, mask, k, estimator, config),
+        mask,
+    )
 }
 
 #[cfg(test)]
@@ -120,7 +125,7 @@ mod tests {
     use super::*;
     use tch::Kind;
 
-    use crate::algo::test_util::{close, values};
+    use crate::test_util::{close, values};
 
     #[test]
     fn outcome_rloo_is_plain_leave_one_out() {
@@ -175,13 +180,10 @@ mod tests {
         let mask = Tensor::from_slice2(&[[true, true], [true, true]]);
         let scores = Tensor::from_slice(&[1.0f32, 0.0]);
         let process = Tensor::from_slice2(&[[5.0f32, -1.0], [0.5, 2.0]]);
-        let config = AdvantageConfig {
-            estimator: Estimator::Rloo,
-            ..Default::default()
-        };
-        let r = returns(&process, &scores, &mask, 2, &config);
+        let config = AdvantageConfig::default();
+        let r = returns(&process, &scores, &mask, 2, Estimator::Rloo, &config);
         close(&values(&r), &[1.0, 1.0, -1.0, -1.0]);
-        let prime = returns(&process, &scores, &mask, 2, &AdvantageConfig::default());
+        let prime = returns(&process, &scores, &mask, 2, Estimator::Prime, &config);
         // Process: m = (2, 1.25), p·2 − 3.25, reverse-summed, plus the outcome.
         close(
             &values(&prime),

@@ -1,154 +1,29 @@
-//! Data parallelism of the learner step: W ranks each hold a full replica of the policy and
-//! the PRM, take a contiguous slice of whole groups of every mini-batch, and sum their
-//! gradients once per optimizer step (after the last micro-batch). Micro-batch losses keep
-//! their weight in the *global* mini-batch, so the summed gradient is the one a single
-//! process computes on the whole batch: DP=W and DP=1 take the same steps.
-//!
-//! Forward-only passes (old, reference and PRM log-probs) are split the same way and their
-//! rows gathered, so every rank computes rewards and advantages on the full batch. Rank 0
-//! alone talks to actors, evaluates, publishes weights and writes checkpoints; it hands the
-//! other ranks each batch as a [`Command`] broadcast.
-//!
-//! With `zero1` the optimizer state is sharded (ZeRO stage 1): gradients are reduce-scattered
-//! over a flat f32 buffer, each rank runs AdamW on its 1/W of the elements, and the updated
-//! shards are all-gathered back into the parameters.
-//!
-//! With `zero2` the gradients are sharded too (ZeRO stage 2): the backward pass recomputes
-//! one decoder layer at a time and hands each layer's parameter gradients, as fresh tensors,
-//! to [`ShardedGradSink`], which reduce-scatters them bucket by bucket into this rank's f32
-//! gradient shard and drops them; no parameter's `.grad` is ever written. Every bucket is
-//! split evenly over the ranks, so each rank owns 1/W of every bucket (not one contiguous
-//! run of the model as with `zero1`): a reduce-scatter then moves only real gradient, and
-//! the updated parameters come back one bucket at a time.
+//! ZeRO sharding of the data-parallel group: the optimizer state (stage 1) and the gradients
+//! (stage 2) split over the ranks, and gathered whole again for a checkpoint.
 use std::collections::HashMap;
-use std::ops::Range;
 
-use prime_collective::flat::{flatten, unflatten, FlatLayout};
-use prime_collective::{broadcast_bytes, Collective, ReduceOp};
+use prime_collective::flat::FlatLayout;
+use prime_collective::{Collective, ReduceOp};
 use prime_model::qwen2::GradSink;
 use prime_model::Qwen2;
-use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use super::{comm_err, part, DataParallel, Trained};
 use crate::error::{LearnerError, Result};
+use crate::models::PrimeModels;
 use crate::optim::{AdamW, StatePart};
-use crate::step::{PrimeModels, ScoredGroup};
-
-/// Which collective implementation the ranks use.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Backend {
-    /// NCCL on CUDA devices (when built with the `nccl` feature), the TCP ring otherwise.
-    #[default]
-    Auto,
-    /// The TCP ring (any device; tensors go through host memory).
-    Tcp,
-    /// NCCL (CUDA only; needs the `nccl` feature).
-    Nccl,
-}
-
-impl Backend {
-    /// Whether this choice means NCCL for a process on `device`: `nccl` always, `auto` on
-    /// CUDA in a build with the `nccl` feature.
-    pub fn uses_nccl(self, device: Device) -> bool {
-        match self {
-            Backend::Auto => cfg!(feature = "nccl") && device.is_cuda(),
-            Backend::Tcp => false,
-            Backend::Nccl => true,
-        }
-    }
-}
-
-/// `[learner.parallel]`: how data-parallel ranks cooperate. The number of ranks and each
-/// one's index come from the environment (`WORLD_SIZE`, `RANK`, ...), not from the config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ParallelConfig {
-    /// Shard the optimizer state over the ranks (ZeRO stage 1): AdamW's moments (and master
-    /// weights) take 1/W of the memory on each rank; results are the same.
-    #[serde(default)]
-    pub zero1: bool,
-    /// Shard the gradients too (ZeRO stage 2; implies `zero1`): each decoder layer's
-    /// gradients are reduce-scattered as soon as the backward pass has them, so no rank holds
-    /// a whole model's gradients. Needs `learner.recompute_activations = true`.
-    #[serde(default)]
-    pub zero2: bool,
-    /// Size of a gradient bucket (MiB of f32) all-reduced at once without `zero1`, or
-    /// reduce-scattered (and all-gathered back) at once with `zero2`.
-    #[serde(default = "p_bucket_mb")]
-    pub bucket_mb: usize,
-    /// `auto`, `tcp` or `nccl`.
-    #[serde(default)]
-    pub backend: Backend,
-    /// Seconds one collective may take before the rank fails (and the watchdog ends the
-    /// process): a dead or stuck rank never hangs the others.
-    #[serde(default = "p_collective_timeout")]
-    pub collective_timeout_seconds: u64,
-    /// Seconds every rank has to join the group.
-    #[serde(default = "p_join_timeout")]
-    pub join_timeout_seconds: u64,
-    /// Seconds the other ranks wait for rank 0's next instruction: rank 0 collects rollouts
-    /// and evaluates between steps, which takes far longer than a collective.
-    #[serde(default = "p_idle_timeout")]
-    pub idle_timeout_seconds: u64,
-}
-
-fn p_bucket_mb() -> usize {
-    64
-}
-fn p_collective_timeout() -> u64 {
-    600
-}
-fn p_join_timeout() -> u64 {
-    600
-}
-fn p_idle_timeout() -> u64 {
-    86_400
-}
-
-impl Default for ParallelConfig {
-    fn default() -> Self {
-        toml::from_str("").expect("defaults")
-    }
-}
-
-/// What rank 0 tells the other ranks to do next.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "command", rename_all = "snake_case")]
-pub enum Command {
-    /// Take part in the step `iteration` (0-based) on `groups`.
-    Step {
-        /// Drives the learning-rate schedule.
-        iteration: u64,
-        /// The whole batch.
-        groups: Vec<ScoredGroup>,
-    },
-    /// Take part in gathering the sharded optimizer state for a checkpoint.
-    Checkpoint,
-    /// The run is over.
-    Stop,
-}
-
-/// The two trained models.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trained {
-    /// π_θ.
-    Policy,
-    /// The implicit PRM.
-    Prm,
-}
 
 /// The pieces of a parameter's optimizer state, in the order [`Origin::held`] lists them.
-const PARTS: [StatePart; 3] = [StatePart::ExpAvg, StatePart::ExpAvgSq, StatePart::Master];
+pub(super) const PARTS: [StatePart; 3] = [StatePart::ExpAvg, StatePart::ExpAvgSq, StatePart::Master];
 
 /// What rank 0's optimizer holds when a rank attaches: the source of every rank's state.
 #[derive(Debug)]
-struct Origin {
+pub(super) struct Origin {
     /// Rank 0's step count.
-    step: i64,
+    pub(super) step: i64,
     /// Per parameter and piece ([`PARTS`]), whether rank 0 holds it (loaded or updated);
     /// the others are zeros, or for a master the parameter itself.
-    held: Vec<[bool; 3]>,
+    pub(super) held: Vec<[bool; 3]>,
 }
 
 impl Origin {
@@ -163,7 +38,7 @@ impl Origin {
 /// tensor held when rank 0 holds any of `part` (`origin`), else what a never allocated piece
 /// is: zeros (an undefined tensor) for a moment, the parameter for a master (a parameter
 /// without a master copy is its own).
-fn source_pieces(optimizer: &AdamW, part: StatePart, origin: &Origin) -> Vec<Tensor> {
+pub(super) fn source_pieces(optimizer: &AdamW, part: StatePart, origin: &Origin) -> Vec<Tensor> {
     optimizer
         .params()
         .iter()
@@ -184,7 +59,7 @@ fn source_pieces(optimizer: &AdamW, part: StatePart, origin: &Origin) -> Vec<Ten
 /// Elements `start .. start + len` of the flat concatenation of `pieces` (of `sizes`
 /// elements, each flattened; an undefined piece, and anything past the last, counts as
 /// zeros), as a new f32 vector on `device`. Only the overlapping parts are copied.
-fn flat_slice(
+pub(super) fn flat_slice(
     pieces: &[Tensor],
     sizes: &[usize],
     start: usize,
@@ -210,7 +85,7 @@ fn flat_slice(
 /// Copies `data`, elements `start ..` of a flat concatenation of `whole` (of `sizes`
 /// elements), into the tensors it covers (converting device and dtype); what lies past the
 /// last tensor (padding) is dropped.
-fn write_flat(whole: &[Tensor], sizes: &[usize], start: usize, data: &Tensor) {
+pub(super) fn write_flat(whole: &[Tensor], sizes: &[usize], start: usize, data: &Tensor) {
     let len = data.numel();
     let mut offset = 0;
     for (t, &n) in whole.iter().zip(sizes) {
@@ -225,7 +100,7 @@ fn write_flat(whole: &[Tensor], sizes: &[usize], start: usize, data: &Tensor) {
 }
 
 /// Host f32 zeros of each of `params`' shapes: where a gathered state is assembled.
-fn host_zeros(params: &[Tensor]) -> Vec<Tensor> {
+pub(super) fn host_zeros(params: &[Tensor]) -> Vec<Tensor> {
     params
         .iter()
         .map(|p| Tensor::zeros(p.size(), (Kind::Float, Device::Cpu)))
@@ -234,26 +109,26 @@ fn host_zeros(params: &[Tensor]) -> Vec<Tensor> {
 
 /// A rank's shard of one model's optimizer (ZeRO-1).
 #[derive(Debug)]
-struct Shard {
+pub(super) struct Shard {
     /// The model's parameters (shallow clones), in the optimizer's order.
-    params: Vec<Tensor>,
-    names: Vec<String>,
-    layout: FlatLayout,
+    pub(super) params: Vec<Tensor>,
+    pub(super) names: Vec<String>,
+    pub(super) layout: FlatLayout,
     /// Flat length, a multiple of the world size.
-    padded: usize,
+    pub(super) padded: usize,
     /// This rank's elements: `start .. start + len` of the flat vector.
-    start: usize,
-    len: usize,
+    pub(super) start: usize,
+    pub(super) len: usize,
     /// The f32 shard the optimizer updates (shared with the shard optimizer).
-    values: Tensor,
+    pub(super) values: Tensor,
     /// Whether `values` persists between steps as master weights; otherwise it is re-read
     /// from the parameters before each step, as the unsharded optimizer reads them.
-    master: bool,
+    pub(super) master: bool,
 }
 
 /// Elements `from .. from + len` of parameter `param` (flattened), inside a bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Segment {
+pub(super) struct Segment {
     param: usize,
     from: usize,
     len: usize,
@@ -262,7 +137,7 @@ struct Segment {
 /// Parameter elements reduce-scattered, and all-gathered back, as one flat f32 vector that
 /// splits evenly over the ranks (ZeRO-2).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Bucket {
+pub(super) struct Bucket {
     /// The pieces, back to back in the flat vector (zero padding after the last).
     segments: Vec<Segment>,
     /// Elements per rank: the bucket padded to a multiple of the world size, divided by it.
@@ -272,7 +147,7 @@ struct Bucket {
 }
 
 /// Name of the shard optimizer's parameter for bucket `b` (ZeRO-2).
-fn bucket_param(b: usize) -> String {
+pub(super) fn bucket_param(b: usize) -> String {
     format!("zero2.bucket{b}")
 }
 
@@ -320,7 +195,7 @@ impl Bucket {
 /// embedding, is not placed again), then any parameter no stage names, each cut into
 /// buckets of at most `bucket_elements` (a large tensor spans several). A bucket never mixes
 /// stages, so each one is complete when its stage's gradients arrive.
-fn plan_buckets(
+pub(super) fn plan_buckets(
     stages: &[Vec<usize>],
     sizes: &[usize],
     bucket_elements: usize,
@@ -378,27 +253,27 @@ fn plan_buckets(
 
 /// A rank's shard of one model's gradients and optimizer (ZeRO-2).
 #[derive(Debug)]
-struct GradShard {
+pub(super) struct GradShard {
     /// The model's parameters (shallow clones), in the optimizer's order.
-    params: Vec<Tensor>,
-    names: Vec<String>,
+    pub(super) params: Vec<Tensor>,
+    pub(super) names: Vec<String>,
     /// Parameter index by data pointer: how a handed-over gradient finds its parameter.
-    index: HashMap<usize, usize>,
-    buckets: Vec<Bucket>,
+    pub(super) index: HashMap<usize, usize>,
+    pub(super) buckets: Vec<Bucket>,
     /// Per parameter, the buckets holding its elements.
-    buckets_of: Vec<Vec<usize>>,
+    pub(super) buckets_of: Vec<Vec<usize>>,
     /// The f32 shard the optimizer updates (shared with the shard optimizer).
-    values: Tensor,
+    pub(super) values: Tensor,
     /// This rank's f32 gradient shard: the sum over ranks and micro-batches so far.
-    grad: Tensor,
+    pub(super) grad: Tensor,
     /// Which parameters got a gradient on this rank since the last `zero_grad`.
-    touched: Vec<bool>,
+    pub(super) touched: Vec<bool>,
     /// Whether `values` persists between steps as master weights.
-    master: bool,
+    pub(super) master: bool,
 }
 
 /// The data pointer of `t`, which identifies a parameter across shallow clones.
-fn address(t: &Tensor) -> usize {
+pub(super) fn address(t: &Tensor) -> usize {
     t.data_ptr() as usize
 }
 
@@ -489,211 +364,9 @@ impl std::ops::Deref for FullOptimizer<'_> {
 }
 
 /// Name of the one parameter of a shard optimizer.
-const SHARD_PARAM: &str = "zero1.shard";
-
-/// A rank's view of the data-parallel group.
-pub struct DataParallel {
-    comm: Box<dyn Collective>,
-    config: ParallelConfig,
-    /// Where the small tensors of collectives live (the models' device).
-    device: Device,
-    shards: [Option<Shard>; 2],
-    /// ZeRO-2: the gradient and optimizer shards (instead of `shards`).
-    grad_shards: [Option<GradShard>; 2],
-}
-
-impl std::fmt::Debug for DataParallel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DataParallel")
-            .field("rank", &self.comm.rank())
-            .field("world_size", &self.comm.world_size())
-            .field("zero1", &self.config.zero1)
-            .field("zero2", &self.config.zero2)
-            .finish()
-    }
-}
-
-fn comm_err(e: prime_collective::CollectiveError) -> LearnerError {
-    LearnerError::Collective(e)
-}
-
-/// Near-equal contiguous parts of `0..n`: part `i` of `parts` (the first ones one longer).
-fn part(n: usize, parts: usize, i: usize) -> Range<usize> {
-    let (base, extra) = (n / parts, n % parts);
-    let start = i * base + i.min(extra);
-    start..start + base + usize::from(i < extra)
-}
+pub(super) const SHARD_PARAM: &str = "zero1.shard";
 
 impl DataParallel {
-    /// Joins `models` to the group `comm`: rank 0's weights and optimizer state are
-    /// broadcast to every rank (so all start identical, whatever each loaded), then, with
-    /// `zero1`, each rank keeps only its shard of the optimizer state. With sharding no rank
-    /// ever holds a whole optimizer state on the device: the shards of a state rank 0 holds
-    /// (loaded, possibly still on the host) are broadcast one bucket at a time, and a fresh
-    /// optimizer's stay unallocated until the first step.
-    pub fn attach(
-        models: &mut PrimeModels,
-        comm: Box<dyn Collective>,
-        config: ParallelConfig,
-    ) -> Result<()> {
-        let device = models.policy.model.device();
-        let mut dp = Self {
-            comm,
-            config,
-            device,
-            shards: [None, None],
-            grad_shards: [None, None],
-        };
-        if dp.world_size() > 1 {
-            // Rank 0 may still be opening its run (building the world, a first evaluation):
-            // the others wait for it as they wait for a batch.
-            let idle = std::time::Duration::from_secs(dp.config.idle_timeout_seconds.max(1));
-            let waiting = (dp.rank() > 0).then(|| dp.comm.set_op_timeout(idle));
-            let synced = dp.sync_weights_from_rank0(models);
-            if let Some(limit) = waiting {
-                dp.comm.set_op_timeout(limit);
-            }
-            synced?;
-        }
-        for which in [Trained::Policy, Trained::Prm] {
-            let origin = dp.origin(Self::optimizer_of(models, which))?;
-            if dp.config.zero2 {
-                dp.shard_gradients(models, which, &origin)?;
-            } else if dp.config.zero1 {
-                dp.shard_optimizer(models, which, &origin)?;
-            } else if dp.world_size() > 1 {
-                dp.sync_optimizer_from_rank0(models, which, &origin)?;
-            }
-        }
-        tracing::info!(
-            rank = dp.rank(),
-            world_size = dp.world_size(),
-            zero1 = dp.config.zero1,
-            zero2 = dp.config.zero2,
-            "data parallelism attached"
-        );
-        models.parallel = Some(dp);
-        Ok(())
-    }
-
-    /// A group of one on `device`: every collective is the identity.
-    pub fn single(device: Device) -> Self {
-        Self {
-            comm: Box::new(prime_collective::Single),
-            config: ParallelConfig::default(),
-            device,
-            shards: [None, None],
-            grad_shards: [None, None],
-        }
-    }
-
-    /// This rank.
-    pub fn rank(&self) -> usize {
-        self.comm.rank()
-    }
-
-    /// Number of ranks.
-    pub fn world_size(&self) -> usize {
-        self.comm.world_size()
-    }
-
-    /// Whether the optimizer state is sharded (`zero1`, or `zero2`, which implies it).
-    pub fn zero1(&self) -> bool {
-        self.config.zero1 || self.config.zero2
-    }
-
-    /// Whether the gradients are sharded too (ZeRO-2): the backward passes of the trained
-    /// models must then hand their gradients to [`DataParallel::grad_sink`].
-    pub fn zero2(&self) -> bool {
-        self.config.zero2
-    }
-
-    /// The collective group.
-    pub fn comm(&mut self) -> &mut dyn Collective {
-        &mut *self.comm
-    }
-
-    /// Broadcasts rank 0's weights (policy, PRM and reference) to every rank.
-    fn sync_weights_from_rank0(&mut self, models: &mut PrimeModels) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        for lm in [
-            Some(&models.policy),
-            Some(&models.prm),
-            models.reference.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let mut vars: Vec<(String, Tensor)> = lm.vs.variables().into_iter().collect();
-            vars.sort_by(|a, b| a.0.cmp(&b.0));
-            for (_, mut t) in vars {
-                self.comm.broadcast(&mut t, 0).map_err(comm_err)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// What rank 0's `optimizer` holds (every rank gets rank 0's answer).
-    fn origin(&mut self, optimizer: &AdamW) -> Result<Origin> {
-        let mut flags = vec![optimizer.step_count()];
-        for i in 0..optimizer.params().len() {
-            flags.extend(PARTS.map(|part| i64::from(optimizer.held(i, part).is_some())));
-        }
-        if self.world_size() > 1 {
-            let mut t = Tensor::from_slice(&flags).to_device(self.device);
-            self.comm.broadcast(&mut t, 0).map_err(comm_err)?;
-            flags = Vec::<i64>::try_from(&t.to_device(Device::Cpu))?;
-        }
-        Ok(Origin {
-            step: flags[0],
-            held: flags[1..]
-                .chunks(PARTS.len())
-                .map(|c| [c[0] != 0, c[1] != 0, c[2] != 0])
-                .collect(),
-        })
-    }
-
-    /// Without sharding: every piece of state rank 0 holds is broadcast into a whole tensor
-    /// on every rank's device (one at a time; each rank needs the whole state anyway), the
-    /// others are dropped, and the step count is rank 0's.
-    fn sync_optimizer_from_rank0(
-        &mut self,
-        models: &mut PrimeModels,
-        which: Trained,
-        origin: &Origin,
-    ) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        let rank = self.rank();
-        let optimizer = Self::optimizer_of(models, which);
-        for i in 0..optimizer.params().len() {
-            let p = optimizer.params()[i].1.shallow_clone();
-            for (k, part) in PARTS.into_iter().enumerate() {
-                if part == StatePart::Master && !optimizer.keeps_master(i) {
-                    continue;
-                }
-                if !origin.held[i][k] {
-                    optimizer.clear(i, part);
-                    continue;
-                }
-                let mut t = match optimizer.held(i, part).filter(|_| rank == 0) {
-                    Some(held) => held.to_device(p.device()),
-                    None => Tensor::zeros(p.size(), (Kind::Float, p.device())),
-                };
-                self.comm.broadcast(&mut t, 0).map_err(comm_err)?;
-                optimizer.put(i, part, t);
-            }
-        }
-        optimizer.set_step_count(origin.step);
-        Ok(())
-    }
-
-    fn optimizer_of(models: &mut PrimeModels, which: Trained) -> &mut AdamW {
-        match which {
-            Trained::Policy => &mut models.policy_optimizer,
-            Trained::Prm => &mut models.prm_optimizer,
-        }
-    }
-
     /// Replaces the model's optimizer by one over this rank's shard, moments (and master
     /// weights) taken from rank 0's full optimizer (`origin`); moments rank 0 never
     /// allocated stay unallocated until the first step.
@@ -944,142 +617,6 @@ impl DataParallel {
         sink.finish()
     }
 
-    /// The rows of `rows` (whole groups of `k` responses) this rank works on.
-    pub fn my_rows(&self, rows: &Range<usize>, k: usize) -> Range<usize> {
-        self.rows_of_rank(rows, k, self.rank())
-    }
-
-    /// The rows of `rows` (whole groups of `k` responses) rank `rank` works on.
-    pub fn rows_of_rank(&self, rows: &Range<usize>, k: usize, rank: usize) -> Range<usize> {
-        let groups = part(rows.len() / k, self.world_size(), rank);
-        rows.start + groups.start * k..rows.start + groups.end * k
-    }
-
-    /// Every rank's `local` rows (`[n_r, ...]`, rank r holding `my_rows(rows)`) in rank
-    /// order: the full `[rows.len(), ...]` tensor on every rank.
-    pub fn gather_rows(&mut self, local: &Tensor, rows: &Range<usize>, k: usize) -> Result<Tensor> {
-        let world = self.world_size();
-        if world == 1 {
-            return Ok(local.shallow_clone());
-        }
-        let counts: Vec<i64> = (0..world)
-            .map(|r| (part(rows.len() / k, world, r).len() * k) as i64)
-            .collect();
-        let most = *counts.iter().max().expect("one rank at least");
-        let mut shape = local.size();
-        let mine = shape[0];
-        shape[0] = most;
-        let padded = Tensor::zeros(&shape, (local.kind(), local.device()));
-        if mine > 0 {
-            padded.narrow(0, 0, mine).copy_(local);
-        }
-        shape[0] = most * world as i64;
-        let mut all = Tensor::zeros(&shape, (local.kind(), local.device()));
-        self.comm.all_gather(&padded, &mut all).map_err(comm_err)?;
-        let pieces: Vec<Tensor> = counts
-            .iter()
-            .enumerate()
-            .map(|(r, &n)| all.narrow(0, r as i64 * most, n))
-            .collect();
-        Ok(Tensor::cat(&pieces, 0))
-    }
-
-    /// Sums `values` over the ranks, in place (f64).
-    pub fn sum(&mut self, values: &mut [f64]) -> Result<()> {
-        if self.world_size() == 1 || values.is_empty() {
-            return Ok(());
-        }
-        let mut t = Tensor::from_slice(values).to_device(self.device);
-        self.comm
-            .all_reduce(&mut t, ReduceOp::Sum)
-            .map_err(comm_err)?;
-        let summed = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
-        values.copy_from_slice(&summed);
-        Ok(())
-    }
-
-    /// Gives every parameter that has a gradient on some rank a (zero) gradient on every
-    /// rank, so all ranks update the same set of parameters (a rank with no rows in a
-    /// mini-batch ran no backward pass).
-    fn align_defined_grads(&mut self, params: &[Tensor]) -> Result<()> {
-        let mut defined: Vec<f64> = params
-            .iter()
-            .map(|p| f64::from(u8::from(p.grad().defined())))
-            .collect();
-        self.sum(&mut defined)?;
-        for (p, anywhere) in params.iter().zip(defined) {
-            if anywhere > 0.0 && !p.grad().defined() {
-                // The only way to create a gradient in tch: a backward pass that adds zero.
-                tch::with_grad(|| (p.sum(Kind::Float) * 0.0).backward());
-            }
-        }
-        Ok(())
-    }
-
-    /// Clears the gradients of `which` before a mini-batch.
-    pub fn zero_grad(&mut self, models: &mut PrimeModels, which: Trained) {
-        if let Some(shard) = &mut self.grad_shards[which as usize] {
-            let _ = shard.grad.zero_();
-            shard.touched.fill(false);
-            return;
-        }
-        match &self.shards[which as usize] {
-            Some(shard) => {
-                for p in &shard.params {
-                    let mut g = p.grad();
-                    if g.defined() {
-                        let _ = g.detach_().zero_();
-                    }
-                }
-            }
-            None => Self::optimizer_of(models, which).zero_grad(),
-        }
-    }
-
-    /// After the last micro-batch of a mini-batch: sums the gradients of `which` over the
-    /// ranks, clips them to `max_norm` and takes the optimizer step. Returns the gradient
-    /// norm before clipping (the global one, the same on every rank).
-    pub fn update(
-        &mut self,
-        models: &mut PrimeModels,
-        which: Trained,
-        max_norm: f64,
-        lr: f64,
-    ) -> Result<f64> {
-        if let Some(mut shard) = self.grad_shards[which as usize].take() {
-            let result = self.update_zero2(&mut shard, models, which, max_norm, lr);
-            self.grad_shards[which as usize] = Some(shard);
-            return result;
-        }
-        if self.shards[which as usize].is_some() {
-            return self.update_sharded(models, which, max_norm, lr);
-        }
-        let optimizer = Self::optimizer_of(models, which);
-        if self.world_size() > 1 {
-            let _guard = tch::no_grad_guard();
-            let params: Vec<Tensor> = optimizer
-                .params()
-                .iter()
-                .map(|(_, p)| p.shallow_clone())
-                .collect();
-            self.align_defined_grads(&params)?;
-            let mut grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
-            let layout = FlatLayout::new(&grads);
-            let bucket = (self.config.bucket_mb.max(1) << 20) / 4;
-            for range in layout.buckets(bucket) {
-                let len: usize = layout.sizes[range.clone()].iter().sum();
-                let mut flat = flatten(&grads, range.clone(), len, Kind::Float);
-                self.comm
-                    .all_reduce(&mut flat, ReduceOp::Sum)
-                    .map_err(comm_err)?;
-                unflatten(&flat, &mut grads, range);
-            }
-        }
-        let norm = optimizer.clip_grad_norm(max_norm);
-        optimizer.step(lr);
-        Ok(norm)
-    }
-
     /// ZeRO-2's update: the gradient shard is already reduced; the global norm comes from
     /// every shard's sum of squares, AdamW updates the shard, and each bucket of updated
     /// values is all-gathered back into the parameters.
@@ -1280,43 +817,51 @@ impl DataParallel {
         }
         // Elements of each rank's shard per round: a bucket in all.
         let window = self.bucket_elements().div_ceil(world).max(1);
-        let mut full_state = std::collections::BTreeMap::new();
-        for (part, mine) in parts {
-            let whole = if keep {
-                host_zeros(&shard.params)
-            } else {
-                Vec::new()
-            };
+        self.gather_pieces(shard.names.as_slice(), &shard.params, shard.master, optimizer, keep, parts, |dp, mine, whole| {
             let mut at = 0;
             while at < shard.len {
                 let n = window.min(shard.len - at);
                 let mut flat = Tensor::zeros([(n * world) as i64], (Kind::Float, device));
-                self.comm
+                dp.comm
                     .all_gather(&mine.narrow(0, at as i64, n as i64), &mut flat)
                     .map_err(comm_err)?;
-                if keep {
-                    for r in 0..world {
-                        let piece = flat.narrow(0, (r * n) as i64, n as i64);
-                        write_flat(&whole, &shard.layout.sizes, r * shard.len + at, &piece);
-                    }
+                for r in (0..world).filter(|_| !whole.is_empty()) {
+                    let piece = flat.narrow(0, (r * n) as i64, n as i64);
+                    write_flat(whole, &shard.layout.sizes, r * shard.len + at, &piece);
                 }
                 at += n;
             }
-            for (name, t) in shard.names.iter().zip(whole) {
+            Ok(())
+        })
+    }
+
+    /// The frame the ZeRO gathers share: each piece of optimizer state (`pieces`, this
+    /// rank's part of it) is all-gathered by `gather_piece` into `whole` (host tensors of the
+    /// parameters' shapes; none when not `keep`), and with `keep` the gathered state becomes
+    /// an unsharded optimizer over `params`.
+    #[allow(clippy::too_many_arguments)]
+    fn gather_pieces<P>(
+        &mut self,
+        names: &[String],
+        params: &[Tensor],
+        master: bool,
+        optimizer: &AdamW,
+        keep: bool,
+        pieces: Vec<(StatePart, P)>,
+        mut gather_piece: impl FnMut(&mut Self, &P, &[Tensor]) -> Result<()>,
+    ) -> Result<Option<AdamW>> {
+        let mut full_state = std::collections::BTreeMap::new();
+        for (part, mine) in pieces {
+            let whole = if keep { host_zeros(params) } else { Vec::new() };
+            gather_piece(self, &mine, &whole)?;
+            for (name, t) in names.iter().zip(whole) {
                 full_state.insert(format!("{name}.{}", part.suffix()), t);
             }
         }
         if !keep {
             return Ok(None);
         }
-        full_adamw(
-            &shard.names,
-            &shard.params,
-            shard.master,
-            optimizer,
-            &full_state,
-        )
-        .map(Some)
+        full_adamw(names, params, master, optimizer, &full_state).map(Some)
     }
 
     /// ZeRO-2's [`DataParallel::gather`]: every bucket of the moments (and master weights)
@@ -1354,61 +899,24 @@ impl DataParallel {
                 .collect();
             parts.push((StatePart::Master, chunks));
         }
-        let mut full_state = std::collections::BTreeMap::new();
-        for (part, chunks) in parts {
-            let whole = if keep {
-                host_zeros(&shard.params)
-            } else {
-                Vec::new()
-            };
-            for (b, mine) in shard.buckets.iter().zip(&chunks) {
+        self.gather_pieces(shard.names.as_slice(), &shard.params, shard.master, optimizer, keep, parts, |dp, chunks, whole| {
+            for (b, mine) in shard.buckets.iter().zip(chunks) {
                 let mut flat = Tensor::zeros([(b.chunk * world) as i64], (Kind::Float, device));
-                self.comm.all_gather(mine, &mut flat).map_err(comm_err)?;
-                if keep {
-                    b.unflatten(&flat, &whole, |_| true);
+                dp.comm.all_gather(mine, &mut flat).map_err(comm_err)?;
+                if !whole.is_empty() {
+                    b.unflatten(&flat, whole, |_| true);
                 }
             }
-            for (name, t) in shard.names.iter().zip(whole) {
-                full_state.insert(format!("{name}.{}", part.suffix()), t);
-            }
-        }
-        if !keep {
-            return Ok(None);
-        }
-        full_adamw(
-            &shard.names,
-            &shard.params,
-            shard.master,
-            optimizer,
-            &full_state,
-        )
-        .map(Some)
+            Ok(())
+        })
     }
 
-    /// Rank 0: sends `command` to every other rank. Other ranks: wait for it (up to
-    /// `idle_timeout_seconds`) and receive it.
-    pub fn exchange(&mut self, command: Option<&Command>) -> Result<Command> {
-        let bytes = match command {
-            Some(c) => serde_json::to_vec(c).map_err(|e| LearnerError::Data(e.to_string()))?,
-            None => Vec::new(),
-        };
-        let device = self.device;
-        let idle = std::time::Duration::from_secs(self.config.idle_timeout_seconds.max(1));
-        let waiting = command.is_none().then(|| self.comm.set_op_timeout(idle));
-        let bytes = broadcast_bytes(&mut *self.comm, bytes, 0, device);
-        if let Some(limit) = waiting {
-            self.comm.set_op_timeout(limit);
-        }
-        let bytes = bytes.map_err(comm_err)?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| LearnerError::Data(format!("a command from rank 0 is unreadable: {e}")))
-    }
 }
 
 /// The unsharded optimizer over the parameters `params` named `names`, with the gathered
 /// `state` (on the host, where it stays until a step needs it) and the configuration and step
 /// count of `shard_optimizer`, this rank's shard of it.
-fn full_adamw(
+pub(super) fn full_adamw(
     names: &[String],
     params: &[Tensor],
     master: bool,
@@ -1430,81 +938,6 @@ fn full_adamw(
         .stage_state(state, shard_optimizer.step_count())
         .map_err(LearnerError::Checkpoint)?;
     Ok(rebuilt)
-}
-
-/// The loop of a rank other than 0: runs each step rank 0 announces and takes part in its
-/// checkpoints, until rank 0 says stop (or the group fails). Returns the steps taken.
-pub fn follow(models: &mut PrimeModels, config: &crate::config::LearnerConfig) -> Result<u64> {
-    let mut steps = 0;
-    loop {
-        let dp = models
-            .parallel
-            .as_mut()
-            .ok_or_else(|| LearnerError::Data("follow needs an attached group".into()))?;
-        match dp.exchange(None)? {
-            Command::Step { iteration, groups } => {
-                crate::step::prime_step(models, &groups, config, iteration)?;
-                steps += 1;
-            }
-            Command::Checkpoint => {
-                let mut dp = models.parallel.take().expect("attached");
-                let result = [Trained::Policy, Trained::Prm]
-                    .into_iter()
-                    .try_for_each(|which| dp.contribute_full_optimizer(models, which));
-                models.parallel = Some(dp);
-                result?;
-            }
-            Command::Stop => return Ok(steps),
-        }
-    }
-}
-
-/// Forms this rank's group as `config` says, every operation under a watchdog: the TCP ring,
-/// or NCCL on a CUDA `device` (with the `nccl` feature). `epoch` is the group generation the
-/// launcher gives every rank of one start (`PRIME_GROUP_EPOCH`).
-pub fn join_group(
-    info: &prime_collective::RankInfo,
-    config: &ParallelConfig,
-    device: Device,
-    epoch: u64,
-) -> Result<Box<dyn Collective>> {
-    use std::time::Duration;
-    let limit = Duration::from_secs(config.collective_timeout_seconds.max(1));
-    let join_timeout = Duration::from_secs(config.join_timeout_seconds.max(1));
-    // The run's token proves membership of the group, as it does on every RPC.
-    let token = std::env::var("PRIME_TOKEN").ok().filter(|t| !t.is_empty());
-    if config.backend.uses_nccl(device) {
-        #[cfg(feature = "nccl")]
-        {
-            let group = prime_collective::nccl::NcclGroup::join(
-                info,
-                epoch,
-                join_timeout,
-                token.as_deref(),
-            )?;
-            let abort = group.abort_handle();
-            let dog = prime_collective::Watchdog::exiting(limit, move || abort.abort());
-            return Ok(Box::new(prime_collective::Watched::new(group, dog)));
-        }
-        #[cfg(not(feature = "nccl"))]
-        return Err(LearnerError::Config {
-            path: "learner.parallel.backend".into(),
-            message: "the NCCL backend needs a build with `--features nccl`".into(),
-        });
-    }
-    let options = prime_collective::tcp::TcpOptions {
-        join_timeout,
-        op_timeout: limit,
-        epoch,
-        token,
-    };
-    let group = prime_collective::TcpGroup::join(info, options)?;
-    let abort = group.abort_handle();
-    // The ring's own deadline fails a late operation first; the watchdog is the backstop
-    // for a process stuck anyway.
-    let dog =
-        prime_collective::Watchdog::exiting(limit + Duration::from_secs(10), move || abort.abort());
-    Ok(Box::new(prime_collective::Watched::new(group, dog)))
 }
 
 #[cfg(test)]
@@ -1567,17 +1000,5 @@ mod tests {
             vec![10., 20., 30., 0.]
         );
         assert_eq!(Vec::<f32>::try_from(&out[1]).unwrap(), vec![0., 0., 0.]);
-    }
-
-    #[test]
-    fn parts_cover_in_order() {
-        assert_eq!(
-            (0..3).map(|i| part(5, 3, i)).collect::<Vec<_>>(),
-            vec![0..2, 2..4, 4..5]
-        );
-        assert_eq!(
-            (0..3).map(|i| part(1, 3, i)).collect::<Vec<_>>(),
-            vec![0..1, 1..1, 1..1]
-        );
     }
 }

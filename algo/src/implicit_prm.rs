@@ -114,7 +114,7 @@ pub fn dpo_abs_accuracy(token_rewards: &Tensor, mask: &Tensor, scores: &Tensor) 
 mod tests {
     use super::*;
 
-    use crate::algo::test_util::{close, values};
+    use crate::test_util::{close, values};
 
     #[test]
     fn log_ratio_and_rewards_by_variant() {

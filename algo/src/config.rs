@@ -3,11 +3,25 @@
 //! differ, the default is the repo and the recipe is an option.
 use serde::{Deserialize, Serialize};
 
-/// Everything the PRIME algorithm core reads: PRM rewards, advantages, policy loss and the
-/// online filter.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// `[learner.algo]`: everything the PRIME algorithm reads: the estimator, how one iteration
+/// splits its batch and scores it, PRM rewards, advantages, policy loss and the online filter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlgoConfig {
+    /// `prime` (process plus outcome rewards, the paper) or `rloo` (outcome only, the
+    /// paper's baseline; the PRM is not trained).
+    #[serde(default)]
+    pub estimator: Estimator,
+    /// Optimizer steps per iteration for the PRM and for the policy: the batch's groups are
+    /// split into this many mini-batches, whole and in order (the paper: 4).
+    #[serde(default = "default_mini_batches")]
+    pub mini_batches: usize,
+    /// Rewards from the forward before the PRM's update (the paper) or after it.
+    #[serde(default)]
+    pub prm_update: PrmUpdate,
+    /// The PRM's reference: the frozen start model or the old policy.
+    #[serde(default)]
+    pub reference: ReferenceType,
     /// Implicit PRM: reward scale, token rewards, normalisation (spec §2, §3).
     #[serde(default)]
     pub prm: PrmConfig,
@@ -20,6 +34,49 @@ pub struct AlgoConfig {
     /// Online prompt filtering (spec §5).
     #[serde(default)]
     pub filter: FilterConfig,
+}
+
+fn default_mini_batches() -> usize {
+    4
+}
+
+impl Default for AlgoConfig {
+    fn default() -> Self {
+        Self {
+            estimator: Estimator::default(),
+            mini_batches: default_mini_batches(),
+            prm_update: PrmUpdate::default(),
+            reference: ReferenceType::default(),
+            prm: PrmConfig::default(),
+            advantage: AdvantageConfig::default(),
+            ppo: PpoConfig::default(),
+            filter: FilterConfig::default(),
+        }
+    }
+}
+
+/// When the PRM's rewards are computed relative to its update (spec §3.3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrmUpdate {
+    /// Single-forward ([REPO] `after`, the paper): each mini-batch's rewards come from the
+    /// forward that computes its loss, before its own update.
+    #[default]
+    ScoreThenUpdate,
+    /// Double-forward ([RECIPE] `before`): update on every mini-batch, then score the whole
+    /// batch with the updated PRM.
+    UpdateThenScore,
+}
+
+/// The reference of the implicit PRM (spec §2.3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReferenceType {
+    /// A frozen copy of the SFT model (the paper's default).
+    #[default]
+    Freeze,
+    /// The policy that sampled the batch: its old log-probs.
+    Policy,
 }
 
 /// The implicit PRM's reward and loss.
@@ -92,10 +149,6 @@ pub enum RewardNorm {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdvantageConfig {
-    /// `prime` (process plus outcome rewards) or `rloo` (outcome only, the paper's baseline).
-    /// Set in a run config as `learner.estimator`, so not read from this table.
-    #[serde(skip)]
-    pub estimator: Estimator,
     /// Leave-one-out baseline of the process rewards (spec §4.1 vs §4.2).
     #[serde(default)]
     pub process_baseline: ProcessBaseline,
@@ -114,7 +167,6 @@ fn default_gamma() -> f64 {
 impl Default for AdvantageConfig {
     fn default() -> Self {
         Self {
-            estimator: Estimator::default(),
             process_baseline: ProcessBaseline::default(),
             process_gamma: default_gamma(),
             outcome_gamma: default_gamma(),
@@ -252,6 +304,7 @@ mod tests {
         let config: AlgoConfig = toml::from_str("").unwrap();
         assert_eq!(config, AlgoConfig::default());
         assert_eq!(config.prm.beta, 0.05);
+        assert_eq!(config.mini_batches, 4);
         assert_eq!(config.ppo.clip_ratio, 0.2);
         assert_eq!((config.filter.lower, config.filter.upper), (0.2, 0.8));
         let config: AlgoConfig = toml::from_str(

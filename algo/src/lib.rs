@@ -21,7 +21,8 @@ pub mod ppo;
 
 pub use config::{
     AdvantageConfig, AlgoConfig, Estimator, FilterConfig, KlEstimator, LossAggregation, PpoConfig,
-    PrmConfig, ProcessBaseline, ProcessRewardVariant, RewardGranularity, RewardNorm,
+    PrmConfig, PrmUpdate, ProcessBaseline, ProcessRewardVariant, ReferenceType, RewardGranularity,
+    RewardNorm,
 };
 
 /// Helpers shared by the unit tests of the algorithm modules.

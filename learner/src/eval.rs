@@ -1,0 +1,316 @@
+//! Sampling and grading with the learner's own policy: the one sample → decode → grade loop
+//! ([`sample_and_grade`]) behind the held-out evaluation of the trainer and of the warm-up,
+//! and behind the rollouts of a single-process run.
+use std::time::Instant;
+
+use prime_model::{
+    generate_batched, CausalLm, ChatMessage, FinishReason, Generation, SamplingParams, Tokenizer,
+};
+use prime_world::DataRow;
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{ScoredGroup, ScoredResponse};
+use crate::config::{EvalConfig, RolloutConfig};
+use crate::error::{LearnerError, Result};
+use crate::scheduler::{Group, Prompt, Work};
+
+/// Rows per sampling call of an evaluation: each call is seeded with the evaluation's seed
+/// plus its index.
+const EVAL_CALL_ROWS: usize = 256;
+
+/// A held-out problem: prompt ids and the reference answer.
+#[derive(Debug, Clone)]
+pub struct EvalProblem {
+    /// Prompt ids, chat template applied.
+    pub prompt_ids: Vec<i64>,
+    /// The reference answer.
+    pub ground_truth: String,
+}
+
+/// A data row's prompt as chat messages.
+pub(crate) fn to_chat(row: &DataRow) -> Vec<ChatMessage> {
+    row.prompt
+        .iter()
+        .map(|m| ChatMessage {
+            role: m.role.clone(),
+            content: m.content.clone(),
+        })
+        .collect()
+}
+
+/// Tokenizes held-out rows into prompts and reference answers.
+pub fn eval_problems(rows: &[DataRow], tokenizer: &Tokenizer) -> Result<Vec<EvalProblem>> {
+    rows.iter()
+        .map(|row| {
+            Ok(EvalProblem {
+                prompt_ids: tokenizer.encode_chat(&to_chat(row), true)?,
+                ground_truth: row.reward_model.ground_truth.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Prompts of Eurus-2-RL-Data rows with the chat template applied; rows whose prompt is
+/// longer than `max_tokens` are dropped. Returns the prompts and the number dropped.
+pub fn prompts_from_rows(
+    rows: &[DataRow],
+    tokenizer: &Tokenizer,
+    max_tokens: usize,
+) -> Result<(Vec<Prompt>, usize)> {
+    let problems = eval_problems(rows, tokenizer)?;
+    let mut prompts = Vec::new();
+    let mut dropped = 0;
+    for (problem, row) in problems.into_iter().zip(rows) {
+        if problem.prompt_ids.len() > max_tokens {
+            dropped += 1;
+            continue;
+        }
+        prompts.push(Prompt {
+            prompt_ids: problem.prompt_ids,
+            ground_truth: problem.ground_truth,
+            ability: row.ability.clone(),
+        });
+    }
+    Ok((prompts, dropped))
+}
+
+/// How a sampling run is cut into calls.
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    /// Temperature, nucleus, stop ids, length; `seed` seeds the first call.
+    pub params: SamplingParams,
+    /// Rows per sampling call; call `c` is seeded with `seed + c`.
+    pub call_rows: usize,
+    /// Rows decoding at once inside a call (continuous batching refills them).
+    pub decode_rows: usize,
+}
+
+impl Sampling {
+    /// Every row in one call, all decoding at once.
+    pub fn one_call(params: SamplingParams) -> Self {
+        Self {
+            params,
+            call_rows: usize::MAX,
+            decode_rows: usize::MAX,
+        }
+    }
+}
+
+/// One sampled, decoded and graded response.
+#[derive(Debug, Clone)]
+pub struct Graded<G> {
+    /// Index of its problem.
+    pub problem: usize,
+    /// Which of the problem's samples.
+    pub sample: usize,
+    /// What the sampler returned.
+    pub generation: Generation,
+    /// The decoded response (special tokens skipped).
+    pub text: String,
+    /// The grader's verdict.
+    pub grade: G,
+}
+
+/// The sample → decode → grade loop: `per_problem` responses to every problem's prompt
+/// (`prompt_of`), sampled as `sampling` says, decoded and graded by `grade(problem, text)`.
+/// Deterministic for a seed; results in problem order, samples of a problem together.
+pub fn sample_and_grade<P, G>(
+    lm: &CausalLm,
+    tokenizer: &Tokenizer,
+    problems: &[P],
+    prompt_of: impl Fn(&P) -> &[i64],
+    per_problem: usize,
+    sampling: &Sampling,
+    mut grade: impl FnMut(&P, &str) -> Result<G>,
+) -> Result<Vec<Graded<G>>> {
+    let _guard = tch::no_grad_guard();
+    let rows: Vec<(usize, usize)> = (0..problems.len())
+        .flat_map(|p| (0..per_problem).map(move |s| (p, s)))
+        .collect();
+    let mut out = Vec::with_capacity(rows.len());
+    for (call, chunk) in rows.chunks(sampling.call_rows.max(1)).enumerate() {
+        let prompts: Vec<Vec<i64>> = chunk
+            .iter()
+            .map(|&(p, _)| prompt_of(&problems[p]).to_vec())
+            .collect();
+        let params = SamplingParams {
+            seed: sampling.params.seed.map(|s| s.wrapping_add(call as u64)),
+            ..sampling.params.clone()
+        };
+        let decode_rows = sampling.decode_rows.clamp(1, prompts.len().max(1));
+        let generations = generate_batched(&lm.model, &prompts, &params, decode_rows)?;
+        for (generation, &(problem, sample)) in generations.into_iter().zip(chunk) {
+            let text = tokenizer.decode(&generation.token_ids, true)?;
+            let grade = grade(&problems[problem], &text)?;
+            out.push(Graded {
+                problem,
+                sample,
+                generation,
+                text,
+                grade,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Whether the math grader accepts `text` for `ground_truth`.
+fn math_correct(text: &str, ground_truth: &str) -> bool {
+    prime_verifier::math::grade_math(text, ground_truth).correct
+}
+
+/// Mean math-grader correctness of `samples` responses per problem.
+pub fn accuracy(
+    lm: &CausalLm,
+    tokenizer: &Tokenizer,
+    problems: &[EvalProblem],
+    samples: usize,
+    params: &SamplingParams,
+) -> Result<f64> {
+    let sampling = Sampling {
+        params: params.clone(),
+        call_rows: EVAL_CALL_ROWS,
+        decode_rows: EVAL_CALL_ROWS,
+    };
+    let graded = sample_and_grade(
+        lm,
+        tokenizer,
+        problems,
+        |p| &p.prompt_ids,
+        samples,
+        &sampling,
+        |p, text| Ok(math_correct(text, &p.ground_truth)),
+    )?;
+    let correct = graded.iter().filter(|g| g.grade).count();
+    Ok(correct as f64 / graded.len().max(1) as f64)
+}
+
+/// Held-out accuracy at one point of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// Mean correctness over `samples` samples per problem at the configured temperature.
+    pub accuracy: f64,
+    /// Correctness of greedy decoding, when configured.
+    pub greedy_accuracy: Option<f64>,
+    /// Problems evaluated.
+    pub problems: usize,
+    /// Seconds the evaluation took.
+    pub seconds: f64,
+    /// Seconds since the run (or the resumed run) started, when the evaluation began.
+    #[serde(default)]
+    pub wall_seconds: f64,
+}
+
+/// Held-out accuracy: `eval.samples` samples per problem at `eval.temperature`, graded by the
+/// math grader, plus greedy decoding when `eval.greedy` is set.
+pub fn evaluate(
+    lm: &CausalLm,
+    tokenizer: &Tokenizer,
+    problems: &[EvalProblem],
+    config: &EvalConfig,
+    max_response_tokens: usize,
+    seed: u64,
+) -> Result<Evaluation> {
+    let clock = Instant::now();
+    let params = SamplingParams {
+        max_new_tokens: max_response_tokens,
+        temperature: config.temperature,
+        top_p: 1.0,
+        top_k: 0,
+        seed: Some(seed),
+        stop_token_ids: lm.eos_token_ids(),
+    };
+    let accuracy = accuracy(lm, tokenizer, problems, config.samples.max(1), &params)?;
+    let greedy_accuracy = if config.greedy {
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..params.clone()
+        };
+        Some(self::accuracy(lm, tokenizer, problems, 1, &greedy)?)
+    } else {
+        None
+    };
+    Ok(Evaluation {
+        accuracy,
+        greedy_accuracy,
+        problems: problems.len(),
+        seconds: clock.elapsed().as_secs_f64(),
+        wall_seconds: 0.0,
+    })
+}
+
+/// Sampling parameters of rollouts for a policy whose stop ids are `stop_token_ids`.
+pub fn rollout_params(config: &RolloutConfig, stop_token_ids: Vec<i64>) -> SamplingParams {
+    SamplingParams {
+        max_new_tokens: config.max_response_tokens,
+        temperature: config.temperature,
+        top_p: config.top_p,
+        top_k: config.top_k,
+        seed: None,
+        stop_token_ids,
+    }
+}
+
+/// Samples K responses for each work item with the learner's own policy and grades them
+/// with the math grader in process: the rollouts of a single-process run. Deterministic for
+/// a given `seed`.
+pub fn local_rollouts(
+    lm: &CausalLm,
+    tokenizer: &Tokenizer,
+    work: &[Work],
+    params: &SamplingParams,
+    policy_version: u64,
+    actor_id: &str,
+    seed: u64,
+) -> Result<Vec<Group>> {
+    let k = work.first().map_or(0, |item| item.k as usize);
+    for item in work {
+        if item.prompt.ability != "math" {
+            return Err(LearnerError::Data(format!(
+                "local rollouts grade math only; prompt {} is {:?} (run the verifier service)",
+                item.prompt_index, item.prompt.ability
+            )));
+        }
+        if item.k as usize != k {
+            return Err(LearnerError::Data(format!(
+                "work items of one pull ask for different K ({} and {k})",
+                item.k
+            )));
+        }
+    }
+    let sampling = Sampling::one_call(SamplingParams {
+        seed: Some(seed),
+        ..params.clone()
+    });
+    let graded = sample_and_grade(
+        lm,
+        tokenizer,
+        work,
+        |item| &item.prompt.prompt_ids,
+        k,
+        &sampling,
+        |item, text| Ok(math_correct(text, &item.prompt.ground_truth)),
+    )?;
+    let mut graded = graded.into_iter();
+    Ok(work
+        .iter()
+        .map(|item| Group {
+            group_id: item.work_id.clone(),
+            actor_id: actor_id.to_string(),
+            policy_version,
+            scored: ScoredGroup {
+                prompt_ids: item.prompt.prompt_ids.clone(),
+                responses: graded
+                    .by_ref()
+                    .take(k)
+                    .map(|g| ScoredResponse {
+                        truncated: g.generation.finish_reason == FinishReason::Length,
+                        score: f64::from(u8::from(g.grade)),
+                        sampling_logprobs: g.generation.logprobs,
+                        ids: g.generation.token_ids,
+                    })
+                    .collect(),
+            },
+        })
+        .collect())
+}
