@@ -11,8 +11,8 @@
 //!   sampled.
 //!
 //! Held-out evaluation and periodic checkpoints are off during the timed steps
-//! (`learner.eval_every = 0`, `learner.checkpoint_every = 0`); the evaluation and checkpoint
-//! after the last step, and `prime train`'s closing evaluation (on `learner.eval_problems = 16`
+//! (`learner.eval.every = 0`, `learner.checkpoint.every = 0`); the evaluation and checkpoint
+//! after the last step, and `prime train`'s closing evaluation (on `learner.eval.problems = 16`
 //! problems), come after the window and count only in the process time.
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -65,9 +65,9 @@ impl TrainSettings {
     fn all_overrides(&self) -> Vec<String> {
         let mut all = vec![
             format!("learner.steps={}", self.steps),
-            "learner.eval_every=0".to_string(),
-            "learner.checkpoint_every=0".to_string(),
-            "learner.eval_problems=16".to_string(),
+            "learner.eval.every=0".to_string(),
+            "learner.checkpoint.every=0".to_string(),
+            "learner.eval.problems=16".to_string(),
         ];
         all.extend(self.overrides.iter().cloned());
         all

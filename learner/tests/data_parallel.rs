@@ -399,7 +399,7 @@ fn zero2_without_recomputation_is_refused() {
     let message = config.validate().unwrap_err();
     assert!(
         message.contains("learner.parallel.zero2")
-            && message.contains("learner.recompute_activations"),
+            && message.contains("learner.memory.recompute_activations"),
         "{message}"
     );
     config.recompute_activations = true;
@@ -412,7 +412,7 @@ fn zero2_without_recomputation_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(
-        error.contains("learner.parallel.zero2") && error.contains("learner.recompute_activations"),
+        error.contains("learner.parallel.zero2") && error.contains("learner.memory.recompute_activations"),
         "{error}"
     );
 }

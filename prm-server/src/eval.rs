@@ -775,8 +775,8 @@ impl RunEvaluation {
 }
 
 /// Evaluates a finished run's start policy (`model.path`, else the warm-up checkpoint) and its
-/// final policy (the latest checkpoint) on its held-out problems (`learner.eval_problems` of
-/// them, at `learner.eval_temperature`, [`RUN_EVAL_SAMPLES`] samples each plus greedy), and
+/// final policy (the latest checkpoint) on its held-out problems (`learner.eval.problems` of
+/// them, at `learner.eval.temperature`, [`RUN_EVAL_SAMPLES`] samples each plus greedy), and
 /// ranks each one's samples with the run's final implicit PRM (Best-of-N, steps split at
 /// lines, min aggregation). Writes `eval/start` and `eval/final` in the run dir.
 pub fn evaluate_run(

@@ -55,7 +55,7 @@ pub struct TrainBenchArgs {
     /// Run config (default: the embedded configs/demo.toml).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Override a config value, e.g. `--set learner.batch_prompts=16` (repeatable; applied
+    /// Override a config value, e.g. `--set learner.rollout.batch_prompts=16` (repeatable; applied
     /// after the benchmark's own: steps, no evaluation or checkpoints between steps, 16
     /// closing evaluation problems).
     #[arg(long = "set", value_name = "KEY=VALUE")]

@@ -40,7 +40,7 @@ pub struct ServeArgs {
     /// Run config (TOML): [world], [model] and [learner] are used.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Override a config value, e.g. `--set learner.estimator=rloo` (repeatable).
+    /// Override a config value, e.g. `--set learner.algo.estimator=rloo` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// Run directory: metrics.jsonl, checkpoints/, plots, summary.json.

@@ -23,7 +23,7 @@ pub struct TrainArgs {
     /// Run config (TOML).
     #[arg(long)]
     pub config: PathBuf,
-    /// Override a config value, e.g. `--set learner.estimator=rloo` (repeatable).
+    /// Override a config value, e.g. `--set learner.algo.estimator=rloo` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// Run directory (world/, sft/, metrics.jsonl, checkpoints/, plots, summary.json, logs/).
