@@ -53,6 +53,25 @@ fn config_errors_name_the_key_at_fault() {
     }
 }
 
+/// A key of the old flat `[learner]` table, in a file or a `--set`, is refused with its new
+/// place in the sub-tables (docs/configuration.md, "Moved keys"), not taken silently.
+#[test]
+fn moved_learner_keys_name_their_new_place() {
+    for (text, overrides, expected) in [
+        ("[learner]\neval_every = 5\n", &[][..], "eval.every"),
+        ("[learner]\nbatch_prompts = 8\n", &[], "rollout.batch_prompts"),
+        ("[learner.prm]\nbeta = 0.1\n", &[], "algo.prm"),
+        ("", &["learner.estimator=rloo"], "algo.estimator"),
+        ("", &["learner.recompute_activations=true"], "memory.recompute_activations"),
+    ] {
+        let message = config_error(text, overrides);
+        assert!(
+            message.contains(expected),
+            "{text:?} {overrides:?}: expected {expected:?} in {message:?}"
+        );
+    }
+}
+
 /// A small world's RL split, in both formats.
 fn world_rows(dir: &Path) -> (PathBuf, PathBuf) {
     let config: RunConfig = toml::from_str(
