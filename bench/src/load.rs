@@ -47,7 +47,7 @@ pub struct LoadSettings {
     pub samples_per_prompt: usize,
     /// Most prompts a simulated actor takes per `PullWork`.
     pub prompts_per_pull: u32,
-    /// Longest simulated response, in tokens (also the learner's `max_response_tokens`).
+    /// Longest simulated response, in tokens (also the learner's `rollout.max_response_tokens`).
     pub max_response_tokens: usize,
     /// Seeds the world, the model and the simulated responses.
     pub seed: u64,
@@ -242,16 +242,24 @@ heldout = {{ size = 4 }}
 
 [learner]
 seed = {seed}
+steps = 1000000
+
+[learner.algo]
+mini_batches = 1
+
+[learner.rollout]
 batch_prompts = {b}
 samples_per_prompt = {k}
-steps = 1000000
-mini_batches = 1
 max_response_tokens = {max_tokens}
-eval_every = 0
-eval_problems = 2
-eval_greedy = false
-checkpoint_every = 0
 lease_seconds = 30
+
+[learner.eval]
+every = 0
+problems = 2
+greedy = false
+
+[learner.checkpoint]
+every = 0
 "#,
         seed = settings.seed,
         b = settings.batch_prompts,

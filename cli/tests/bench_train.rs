@@ -17,17 +17,25 @@ rl = { size = 80 }
 heldout = { size = 6 }
 
 [learner]
+steps = 1000
+
+[learner.algo]
+mini_batches = 2
+filter = { enabled = false }
+
+[learner.rollout]
 batch_prompts = 4
 samples_per_prompt = 3
-steps = 1000
-mini_batches = 2
 max_response_tokens = 24
-eval_every = 1
-eval_problems = 6
-eval_greedy = false
-checkpoint_every = 1
 lease_seconds = 30
-filter = { enabled = false }
+
+[learner.eval]
+every = 1
+problems = 6
+greedy = false
+
+[learner.checkpoint]
+every = 1
 "#;
 
 fn f(value: &Value, key: &str) -> f64 {

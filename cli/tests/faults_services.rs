@@ -29,18 +29,26 @@ rl = {{ size = 80 }}
 heldout = {{ size = 4 }}
 
 [learner]
+steps = {steps}
+
+[learner.algo]
+mini_batches = 1
+filter = {{ enabled = false }}
+
+[learner.rollout]
 batch_prompts = 2
 samples_per_prompt = 3
-steps = {steps}
-mini_batches = 1
 max_response_tokens = 24
-eval_every = 0
-eval_problems = 4
-eval_greedy = false
-checkpoint_every = {checkpoint_every}
-keep_checkpoints = 3
 lease_seconds = 60
-filter = {{ enabled = false }}
+
+[learner.eval]
+every = 0
+problems = 4
+greedy = false
+
+[learner.checkpoint]
+every = {checkpoint_every}
+keep = 3
 "#
     )
 }

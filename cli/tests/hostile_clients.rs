@@ -21,15 +21,23 @@ rl = { size = 40 }
 heldout = { size = 4 }
 
 [learner]
+steps = 100
+
+[learner.algo]
+filter = { enabled = false }
+
+[learner.rollout]
 batch_prompts = 4
 samples_per_prompt = 2
-steps = 100
 max_response_tokens = 12
-eval_every = 0
-eval_problems = 4
-eval_greedy = false
-checkpoint_every = 0
-filter = { enabled = false }
+
+[learner.eval]
+every = 0
+problems = 4
+greedy = false
+
+[learner.checkpoint]
+every = 0
 "#;
 
 const TOKEN: &str = "s3cret-token";
@@ -136,7 +144,7 @@ fn hostile_clients_get_clear_errors_and_the_learner_keeps_count() {
             actor_name: "hostile".into(),
             ..Default::default()
         };
-        // Wait until the learner serves (it evaluates nothing first: eval_every = 0).
+        // Wait until the learner serves (it evaluates nothing first: eval.every = 0).
         let start = Instant::now();
         let registered = loop {
             match client(&url, Some(TOKEN))

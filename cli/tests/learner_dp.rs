@@ -259,18 +259,26 @@ rl = { size = 80 }
 heldout = { size = 6 }
 
 [learner]
+steps = 3
+parallel = { zero1 = true, collective_timeout_seconds = 120 }
+
+[learner.algo]
+mini_batches = 2
+filter = { enabled = false }
+
+[learner.rollout]
 batch_prompts = 4
 samples_per_prompt = 3
-steps = 3
-mini_batches = 2
 max_response_tokens = 30
-eval_every = 0
-eval_problems = 6
-eval_greedy = false
-checkpoint_every = 1
-keep_checkpoints = 1
-filter = { enabled = false }
-parallel = { zero1 = true, collective_timeout_seconds = 120 }
+
+[learner.eval]
+every = 0
+problems = 6
+greedy = false
+
+[learner.checkpoint]
+every = 1
+keep = 1
 "#;
     let config_path = tmp.path().join("config.toml");
     std::fs::write(&config_path, config_text).unwrap();

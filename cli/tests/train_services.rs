@@ -20,19 +20,27 @@ rl = { size = 80 }
 heldout = { size = 6 }
 
 [learner]
+steps = 1000
+weight_broadcast = { enabled = true, join_window_ms = 500, join_timeout_seconds = 5, timeout_seconds = 5 }
+
+[learner.algo]
+mini_batches = 2
+filter = { enabled = false }
+
+[learner.rollout]
 batch_prompts = 4
 samples_per_prompt = 3
-steps = 1000
-mini_batches = 2
 max_response_tokens = 30
-eval_every = 0
-eval_problems = 6
-eval_greedy = false
-checkpoint_every = 1
-keep_checkpoints = 2
 lease_seconds = 2
-filter = { enabled = false }
-weight_broadcast = { enabled = true, join_window_ms = 500, join_timeout_seconds = 5, timeout_seconds = 5 }
+
+[learner.eval]
+every = 0
+problems = 6
+greedy = false
+
+[learner.checkpoint]
+every = 1
+keep = 2
 "#;
 
 fn spawn(args: &[&str], log: &Path) -> Child {

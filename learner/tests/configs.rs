@@ -71,7 +71,7 @@ fn overrides_and_partial_optimizer_tables() {
         &path,
         &[
             "learner.algo.estimator=rloo".into(),
-            "learner.prm.beta=0.5".into(),
+            "learner.algo.prm.beta=0.5".into(),
         ],
     )
     .unwrap();
@@ -84,7 +84,10 @@ fn overrides_and_partial_optimizer_tables() {
     assert_eq!(config.learner.policy_optimizer.adamw.weight_decay, 0.01);
     let bad = RunConfig::from_file_with_overrides(&path, &["learner.betta=1".into()]);
     assert!(bad.unwrap_err().to_string().contains("betta"));
-    let bad = RunConfig::from_file_with_overrides(&path, &["learner.rollout.samples_per_prompt=1".into()])
-        .unwrap();
+    let bad = RunConfig::from_file_with_overrides(
+        &path,
+        &["learner.rollout.samples_per_prompt=1".into()],
+    )
+    .unwrap();
     assert!(bad.learner.validate().is_err());
 }

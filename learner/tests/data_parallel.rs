@@ -408,7 +408,8 @@ fn zero2_without_recomputation_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(
-        error.contains("learner.parallel.zero2") && error.contains("learner.memory.recompute_activations"),
+        error.contains("learner.parallel.zero2")
+            && error.contains("learner.memory.recompute_activations"),
         "{error}"
     );
 }

@@ -39,7 +39,7 @@ pub struct ServerConfig {
     pub reference: PathBuf,
     /// Tokenizer directory (decoding for step splits and answers); the PRM's by default.
     pub tokenizer: Option<PathBuf>,
-    /// The β of the rewards (the learner's `learner.prm.beta`).
+    /// The β of the rewards (the learner's `learner.algo.prm.beta`).
     pub beta: f64,
     /// Where the models run.
     pub device: Device,

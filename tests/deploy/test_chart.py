@@ -69,7 +69,7 @@ def everything_on() -> dict:
     values["metrics"] = {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}
     values["verifier"]["sandbox"] = "bubblewrap"
     values["imagePullSecrets"] = [{"name": "regcred"}]
-    values["learner"]["overrides"] = ["learner.steps=100", "learner.prm.beta=0.1"]
+    values["learner"]["overrides"] = ["learner.steps=100", "learner.algo.prm.beta=0.1"]
     values["learner"]["extraEnv"] = {"NCCL_IB_HCA": "mlx5", "NCCL_NET_GDR_LEVEL": 2}
     return values
 
@@ -103,6 +103,19 @@ def weight_broadcast_on() -> dict:
         "learner": {"weightBroadcast": {"enabled": True, "port": WEIGHTS_PORT, "backend": "nccl"}},
         "actors": {"ncclEnv": {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_DEBUG": "WARN"}},
     })
+
+
+# Keys of the flat [learner] table that moved into its sub-tables (issue 17,
+# docs/configuration.md "Moved keys"); the learner refuses them.
+MOVED_LEARNER_KEYS = {
+    "estimator", "mini_batches", "prm_update", "reference", "prm", "advantage", "ppo", "filter",
+    "batch_prompts", "samples_per_prompt", "oversample", "max_response_tokens", "temperature",
+    "top_p", "top_k", "max_staleness", "lease_seconds",
+    "train_files", "heldout_files", "max_prompt_tokens",
+    "eval_every", "eval_problems", "eval_samples", "eval_temperature", "eval_greedy",
+    "checkpoint_every", "keep_checkpoints",
+    "micro_batch_tokens", "logit_chunk_tokens", "recompute_activations", "master_weights", "param_dtype",
+}
 
 
 def toml_override(table: dict, assignment: str) -> None:
@@ -589,7 +602,7 @@ class ChartTest(unittest.TestCase):
     def test_learner_overrides_become_set_flags(self):
         args = container(self.rendered["everything-on"].one("StatefulSet"))["args"]
         sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-        self.assertEqual(sets, ["learner.steps=100", "learner.prm.beta=0.1"])
+        self.assertEqual(sets, ["learner.steps=100", "learner.algo.prm.beta=0.1"])
 
     def test_config_map_is_the_paper_run(self):
         # the default run config is configs/eurus-2-7b.toml, key for key
@@ -600,8 +613,34 @@ class ChartTest(unittest.TestCase):
         # and its paths are where the chart mounts the models and the data
         values = self.rendered["defaults"].values
         self.assertTrue(rendered["model"]["path"].startswith(values["models"]["mountPath"] + "/"))
-        for path in rendered["learner"]["train_files"] + rendered["learner"]["heldout_files"]:
+        data = rendered["learner"]["data"]
+        for path in data["train_files"] + data["heldout_files"]:
             self.assertTrue(path.startswith(values["data"]["mountPath"] + "/"))
+
+    def test_run_config_uses_the_learner_tables(self):
+        # the learner refuses the flat keys of the old [learner] table (issue 17), so no
+        # rendering may carry one
+        for case, rendered in self.rendered.items():
+            with self.subTest(case=case):
+                learner = tomllib.loads(rendered.one("ConfigMap")["data"]["config.toml"])["learner"]
+                self.assertEqual(set(learner) & MOVED_LEARNER_KEYS, set())
+                self.assertEqual(learner["algo"]["estimator"], "prime")
+        # overrides with the new paths pass the schema and land in their tables, beside the
+        # run config's other keys there
+        overrides = ["learner.algo.estimator=rloo", "learner.eval.every=8", "learner.rollout.temperature=0.9"]
+        args = container(Rendered({"learner": {"overrides": overrides}}, self.chart).one("StatefulSet"))["args"]
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        self.assertEqual(sets, overrides)
+        config = tomllib.loads(self.rendered["defaults"].one("ConfigMap")["data"]["config.toml"])
+        for assignment in sets:
+            toml_override(config, assignment)
+        learner = config["learner"]
+        self.assertEqual(learner["algo"]["estimator"], "rloo")
+        self.assertEqual(learner["algo"]["mini_batches"], 4)
+        self.assertEqual(learner["eval"]["every"], 8)
+        self.assertEqual(learner["eval"]["problems"], 1024)
+        self.assertEqual(learner["rollout"]["temperature"], 0.9)
+        self.assertEqual(set(learner) & MOVED_LEARNER_KEYS, set())
 
     def test_config_change_restarts_the_learner(self):
         a = Rendered(None, self.chart).one("StatefulSet")
@@ -941,7 +980,7 @@ class ChartTest(unittest.TestCase):
             "learner.weight_broadcast.port=29600",
             "learner.weight_broadcast.backend=auto",
             "learner.steps=100",
-            "learner.prm.beta=0.1",
+            "learner.algo.prm.beta=0.1",
         ])
 
     def test_weight_broadcast_refuses_what_cannot_work(self):

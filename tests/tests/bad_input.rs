@@ -31,15 +31,27 @@ fn config_error(text: &str, overrides: &[&str]) -> String {
 #[test]
 fn config_errors_name_the_key_at_fault() {
     for (text, overrides, expected) in [
-        ("[learner]\nbatch_prompt = 3\n", &[][..], "batch_prompt"),
-        ("[learner.ppo]\nclip_eps = 0.2\nbogus = 1\n", &[], "bogus"),
+        (
+            "[learner.rollout]\nbatch_prompt = 3\n",
+            &[][..],
+            "batch_prompt",
+        ),
+        (
+            "[learner.algo.ppo]\nclip_eps = 0.2\nbogus = 1\n",
+            &[],
+            "bogus",
+        ),
         ("[nonsense]\nx = 1\n", &[], "nonsense"),
         ("[learner]\nsteps = \"ten\"\n", &[], "steps"),
         ("[learner]\nsteps = -3\n", &[], "steps"),
         ("[learner\nsteps = 3\n", &[], "line 1"),
         ("", &["learner.no_such_key=1"], "no_such_key"),
         ("", &["learner.steps"], "learner.steps"),
-        ("", &["learner.rollout.samples_per_prompt=1"], "samples_per_prompt"),
+        (
+            "",
+            &["learner.rollout.samples_per_prompt=1"],
+            "samples_per_prompt",
+        ),
     ] {
         let message = config_error(text, overrides);
         assert!(
@@ -49,6 +61,33 @@ fn config_errors_name_the_key_at_fault() {
         assert!(
             message.contains("config.toml") || !overrides.is_empty(),
             "{message}"
+        );
+    }
+}
+
+/// A key of the old flat `[learner]` table, in a file or a `--set`, is refused with its new
+/// place in the sub-tables (docs/configuration.md, "Moved keys"), not taken silently.
+#[test]
+fn moved_learner_keys_name_their_new_place() {
+    for (text, overrides, expected) in [
+        ("[learner]\neval_every = 5\n", &[][..], "eval.every"),
+        (
+            "[learner]\nbatch_prompts = 8\n",
+            &[],
+            "rollout.batch_prompts",
+        ),
+        ("[learner.prm]\nbeta = 0.1\n", &[], "algo.prm"),
+        ("", &["learner.estimator=rloo"], "algo.estimator"),
+        (
+            "",
+            &["learner.recompute_activations=true"],
+            "memory.recompute_activations",
+        ),
+    ] {
+        let message = config_error(text, overrides);
+        assert!(
+            message.contains(expected),
+            "{text:?} {overrides:?}: expected {expected:?} in {message:?}"
         );
     }
 }

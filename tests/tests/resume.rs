@@ -21,18 +21,28 @@ fn config() -> RunConfig {
         heldout = { size = 8 }
 
         [learner]
+        steps = 4
+        seed = 5
+
+        [learner.algo]
+        mini_batches = 2
+
+        [learner.rollout]
         batch_prompts = 4
         samples_per_prompt = 3
         oversample = 1.5
-        steps = 4
-        mini_batches = 2
-        micro_batch_tokens = 300
         max_response_tokens = 12
-        eval_every = 2
-        eval_problems = 8
-        checkpoint_every = 2
-        keep_checkpoints = 3
-        seed = 5
+
+        [learner.eval]
+        every = 2
+        problems = 8
+
+        [learner.checkpoint]
+        every = 2
+        keep = 3
+
+        [learner.memory]
+        micro_batch_tokens = 300
 
         [learner.policy_optimizer]
         lr = 1e-3

@@ -22,7 +22,7 @@ pub struct PrmServerArgs {
     /// Tokenizer directory for step splits and answer extraction (default: the PRM's).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// β of the rewards: use the run's `learner.prm.beta`.
+    /// β of the rewards: use the run's `learner.algo.prm.beta`.
     #[arg(long, default_value_t = 0.05)]
     pub beta: f64,
     /// gRPC listen address.
