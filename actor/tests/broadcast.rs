@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::{runtime, tiny_model, torch_rng};
 use prime_actor::broadcast::{Delivered, Follower, FollowerConfig, Received};
 use prime_actor::client::{lazy_channel, learner_client, request};
-use prime_learner::broadcast::{BroadcastHandle, BroadcastStats, Broadcaster, Transport};
+use prime_learner::broadcast::{BroadcastHandle, BroadcastStats, Transport};
 use prime_learner::config::WeightBroadcastConfig;
 use prime_learner::publish::Published;
 use prime_learner::service::{LearnerService, Shared};

@@ -267,7 +267,13 @@ fn time_ours(settings: &StepSettings, dir: &Path, rollouts: &Path) -> Result<Ste
     let mut seconds = Vec::with_capacity(settings.repeats);
     for iteration in 0..=settings.repeats {
         let start = Instant::now();
-        prime_step(&mut models, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups, &config, iteration as u64)?;
+        prime_step(
+            &mut models,
+            &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu),
+            &groups,
+            &config,
+            iteration as u64,
+        )?;
         if iteration > 0 {
             seconds.push(start.elapsed().as_secs_f64());
         }

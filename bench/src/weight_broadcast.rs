@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use prime_actor::broadcast::{Delivered, Follower, FollowerConfig, Received};
 use prime_actor::client::{lazy_channel, learner_client};
 use prime_actor::weights::{open_transfer, receive_chunks};
-use prime_learner::broadcast::{BroadcastHandle, BroadcastStats, Broadcaster, Transport};
+use prime_learner::broadcast::{BroadcastHandle, BroadcastStats, Transport};
 use prime_learner::config::WeightBroadcastConfig;
 use prime_learner::publish::Published;
 use prime_learner::service::Shared;
@@ -228,16 +228,17 @@ impl<'a> Bench<'a> {
             timeout_seconds: ROUND_LIMIT.as_secs(),
             ..WeightBroadcastConfig::default()
         };
-        let broadcasting = shared.start_broadcast(
-            config,
-            Transport::Tcp,
-            [127, 0, 0, 1].into(),
-            Some(TOKEN.into()),
-        )
-        .map_err(|source| BenchError::Io {
-            path: "weight broadcast thread".into(),
-            source,
-        })?;
+        let broadcasting = shared
+            .start_broadcast(
+                config,
+                Transport::Tcp,
+                [127, 0, 0, 1].into(),
+                Some(TOKEN.into()),
+            )
+            .map_err(|source| BenchError::Io {
+                path: "weight broadcast thread".into(),
+                source,
+            })?;
         let (addr, server) = runtime.block_on(serve(shared.clone()))?;
         let mut bench = Self {
             runtime,

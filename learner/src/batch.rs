@@ -201,7 +201,11 @@ impl StepBatch {
     }
 
     /// The full sequences of `rows`, right-padded on `model`'s device.
-    pub(crate) fn padded(&self, rows: &std::ops::Range<usize>, model: &CausalLm) -> Result<PaddedBatch> {
+    pub(crate) fn padded(
+        &self,
+        rows: &std::ops::Range<usize>,
+        model: &CausalLm,
+    ) -> Result<PaddedBatch> {
         Ok(PaddedBatch::new(
             &self.sequences[rows.clone()],
             model.config.vocab_size,
@@ -214,4 +218,3 @@ impl StepBatch {
         t.narrow(0, rows.start as i64, rows.len() as i64)
     }
 }
-

@@ -476,7 +476,10 @@ fn refuse_moved_keys(table: &toml::Table) -> std::result::Result<(), String> {
     let Some(learner) = table.get("learner").and_then(toml::Value::as_table) else {
         return Ok(());
     };
-    match MOVED_KEYS.iter().find(|(old, _)| learner.contains_key(*old)) {
+    match MOVED_KEYS
+        .iter()
+        .find(|(old, _)| learner.contains_key(*old))
+    {
         Some((old, new)) => Err(format!(
             "learner.{old} has moved: write it as learner.{new} (docs/configuration.md lists \
              every key)"
@@ -495,7 +498,9 @@ impl LearnerConfig {
                 rollout.samples_per_prompt
             ));
         }
-        if rollout.batch_prompts == 0 || algo.mini_batches == 0 || self.memory.micro_batch_tokens == 0
+        if rollout.batch_prompts == 0
+            || algo.mini_batches == 0
+            || self.memory.micro_batch_tokens == 0
         {
             return Err(
                 "learner.rollout.batch_prompts, learner.algo.mini_batches and learner.memory.micro_batch_tokens must be positive"

@@ -14,25 +14,25 @@
 //! - serving: [`publish`] (published weights), [`broadcast`] (the weight broadcast),
 //!   [`service`] (the Learner gRPC service and its compute loop), [`ranks`] (one learner
 //!   process: its rank, its group, rank 0 or a follower).
-pub mod error;
-pub mod optim;
-pub mod config;
-pub mod plot;
 pub mod batch;
-pub mod models;
+pub mod broadcast;
 pub mod checkpoint;
-pub mod parallel;
-pub mod step;
-pub mod scheduler;
+pub mod config;
+pub mod error;
 pub mod eval;
-pub mod sft;
-pub mod trainer;
+pub mod models;
+pub mod optim;
+pub mod parallel;
+pub mod plot;
+pub mod publish;
+pub mod ranks;
 pub mod report;
 pub mod run;
-pub mod publish;
-pub mod broadcast;
+pub mod scheduler;
 pub mod service;
-pub mod ranks;
+pub mod sft;
+pub mod step;
+pub mod trainer;
 
 pub use batch::{ScoredGroup, ScoredResponse};
 pub use config::{LearnerConfig, ModelSource, OptimizerConfig, RunConfig, SftConfig};

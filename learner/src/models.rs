@@ -35,14 +35,9 @@ impl PrimeModels {
         } else {
             AdamW::new
         };
-        let policy_optimizer = optimizer(
-            trainable_parameters(&policy),
-            config.policy_optimizer.adamw,
-        );
-        let prm_optimizer = optimizer(
-            trainable_parameters(&prm),
-            config.prm_optimizer.adamw,
-        );
+        let policy_optimizer =
+            optimizer(trainable_parameters(&policy), config.policy_optimizer.adamw);
+        let prm_optimizer = optimizer(trainable_parameters(&prm), config.prm_optimizer.adamw);
         Self {
             policy,
             prm,
@@ -52,7 +47,6 @@ impl PrimeModels {
         }
     }
 }
-
 
 /// The trainable variables of a model by name, sorted so optimizer state lines up on resume.
 pub fn trainable_parameters(lm: &CausalLm) -> Vec<(String, Tensor)> {

@@ -204,7 +204,9 @@ fn serve_follower_health(
         .map_err(LearnerError::io("tokio runtime"))?;
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(listen))
-        .map_err(LearnerError::io(format!("follower health endpoint on {listen}")))?;
+        .map_err(LearnerError::io(format!(
+            "follower health endpoint on {listen}"
+        )))?;
     let bound = listener
         .local_addr()
         .map_err(LearnerError::io(listen.to_string()))?;

@@ -74,7 +74,8 @@ pub fn open_run(
     };
     let tokenizer = Tokenizer::from_dir(&tokenizer_dir)?;
     let train_rows = read_rows(&learner.data.train_files, world_file(|w| &w.rl.parquet))?;
-    let (prompts, dropped) = prompts_from_rows(&train_rows, &tokenizer, learner.data.max_prompt_tokens)?;
+    let (prompts, dropped) =
+        prompts_from_rows(&train_rows, &tokenizer, learner.data.max_prompt_tokens)?;
     if dropped > 0 {
         tracing::warn!(
             dropped,
@@ -84,7 +85,10 @@ pub fn open_run(
         );
     }
     let heldout = eval_problems(
-        &read_rows(&learner.data.heldout_files, world_file(|w| &w.heldout.parquet))?,
+        &read_rows(
+            &learner.data.heldout_files,
+            world_file(|w| &w.heldout.parquet),
+        )?,
         &tokenizer,
     )?;
     let start = StartModels {
@@ -163,7 +167,8 @@ pub fn run_local(
     let target = max_steps.map_or(trainer.config.steps, |n| {
         (trainer.step + n).min(trainer.config.steps)
     });
-    let round = (trainer.config.rollout.batch_prompts as f64 * trainer.config.rollout.oversample).ceil() as usize;
+    let round = (trainer.config.rollout.batch_prompts as f64 * trainer.config.rollout.oversample)
+        .ceil() as usize;
     let mut collecting_since = Instant::now();
     while trainer.step < target {
         if let Some(batch) = scheduler.take_batch() {

@@ -917,8 +917,8 @@ impl Scheduler {
         }
         self.renew_leases(&group.actor_id, now);
 
-        let mean_score =
-            group.scored.responses.iter().map(|r| r.score).sum::<f64>() / group.scored.responses.len() as f64;
+        let mean_score = group.scored.responses.iter().map(|r| r.score).sum::<f64>()
+            / group.scored.responses.len() as f64;
         let any_truncated = group.scored.responses.iter().any(|r| r.truncated);
         let verdict = verdict(mean_score, any_truncated, &self.config.filter);
         self.tally.add(mean_score, verdict);
@@ -985,7 +985,10 @@ fn check_shape(
         ));
     }
     if group.scored.responses.len() != k as usize {
-        return Err(format!("{} responses, but K = {k}", group.scored.responses.len()));
+        return Err(format!(
+            "{} responses, but K = {k}",
+            group.scored.responses.len()
+        ));
     }
     for (i, response) in group.scored.responses.iter().enumerate() {
         if response.ids.is_empty() {
@@ -999,7 +1002,7 @@ fn check_shape(
             ));
         }
         if let Some(id) = response
-            .token_ids
+            .ids
             .iter()
             .find(|&&id| !(0..config.vocab_size).contains(&id))
         {

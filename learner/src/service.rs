@@ -17,8 +17,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::batch::{ScoredGroup, ScoredResponse};
 use crate::broadcast::{BroadcastHandle, Broadcaster, Transport};
 use crate::config::WeightBroadcastConfig;
-use crate::publish::{manifest_to_proto, Published};
 use crate::error::{LearnerError, Result};
+use crate::publish::{manifest_to_proto, Published};
 use crate::scheduler::{Group, Pull, Scheduler, Submitted};
 use crate::trainer::{StepRecord, Trainer};
 
@@ -597,7 +597,11 @@ pub fn run_learner(
     };
     let config_json = serde_json::to_string(&trainer.models.policy.config)
         .map_err(|e| LearnerError::Data(format!("model config: {e}")))?;
-    let lease = trainer.config.rollout.lease_seconds.min(u64::from(u32::MAX)) as u32;
+    let lease = trainer
+        .config
+        .rollout
+        .lease_seconds
+        .min(u64::from(u32::MAX)) as u32;
     let server_builder = options.auth.server(options.listen)?;
     let shared = Shared::new(
         scheduler,
@@ -711,7 +715,10 @@ fn compute_loop(
                 return Err(e);
             }
         };
-        shared.publish(Published::encode(&trainer.models.policy, trainer.policy_version)?);
+        shared.publish(Published::encode(
+            &trainer.models.policy,
+            trainer.policy_version,
+        )?);
         if shared.prm_wanted.load(Ordering::Relaxed) {
             let prm = Published::encode(&trainer.models.prm, trainer.policy_version)?;
             *shared
@@ -730,4 +737,29 @@ fn compute_loop(
         on_step(&record, trainer);
     }
     trainer.tell_followers(crate::parallel::Command::Stop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learner_errors_become_the_grpc_codes_a_caller_can_act_on() {
+        let code = |e: LearnerError| Status::from(e).code();
+        assert_eq!(
+            code(LearnerError::InvalidRequest("bad".into())),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            code(LearnerError::Precondition("not here".into())),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(LearnerError::Unavailable("later".into())),
+            tonic::Code::Unavailable
+        );
+        assert_eq!(code(LearnerError::Data("x".into())), tonic::Code::Internal);
+        let status = Status::from(LearnerError::Precondition("needs CUDA".into()));
+        assert_eq!(status.message(), "needs CUDA");
+    }
 }

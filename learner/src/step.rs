@@ -177,8 +177,13 @@ fn backward_micro(
         return Err(zero2_needs_recompute());
     }
     if !config.memory.recompute_activations {
-        let (logprobs, entropy) =
-            response_logprobs(model, batch, rows, config.memory.logit_chunk_tokens, want_entropy)?;
+        let (logprobs, entropy) = response_logprobs(
+            model,
+            batch,
+            rows,
+            config.memory.logit_chunk_tokens,
+            want_entropy,
+        )?;
         let loss = loss_fn(&logprobs, entropy.as_ref());
         loss.backward();
         return Ok(loss.detach());
@@ -293,8 +298,13 @@ fn frozen_logprobs(
     let all = 0..batch.rows();
     let mine = dp.my_rows(&all, batch.k);
     for rows in batch.micro_batches(mine, config.memory.micro_batch_tokens) {
-        let (logprobs, entropy) =
-            response_logprobs(model, batch, &rows, config.memory.logit_chunk_tokens, want_entropy)?;
+        let (logprobs, entropy) = response_logprobs(
+            model,
+            batch,
+            &rows,
+            config.memory.logit_chunk_tokens,
+            want_entropy,
+        )?;
         if let Some(h) = entropy {
             entropy_sum += scalar(&h.sum(Kind::Double));
         }
@@ -544,7 +554,8 @@ pub fn prime_step(
 
     // 2. Reference log-probs (spec §2.3).
     let clock = Instant::now();
-    let needs_reference = config.algo.estimator == Estimator::Prime || config.algo.ppo.kl_coeff != 0.0;
+    let needs_reference =
+        config.algo.estimator == Estimator::Prime || config.algo.ppo.kl_coeff != 0.0;
     let reference_logprobs = match (&models.reference, config.algo.reference) {
         (Some(reference), ReferenceType::Freeze) if needs_reference => {
             frozen_logprobs(reference, &batch, config, false, dp)?.0

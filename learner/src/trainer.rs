@@ -22,7 +22,7 @@ use crate::error::{LearnerError, Result};
 use crate::eval::{evaluate, rollout_params, EvalProblem, Evaluation};
 use crate::models::PrimeModels;
 use crate::optim::AdamW;
-use crate::parallel::{Command, DataParallel, FullOptimizer, Trained};
+use crate::parallel::{Command, DataParallel, Trained};
 use crate::scheduler::{Batch, SchedulerState};
 use crate::step::{prime_step, StepMetrics};
 
@@ -352,8 +352,8 @@ impl Trainer {
         if self.dp.zero1() {
             self.tell_followers(Command::Checkpoint)?;
         }
-        let optimizers =
-            [Trained::Policy, Trained::Prm].map(|which| self.dp.full_optimizer(&self.models, which));
+        let optimizers = [Trained::Policy, Trained::Prm]
+            .map(|which| self.dp.full_optimizer(&self.models, which));
         match optimizers {
             [Ok(policy_optimizer), Ok(prm_optimizer)] => {
                 self.write_checkpoint(scheduler, &policy_optimizer, &prm_optimizer)

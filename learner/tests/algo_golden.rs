@@ -11,9 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use prime_algo::advantages::{
-    advantages, leave_one_out, returns, rloo_outcome_rewards, whiten,
-};
+use prime_algo::advantages::{advantages, leave_one_out, returns, rloo_outcome_rewards, whiten};
 use prime_algo::filter::{group_mean_scores, keep_groups};
 use prime_algo::implicit_prm::{
     dpo_abs_accuracy, dpo_accuracy, normalize_process_rewards, prm_ce_loss, process_rewards,
@@ -207,7 +205,7 @@ fn configs() -> Vec<(&'static str, AlgoConfig)> {
     let mut rloo = whole.clone();
     rloo.prm.process_reward = ProcessRewardVariant::Recipe;
     rloo.prm.norm = RewardNorm::BatchNorm;
-    rloo.advantage.estimator = Estimator::Rloo;
+    rloo.estimator = Estimator::Rloo;
     rloo.filter.enabled = false;
     vec![
         ("default", AlgoConfig::default()),
@@ -238,23 +236,23 @@ fn case_json(f: &Fixture, config: &AlgoConfig) -> Value {
         "scores": f.scores.iter().map(|s| s.to_string().parse::<f64>().unwrap()).collect::<Vec<_>>(),
         "truncated": f.truncated.iter().map(|&t| t as i32).collect::<Vec<_>>(),
         "config": {
-            "beta": config.algo.prm.beta,
+            "beta": config.prm.beta,
             "process_reward": snake(config.prm.process_reward),
             "granularity": snake(config.prm.granularity),
             "norm": snake(config.prm.norm),
-            "estimator": snake(config.algo.advantage.estimator),
-            "process_baseline": snake(config.algo.advantage.process_baseline),
-            "process_gamma": config.algo.advantage.process_gamma,
-            "outcome_gamma": config.algo.advantage.outcome_gamma,
-            "clip_ratio": config.algo.ppo.clip_ratio,
-            "loss_aggregation": snake(config.algo.ppo.loss_aggregation),
-            "entropy_coeff": config.algo.ppo.entropy_coeff,
-            "kl_coeff": config.algo.ppo.kl_coeff,
-            "kl_estimator": snake(config.algo.ppo.kl_estimator),
-            "filter_enabled": config.algo.filter.enabled,
-            "filter_lower": config.algo.filter.lower,
-            "filter_upper": config.algo.filter.upper,
-            "drop_truncated": config.algo.filter.drop_truncated,
+            "estimator": snake(config.estimator),
+            "process_baseline": snake(config.advantage.process_baseline),
+            "process_gamma": config.advantage.process_gamma,
+            "outcome_gamma": config.advantage.outcome_gamma,
+            "clip_ratio": config.ppo.clip_ratio,
+            "loss_aggregation": snake(config.ppo.loss_aggregation),
+            "entropy_coeff": config.ppo.entropy_coeff,
+            "kl_coeff": config.ppo.kl_coeff,
+            "kl_estimator": snake(config.ppo.kl_estimator),
+            "filter_enabled": config.filter.enabled,
+            "filter_lower": config.filter.lower,
+            "filter_upper": config.filter.upper,
+            "drop_truncated": config.filter.drop_truncated,
         },
     })
 }
@@ -455,9 +453,9 @@ fn algorithm_matches_the_pytorch_reference() {
             &rloo_outcome_rewards(&scores, &mask, k),
             &reference["loo_outcome"],
         );
-        let r = returns(&normalized, &scores, &mask, k, adv);
+        let r = returns(&normalized, &scores, &mask, k, config.estimator, adv);
         check.close(name, "returns", &r, &reference["returns"]);
-        let a = advantages(&normalized, &scores, &mask, k, adv);
+        let a = advantages(&normalized, &scores, &mask, k, config.estimator, adv);
         check.close(name, "advantages", &a, &reference["advantages"]);
         check.close(name, "whiten", &whiten(&r, &mask), &reference["advantages"]);
 

@@ -42,13 +42,20 @@ fn the_paper_config_holds_the_papers_numbers() {
     let config = RunConfig::from_file(&dir.join("eurus-2-7b.toml")).expect("eurus config");
     let l = &config.learner;
     assert_eq!(
-        (l.batch_prompts, l.samples_per_prompt, l.steps),
+        (
+            l.rollout.batch_prompts,
+            l.rollout.samples_per_prompt,
+            l.steps
+        ),
         (256, 4, 592)
     );
-    assert_eq!((l.max_prompt_tokens, l.max_response_tokens), (1024, 3072));
-    assert_eq!(l.estimator, Estimator::Prime);
-    assert_eq!(l.prm.beta, 0.05);
-    assert_eq!((l.filter.lower, l.filter.upper), (0.2, 0.8));
+    assert_eq!(
+        (l.data.max_prompt_tokens, l.rollout.max_response_tokens),
+        (1024, 3072)
+    );
+    assert_eq!(l.algo.estimator, Estimator::Prime);
+    assert_eq!(l.algo.prm.beta, 0.05);
+    assert_eq!((l.algo.filter.lower, l.algo.filter.upper), (0.2, 0.8));
     assert_eq!((l.policy_optimizer.lr, l.prm_optimizer.lr), (5e-7, 1e-6));
     assert_eq!(l.policy_optimizer.adamw.weight_decay, 0.01);
     assert_eq!(l.prm_optimizer.adamw.weight_decay, 0.0);
@@ -59,7 +66,7 @@ fn the_paper_config_holds_the_papers_numbers() {
         ),
         (1.0, 10.0)
     );
-    assert_eq!(l.mini_batches, 4);
+    assert_eq!(l.algo.mini_batches, 4);
 }
 
 #[test]

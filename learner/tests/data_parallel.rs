@@ -6,9 +6,9 @@
 //! its share of the model.
 use std::time::Duration;
 
+use prime_algo::ReferenceType;
 use prime_collective::tcp::TcpOptions;
 use prime_collective::{RankInfo, TcpGroup};
-use prime_algo::ReferenceType;
 use prime_learner::config::ParallelConfig;
 use prime_learner::parallel::{DataParallel, Trained};
 use prime_learner::AdamW;
@@ -77,6 +77,7 @@ fn groups(round: u64) -> Vec<ScoredGroup> {
                         ids,
                         score: scores[(g * 3 + i) as usize],
                         sampling_logprobs: Vec::new(),
+                        truncated: false,
                     }
                 })
                 .collect(),
@@ -341,7 +342,7 @@ fn sharded_gradients_take_the_single_process_step() {
     tch::set_num_threads(1);
     let config = recompute_config();
     let single = alone_with(&config);
-    let check = |models: &mut PrimeModels| {
+    let check = |models: &mut PrimeModels, _: &DataParallel| {
         // No rank ever held a whole model's gradients in `.grad`.
         for (name, p) in trained(models) {
             assert!(!p.grad().defined(), "{name} has a .grad under ZeRO-2");
@@ -349,9 +350,10 @@ fn sharded_gradients_take_the_single_process_step() {
     };
     // One rank with sharding on: the same code path with every collective the identity.
     let mut one = models(&config, 1);
-    let mut one_dp = DataParallel::attach(&mut one, Box::new(prime_collective::Single), zero2()).unwrap();
+    let mut one_dp =
+        DataParallel::attach(&mut one, Box::new(prime_collective::Single), zero2()).unwrap();
     let outcome = two_steps(&mut one, &mut one_dp, &config);
-    check(&mut one);
+    check(&mut one, &one_dp);
     assert_same_step(&single, &[outcome], "DP=1 ZeRO-2");
     assert_same_step(
         &single,
@@ -403,7 +405,8 @@ fn zero2_without_recomputation_is_refused() {
     // A step refuses too, for a config built past `validate`.
     let config = self::config();
     let mut models = models(&config, 1);
-    let mut models_dp = DataParallel::attach(&mut models, Box::new(prime_collective::Single), zero2()).unwrap();
+    let mut models_dp =
+        DataParallel::attach(&mut models, Box::new(prime_collective::Single), zero2()).unwrap();
     let error = prime_step(&mut models, &mut models_dp, &groups(0), &config, 0)
         .unwrap_err()
         .to_string();
@@ -516,12 +519,13 @@ fn zero2_resumes_from_an_unsharded_checkpoint() {
                     let seed = 1 + 10 * rank as i64;
                     let mut first = models(config, seed);
                     let group = join(rank, world, ports[0]);
-                    let mut first_dp = DataParallel::attach(&mut first, Box::new(group), zero2()).unwrap();
+                    let mut first_dp =
+                        DataParallel::attach(&mut first, Box::new(group), zero2()).unwrap();
                     for i in 0..2 {
                         prime_step(&mut first, &mut first_dp, &groups(i), config, i).unwrap();
                     }
                     // What a checkpoint holds: the optimizers gathered into the unsharded form.
-                    let mut dp = first.parallel.take().unwrap();
+                    let mut dp = first_dp;
                     let states = [Trained::Policy, Trained::Prm].map(|which| {
                         let (state, step) = dp.full_optimizer(&first, which).unwrap().state();
                         let state: std::collections::BTreeMap<String, Tensor> =
@@ -540,8 +544,10 @@ fn zero2_resumes_from_an_unsharded_checkpoint() {
                         .unwrap();
                     resumed.prm_optimizer.load_state(&prm, prm_step).unwrap();
                     let group = join(rank, world, ports[1]);
-                    let mut resumed_dp = DataParallel::attach(&mut resumed, Box::new(group), zero2()).unwrap();
-                    let metrics = prime_step(&mut resumed, &mut resumed_dp, &groups(2), config, 2).unwrap();
+                    let mut resumed_dp =
+                        DataParallel::attach(&mut resumed, Box::new(group), zero2()).unwrap();
+                    let metrics =
+                        prime_step(&mut resumed, &mut resumed_dp, &groups(2), config, 2).unwrap();
                     (metrics, weights(&resumed))
                 })
             })
@@ -663,8 +669,9 @@ fn sharded_optimizers_take_only_their_share_and_resume_from_the_host() {
                         let mut first = models(config, seed);
                         assert_eq!(allocated(&first), [0, 0], "{label}: built");
                         let group = join(rank, world, ports[0]);
-                        let mut first_dp = DataParallel::attach(&mut first, Box::new(group), parallel.clone())
-                            .unwrap();
+                        let mut first_dp =
+                            DataParallel::attach(&mut first, Box::new(group), parallel.clone())
+                                .unwrap();
                         // Fresh shards stay unallocated until the first step.
                         assert_eq!(allocated(&first), [0, 0], "{label}: attached fresh");
                         for i in 0..2 {
@@ -674,7 +681,7 @@ fn sharded_optimizers_take_only_their_share_and_resume_from_the_host() {
                         let updates = first.policy_optimizer.step_count();
                         assert!(updates >= 2, "{label}: {updates} updates");
                         // The checkpoint: rank 0 writes the gathered optimizers.
-                        let mut dp = first.parallel.take().unwrap();
+                        let mut dp = first_dp;
                         for (which, file) in [
                             (Trained::Policy, "policy.safetensors"),
                             (Trained::Prm, "prm.safetensors"),
@@ -713,11 +720,14 @@ fn sharded_optimizers_take_only_their_share_and_resume_from_the_host() {
                         }
                         assert_eq!(allocated(&resumed), [0, 0], "{label}: loaded");
                         let group = join(rank, world, ports[1]);
-                        let mut resumed_dp = DataParallel::attach(&mut resumed, Box::new(group), parallel.clone())
-                            .unwrap();
+                        let mut resumed_dp =
+                            DataParallel::attach(&mut resumed, Box::new(group), parallel.clone())
+                                .unwrap();
                         assert_share(&resumed, world, &format!("{label} resumed, attached"));
                         assert_eq!(resumed.policy_optimizer.step_count(), updates);
-                        let metrics = prime_step(&mut resumed, &mut resumed_dp, &groups(2), config, 2).unwrap();
+                        let metrics =
+                            prime_step(&mut resumed, &mut resumed_dp, &groups(2), config, 2)
+                                .unwrap();
                         assert_share(&resumed, world, &format!("{label} resumed, stepped"));
                         (metrics, weights(&resumed))
                     })

@@ -104,7 +104,9 @@ fn learner_modules_import_only_modules_below_them() {
 
 #[test]
 fn the_check_sees_an_upward_import() {
-    let found = crate_paths("use crate::service::Shared;\n// crate::ranks in a comment\nlet x = crate::eval::f();");
+    let found = crate_paths(
+        "use crate::service::Shared;\n// crate::ranks in a comment\nlet x = crate::eval::f();",
+    );
     assert_eq!(
         found,
         vec![(1, "service".to_string()), (3, "eval".to_string())]

@@ -7,10 +7,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use prime_algo::FilterConfig;
+use prime_learner::scheduler::{Group, Prompt, Pull, Scheduler, SchedulerConfig, Submitted, Work};
 use prime_learner::{ScoredGroup, ScoredResponse};
-use prime_learner::scheduler::{
-    Group, Prompt, Pull, Scheduler, SchedulerConfig, Submitted, Work,
-};
 use proptest::prelude::*;
 
 const K: u32 = 3;

@@ -803,6 +803,7 @@ pub fn evaluate_run(
             rows.extend(prime_world::read_rows(file)?);
         }
         learner
+            .data
             .heldout_files
             .iter()
             .map(|p| p.display().to_string())
@@ -813,7 +814,7 @@ pub fn evaluate_run(
     let scorer = Scorer::new(
         CausalLm::load(&last.join("prm"), device, kind, kind)?,
         CausalLm::load(&start_dir, device, kind, kind)?,
-        learner.prm.beta,
+        learner.algo.prm.beta,
         16384,
     )?;
     let eval_config = EvalConfig {

@@ -129,6 +129,7 @@ fn groups(m: &Models) -> Vec<ScoredGroup> {
                     ids: responses[g * 3 + i].clone(),
                     score: scores[g * 3 + i],
                     sampling_logprobs: Vec::new(),
+                    truncated: false,
                 })
                 .collect(),
         })
@@ -244,7 +245,14 @@ fn token_rewards_equal_the_learners_and_transformers() {
         Some(load(&m.reference)),
         &config,
     );
-    let metrics = prime_step(&mut learner, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups, &config, 0).unwrap();
+    let metrics = prime_step(
+        &mut learner,
+        &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu),
+        &groups,
+        &config,
+        0,
+    )
+    .unwrap();
     let sums: Vec<f64> = results
         .iter()
         .map(|r| r.token_rewards.iter().map(|&x| f64::from(x)).sum())

@@ -43,6 +43,7 @@ fn groups() -> Vec<ScoredGroup> {
                     ids: responses[g * 3 + i].iter().map(|t| t + 3).collect(),
                     score: scores[g * 3 + i],
                     sampling_logprobs: Vec::new(),
+                    truncated: false,
                 })
                 .collect(),
         })
@@ -81,8 +82,22 @@ fn recomputed_activations_give_the_same_step() {
     let mut plain = models(&plain_config, Kind::Float);
     let mut recomputed = models(&recompute_config, Kind::Float);
     let before = variables(&model(1, Kind::Float));
-    let a = prime_step(&mut plain, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups(), &plain_config, 0).unwrap();
-    let b = prime_step(&mut recomputed, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups(), &recompute_config, 0).unwrap();
+    let a = prime_step(
+        &mut plain,
+        &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu),
+        &groups(),
+        &plain_config,
+        0,
+    )
+    .unwrap();
+    let b = prime_step(
+        &mut recomputed,
+        &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu),
+        &groups(),
+        &recompute_config,
+        0,
+    )
+    .unwrap();
     assert!(
         (a.prm_loss - b.prm_loss).abs() < 1e-6,
         "{} vs {}",
@@ -121,7 +136,14 @@ fn bf16_weights_with_master_weights_train() {
     };
     let mut bf16 = models(&config, Kind::BFloat16);
     let before = variables(&model(1, Kind::BFloat16));
-    let metrics = prime_step(&mut bf16, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups(), &config, 0).unwrap();
+    let metrics = prime_step(
+        &mut bf16,
+        &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu),
+        &groups(),
+        &config,
+        0,
+    )
+    .unwrap();
     assert!(metrics.prm_loss.is_finite() && metrics.policy_loss.is_finite());
     let mut moved = 0f64;
     for ((name, x), (_, y)) in variables(&bf16.policy).iter().zip(&before) {
@@ -154,7 +176,14 @@ fn the_reference_can_be_the_old_policy_and_rewards_can_follow_the_update() {
         None,
         &policy_ref,
     );
-    let metrics = prime_step(&mut same, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups(), &policy_ref, 0).unwrap();
+    let metrics = prime_step(
+        &mut same,
+        &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu),
+        &groups(),
+        &policy_ref,
+        0,
+    )
+    .unwrap();
     assert!((metrics.prm_new_batch_loss - std::f64::consts::LN_2).abs() < 1e-6);
     assert!((metrics.prm_new_batch_accuracy - 0.8125).abs() < 1e-9);
 
@@ -169,8 +198,22 @@ fn the_reference_can_be_the_old_policy_and_rewards_can_follow_the_update() {
         models(&config(), Kind::Float),
         models(&after_config, Kind::Float),
     );
-    let a = prime_step(&mut single, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups(), &config(), 0).unwrap();
-    let b = prime_step(&mut double, &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu), &groups(), &after_config, 0).unwrap();
+    let a = prime_step(
+        &mut single,
+        &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu),
+        &groups(),
+        &config(),
+        0,
+    )
+    .unwrap();
+    let b = prime_step(
+        &mut double,
+        &mut prime_learner::parallel::DataParallel::single(tch::Device::Cpu),
+        &groups(),
+        &after_config,
+        0,
+    )
+    .unwrap();
     for ((name, x), (_, y)) in variables(&single.prm).iter().zip(variables(&double.prm)) {
         assert!(x.equal(&y), "{name}: the PRM updates differ");
     }

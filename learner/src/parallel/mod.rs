@@ -385,7 +385,6 @@ impl DataParallel {
         optimizer.step(lr);
         Ok(norm)
     }
-
 }
 
 #[cfg(test)]
@@ -404,4 +403,3 @@ mod tests {
         );
     }
 }
-

@@ -45,7 +45,6 @@ impl DataParallel {
         serde_json::from_slice(&bytes)
             .map_err(|e| LearnerError::Data(format!("a command from rank 0 is unreadable: {e}")))
     }
-
 }
 
 /// Forms this rank's group as `config` says, every operation under a watchdog: the TCP ring,

@@ -2,19 +2,20 @@
 //! (stage 2) split over the ranks, and gathered whole again for a checkpoint.
 use std::collections::HashMap;
 
-use prime_collective::flat::FlatLayout;
+use prime_collective::flat::{flatten, FlatLayout};
 use prime_collective::{Collective, ReduceOp};
 use prime_model::qwen2::GradSink;
 use prime_model::Qwen2;
 use tch::{Device, Kind, Tensor};
 
-use super::{comm_err, part, DataParallel, Trained};
+use super::{comm_err, DataParallel, Trained};
 use crate::error::{LearnerError, Result};
 use crate::models::PrimeModels;
 use crate::optim::{AdamW, StatePart};
 
 /// The pieces of a parameter's optimizer state, in the order [`Origin::held`] lists them.
-pub(super) const PARTS: [StatePart; 3] = [StatePart::ExpAvg, StatePart::ExpAvgSq, StatePart::Master];
+pub(super) const PARTS: [StatePart; 3] =
+    [StatePart::ExpAvg, StatePart::ExpAvgSq, StatePart::Master];
 
 /// What rank 0's optimizer holds when a rank attaches: the source of every rank's state.
 #[derive(Debug)]
@@ -370,7 +371,7 @@ impl DataParallel {
     /// Replaces the model's optimizer by one over this rank's shard, moments (and master
     /// weights) taken from rank 0's full optimizer (`origin`); moments rank 0 never
     /// allocated stay unallocated until the first step.
-    fn shard_optimizer(
+    pub(super) fn shard_optimizer(
         &mut self,
         models: &mut PrimeModels,
         which: Trained,
@@ -431,7 +432,7 @@ impl DataParallel {
     /// `pieces` (see [`flat_slice`]; `padded` long in all). With `from_rank0` (and more than
     /// one rank) they are rank 0's, broadcast a bucket at a time, so no rank holds more than
     /// a bucket beyond its shard; otherwise this rank's own.
-    fn zero1_slice(
+    pub(super) fn zero1_slice(
         &mut self,
         pieces: &[Tensor],
         sizes: &[usize],
@@ -469,7 +470,7 @@ impl DataParallel {
     /// gradient bucket (moments and master weights taken from rank 0's full optimizer,
     /// `origin`; moments it never allocated stay unallocated until the first step) and sets
     /// up the gradient shard the backward passes reduce into.
-    fn shard_gradients(
+    pub(super) fn shard_gradients(
         &mut self,
         models: &mut PrimeModels,
         which: Trained,
@@ -553,7 +554,7 @@ impl DataParallel {
     /// ZeRO-2: this rank's `len`-long shard of `pieces` (one per parameter, an undefined one
     /// counting as zeros): its chunk of every bucket. With `from_rank0` (and more than one
     /// rank) the buckets are rank 0's, broadcast one at a time; otherwise this rank's own.
-    fn zero2_shard(
+    pub(super) fn zero2_shard(
         &mut self,
         buckets: &[Bucket],
         pieces: &[Tensor],
@@ -587,7 +588,7 @@ impl DataParallel {
     }
 
     /// Elements of f32 in one bucket (`bucket_mb`).
-    fn bucket_elements(&self) -> usize {
+    pub(super) fn bucket_elements(&self) -> usize {
         (self.config.bucket_mb.max(1) << 20) / 4
     }
 
@@ -620,7 +621,7 @@ impl DataParallel {
     /// ZeRO-2's update: the gradient shard is already reduced; the global norm comes from
     /// every shard's sum of squares, AdamW updates the shard, and each bucket of updated
     /// values is all-gathered back into the parameters.
-    fn update_zero2(
+    pub(super) fn update_zero2(
         &mut self,
         shard: &mut GradShard,
         models: &mut PrimeModels,
@@ -673,7 +674,7 @@ impl DataParallel {
         Ok(norm)
     }
 
-    fn update_sharded(
+    pub(super) fn update_sharded(
         &mut self,
         models: &mut PrimeModels,
         which: Trained,
@@ -779,7 +780,12 @@ impl DataParallel {
     /// The full optimizer gathered from the shards of `which` (`optimizer` is this rank's
     /// shard optimizer), assembled on the host when `keep`; `None` when it is not sharded
     /// or not kept.
-    fn gather(&mut self, optimizer: &AdamW, which: Trained, keep: bool) -> Result<Option<AdamW>> {
+    pub(super) fn gather(
+        &mut self,
+        optimizer: &AdamW,
+        which: Trained,
+        keep: bool,
+    ) -> Result<Option<AdamW>> {
         if let Some(shard) = self.grad_shards[which as usize].take() {
             let rebuilt = self.gather_zero2(&shard, optimizer, keep);
             self.grad_shards[which as usize] = Some(shard);
@@ -795,7 +801,7 @@ impl DataParallel {
 
     /// ZeRO-1's [`DataParallel::gather`]: each rank's contiguous shard of the moments (and
     /// master weights), all-gathered a bucket's worth at a time.
-    fn gather_zero1(
+    pub(super) fn gather_zero1(
         &mut self,
         shard: &Shard,
         optimizer: &AdamW,
@@ -817,22 +823,30 @@ impl DataParallel {
         }
         // Elements of each rank's shard per round: a bucket in all.
         let window = self.bucket_elements().div_ceil(world).max(1);
-        self.gather_pieces(shard.names.as_slice(), &shard.params, shard.master, optimizer, keep, parts, |dp, mine, whole| {
-            let mut at = 0;
-            while at < shard.len {
-                let n = window.min(shard.len - at);
-                let mut flat = Tensor::zeros([(n * world) as i64], (Kind::Float, device));
-                dp.comm
-                    .all_gather(&mine.narrow(0, at as i64, n as i64), &mut flat)
-                    .map_err(comm_err)?;
-                for r in (0..world).filter(|_| !whole.is_empty()) {
-                    let piece = flat.narrow(0, (r * n) as i64, n as i64);
-                    write_flat(whole, &shard.layout.sizes, r * shard.len + at, &piece);
+        self.gather_pieces(
+            shard.names.as_slice(),
+            &shard.params,
+            shard.master,
+            optimizer,
+            keep,
+            parts,
+            |dp, mine, whole| {
+                let mut at = 0;
+                while at < shard.len {
+                    let n = window.min(shard.len - at);
+                    let mut flat = Tensor::zeros([(n * world) as i64], (Kind::Float, device));
+                    dp.comm
+                        .all_gather(&mine.narrow(0, at as i64, n as i64), &mut flat)
+                        .map_err(comm_err)?;
+                    for r in (0..world).filter(|_| !whole.is_empty()) {
+                        let piece = flat.narrow(0, (r * n) as i64, n as i64);
+                        write_flat(whole, &shard.layout.sizes, r * shard.len + at, &piece);
+                    }
+                    at += n;
                 }
-                at += n;
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
     }
 
     /// The frame the ZeRO gathers share: each piece of optimizer state (`pieces`, this
@@ -840,7 +854,7 @@ impl DataParallel {
     /// parameters' shapes; none when not `keep`), and with `keep` the gathered state becomes
     /// an unsharded optimizer over `params`.
     #[allow(clippy::too_many_arguments)]
-    fn gather_pieces<P>(
+    pub(super) fn gather_pieces<P>(
         &mut self,
         names: &[String],
         params: &[Tensor],
@@ -866,7 +880,7 @@ impl DataParallel {
 
     /// ZeRO-2's [`DataParallel::gather`]: every bucket of the moments (and master weights)
     /// all-gathered into whole tensors on the host.
-    fn gather_zero2(
+    pub(super) fn gather_zero2(
         &mut self,
         shard: &GradShard,
         optimizer: &AdamW,
@@ -899,18 +913,25 @@ impl DataParallel {
                 .collect();
             parts.push((StatePart::Master, chunks));
         }
-        self.gather_pieces(shard.names.as_slice(), &shard.params, shard.master, optimizer, keep, parts, |dp, chunks, whole| {
-            for (b, mine) in shard.buckets.iter().zip(chunks) {
-                let mut flat = Tensor::zeros([(b.chunk * world) as i64], (Kind::Float, device));
-                dp.comm.all_gather(mine, &mut flat).map_err(comm_err)?;
-                if !whole.is_empty() {
-                    b.unflatten(&flat, whole, |_| true);
+        self.gather_pieces(
+            shard.names.as_slice(),
+            &shard.params,
+            shard.master,
+            optimizer,
+            keep,
+            parts,
+            |dp, chunks, whole| {
+                for (b, mine) in shard.buckets.iter().zip(chunks) {
+                    let mut flat = Tensor::zeros([(b.chunk * world) as i64], (Kind::Float, device));
+                    dp.comm.all_gather(mine, &mut flat).map_err(comm_err)?;
+                    if !whole.is_empty() {
+                        b.unflatten(&flat, whole, |_| true);
+                    }
                 }
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
     }
-
 }
 
 /// The unsharded optimizer over the parameters `params` named `names`, with the gathered
