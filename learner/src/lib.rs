@@ -14,25 +14,62 @@
 //! - serving: [`publish`] (published weights), [`broadcast`] (the weight broadcast),
 //!   [`service`] (the Learner gRPC service and its compute loop), [`ranks`] (one learner
 //!   process: its rank, its group, rank 0 or a follower).
-pub mod batch;
-pub mod broadcast;
-pub mod checkpoint;
-pub mod config;
+/// The crate's one error type.
 pub mod error;
-pub mod eval;
-pub mod models;
+
+/// AdamW and its schedules.
 pub mod optim;
-pub mod parallel;
+
+/// The run config: one sub-config per TOML table.
+pub mod config;
+
+/// PNG line charts.
 pub mod plot;
-pub mod publish;
-pub mod ranks;
-pub mod report;
-pub mod run;
-pub mod scheduler;
-pub mod service;
-pub mod sft;
+
+/// Scored groups and their tensor layout.
+pub mod batch;
+
+/// Policy, PRM, reference and their optimizers.
+pub mod models;
+
+/// Atomic, exact checkpoints.
+pub mod checkpoint;
+
+/// The data-parallel group, ZeRO sharding, the rank protocol.
+pub mod parallel;
+
+/// One PRIME iteration.
 pub mod step;
+
+/// Work hand-out, group collection, filter, leases.
+pub mod scheduler;
+
+/// The one sample-and-grade loop: evaluation and local rollouts.
+pub mod eval;
+
+/// The supervised warm-up.
+pub mod sft;
+
+/// The loop around the step.
 pub mod trainer;
+
+/// Plots and `summary.json`.
+pub mod report;
+
+/// Opening a run; the single-process loop.
+pub mod run;
+
+/// Published weights and their wire manifest.
+pub mod publish;
+
+/// The weight broadcast.
+pub mod broadcast;
+
+/// The Learner gRPC service and its compute loop.
+pub mod service;
+
+/// One learner process: its rank, rank 0 or a follower.
+pub mod ranks;
 
 pub use batch::{ScoredGroup, ScoredResponse};
 pub use config::{LearnerConfig, ModelSource, OptimizerConfig, RunConfig, SftConfig};
