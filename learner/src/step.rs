@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::batch::{ScoredGroup, StepBatch};
-use crate::config::LearnerConfig;
+use crate::config::{LearnerConfig, MemoryConfig};
 use crate::error::{LearnerError, Result};
 use crate::models::PrimeModels;
 use crate::parallel::{DataParallel, Trained};
@@ -168,20 +168,20 @@ fn backward_micro(
     model: &CausalLm,
     batch: &StepBatch,
     rows: &std::ops::Range<usize>,
-    config: &LearnerConfig,
+    memory: &MemoryConfig,
     want_entropy: bool,
     sink: Option<&mut dyn GradSink>,
     loss_fn: impl FnOnce(&Tensor, Option<&Tensor>) -> Tensor,
 ) -> Result<Tensor> {
-    if sink.is_some() && !config.memory.recompute_activations {
+    if sink.is_some() && !memory.recompute_activations {
         return Err(zero2_needs_recompute());
     }
-    if !config.memory.recompute_activations {
+    if !memory.recompute_activations {
         let (logprobs, entropy) = response_logprobs(
             model,
             batch,
             rows,
-            config.memory.logit_chunk_tokens,
+            memory.logit_chunk_tokens,
             want_entropy,
         )?;
         let loss = loss_fn(&logprobs, entropy.as_ref());
@@ -202,7 +202,7 @@ fn backward_micro(
         loss_fn(&(sequence_logprobs.gather(1, &index, false) * &valid), None)
     };
     let qwen = &model.model;
-    let chunk = config.memory.logit_chunk_tokens;
+    let chunk = memory.logit_chunk_tokens;
     let result = match sink {
         Some(sink) => qwen.token_logprobs_backward_to(&padded, chunk, sink, loss),
         None => qwen.token_logprobs_backward(&padded, chunk, true, loss),
@@ -229,18 +229,18 @@ fn rank_backward(
     model: &CausalLm,
     batch: &StepBatch,
     rows: &std::ops::Range<usize>,
-    config: &LearnerConfig,
+    memory: &MemoryConfig,
     want_entropy: bool,
     loss_fn: impl FnOnce(&Tensor, Option<&Tensor>) -> Tensor,
 ) -> Result<Tensor> {
     let Some(mut sink) = dp.grad_sink(which) else {
-        return backward_micro(model, batch, rows, config, want_entropy, None, loss_fn);
+        return backward_micro(model, batch, rows, memory, want_entropy, None, loss_fn);
     };
     let loss = backward_micro(
         model,
         batch,
         rows,
-        config,
+        memory,
         want_entropy,
         Some(&mut sink),
         loss_fn,
@@ -257,9 +257,9 @@ fn rank_micro_batches(
     dp: &DataParallel,
     batch: &StepBatch,
     mini: &std::ops::Range<usize>,
-    config: &LearnerConfig,
+    memory: &MemoryConfig,
 ) -> (Vec<std::ops::Range<usize>>, usize) {
-    let budget = config.memory.micro_batch_tokens;
+    let budget = memory.micro_batch_tokens;
     let mine = batch.micro_batches(dp.my_rows(mini, batch.k), budget);
     if !dp.zero2() {
         return (mine, 0);
@@ -288,7 +288,7 @@ fn scalar(t: &Tensor) -> f64 {
 fn frozen_logprobs(
     model: &CausalLm,
     batch: &StepBatch,
-    config: &LearnerConfig,
+    memory: &MemoryConfig,
     want_entropy: bool,
     dp: &mut DataParallel,
 ) -> Result<(Tensor, Option<f64>)> {
@@ -297,12 +297,12 @@ fn frozen_logprobs(
     let mut entropy_sum = 0.0;
     let all = 0..batch.rows();
     let mine = dp.my_rows(&all, batch.k);
-    for rows in batch.micro_batches(mine, config.memory.micro_batch_tokens) {
+    for rows in batch.micro_batches(mine, memory.micro_batch_tokens) {
         let (logprobs, entropy) = response_logprobs(
             model,
             batch,
             &rows,
-            config.memory.logit_chunk_tokens,
+            memory.logit_chunk_tokens,
             want_entropy,
         )?;
         if let Some(h) = entropy {
@@ -372,7 +372,7 @@ fn prm_pass(
     for mini in &minis {
         dp.zero_grad(models, Trained::Prm);
         let mut q_mine = Vec::new();
-        let (micros, idle) = rank_micro_batches(dp, batch, mini, config);
+        let (micros, idle) = rank_micro_batches(dp, batch, mini, &config.memory);
         // Weights stay shares of the whole mini-batch, so the ranks' gradients sum to it.
         for micro in micros {
             let mask = batch.rows_of(&batch.mask, &micro);
@@ -386,7 +386,7 @@ fn prm_pass(
                 &models.prm,
                 batch,
                 &micro,
-                config,
+                &config.memory,
                 false,
                 |logprobs, _| {
                     let q = implicit_prm::token_log_ratio(logprobs, &reference, &mask);
@@ -408,7 +408,7 @@ fn prm_pass(
     let mut q = Tensor::cat(&q_rows, 0);
     if config.algo.prm_update == PrmUpdate::UpdateThenScore {
         let _guard = tch::no_grad_guard();
-        let (logprobs, _) = frozen_logprobs(&models.prm, batch, config, false, dp)?;
+        let (logprobs, _) = frozen_logprobs(&models.prm, batch, &config.memory, false, dp)?;
         q = implicit_prm::token_log_ratio(&logprobs, reference_logprobs, &batch.mask);
     }
     let mut losses = [loss_sum];
@@ -444,7 +444,7 @@ fn policy_pass(
     let mut totals = [0.0f64; 4];
     for mini in &minis {
         dp.zero_grad(models, Trained::Policy);
-        let (micros, idle) = rank_micro_batches(dp, batch, mini, config);
+        let (micros, idle) = rank_micro_batches(dp, batch, mini, &config.memory);
         for micro in micros {
             let reference =
                 (ppo_config.kl_coeff != 0.0).then(|| batch.rows_of(reference_logprobs, &micro));
@@ -459,7 +459,7 @@ fn policy_pass(
                 &models.policy,
                 batch,
                 &micro,
-                config,
+                &config.memory,
                 ppo_config.entropy_coeff != 0.0,
                 |logprobs, entropy| {
                     let loss = ppo::policy_loss(
@@ -542,7 +542,7 @@ pub fn prime_step(
 
     // 1. Old log-probs (spec §1 step 2), with the policy's entropy for monitoring.
     let clock = Instant::now();
-    let (old_logprobs, entropy) = frozen_logprobs(policy, &batch, config, true, dp)?;
+    let (old_logprobs, entropy) = frozen_logprobs(policy, &batch, &config.memory, true, dp)?;
     metrics.entropy = entropy.unwrap_or_default();
     metrics.sampler_logprob_gap = batch.sampling_logprobs.as_ref().map(|sampled| {
         scalar(&masks::masked_mean(
@@ -558,7 +558,7 @@ pub fn prime_step(
         config.algo.estimator == Estimator::Prime || config.algo.ppo.kl_coeff != 0.0;
     let reference_logprobs = match (&models.reference, config.algo.reference) {
         (Some(reference), ReferenceType::Freeze) if needs_reference => {
-            frozen_logprobs(reference, &batch, config, false, dp)?.0
+            frozen_logprobs(reference, &batch, &config.memory, false, dp)?.0
         }
         (None, ReferenceType::Freeze) if needs_reference => {
             return Err(LearnerError::Config {
@@ -575,7 +575,7 @@ pub fn prime_step(
     let prm_lr = config.prm_optimizer.lr_at(iteration);
     let q = match config.algo.estimator {
         Estimator::Prime => {
-            let (before, _) = frozen_logprobs(&models.prm, &batch, config, false, dp)?;
+            let (before, _) = frozen_logprobs(&models.prm, &batch, &config.memory, false, dp)?;
             let q = implicit_prm::token_log_ratio(&before, &reference_logprobs, &batch.mask);
             metrics.prm_new_batch_loss = scalar(&implicit_prm::prm_ce_loss(
                 &q,
