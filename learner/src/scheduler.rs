@@ -261,9 +261,9 @@ impl SchedulerState {
         }
     }
 
-    /// Writes the scheduler's part into a trainer state about to be checkpointed.
+    /// Writes the data position into a trainer state about to be checkpointed (the policy
+    /// version there is the trainer's: it is ahead of the scheduler's until it publishes).
     pub fn write_into(&self, state: &mut TrainerState) {
-        state.policy_version = self.policy_version;
         state.data_cursor = self.data_cursor;
         state.data_epoch = self.data_epoch;
         state.surplus_prompts = self.surplus_prompts.clone();
@@ -1527,7 +1527,7 @@ mod tests {
         let json = serde_json::to_string(&state).unwrap();
         let mut trainer_state = TrainerState {
             step: 0,
-            policy_version: 0,
+            policy_version: state.policy_version,
             data_cursor: 0,
             data_epoch: 0,
             rng: crate::checkpoint::RngState::capture(&ChaCha8Rng::seed_from_u64(0)),

@@ -368,15 +368,16 @@ impl Trainer {
         policy_optimizer: &AdamW,
         prm_optimizer: &AdamW,
     ) -> Result<PathBuf> {
-        let state = TrainerState {
+        let mut state = TrainerState {
             step: self.step,
             policy_version: self.policy_version,
-            data_cursor: scheduler.data_cursor,
-            data_epoch: scheduler.data_epoch,
+            data_cursor: 0,
+            data_epoch: 0,
             rng: RngState::capture(&self.rng),
-            surplus_prompts: scheduler.surplus_prompts.clone(),
+            surplus_prompts: Vec::new(),
             extra: serde_json::json!({}),
         };
+        scheduler.write_into(&mut state);
         let dir = checkpoint::save(
             &self.paths.checkpoints(),
             &CheckpointParts {
