@@ -364,6 +364,15 @@ impl std::ops::Deref for FullOptimizer<'_> {
     }
 }
 
+/// The names of `optimizer`'s parameters and the parameters themselves (shallow clones).
+fn names_and_params(optimizer: &AdamW) -> (Vec<String>, Vec<Tensor>) {
+    optimizer
+        .params()
+        .iter()
+        .map(|(n, p)| (n.clone(), p.shallow_clone()))
+        .unzip()
+}
+
 /// Name of the one parameter of a shard optimizer.
 pub(super) const SHARD_PARAM: &str = "zero1.shard";
 
@@ -379,12 +388,7 @@ impl DataParallel {
     ) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let full = Self::optimizer_of(models, which);
-        let names: Vec<String> = full.params().iter().map(|(n, _)| n.clone()).collect();
-        let params: Vec<Tensor> = full
-            .params()
-            .iter()
-            .map(|(_, p)| p.shallow_clone())
-            .collect();
+        let (names, params) = names_and_params(full);
         let master = full.keeps_master_weights();
         let adamw = full.config();
         let sources = PARTS.map(|part| source_pieces(full, part, origin));
@@ -482,12 +486,7 @@ impl DataParallel {
             Trained::Prm => models.prm.model.gradient_stages(),
         };
         let full = Self::optimizer_of(models, which);
-        let names: Vec<String> = full.params().iter().map(|(n, _)| n.clone()).collect();
-        let params: Vec<Tensor> = full
-            .params()
-            .iter()
-            .map(|(_, p)| p.shallow_clone())
-            .collect();
+        let (names, params) = names_and_params(full);
         let (master, adamw) = (full.keeps_master_weights(), full.config());
         let sources = PARTS.map(|part| source_pieces(full, part, origin));
         let index: HashMap<usize, usize> = params
