@@ -25,7 +25,7 @@ use std::ops::Range;
 
 use prime_collective::flat::{flatten, unflatten, FlatLayout};
 use prime_collective::{broadcast_bytes, Collective, ReduceOp};
-use prime_model::qwen2::GradSink;
+use prime_model::training::GradSink;
 use prime_model::Qwen2;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};

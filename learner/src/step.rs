@@ -22,7 +22,7 @@ use crate::config::{LearnerConfig, PrmUpdate, ReferenceType};
 use crate::error::{LearnerError, Result};
 use crate::optim::AdamW;
 use crate::parallel::{DataParallel, Trained};
-use prime_model::qwen2::GradSink;
+use prime_model::training::GradSink;
 
 /// One scored response of a group, as sampled (EOS included when it stopped).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
