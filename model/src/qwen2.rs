@@ -6,8 +6,8 @@
 //! (bf16): every layer casts its weights to the activation dtype, which is a no-op when they
 //! agree and differentiable when they do not.
 //!
-//! Every forward runs the same layer code ([`DecoderLayer::forward`]); what differs is where
-//! q/k/v and gate/up come from ([`Projections`]). Training and log-probs use the layers'
+//! Every forward runs the same layer code (`DecoderLayer::forward`); what differs is where
+//! q/k/v and gate/up come from (`Projections`). Training and log-probs use the layers'
 //! variables, one matmul per projection, which autograd records. Sampling with a KV cache
 //! (grad mode off, see [`Qwen2::forward`]) runs a leaner path: each layer's q/k/v projections
 //! are one matmul and its gate/up projections another, over weights the VarStore's variables
