@@ -16,7 +16,7 @@ use std::time::Instant;
 use prime_algo::{
     advantages, implicit_prm, masks, ppo, Estimator, LossAggregation, PrmUpdate, ReferenceType,
 };
-use prime_model::qwen2::GradSink;
+use prime_model::training::GradSink;
 use prime_model::CausalLm;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};

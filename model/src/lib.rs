@@ -10,6 +10,7 @@ pub mod kv_cache;
 pub mod logprobs;
 pub mod qwen2;
 pub mod tokenizer;
+pub mod training;
 pub mod weights;
 
 pub use checkpoint::{CausalLm, DEFAULT_MAX_SHARD_BYTES};

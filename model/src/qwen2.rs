@@ -6,22 +6,24 @@
 //! (bf16): every layer casts its weights to the activation dtype, which is a no-op when they
 //! agree and differentiable when they do not.
 //!
-//! Training can trade compute for memory with [`Qwen2::backward_with_recompute`]: tch has no
-//! `torch.utils.checkpoint`, so the decoder is run once without autograd, keeping only each
-//! layer's input, and every layer is run again with autograd during the backward pass.
-//! [`Qwen2::token_logprobs_backward_to`] does the same but hands each stage's parameter
-//! gradients to a [`GradSink`] instead of accumulating them (ZeRO-2 data parallelism).
+//! Every forward runs the same layer code (`DecoderLayer::forward`); what differs is where
+//! q/k/v and gate/up come from (`Projections`). Training and log-probs use the layers'
+//! variables, one matmul per projection, which autograd records. Sampling with a KV cache
+//! (grad mode off, see [`Qwen2::forward`]) runs a leaner path: each layer's q/k/v projections
+//! are one matmul and its gate/up projections another, over weights the VarStore's variables
+//! are views of (see [`FusedLayer`]), RoPE rotates q and k in one op, and a decode step
+//! attends with two batched matmuls.
 //!
-//! Sampling with a KV cache runs a leaner path (see [`Qwen2::forward`]): each layer's q/k/v
-//! projections are one matmul and its gate/up projections another, over weights the
-//! VarStore's variables are views of (see [`FusedLayer`]), and RoPE rotates q and k in one op.
+//! The backward passes that recompute activations to save memory, and the [`GradSink`] that
+//! takes gradients stage by stage, are in [`crate::training`].
+//!
+//! [`GradSink`]: crate::training::GradSink
 use std::sync::{Mutex, PoisonError};
 
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::config::Qwen2Config;
 use crate::kv_cache::KvCache;
-use crate::logprobs::{position_ids, token_logprobs, PaddedBatch};
 
 /// A dense layer `y = x W^T + b` with HF parameter names `weight` (`[out, in]`) and `bias`.
 #[derive(Debug)]
@@ -204,13 +206,40 @@ impl Attention {
         }
     }
 
+    /// The block on `x` (`[B, T, hidden]`) for one layer of a forward that `pass` describes,
+    /// with q/k/v from `projections` and, with `cache` (the cache and this layer's index),
+    /// attending over the cached keys and values as well as the new ones, which it stores.
     fn forward(
         &self,
         x: &Tensor,
-        rope: &(Tensor, Tensor),
-        mask: &Tensor,
+        projections: Projections<'_>,
+        pass: &LayerPass,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (q, k, v) = match projections {
+            Projections::Separate => self.separate_qkv(x, &pass.rope, cache),
+            Projections::Fused(fused) => self.fused_qkv(x, fused, &pass.rope, cache),
+        };
+        match &pass.decode_bias {
+            Some(bias) => {
+                let y = self.decode_attention(&q, &k, &v, bias);
+                self.o_proj
+                    .forward(&y.view([b, t, self.num_heads * self.head_dim]))
+            }
+            None => self.sdpa_and_project(&q, &k, &v, &pass.mask, b, t),
+        }
+    }
+
+    /// Queries `[B, heads, T, head_dim]` and the keys and values to attend over
+    /// (`[B, kv_heads, S, head_dim]`) from one matmul per projection and RoPE on q and k
+    /// (`rope` from [`Rope::tables`]); the new keys and values go to `cache`.
+    fn separate_qkv(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> (Tensor, Tensor, Tensor) {
         let (b, t) = (x.size()[0], x.size()[1]);
         let heads = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
         let q = heads(self.q_proj.forward(x), self.num_heads);
@@ -222,7 +251,39 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, &k, &v),
             None => (k, v),
         };
-        self.sdpa_and_project(&q, &k, &v, mask, b, t)
+        (q, k, v)
+    }
+
+    /// [`Attention::separate_qkv`] on the fused q/k/v projection: one matmul and one RoPE op
+    /// over q and k (`rope` from [`Rope::head_tables`] with `num_heads + num_kv_heads`
+    /// rotated heads and `num_kv_heads` plain ones), one cache write.
+    fn fused_qkv(
+        &self,
+        x: &Tensor,
+        fused: &FusedLayer,
+        rope: &(Tensor, Tensor),
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> (Tensor, Tensor, Tensor) {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let kind = x.kind();
+        let (h, kv) = (self.num_heads, self.num_kv_heads);
+        let qkv = x
+            .linear(
+                &cast(&fused.qkv_weight, kind),
+                Some(&cast(&fused.qkv_bias, kind)),
+            )
+            .view([b, t, h + 2 * kv, self.head_dim]);
+        let qkv = rotate_heads(&qkv, &rope.0, &rope.1);
+        let q = qkv.narrow(2, 0, h).transpose(1, 2);
+        let new_kv = qkv.narrow(2, h, 2 * kv);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append_fused(layer, &new_kv),
+            None => (
+                new_kv.narrow(2, 0, kv).transpose(1, 2),
+                new_kv.narrow(2, kv, kv).transpose(1, 2),
+            ),
+        };
+        (q, k, v)
     }
 
     /// SDPA over `[b, heads, t, head_dim]` queries and the keys and values (grouped-query when
@@ -271,45 +332,6 @@ impl Attention {
         let probs = cast(&scores.softmax(-1, Kind::Float), q.kind());
         probs.bmm(&v.reshape([b * kv, s, hd]))
     }
-
-    /// [`Attention::forward`] with a cache, on the fused q/k/v projection: one matmul, one
-    /// RoPE op over q and k (`rope` from [`Rope::head_tables`] with `num_heads +
-    /// num_kv_heads` rotated heads and `num_kv_heads` plain ones), one cache write. A decode
-    /// step (one query per row) passes `decode_bias` ([`decode_bias`]) and attends with two
-    /// batched matmuls ([`Attention::decode_attention`]), which beat SDPA's CPU kernel for a
-    /// single query.
-    #[allow(clippy::too_many_arguments)]
-    fn forward_fused(
-        &self,
-        x: &Tensor,
-        fused: &FusedLayer,
-        rope: &(Tensor, Tensor),
-        mask: &Tensor,
-        decode_bias: Option<&Tensor>,
-        cache: &mut KvCache,
-        layer: usize,
-    ) -> Tensor {
-        let (b, t) = (x.size()[0], x.size()[1]);
-        let kind = x.kind();
-        let all_heads = self.num_heads + 2 * self.num_kv_heads;
-        let qkv = x
-            .linear(
-                &cast(&fused.qkv_weight, kind),
-                Some(&cast(&fused.qkv_bias, kind)),
-            )
-            .view([b, t, all_heads, self.head_dim]);
-        let qkv = rotate_heads(&qkv, &rope.0, &rope.1);
-        let q = qkv.narrow(2, 0, self.num_heads).transpose(1, 2);
-        let (k, v) =
-            cache.append_fused(layer, &qkv.narrow(2, self.num_heads, 2 * self.num_kv_heads));
-        if let Some(bias) = decode_bias {
-            let y = self.decode_attention(&q, &k, &v, bias);
-            return self
-                .o_proj
-                .forward(&y.view([b, t, self.num_heads * self.head_dim]));
-        }
-        self.sdpa_and_project(&q, &k, &v, mask, b, t)
-    }
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
@@ -330,19 +352,21 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj
-            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
-    }
-
-    /// [`Mlp::forward`] on the fused gate/up projection (`[2 * intermediate, hidden]`).
-    fn forward_fused(&self, x: &Tensor, gate_up_weight: &Tensor) -> Tensor {
-        let f = gate_up_weight.size()[0] / 2;
-        let gate_up = x.linear(&cast(gate_up_weight, x.kind()), None::<Tensor>);
-        let mut gate = gate_up.narrow(-1, 0, f);
-        let _ = gate.silu_();
-        let _ = gate.g_mul_(&gate_up.narrow(-1, f, f));
-        self.down_proj.forward(&gate)
+    /// The block on `x`, with gate/up from `projections`. On fused ones (sampling, no
+    /// autograd) SiLU and the product run in place on the one gate/up output.
+    fn forward(&self, x: &Tensor, projections: Projections<'_>) -> Tensor {
+        let hidden = match projections {
+            Projections::Separate => self.gate_proj.forward(x).silu() * self.up_proj.forward(x),
+            Projections::Fused(fused) => {
+                let f = fused.gate_up_weight.size()[0] / 2;
+                let gate_up = x.linear(&cast(&fused.gate_up_weight, x.kind()), None::<Tensor>);
+                let mut gate = gate_up.narrow(-1, 0, f);
+                let _ = gate.silu_();
+                let _ = gate.g_mul_(&gate_up.narrow(-1, f, f));
+                gate
+            }
+        };
+        self.down_proj.forward(&hidden)
     }
 }
 
@@ -356,7 +380,7 @@ impl Mlp {
 /// is a variable given new storage (`VarStore::set_kind` to another dtype, a move to another
 /// device); [`FusedLayer::is_current`] notices by address, and the model fuses again.
 #[derive(Debug)]
-struct FusedLayer {
+pub(crate) struct FusedLayer {
     qkv_weight: Tensor,
     qkv_bias: Tensor,
     gate_up_weight: Tensor,
@@ -453,6 +477,30 @@ fn holds_rows(fused: &Tensor, parts: &[&Tensor]) -> bool {
     rows == fused.size()[0]
 }
 
+/// Where a layer's forward takes its q/k/v and gate/up projections from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Projections<'a> {
+    /// The layer's variables, one matmul per projection: what autograd records (training,
+    /// log-probs). Wants [`Rope::tables`].
+    Separate,
+    /// The layer's fused tensors ([`FusedLayer`]), one matmul for q/k/v and one for gate/up,
+    /// for sampling without autograd. Wants [`Rope::head_tables`].
+    Fused(&'a FusedLayer),
+}
+
+/// What every decoder layer of one forward shares.
+#[derive(Debug)]
+pub(crate) struct LayerPass {
+    /// Boolean attention mask `[B, 1, T, S]` ([`attention_mask`]).
+    mask: Tensor,
+    /// RoPE tables in the form the forward's [`Projections`] want.
+    rope: (Tensor, Tensor),
+    /// A decode step on fused projections (one query per row): the additive key mask
+    /// ([`decode_bias`]). Attention then is two batched matmuls
+    /// ([`Attention::decode_attention`]), which beat SDPA's CPU kernel for a single query.
+    decode_bias: Option<Tensor>,
+}
+
 /// Pre-norm decoder block: attention and MLP, each with a residual connection.
 #[derive(Debug)]
 pub struct DecoderLayer {
@@ -477,7 +525,7 @@ impl DecoderLayer {
     }
 
     /// The layer's parameters (handles), in a fixed order.
-    fn parameters(&self) -> Vec<Tensor> {
+    pub(crate) fn parameters(&self) -> Vec<Tensor> {
         let (a, m) = (&self.self_attn, &self.mlp);
         [
             &a.q_proj,
@@ -498,46 +546,22 @@ impl DecoderLayer {
         .collect()
     }
 
-    fn forward(
+    /// The layer on `x` (`[B, T, hidden]`) for a forward that `pass` describes, with q/k/v
+    /// and gate/up from `projections` and, with `cache`, over the cached keys and values too.
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
-        rope: &(Tensor, Tensor),
-        mask: &Tensor,
+        projections: Projections<'_>,
+        pass: &LayerPass,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor {
-        let h = x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x), rope, mask, cache);
-        let out = self.mlp.forward(&self.post_attention_layernorm.forward(&h));
-        h + out
-    }
-
-    /// [`DecoderLayer::forward`] with a cache, on the fused projections.
-    #[allow(clippy::too_many_arguments)]
-    fn forward_fused(
-        &self,
-        x: &Tensor,
-        fused: &FusedLayer,
-        rope: &(Tensor, Tensor),
-        mask: &Tensor,
-        decode_bias: Option<&Tensor>,
-        cache: &mut KvCache,
-        layer: usize,
-    ) -> Tensor {
-        let attn = self.self_attn.forward_fused(
-            &self.input_layernorm.forward(x),
-            fused,
-            rope,
-            mask,
-            decode_bias,
-            cache,
-            layer,
-        );
+        let attn =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x), projections, pass, cache);
         let h = x + attn;
-        let out = self.mlp.forward_fused(
-            &self.post_attention_layernorm.forward(&h),
-            &fused.gate_up_weight,
-        );
+        let out = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h), projections);
         h + out
     }
 }
@@ -655,29 +679,49 @@ impl Qwen2 {
         let t = input_ids.size()[1];
         let offset = cache.as_ref().map_or(0, |c| c.query_offset());
         let mask = attention_mask(key_mask, offset, t);
+        let sampling = cache.as_ref().filter(|_| !self.grad_enabled());
+        let decode = sampling.is_some_and(|c| c.is_per_slot());
+        let fused = sampling.map(|_| self.fused_layers());
+        let pass = self.layer_pass(position_ids, mask, fused.is_some(), decode);
         let mut h = self.embed(input_ids);
-        if let Some(cache) = cache.as_mut().filter(|_| !self.grad_enabled()) {
-            let c = &self.config;
-            let rope = self.rope.head_tables(
-                position_ids,
-                self.compute_kind,
-                c.num_attention_heads + c.num_kv_heads(),
-                c.num_kv_heads(),
-            );
-            let bias = cache
-                .is_per_slot()
-                .then(|| decode_bias(&mask, c.num_kv_heads(), self.compute_kind));
-            for (i, (layer, fused)) in self.layers.iter().zip(self.fused_layers()).enumerate() {
-                h = layer.forward_fused(&h, &fused, &rope, &mask, bias.as_ref(), cache, i);
-            }
-            return self.norm.forward(&h);
-        }
-        let rope = self.rope.tables(position_ids, self.compute_kind);
         for (i, layer) in self.layers.iter().enumerate() {
+            let projections = fused
+                .as_ref()
+                .map_or(Projections::Separate, |f| Projections::Fused(&f[i]));
             let layer_cache = cache.as_mut().map(|c| (&mut **c, i));
-            h = layer.forward(&h, &rope, &mask, layer_cache);
+            h = layer.forward(&h, projections, &pass, layer_cache);
         }
         self.norm.forward(&h)
+    }
+
+    /// The [`LayerPass`] of a forward at `position_ids` (`[B, T]`) under `mask`
+    /// ([`attention_mask`]): RoPE tables for fused projections when `fused`, and with
+    /// `decode` (fused only) the decode step's key bias.
+    pub(crate) fn layer_pass(
+        &self,
+        position_ids: &Tensor,
+        mask: Tensor,
+        fused: bool,
+        decode: bool,
+    ) -> LayerPass {
+        let (c, kind) = (&self.config, self.compute_kind);
+        if !fused {
+            return LayerPass {
+                mask,
+                rope: self.rope.tables(position_ids, kind),
+                decode_bias: None,
+            };
+        }
+        let heads = c.num_attention_heads + c.num_kv_heads();
+        let rope = self
+            .rope
+            .head_tables(position_ids, kind, heads, c.num_kv_heads());
+        let decode_bias = decode.then(|| decode_bias(&mask, c.num_kv_heads(), kind));
+        LayerPass {
+            mask,
+            rope,
+            decode_bias,
+        }
     }
 
     /// Whether autograd is recording (tch does not expose the grad mode itself).
@@ -715,335 +759,12 @@ impl Qwen2 {
     }
 
     /// Token embeddings `[B, T, D]` in the compute dtype.
-    fn embed(&self, input_ids: &Tensor) -> Tensor {
+    pub(crate) fn embed(&self, input_ids: &Tensor) -> Tensor {
         cast(
             &Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false),
             self.compute_kind,
         )
     }
-
-    /// Backward pass with activation recomputation per decoder layer: the gradients it
-    /// accumulates into the parameters equal those of a plain forward and backward, while the
-    /// activations alive at once are each layer's input (`[B, T, D]` per layer) plus one
-    /// layer's autograd graph, instead of every layer's graph. Costs one more forward.
-    ///
-    /// The arguments are those of [`Qwen2::forward`] without a cache. `head` gets the final
-    /// hidden states (after the final norm, `[B, T, D]`) as a leaf that requires grad; it must
-    /// call `backward` on a loss that depends on them, so that their `grad()` holds
-    /// d loss / d hidden (the LM head's gradient accumulates on the way). Its result is
-    /// returned. Runs with autograd whatever the caller's grad mode.
-    pub fn backward_with_recompute<R>(
-        &self,
-        input_ids: &Tensor,
-        position_ids: &Tensor,
-        key_mask: &Tensor,
-        head: impl FnOnce(&Tensor) -> R,
-    ) -> R {
-        self.recompute_backward(
-            input_ids,
-            position_ids,
-            key_mask,
-            GradTarget::Accumulate,
-            |hidden, _, _| {
-                let result = head(hidden);
-                (result, hidden.grad())
-            },
-        )
-    }
-
-    /// The trainable parameters grouped in the stages a recomputing backward pass walks, in
-    /// its order: the LM head, the final norm, the decoder layers from the last to the first,
-    /// the embeddings. [`Qwen2::token_logprobs_backward_to`] hands a [`GradSink`] one call per
-    /// stage with these parameters; with tied embeddings the first and the last stage hold the
-    /// same variable and its two gradients add up. Parameters that do not require grad are
-    /// left out (a stage may be empty).
-    pub fn gradient_stages(&self) -> Vec<Vec<Tensor>> {
-        let trainable = |params: Vec<Tensor>| -> Vec<Tensor> {
-            params.into_iter().filter(Tensor::requires_grad).collect()
-        };
-        let mut stages = vec![
-            trainable(vec![self.lm_head.shallow_clone()]),
-            trainable(vec![self.norm.weight.shallow_clone()]),
-        ];
-        stages.extend(self.layers.iter().rev().map(|l| trainable(l.parameters())));
-        stages.push(trainable(vec![self.embed_tokens.shallow_clone()]));
-        stages
-    }
-
-    /// The recomputing backward pass behind [`Qwen2::backward_with_recompute`] and the
-    /// recompute path of the log-prob backwards. `head(hidden, head_params, target)` gets the
-    /// final hidden states as a leaf and returns its result and d loss / d hidden (undefined:
-    /// no gradient reaches the model); every later stage of [`Qwen2::gradient_stages`] is
-    /// recomputed and its parameter gradients go to `target`.
-    fn recompute_backward<'s, R>(
-        &self,
-        input_ids: &Tensor,
-        position_ids: &Tensor,
-        key_mask: &Tensor,
-        mut target: GradTarget<'s>,
-        head: impl FnOnce(&Tensor, &[Tensor], &mut GradTarget<'s>) -> (R, Tensor),
-    ) -> R {
-        let t = input_ids.size()[1];
-        let (mask, rope, mut layer_inputs, last, hidden) = tch::no_grad(|| {
-            let mask = attention_mask(key_mask, 0, t);
-            let rope = self.rope.tables(position_ids, self.compute_kind);
-            let mut layer_inputs = Vec::with_capacity(self.layers.len());
-            let mut h = self.embed(input_ids);
-            for layer in &self.layers {
-                let next = layer.forward(&h, &rope, &mask, None);
-                layer_inputs.push(std::mem::replace(&mut h, next));
-            }
-            let hidden = self.norm.forward(&h);
-            (mask, rope, layer_inputs, h, hidden)
-        });
-        let mut stages = self.gradient_stages().into_iter();
-        tch::with_grad(|| {
-            let hidden = hidden.set_requires_grad(true);
-            let head_params = stages.next().unwrap_or_default();
-            let (result, mut grad) = head(&hidden, &head_params, &mut target);
-            if !grad.defined() {
-                // A sink still sees every stage, so that data-parallel ranks stay in step.
-                for params in stages {
-                    target.skip(&params);
-                }
-                return result;
-            }
-            let norm_params = stages.next().unwrap_or_default();
-            grad = backward_through(&mut target, &last, &grad, &norm_params, |x| {
-                self.norm.forward(x)
-            });
-            drop(last);
-            // Last layer first; each saved input is freed once its layer is done.
-            while let Some(input) = layer_inputs.pop() {
-                let layer = &self.layers[layer_inputs.len()];
-                let params = stages.next().unwrap_or_default();
-                grad = backward_through(&mut target, &input, &grad, &params, |x| {
-                    layer.forward(x, &rope, &mask, None)
-                });
-            }
-            // A tied LM head is the same variable: this adds to the gradient `head` left there.
-            let params = stages.next().unwrap_or_default();
-            let embeddings = self.embed(input_ids);
-            if embeddings.requires_grad() {
-                let root = (embeddings * grad).sum(Kind::Float);
-                let (_, grads) = target.run(&root, &[], &params);
-                target.hand_over(&params, grads);
-            } else {
-                target.skip(&params);
-            }
-            result
-        })
-    }
-
-    /// Per-token log-probs of `batch` with a backward pass for `loss_fn`: gradients of
-    /// `loss_fn(logprobs)` accumulate into the parameters. `logprobs` is `[B, T-1]` f32 as
-    /// [`token_logprobs`] computes it (entry `t-1` is `log p(ids[t] | ids[<t])`, padding
-    /// entries included: the loss must mask them), and the loss must depend on the model only
-    /// through it.
-    ///
-    /// `recompute: false` is a plain forward and backward. `recompute: true` recomputes each
-    /// decoder layer during the backward pass ([`Qwen2::backward_with_recompute`]) and runs
-    /// the vocabulary projection `chunk_tokens` positions at a time in both directions, so
-    /// at most one chunk's `[B, chunk, V]` logits is alive (the plain path keeps all of them
-    /// for its backward). The gradients are the same either way.
-    pub fn token_logprobs_backward(
-        &self,
-        batch: &PaddedBatch,
-        chunk_tokens: i64,
-        recompute: bool,
-        loss_fn: impl FnOnce(&Tensor) -> Tensor,
-    ) -> LogprobsBackward {
-        if !recompute {
-            return tch::with_grad(|| {
-                let logprobs = token_logprobs(self, batch, chunk_tokens);
-                let loss = loss_fn(&logprobs);
-                loss.backward();
-                LogprobsBackward {
-                    logprobs: logprobs.detach(),
-                    loss: loss.detach(),
-                }
-            });
-        }
-        self.recomputed_logprobs_backward(batch, chunk_tokens, GradTarget::Accumulate, loss_fn)
-    }
-
-    /// [`Qwen2::token_logprobs_backward`] with recomputation, except that no parameter's
-    /// `.grad` is touched: each stage's parameter gradients (see [`Qwen2::gradient_stages`])
-    /// are computed as fresh tensors and handed to `sink` right after that stage, so at most
-    /// one stage's gradients exist at a time (the LM head's are summed over the log-prob
-    /// chunks first). The sink gets every stage once, in order, on every call.
-    pub fn token_logprobs_backward_to(
-        &self,
-        batch: &PaddedBatch,
-        chunk_tokens: i64,
-        sink: &mut dyn GradSink,
-        loss_fn: impl FnOnce(&Tensor) -> Tensor,
-    ) -> LogprobsBackward {
-        self.recomputed_logprobs_backward(batch, chunk_tokens, GradTarget::Sink(sink), loss_fn)
-    }
-
-    fn recomputed_logprobs_backward(
-        &self,
-        batch: &PaddedBatch,
-        chunk_tokens: i64,
-        target: GradTarget<'_>,
-        loss_fn: impl FnOnce(&Tensor) -> Tensor,
-    ) -> LogprobsBackward {
-        let t = batch.input_ids.size()[1];
-        let targets = batch.input_ids.narrow(1, 1, t - 1);
-        let chunk = chunk_tokens.max(1);
-        let chunks: Vec<(i64, i64)> = (0..t - 1)
-            .step_by(chunk as usize)
-            .map(|start| (start, chunk.min(t - 1 - start)))
-            .collect();
-        let positions = position_ids(&batch.attention_mask);
-        self.recompute_backward(
-            &batch.input_ids,
-            &positions,
-            &batch.attention_mask,
-            target,
-            |hidden, head_params, target| {
-                let piece = |h: &Tensor, (start, len): (i64, i64)| {
-                    self.target_logprobs(h, &targets.narrow(1, start, len))
-                };
-                // The loss sees log-probs computed without autograd, then each chunk's
-                // vocabulary projection runs again with autograd to carry d loss / d logprobs
-                // back to the hidden states and the LM head.
-                let logprobs = tch::no_grad(|| {
-                    let pieces: Vec<Tensor> = chunks
-                        .iter()
-                        .map(|&(start, len)| piece(&hidden.narrow(1, start, len), (start, len)))
-                        .collect();
-                    Tensor::cat(&pieces, 1)
-                })
-                .set_requires_grad(true);
-                let loss = loss_fn(&logprobs);
-                let (mut grads, _) = target.run(&loss, &[&logprobs], &[]);
-                let grad = grads.remove(0);
-                let mut grad_hidden = Tensor::new();
-                let mut head_grads: Vec<Tensor> =
-                    head_params.iter().map(|_| Tensor::new()).collect();
-                if grad.defined() {
-                    grad_hidden = hidden.zeros_like();
-                    for &(start, len) in &chunks {
-                        let leaf = hidden
-                            .narrow(1, start, len)
-                            .detach()
-                            .set_requires_grad(true);
-                        let root = (piece(&leaf, (start, len)) * grad.narrow(1, start, len))
-                            .sum(Kind::Float);
-                        let (leaf_grad, param_grads) = target.run(&root, &[&leaf], head_params);
-                        grad_hidden.narrow(1, start, len).copy_(&leaf_grad[0]);
-                        // Summed in place: the head's gradient exists twice at most.
-                        for (total, g) in head_grads.iter_mut().zip(param_grads) {
-                            if !total.defined() {
-                                *total = g;
-                            } else if g.defined() {
-                                let _ = total.g_add_(&g);
-                            }
-                        }
-                    }
-                }
-                target.hand_over(head_params, head_grads);
-                let out = LogprobsBackward {
-                    logprobs: logprobs.detach(),
-                    loss: loss.detach(),
-                };
-                (out, grad_hidden)
-            },
-        )
-    }
-}
-
-/// What [`Qwen2::token_logprobs_backward`] returns; both tensors are detached.
-#[derive(Debug)]
-pub struct LogprobsBackward {
-    /// `[B, T-1]` f32 token log-probs.
-    pub logprobs: Tensor,
-    /// The scalar loss.
-    pub loss: Tensor,
-}
-
-/// Receives parameter gradients from [`Qwen2::token_logprobs_backward_to`], one call per
-/// stage of [`Qwen2::gradient_stages`]: `grads[i]` is d loss / d `params[i]` from this pass
-/// (in the parameter's dtype), undefined when the loss does not reach it. The tensors are the
-/// sink's to keep or drop. A sink cannot stop the pass: one that fails records its error.
-pub trait GradSink {
-    /// Takes one stage's gradients.
-    fn accept(&mut self, params: &[Tensor], grads: Vec<Tensor>);
-}
-
-impl<F: FnMut(&[Tensor], Vec<Tensor>)> GradSink for F {
-    fn accept(&mut self, params: &[Tensor], grads: Vec<Tensor>) {
-        self(params, grads)
-    }
-}
-
-/// Where a recomputing backward pass puts parameter gradients.
-enum GradTarget<'s> {
-    /// Into each parameter's `.grad`, as `backward` does.
-    Accumulate,
-    /// Handed to a sink stage by stage, never stored in `.grad`.
-    Sink(&'s mut dyn GradSink),
-}
-
-impl GradTarget<'_> {
-    /// Backpropagates the scalar `root`: returns d root / d `leaves` (fresh leaves, so their
-    /// `.grad` is this pass's alone) and, for a sink, d root / d `params` as new tensors (for
-    /// `Accumulate` they went into `.grad` and the list is empty).
-    fn run(
-        &self,
-        root: &Tensor,
-        leaves: &[&Tensor],
-        params: &[Tensor],
-    ) -> (Vec<Tensor>, Vec<Tensor>) {
-        if !root.requires_grad() {
-            return (leaves.iter().map(|_| Tensor::new()).collect(), Vec::new());
-        }
-        match self {
-            Self::Accumulate => {
-                root.backward();
-                (leaves.iter().map(|l| l.grad()).collect(), Vec::new())
-            }
-            Self::Sink(_) => {
-                let inputs: Vec<&Tensor> = leaves.iter().copied().chain(params).collect();
-                let mut grads = Tensor::run_backward(&[root], &inputs, false, false);
-                let param_grads = grads.split_off(leaves.len());
-                (grads, param_grads)
-            }
-        }
-    }
-
-    /// Gives a sink the gradients of one stage (`Accumulate` has nothing to do).
-    fn hand_over(&mut self, params: &[Tensor], mut grads: Vec<Tensor>) {
-        if let Self::Sink(sink) = self {
-            grads.resize_with(params.len(), Tensor::new);
-            sink.accept(params, grads);
-        }
-    }
-
-    /// A stage the loss does not reach: a sink gets it with undefined gradients.
-    fn skip(&mut self, params: &[Tensor]) {
-        self.hand_over(params, Vec::new());
-    }
-}
-
-/// Runs `stage` again with autograd from a detached copy of its saved `input` and
-/// backpropagates `grad_output` through it: `sum(stage(x) * grad_output)` has gradient
-/// `J^T grad_output`, which goes to the stage's `params` as `target` says. Returns the
-/// gradient at the input, to pass to the stage before.
-fn backward_through(
-    target: &mut GradTarget<'_>,
-    input: &Tensor,
-    grad_output: &Tensor,
-    params: &[Tensor],
-    stage: impl FnOnce(&Tensor) -> Tensor,
-) -> Tensor {
-    let input = input.detach().set_requires_grad(true);
-    let root = (stage(&input) * grad_output).sum(Kind::Float);
-    let (mut input_grad, param_grads) = target.run(&root, &[&input], params);
-    target.hand_over(params, param_grads);
-    input_grad.remove(0)
 }
 
 /// The additive form (0 or -inf, `[B * kv_heads, 1, S]` in `kind`) of a decode step's key
@@ -1058,7 +779,7 @@ fn decode_bias(mask: &Tensor, kv_heads: i64, kind: Kind) -> Tensor {
 
 /// Boolean attention mask `[B, 1, T, S]` (true = attend) for `T` queries at key slots
 /// `offset..offset+T`: causal over real keys, plus each query's own slot.
-fn attention_mask(key_mask: &Tensor, offset: i64, t: i64) -> Tensor {
+pub(crate) fn attention_mask(key_mask: &Tensor, offset: i64, t: i64) -> Tensor {
     let s = key_mask.size()[1];
     if t == 1 && s == offset + 1 {
         // Decoding: one new (real) token in the last key slot attends to every real key.

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use prime_collective::flat::{flatten, FlatLayout};
 use prime_collective::{Collective, ReduceOp};
-use prime_model::qwen2::GradSink;
+use prime_model::training::GradSink;
 use prime_model::Qwen2;
 use tch::{Device, Kind, Tensor};
 

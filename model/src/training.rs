@@ -1,0 +1,337 @@
+//! Training on a [`Qwen2`]: backward passes that trade compute for memory.
+//!
+//! [`Qwen2::backward_with_recompute`]: tch has no `torch.utils.checkpoint`, so the decoder is
+//! run once without autograd, keeping only each layer's input, and every layer is run again
+//! with autograd during the backward pass. [`Qwen2::token_logprobs_backward`] computes
+//! per-token log-probs with a backward pass for a loss over them, plainly or with that
+//! recomputation (and the vocabulary projection chunked in both directions).
+//! [`Qwen2::token_logprobs_backward_to`] recomputes too but hands each stage's parameter
+//! gradients to a [`GradSink`] instead of accumulating them (ZeRO-2 data parallelism).
+use tch::{Kind, Tensor};
+
+use crate::logprobs::{position_ids, token_logprobs, PaddedBatch};
+use crate::qwen2::{attention_mask, Projections, Qwen2};
+
+impl Qwen2 {
+    /// Backward pass with activation recomputation per decoder layer: the gradients it
+    /// accumulates into the parameters equal those of a plain forward and backward, while the
+    /// activations alive at once are each layer's input (`[B, T, D]` per layer) plus one
+    /// layer's autograd graph, instead of every layer's graph. Costs one more forward.
+    ///
+    /// The arguments are those of [`Qwen2::forward`] without a cache. `head` gets the final
+    /// hidden states (after the final norm, `[B, T, D]`) as a leaf that requires grad; it must
+    /// call `backward` on a loss that depends on them, so that their `grad()` holds
+    /// d loss / d hidden (the LM head's gradient accumulates on the way). Its result is
+    /// returned. Runs with autograd whatever the caller's grad mode.
+    pub fn backward_with_recompute<R>(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        key_mask: &Tensor,
+        head: impl FnOnce(&Tensor) -> R,
+    ) -> R {
+        self.recompute_backward(
+            input_ids,
+            position_ids,
+            key_mask,
+            GradTarget::Accumulate,
+            |hidden, _, _| {
+                let result = head(hidden);
+                (result, hidden.grad())
+            },
+        )
+    }
+
+    /// The trainable parameters grouped in the stages a recomputing backward pass walks, in
+    /// its order: the LM head, the final norm, the decoder layers from the last to the first,
+    /// the embeddings. [`Qwen2::token_logprobs_backward_to`] hands a [`GradSink`] one call per
+    /// stage with these parameters; with tied embeddings the first and the last stage hold the
+    /// same variable and its two gradients add up. Parameters that do not require grad are
+    /// left out (a stage may be empty).
+    pub fn gradient_stages(&self) -> Vec<Vec<Tensor>> {
+        let trainable = |params: Vec<Tensor>| -> Vec<Tensor> {
+            params.into_iter().filter(Tensor::requires_grad).collect()
+        };
+        let mut stages = vec![
+            trainable(vec![self.lm_head.shallow_clone()]),
+            trainable(vec![self.norm.weight.shallow_clone()]),
+        ];
+        stages.extend(self.layers.iter().rev().map(|l| trainable(l.parameters())));
+        stages.push(trainable(vec![self.embed_tokens.shallow_clone()]));
+        stages
+    }
+
+    /// The recomputing backward pass behind [`Qwen2::backward_with_recompute`] and the
+    /// recompute path of the log-prob backwards. `head(hidden, head_params, target)` gets the
+    /// final hidden states as a leaf and returns its result and d loss / d hidden (undefined:
+    /// no gradient reaches the model); every later stage of [`Qwen2::gradient_stages`] is
+    /// recomputed and its parameter gradients go to `target`.
+    fn recompute_backward<'s, R>(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        key_mask: &Tensor,
+        mut target: GradTarget<'s>,
+        head: impl FnOnce(&Tensor, &[Tensor], &mut GradTarget<'s>) -> (R, Tensor),
+    ) -> R {
+        let t = input_ids.size()[1];
+        let (pass, mut layer_inputs, last, hidden) = tch::no_grad(|| {
+            let pass = self.layer_pass(position_ids, attention_mask(key_mask, 0, t), false, false);
+            let mut layer_inputs = Vec::with_capacity(self.layers.len());
+            let mut h = self.embed(input_ids);
+            for layer in &self.layers {
+                let next = layer.forward(&h, Projections::Separate, &pass, None);
+                layer_inputs.push(std::mem::replace(&mut h, next));
+            }
+            let hidden = self.norm.forward(&h);
+            (pass, layer_inputs, h, hidden)
+        });
+        let mut stages = self.gradient_stages().into_iter();
+        tch::with_grad(|| {
+            let hidden = hidden.set_requires_grad(true);
+            let head_params = stages.next().unwrap_or_default();
+            let (result, mut grad) = head(&hidden, &head_params, &mut target);
+            if !grad.defined() {
+                // A sink still sees every stage, so that data-parallel ranks stay in step.
+                for params in stages {
+                    target.skip(&params);
+                }
+                return result;
+            }
+            let norm_params = stages.next().unwrap_or_default();
+            grad = backward_through(&mut target, &last, &grad, &norm_params, |x| {
+                self.norm.forward(x)
+            });
+            drop(last);
+            // Last layer first; each saved input is freed once its layer is done.
+            while let Some(input) = layer_inputs.pop() {
+                let layer = &self.layers[layer_inputs.len()];
+                let params = stages.next().unwrap_or_default();
+                grad = backward_through(&mut target, &input, &grad, &params, |x| {
+                    layer.forward(x, Projections::Separate, &pass, None)
+                });
+            }
+            // A tied LM head is the same variable: this adds to the gradient `head` left there.
+            let params = stages.next().unwrap_or_default();
+            let embeddings = self.embed(input_ids);
+            if embeddings.requires_grad() {
+                let root = (embeddings * grad).sum(Kind::Float);
+                let (_, grads) = target.run(&root, &[], &params);
+                target.hand_over(&params, grads);
+            } else {
+                target.skip(&params);
+            }
+            result
+        })
+    }
+
+    /// Per-token log-probs of `batch` with a backward pass for `loss_fn`: gradients of
+    /// `loss_fn(logprobs)` accumulate into the parameters. `logprobs` is `[B, T-1]` f32 as
+    /// [`token_logprobs`] computes it (entry `t-1` is `log p(ids[t] | ids[<t])`, padding
+    /// entries included: the loss must mask them), and the loss must depend on the model only
+    /// through it.
+    ///
+    /// `recompute: false` is a plain forward and backward. `recompute: true` recomputes each
+    /// decoder layer during the backward pass ([`Qwen2::backward_with_recompute`]) and runs
+    /// the vocabulary projection `chunk_tokens` positions at a time in both directions, so
+    /// at most one chunk's `[B, chunk, V]` logits is alive (the plain path keeps all of them
+    /// for its backward). The gradients are the same either way.
+    pub fn token_logprobs_backward(
+        &self,
+        batch: &PaddedBatch,
+        chunk_tokens: i64,
+        recompute: bool,
+        loss_fn: impl FnOnce(&Tensor) -> Tensor,
+    ) -> LogprobsBackward {
+        if !recompute {
+            return tch::with_grad(|| {
+                let logprobs = token_logprobs(self, batch, chunk_tokens);
+                let loss = loss_fn(&logprobs);
+                loss.backward();
+                LogprobsBackward {
+                    logprobs: logprobs.detach(),
+                    loss: loss.detach(),
+                }
+            });
+        }
+        self.recomputed_logprobs_backward(batch, chunk_tokens, GradTarget::Accumulate, loss_fn)
+    }
+
+    /// [`Qwen2::token_logprobs_backward`] with recomputation, except that no parameter's
+    /// `.grad` is touched: each stage's parameter gradients (see [`Qwen2::gradient_stages`])
+    /// are computed as fresh tensors and handed to `sink` right after that stage, so at most
+    /// one stage's gradients exist at a time (the LM head's are summed over the log-prob
+    /// chunks first). The sink gets every stage once, in order, on every call.
+    pub fn token_logprobs_backward_to(
+        &self,
+        batch: &PaddedBatch,
+        chunk_tokens: i64,
+        sink: &mut dyn GradSink,
+        loss_fn: impl FnOnce(&Tensor) -> Tensor,
+    ) -> LogprobsBackward {
+        self.recomputed_logprobs_backward(batch, chunk_tokens, GradTarget::Sink(sink), loss_fn)
+    }
+
+    fn recomputed_logprobs_backward(
+        &self,
+        batch: &PaddedBatch,
+        chunk_tokens: i64,
+        target: GradTarget<'_>,
+        loss_fn: impl FnOnce(&Tensor) -> Tensor,
+    ) -> LogprobsBackward {
+        let t = batch.input_ids.size()[1];
+        let targets = batch.input_ids.narrow(1, 1, t - 1);
+        let chunk = chunk_tokens.max(1);
+        let chunks: Vec<(i64, i64)> = (0..t - 1)
+            .step_by(chunk as usize)
+            .map(|start| (start, chunk.min(t - 1 - start)))
+            .collect();
+        let positions = position_ids(&batch.attention_mask);
+        self.recompute_backward(
+            &batch.input_ids,
+            &positions,
+            &batch.attention_mask,
+            target,
+            |hidden, head_params, target| {
+                let piece = |h: &Tensor, (start, len): (i64, i64)| {
+                    self.target_logprobs(h, &targets.narrow(1, start, len))
+                };
+                // The loss sees log-probs computed without autograd, then each chunk's
+                // vocabulary projection runs again with autograd to carry d loss / d logprobs
+                // back to the hidden states and the LM head.
+                let logprobs = tch::no_grad(|| {
+                    let pieces: Vec<Tensor> = chunks
+                        .iter()
+                        .map(|&(start, len)| piece(&hidden.narrow(1, start, len), (start, len)))
+                        .collect();
+                    Tensor::cat(&pieces, 1)
+                })
+                .set_requires_grad(true);
+                let loss = loss_fn(&logprobs);
+                let (mut grads, _) = target.run(&loss, &[&logprobs], &[]);
+                let grad = grads.remove(0);
+                let mut grad_hidden = Tensor::new();
+                let mut head_grads: Vec<Tensor> =
+                    head_params.iter().map(|_| Tensor::new()).collect();
+                if grad.defined() {
+                    grad_hidden = hidden.zeros_like();
+                    for &(start, len) in &chunks {
+                        let leaf = hidden
+                            .narrow(1, start, len)
+                            .detach()
+                            .set_requires_grad(true);
+                        let root = (piece(&leaf, (start, len)) * grad.narrow(1, start, len))
+                            .sum(Kind::Float);
+                        let (leaf_grad, param_grads) = target.run(&root, &[&leaf], head_params);
+                        grad_hidden.narrow(1, start, len).copy_(&leaf_grad[0]);
+                        // Summed in place: the head's gradient exists twice at most.
+                        for (total, g) in head_grads.iter_mut().zip(param_grads) {
+                            if !total.defined() {
+                                *total = g;
+                            } else if g.defined() {
+                                let _ = total.g_add_(&g);
+                            }
+                        }
+                    }
+                }
+                target.hand_over(head_params, head_grads);
+                let out = LogprobsBackward {
+                    logprobs: logprobs.detach(),
+                    loss: loss.detach(),
+                };
+                (out, grad_hidden)
+            },
+        )
+    }
+}
+
+/// What [`Qwen2::token_logprobs_backward`] returns; both tensors are detached.
+#[derive(Debug)]
+pub struct LogprobsBackward {
+    /// `[B, T-1]` f32 token log-probs.
+    pub logprobs: Tensor,
+    /// The scalar loss.
+    pub loss: Tensor,
+}
+
+/// Receives parameter gradients from [`Qwen2::token_logprobs_backward_to`], one call per
+/// stage of [`Qwen2::gradient_stages`]: `grads[i]` is d loss / d `params[i]` from this pass
+/// (in the parameter's dtype), undefined when the loss does not reach it. The tensors are the
+/// sink's to keep or drop. A sink cannot stop the pass: one that fails records its error.
+pub trait GradSink {
+    /// Takes one stage's gradients.
+    fn accept(&mut self, params: &[Tensor], grads: Vec<Tensor>);
+}
+
+impl<F: FnMut(&[Tensor], Vec<Tensor>)> GradSink for F {
+    fn accept(&mut self, params: &[Tensor], grads: Vec<Tensor>) {
+        self(params, grads)
+    }
+}
+
+/// Where a recomputing backward pass puts parameter gradients.
+enum GradTarget<'s> {
+    /// Into each parameter's `.grad`, as `backward` does.
+    Accumulate,
+    /// Handed to a sink stage by stage, never stored in `.grad`.
+    Sink(&'s mut dyn GradSink),
+}
+
+impl GradTarget<'_> {
+    /// Backpropagates the scalar `root`: returns d root / d `leaves` (fresh leaves, so their
+    /// `.grad` is this pass's alone) and, for a sink, d root / d `params` as new tensors (for
+    /// `Accumulate` they went into `.grad` and the list is empty).
+    fn run(
+        &self,
+        root: &Tensor,
+        leaves: &[&Tensor],
+        params: &[Tensor],
+    ) -> (Vec<Tensor>, Vec<Tensor>) {
+        if !root.requires_grad() {
+            return (leaves.iter().map(|_| Tensor::new()).collect(), Vec::new());
+        }
+        match self {
+            Self::Accumulate => {
+                root.backward();
+                (leaves.iter().map(|l| l.grad()).collect(), Vec::new())
+            }
+            Self::Sink(_) => {
+                let inputs: Vec<&Tensor> = leaves.iter().copied().chain(params).collect();
+                let mut grads = Tensor::run_backward(&[root], &inputs, false, false);
+                let param_grads = grads.split_off(leaves.len());
+                (grads, param_grads)
+            }
+        }
+    }
+
+    /// Gives a sink the gradients of one stage (`Accumulate` has nothing to do).
+    fn hand_over(&mut self, params: &[Tensor], mut grads: Vec<Tensor>) {
+        if let Self::Sink(sink) = self {
+            grads.resize_with(params.len(), Tensor::new);
+            sink.accept(params, grads);
+        }
+    }
+
+    /// A stage the loss does not reach: a sink gets it with undefined gradients.
+    fn skip(&mut self, params: &[Tensor]) {
+        self.hand_over(params, Vec::new());
+    }
+}
+
+/// Runs `stage` again with autograd from a detached copy of its saved `input` and
+/// backpropagates `grad_output` through it: `sum(stage(x) * grad_output)` has gradient
+/// `J^T grad_output`, which goes to the stage's `params` as `target` says. Returns the
+/// gradient at the input, to pass to the stage before.
+fn backward_through(
+    target: &mut GradTarget<'_>,
+    input: &Tensor,
+    grad_output: &Tensor,
+    params: &[Tensor],
+    stage: impl FnOnce(&Tensor) -> Tensor,
+) -> Tensor {
+    let input = input.detach().set_requires_grad(true);
+    let root = (stage(&input) * grad_output).sum(Kind::Float);
+    let (mut input_grad, param_grads) = target.run(&root, &[&input], params);
+    target.hand_over(params, param_grads);
+    input_grad.remove(0)
+}
