@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use prime_actor::client::{lazy_channel, learner_client, request, LearnerClient};
+use prime_proto::client::{lazy_channel, learner_client, request, LearnerClient};
 use prime_proto::v1 as pb;
 use prime_tests::{free_addr, gauge, write_tiny_start_model};
 

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use prime_collective::bytecast::ByteCast;
 use prime_collective::tcp::TcpOptions;
 use prime_collective::RankInfo;
+use prime_model::transfer::{manifest_to_proto, Published};
 use prime_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use tch::Device;
@@ -34,7 +35,7 @@ use tonic::Status;
 
 use crate::error::{LearnerError, Result};
 use crate::parallel::Backend;
-use crate::service::{manifest_to_proto, Published, Shared};
+use crate::service::Shared;
 
 /// `[learner.weight_broadcast]`: pushing new weights to the actors in one broadcast.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,11 +136,22 @@ impl Transport {
         }
     }
 
-    /// The name actors see in `RegisterReply.weight_broadcast`.
+    /// The transport's name in logs.
     pub fn name(self) -> &'static str {
         match self {
             Self::Tcp => "tcp",
             Self::Nccl { .. } => "nccl",
+        }
+    }
+}
+
+impl From<Transport> for pb::BroadcastTransport {
+    /// The transport as actors see it in `RegisterReply.weight_broadcast` and
+    /// `BroadcastRound.backend`.
+    fn from(transport: Transport) -> Self {
+        match transport {
+            Transport::Tcp => Self::Tcp,
+            Transport::Nccl { .. } => Self::Nccl,
         }
     }
 }
@@ -297,7 +309,7 @@ impl Broadcaster {
         })
     }
 
-    /// The transport's name, for `RegisterReply.weight_broadcast`.
+    /// The transport, for `RegisterReply.weight_broadcast`.
     pub fn transport(&self) -> Transport {
         self.transport
     }
@@ -529,7 +541,7 @@ impl Broadcaster {
             policy_version: published.policy_version,
             epoch,
             world_size: world_size as u32,
-            backend: self.transport.name().into(),
+            backend: pb::BroadcastTransport::from(self.transport) as i32,
             manifest: Some(manifest),
             join_timeout_seconds: self.config.join_timeout_seconds as u32,
             timeout_seconds: self.config.timeout_seconds as u32,

@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use prime_model::weights::{encode_var_store, EncodedWeights, WeightManifest, DEFAULT_CHUNK_BYTES};
+use prime_model::transfer::{manifest_to_proto, Published};
+use prime_model::weights::{encode_var_store, DEFAULT_CHUNK_BYTES};
 use prime_proto::v1 as pb;
 use prime_proto::v1::learner_server::{Learner, LearnerServer};
+use prime_verifier::service::ability_to_proto;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -22,35 +24,12 @@ use crate::trainer::{StepRecord, Trainer};
 /// Largest message the service accepts or sends (a weight chunk is at most 4 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-/// Policy weights as published to actors.
-#[derive(Debug)]
-pub struct Published {
-    /// The version these weights are.
-    pub policy_version: u64,
-    /// Names, shapes, dtypes, offsets and checksums.
-    pub manifest: WeightManifest,
-    /// Every tensor's bytes, back to back; chunks are slices of it (no copies).
-    pub bytes: tonic::codegen::Bytes,
-}
-
-impl Published {
-    /// Takes over encoded weights.
-    pub fn new(weights: EncodedWeights) -> Self {
-        Self {
-            policy_version: weights.manifest.policy_version,
-            manifest: weights.manifest,
-            bytes: weights.bytes.into(),
-        }
-    }
-}
-
 /// Live figures for `Status` and Prometheus.
 #[derive(Debug, Default)]
 struct Live {
     step: AtomicU64,
     errors: AtomicU64,
     tokens_per_second_milli: AtomicU64,
-    phase: Mutex<&'static str>,
 }
 
 /// State shared by the handlers and the compute loop.
@@ -88,10 +67,7 @@ impl Shared {
             model_config_json,
             sampling,
             lease_seconds,
-            live: Live {
-                phase: Mutex::new("collecting"),
-                ..Live::default()
-            },
+            live: Live::default(),
             broadcaster: OnceLock::new(),
         })
     }
@@ -157,10 +133,6 @@ impl Shared {
         self.scheduler.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set_phase(&self, phase: &'static str) {
-        *self.live.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
-    }
-
     /// The status reply: scheduler figures plus the compute loop's.
     pub fn status(&self) -> pb::LearnerStatus {
         let status = self.scheduler().status(Instant::now());
@@ -178,12 +150,7 @@ impl Shared {
                 / 1000.0,
             filter_pass_rate: status.filter_pass_rate,
             errors: self.live.errors.load(Ordering::Relaxed),
-            phase: self
-                .live
-                .phase
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .to_string(),
+            phase: pb::LearnerPhase::from(status.phase) as i32,
         }
     }
 
@@ -387,8 +354,9 @@ impl Learner for LearnerService {
                 .shared
                 .broadcaster
                 .get()
-                .map_or("", |b| b.transport().name())
-                .into(),
+                .map_or(pb::BroadcastTransport::Unspecified, |b| {
+                    b.transport().into()
+                }) as i32,
         }))
     }
 
@@ -413,7 +381,7 @@ impl Learner for LearnerService {
                         work_id: w.work_id,
                         prompt_ids: w.prompt.prompt_ids.clone(),
                         ground_truth: w.prompt.ground_truth.clone(),
-                        ability: w.prompt.ability.clone(),
+                        ability: ability_to_proto(w.prompt.ability.parse().ok()) as i32,
                         k: w.k,
                     })
                     .collect(),
@@ -569,27 +537,6 @@ fn stream_weights(
     )))
 }
 
-/// The wire form of a weight manifest (the actor reads it back with
-/// `prime_actor::weights::manifest_from_proto`).
-pub fn manifest_to_proto(m: &WeightManifest) -> pb::WeightManifest {
-    pb::WeightManifest {
-        policy_version: m.policy_version,
-        tensors: m
-            .tensors
-            .iter()
-            .map(|t| pb::TensorInfo {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-                dtype: t.dtype.clone(),
-                offset: t.offset,
-                length: t.len,
-                sha256: t.sha256.clone(),
-            })
-            .collect(),
-        total_bytes: m.total_bytes,
-    }
-}
-
 /// Encodes the trainer's policy as version `policy_version`.
 pub fn publish_policy(trainer: &Trainer) -> Result<Published> {
     Ok(Published::new(encode_var_store(
@@ -729,7 +676,6 @@ fn compute_loop(
                     .0;
             }
         };
-        shared.set_phase("training");
         let rollout_seconds = collecting_since.elapsed().as_secs_f64();
         let step = trainer.train(batch, rollout_seconds, || shared.scheduler().state());
         let record = match step {
@@ -753,7 +699,6 @@ fn compute_loop(
             Ordering::Relaxed,
         );
         shared.scheduler().publish(trainer.policy_version);
-        shared.set_phase("collecting");
         collecting_since = Instant::now();
         on_step(&record, trainer);
     }
