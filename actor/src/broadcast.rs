@@ -11,14 +11,15 @@ use bytes::Bytes;
 use prime_collective::bytecast::{ByteCast, Receiver};
 use prime_collective::tcp::TcpOptions;
 use prime_collective::RankInfo;
+use prime_model::transfer::manifest_from_proto;
 use prime_model::weights::{WeightAssembler, WeightManifest};
+use prime_proto::client::{request, with_deadline, LearnerClient};
 use prime_proto::v1 as pb;
 use tch::Device;
 use tracing::{debug, info, warn};
 
-use crate::client::{request, with_deadline, Backoff, LearnerClient};
+use crate::backoff::Backoff;
 use crate::error::{ActorError, Result};
-use crate::weights::manifest_from_proto;
 
 /// Deadline of one long poll; the learner answers "ask again" after 30 s.
 const POLL_DEADLINE: Duration = Duration::from_secs(45);
@@ -374,8 +375,8 @@ fn join(
     world_size: usize,
 ) -> Result<ByteCast> {
     let limit = round_seconds(round.timeout_seconds);
-    match round.backend.as_str() {
-        "tcp" => {
+    match pb::BroadcastTransport::try_from(round.backend) {
+        Ok(pb::BroadcastTransport::Tcp) => {
             let info = RankInfo {
                 rank,
                 world_size,
@@ -394,7 +395,7 @@ fn join(
             Ok(ByteCast::join_tcp(&info, options, None)?)
         }
         #[cfg(feature = "nccl")]
-        "nccl" => {
+        Ok(pb::BroadcastTransport::Nccl) => {
             let Device::Cuda(device) = config.device else {
                 return Err(ActorError::Protocol(
                     "an NCCL broadcast round for an actor that samples on the CPU".into(),
@@ -409,7 +410,9 @@ fn join(
             )?)
         }
         other => Err(ActorError::Protocol(format!(
-            "the learner broadcasts over {other:?}, which this build does not speak"
+            "the learner broadcasts over transport {} ({other:?}), which this build does not \
+             speak",
+            round.backend
         ))),
     }
 }

@@ -59,9 +59,8 @@ pub struct ActorConfig {
 /// Largest chunk of a weight transfer, as the protocol fixes it.
 pub const MAX_CHUNK_BYTES: u32 = 4 << 20;
 
-/// Most bytes accepted in one message from either service: a 4 MiB weight chunk plus its
-/// framing fits, as do large work batches and grade responses.
-pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// Most bytes accepted in one message from either service (the clients' limit).
+pub use prime_proto::client::MAX_MESSAGE_BYTES;
 
 impl ActorConfig {
     /// Defaults for everything but the two services and the tokenizer: CPU, 8 prompts a

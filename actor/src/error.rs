@@ -1,6 +1,9 @@
 //! The one error type of the actor crate.
 use std::time::Duration;
 
+use prime_model::ModelError;
+use prime_proto::client::{CallError, ClientError};
+
 /// Why the actor stopped with an error, or why one step of it failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ActorError {
@@ -43,13 +46,70 @@ pub enum ActorError {
     },
     /// Model construction, weight verification, tokenization or sampling failed.
     #[error(transparent)]
-    Model(#[from] prime_model::ModelError),
+    Model(prime_model::ModelError),
     /// Joining the learner's weight broadcast group or receiving from it failed.
     #[error("weight broadcast: {0}")]
     Broadcast(#[from] prime_collective::CollectiveError),
     /// The actor's tokio runtime could not start.
     #[error("runtime: {0}")]
     Runtime(#[from] std::io::Error),
+}
+
+impl From<ModelError> for ActorError {
+    /// A weight stream's own errors keep their meaning for the actor: one that breaks the
+    /// protocol is a protocol error, and a stream that ended with a gRPC error is an error of
+    /// the call it answers (the actor receives weight streams only from `Learner.FetchWeights`),
+    /// retryable or not by its code.
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::TransferProtocol(message) => Self::Protocol(message),
+            ModelError::TransferStream { code, message } => Self::Rpc {
+                service: "Learner",
+                rpc: "FetchWeights",
+                code,
+                message,
+            },
+            other => Self::Model(other),
+        }
+    }
+}
+
+impl From<ClientError> for ActorError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Url {
+                service,
+                url,
+                message,
+            } => Self::Url {
+                service,
+                url,
+                message,
+            },
+            ClientError::Auth(e) => Self::Config(e.to_string()),
+            ClientError::Rpc {
+                service,
+                rpc,
+                code,
+                message,
+            } => Self::Rpc {
+                service,
+                rpc,
+                code,
+                message,
+            },
+        }
+    }
+}
+
+/// A call whose future ends with an actor error (a malformed answer found while reading it)
+/// reports that error as it is.
+impl CallError for ActorError {
+    type Error = ActorError;
+
+    fn into_call_error(self, _service: &'static str, _rpc: &'static str) -> ActorError {
+        self
+    }
 }
 
 impl ActorError {
@@ -107,3 +167,66 @@ impl ActorError {
 
 /// Results of the actor crate.
 pub type Result<T, E = ActorError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use prime_proto::client::with_deadline;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn missed_deadlines_are_retried_and_refused_tokens_are_fatal() {
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok::<_, tonic::Status>(())
+        };
+        let err: ActorError = with_deadline("Learner", "PullWork", Duration::from_millis(20), slow)
+            .await
+            .unwrap_err()
+            .into();
+        assert_eq!(err.code(), Some(tonic::Code::DeadlineExceeded));
+        assert!(err.is_retryable() && !err.is_fatal());
+        let refused = async { Err::<(), _>(tonic::Status::unauthenticated("wrong token")) };
+        let err: ActorError = with_deadline("Learner", "PullWork", Duration::from_secs(1), refused)
+            .await
+            .unwrap_err()
+            .into();
+        assert!(!err.is_retryable() && err.is_fatal(), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "Learner.PullWork: Unauthenticated: wrong token"
+        );
+        // An actor error inside the call comes out as it went in.
+        let malformed = async { Err::<(), _>(ActorError::Protocol("two manifests".into())) };
+        let err = with_deadline("Learner", "FetchWeights", Duration::from_secs(1), malformed)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ActorError::Protocol(_)), "{err}");
+    }
+
+    #[test]
+    fn weight_stream_errors_keep_their_meaning() {
+        let cut = ActorError::from(ModelError::TransferStream {
+            code: tonic::Code::Unavailable,
+            message: "learner restarting".into(),
+        });
+        assert_eq!(cut.code(), Some(tonic::Code::Unavailable));
+        assert!(cut.is_retryable());
+        assert_eq!(
+            cut.to_string(),
+            "Learner.FetchWeights: Unavailable: learner restarting"
+        );
+        let short = ActorError::from(ModelError::TransferProtocol(
+            "ended after 3 of 4 bytes".into(),
+        ));
+        assert!(matches!(short, ActorError::Protocol(_)));
+        assert!(!short.is_retryable() && !short.is_fatal());
+        let token = ActorError::from(ClientError::Auth(prime_proto::auth::AuthError::BadToken));
+        assert!(
+            matches!(token, ActorError::Config(_)) && token.is_fatal(),
+            "{token}"
+        );
+    }
+}

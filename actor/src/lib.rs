@@ -4,16 +4,16 @@
 //! group back to the learner with its policy version.
 //!
 //! - [`run_actor`] is the loop (see [`run`] for the threads and the session rules).
-//! - [`rollout`] holds the pure steps of one batch, [`weights`] the receiving end of a weight
-//!   transfer, [`broadcast`] the follower of the learner's weight broadcast and [`client`]
-//!   the gRPC plumbing, shared with `prime status`.
+//! - [`rollout`] holds the pure steps of one batch, [`broadcast`] the follower of the
+//!   learner's weight broadcast and [`backoff`] the pauses between retries. The gRPC
+//!   plumbing is [`prime_proto::client`], the receiving end of a weight transfer
+//!   [`prime_model::transfer`].
+pub mod backoff;
 pub mod broadcast;
-pub mod client;
 pub mod config;
 pub mod error;
 pub mod rollout;
 pub mod run;
-pub mod weights;
 
 pub use config::{ActorConfig, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES};
 pub use error::{ActorError, Result};

@@ -3,8 +3,8 @@
 //! groups sent to the learner. No I/O and no model: the loop in [`crate::run`] does those.
 use prime_model::{FinishReason, Generation, SamplingParams, Tokenizer};
 use prime_proto::v1 as pb;
-use prime_verifier::grade::{Ability, GradeItem};
-use prime_verifier::service::item_to_proto;
+use prime_verifier::grade::GradeItem;
+use prime_verifier::service::{ability_from_proto, item_to_proto};
 
 use crate::error::{ActorError, Result};
 
@@ -124,9 +124,9 @@ pub fn grade_items(items: &[pb::WorkItem], texts: &[String]) -> Result<Vec<pb::G
     let mut texts = texts.iter();
     let mut out = Vec::with_capacity(rows);
     for item in items {
-        let ability = item.ability.parse::<Ability>().ok();
+        let ability = ability_from_proto(item.ability);
         if ability.is_none() {
-            tracing::warn!(work_id = %item.work_id, ability = %item.ability, "unknown ability");
+            tracing::warn!(work_id = %item.work_id, ability = item.ability, "unknown ability");
         }
         for index in 0..item.k as usize {
             out.push(item_to_proto(&GradeItem {
@@ -256,12 +256,18 @@ pub fn assemble_groups(
 mod tests {
     use super::*;
 
-    fn item(work_id: &str, prompt: &[i64], k: u32, ability: &str, truth: &str) -> pb::WorkItem {
+    fn item(
+        work_id: &str,
+        prompt: &[i64],
+        k: u32,
+        ability: pb::GradeAbility,
+        truth: &str,
+    ) -> pb::WorkItem {
         pb::WorkItem {
             work_id: work_id.into(),
             prompt_ids: prompt.to_vec(),
             ground_truth: truth.into(),
-            ability: ability.into(),
+            ability: ability as i32,
             k,
         }
     }
@@ -345,24 +351,28 @@ mod tests {
     #[test]
     fn rows_repeat_each_prompt_k_times_in_item_order() {
         let items = [
-            item("a", &[1, 2], 2, "math", "1"),
-            item("b", &[3], 3, "math", "2"),
+            item("a", &[1, 2], 2, pb::GradeAbility::Math, "1"),
+            item("b", &[3], 3, pb::GradeAbility::Math, "2"),
         ];
         let rows = sample_rows(&items).unwrap();
         assert_eq!(
             rows,
             vec![vec![1, 2], vec![1, 2], vec![3], vec![3], vec![3]]
         );
-        let zero = [item("z", &[1], 0, "math", "1")];
+        let zero = [item("z", &[1], 0, pb::GradeAbility::Math, "1")];
         assert!(sample_rows(&zero).is_err());
     }
 
     #[test]
     fn grade_items_follow_the_rows_with_ids_abilities_and_truths() {
         let items = [
-            item("a", &[1], 2, "math", "4"),
-            item("b", &[1], 1, "CODE", "{}"),
-            item("c", &[1], 1, "poetry", "x"),
+            item("a", &[1], 2, pb::GradeAbility::Math, "4"),
+            item("b", &[1], 1, pb::GradeAbility::Code, "{}"),
+            // A value this build does not know.
+            pb::WorkItem {
+                ability: 7,
+                ..item("c", &[1], 1, pb::GradeAbility::Unspecified, "x")
+            },
         ];
         let texts: Vec<String> = ["r0", "r1", "r2", "r3"].map(String::from).to_vec();
         let graded = grade_items(&items, &texts).unwrap();
@@ -418,7 +428,7 @@ mod tests {
 
     #[test]
     fn scores_are_checked_against_the_request() {
-        let items = [item("a", &[1], 2, "math", "4")];
+        let items = [item("a", &[1], 2, pb::GradeAbility::Math, "4")];
         let requested = grade_items(&items, &["x".into(), "y".into()]).unwrap();
         let ok = [
             result("a/0", 1.0, pb::GradeOutcome::Graded),
@@ -440,8 +450,8 @@ mod tests {
     #[test]
     fn groups_hold_each_items_rows_with_scores_and_finish_reasons() {
         let items = [
-            item("a", &[5, 6], 2, "math", "4"),
-            item("b", &[7], 1, "math", "2"),
+            item("a", &[5, 6], 2, pb::GradeAbility::Math, "4"),
+            item("b", &[7], 1, pb::GradeAbility::Math, "2"),
         ];
         let generations = vec![
             generation(&[1, 2, 3], FinishReason::Length),
@@ -476,7 +486,7 @@ mod tests {
 
     #[test]
     fn malformed_generations_are_refused() {
-        let items = [item("a", &[5], 2, "math", "4")];
+        let items = [item("a", &[5], 2, pb::GradeAbility::Math, "4")];
         let two = || {
             vec![
                 generation(&[1], FinishReason::Stop),

@@ -11,22 +11,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prime_model::transfer::{open_transfer, receive_chunks};
 use prime_model::{default_kind, generate, CausalLm, ModelError, Qwen2Config, Tokenizer};
+use prime_proto::client::{
+    learner_client, request, verifier_client, with_deadline, LearnerClient, VerifierClient,
+};
 use prime_proto::v1 as pb;
 use tch::Device;
 use tracing::{debug, info, info_span, warn};
 
+use crate::backoff::Backoff;
 use crate::broadcast::{Delivered, Follower, FollowerConfig, Received};
-use crate::client::{
-    learner_client, request, verifier_client, with_deadline, Backoff, LearnerClient, VerifierClient,
-};
 use crate::config::ActorConfig;
 use crate::error::{ActorError, Result};
 use crate::rollout::{
     assemble_groups, batch_seed, grade_items, response_text, sample_rows, sampling_params,
     scores_from_grades,
 };
-use crate::weights::{open_transfer, receive_chunks};
 
 /// What an actor did, returned when it stops.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -111,14 +112,14 @@ pub fn run_actor(config: ActorConfig, stop: Arc<AtomicBool>) -> Result<ActorStat
     let (learner, verifier) = {
         let _guard = runtime.enter();
         let token = config.token.as_deref();
-        let learner = crate::client::lazy_channel_secure(
+        let learner = prime_proto::client::lazy_channel_secure(
             "learner",
             &config.learner,
             config.connect_timeout,
             token,
             &config.tls,
         )?;
-        let verifier = crate::client::lazy_channel_secure(
+        let verifier = prime_proto::client::lazy_channel_secure(
             "verifier",
             &config.verifier,
             config.connect_timeout,
@@ -244,11 +245,14 @@ impl Actor {
     }
 
     /// Runs `future` on the runtime, giving up as soon as the stop flag is set.
-    fn block_on<T>(&self, future: impl Future<Output = Result<T>>) -> Result<T, Halt> {
+    fn block_on<T, E: Into<ActorError>>(
+        &self,
+        future: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, Halt> {
         let stop = &self.stop;
         self.runtime.block_on(async {
             tokio::select! {
-                result = future => result.map_err(Halt::from),
+                result = future => result.map_err(|e| Halt::from(e.into())),
                 () = async {
                     while !stop.load(Ordering::Relaxed) {
                         tokio::time::sleep(STOP_POLL).await;
@@ -261,16 +265,17 @@ impl Actor {
     fn sleep(&self, duration: Duration) -> Result<(), Halt> {
         self.block_on(async {
             tokio::time::sleep(duration).await;
-            Ok(())
+            Ok::<_, ActorError>(())
         })
     }
 
     /// Calls `call` until it succeeds, retrying errors that may pass (the service restarting
     /// or overloaded) with growing pauses for at most `config.retry_budget`.
-    fn with_retries<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, Halt>
+    fn with_retries<T, E, F, Fut>(&self, what: &str, mut call: F) -> Result<T, Halt>
     where
+        E: Into<ActorError>,
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T>>,
+        Fut: Future<Output = Result<T, E>>,
     {
         let started = Instant::now();
         let mut backoff = Backoff::new(self.config.max_backoff);
@@ -342,7 +347,7 @@ impl Actor {
             .validate()
             .map_err(|e| ActorError::Protocol(format!("model_config_json: {e}")))?;
         self.ensure_model(&model_config)?;
-        self.follow_broadcast(&reply.weight_broadcast)?;
+        self.follow_broadcast(reply.weight_broadcast)?;
         info!(
             actor_id = %reply.actor_id,
             policy_version = reply.policy_version,
@@ -357,16 +362,26 @@ impl Actor {
     }
 
     /// Starts following the learner's weight broadcast when a registration offers one
-    /// (`backend` non-empty), the actor allows it and can take part (NCCL needs a CUDA device
-    /// and an NCCL build). A follower lives as long as the actor, unless it ended (a learner
-    /// that restarted without the broadcast); a later offer starts a new one.
-    fn follow_broadcast(&mut self, backend: &str) -> Result<(), Halt> {
+    /// (`offered`, a `pb::BroadcastTransport`, is specified), the actor allows it and can take
+    /// part (NCCL needs a CUDA device and an NCCL build; a transport this build does not know
+    /// is declined). A follower lives as long as the actor, unless it ended (a learner that
+    /// restarted without the broadcast); a later offer starts a new one.
+    fn follow_broadcast(&mut self, offered: i32) -> Result<(), Halt> {
         let following = self.follower.as_ref().is_some_and(Follower::is_following);
-        if backend.is_empty() || !self.config.weight_broadcast || following {
+        let none = pb::BroadcastTransport::Unspecified as i32;
+        if offered == none || !self.config.weight_broadcast || following {
             return Ok(());
         }
+        let Ok(transport) = pb::BroadcastTransport::try_from(offered) else {
+            warn!(
+                transport = offered,
+                "the learner broadcasts weights over a transport this build does not know; \
+                 fetching over gRPC"
+            );
+            return Ok(());
+        };
         let nccl_capable = cfg!(feature = "nccl") && self.config.device.is_cuda();
-        if backend == "nccl" && !nccl_capable {
+        if transport == pb::BroadcastTransport::Nccl && !nccl_capable {
             info!(
                 device = %device_name(self.config.device),
                 "the learner broadcasts weights over NCCL, which this actor cannot join; \
@@ -391,7 +406,7 @@ impl Actor {
             device: self.config.device,
             token: self.config.token.clone(),
         };
-        info!(backend, member = %config.member_id, "following the learner's weight broadcast");
+        info!(?transport, member = %config.member_id, "following the learner's weight broadcast");
         self.follower = Some(Follower::start(
             config,
             self.learner.clone(),
@@ -640,12 +655,11 @@ impl Actor {
         // Refuse a transfer for another architecture before its bytes are sent.
         assembler.check_target(&policy.lm.vs)?;
         let remaining = timeout.saturating_sub(started.elapsed());
-        self.block_on(with_deadline(
-            "Learner",
-            "FetchWeights",
-            remaining,
-            receive_chunks(&mut stream, &mut assembler, max_chunk),
-        ))?;
+        self.block_on(with_deadline("Learner", "FetchWeights", remaining, async {
+            receive_chunks(&mut stream, &mut assembler, max_chunk)
+                .await
+                .map_err(ActorError::from)
+        }))?;
         let bytes = assembler.received_bytes();
         let policy = self
             .policy

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use common::{runtime, tiny_model, torch_rng};
 use prime_actor::broadcast::{Delivered, Follower, FollowerConfig, Received};
-use prime_actor::client::{lazy_channel, learner_client, request};
 use prime_learner::broadcast::{BroadcastHandle, BroadcastStats, Transport};
 use prime_learner::config::WeightBroadcastConfig;
-use prime_learner::publish::Published;
 use prime_learner::service::{LearnerService, Shared};
+use prime_model::transfer::Published;
 use prime_model::weights::encode_var_store;
 use prime_model::CausalLm;
+use prime_proto::client::{lazy_channel, learner_client, request};
 use prime_proto::v1 as pb;
 use tch::Device;
 

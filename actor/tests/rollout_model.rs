@@ -15,7 +15,7 @@ fn item(work_id: &str, prompt: &[i64], k: u32) -> pb::WorkItem {
         work_id: work_id.into(),
         prompt_ids: prompt.to_vec(),
         ground_truth: "4".into(),
-        ability: "math".into(),
+        ability: pb::GradeAbility::Math as i32,
         k,
     }
 }

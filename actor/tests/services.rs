@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{closed_port_url, runtime, start_verifier, write_tokenizer};
-use prime_actor::client::{lazy_channel, request, verifier_client, with_deadline};
 use prime_actor::rollout::{grade_items, response_text, scores_from_grades};
 use prime_actor::{run_actor, ActorConfig, ActorError};
 use prime_model::Tokenizer;
+use prime_proto::client::{lazy_channel, request, verifier_client, with_deadline};
 use prime_proto::v1 as pb;
 
 #[test]
@@ -28,14 +28,14 @@ fn responses_are_graded_by_a_real_verifier_in_row_order() {
             work_id: "w1".into(),
             prompt_ids: vec![1],
             ground_truth: "4".into(),
-            ability: "math".into(),
+            ability: pb::GradeAbility::Math as i32,
             k: 2,
         },
         pb::WorkItem {
             work_id: "w2".into(),
             prompt_ids: vec![2],
             ground_truth: "5".into(),
-            ability: "math".into(),
+            ability: pb::GradeAbility::Math as i32,
             k: 1,
         },
     ];
@@ -60,6 +60,7 @@ fn responses_are_graded_by_a_real_verifier_in_row_order() {
                 call.await.map(|r| r.into_inner().results)
             })
             .await
+            .map_err(ActorError::from)
         })
     };
     let results = grade(Some("s3cret")).unwrap();

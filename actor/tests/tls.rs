@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use prime_actor::client::{lazy_channel_secure, request, verifier_client, with_deadline};
 use prime_proto::auth::{ClientTls, ServerAuth, ServerTls};
+use prime_proto::client::{lazy_channel_secure, request, verifier_client, with_deadline};
 use prime_proto::v1 as pb;
 use prime_verifier::grade::{Grader, GraderConfig};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};

@@ -10,6 +10,8 @@ pub enum BenchError {
     Learner(#[from] prime_learner::LearnerError),
     #[error(transparent)]
     Actor(#[from] prime_actor::error::ActorError),
+    #[error(transparent)]
+    Client(#[from] prime_proto::client::ClientError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -22,9 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prime_actor::client::{lazy_channel, learner_client, request, LearnerClient};
 use prime_learner::RunConfig;
 use prime_model::{CausalLm, Tokenizer};
+use prime_proto::client::{lazy_channel, learner_client, request, LearnerClient};
 use prime_proto::v1 as pb;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;

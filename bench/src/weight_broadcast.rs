@@ -23,13 +23,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prime_actor::broadcast::{Delivered, Follower, FollowerConfig, Received};
-use prime_actor::client::{lazy_channel, learner_client};
-use prime_actor::weights::{open_transfer, receive_chunks};
 use prime_learner::broadcast::{BroadcastHandle, BroadcastStats, Transport};
 use prime_learner::config::WeightBroadcastConfig;
-use prime_learner::publish::Published;
 use prime_learner::service::Shared;
+use prime_model::transfer::{open_transfer, receive_chunks, Published};
 use prime_model::weights::{encode_var_store, DEFAULT_CHUNK_BYTES};
+use prime_proto::client::{lazy_channel, learner_client};
 use serde::Serialize;
 use tch::Device;
 

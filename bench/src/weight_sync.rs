@@ -13,10 +13,9 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prime_actor::weights::{open_transfer, receive_chunks};
-use prime_learner::publish::Published;
 use prime_learner::service::{LearnerService, Shared, MAX_MESSAGE_BYTES};
 use prime_model::qwen2::{Init, Qwen2};
+use prime_model::transfer::{open_transfer, receive_chunks, Published};
 use prime_model::weights::{encode_var_store, DEFAULT_CHUNK_BYTES};
 use prime_model::Qwen2Config;
 use prime_proto::v1 as pb;

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use prime_actor::client::{lazy_channel, learner_client, request, LearnerClient};
+use prime_proto::client::{lazy_channel, learner_client, request, LearnerClient};
 use prime_proto::v1 as pb;
 use prime_tests::{free_addr, gauge, write_tiny_start_model};
 
@@ -181,6 +181,11 @@ fn hostile_clients_get_clear_errors_and_the_learner_keeps_count() {
             assert_eq!(err.code(), tonic::Code::Unauthenticated);
         }
 
+        // The weight broadcast is off: every actor fetches over gRPC.
+        assert_eq!(
+            registered.weight_broadcast,
+            pb::BroadcastTransport::Unspecified as i32
+        );
         let mut c = client(&url, Some(TOKEN));
         let actor = registered.actor_id.clone();
         // An empty or unknown actor id cannot pull work.
@@ -202,6 +207,14 @@ fn hostile_clients_get_clear_errors_and_the_learner_keeps_count() {
             .unwrap()
             .into_inner();
         assert_eq!(batch.items.len(), 2, "{batch:?}");
+        // The embedded world's rows are math, graded as such.
+        assert!(
+            batch
+                .items
+                .iter()
+                .all(|w| w.ability == pb::GradeAbility::Math as i32),
+            "{batch:?}"
+        );
         let (work, other) = (&batch.items[0], &batch.items[1]);
         let version = batch.policy_version;
 
@@ -323,6 +336,8 @@ fn hostile_clients_get_clear_errors_and_the_learner_keeps_count() {
             .unwrap()
             .into_inner();
         assert_eq!(status.step, 0);
+        // Two of the four groups a batch needs: still collecting.
+        assert_eq!(status.phase, pb::LearnerPhase::Collecting as i32);
         assert_eq!(learner_gauge(metrics, "groups_accepted"), 2.0);
         assert_eq!(learner_gauge(metrics, "groups_duplicate"), 3.0);
         assert_eq!(

@@ -66,14 +66,14 @@ fn status_of_a_verifier_with_and_without_the_token() {
 
     // Three items, one of them an error, through the service itself.
     runtime.block_on(async {
-        let channel = prime_actor::client::lazy_channel(
+        let channel = prime_proto::client::lazy_channel(
             "verifier",
             &addr,
             Duration::from_secs(5),
             Some("tok"),
         )
         .unwrap();
-        let mut client = prime_actor::client::verifier_client(channel);
+        let mut client = prime_proto::client::verifier_client(channel);
         let items = vec![
             item("a", pb::GradeAbility::Math, "\\boxed{4}", "4"),
             item("b", pb::GradeAbility::Math, "\\boxed{3}", "4"),

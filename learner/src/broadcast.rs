@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 use prime_collective::bytecast::ByteCast;
 use prime_collective::tcp::TcpOptions;
 use prime_collective::RankInfo;
+use prime_model::transfer::{manifest_to_proto, Published};
 use prime_proto::v1 as pb;
 use tch::Device;
 
 use crate::config::{Backend, WeightBroadcastConfig};
 use crate::error::{LearnerError, Result};
-use crate::publish::{manifest_to_proto, Published};
 
 /// How the bytes travel, resolved for the learner's device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,11 +61,22 @@ impl Transport {
         }
     }
 
-    /// The name actors see in `RegisterReply.weight_broadcast`.
+    /// The transport's name in logs.
     pub fn name(self) -> &'static str {
         match self {
             Self::Tcp => "tcp",
             Self::Nccl { .. } => "nccl",
+        }
+    }
+}
+
+impl From<Transport> for pb::BroadcastTransport {
+    /// The transport as actors see it in `RegisterReply.weight_broadcast` and
+    /// `BroadcastRound.backend`.
+    fn from(transport: Transport) -> Self {
+        match transport {
+            Transport::Tcp => Self::Tcp,
+            Transport::Nccl { .. } => Self::Nccl,
         }
     }
 }
@@ -223,7 +234,7 @@ impl Broadcaster {
         })
     }
 
-    /// The transport's name, for `RegisterReply.weight_broadcast`.
+    /// The transport, for `RegisterReply.weight_broadcast`.
     pub fn transport(&self) -> Transport {
         self.transport
     }
@@ -451,7 +462,7 @@ impl Broadcaster {
             policy_version: published.policy_version,
             epoch,
             world_size: world_size as u32,
-            backend: self.transport.name().into(),
+            backend: pb::BroadcastTransport::from(self.transport) as i32,
             manifest: Some(manifest),
             join_timeout_seconds: self.config.join_timeout_seconds as u32,
             timeout_seconds: self.config.timeout_seconds as u32,

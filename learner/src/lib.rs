@@ -11,7 +11,7 @@
 //!   sample-and-grade loop: evaluation and local rollouts), [`sft`] (supervised warm-up),
 //!   [`trainer`] (steps, evaluation, metrics, checkpoints), [`report`], [`run`] (opening a
 //!   run, the single-process loop);
-//! - serving: [`publish`] (published weights), [`broadcast`] (the weight broadcast),
+//! - serving (published weights are `prime_model::transfer::Published`): [`broadcast`] (the weight broadcast),
 //!   [`service`] (the Learner gRPC service and its compute loop), [`ranks`] (one learner
 //!   process: its rank, its group, rank 0 or a follower).
 /// The crate's one error type.
@@ -58,9 +58,6 @@ pub mod report;
 
 /// Opening a run; the single-process loop.
 pub mod run;
-
-/// Published weights and their wire manifest.
-pub mod publish;
 
 /// The weight broadcast.
 pub mod broadcast;

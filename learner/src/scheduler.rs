@@ -39,6 +39,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prime_proto::v1 as pb;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -278,6 +279,16 @@ pub enum Phase {
     Collecting,
     /// A batch was taken and the new version is not published yet.
     Training,
+}
+
+impl From<Phase> for pb::LearnerPhase {
+    /// The phase as `LearnerStatus.phase` reports it.
+    fn from(phase: Phase) -> Self {
+        match phase {
+            Phase::Collecting => Self::Collecting,
+            Phase::Training => Self::Training,
+        }
+    }
 }
 
 /// Running totals since start.

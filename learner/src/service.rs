@@ -8,9 +8,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use prime_model::weights::DEFAULT_CHUNK_BYTES;
+use prime_model::transfer::{manifest_to_proto, Published};
+use prime_model::weights::{encode_var_store, DEFAULT_CHUNK_BYTES};
+use prime_model::CausalLm;
 use prime_proto::v1 as pb;
 use prime_proto::v1::learner_server::{Learner, LearnerServer};
+use prime_verifier::service::ability_to_proto;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -18,7 +21,6 @@ use crate::batch::{ScoredGroup, ScoredResponse};
 use crate::broadcast::{BroadcastHandle, Broadcaster, Transport};
 use crate::config::WeightBroadcastConfig;
 use crate::error::{LearnerError, Result};
-use crate::publish::{manifest_to_proto, Published};
 use crate::scheduler::{Group, Pull, Scheduler, Submitted};
 use crate::trainer::{StepRecord, Trainer};
 
@@ -31,7 +33,6 @@ struct Live {
     step: AtomicU64,
     errors: AtomicU64,
     tokens_per_second_milli: AtomicU64,
-    phase: Mutex<&'static str>,
 }
 
 /// State shared by the handlers and the compute loop.
@@ -69,10 +70,7 @@ impl Shared {
             model_config_json,
             sampling,
             lease_seconds,
-            live: Live {
-                phase: Mutex::new("collecting"),
-                ..Live::default()
-            },
+            live: Live::default(),
             broadcaster: OnceLock::new(),
         })
     }
@@ -147,10 +145,6 @@ impl Shared {
         self.scheduler.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set_phase(&self, phase: &'static str) {
-        *self.live.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
-    }
-
     /// The status reply: scheduler figures plus the compute loop's.
     pub fn status(&self) -> pb::LearnerStatus {
         let status = self.scheduler().status(Instant::now());
@@ -168,12 +162,7 @@ impl Shared {
                 / 1000.0,
             filter_pass_rate: status.filter_pass_rate,
             errors: self.live.errors.load(Ordering::Relaxed),
-            phase: self
-                .live
-                .phase
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .to_string(),
+            phase: pb::LearnerPhase::from(status.phase) as i32,
         }
     }
 
@@ -379,8 +368,9 @@ impl Learner for LearnerService {
                 .shared
                 .broadcaster
                 .get()
-                .map_or("", |b| b.transport().name())
-                .into(),
+                .map_or(pb::BroadcastTransport::Unspecified, |b| {
+                    b.transport().into()
+                }) as i32,
         }))
     }
 
@@ -405,7 +395,7 @@ impl Learner for LearnerService {
                         work_id: w.work_id,
                         prompt_ids: w.prompt.prompt_ids.clone(),
                         ground_truth: w.prompt.ground_truth.clone(),
-                        ability: w.prompt.ability.clone(),
+                        ability: ability_to_proto(w.prompt.ability.parse().ok()) as i32,
                         k: w.k,
                     })
                     .collect(),
@@ -571,6 +561,11 @@ fn stream_weights(
     )))
 }
 
+/// The weights of `lm`, encoded for publishing as version `policy_version`.
+fn published(lm: &CausalLm, policy_version: u64) -> Result<Published> {
+    Ok(Published::new(encode_var_store(&lm.vs, policy_version, None)?))
+}
+
 /// Where the learner listens and who it lets in.
 pub use prime_proto::auth::ListenOptions;
 
@@ -605,7 +600,7 @@ pub fn run_learner(
     let server_builder = options.auth.server(options.listen)?;
     let shared = Shared::new(
         scheduler,
-        Published::encode(&trainer.models.policy, trainer.policy_version)?,
+        published(&trainer.models.policy, trainer.policy_version)?,
         config_json,
         sampling,
         lease,
@@ -705,7 +700,6 @@ fn compute_loop(
                     .0;
             }
         };
-        shared.set_phase("training");
         let rollout_seconds = collecting_since.elapsed().as_secs_f64();
         let step = trainer.train(batch, rollout_seconds, || shared.scheduler().state());
         let record = match step {
@@ -720,7 +714,7 @@ fn compute_loop(
             trainer.policy_version,
         )?);
         if shared.prm_wanted.load(Ordering::Relaxed) {
-            let prm = Published::encode(&trainer.models.prm, trainer.policy_version)?;
+            let prm = published(&trainer.models.prm, trainer.policy_version)?;
             *shared
                 .published_prm
                 .write()
@@ -732,7 +726,6 @@ fn compute_loop(
             Ordering::Relaxed,
         );
         shared.scheduler().publish(trainer.policy_version);
-        shared.set_phase("collecting");
         collecting_since = Instant::now();
         on_step(&record, trainer);
     }

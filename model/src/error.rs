@@ -33,6 +33,19 @@ pub enum ModelError {
     /// A weight transfer that does not fit its manifest or the receiving model.
     #[error("weight transfer: {0}")]
     Weights(String),
+    /// A weight stream that breaks the transfer protocol: no manifest first, another version
+    /// than asked for, a chunk above the limit, a second manifest, or an end short of the
+    /// manifest's length.
+    #[error("protocol: {0}")]
+    TransferProtocol(String),
+    /// A weight stream the sender ended with a gRPC error.
+    #[error("weight stream: {code:?}: {message}")]
+    TransferStream {
+        /// The status code.
+        code: tonic::Code,
+        /// The status message.
+        message: String,
+    },
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 }

@@ -1,6 +1,6 @@
 //! Qwen2-family causal language model on tch, used by the actor, the learner and the
 //! prm-server: Hugging Face config/safetensors/tokenizer I/O, chat templates, batched KV-cache
-//! sampling and per-token log-probs.
+//! sampling, per-token log-probs, and weights on the wire ([`transfer`]).
 pub mod checkpoint;
 pub mod config;
 pub mod device;
@@ -11,6 +11,7 @@ pub mod logprobs;
 pub mod qwen2;
 pub mod tokenizer;
 pub mod training;
+pub mod transfer;
 pub mod weights;
 
 pub use checkpoint::{CausalLm, DEFAULT_MAX_SHARD_BYTES};

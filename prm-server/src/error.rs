@@ -34,9 +34,9 @@ pub enum PrmError {
     /// A data set could not be read.
     #[error(transparent)]
     World(#[from] prime_world::WorldError),
-    /// The actor's client helpers failed.
+    /// A call to another service failed, or its channel could not be set up.
     #[error(transparent)]
-    Actor(#[from] prime_actor::error::ActorError),
+    Client(#[from] prime_proto::client::ClientError),
     /// A tensor operation failed.
     #[error(transparent)]
     Torch(#[from] tch::TchError),
@@ -60,6 +60,16 @@ impl From<PrmError> for tonic::Status {
             PrmError::Unavailable(_) => tonic::Status::unavailable(message),
             _ => tonic::Status::internal(message),
         }
+    }
+}
+
+/// A call whose future ends with a PRM-server error (a bad weight stream) reports that error
+/// as it is.
+impl prime_proto::client::CallError for PrmError {
+    type Error = PrmError;
+
+    fn into_call_error(self, _service: &'static str, _rpc: &'static str) -> PrmError {
+        self
     }
 }
 

@@ -399,7 +399,7 @@ fn sample_and_grade(
 /// Asks the PRM server to score the first N samples of every problem (one BestOfN call per
 /// problem) and stores each candidate's aggregated score.
 fn score_with_server(problems: &[Problem], samples: &mut [Sample], bon: &BonConfig) -> Result<()> {
-    use prime_actor::client::{lazy_channel, prm_client, request, with_deadline};
+    use prime_proto::client::{lazy_channel, prm_client, request, with_deadline};
     let timeout = Duration::from_secs_f64(bon.timeout_secs.max(0.001));
     let aggregation = match bon.aggregation {
         Aggregation::Min => pb::Aggregation::Min,

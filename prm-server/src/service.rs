@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prime_model::transfer::{open_transfer, receive_chunks};
 use prime_model::weights::{WeightAssembler, DEFAULT_CHUNK_BYTES};
 use prime_model::{CausalLm, Tokenizer};
 use prime_proto::v1 as pb;
@@ -851,8 +852,8 @@ pub async fn pull_new_weights(
     engine: &Engine,
     current: u64,
 ) -> Result<Option<u64>> {
-    use prime_actor::client::{
-        lazy_channel_secure, learner_client, request, with_deadline, CallError,
+    use prime_proto::client::{
+        lazy_channel_secure, learner_client, request, with_deadline, ClientError,
     };
     let channel = lazy_channel_secure(
         "learner",
@@ -886,12 +887,11 @@ pub async fn pull_new_weights(
         let mut stream = client
             .fetch_prm_weights(request(message, timeout))
             .await
-            .map_err(|s| s.into_actor_error("Learner", "FetchPrmWeights"))?
+            .map_err(|s| ClientError::rpc("Learner", "FetchPrmWeights", &s))?
             .into_inner();
-        let mut assembler = prime_actor::weights::open_transfer(&mut stream, version).await?;
-        prime_actor::weights::receive_chunks(&mut stream, &mut assembler, DEFAULT_CHUNK_BYTES)
-            .await?;
-        Ok::<_, prime_actor::ActorError>(assembler)
+        let mut assembler = open_transfer(&mut stream, version).await?;
+        receive_chunks(&mut stream, &mut assembler, DEFAULT_CHUNK_BYTES).await?;
+        Ok::<_, PrmError>(assembler)
     })
     .await?;
     engine.load(assembler, version).await?;

@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prime_actor::client::{lazy_channel, prm_client, request};
 use prime_model::weights::encode_var_store;
 use prime_model::{CausalLm, Qwen2Config};
 use prime_prm_server::service::{start, FollowConfig, ListenOptions, ServerConfig};
 use prime_prm_server::{Pair, Scorer};
+use prime_proto::client::{lazy_channel, prm_client, request};
 use prime_proto::v1 as pb;
 use prime_proto::v1::learner_server::{Learner, LearnerServer};
 use prime_tests::init_threads;
@@ -89,7 +89,7 @@ impl Learner for StandIn {
         }
         let mut messages = vec![Ok(pb::WeightTransfer {
             payload: Some(pb::weight_transfer::Payload::Manifest(
-                prime_learner::publish::manifest_to_proto(&encoded.manifest),
+                prime_model::transfer::manifest_to_proto(&encoded.manifest),
             )),
         })];
         // Small chunks: the server must assemble many.

@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use prime_actor::client::{lazy_channel, prm_client, request, PrmClient};
 use prime_algo::ReferenceType;
 use prime_learner::{prime_step, LearnerConfig, PrimeModels, ScoredGroup, ScoredResponse};
 use prime_model::{CausalLm, Tokenizer};
 use prime_prm_server::service::{start, ListenOptions, RunningServer, ServerConfig};
 use prime_proto::auth::ServerAuth;
+use prime_proto::client::{lazy_channel, prm_client, request, PrmClient};
 use prime_proto::v1 as pb;
 use prime_tests::{
     init_threads, path_str, qwen2_ref, random_sequences, reference_greedy, reference_logprobs,

@@ -1,5 +1,7 @@
 //! The prime-rs wire protocol: `.proto` files of package `prime.v1` and the tonic/prost code
-//! generated from them at build time (with a vendored `protoc`).
+//! generated from them at build time (with a vendored `protoc`), plus what every server and
+//! client of them shares: [`auth`] (token and TLS), [`client`] (channels, clients, deadlines)
+//! and [`transport`] (socket and HTTP/2 settings).
 
 /// Generated types and services of package `prime.v1`.
 pub mod v1 {
@@ -7,4 +9,5 @@ pub mod v1 {
 }
 
 pub mod auth;
+pub mod client;
 pub mod transport;

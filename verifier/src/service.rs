@@ -34,16 +34,29 @@ impl VerifierService {
     }
 }
 
-/// Converts a wire item; an unknown ability becomes `None` (graded as an error result).
-pub fn item_from_proto(item: pb::GradeItem) -> GradeItem {
-    let ability = match pb::GradeAbility::try_from(item.ability) {
+/// The ability a wire value names; `None` for unspecified and unknown values.
+pub fn ability_from_proto(ability: i32) -> Option<Ability> {
+    match pb::GradeAbility::try_from(ability) {
         Ok(pb::GradeAbility::Math) => Some(Ability::Math),
         Ok(pb::GradeAbility::Code) => Some(Ability::Code),
         _ => None,
-    };
+    }
+}
+
+/// The wire form of an ability; `None` is sent unspecified.
+pub fn ability_to_proto(ability: Option<Ability>) -> pb::GradeAbility {
+    match ability {
+        Some(Ability::Math) => pb::GradeAbility::Math,
+        Some(Ability::Code) => pb::GradeAbility::Code,
+        None => pb::GradeAbility::Unspecified,
+    }
+}
+
+/// Converts a wire item; an unknown ability becomes `None` (graded as an error result).
+pub fn item_from_proto(item: pb::GradeItem) -> GradeItem {
     GradeItem {
         id: item.id,
-        ability,
+        ability: ability_from_proto(item.ability),
         response: item.response,
         ground_truth: item.ground_truth,
     }
@@ -53,11 +66,7 @@ pub fn item_from_proto(item: pb::GradeItem) -> GradeItem {
 pub fn item_to_proto(item: &GradeItem) -> pb::GradeItem {
     pb::GradeItem {
         id: item.id.clone(),
-        ability: match item.ability {
-            Some(Ability::Math) => pb::GradeAbility::Math,
-            Some(Ability::Code) => pb::GradeAbility::Code,
-            None => pb::GradeAbility::Unspecified,
-        } as i32,
+        ability: ability_to_proto(item.ability) as i32,
         response: item.response.clone(),
         ground_truth: item.ground_truth.clone(),
     }

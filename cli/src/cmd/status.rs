@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use prime_actor::client::{
+use prime_proto::auth::ClientTls;
+use prime_proto::client::{
     lazy_channel_secure, learner_client, prm_client, request, verifier_client,
 };
-use prime_proto::auth::ClientTls;
 use prime_proto::v1 as pb;
 
 /// `prime status --addr URL [--token T]`.
@@ -109,6 +109,17 @@ fn version(build: &Option<pb::BuildInfo>) -> String {
         .map_or_else(|| "?".into(), |b| b.version.clone())
 }
 
+/// A learner's phase as the table shows it: a lowercase word, or the number a newer learner
+/// sent.
+fn phase(phase: i32) -> String {
+    match pb::LearnerPhase::try_from(phase) {
+        Ok(pb::LearnerPhase::Collecting) => "collecting".into(),
+        Ok(pb::LearnerPhase::Training) => "training".into(),
+        Ok(pb::LearnerPhase::Unspecified) => "unspecified".into(),
+        Err(_) => format!("unknown ({phase})"),
+    }
+}
+
 impl ServiceStatus {
     /// `(label, value)` rows, the role first.
     pub fn rows(&self) -> Vec<(&'static str, String)> {
@@ -116,7 +127,7 @@ impl ServiceStatus {
             ServiceStatus::Learner(s) => vec![
                 ("role", "learner".into()),
                 ("version", version(&s.build)),
-                ("phase", s.phase.clone()),
+                ("phase", phase(s.phase)),
                 ("policy version", s.policy_version.to_string()),
                 ("step", s.step.to_string()),
                 ("pending prompts", s.pending_prompts.to_string()),
@@ -195,4 +206,29 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     ))?;
     print!("{}", status.table());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_learners_phase_prints_as_a_word() {
+        let row = |phase: i32| {
+            let status = ServiceStatus::Learner(pb::LearnerStatus {
+                phase,
+                ..Default::default()
+            });
+            status
+                .rows()
+                .into_iter()
+                .find(|(label, _)| *label == "phase")
+                .map(|(_, value)| value)
+                .unwrap()
+        };
+        assert_eq!(row(pb::LearnerPhase::Collecting as i32), "collecting");
+        assert_eq!(row(pb::LearnerPhase::Training as i32), "training");
+        assert_eq!(row(pb::LearnerPhase::Unspecified as i32), "unspecified");
+        assert_eq!(row(9), "unknown (9)");
+    }
 }

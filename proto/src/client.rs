@@ -1,15 +1,17 @@
-//! gRPC plumbing shared by the actor and the `prime status` tool: lazily connecting channels,
-//! the shared-token interceptor, deadlines and retry pauses.
+//! gRPC client plumbing shared by every caller of a prime-rs service (the actor, the PRM
+//! server following a learner, `prime status`, the benchmarks): lazily connecting channels
+//! with the shared-token interceptor, clients with a message limit that fits a weight chunk,
+//! and deadlines.
 use std::future::Future;
 use std::time::Duration;
 
-use prime_proto::auth::ClientTls;
-use prime_proto::v1 as pb;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::config::MAX_MESSAGE_BYTES;
-use crate::error::{ActorError, Result};
+use crate::auth::{AuthError, ClientTls};
+use crate::v1 as pb;
+
+pub use crate::auth::BearerToken;
 
 /// A channel that sends the shared token with every call.
 pub type AuthChannel = InterceptedService<Channel, BearerToken>;
@@ -20,8 +22,59 @@ pub type VerifierClient = pb::verifier_client::VerifierClient<AuthChannel>;
 /// Client of the PRM server.
 pub type PrmClient = pb::prm_server_client::PrmServerClient<AuthChannel>;
 
-/// Adds `authorization: Bearer TOKEN` to every request (see [`prime_proto::auth`]).
-pub use prime_proto::auth::BearerToken;
+/// Most bytes a client accepts in one message from a service: a 4 MiB weight chunk plus its
+/// framing fits, as do large work batches and grade responses.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Why a channel could not be set up or a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// A service URL (or the TLS settings for it) cannot be used.
+    #[error("invalid {service} URL {url:?}: {message}")]
+    Url {
+        /// Which service the URL names.
+        service: &'static str,
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The shared token cannot be sent.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// A call was answered with a gRPC error or did not finish before its deadline.
+    #[error("{service}.{rpc}: {code:?}: {message}")]
+    Rpc {
+        /// The service called, e.g. "Learner".
+        service: &'static str,
+        /// The method called.
+        rpc: &'static str,
+        /// The gRPC status code (`DeadlineExceeded` for a local deadline too).
+        code: tonic::Code,
+        /// The status message.
+        message: String,
+    },
+}
+
+impl ClientError {
+    /// The error of `service`'s method `rpc` answered with `status`.
+    pub fn rpc(service: &'static str, rpc: &'static str, status: &tonic::Status) -> Self {
+        Self::Rpc {
+            service,
+            rpc,
+            code: status.code(),
+            message: status.message().to_string(),
+        }
+    }
+
+    /// The gRPC code of a failed call, `None` for an error setting up the channel.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Self::Rpc { code, .. } => Some(*code),
+            Self::Url { .. } | Self::Auth(_) => None,
+        }
+    }
+}
 
 /// A channel to `url` that connects on first use and reconnects after the server went away,
 /// so a service that is not up yet (or restarts) shows up as `UNAVAILABLE` on each call
@@ -31,7 +84,7 @@ pub fn lazy_channel(
     url: &str,
     connect_timeout: Duration,
     token: Option<&str>,
-) -> Result<AuthChannel> {
+) -> Result<AuthChannel, ClientError> {
     lazy_channel_secure(service, url, connect_timeout, token, &ClientTls::default())
 }
 
@@ -43,8 +96,8 @@ pub fn lazy_channel_secure(
     connect_timeout: Duration,
     token: Option<&str>,
     tls: &ClientTls,
-) -> Result<AuthChannel> {
-    let url_error = |message: String| ActorError::Url {
+) -> Result<AuthChannel, ClientError> {
+    let url_error = |message: String| ClientError::Url {
         service,
         url: url.to_string(),
         message,
@@ -63,9 +116,9 @@ pub fn lazy_channel_secure(
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     // Weight streams arrive on these channels: large windows and frames (see the module).
-    let endpoint = prime_proto::transport::bulk_client(endpoint);
+    let endpoint = crate::transport::bulk_client(endpoint);
     let endpoint = tls.apply(endpoint).map_err(|e| url_error(e.to_string()))?;
-    let bearer = BearerToken::new(token).map_err(|e| ActorError::Config(e.to_string()))?;
+    let bearer = BearerToken::new(token)?;
     Ok(InterceptedService::new(endpoint.connect_lazy(), bearer))
 }
 
@@ -93,22 +146,21 @@ pub fn request<T>(message: T, deadline: Duration) -> tonic::Request<T> {
     request
 }
 
-/// An error a call can end with: a gRPC status, or an error of the actor's own (a malformed
-/// answer found while reading a stream).
+/// An error a call can end with: a gRPC status, or a caller's own error (a malformed answer
+/// found while reading a stream, say), reported as the caller's error type.
 pub trait CallError {
-    /// The error as an [`ActorError`] of `service`'s method `rpc`.
-    fn into_actor_error(self, service: &'static str, rpc: &'static str) -> ActorError;
+    /// What [`with_deadline`] returns for the call; a missed deadline becomes one too.
+    type Error: From<ClientError>;
+
+    /// The error as one of `service`'s method `rpc`.
+    fn into_call_error(self, service: &'static str, rpc: &'static str) -> Self::Error;
 }
 
 impl CallError for tonic::Status {
-    fn into_actor_error(self, service: &'static str, rpc: &'static str) -> ActorError {
-        ActorError::rpc(service, rpc, &self)
-    }
-}
+    type Error = ClientError;
 
-impl CallError for ActorError {
-    fn into_actor_error(self, _service: &'static str, _rpc: &'static str) -> ActorError {
-        self
+    fn into_call_error(self, service: &'static str, rpc: &'static str) -> ClientError {
+        ClientError::rpc(service, rpc, &self)
     }
 }
 
@@ -119,71 +171,23 @@ pub async fn with_deadline<T, E: CallError>(
     rpc: &'static str,
     deadline: Duration,
     call: impl Future<Output = Result<T, E>>,
-) -> Result<T> {
+) -> Result<T, E::Error> {
     match tokio::time::timeout(deadline, call).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(e.into_actor_error(service, rpc)),
-        Err(_) => Err(ActorError::Rpc {
+        Ok(Err(e)) => Err(e.into_call_error(service, rpc)),
+        Err(_) => Err(ClientError::Rpc {
             service,
             rpc,
             code: tonic::Code::DeadlineExceeded,
             message: format!("no answer within {deadline:?}"),
-        }),
-    }
-}
-
-/// Exponential pauses between retries: 100 ms doubling up to a maximum, each drawn between
-/// half and all of the current step so that actors restarted together do not retry in step.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    step: Duration,
-    max: Duration,
-}
-
-/// The first pause of a [`Backoff`].
-pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
-
-impl Backoff {
-    /// Pauses up to `max`.
-    pub fn new(max: Duration) -> Self {
-        Self {
-            step: INITIAL_BACKOFF.min(max),
-            max,
         }
-    }
-
-    /// The next pause; the step doubles after each call, up to the maximum.
-    pub fn next_delay(&mut self) -> Duration {
-        let step = self.step;
-        self.step = (self.step * 2).min(self.max);
-        step.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0))
-    }
-
-    /// Starts again from the first pause, after a success.
-    pub fn reset(&mut self) {
-        self.step = INITIAL_BACKOFF.min(self.max);
+        .into()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_maximum_with_jitter_and_resets() {
-        let mut backoff = Backoff::new(Duration::from_millis(700));
-        // Steps: 100, 200, 400, 700, 700; each pause lies in [step / 2, step].
-        for step_ms in [100u64, 200, 400, 700, 700] {
-            let delay = backoff.next_delay();
-            let step = Duration::from_millis(step_ms);
-            assert!(delay >= step / 2 && delay <= step, "{delay:?} for {step:?}");
-        }
-        backoff.reset();
-        assert!(backoff.next_delay() <= INITIAL_BACKOFF);
-        // A maximum below the first step caps that too.
-        let mut small = Backoff::new(Duration::from_millis(10));
-        assert!(small.next_delay() <= Duration::from_millis(10));
-    }
 
     #[test]
     fn urls_need_a_scheme() {
@@ -203,8 +207,18 @@ mod tests {
             None
         )
         .is_ok());
-        let err = BearerToken::new(Some("tok\nen")).unwrap_err().to_string();
-        assert!(err.contains("header"), "{err}");
+        let err = lazy_channel(
+            "learner",
+            "http://127.0.0.1:1",
+            Duration::from_secs(1),
+            Some("tok\nen"),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ClientError::Auth(AuthError::BadToken)),
+            "{err}"
+        );
+        assert!(err.to_string().contains("header"), "{err}");
     }
 
     #[tokio::test]
@@ -216,13 +230,20 @@ mod tests {
         let err = with_deadline("Learner", "PullWork", Duration::from_millis(20), slow)
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Some(tonic::Code::DeadlineExceeded));
-        assert!(err.is_retryable() && !err.is_fatal());
+        assert!(
+            matches!(
+                err,
+                ClientError::Rpc {
+                    code: tonic::Code::DeadlineExceeded,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let refused = async { Err::<(), _>(tonic::Status::unauthenticated("wrong token")) };
         let err = with_deadline("Learner", "PullWork", Duration::from_secs(1), refused)
             .await
             .unwrap_err();
-        assert!(!err.is_retryable() && err.is_fatal(), "{err}");
         assert_eq!(
             err.to_string(),
             "Learner.PullWork: Unauthenticated: wrong token"

@@ -1,13 +1,58 @@
-//! Receiving a `FetchWeights` stream: the manifest first, then the chunks, all fed to the
-//! model crate's [`WeightAssembler`], which checks every tensor's hash before anything is
-//! copied into the policy. The two halves are separate so that the compute thread can check
-//! the manifest against its model (a tch call) between them.
-use prime_model::weights::{TensorEntry, WeightAssembler, WeightManifest};
+//! Policy and PRM weights on the wire: the weights a learner publishes ([`Published`]), the
+//! manifest to and from its `prime.v1` form, and the receiving end of a chunked
+//! `WeightTransfer` stream (`FetchWeights`, `FetchPrmWeights`): the manifest first, then the
+//! chunks, all fed to a [`WeightAssembler`], which checks every tensor's hash before anything
+//! is copied into a model. The two halves of receiving are separate so that the caller can
+//! check the manifest against its model (a tch call) between them.
+use bytes::Bytes;
 use prime_proto::v1 as pb;
 use prime_proto::v1::weight_transfer::Payload;
 use tokio_stream::{Stream, StreamExt};
 
-use crate::error::{ActorError, Result};
+use crate::error::{ModelError, Result};
+use crate::weights::{EncodedWeights, TensorEntry, WeightAssembler, WeightManifest};
+
+/// Weights as a learner publishes them, for `FetchWeights` and the weight broadcast.
+#[derive(Debug)]
+pub struct Published {
+    /// The version these weights are.
+    pub policy_version: u64,
+    /// Names, shapes, dtypes, offsets and checksums.
+    pub manifest: WeightManifest,
+    /// Every tensor's bytes, back to back; chunks are slices of it (no copies).
+    pub bytes: Bytes,
+}
+
+impl Published {
+    /// Takes over encoded weights.
+    pub fn new(weights: EncodedWeights) -> Self {
+        Self {
+            policy_version: weights.manifest.policy_version,
+            manifest: weights.manifest,
+            bytes: weights.bytes.into(),
+        }
+    }
+}
+
+/// The wire form of a weight manifest (read back with [`manifest_from_proto`]).
+pub fn manifest_to_proto(m: &WeightManifest) -> pb::WeightManifest {
+    pb::WeightManifest {
+        policy_version: m.policy_version,
+        tensors: m
+            .tensors
+            .iter()
+            .map(|t| pb::TensorInfo {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                dtype: t.dtype.clone(),
+                offset: t.offset,
+                length: t.len,
+                sha256: t.sha256.clone(),
+            })
+            .collect(),
+        total_bytes: m.total_bytes,
+    }
+}
 
 /// The model crate's form of a wire manifest.
 pub fn manifest_from_proto(manifest: pb::WeightManifest) -> WeightManifest {
@@ -29,8 +74,15 @@ pub fn manifest_from_proto(manifest: pb::WeightManifest) -> WeightManifest {
     }
 }
 
-fn stream_error(status: tonic::Status) -> ActorError {
-    ActorError::rpc("Learner", "FetchWeights", &status)
+fn stream_error(status: tonic::Status) -> ModelError {
+    ModelError::TransferStream {
+        code: status.code(),
+        message: status.message().to_string(),
+    }
+}
+
+fn protocol(message: impl Into<String>) -> ModelError {
+    ModelError::TransferProtocol(message.into())
 }
 
 /// Reads the first message of a transfer, which must be the manifest of `policy_version`, and
@@ -42,23 +94,19 @@ where
     let first = stream
         .next()
         .await
-        .ok_or_else(|| ActorError::Protocol("weight stream ended before its manifest".into()))?
+        .ok_or_else(|| protocol("weight stream ended before its manifest"))?
         .map_err(stream_error)?;
     let manifest = match first.payload {
         Some(Payload::Manifest(manifest)) => manifest,
-        _ => {
-            return Err(ActorError::Protocol(
-                "weight stream does not start with a manifest".into(),
-            ))
-        }
+        _ => return Err(protocol("weight stream does not start with a manifest")),
     };
     if manifest.policy_version != policy_version {
-        return Err(ActorError::Protocol(format!(
+        return Err(protocol(format!(
             "asked for the weights of policy version {policy_version}, got version {}",
             manifest.policy_version
         )));
     }
-    Ok(WeightAssembler::new(manifest_from_proto(manifest))?)
+    WeightAssembler::new(manifest_from_proto(manifest))
 }
 
 /// Feeds the rest of the stream to `assembler` until the stream ends, refusing chunks above
@@ -76,7 +124,7 @@ where
         match message.map_err(stream_error)?.payload {
             Some(Payload::Chunk(chunk)) => {
                 if chunk.data.len() > max_chunk_bytes {
-                    return Err(ActorError::Protocol(format!(
+                    return Err(protocol(format!(
                         "weight chunk of {} bytes at offset {}, more than {max_chunk_bytes}",
                         chunk.data.len(),
                         chunk.offset
@@ -85,15 +133,13 @@ where
                 assembler.push(chunk.policy_version, chunk.offset, chunk.data)?;
             }
             Some(Payload::Manifest(_)) => {
-                return Err(ActorError::Protocol(
-                    "a second manifest in one weight stream".into(),
-                ))
+                return Err(protocol("a second manifest in one weight stream"))
             }
-            None => return Err(ActorError::Protocol("an empty weight message".into())),
+            None => return Err(protocol("an empty weight message")),
         }
     }
     if !assembler.is_complete() {
-        return Err(ActorError::Protocol(format!(
+        return Err(protocol(format!(
             "weight stream ended after {} of {} bytes",
             assembler.received_bytes(),
             assembler.manifest().total_bytes
@@ -105,8 +151,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prime_model::weights::{encode_var_store, EncodedWeights};
-    use prime_model::{CausalLm, ModelError, Qwen2Config};
+    use crate::weights::encode_var_store;
+    use crate::{CausalLm, Qwen2Config};
     use tch::{Device, Kind, Tensor};
 
     fn tiny_config() -> Qwen2Config {
@@ -130,9 +176,7 @@ mod tests {
 
     fn messages(encoded: &EncodedWeights, chunk_bytes: usize) -> Vec<pb::WeightTransfer> {
         let mut out = vec![pb::WeightTransfer {
-            payload: Some(Payload::Manifest(
-                prime_learner::publish::manifest_to_proto(&encoded.manifest),
-            )),
+            payload: Some(Payload::Manifest(manifest_to_proto(&encoded.manifest))),
         }];
         out.extend(encoded.chunks(chunk_bytes).map(|c| pb::WeightTransfer {
             payload: Some(Payload::Chunk(pb::WeightChunk {
@@ -144,7 +188,7 @@ mod tests {
         out
     }
 
-    /// Runs the actor's receive path on `messages` and applies the result to `target`.
+    /// Runs the receive path on `messages` and applies the result to `target`.
     fn receive(
         messages: Vec<pb::WeightTransfer>,
         version: u64,
@@ -158,7 +202,7 @@ mod tests {
         let mut assembler = runtime.block_on(open_transfer(&mut stream, version))?;
         assembler.check_target(&target.vs)?;
         runtime.block_on(receive_chunks(&mut stream, &mut assembler, max_chunk_bytes))?;
-        Ok(assembler.apply(&target.vs)?)
+        assembler.apply(&target.vs)
     }
 
     fn snapshot(lm: &CausalLm) -> Vec<(String, Tensor)> {
@@ -214,7 +258,9 @@ mod tests {
         let encoded = encode_var_store(&source.vs, 3, None).unwrap();
         let good = messages(&encoded, 1000);
         let expect_protocol = |result: Result<u64>, needle: &str| match result {
-            Err(ActorError::Protocol(message)) => assert!(message.contains(needle), "{message}"),
+            Err(ModelError::TransferProtocol(message)) => {
+                assert!(message.contains(needle), "{message}")
+            }
             other => panic!("expected a protocol error with {needle:?}, got {other:?}"),
         };
 
@@ -230,7 +276,7 @@ mod tests {
             receive(good[..good.len() - 1].to_vec(), 3, 4 << 20, &target),
             "ended after",
         );
-        // Chunks above the actor's limit.
+        // Chunks above the receiver's limit.
         expect_protocol(receive(good.clone(), 3, 999, &target), "more than 999");
         // A second manifest.
         let mut twice = good.clone();
@@ -245,12 +291,12 @@ mod tests {
             chunk.data = data.into();
         }
         match receive(corrupt, 3, 4 << 20, &target) {
-            Err(ActorError::Model(ModelError::Weights(message))) => {
+            Err(ModelError::Weights(message)) => {
                 assert!(message.contains("SHA-256"), "{message}")
             }
             other => panic!("expected a hash mismatch, got {other:?}"),
         }
-        // A stream error from the learner.
+        // A stream error from the sender.
         let mut broken = good.clone();
         broken.truncate(2);
         let mut stream = tokio_stream::iter(
@@ -266,8 +312,13 @@ mod tests {
         let err = runtime
             .block_on(receive_chunks(&mut stream, &mut assembler, 4 << 20))
             .unwrap_err();
-        assert_eq!(err.code(), Some(tonic::Code::Unavailable));
-        assert!(err.is_retryable());
+        match err {
+            ModelError::TransferStream { code, message } => {
+                assert_eq!(code, tonic::Code::Unavailable);
+                assert_eq!(message, "learner restarting");
+            }
+            other => panic!("expected the stream's status, got {other:?}"),
+        }
 
         assert_same(&before, &snapshot(&target));
     }
