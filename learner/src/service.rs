@@ -563,7 +563,11 @@ fn stream_weights(
 
 /// The weights of `lm`, encoded for publishing as version `policy_version`.
 fn published(lm: &CausalLm, policy_version: u64) -> Result<Published> {
-    Ok(Published::new(encode_var_store(&lm.vs, policy_version, None)?))
+    Ok(Published::new(encode_var_store(
+        &lm.vs,
+        policy_version,
+        None,
+    )?))
 }
 
 /// Where the learner listens and who it lets in.
@@ -709,10 +713,7 @@ fn compute_loop(
                 return Err(e);
             }
         };
-        shared.publish(Published::encode(
-            &trainer.models.policy,
-            trainer.policy_version,
-        )?);
+        shared.publish(published(&trainer.models.policy, trainer.policy_version)?);
         if shared.prm_wanted.load(Ordering::Relaxed) {
             let prm = published(&trainer.models.prm, trainer.policy_version)?;
             *shared

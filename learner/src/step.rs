@@ -177,13 +177,8 @@ fn backward_micro(
         return Err(zero2_needs_recompute());
     }
     if !memory.recompute_activations {
-        let (logprobs, entropy) = response_logprobs(
-            model,
-            batch,
-            rows,
-            memory.logit_chunk_tokens,
-            want_entropy,
-        )?;
+        let (logprobs, entropy) =
+            response_logprobs(model, batch, rows, memory.logit_chunk_tokens, want_entropy)?;
         let loss = loss_fn(&logprobs, entropy.as_ref());
         loss.backward();
         return Ok(loss.detach());
@@ -298,13 +293,8 @@ fn frozen_logprobs(
     let all = 0..batch.rows();
     let mine = dp.my_rows(&all, batch.k);
     for rows in batch.micro_batches(mine, memory.micro_batch_tokens) {
-        let (logprobs, entropy) = response_logprobs(
-            model,
-            batch,
-            &rows,
-            memory.logit_chunk_tokens,
-            want_entropy,
-        )?;
+        let (logprobs, entropy) =
+            response_logprobs(model, batch, &rows, memory.logit_chunk_tokens, want_entropy)?;
         if let Some(h) = entropy {
             entropy_sum += scalar(&h.sum(Kind::Double));
         }
