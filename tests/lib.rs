@@ -194,7 +194,7 @@ pub fn write_tiny_start_model(run_dir: &Path, config: &prime_learner::RunConfig,
     let mut lm = CausalLm::random(&qwen2, tch::Device::Cpu, tch::Kind::Float, tch::Kind::Float)
         .expect("model");
     lm.generation_config.eos_token_id = Some(prime_model::config::TokenIds::One(eos));
-    let dir = prime_learner::run::sft_checkpoint(run_dir);
+    let dir = prime_learner::checkpoint::sft_checkpoint(run_dir);
     lm.save(&dir, None, prime_model::DEFAULT_MAX_SHARD_BYTES)
         .expect("save");
     prime_model::checkpoint::copy_tokenizer_files(&world.tokenizer_dir, &dir).expect("copy");

@@ -300,7 +300,7 @@ fn prepare_run(settings: &LoadSettings, run_dir: &Path) -> Result<PathBuf> {
     tch::manual_seed(settings.seed as i64);
     let mut lm = CausalLm::random(&qwen2, tch::Device::Cpu, tch::Kind::Float, tch::Kind::Float)?;
     lm.generation_config.eos_token_id = Some(prime_model::config::TokenIds::One(eos));
-    let dir = prime_learner::run::sft_checkpoint(run_dir);
+    let dir = prime_learner::checkpoint::sft_checkpoint(run_dir);
     lm.save(&dir, None, prime_model::DEFAULT_MAX_SHARD_BYTES)?;
     prime_model::checkpoint::copy_tokenizer_files(&world.tokenizer_dir, &dir)?;
     Ok(config_path)

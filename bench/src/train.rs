@@ -306,7 +306,7 @@ pub fn run_train(settings: &TrainSettings) -> Result<TrainReport> {
     }
 
     let warmup_dir = settings.warmup_dir();
-    let warmup_checkpoint = prime_learner::run::sft_checkpoint(&warmup_dir);
+    let warmup_checkpoint = prime_learner::checkpoint::sft_checkpoint(&warmup_dir);
     let warmup_reused = warmup_checkpoint.join("config.json").exists();
     let warmup_seconds = if warmup_reused {
         tracing::info!(dir = %warmup_dir.display(), "reusing the warm-up checkpoint");
@@ -406,8 +406,11 @@ fn prepare_run_dir(warmup_dir: &Path, run_dir: &Path) -> Result<()> {
     if run_dir.exists() {
         std::fs::remove_dir_all(run_dir).map_err(io(run_dir))?;
     }
-    let checkpoint = prime_learner::run::sft_checkpoint(run_dir);
-    copy_dir(&prime_learner::run::sft_checkpoint(warmup_dir), &checkpoint)?;
+    let checkpoint = prime_learner::checkpoint::sft_checkpoint(run_dir);
+    copy_dir(
+        &prime_learner::checkpoint::sft_checkpoint(warmup_dir),
+        &checkpoint,
+    )?;
     let world = warmup_dir.join("world");
     if world.is_dir() {
         copy_dir(&world, &run_dir.join("world"))?;

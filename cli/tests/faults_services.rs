@@ -119,7 +119,7 @@ fn new_run(config_text: &str) -> Run {
     std::fs::write(&config, config_text).unwrap();
     let parsed = prime_learner::RunConfig::from_file(&config).unwrap();
     write_tiny_start_model(&dir, &parsed, 11);
-    let tokenizer = prime_learner::run::sft_checkpoint(&dir);
+    let tokenizer = prime_learner::checkpoint::sft_checkpoint(&dir);
     let logs = tmp.path().to_path_buf();
     Run {
         _tmp: tmp,

@@ -103,7 +103,7 @@ fn hostile_clients_get_clear_errors_and_the_learner_keeps_count() {
     let config = prime_learner::RunConfig::from_file(&config_path).unwrap();
     write_tiny_start_model(&run_dir, &config, 3);
     let vocab = {
-        let tokenizer = prime_learner::run::sft_checkpoint(&run_dir);
+        let tokenizer = prime_learner::checkpoint::sft_checkpoint(&run_dir);
         prime_model::Tokenizer::from_dir(&tokenizer)
             .unwrap()
             .vocab_size() as i64

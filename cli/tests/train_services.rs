@@ -89,7 +89,7 @@ fn actors_learner_and_verifier_train_survive_kills_and_resume() {
     std::fs::write(&config_path, CONFIG).unwrap();
     let config = prime_learner::RunConfig::from_file(&config_path).unwrap();
     write_tiny_start_model(&run_dir, &config, 7);
-    let tokenizer = prime_learner::run::sft_checkpoint(&run_dir);
+    let tokenizer = prime_learner::checkpoint::sft_checkpoint(&run_dir);
     let logs = tmp.path();
     let (verifier, learner, metrics) = (free_addr(), free_addr(), free_addr());
     let s = |p: &Path| p.to_str().unwrap().to_string();

@@ -155,6 +155,11 @@ pub struct CheckpointParts<'a> {
     pub state: &'a TrainerState,
 }
 
+/// Where the supervised warm-up of a run dir leaves its checkpoint.
+pub fn sft_checkpoint(run_dir: &Path) -> PathBuf {
+    run_dir.join("sft").join("checkpoint")
+}
+
 /// The directory name of the checkpoint after `step`.
 pub fn step_dir_name(step: u64) -> String {
     format!("{STEP_PREFIX}{step:06}")

@@ -27,6 +27,15 @@ pub enum LearnerError {
     Auth(#[from] prime_proto::auth::AuthError),
     #[error(transparent)]
     Collective(#[from] prime_collective::CollectiveError),
+    /// A call to another service failed.
+    #[error("rpc: {0}")]
+    Rpc(String),
+    /// A call to another service failed, or its channel could not be set up.
+    #[error(transparent)]
+    Client(#[from] prime_proto::client::ClientError),
+    /// PRM scoring (the step split, the scorer) failed.
+    #[error(transparent)]
+    Prm(#[from] prime_prm_server::PrmError),
     /// A peer's request that cannot be served as asked.
     #[error("{0}")]
     InvalidRequest(String),

@@ -7,17 +7,13 @@ use prime_model::Tokenizer;
 use rand::Rng;
 use tch::Device;
 
+use crate::checkpoint::sft_checkpoint;
 use crate::config::RunConfig;
 use crate::error::{LearnerError, Result};
 use crate::eval::{eval_problems, local_rollouts, prompts_from_rows};
 use crate::models::PrimeModels;
 use crate::scheduler::{Pull, Scheduler, SchedulerConfig};
 use crate::trainer::{load_model, StartModels, StepRecord, Trainer};
-
-/// Where the supervised warm-up of a run dir leaves its checkpoint.
-pub fn sft_checkpoint(run_dir: &Path) -> PathBuf {
-    run_dir.join("sft").join("checkpoint")
-}
 
 /// Rows of `files`, or of the world's split `fallback` when no file is given.
 fn read_rows(files: &[PathBuf], fallback: Option<PathBuf>) -> Result<Vec<prime_world::DataRow>> {

@@ -28,9 +28,6 @@ pub enum PrmError {
     /// The model layer failed.
     #[error(transparent)]
     Model(#[from] prime_model::ModelError),
-    /// Shared learner code (datasets, formulas) failed.
-    #[error(transparent)]
-    Learner(#[from] prime_learner::LearnerError),
     /// A data set could not be read.
     #[error(transparent)]
     World(#[from] prime_world::WorldError),

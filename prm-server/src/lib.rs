@@ -8,11 +8,7 @@
 //!   voting over extracted answers; the tie rules are documented there.
 //! - [`service`]: the `PrmServer` gRPC service (one compute thread batching waiting requests),
 //!   health, shared token, status, Prometheus, and following a learner for new PRM weights.
-//! - [`eval`]: `prime eval`, the evaluation protocol (avg@k, maj@k, pass@k and greedy per data
-//!   source) and Best-of-N against majority vote, random pick and pass@N, with a table, JSON
-//!   and a plot.
 pub mod error;
-pub mod eval;
 pub mod scorer;
 pub mod service;
 pub mod steps;

@@ -2,12 +2,12 @@
 //! greedy accuracy per data source), and with `--bon N --prm URL` Best-of-N against majority
 //! vote, random pick and pass@N on the same samples. Prints the tables and writes
 //! `report.json`, `samples.jsonl` and `accuracy_vs_n.png` into `--out`. Argument parsing only;
-//! the work is in `prime_prm_server::eval`.
+//! the work is in `prime_learner::eval::protocol`.
 use std::path::PathBuf;
 
 use anyhow::Context;
+use prime_learner::eval::protocol::{evaluate, BonConfig, EvalConfig};
 use prime_model::{default_kind, parse_device, parse_kind};
-use prime_prm_server::eval::{evaluate, BonConfig, EvalConfig};
 use prime_prm_server::Aggregation;
 
 /// `prime eval`.

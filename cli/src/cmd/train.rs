@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use prime_learner::checkpoint::sft_checkpoint;
 use prime_learner::report::{summary_table, Summary};
-use prime_learner::run::{open_run, run_local, sft_checkpoint};
+use prime_learner::run::{open_run, run_local};
 use prime_learner::trainer::{Record, StepRecord};
 use prime_learner::RunConfig;
 use prime_model::parse_device;
@@ -180,7 +181,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // The paper's way of reading a run: start against final checkpoint, with the trained PRM
     // reranking each one's samples.
     let evaluation =
-        prime_prm_server::eval::evaluate_run(&config, run_dir, parse_device(&args.device)?)
+        prime_learner::eval::protocol::evaluate_run(&config, run_dir, parse_device(&args.device)?)
             .context("evaluating the start and final checkpoints")?;
     eprint!("{}", evaluation.table());
     println!("{}", run_dir.display());

@@ -13,16 +13,21 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use prime_model::{generate_batched, CausalLm, SamplingParams, Tokenizer};
+use prime_model::{CausalLm, SamplingParams, Tokenizer};
 use prime_proto::v1 as pb;
 use prime_world::DataRow;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind};
 
-use crate::error::{PrmError, Result};
-use crate::scorer::{Pair, Scorer};
-use crate::steps::{self, Aggregation, StepSplit};
-use crate::vote::{self, Voting};
+use prime_prm_server::scorer::{Pair, Scorer};
+use prime_prm_server::steps::{self, Aggregation, StepSplit};
+use prime_prm_server::vote::{self, Voting};
+
+use super::{sample_and_grade, to_chat, Sampling};
+use crate::checkpoint::{latest, sft_checkpoint};
+use crate::config::RunConfig;
+use crate::error::{LearnerError, Result};
+use crate::plot::{line_chart, Series};
 
 /// Name of the row that sums up every data source.
 pub const OVERALL: &str = "overall";
@@ -269,21 +274,13 @@ pub fn evaluate_loaded(
     let k = config.k.max(bon.map_or(1, |b| b.n)).max(1);
     let rows = &rows[..config.limit.unwrap_or(rows.len()).min(rows.len())];
     if rows.is_empty() {
-        return Err(PrmError::Input("no problems to evaluate".into()));
+        return Err(LearnerError::Data("no problems to evaluate".into()));
     }
     let max_positions = lm.config.max_position_embeddings as usize;
     let mut problems = Vec::new();
     let mut skipped = 0;
     for row in rows {
-        let messages: Vec<prime_model::ChatMessage> = row
-            .prompt
-            .iter()
-            .map(|m| prime_model::ChatMessage {
-                role: m.role.clone(),
-                content: m.content.clone(),
-            })
-            .collect();
-        let prompt_ids = tokenizer.encode_chat(&messages, true)?;
+        let prompt_ids = tokenizer.encode_chat(&to_chat(row), true)?;
         // A prompt that leaves fewer than 8 positions to answer in is not a fair question.
         if prompt_ids.len() + 8 > max_positions {
             skipped += 1;
@@ -295,7 +292,7 @@ pub fn evaluate_loaded(
         });
     }
     if problems.is_empty() {
-        return Err(PrmError::Input(format!(
+        return Err(LearnerError::Data(format!(
             "every prompt is too long for the model's {max_positions} positions"
         )));
     }
@@ -314,7 +311,8 @@ pub fn evaluate_loaded(
         stop_token_ids: lm.eos_token_ids(),
     };
     let mut grading = Grading { grader: None };
-    let mut samples = sample_and_grade(lm, tokenizer, &problems, k, &params, config, &mut grading)?;
+    let mut samples =
+        sample_and_grade_rows(lm, tokenizer, &problems, k, &params, config, &mut grading)?;
     if config.greedy {
         let greedy = SamplingParams {
             temperature: 0.0,
@@ -322,7 +320,7 @@ pub fn evaluate_loaded(
             ..params.clone()
         };
         let mut decoded =
-            sample_and_grade(lm, tokenizer, &problems, 1, &greedy, config, &mut grading)?;
+            sample_and_grade_rows(lm, tokenizer, &problems, 1, &greedy, config, &mut grading)?;
         for s in &mut decoded {
             s.sample = None;
         }
@@ -360,8 +358,9 @@ pub fn evaluate_loaded(
     Ok(Evaluation { report, samples })
 }
 
-/// `per_problem` samples of every problem in one seeded sampling call, decoded and graded.
-fn sample_and_grade(
+/// `per_problem` samples of every problem in one seeded sampling call (`batch_rows`
+/// decoding at once), decoded and graded.
+fn sample_and_grade_rows(
     lm: &CausalLm,
     tokenizer: &Tokenizer,
     problems: &[Problem],
@@ -370,30 +369,36 @@ fn sample_and_grade(
     config: &EvalConfig,
     grading: &mut Grading,
 ) -> Result<Vec<Sample>> {
-    let prompts: Vec<Vec<i64>> = problems
-        .iter()
-        .flat_map(|p| std::iter::repeat_n(p.prompt_ids.clone(), per_problem))
-        .collect();
-    let generations = generate_batched(&lm.model, &prompts, params, config.batch_rows.max(1))?;
-    generations
+    let sampling = Sampling {
+        params: params.clone(),
+        call_rows: usize::MAX,
+        decode_rows: config.batch_rows.max(1),
+    };
+    let graded = sample_and_grade(
+        lm,
+        tokenizer,
+        problems,
+        |p| &p.prompt_ids,
+        per_problem,
+        &sampling,
+        |problem, text| Ok(grading.grade(&problem.row, text)),
+    )?;
+    Ok(graded
         .into_iter()
-        .enumerate()
-        .map(|(row, generation)| {
-            let (problem, sample) = (row / per_problem, row % per_problem);
-            let text = tokenizer.decode(&generation.token_ids, true)?;
-            let (score, answer) = grading.grade(&problems[problem].row, &text);
-            Ok(Sample {
-                problem,
-                sample: Some(sample),
-                token_ids: generation.token_ids,
-                stopped: generation.finish_reason == prime_model::FinishReason::Stop,
+        .map(|g| {
+            let (score, answer) = g.grade;
+            Sample {
+                problem: g.problem,
+                sample: Some(g.sample),
+                stopped: g.generation.finish_reason == prime_model::FinishReason::Stop,
+                token_ids: g.generation.token_ids,
                 answer,
-                text,
+                text: g.text,
                 score,
                 prm_score: None,
-            })
+            }
         })
-        .collect()
+        .collect())
 }
 
 /// Asks the PRM server to score the first N samples of every problem (one BestOfN call per
@@ -410,7 +415,7 @@ fn score_with_server(problems: &[Problem], samples: &mut [Sample], bon: &BonConf
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(PrmError::io("tokio runtime"))?;
+        .map_err(LearnerError::io("tokio runtime"))?;
     runtime.block_on(async {
         let channel = lazy_channel("prm-server", &bon.prm_url, timeout, bon.token.as_deref())?;
         let mut client = prm_client(channel);
@@ -444,7 +449,7 @@ fn score_with_server(problems: &[Problem], samples: &mut [Sample], bon: &BonConf
             .await?
             .into_inner();
             if reply.scores.len() != mine.len() {
-                return Err(PrmError::Rpc(format!(
+                return Err(LearnerError::Rpc(format!(
                     "BestOfN answered {} scores for {} candidates",
                     reply.scores.len(),
                     mine.len()
@@ -677,19 +682,19 @@ impl EvalReport {
             ("random pick", points(&|p| Some(p.random_pick))),
             ("pass@N", points(&|p| Some(p.pass_at_n))),
         ];
-        let series: Vec<prime_learner::plot::Series<'_>> = series
+        let series: Vec<Series<'_>> = series
             .iter()
             .filter(|(_, p)| !p.is_empty())
-            .map(|(name, p)| prime_learner::plot::Series { name, points: p })
+            .map(|(name, p)| Series { name, points: p })
             .collect();
-        prime_learner::plot::line_chart(
+        line_chart(
             path,
             &format!("accuracy against N ({})", self.model),
             "log2 N (candidates per problem)",
             "accuracy (%)",
             &series,
         )
-        .map_err(|e| PrmError::Plot(e.to_string()))
+        .map_err(|e| LearnerError::Plot(e.to_string()))
     }
 }
 
@@ -697,19 +702,19 @@ impl Evaluation {
     /// Writes `report.json`, `samples.jsonl` and `accuracy_vs_n.png` into `dir`; returns the
     /// paths written. A plot that cannot be drawn (no font) is logged, not fatal.
     pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>> {
-        std::fs::create_dir_all(dir).map_err(PrmError::io(dir))?;
+        std::fs::create_dir_all(dir).map_err(LearnerError::io(dir))?;
         let report = dir.join("report.json");
         let json = serde_json::to_string_pretty(&self.report)
-            .map_err(|e| PrmError::Input(format!("report: {e}")))?;
-        std::fs::write(&report, json + "\n").map_err(PrmError::io(&report))?;
+            .map_err(|e| LearnerError::Data(format!("report: {e}")))?;
+        std::fs::write(&report, json + "\n").map_err(LearnerError::io(&report))?;
         let samples = dir.join("samples.jsonl");
         let mut text = String::new();
         for s in &self.samples {
-            text +=
-                &serde_json::to_string(s).map_err(|e| PrmError::Input(format!("sample: {e}")))?;
+            text += &serde_json::to_string(s)
+                .map_err(|e| LearnerError::Data(format!("sample: {e}")))?;
             text.push('\n');
         }
-        std::fs::write(&samples, text).map_err(PrmError::io(&samples))?;
+        std::fs::write(&samples, text).map_err(LearnerError::io(&samples))?;
         let mut written = vec![report, samples];
         let plot = dir.join("accuracy_vs_n.png");
         match self.report.plot(&plot) {
@@ -779,20 +784,16 @@ impl RunEvaluation {
 /// them, at `learner.eval.temperature`, [`RUN_EVAL_SAMPLES`] samples each plus greedy), and
 /// ranks each one's samples with the run's final implicit PRM (Best-of-N, steps split at
 /// lines, min aggregation). Writes `eval/start` and `eval/final` in the run dir.
-pub fn evaluate_run(
-    config: &prime_learner::RunConfig,
-    run_dir: &Path,
-    device: Device,
-) -> Result<RunEvaluation> {
+pub fn evaluate_run(config: &RunConfig, run_dir: &Path, device: Device) -> Result<RunEvaluation> {
     let learner = &config.learner;
     let start_dir = config
         .model
         .path
         .clone()
-        .unwrap_or_else(|| prime_learner::run::sft_checkpoint(run_dir));
+        .unwrap_or_else(|| sft_checkpoint(run_dir));
     let root = run_dir.join("checkpoints");
-    let last = prime_learner::checkpoint::latest(&root)?
-        .ok_or_else(|| PrmError::Input(format!("no checkpoint in {}", root.display())))?;
+    let last = latest(&root)?
+        .ok_or_else(|| LearnerError::Data(format!("no checkpoint in {}", root.display())))?;
     let mut rows = Vec::new();
     let data = if learner.data.heldout_files.is_empty() {
         let world = prime_world::build_world(&config.world, &run_dir.join("world"))?;

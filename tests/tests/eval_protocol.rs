@@ -4,11 +4,11 @@
 //! prompt alone; Best-of-N scores from a PRM server equal those of the same PRM in process.
 use std::path::{Path, PathBuf};
 
-use prime_learner::RunConfig;
-use prime_model::{CausalLm, SamplingParams, Tokenizer};
-use prime_prm_server::eval::{
+use prime_learner::eval::protocol::{
     evaluate, evaluate_loaded, BonConfig, EvalConfig, PrmScoring, OVERALL,
 };
+use prime_learner::RunConfig;
+use prime_model::{CausalLm, SamplingParams, Tokenizer};
 use prime_prm_server::service::{start, ListenOptions, ServerConfig};
 use prime_prm_server::{Aggregation, Scorer};
 use prime_tests::{init_threads, repo_root, write_tiny_start_model};
@@ -25,7 +25,7 @@ fn torch_rng() -> std::sync::MutexGuard<'static, ()> {
 fn setup(dir: &Path) -> (RunConfig, PathBuf, PathBuf, Vec<prime_world::DataRow>) {
     let config = RunConfig::from_file(&repo_root().join("configs/demo.toml")).unwrap();
     write_tiny_start_model(dir, &config, 7);
-    let policy = prime_learner::run::sft_checkpoint(dir);
+    let policy = prime_learner::checkpoint::sft_checkpoint(dir);
     let lm = load(&policy);
     tch::manual_seed(8);
     let mut prm = CausalLm::random(&lm.config, Device::Cpu, Kind::Float, Kind::Float).unwrap();
@@ -75,12 +75,12 @@ fn eval_is_reproducible_and_recounts_on_the_default_world() {
     };
     let (a, b, c) = (run(5), run(5), run(6));
     assert_eq!(a.samples, b.samples);
-    let strip = |mut r: prime_prm_server::eval::EvalReport| {
+    let strip = |mut r: prime_learner::eval::protocol::EvalReport| {
         r.seconds = 0.0;
         r
     };
     assert_eq!(strip(a.report.clone()), strip(b.report.clone()));
-    let texts = |e: &prime_prm_server::eval::Evaluation| -> Vec<Vec<i64>> {
+    let texts = |e: &prime_learner::eval::protocol::Evaluation| -> Vec<Vec<i64>> {
         e.samples
             .iter()
             .filter(|s| s.sample.is_some())
@@ -89,7 +89,7 @@ fn eval_is_reproducible_and_recounts_on_the_default_world() {
     };
     assert_ne!(texts(&a), texts(&c), "another seed samples differently");
     // Greedy decodes do not depend on the seed.
-    let greedy = |e: &prime_prm_server::eval::Evaluation| -> Vec<Vec<i64>> {
+    let greedy = |e: &prime_learner::eval::protocol::Evaluation| -> Vec<Vec<i64>> {
         e.samples
             .iter()
             .filter(|s| s.sample.is_none())
@@ -168,7 +168,7 @@ fn eval_is_reproducible_and_recounts_on_the_default_world() {
     let out = dir.path().join("eval");
     let written = a.write(&out).unwrap();
     assert!(out.join("report.json").exists() && out.join("samples.jsonl").exists());
-    let back: prime_prm_server::eval::EvalReport =
+    let back: prime_learner::eval::protocol::EvalReport =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(back, a.report);
     assert!(a.report.table().contains("overall"));

@@ -1,6 +1,8 @@
 //! Sampling and grading with the learner's own policy: the one sample → decode → grade loop
 //! ([`sample_and_grade`]) behind the held-out evaluation of the trainer and of the warm-up,
-//! and behind the rollouts of a single-process run.
+//! the rollouts of a single-process run, and `prime eval` ([`protocol`]).
+pub mod protocol;
+
 use std::time::Instant;
 
 use prime_model::{
