@@ -252,12 +252,6 @@ fn l_one() -> f64 {
     1.0
 }
 
-impl Default for LearnerConfig {
-    fn default() -> Self {
-        toml::from_str("").expect("defaults")
-    }
-}
-
 /// `[learner.rollout]`: the batch one iteration trains on and how actors sample it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -306,12 +300,6 @@ fn r_lease() -> u64 {
     600
 }
 
-impl Default for RolloutConfig {
-    fn default() -> Self {
-        toml::from_str("").expect("defaults")
-    }
-}
-
 /// `[learner.data]`: where prompts come from and which are kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -330,12 +318,6 @@ pub struct DataConfig {
 
 fn d_max_prompt() -> usize {
     1024
-}
-
-impl Default for DataConfig {
-    fn default() -> Self {
-        toml::from_str("").expect("defaults")
-    }
 }
 
 /// `[learner.eval]`: held-out evaluation of the policy.
@@ -369,12 +351,6 @@ fn e_true() -> bool {
     true
 }
 
-impl Default for EvalConfig {
-    fn default() -> Self {
-        toml::from_str("").expect("defaults")
-    }
-}
-
 /// `[learner.checkpoint]`: when checkpoints are written and how many are kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -389,12 +365,6 @@ pub struct CheckpointConfig {
 
 fn c_keep() -> usize {
     2
-}
-
-impl Default for CheckpointConfig {
-    fn default() -> Self {
-        toml::from_str("").expect("defaults")
-    }
 }
 
 /// `[learner.memory]`: what bounds the step's memory without changing its result.
@@ -429,11 +399,27 @@ fn m_logit_chunk() -> i64 {
     1024
 }
 
-impl Default for MemoryConfig {
-    fn default() -> Self {
-        toml::from_str("").expect("defaults")
-    }
+/// `Default` for config tables whose every key has a serde default: the empty table.
+macro_rules! default_is_the_empty_table {
+    ($($table:ty),+ $(,)?) => {
+        $(impl Default for $table {
+            fn default() -> Self {
+                toml::from_str("").expect("every key has a default")
+            }
+        })+
+    };
 }
+
+default_is_the_empty_table!(
+    LearnerConfig,
+    RolloutConfig,
+    DataConfig,
+    EvalConfig,
+    CheckpointConfig,
+    MemoryConfig,
+    ParallelConfig,
+    SftConfig
+);
 
 /// Keys of `[learner]` that moved into its tables, with their new place.
 const MOVED_KEYS: &[(&str, &str)] = &[
@@ -628,12 +614,6 @@ fn p_join_timeout() -> u64 {
 }
 fn p_idle_timeout() -> u64 {
     86_400
-}
-
-impl Default for ParallelConfig {
-    fn default() -> Self {
-        toml::from_str("").expect("defaults")
-    }
 }
 
 /// `[learner.weight_broadcast]`: pushing new weights to the actors in one broadcast.
@@ -933,12 +913,6 @@ fn s_max_new() -> usize {
 }
 fn s_band() -> [f64; 2] {
     [0.2, 0.6]
-}
-
-impl Default for SftConfig {
-    fn default() -> Self {
-        toml::from_str("").expect("defaults")
-    }
 }
 
 impl SftConfig {

@@ -364,6 +364,23 @@ impl std::ops::Deref for FullOptimizer<'_> {
     }
 }
 
+/// The pieces of optimizer state a gather moves: both moments (`moment`), and the master
+/// weights (`masters`) when they are kept.
+fn state_pieces<P>(
+    master: bool,
+    moment: impl Fn(StatePart) -> P,
+    masters: impl FnOnce() -> P,
+) -> Vec<(StatePart, P)> {
+    let mut pieces: Vec<(StatePart, P)> = [StatePart::ExpAvg, StatePart::ExpAvgSq]
+        .into_iter()
+        .map(|part| (part, moment(part)))
+        .collect();
+    if master {
+        pieces.push((StatePart::Master, masters()));
+    }
+    pieces
+}
+
 /// The names of `optimizer`'s parameters and the parameters themselves (shallow clones).
 fn names_and_params(optimizer: &AdamW) -> (Vec<String>, Vec<Tensor>) {
     optimizer
@@ -785,79 +802,70 @@ impl DataParallel {
         which: Trained,
         keep: bool,
     ) -> Result<Option<AdamW>> {
+        let _guard = tch::no_grad_guard();
+        let device = self.device;
         if let Some(shard) = self.grad_shards[which as usize].take() {
-            let rebuilt = self.gather_zero2(&shard, optimizer, keep);
+            // ZeRO-2: this rank's chunk of every bucket, all-gathered bucket by bucket.
+            let pieces = state_pieces(
+                shard.master,
+                |part| {
+                    let chunk = |(b, bucket): (usize, &Bucket)| {
+                        optimizer.held(b, part).unwrap_or_else(|| {
+                            Tensor::zeros([bucket.chunk as i64], (Kind::Float, device))
+                        })
+                    };
+                    shard.buckets.iter().enumerate().map(chunk).collect()
+                },
+                || {
+                    shard
+                        .buckets
+                        .iter()
+                        .map(|b| b.mine(&shard.values))
+                        .collect()
+                },
+            );
+            let rebuilt = self.gather_pieces(
+                (&shard.names, &shard.params, shard.master),
+                optimizer,
+                keep,
+                pieces,
+                |dp, chunks: &Vec<Tensor>, whole| dp.all_gather_buckets(&shard, chunks, whole),
+            );
             self.grad_shards[which as usize] = Some(shard);
             return rebuilt;
         }
         if let Some(shard) = self.shards[which as usize].take() {
-            let rebuilt = self.gather_zero1(&shard, optimizer, keep);
+            // ZeRO-1: each rank's contiguous shard, all-gathered a bucket's worth at a time.
+            let len = shard.len as i64;
+            let pieces = state_pieces(
+                shard.master,
+                |part| {
+                    optimizer
+                        .held(0, part)
+                        .unwrap_or_else(|| Tensor::zeros([len], (Kind::Float, device)))
+                },
+                || shard.values.shallow_clone(),
+            );
+            let rebuilt = self.gather_pieces(
+                (&shard.names, &shard.params, shard.master),
+                optimizer,
+                keep,
+                pieces,
+                |dp, mine: &Tensor, whole| dp.all_gather_shard(&shard, mine, whole),
+            );
             self.shards[which as usize] = Some(shard);
             return rebuilt;
         }
         Ok(None)
     }
 
-    /// ZeRO-1's [`DataParallel::gather`]: each rank's contiguous shard of the moments (and
-    /// master weights), all-gathered a bucket's worth at a time.
-    pub(super) fn gather_zero1(
-        &mut self,
-        shard: &Shard,
-        optimizer: &AdamW,
-        keep: bool,
-    ) -> Result<Option<AdamW>> {
-        let _guard = tch::no_grad_guard();
-        let (world, device) = (self.world_size(), self.device);
-        let mut parts: Vec<(StatePart, Tensor)> = [StatePart::ExpAvg, StatePart::ExpAvgSq]
-            .into_iter()
-            .map(|part| {
-                let mine = optimizer
-                    .held(0, part)
-                    .unwrap_or_else(|| Tensor::zeros([shard.len as i64], (Kind::Float, device)));
-                (part, mine)
-            })
-            .collect();
-        if shard.master {
-            parts.push((StatePart::Master, shard.values.shallow_clone()));
-        }
-        // Elements of each rank's shard per round: a bucket in all.
-        let window = self.bucket_elements().div_ceil(world).max(1);
-        self.gather_pieces(
-            shard.names.as_slice(),
-            &shard.params,
-            shard.master,
-            optimizer,
-            keep,
-            parts,
-            |dp, mine, whole| {
-                let mut at = 0;
-                while at < shard.len {
-                    let n = window.min(shard.len - at);
-                    let mut flat = Tensor::zeros([(n * world) as i64], (Kind::Float, device));
-                    dp.comm
-                        .all_gather(&mine.narrow(0, at as i64, n as i64), &mut flat)
-                        .map_err(comm_err)?;
-                    for r in (0..world).filter(|_| !whole.is_empty()) {
-                        let piece = flat.narrow(0, (r * n) as i64, n as i64);
-                        write_flat(whole, &shard.layout.sizes, r * shard.len + at, &piece);
-                    }
-                    at += n;
-                }
-                Ok(())
-            },
-        )
-    }
-
     /// The frame the ZeRO gathers share: each piece of optimizer state (`pieces`, this
     /// rank's part of it) is all-gathered by `gather_piece` into `whole` (host tensors of the
     /// parameters' shapes; none when not `keep`), and with `keep` the gathered state becomes
-    /// an unsharded optimizer over `params`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn gather_pieces<P>(
+    /// an unsharded optimizer over the parameters (`names`, `params`, whether masters are kept).
+    fn gather_pieces<P>(
         &mut self,
-        names: &[String],
-        params: &[Tensor],
-        master: bool,
+        (names, params, master): (&[String], &[Tensor], bool),
         optimizer: &AdamW,
         keep: bool,
         pieces: Vec<(StatePart, P)>,
@@ -877,59 +885,46 @@ impl DataParallel {
         full_adamw(names, params, master, optimizer, &full_state).map(Some)
     }
 
-    /// ZeRO-2's [`DataParallel::gather`]: every bucket of the moments (and master weights)
-    /// all-gathered into whole tensors on the host.
-    pub(super) fn gather_zero2(
+    /// ZeRO-1: all-gathers `mine`, this rank's contiguous shard of one piece of state, a
+    /// bucket's worth at a time, writing the pieces into `whole` (when not empty).
+    fn all_gather_shard(&mut self, shard: &Shard, mine: &Tensor, whole: &[Tensor]) -> Result<()> {
+        let world = self.world_size();
+        // Elements of each rank's shard per round: a bucket in all.
+        let window = self.bucket_elements().div_ceil(world).max(1);
+        let mut at = 0;
+        while at < shard.len {
+            let n = window.min(shard.len - at);
+            let mut flat = Tensor::zeros([(n * world) as i64], (Kind::Float, self.device));
+            self.comm
+                .all_gather(&mine.narrow(0, at as i64, n as i64), &mut flat)
+                .map_err(comm_err)?;
+            for r in (0..world).filter(|_| !whole.is_empty()) {
+                let piece = flat.narrow(0, (r * n) as i64, n as i64);
+                write_flat(whole, &shard.layout.sizes, r * shard.len + at, &piece);
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// ZeRO-2: all-gathers this rank's chunk of every bucket (`chunks`) of one piece of
+    /// state, unflattening each bucket into `whole` (when not empty).
+    fn all_gather_buckets(
         &mut self,
         shard: &GradShard,
-        optimizer: &AdamW,
-        keep: bool,
-    ) -> Result<Option<AdamW>> {
-        let _guard = tch::no_grad_guard();
-        let (world, device) = (self.world_size(), self.device);
-        // Per piece, this rank's chunk of every bucket.
-        let mut parts: Vec<(StatePart, Vec<Tensor>)> = [StatePart::ExpAvg, StatePart::ExpAvgSq]
-            .into_iter()
-            .map(|part| {
-                let chunks = shard
-                    .buckets
-                    .iter()
-                    .enumerate()
-                    .map(|(b, bucket)| {
-                        optimizer.held(b, part).unwrap_or_else(|| {
-                            Tensor::zeros([bucket.chunk as i64], (Kind::Float, device))
-                        })
-                    })
-                    .collect();
-                (part, chunks)
-            })
-            .collect();
-        if shard.master {
-            let chunks = shard
-                .buckets
-                .iter()
-                .map(|b| b.mine(&shard.values))
-                .collect();
-            parts.push((StatePart::Master, chunks));
+        chunks: &[Tensor],
+        whole: &[Tensor],
+    ) -> Result<()> {
+        let world = self.world_size();
+        for (bucket, mine) in shard.buckets.iter().zip(chunks) {
+            let size = (bucket.chunk * world) as i64;
+            let mut flat = Tensor::zeros([size], (Kind::Float, self.device));
+            self.comm.all_gather(mine, &mut flat).map_err(comm_err)?;
+            if !whole.is_empty() {
+                bucket.unflatten(&flat, whole, |_| true);
+            }
         }
-        self.gather_pieces(
-            shard.names.as_slice(),
-            &shard.params,
-            shard.master,
-            optimizer,
-            keep,
-            parts,
-            |dp, chunks, whole| {
-                for (b, mine) in shard.buckets.iter().zip(chunks) {
-                    let mut flat = Tensor::zeros([(b.chunk * world) as i64], (Kind::Float, device));
-                    dp.comm.all_gather(mine, &mut flat).map_err(comm_err)?;
-                    if !whole.is_empty() {
-                        b.unflatten(&flat, whole, |_| true);
-                    }
-                }
-                Ok(())
-            },
-        )
+        Ok(())
     }
 }
 
