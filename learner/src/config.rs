@@ -2,11 +2,10 @@
 //! for the embedded demo, from the measured prototype (../shared/demo-notes.md).
 use std::path::{Path, PathBuf};
 
+use prime_algo::AlgoConfig;
 use prime_model::Qwen2Config;
 use prime_world::WorldConfig;
 use serde::{Deserialize, Serialize};
-
-use prime_algo::AlgoConfig;
 use tch::Device;
 
 use crate::error::{LearnerError, Result};
@@ -51,9 +50,49 @@ impl RunConfig {
             apply_override(&mut table, assignment).map_err(config_error)?;
         }
         refuse_moved_keys(&table).map_err(config_error)?;
-        table
+        let config: Self = table
             .try_into()
-            .map_err(|e: toml::de::Error| config_error(e.to_string()))
+            .map_err(|e: toml::de::Error| config_error(e.to_string()))?;
+        config.check_lengths().map_err(config_error)?;
+        Ok(config)
+    }
+
+    /// The start model's `max_position_embeddings` and where it was read: `model.path`'s
+    /// config.json when that file exists, else the from-scratch `[model]` shape. `None` when
+    /// `model.path` names a model that is not there (yet) or cannot be read: opening the run
+    /// then stops with that model's own error.
+    fn model_positions(&self) -> Option<(i64, String)> {
+        match &self.model.path {
+            Some(dir) => {
+                let file = dir.join("config.json");
+                let config = Qwen2Config::from_file(&file).ok()?;
+                Some((config.max_position_embeddings, file.display().to_string()))
+            }
+            None => Some((
+                self.model.max_position_embeddings,
+                "model.max_position_embeddings".into(),
+            )),
+        }
+    }
+
+    /// Refuses a prompt budget plus a response budget the model cannot hold, so that no kept
+    /// prompt can run out of positions mid-run.
+    pub fn check_lengths(&self) -> std::result::Result<(), String> {
+        let Some((positions, source)) = self.model_positions() else {
+            return Ok(());
+        };
+        let prompt = self.learner.data.max_prompt_tokens;
+        let response = self.learner.rollout.max_response_tokens;
+        let total = prompt.saturating_add(response);
+        if i64::try_from(total).map_or(true, |t| t > positions) {
+            return Err(format!(
+                "learner.data.max_prompt_tokens ({prompt}) + learner.rollout.max_response_tokens \
+                 ({response}) = {total} exceeds the model's max_position_embeddings ({positions}, \
+                 from {source}): lower one of the two keys so that they add up to at most \
+                 {positions}"
+            ));
+        }
+        Ok(())
     }
 
     /// The resolved config as TOML, saved in the run dir.
@@ -135,7 +174,8 @@ fn d_intermediate() -> i64 {
     384
 }
 fn d_max_pos() -> i64 {
-    256
+    // The paper's Qwen2.5-Math-7B, and what the default learner lengths need (1,024 + 3,072).
+    4096
 }
 fn d_theta() -> f64 {
     10000.0

@@ -98,3 +98,60 @@ fn overrides_and_partial_optimizer_tables() {
     .unwrap();
     assert!(bad.learner.validate().is_err());
 }
+
+#[test]
+fn lengths_the_model_cannot_hold_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    // From scratch: the [model] shape decides.
+    std::fs::write(
+        &path,
+        "[model]\nmax_position_embeddings = 256\n[learner.data]\nmax_prompt_tokens = 200\n\
+         [learner.rollout]\nmax_response_tokens = 57\n",
+    )
+    .unwrap();
+    let error = RunConfig::from_file(&path).unwrap_err().to_string();
+    for part in [
+        "learner.data.max_prompt_tokens (200)",
+        "learner.rollout.max_response_tokens (57)",
+        "= 257",
+        "max_position_embeddings (256",
+        "model.max_position_embeddings",
+    ] {
+        assert!(error.contains(part), "{part:?} missing from: {error}");
+    }
+    // Exactly the model's positions is fine; so is an override that brings the sum down.
+    let fits = RunConfig::from_file_with_overrides(
+        &path,
+        &["learner.rollout.max_response_tokens=56".into()],
+    )
+    .unwrap();
+    assert_eq!(fits.learner.rollout.max_response_tokens, 56);
+    // The defaults (the paper's 1,024 + 3,072) fit the default model.
+    std::fs::write(&path, "").unwrap();
+    RunConfig::from_file(&path).unwrap();
+
+    // A model directory: its config.json decides, and the message names the file.
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        r#"{"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 2048}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        &path,
+        format!("[model]\npath = {:?}\n", model.display().to_string()),
+    )
+    .unwrap();
+    let error = RunConfig::from_file(&path).unwrap_err().to_string();
+    assert!(error.contains("= 4096"), "{error}");
+    assert!(error.contains("max_position_embeddings (2048"), "{error}");
+    assert!(error.contains("config.json"), "{error}");
+    let fits = RunConfig::from_file_with_overrides(
+        &path,
+        &["learner.rollout.max_response_tokens=1024".into()],
+    );
+    assert!(fits.is_ok(), "{fits:?}");
+}

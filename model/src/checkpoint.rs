@@ -100,14 +100,9 @@ impl CausalLm {
         })
     }
 
-    /// Token ids that end a response: `generation_config.eos_token_id`, else `config.json`'s.
+    /// Token ids that end a response (see [`GenerationConfig::stop_ids`]).
     pub fn eos_token_ids(&self) -> Vec<i64> {
-        self.generation_config
-            .eos_token_id
-            .as_ref()
-            .or(self.config.eos_token_id.as_ref())
-            .map(|ids| ids.to_vec())
-            .unwrap_or_default()
+        self.generation_config.stop_ids(&self.config)
     }
 
     /// Saves config, generation config and weights (in `kind`, default the stored dtype) as a

@@ -132,11 +132,50 @@ impl Qwen2Config {
                 self.head_dim()
             ));
         }
+        self.refuse_unsupported_positions()?;
         if self.hidden_act != "silu" {
             return Err(format!(
                 "hidden_act {:?} is not supported (silu only)",
                 self.hidden_act
             ));
+        }
+        Ok(())
+    }
+
+    /// Refuses position schemes this implementation does not compute, naming the key: RoPE
+    /// scaling of any type but the default (`rope_scaling`, or transformers 5's
+    /// `rope_parameters.rope_type`) and sliding-window attention (`use_sliding_window: true`).
+    /// Silently running them as plain RoPE and full attention would give other log-probs.
+    fn refuse_unsupported_positions(&self) -> std::result::Result<(), String> {
+        if let Some(scaling) = self.extra.get("rope_scaling").filter(|v| !v.is_null()) {
+            let kind = scaling
+                .get("rope_type")
+                .or_else(|| scaling.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("(no type)");
+            if kind != "default" {
+                return Err(format!(
+                    "rope_scaling of type {kind:?} is not supported (only plain RoPE is \
+                     implemented): remove rope_scaling from config.json, or set it to null, to \
+                     run the model at its native max_position_embeddings"
+                ));
+            }
+        }
+        if let Some(parameters) = &self.rope_parameters {
+            if parameters.rope_type != "default" {
+                return Err(format!(
+                    "rope_parameters.rope_type {:?} is not supported (only \"default\" RoPE is \
+                     implemented)",
+                    parameters.rope_type
+                ));
+            }
+        }
+        if self.extra.get("use_sliding_window") == Some(&serde_json::Value::Bool(true)) {
+            return Err(
+                "use_sliding_window: true is not supported (attention is over the whole \
+                 sequence): set use_sliding_window to false in config.json"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -191,4 +230,86 @@ pub struct GenerationConfig {
     pub top_k: Option<i64>,
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl GenerationConfig {
+    /// Token ids that end a response: the union of this file's `eos_token_id` and
+    /// `config.json`'s (each an id or a list), this file's first, without repeats. Qwen2.5
+    /// instruct models stop at `<|im_end|>` (generation config) and `<|endoftext|>` (config).
+    pub fn stop_ids(&self, config: &Qwen2Config) -> Vec<i64> {
+        let mut ids: Vec<i64> = Vec::new();
+        for id in [&self.eos_token_id, &config.eos_token_id]
+            .into_iter()
+            .flatten()
+            .flat_map(TokenIds::to_vec)
+        {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: serde_json::Value) -> Qwen2Config {
+        let mut json = serde_json::json!({
+            "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "eos_token_id": 7
+        });
+        json.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn position_schemes_we_do_not_compute_are_refused_by_name() {
+        let refused = |extra| config(extra).validate().unwrap_err();
+        for kind in ["yarn", "linear", "dynamic"] {
+            let e = refused(serde_json::json!({"rope_scaling": {"type": kind, "factor": 4.0}}));
+            assert!(e.contains("rope_scaling") && e.contains(kind), "{e}");
+            let e =
+                refused(serde_json::json!({"rope_scaling": {"rope_type": kind, "factor": 2.0}}));
+            assert!(e.contains("rope_scaling") && e.contains(kind), "{e}");
+            let e = refused(serde_json::json!({
+                "rope_parameters": {"rope_theta": 10000.0, "rope_type": kind, "factor": 4.0}
+            }));
+            assert!(
+                e.contains("rope_parameters.rope_type") && e.contains(kind),
+                "{e}"
+            );
+        }
+        let e = refused(serde_json::json!({"use_sliding_window": true, "sliding_window": 4096}));
+        assert!(e.contains("use_sliding_window"), "{e}");
+        // What Qwen2.5 checkpoints ship passes: no scaling, the window off.
+        for ok in [
+            serde_json::json!({"rope_scaling": null, "use_sliding_window": false, "sliding_window": 4096}),
+            serde_json::json!({"rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}}),
+            serde_json::json!({"rope_scaling": {"rope_type": "default"}}),
+        ] {
+            config(ok.clone())
+                .validate()
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn stop_ids_are_the_union_of_both_files() {
+        let cfg = config(serde_json::json!({}));
+        let generation = |ids: serde_json::Value| -> GenerationConfig {
+            serde_json::from_value(serde_json::json!({ "eos_token_id": ids })).unwrap()
+        };
+        assert_eq!(
+            generation(serde_json::json!([9, 7])).stop_ids(&cfg),
+            vec![9, 7]
+        );
+        assert_eq!(generation(serde_json::json!(9)).stop_ids(&cfg), vec![9, 7]);
+        assert_eq!(GenerationConfig::default().stop_ids(&cfg), vec![7]);
+        let many = config(serde_json::json!({"eos_token_id": [7, 8]}));
+        assert_eq!(generation(serde_json::json!(8)).stop_ids(&many), vec![8, 7]);
+    }
 }

@@ -460,6 +460,31 @@ def cmd_compare(args):
 
 
 # --------------------------------------------------------------------------
+# load-dir
+# --------------------------------------------------------------------------
+
+def cmd_load_dir(args):
+    """Loads a saved model directory the way a user would, with no extra argument: the
+    tokenizer (and its chat template), the model and the generation config."""
+    tokenizer = load_tokenizer(args.dir)
+    messages = json.loads(args.messages)
+    chat = tokenizer.apply_chat_template(messages, tokenize=True,
+                                         add_generation_prompt=True)
+    model = AutoModelForCausalLM.from_pretrained(args.dir, local_files_only=True)
+    generation = GenerationConfig.from_pretrained(args.dir, local_files_only=True)
+
+    def ids(x):
+        return [] if x is None else [int(x)] if isinstance(x, int) else [int(i) for i in x]
+    print(json.dumps({
+        "chat_ids": as_id_list(chat),
+        "generation_eos": ids(generation.eos_token_id),
+        "config_eos": ids(model.config.eos_token_id),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }))
+    return 0
+
+
+# --------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------
 
@@ -530,6 +555,11 @@ def build_parser():
     c.add_argument("--model", required=True)
     c.add_argument("--other", required=True)
     c.set_defaults(func=cmd_compare)
+
+    d = sub.add_parser("load-dir", help="load a saved directory with transformers")
+    d.add_argument("--dir", required=True)
+    d.add_argument("--messages", required=True, help="chat messages as JSON")
+    d.set_defaults(func=cmd_load_dir)
     return p
 
 
