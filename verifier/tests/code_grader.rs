@@ -118,6 +118,193 @@ fn call_based_functions_and_solution_class() {
     assert_eq!(grade("def g(x):\n    return x * 2", wrapped), 0.0);
 }
 
+/// The example of issue 22: outputs written as JSON text, the PRIME/verl form that
+/// `prime_code/testing_util.py` (volcengine/verl, verl/utils/reward_score/prime_code/) decodes
+/// with `json.loads` before comparing; inputs one JSON value per line.
+#[test]
+fn call_based_outputs_as_json_text() {
+    let tests = r#"{"fn_name": "solve", "inputs": ["1\n2", "[1]\n2", "\"hello\"\n0"], "outputs": ["3", "[1, 2]", "\"olleh\""]}"#;
+    let code = "def solve(a, b):\n    if isinstance(a, str):\n        return a[::-1]\n    if isinstance(a, list):\n        return a + [b]\n    return a + b";
+    assert_eq!(grade(code, tests), 1.0);
+    // A tuple where a list is expected, as the reference converts it.
+    let tuple = "def solve(a, b):\n    if isinstance(a, str):\n        return a[::-1]\n    if isinstance(a, list):\n        return tuple(a) + (b,)\n    return a + b";
+    assert_eq!(grade(tuple, tests), 1.0);
+    // Partial credit: the string case is wrong, 2 of 3.
+    let partial = "def solve(a, b):\n    if isinstance(a, str):\n        return a\n    if isinstance(a, list):\n        return a + [b]\n    return a + b";
+    assert!((grade(partial, tests) - 2.0 / 3.0).abs() < 1e-9);
+    // The JSON text of a string is not the string's own text: "3" is the integer 3.
+    assert!((grade("def solve(a, b):\n    return str(a + b) if not isinstance(a, (str, list)) else (a[::-1] if isinstance(a, str) else a + [b])", tests) - 2.0 / 3.0).abs() < 1e-9);
+}
+
+/// Floats, booleans, nested lists, None and dicts in the JSON-text form, for a plain function
+/// and a `class Solution` method.
+#[test]
+fn call_based_value_kinds() {
+    let mean = r#"{"fn_name": "mean", "inputs": ["[1, 2, 3, 4]", "[1, 2]", "[5]"], "outputs": ["2.5", "1.5", "5.0"]}"#;
+    assert_eq!(
+        grade("def mean(xs):\n    return sum(xs) / len(xs)", mean),
+        1.0
+    );
+    // 5 == 5.0 in Python: an int where a float is written still passes.
+    assert_eq!(grade("def mean(xs):\n    s = sum(xs)\n    return s // len(xs) if s % len(xs) == 0 else s / len(xs)", mean), 1.0);
+    // Float equality is exact, as in the reference.
+    assert!(
+        grade(
+            "def mean(xs):\n    return round(sum(xs) / len(xs) + 1e-9, 12)",
+            mean
+        ) < 1.0
+    );
+
+    let even = r#"{"fn_name": "isEven", "inputs": ["4", "7"], "outputs": ["true", "false"]}"#;
+    let method =
+        "class Solution:\n    def isEven(self, n: int) -> bool:\n        return n % 2 == 0";
+    assert_eq!(grade(method, even), 1.0);
+    // Python's True == 1, as the reference compares.
+    assert_eq!(
+        grade("def isEven(n):\n    return int(n % 2 == 0)", even),
+        1.0
+    );
+    assert_eq!(
+        grade(
+            "def isEven(n):\n    return 'true' if n % 2 == 0 else 'false'",
+            even
+        ),
+        0.0
+    );
+
+    let pairs =
+        r#"{"fn_name": "pairs", "inputs": ["[1, 2, 3]"], "outputs": ["[[1, 2], [1, 3], [2, 3]]"]}"#;
+    // A list of tuples where a list of lists is expected.
+    assert_eq!(grade("from itertools import combinations\ndef pairs(xs):\n    return list(combinations(xs, 2))", pairs), 1.0);
+    assert_eq!(
+        grade(
+            "def pairs(xs):\n    return [[a, b] for a in xs for b in xs if a < b]",
+            pairs
+        ),
+        1.0
+    );
+    assert_eq!(
+        grade(
+            "def pairs(xs):\n    return [[b, a] for a in xs for b in xs if a < b]",
+            pairs
+        ),
+        0.0
+    );
+    // A set is never equal to a list.
+    assert_eq!(
+        grade(
+            "def pairs(xs):\n    return {(a, b) for a in xs for b in xs if a < b}",
+            pairs
+        ),
+        0.0
+    );
+
+    let find = r#"{"fn_name": "find", "inputs": ["[1, 2]\n3", "{\"a\": 1}\n\"a\""], "outputs": ["null", "1"]}"#;
+    assert_eq!(
+        grade(
+            "def find(c, k):\n    return c.get(k) if isinstance(c, dict) else None",
+            find
+        ),
+        1.0
+    );
+    let counts = r#"{"fn_name": "counts", "inputs": ["\"abca\""], "outputs": ["{\"a\": 2, \"b\": 1, \"c\": 1}"]}"#;
+    assert_eq!(
+        grade("def counts(s):\n    return dict(Counter(s))", counts),
+        1.0
+    );
+}
+
+/// The reference looks the method up on `Solution()` when the code defines that class, even
+/// where the prelude's wildcard imports bind the same name (`operator.add` here).
+#[test]
+fn solution_method_wins_over_prelude_names() {
+    let tests = r#"{"fn_name": "add", "inputs": ["2\n3"], "outputs": ["-1"]}"#;
+    let code = "class Solution:\n    def add(self, a, b):\n        return a - b";
+    assert_eq!(grade(code, tests), 1.0);
+}
+
+/// LiveCodeBench test 510 (`occurrencesOfElement`), as published in volcengine/verl
+/// tests/utils/reward_score/reward_score/test_sandbox_fusion_on_cpu.py
+/// (`test_fn_name_success_single_case`): newline-separated JSON arguments, JSON-text outputs.
+/// The solution is our own.
+#[test]
+fn livecodebench_call_based_case_from_verl() {
+    let tests = r#"{"fn_name": "occurrencesOfElement", "inputs": ["[1, 3, 1, 7]\n[1, 3, 2, 4]\n1", "[1, 2, 3]\n[10]\n5"], "outputs": ["[0, -1, 2, -1]", "[-1]"]}"#;
+    let code = "class Solution:\n    def occurrencesOfElement(self, nums: List[int], queries: List[int], x: int) -> List[int]:\n        at = [i for i, v in enumerate(nums) if v == x]\n        return [at[q - 1] if q <= len(at) else -1 for q in queries]";
+    assert_eq!(grade(code, tests), 1.0);
+    let off_by_one = "class Solution:\n    def occurrencesOfElement(self, nums, queries, x):\n        at = [i for i, v in enumerate(nums) if v == x]\n        return [at[q] if q < len(at) else -1 for q in queries]";
+    assert_eq!(grade(off_by_one, tests), 0.5);
+}
+
+/// The APPS form (hendrycks/apps eval/testing_util.py, whose call-based branch calls
+/// `method(*inputs)` and also accepts `output == outputs[index][0]`): arguments as arrays,
+/// each expected value wrapped in a one-element list, a dict argument whose string keys are
+/// turned back into integers.
+#[test]
+fn apps_call_based_forms() {
+    let tests = r#"{"fn_name": "reverse_words", "inputs": [["hello world"], ["a b c"]], "outputs": [["world hello"], ["c b a"]]}"#;
+    assert_eq!(
+        grade(
+            "def reverse_words(s):\n    return ' '.join(s.split()[::-1])",
+            tests
+        ),
+        1.0
+    );
+    // Outputs that are all strings holding JSON are JSON text (the PRIME form): "3" is 3.
+    let text = r#"{"fn_name": "f", "inputs": [[3]], "outputs": ["3"]}"#;
+    assert_eq!(grade("def f(n):\n    return n", text), 1.0);
+    assert_eq!(grade("def f(n):\n    return str(n)", text), 0.0);
+    // With a string that is not JSON among them, strings are Python strings.
+    let mixed = r#"{"fn_name": "f", "inputs": [[3], [4]], "outputs": ["x", "3"]}"#;
+    assert_eq!(
+        grade("def f(n):\n    return 'x' if n == 3 else '3'", mixed),
+        1.0
+    );
+    let keyed = r#"{"fn_name": "total", "inputs": [[{"1": 10, "2": 20}]], "outputs": [[33]]}"#;
+    assert_eq!(
+        grade(
+            "def total(d):\n    return sum(k + v for k, v in d.items())",
+            keyed
+        ),
+        1.0
+    );
+    // A dict returned with integer keys against JSON's string keys.
+    let inverse = r#"{"fn_name": "inv", "inputs": [[{"a": 1}]], "outputs": [{"1": "a"}]}"#;
+    assert_eq!(
+        grade(
+            "def inv(d):\n    return {v: k for k, v in d.items()}",
+            inverse
+        ),
+        1.0
+    );
+}
+
+/// A call that raises, a missing function and a time-out fail their test; the rest still count.
+#[test]
+fn call_based_failures_count_per_test() {
+    let tests =
+        r#"{"fn_name": "reciprocal", "inputs": ["2", "0", "4"], "outputs": ["0.5", "0", "0.25"]}"#;
+    let code = "def reciprocal(x):\n    return 1 / x";
+    let v = grade_code(
+        sandbox(),
+        &CodeGraderConfig::default(),
+        &fence(code),
+        tests,
+        None,
+    )
+    .unwrap();
+    assert!((v.score - 2.0 / 3.0).abs() < 1e-9, "{}", v.reason);
+    assert!(v.reason.contains("runtime error"), "{}", v.reason);
+    assert_eq!(grade("def other(x):\n    return 1 / x", tests), 0.0);
+    assert_eq!(
+        grade(
+            "class Solution:\n    def other(self, x):\n        return 1 / x",
+            tests
+        ),
+        0.0
+    );
+}
+
 #[test]
 fn compile_errors_and_missing_code_score_zero() {
     assert_eq!(grade("def broken(:\n  pass", ADD_TESTS), 0.0);
@@ -156,8 +343,97 @@ fn stdout_comparison_rules() {
     assert!(stdout_matches("a\n\nb\n", "a\nb"));
     assert!(stdout_matches("0.3333333\n", "0.33333333"));
     assert!(!stdout_matches("0.34\n", "0.33"));
+    assert!(!stdout_matches("1 2 3\n", "1\n2\n3"));
     assert!(!stdout_matches("YES", "NO"));
     assert!(!stdout_matches("", "1"));
+}
+
+/// Tokens printed on one line where one per line is expected get no credit: the reference's
+/// whitespace-token-set stage never succeeds (spec 8.3).
+#[test]
+fn stdin_tokens_on_one_line_get_no_credit() {
+    let tests = r#"{"inputs": ["3\n"], "outputs": ["1\n2\n3\n"]}"#;
+    assert_eq!(
+        grade("n = int(input())\nprint(*range(1, n + 1))", tests),
+        0.0
+    );
+    assert_eq!(
+        grade(
+            "n = int(input())\nprint(*range(1, n + 1), sep='\\n')",
+            tests
+        ),
+        1.0
+    );
+    assert_eq!(
+        grade(
+            "n = int(input())\nfor i in range(1, n + 1):\n    print(i, '  ')",
+            tests
+        ),
+        1.0
+    );
+    // A float line within np.allclose tolerance; several numbers on one line are not.
+    let floats = r#"{"inputs": ["2\n"], "outputs": ["0.6666667\n"]}"#;
+    assert_eq!(grade("print(int(input()) / 3)", floats), 1.0);
+    let pair = r#"{"inputs": ["2\n"], "outputs": ["0.6666667 1\n"]}"#;
+    assert_eq!(grade("print(int(input()) / 3, 1)", pair), 0.0);
+}
+
+/// The king's-path problem of volcengine/verl tests/utils/reward_score/test_sandbox_on_cpu.py
+/// (`prime_code_gts`, Codeforces 242C): the reference scores a correct program 1.0 and 0.9 when
+/// the fourth of eleven expected outputs is changed. Test data from there; the program is ours.
+#[test]
+fn verl_published_stdin_case() {
+    let inputs = [
+        "5 7 6 11\n3\n5 3 8\n6 7 11\n5 2 5\n",
+        "3 4 3 10\n3\n3 1 4\n4 5 9\n3 10 10\n",
+        "1 1 2 10\n2\n1 1 3\n2 6 10\n",
+        "9 8 7 8\n9\n10 6 6\n10 6 6\n7 7 8\n9 5 6\n8 9 9\n9 5 5\n9 8 8\n8 5 6\n9 10 10\n",
+        "6 15 7 15\n9\n6 15 15\n7 14 14\n6 15 15\n9 14 14\n7 14 16\n6 15 15\n6 15 15\n7 14 14\n8 15 15\n",
+        "13 16 20 10\n18\n13 16 16\n20 10 10\n19 10 10\n12 15 15\n20 10 10\n18 11 11\n19 10 10\n19 10 10\n20 10 10\n19 10 10\n20 10 10\n20 10 10\n19 10 10\n18 11 11\n13 16 16\n12 15 15\n19 10 10\n19 10 10\n",
+        "89 29 88 30\n16\n87 31 31\n14 95 95\n98 88 89\n96 88 88\n14 97 97\n13 97 98\n100 88 88\n88 32 32\n99 88 89\n90 29 29\n87 31 31\n15 94 96\n89 29 29\n88 32 32\n97 89 89\n88 29 30\n",
+        "30 14 39 19\n31\n35 7 11\n37 11 12\n32 13 13\n37 5 6\n46 13 13\n37 14 14\n31 13 13\n43 13 19\n45 15 19\n46 13 13\n32 17 17\n41 14 19\n30 14 14\n43 13 17\n34 16 18\n44 11 19\n38 13 13\n40 12 20\n37 16 18\n46 16 18\n34 10 14\n36 9 10\n36 15 19\n38 15 19\n42 13 19\n33 14 15\n35 15 19\n33 17 18\n39 12 20\n36 5 7\n45 12 12\n",
+        "2 1 1 1\n2\n1 1 2\n2 1 2\n",
+        "1 1 1 2\n5\n1000000000 1 10000\n19920401 1188 5566\n1000000000 1 10000\n1 1 10000\n5 100 200\n",
+        "1 1 1000000000 2\n5\n1000000000 1 10000\n19920401 1188 5566\n1000000000 1 10000\n1 1 10000\n5 100 200\n",
+    ];
+    let outputs = [
+        "4\n", "6\n", "-1\n", "2\n", "1\n", "-1\n", "1\n", "9\n", "1\n", "1\n", "-1\n",
+    ];
+    let code = "import sys\nfrom collections import deque\n\ndef solve():\n    nums = list(map(int, sys.stdin.read().split()))\n    sx, sy, tx, ty, n = nums[:5]\n    cells = set()\n    for k in range(n):\n        r, a, b = nums[5 + 3 * k: 8 + 3 * k]\n        cells.update((r, c) for c in range(a, b + 1))\n    dist = {(sx, sy): 0}\n    queue = deque([(sx, sy)])\n    while queue:\n        x, y = queue.popleft()\n        if (x, y) == (tx, ty):\n            return dist[(x, y)]\n        for dx in (-1, 0, 1):\n            for dy in (-1, 0, 1):\n                nxt = (x + dx, y + dy)\n                if nxt in cells and nxt not in dist:\n                    dist[nxt] = dist[(x, y)] + 1\n                    queue.append(nxt)\n    return -1\n\nif __name__ == '__main__':\n    print(solve())";
+    let tests = serde_json::json!({"inputs": inputs, "outputs": outputs}).to_string();
+    assert_eq!(grade(code, &tests), 1.0);
+    let mut changed = outputs;
+    changed[3] = "-1\n";
+    let tests = serde_json::json!({"inputs": inputs, "outputs": changed}).to_string();
+    assert!((grade(code, &tests) - 0.9).abs() < 1e-9);
+}
+
+/// Stdin forms: `None` and "" as empty stdin (volcengine/verl
+/// tests/utils/reward_score/reward_score/test_sandbox_fusion_on_cpu.py,
+/// `test_none_and_empty_stdin_passed_correctly`), exact `sys.stdin.read()` input with a
+/// trailing newline expected (its `INPUT_OUTPUT_VALID`), and APPS's lists of lines for inputs
+/// and outputs (hendrycks/apps eval/testing_util.py joins both with newlines).
+#[test]
+fn stdin_input_forms() {
+    let empty = r#"{"inputs": [null, "", "hello"], "outputs": ["You said ''", "You said ''", "You said 'hello'"]}"#;
+    assert_eq!(
+        grade(
+            "import sys\nprint(f\"You said '{sys.stdin.readline().strip()}'\")",
+            empty
+        ),
+        1.0
+    );
+    let exact = r#"{"inputs": ["input1", "input2"], "outputs": ["output1\n", "output2\n"]}"#;
+    assert_eq!(grade("import sys\ndata = sys.stdin.read()\nprint({'input1': 'output1', 'input2': 'output2'}.get(data, 'unexpected'))", exact), 1.0);
+    assert_eq!(grade("print('wrong_output')", exact), 0.0);
+    let lines = r#"{"inputs": [["2", "3 4"]], "outputs": [["7", "12"]]}"#;
+    assert_eq!(
+        grade(
+            "input()\na, b = map(int, input().split())\nprint(a + b)\nprint(a * b)",
+            lines
+        ),
+        1.0
+    );
 }
 
 /// Runs an attack as a stdin problem whose only correct output is "ok" and checks it scores 0

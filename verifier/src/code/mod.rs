@@ -7,13 +7,22 @@
 //! the first 10 tests, continuous grading runs only those; binary grading runs every test and
 //! stops at the first failure. Each test is its own sandboxed process, so one test's state or
 //! crash cannot leak into the next.
+//!
+//! The forms a test spec may take are in [`spec`], the comparison rules in [`compare`];
+//! docs/verifier.md says what counts as a pass and why.
 
+pub mod compare;
 pub mod confine;
 pub mod sandbox;
+pub mod spec;
 
 use crate::error::VerifierError;
+use compare::call_result_matches;
+pub use compare::stdout_matches;
 use sandbox::{RunOutput, Sandbox, Termination};
 use serde_json::Value;
+pub use spec::TestSpec;
+use spec::{call_arguments, stdio_text};
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -74,46 +83,6 @@ pub struct CodeVerdict {
     pub reason: String,
 }
 
-/// The test spec of a code problem (Eurus-2-RL-Data `ground_truth`, a JSON string).
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct TestSpec {
-    /// Per test: the whole stdin text, or (call-based) the arguments.
-    pub inputs: Vec<Value>,
-    /// Per test: the expected stdout text, or (call-based) the expected return value.
-    pub outputs: Vec<Value>,
-    /// The function to call; absent for stdin/stdout problems.
-    #[serde(default)]
-    pub fn_name: Option<String>,
-}
-
-impl TestSpec {
-    /// Parses and checks a spec.
-    pub fn parse(json: &str) -> Result<Self, VerifierError> {
-        let spec: TestSpec = serde_json::from_str(json)
-            .map_err(|e| VerifierError::InvalidRequest(format!("bad test spec: {e}")))?;
-        if spec.inputs.len() != spec.outputs.len() {
-            return Err(VerifierError::InvalidRequest(format!(
-                "test spec has {} inputs but {} outputs",
-                spec.inputs.len(),
-                spec.outputs.len()
-            )));
-        }
-        if spec.inputs.is_empty() {
-            return Err(VerifierError::InvalidRequest(
-                "test spec has no tests".into(),
-            ));
-        }
-        if let Some(name) = &spec.fn_name {
-            if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
-                return Err(VerifierError::InvalidRequest(format!(
-                    "fn_name {name:?} is not an identifier"
-                )));
-            }
-        }
-        Ok(spec)
-    }
-}
-
 /// The candidate program: the text after the last "```python" fence, up to the next fence;
 /// the whole response when there is no fence (spec 8.3).
 pub fn extract_code(response: &str) -> String {
@@ -150,6 +119,10 @@ pub fn grade_code(
         });
     }
     let n = spec.inputs.len();
+    let call_outputs = match spec.fn_name {
+        Some(_) => spec.call_outputs(),
+        None => Vec::new(),
+    };
     let limit = if config.continuous {
         n.min(config.max_partial_tests.max(1))
     } else {
@@ -172,7 +145,7 @@ pub fn grade_code(
             _ => Cow::Borrowed(sandbox),
         };
         run += 1;
-        match run_test(&sandbox, &code, &spec, i)? {
+        match run_test(&sandbox, &code, &spec, &call_outputs, i)? {
             TestResult::Passed => passed += 1,
             failed => {
                 if first_failure.is_none() {
@@ -236,38 +209,38 @@ impl TestResult {
 static MARKER_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Runs test `i` in a fresh sandboxed process and compares its output outside the sandbox.
+/// `call_outputs` are the decoded expected return values of a call-based spec
+/// ([`TestSpec::call_outputs`]), unused for stdin problems.
 pub fn run_test(
     sandbox: &Sandbox,
     code: &str,
     spec: &TestSpec,
+    call_outputs: &[Value],
     i: usize,
 ) -> Result<TestResult, VerifierError> {
     let input = &spec.inputs[i];
-    let expected = &spec.outputs[i];
     match &spec.fn_name {
         None => {
-            let stdin = value_as_text(input);
             let program = format!("{PRELUDE}\n{code}");
-            let out = sandbox.run(&program, stdin.as_bytes())?;
+            let out = sandbox.run(&program, stdio_text(input).as_bytes())?;
             if let Some(failure) = failure_of(&out) {
                 return Ok(failure);
             }
             let got = String::from_utf8_lossy(&out.stdout);
-            Ok(if stdout_matches(&got, &value_as_text(expected)) {
+            Ok(if stdout_matches(&got, &stdio_text(&spec.outputs[i])) {
                 TestResult::Passed
             } else {
                 TestResult::WrongAnswer
             })
         }
         Some(fn_name) => {
-            let args = call_arguments(input)?;
             let marker = format!(
                 "__prime_result_{}_{}__",
                 std::process::id(),
                 MARKER_COUNTER.fetch_add(1, Ordering::Relaxed)
             );
             let program = call_harness(code, fn_name, &marker);
-            let stdin = serde_json::to_string(&args)
+            let stdin = serde_json::to_string(&call_arguments(input))
                 .map_err(|e| VerifierError::InvalidRequest(e.to_string()))?;
             let out = sandbox.run(&program, stdin.as_bytes())?;
             if let Some(failure) = failure_of(&out) {
@@ -280,7 +253,7 @@ pub fn run_test(
                 .find_map(|l| l.strip_prefix(marker.as_str()))
                 .and_then(|json| serde_json::from_str::<Value>(json).ok());
             Ok(match result {
-                Some(v) if call_result_matches(&v, expected) => TestResult::Passed,
+                Some(v) if call_result_matches(&v, &call_outputs[i]) => TestResult::Passed,
                 Some(_) => TestResult::WrongAnswer,
                 None => TestResult::RuntimeError("no result".into()),
             })
@@ -307,109 +280,75 @@ fn failure_of(out: &RunOutput) -> Option<TestResult> {
     }
 }
 
-/// A JSON string as text; anything else as its JSON form.
-fn value_as_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Array(items) if items.iter().all(Value::is_string) => items
-            .iter()
-            .filter_map(Value::as_str)
-            .collect::<Vec<_>>()
-            .join("\n"),
-        other => other.to_string(),
-    }
-}
-
-/// Call-based arguments: a string holds one JSON value per line; an array is the argument list.
-fn call_arguments(input: &Value) -> Result<Vec<Value>, VerifierError> {
-    match input {
-        Value::String(s) => s
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                serde_json::from_str(l).map_err(|e| {
-                    VerifierError::InvalidRequest(format!("bad call-based input line {l:?}: {e}"))
-                })
-            })
-            .collect(),
-        Value::Array(args) => Ok(args.clone()),
-        other => Ok(vec![other.clone()]),
-    }
-}
-
-/// The call-based harness: runs the candidate as a module with stdout swallowed, calls the
-/// function (on `Solution()` when the code defines that class) with arguments read from stdin,
-/// and prints the JSON result after `marker`. Expected outputs never enter the sandbox.
+/// The call-based harness, in Python: runs the candidate as a module with stdout swallowed,
+/// looks the function up (a method of a `Solution()` instance when the code defines that
+/// class with it, as the reference does, otherwise a module-level name), turns the string
+/// keys of a first argument that is a dict into integers where they all are (the reference's
+/// undoing of JSON's string keys), calls it with the arguments read from stdin, and prints the
+/// result as JSON after `marker`. Expected outputs never enter the sandbox.
 fn call_harness(code: &str, fn_name: &str, marker: &str) -> String {
-    let code_literal = serde_json::to_string(code).unwrap_or_else(|_| "\"\"".into());
+    let literal = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
     format!(
-        "import sys, io, json\n\
-         _prime_stdout = sys.stdout\n\
-         _prime_args = json.loads(sys.stdin.read())\n\
-         sys.stdin = io.StringIO('')\n\
-         sys.stdout = io.StringIO()\n\
-         _prime_ns = {{'__name__': '__solution__'}}\n\
-         exec(compile({prelude} + {code_literal}, 'solution.py', 'exec'), _prime_ns)\n\
-         _prime_fn = _prime_ns.get({fn_name:?})\n\
-         if _prime_fn is None and 'Solution' in _prime_ns:\n    \
-             _prime_fn = getattr(_prime_ns['Solution'](), {fn_name:?})\n\
-         _prime_result = _prime_fn(*_prime_args)\n\
-         sys.stdout = _prime_stdout\n\
-         print()\n\
-         print({marker:?} + json.dumps(_prime_result, default=repr))\n",
-        prelude = serde_json::to_string(PRELUDE).unwrap_or_else(|_| "\"\"".into()),
+        "{HARNESS}\n_prime_run({prelude} + {code}, {name}, {marker})\n",
+        prelude = literal(PRELUDE),
+        code = literal(code),
+        name = literal(fn_name),
+        marker = literal(marker),
     )
 }
 
-/// Call-based comparison: equality after tuple→list (JSON has no tuples), numbers by value,
-/// also accepting `result == expected[0]` for a one-element expected list.
-fn call_result_matches(got: &Value, expected: &Value) -> bool {
-    json_eq(got, expected)
-        || matches!(expected, Value::Array(items) if items.len() == 1 && json_eq(got, &items[0]))
-}
+/// The fixed part of the call-based harness. `_prime_plain` gives the result the shape JSON
+/// can carry while keeping Python's `==` answer: tuples become lists (at every depth; the
+/// expected values come from JSON, which has no tuples), dict keys become strings as
+/// `json.dumps` writes them, and anything `==` could never find equal to a JSON value (sets,
+/// NaN, infinities, other objects) becomes an object under a key no test spec uses.
+const HARNESS: &str = r#"import sys, io, json, math
 
-fn json_eq(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_eq(p, q))
-        }
-        (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
-        }
-        _ => a == b,
-    }
-}
+def _prime_key(k):
+    if isinstance(k, str):
+        return str.__str__(k)
+    if isinstance(k, bool) or k is None:
+        return json.dumps(k)
+    if isinstance(k, int):
+        return str(int(k))
+    if isinstance(k, float):
+        return repr(float(k))
+    return repr(k)
 
-/// Stdout comparison (spec 8.3), first match wins: whole text stripped; lines stripped; the
-/// expected text's non-empty stripped lines against the output's; then, when every
-/// whitespace-separated token parses as a number, numbers within `np.allclose` tolerances.
-pub fn stdout_matches(got: &str, expected: &str) -> bool {
-    if got.trim() == expected.trim() {
-        return true;
-    }
-    let lines = |s: &str| -> Vec<String> {
-        s.lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect()
-    };
-    let (g, e) = (lines(got), lines(expected));
-    if g == e {
-        return true;
-    }
-    let tokens = |s: &str| -> Option<Vec<f64>> {
-        s.split_whitespace()
-            .map(|t| t.parse::<f64>().ok())
-            .collect()
-    };
-    match (tokens(got), tokens(expected)) {
-        (Some(a), Some(b)) if a.len() == b.len() && !a.is_empty() => a
-            .iter()
-            .zip(&b)
-            .all(|(x, y)| (x - y).abs() <= 1e-8 + 1e-5 * y.abs()),
-        _ => false,
-    }
-}
+def _prime_plain(x):
+    if x is None or isinstance(x, bool):
+        return x
+    if isinstance(x, int):
+        return int(x)
+    if isinstance(x, float) and math.isfinite(x):
+        return float(x)
+    if isinstance(x, str):
+        return str.__str__(x)
+    if isinstance(x, (list, tuple)):
+        return [_prime_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {_prime_key(k): _prime_plain(v) for k, v in x.items()}
+    return {'__prime_not_json__': repr(x)}
+
+def _prime_run(source, name, marker):
+    out = sys.stdout
+    args = json.loads(sys.stdin.read())
+    sys.stdin = io.StringIO('')
+    sys.stdout = io.StringIO()
+    ns = {'__name__': '__solution__'}
+    exec(compile(source, 'solution.py', 'exec'), ns)
+    cls = ns.get('Solution')
+    if isinstance(cls, type) and hasattr(cls, name):
+        fn = getattr(cls(), name)
+    else:
+        fn = ns[name]
+    if args and isinstance(args[0], dict):
+        try:
+            args[0] = {int(k): v for k, v in args[0].items()}
+        except Exception:
+            pass
+    result = json.dumps(_prime_plain(fn(*args)))
+    sys.stdout = out
+    out.write('\n' + marker + result + '\n')
+    out.flush()
+"#;
