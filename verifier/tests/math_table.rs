@@ -26,7 +26,10 @@ fn rows(file: &str) -> Vec<Value> {
 fn verdict(row: &Value) -> (bool, String) {
     let gt = row["ground_truth"].as_str().expect("ground_truth");
     match (row.get("answer"), row.get("response")) {
-        (Some(a), _) => (answers_match(gt, a.as_str().expect("answer")), a.to_string()),
+        (Some(a), _) => (
+            answers_match(gt, a.as_str().expect("answer")),
+            a.to_string(),
+        ),
         (None, Some(r)) => (
             grade_math(r.as_str().expect("response"), gt).correct,
             r.to_string(),
@@ -62,9 +65,9 @@ fn check(file: &str) -> BTreeMap<String, Tally> {
                     "  now agrees, remove known_failure ({reason}): gt={gt} candidate={shown}"
                 ));
             }
-            None if got != want => entry.failures.push(format!(
-                "  gt={gt} candidate={shown} want={want} got={got}"
-            )),
+            None if got != want => entry
+                .failures
+                .push(format!("  gt={gt} candidate={shown} want={want} got={got}")),
             None => {}
         }
     }

@@ -259,9 +259,10 @@ fn relation(s: &str, depth: usize) -> Option<Answer> {
                     value: Box::new(parse_at(rhs, depth + 1)),
                 });
             }
-            let constant_lhs = parse_expr(lhs).is_ok_and(|e| e.variables().is_empty());
-            if parts.len() > 2 || constant_lhs {
-                // `3 + 4 = 7`, `x = 2 + 3 = 5`: the last member is the value.
+            let constant = |side: &str| parse_expr(side).is_ok_and(|e| e.variables().is_empty());
+            if parts.len() > 2 || (constant(lhs) && constant(rhs)) {
+                // `3 + 4 = 7`, `x = 2 + 3 = 5`: the last member is the value. `7 = 11a + c` is
+                // an equation, not the value `11a + c`.
                 return Some(parse_at(rhs, depth + 1));
             }
         } else if parts.len() > 2 {

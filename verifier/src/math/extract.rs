@@ -132,7 +132,11 @@ fn answer_then_math(lower: &str) -> Option<(usize, usize)> {
 fn leading_math(s: &str) -> Option<&str> {
     for (open, close) in [("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$")] {
         if let Some(rest) = s.strip_prefix(open) {
-            let end = rest.find(close)?;
+            // An escaped `\$` (a dollar sign) does not close the span.
+            let end = rest
+                .match_indices(close)
+                .map(|(i, _)| i)
+                .find(|&i| close != "$" || !rest[..i].ends_with('\\'))?;
             let inner = rest[..end].trim();
             return (!inner.is_empty()).then_some(inner);
         }

@@ -30,9 +30,8 @@ static TRAILING_UNIT: LazyLock<Regex> = LazyLock::new(|| {
 });
 static GLUED_UNIT: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^(.*?[0-9])([a-zA-Z]{3,})\.?$").expect("valid regex"));
-static THOUSANDS: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^-?\d{1,3}((,\d{3})+|( \d{3})+)(\.\d+)?$").expect("valid regex")
-});
+static THOUSANDS: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^-?\d{1,3}((,\d{3})+|( \d{3})+)(\.\d+)?$").expect("valid regex"));
 static MIXED_NUMBER: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"^(-?)(\d+)(?:\s*\\frac(?:\{(\d+)\}\{(\d+)\}|(\d)(\d))|\s+(\d+)/(\d+))$")
         .expect("valid regex")
@@ -116,7 +115,9 @@ pub fn normalize(answer: &str) -> String {
     s = s.replace("\\cfrac", "\\frac");
     s = s.replace("\\leq", "\\le").replace("\\geq", "\\ge");
     s = s.replace("\\neq", "\\ne").replace("!=", "\\ne ");
-    s = s.replace("\\leqslant", "\\le").replace("\\geqslant", "\\ge");
+    s = s
+        .replace("\\leqslant", "\\le")
+        .replace("\\geqslant", "\\ge");
     s = replace_command(&s, "\\lt", "<");
     s = replace_command(&s, "\\gt", ">");
     for reals in ["\\mathbb{R}", "\\mathbb R", "\u{211d}"] {
@@ -264,7 +265,11 @@ fn join_digit_groups(s: &str) -> String {
         if !(digit_before && group) {
             out.push_str(",\\!");
         }
-        rest = if digit_before && group { after } else { &rest[p + 3..] };
+        rest = if digit_before && group {
+            after
+        } else {
+            &rest[p + 3..]
+        };
     }
     out.push_str(rest);
     out
