@@ -151,7 +151,7 @@ fn after_copula(s: &str) -> &str {
         .iter()
         .filter_map(|w| s.rfind(w).map(|p| p + w.len()))
         .max()
-        .filter(|&p| s[..p].matches('$').count() % 2 == 0)
+        .filter(|&p| s[..p].matches('$').count().is_multiple_of(2))
         .map_or(s, |p| s[p..].trim())
 }
 
