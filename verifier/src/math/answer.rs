@@ -25,10 +25,25 @@ static LABEL: LazyLock<Regex> = LazyLock::new(|| {
         .expect("valid regex")
 });
 
-/// `x`, `f(x)`, `a_n`, `\theta`, or a tuple of those like `(x, y)`.
+/// Names of geometric objects a reference may carry: `AB`, `|AB|`, `\overline{AB}`,
+/// `\angle ABC`, `m\angle A`, `S_{MBCN}`.
+static GEOMETRIC_LABEL: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(concat!(
+        r"^(?:[A-Z]{1,4}|\|[A-Z]{1,4}\||\\overline\{[A-Z]{1,4}\}|(?:m\s*)?\\angle\s*\{?[A-Z]{1,3}\}?|",
+        r"[A-Z]_\{?[A-Za-z0-9]{1,6}\}?)$"
+    ))
+    .expect("valid regex")
+});
+
+/// `x`, `f(x)`, `a_n`, `\theta`, `AB`, `|AB|`, a ratio of those like `S_{MBCN}:S`, or a tuple of
+/// those like `(x, y)`.
 fn is_label(s: &str) -> bool {
-    if LABEL.is_match(s) {
+    if LABEL.is_match(s) || GEOMETRIC_LABEL.is_match(s) {
         return true;
+    }
+    let ratio = split_top(s, ':');
+    if ratio.len() > 1 {
+        return ratio.iter().all(|p| is_label(p.trim()));
     }
     s.len() >= 2
         && s.starts_with('(')
@@ -88,6 +103,18 @@ fn parse_at(s: &str, depth: usize) -> Answer {
     if matches!(s, "\\emptyset" | "\\varnothing" | "\\{\\}" | "{}") {
         return Answer::Set(Vec::new());
     }
+    let approx = split_top_str(s, "\\approx");
+    if approx.len() > 1 {
+        // `x \approx 11` gives the value 11; `x = 1/3 \approx 0.33` gives the exact 1/3, the
+        // approximation being a gloss on it.
+        let first = approx[0].trim();
+        let chosen = if is_label(first) || first.is_empty() {
+            approx[approx.len() - 1]
+        } else {
+            first
+        };
+        return parse_at(chosen, depth + 1);
+    }
     if let Some(rows) = matrix_rows(s) {
         return Answer::Matrix(
             rows.iter()
@@ -125,7 +152,8 @@ fn parse_at(s: &str, depth: usize) -> Answer {
         let parts = split_top(inner, ',');
         if parts.len() > 1 {
             if first == '{' && last == '}' {
-                return Answer::Set(items(&parts, depth));
+                // Unescaped braces only group in LaTeX: `{1,3}` shows as `1,3`, a list.
+                return Answer::List(items(&parts, depth));
             }
             return Answer::Tuple {
                 open: first,
@@ -134,12 +162,30 @@ fn parse_at(s: &str, depth: usize) -> Answer {
             };
         }
     }
-    let parts = split_top(s, ',');
+    let parts: Vec<&str> = split_top(s, ',')
+        .into_iter()
+        .filter(|p| !p.trim().is_empty())
+        .collect();
     if parts.len() > 1 {
         return Answer::List(items(&parts, depth));
     }
+    if let [single] = parts[..] {
+        if single.len() < s.len() {
+            // `7, ` or `, 5`: an empty item left by a removed "and".
+            return parse_at(single, depth + 1);
+        }
+    }
     if let Some(rel) = relation(s, depth) {
         return rel;
+    }
+    let ratio = split_top(s, ':');
+    if ratio.len() > 1 && ratio.iter().all(|p| !p.trim().is_empty()) {
+        // `7:32`: a ratio, its terms in order.
+        return Answer::Tuple {
+            open: ':',
+            close: ':',
+            items: items(&ratio, depth),
+        };
     }
     if let Some(expanded) = expand_plus_minus(s) {
         return Answer::List(expanded.iter().map(|e| parse_at(e, depth + 1)).collect());
@@ -213,9 +259,10 @@ fn relation(s: &str, depth: usize) -> Option<Answer> {
                     value: Box::new(parse_at(rhs, depth + 1)),
                 });
             }
-            let constant_lhs = parse_expr(lhs).is_ok_and(|e| e.variables().is_empty());
-            if parts.len() > 2 || constant_lhs {
-                // `3 + 4 = 7`, `x = 2 + 3 = 5`: the last member is the value.
+            let constant = |side: &str| parse_expr(side).is_ok_and(|e| e.variables().is_empty());
+            if parts.len() > 2 || (constant(lhs) && constant(rhs)) {
+                // `3 + 4 = 7`, `x = 2 + 3 = 5`: the last member is the value. `7 = 11a + c` is
+                // an equation, not the value `11a + c`.
                 return Some(parse_at(rhs, depth + 1));
             }
         } else if parts.len() > 2 {
@@ -327,12 +374,20 @@ fn relation_as_interval(a: &Answer) -> Option<Answer> {
 
 /// Rows and cells of `\begin{pmatrix} a & b \\ c & d \end{pmatrix}` (also bmatrix, array).
 fn matrix_rows(s: &str) -> Option<Vec<Vec<&str>>> {
+    // `\left[\begin{array}{cc}..\end{array}\right]` (the `\left`/`\right` are gone by now) and
+    // `(\begin{pmatrix}..\end{pmatrix})`: the outer brackets only draw the matrix.
+    let s = match (s.chars().next(), s.chars().last()) {
+        (Some('[' | '('), Some(']' | ')')) if s[1..].trim_start().starts_with("\\begin{") => {
+            s[1..s.len() - 1].trim()
+        }
+        _ => s,
+    };
     let rest = s.strip_prefix("\\begin{")?;
     let env_end = rest.find('}')?;
     let env = &rest[..env_end];
     if !matches!(
         env,
-        "pmatrix" | "bmatrix" | "Bmatrix" | "matrix" | "smallmatrix" | "array"
+        "pmatrix" | "bmatrix" | "Bmatrix" | "matrix" | "smallmatrix" | "array" | "cases"
     ) {
         return None;
     }
@@ -446,7 +501,7 @@ pub fn equivalent(gt: &Answer, pred: &Answer) -> bool {
                 value: v2,
             },
         ) => {
-            if l1 == l2 {
+            if l1 == l2 || names_same_function(l1, l2) {
                 return equivalent(v1, v2);
             }
             // `y = 2x + 3` vs `x = (y - 3)/2`: the same equation solved for another variable.
@@ -524,6 +579,22 @@ pub fn equivalent(gt: &Answer, pred: &Answer) -> bool {
         (Text(a), Text(b)) => a == b,
         _ => false,
     }
+}
+
+/// `y` and `f(x)` (already in text-key form) both name the function a reference gives as
+/// `y = 2x + 3` or `f(x) = 2x + 3`: a single dependent variable against a function applied to
+/// its argument.
+fn names_same_function(a: &str, b: &str) -> bool {
+    let is_application = |s: &str| {
+        let mut chars = s.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && s[1..].starts_with('(')
+            && s.ends_with(')')
+            && s.len() > 3
+    };
+    let is_dependent = |s: &str| matches!(s, "y" | "z" | "v" | "s");
+    (is_application(a) && (is_dependent(b) || is_application(b)))
+        || (is_application(b) && is_dependent(a))
 }
 
 fn ordered(a: &[Answer], b: &[Answer]) -> bool {

@@ -136,7 +136,18 @@ fn eval_finite(e: &Expr, point: &[(String, Complex)]) -> Result<Complex, EvalErr
             if exp.abs() > 1e4 {
                 return Err(EvalError);
             }
-            base.pow(exp)
+            match exact(b) {
+                // `(x^2 - 2)^{5/3}` with a negative base: the real odd root a reader means, as
+                // for `\sqrt[3]{x^2 - 2}^5`.
+                Some(q)
+                    if base.is_real() && base.re < 0.0 && !q.is_integer() && q.denom() % 2 == 1 =>
+                {
+                    let magnitude = (-base.re).powf(q.to_f64());
+                    let sign = if q.numer() % 2 == 0 { 1.0 } else { -1.0 };
+                    Complex::real(sign * magnitude)
+                }
+                _ => base.pow(exp),
+            }
         }
         Expr::Root(n, a) => {
             let x = r(a)?;

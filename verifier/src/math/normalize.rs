@@ -21,19 +21,28 @@ static UNIT_WORDS: LazyLock<Regex> = LazyLock::new(|| {
         r"seconds?|sec|s|minutes?|min|mins|hours?|hrs?|h|days?|weeks?|months?|years?|",
         r"liters?|litres?|l|ml|gallons?|kg|kilograms?|grams?|g|mg|pounds?|lbs?|ounces?|oz|",
         r"people|persons?|students?|ways|times|points?|pages?|books?|apples?|marbles?|",
-        r"sq|square|cubic|percent|per cent|%)(\^\{?[23]\}?|\^[23])?\.?$"
+        r"sq|square|cubic|percent|percentage|pct|per cent|%)(\^\{?[23]\}?|\^[23])?\.?$"
     ))
     .expect("valid regex")
 });
 static TRAILING_UNIT: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"^(.*?[0-9})])\s+([a-zA-Z][a-zA-Z ./]*(\^\{?[23]\}?)?)\.?$").expect("valid regex")
 });
+static GLUED_UNIT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^(.*?[0-9])([a-zA-Z]{3,})\.?$").expect("valid regex"));
 static THOUSANDS: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$").expect("valid regex"));
-static MIXED_NUMBER: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^(-?)(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}$").expect("valid regex"));
+    LazyLock::new(|| Regex::new(r"^-?\d{1,3}((,\d{3})+|( \d{3})+)(\.\d+)?$").expect("valid regex"));
+static MIXED_NUMBER: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^(-?)(\d+)(?:\s*\\frac(?:\{(\d+)\}\{(\d+)\}|(\d)(\d))|\s+(\d+)/(\d+))$")
+        .expect("valid regex")
+});
+static SPOKEN_LIST: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?i)\s*,?\s+(?:or|and)\s+").expect("valid regex"));
 static BASE_SUBSCRIPT: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^([0-9A-Fa-f]+)_\{?(\d+)\}?$").expect("valid regex"));
+
+/// Trigonometric functions, whose arguments in degrees must be converted to radians.
+const TRIG: [&str; 6] = ["\\sin", "\\cos", "\\tan", "\\sec", "\\csc", "\\cot"];
 
 /// Whether `s` (already trimmed) is a unit word or phrase like "cm", "square units".
 pub fn is_unit(s: &str) -> bool {
@@ -53,6 +62,8 @@ pub fn normalize(answer: &str) -> String {
         s = inner.to_string();
     }
     s.retain(|c| !c.is_control() || c == '\n');
+    s = single_backslash_commands(&s);
+    s = join_digit_groups(&s);
     for (from, to) in [
         ("\u{2212}", "-"),
         ("\u{2013}", "-"),
@@ -103,8 +114,23 @@ pub fn normalize(answer: &str) -> String {
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac");
     s = s.replace("\\cfrac", "\\frac");
     s = s.replace("\\leq", "\\le").replace("\\geq", "\\ge");
-    s = s.replace("\\neq", "\\ne");
-    // Degrees, percent, currency.
+    s = s.replace("\\neq", "\\ne").replace("!=", "\\ne ");
+    s = s
+        .replace("\\leqslant", "\\le")
+        .replace("\\geqslant", "\\ge");
+    s = replace_command(&s, "\\lt", "<");
+    s = replace_command(&s, "\\gt", ">");
+    for reals in ["\\mathbb{R}", "\\mathbb R", "\u{211d}"] {
+        // The real line, the interval a reader writes for it.
+        s = s.replace(reals, "(-\\infty,\\infty)");
+    }
+    // Degrees, percent, currency. Inside a trigonometric function a degree is an angle unit
+    // that changes the value: `\sin(90^\circ - x)` is `\cos x`.
+    if s.contains("\\circ") && TRIG.iter().any(|f| s.contains(f)) {
+        for deg in ["^{\\circ}", "^\\circ"] {
+            s = s.replace(deg, "(\\pi/180)");
+        }
+    }
     for deg in ["^{\\circ}", "^\\circ", "{}^\\circ", "\\circ", "\\degree"] {
         s = s.replace(deg, "");
     }
@@ -116,11 +142,29 @@ pub fn normalize(answer: &str) -> String {
     s = s.trim().trim_end_matches(['.', ';']).trim().to_string();
     s = strip_trailing_unit(&s);
     if THOUSANDS.is_match(&s) {
-        s = s.replace(',', "");
+        s = s.replace([',', ' '], "");
     }
     if let Some(c) = MIXED_NUMBER.captures(&s) {
-        // A careful reader sees 2\frac{1}{2} as two and a half, not 2 times 1/2.
-        s = format!("{}({}+\\frac{{{}}}{{{}}})", &c[1], &c[2], &c[3], &c[4]);
+        // A careful reader sees 2\frac{1}{2}, 2\frac12 and 2 1/2 as two and a half, not as
+        // 2 times 1/2.
+        let group = |a: usize, b: usize, d: usize| c.get(a).or(c.get(b)).or(c.get(d));
+        if let (Some(num), Some(den)) = (group(3, 5, 7), group(4, 6, 8)) {
+            s = format!(
+                "{}({}+\\frac{{{}}}{{{}}})",
+                &c[1],
+                &c[2],
+                num.as_str(),
+                den.as_str()
+            );
+        }
+    }
+    if s.contains(" or ") || s.contains(" and ") || s.contains(" OR ") || s.contains(" AND ") {
+        // "1 or 2", "x = 1 and x = 2": the spoken list of several answers.
+        s = SPOKEN_LIST.replace_all(&s, ",").into_owned();
+    }
+    if s.contains(';') && !s.contains("\\begin") {
+        // "1; 2; 3": semicolons separate the items of a list like commas.
+        s = s.replace(';', ",");
     }
     if let Some(c) = BASE_SUBSCRIPT.captures(&s) {
         // 1011_2: the digits are the answer; the subscript only names the base.
@@ -164,14 +208,92 @@ fn unwrap_text(s: &str) -> String {
     out.trim().to_string()
 }
 
-/// "12 cm", "5 square units" → the number.
+/// "12 cm", "5 square units", "10weeks" → the number. A unit glued to the number needs three
+/// letters or more: "10m" may be 10 times m, "10weeks" cannot be anything but ten weeks.
 fn strip_trailing_unit(s: &str) -> String {
-    if let Some(c) = TRAILING_UNIT.captures(s) {
-        if is_unit(&c[2]) {
-            return c[1].trim().to_string();
+    for re in [&TRAILING_UNIT, &GLUED_UNIT] {
+        if let Some(c) = re.captures(s) {
+            if is_unit(&c[2]) {
+                return c[1].trim().to_string();
+            }
         }
     }
     s.to_string()
+}
+
+/// `\\frac` → `\frac`: answers that went through one JSON or Python escape too many double
+/// the backslash of every command. A doubled backslash followed by a command name (a row break
+/// is followed by a space, a digit or a sign in the answers we see) is read as one.
+fn single_backslash_commands(s: &str) -> String {
+    const COMMANDS: [&str; 14] = [
+        "frac", "dfrac", "tfrac", "sqrt", "left", "right", "begin", "end", "pi", "cdot", "times",
+        "infty", "text", "boxed",
+    ];
+    if !s.contains("\\\\") {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(p) = rest.find("\\\\") {
+        let after = &rest[p + 2..];
+        let name_len = after.bytes().take_while(u8::is_ascii_alphabetic).count();
+        out.push_str(&rest[..p]);
+        if COMMANDS.contains(&&after[..name_len]) {
+            out.push('\\');
+        } else {
+            out.push_str("\\\\");
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `32,\! 349` and `11,\!111` → digits without the separator: a comma followed by a thin-space
+/// command between digit groups is a thousands separator, never a list comma.
+fn join_digit_groups(s: &str) -> String {
+    if !s.contains(",\\!") {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(p) = rest.find(",\\!") {
+        let after = rest[p + 3..].trim_start();
+        let digit_before = rest[..p].ends_with(|c: char| c.is_ascii_digit());
+        let group = after.bytes().take_while(u8::is_ascii_digit).count() == 3;
+        out.push_str(&rest[..p]);
+        if !(digit_before && group) {
+            out.push_str(",\\!");
+        }
+        rest = if digit_before && group {
+            after
+        } else {
+            &rest[p + 3..]
+        };
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Replaces the command `cmd` (like `\lt`) when no letter follows it (so `\ltimes` stays).
+fn replace_command(s: &str, cmd: &str, with: &str) -> String {
+    if !s.contains(cmd) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(p) = rest.find(cmd) {
+        let after = &rest[p + cmd.len()..];
+        out.push_str(&rest[..p]);
+        if after.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            out.push_str(cmd);
+        } else {
+            out.push_str(with);
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 fn collapse_spaces(s: &str) -> String {
