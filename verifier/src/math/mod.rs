@@ -18,6 +18,9 @@ use std::sync::LazyLock;
 
 static CHOICE_GT: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^\(?([A-E])\)?$").expect("valid regex"));
+/// An answer that ends with a percent sign (`10\%`, `10%`, `10 \%$`).
+static PERCENT_END: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?:\\%|%)[\s$]*$").expect("valid regex"));
 static CHOICE_PRED: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^\(?([A-Ea-e])\)(?:\s|$)|^([A-E])$").expect("valid regex"));
 
@@ -90,7 +93,7 @@ pub fn answers_match(gt: &str, pred: &str) -> bool {
             .is_some_and(|m| m.as_str().eq_ignore_ascii_case(&c[1]));
     }
     let (ga, pa) = (answer::parse_answer(&g), answer::parse_answer(&p));
-    if answer::equivalent(&ga, &pa) {
+    if answer::equivalent(&ga, &pa) || percent_as_decimal(gt, pred) {
         return true;
     }
     // Text answers ("Monday", "\text{no solution}") and forms the parser does not know compare
@@ -101,6 +104,24 @@ pub fn answers_match(gt: &str, pred: &str) -> bool {
         && !meaningful_braces(&g)
         && !meaningful_braces(&p)
         && normalize::text_key(&g) == normalize::text_key(&p)
+}
+
+/// A percentage against its decimal: when only one side carries a percent sign, `x\%` is also
+/// read as x/100, so `10\%` matches `0.1` (and, as the reference strips the sign, still `10`).
+/// Without a sign on either side nothing is scaled: `0.1` never matches `10`.
+fn percent_as_decimal(gt: &str, pred: &str) -> bool {
+    let (percent, other) = match (PERCENT_END.is_match(gt), PERCENT_END.is_match(pred)) {
+        (true, false) => (gt, pred),
+        (false, true) => (pred, gt),
+        _ => return false,
+    };
+    let value = normalize::normalize(percent);
+    let other = normalize::normalize(other);
+    if value.is_empty() || other.is_empty() {
+        return false;
+    }
+    let scaled = answer::parse_answer(&format!("({value})/100"));
+    answer::equivalent(&scaled, &answer::parse_answer(&other))
 }
 
 fn is_integer_literal(s: &str) -> bool {
