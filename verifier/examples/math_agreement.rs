@@ -10,7 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let mut options = BenchOptions::default();
     if let Some(path) = args.next() {
-        options.math_items = path.into();
+        options.math_items = vec![path.into()];
     }
     if let Some(r) = args.next() {
         options.repeats = r.parse()?;

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    /// Labelled math items (JSONL: `category`, `ground_truth`, `answer` or `response`,
-    /// `correct`).
-    pub math_items: PathBuf,
+    /// Labelled math items (JSONL files: `category`, `ground_truth`, `answer` or `response`,
+    /// `correct`), read one after the other.
+    pub math_items: Vec<PathBuf>,
     /// Passes over the items when timing our grader (math-verify gets `python_repeats`).
     pub repeats: usize,
     /// Passes over the items when timing math-verify (it is much slower).
@@ -45,7 +45,10 @@ impl Default for BenchOptions {
             .map(|v| v.join("bin/python"))
             .filter(|p| p.is_file());
         Self {
-            math_items: root.join("verifier/tests/data/math_pairs.jsonl"),
+            // The project's own table and the cases from other graders' published suites.
+            math_items: ["math_pairs.jsonl", "math_pairs_external.jsonl"]
+                .map(|name| root.join("verifier/tests/data").join(name))
+                .to_vec(),
             repeats: 20,
             python_repeats: 1,
             python: venv,
@@ -142,10 +145,24 @@ fn bench_err(what: impl std::fmt::Display) -> VerifierError {
     VerifierError::Sandbox(format!("benchmark: {what}"))
 }
 
+/// The non-empty lines of every item file, in order.
+fn item_lines(options: &BenchOptions) -> Result<Vec<String>, VerifierError> {
+    let mut lines = Vec::new();
+    for path in &options.math_items {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bench_err(format!("{}: {e}", path.display())))?;
+        lines.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string),
+        );
+    }
+    Ok(lines)
+}
+
 fn load_items(options: &BenchOptions) -> Result<Vec<Value>, VerifierError> {
-    std::fs::read_to_string(&options.math_items)?
-        .lines()
-        .filter(|l| !l.trim().is_empty())
+    item_lines(options)?
+        .iter()
         .map(|l| serde_json::from_str(l).map_err(bench_err))
         .collect()
 }
@@ -190,12 +207,20 @@ pub fn math_ours(options: &BenchOptions) -> Result<MathSide, VerifierError> {
 
 /// math-verify on the same items, through the Python script.
 fn math_verify(options: &BenchOptions, python: &PathBuf) -> Result<MathSide, String> {
+    // The script reads one file: every table's items, in the same order as ours.
+    let lines = item_lines(options).map_err(|e| e.to_string())?;
+    let items =
+        std::env::temp_dir().join(format!("prime-bench-items-{}.jsonl", std::process::id()));
+    std::fs::write(&items, lines.join("\n") + "\n")
+        .map_err(|e| format!("{}: {e}", items.display()))?;
     let out = Command::new(python)
         .arg(&options.math_verify_script)
-        .arg(&options.math_items)
+        .arg(&items)
         .arg(options.python_repeats.max(1).to_string())
         .output()
-        .map_err(|e| format!("{} not runnable: {e}", python.display()))?;
+        .map_err(|e| format!("{} not runnable: {e}", python.display()));
+    let _ = std::fs::remove_file(&items);
+    let out = out?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(format!(
@@ -385,7 +410,7 @@ mod tests {
         )
         .unwrap();
         let options = BenchOptions {
-            math_items: items,
+            math_items: vec![items],
             repeats: 3,
             ..BenchOptions::default()
         };

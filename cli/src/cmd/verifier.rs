@@ -138,9 +138,10 @@ pub fn run_grade(args: GradeArgs) -> anyhow::Result<()> {
 /// the same run, and a code test's latency in the sandbox against bare `python3`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchVerifierArgs {
-    /// Labelled math items (JSONL); default: the verifier's test table.
+    /// Labelled math items (JSONL; repeatable); default: the project's own table and the
+    /// external one (verifier/tests/data/math_pairs.jsonl, math_pairs_external.jsonl).
     #[arg(long)]
-    pub math_items: Option<PathBuf>,
+    pub math_items: Vec<PathBuf>,
     /// Passes over the items when timing our grader.
     #[arg(long, default_value_t = 20)]
     pub repeats: usize,
@@ -165,7 +166,11 @@ pub struct BenchVerifierArgs {
 pub fn run_bench(args: BenchVerifierArgs) -> anyhow::Result<()> {
     let defaults = prime_verifier::bench::BenchOptions::default();
     let options = prime_verifier::bench::BenchOptions {
-        math_items: args.math_items.unwrap_or(defaults.math_items),
+        math_items: if args.math_items.is_empty() {
+            defaults.math_items
+        } else {
+            args.math_items
+        },
         repeats: args.repeats.max(1),
         python_repeats: args.python_repeats.max(1),
         python: args.python.or(defaults.python),
