@@ -77,7 +77,8 @@ fn data_check_counts_and_names_what_it_finds() {
         String::from_utf8_lossy(&out.stderr)
     );
     let source = &rows[0].data_source;
-    let summary: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
     let keys: Vec<&str> = summary
         .as_object()
         .unwrap()
@@ -110,7 +111,10 @@ fn data_check_counts_and_names_what_it_finds() {
         .collect();
     assert_eq!(summary["bad"]["count"], 3);
     assert_eq!(first.len(), 3);
-    assert!(first[0].starts_with(&bad_jsonl(1, "line 2: not a data row: ")), "{first:?}");
+    assert!(
+        first[0].starts_with(&bad_jsonl(1, "line 2: not a data row: ")),
+        "{first:?}"
+    );
     assert_eq!(
         first[1],
         bad_jsonl(

@@ -59,11 +59,10 @@ pub fn encode_prompts(rows: &[DataRow], tokenizer: &Tokenizer) -> Vec<Result<Vec
 }
 
 /// [`encode_prompts`] on this thread alone.
-pub fn encode_prompts_sequential(
-    rows: &[DataRow],
-    tokenizer: &Tokenizer,
-) -> Vec<Result<Vec<i64>>> {
-    rows.iter().map(|row| encode_prompt(row, tokenizer)).collect()
+pub fn encode_prompts_sequential(rows: &[DataRow], tokenizer: &Tokenizer) -> Vec<Result<Vec<i64>>> {
+    rows.iter()
+        .map(|row| encode_prompt(row, tokenizer))
+        .collect()
 }
 
 /// Tokenizes held-out rows into prompts and reference answers; the first row that cannot be
@@ -467,7 +466,12 @@ pub fn prepare_with(
     tokenizer: &Tokenizer,
     config: &DataConfig,
 ) -> Result<Prepared> {
-    prepare(files, tokenizer, config.max_prompt_tokens, config.on_bad_row)
+    prepare(
+        files,
+        tokenizer,
+        config.max_prompt_tokens,
+        config.on_bad_row,
+    )
 }
 
 /// The data summaries of a run's start, saved as [`DATA_SUMMARY_FILE`] in the run dir.
@@ -561,7 +565,11 @@ mod tests {
                 "no tests",
             ),
             (
-                row("code", "Q", r#"{"inputs": [1], "outputs": [1], "fn_name": "a b"}"#),
+                row(
+                    "code",
+                    "Q",
+                    r#"{"inputs": [1], "outputs": [1], "fn_name": "a b"}"#,
+                ),
                 "is not an identifier",
             ),
         ];

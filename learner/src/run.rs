@@ -48,7 +48,10 @@ pub fn prepare_run_data(
     }
     summaries.save(run_dir)?;
     if train.rows.is_empty() {
-        let names: Vec<String> = train_files.iter().map(|f| f.display().to_string()).collect();
+        let names: Vec<String> = train_files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect();
         return Err(LearnerError::Data(format!(
             "no training prompt is left in {}: {} rows, {} too long (over \
              learner.data.max_prompt_tokens = {}), {} bad (the first named in {})",

@@ -80,15 +80,15 @@ fn mixed_files(dir: &Path, rows: &[DataRow]) -> (PathBuf, PathBuf) {
         v.to_string()
     };
     let lines = [
-        good.clone(),                                                  // 0 good
-        "{not json".to_string(),                                       // 1 unparseable
-        value(&|v| v["prompt"] = serde_json::json!([])),               // 2 empty prompt
-        value(&|v| v["reward_model"]["ground_truth"] = "".into()),     // 3 empty truth
-        value(&|v| v["prompt"][0]["role"] = "robot".into()),           // 4 unknown role
-        value(&|v| v["ability"] = "physics".into()),                   // 5 unknown ability
-        value(&|v| v["ability"] = "code".into()),                      // 6 code without spec
-        value(&|v| v["prompt"][1]["content"] = "   ".into()),          // 7 blank question
-        serde_json::to_string(&rows[1]).unwrap(),                      // 8 good
+        good.clone(),                                              // 0 good
+        "{not json".to_string(),                                   // 1 unparseable
+        value(&|v| v["prompt"] = serde_json::json!([])),           // 2 empty prompt
+        value(&|v| v["reward_model"]["ground_truth"] = "".into()), // 3 empty truth
+        value(&|v| v["prompt"][0]["role"] = "robot".into()),       // 4 unknown role
+        value(&|v| v["ability"] = "physics".into()),               // 5 unknown ability
+        value(&|v| v["ability"] = "code".into()),                  // 6 code without spec
+        value(&|v| v["prompt"][1]["content"] = "   ".into()),      // 7 blank question
+        serde_json::to_string(&rows[1]).unwrap(),                  // 8 good
     ];
     let jsonl = dir.join("mixed.jsonl");
     std::fs::write(&jsonl, lines.join("\n\n") + "\n").unwrap();
@@ -111,7 +111,11 @@ fn every_row_is_kept_too_long_or_bad_and_bad_rows_are_named() {
     let files = vec![jsonl.clone(), parquet.clone()];
     let prepared = prepare(&files, &tokenizer, 200, OnBadRow::Skip).unwrap();
     let s = &prepared.summary;
-    assert_eq!((s.rows, s.kept, s.too_long, s.bad.count), (13, 5, 1, 7), "{s:?}");
+    assert_eq!(
+        (s.rows, s.kept, s.too_long, s.bad.count),
+        (13, 5, 1, 7),
+        "{s:?}"
+    );
     let at = |row: usize, reason: &str| format!("{}:{row}: {reason}", jsonl.display());
     let expected = [
         (1, "line 3: not a data row: "),
@@ -119,7 +123,10 @@ fn every_row_is_kept_too_long_or_bad_and_bad_rows_are_named() {
         (3, "field `reward_model.ground_truth`: empty"),
         (4, "field `prompt[0].role`: unknown role \"robot\""),
         (5, "field `ability`: unknown ability \"physics\""),
-        (6, "field `reward_model.ground_truth`: a code row needs a JSON test spec"),
+        (
+            6,
+            "field `reward_model.ground_truth`: a code row needs a JSON test spec",
+        ),
         (7, "field `prompt`: empty prompt"),
     ];
     assert_eq!(s.bad.first.len(), expected.len());
@@ -138,9 +145,16 @@ fn every_row_is_kept_too_long_or_bad_and_bad_rows_are_named() {
         ]
         .into()
     );
-    assert!(s.prompt_tokens.max > 200 && s.prompt_tokens.p50 <= 200, "{s:?}");
+    assert!(
+        s.prompt_tokens.max > 200 && s.prompt_tokens.p50 <= 200,
+        "{s:?}"
+    );
     // The kept rows, in file order, with their ability and their ids under the limit.
-    let kept: Vec<&str> = prepared.rows.iter().map(|r| r.data.ability.as_str()).collect();
+    let kept: Vec<&str> = prepared
+        .rows
+        .iter()
+        .map(|r| r.data.ability.as_str())
+        .collect();
     assert_eq!(kept, ["math", "math", "math", "code", "math"]);
     let prompts = prepared.prompts();
     assert_eq!(prompts[3].ability, "code");
@@ -155,9 +169,14 @@ fn every_row_is_kept_too_long_or_bad_and_bad_rows_are_named() {
         "{message}"
     );
     // A file that cannot be read at all is an error in either mode.
-    let missing = prepare(&[dir.path().join("absent.jsonl")], &tokenizer, 200, OnBadRow::Skip)
-        .unwrap_err()
-        .to_string();
+    let missing = prepare(
+        &[dir.path().join("absent.jsonl")],
+        &tokenizer,
+        200,
+        OnBadRow::Skip,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(missing.contains("absent.jsonl"), "{missing}");
 }
 
@@ -200,8 +219,14 @@ fn held_out_prompts_are_length_filtered_like_training_prompts() {
     std::fs::create_dir_all(&run_dir).unwrap();
     let (train_data, heldout_data) =
         prepare_run_data(&config, &[train], &[heldout], &tokenizer, &run_dir).unwrap();
-    assert_eq!((train_data.summary.kept, train_data.summary.too_long), (1, 1));
-    assert_eq!((heldout_data.summary.kept, heldout_data.summary.too_long), (2, 1));
+    assert_eq!(
+        (train_data.summary.kept, train_data.summary.too_long),
+        (1, 1)
+    );
+    assert_eq!(
+        (heldout_data.summary.kept, heldout_data.summary.too_long),
+        (2, 1)
+    );
     assert!(heldout_data
         .eval_problems()
         .iter()

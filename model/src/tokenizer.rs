@@ -190,9 +190,7 @@ impl Tokenizer {
 }
 
 /// The environment with `template` compiled under [`CHAT_TEMPLATE`], or why there is none.
-fn compile_template(
-    template: Option<String>,
-) -> std::result::Result<Environment<'static>, String> {
+fn compile_template(template: Option<String>) -> std::result::Result<Environment<'static>, String> {
     let template = template.ok_or_else(|| "the tokenizer has no chat template".to_string())?;
     let mut env = template_environment();
     env.add_template_owned(CHAT_TEMPLATE, template)

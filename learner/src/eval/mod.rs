@@ -5,7 +5,9 @@ pub mod protocol;
 
 use std::time::Instant;
 
-use prime_model::{generate_batched, CausalLm, FinishReason, Generation, SamplingParams, Tokenizer};
+use prime_model::{
+    generate_batched, CausalLm, FinishReason, Generation, SamplingParams, Tokenizer,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{ScoredGroup, ScoredResponse};

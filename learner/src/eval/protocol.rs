@@ -24,9 +24,9 @@ use prime_prm_server::steps::{self, Aggregation, StepSplit};
 use prime_prm_server::vote::{self, Voting};
 
 use super::{sample_and_grade, Sampling};
-use crate::data::{read_valid_rows, to_chat};
 use crate::checkpoint::{latest, sft_checkpoint};
 use crate::config::RunConfig;
+use crate::data::{read_valid_rows, to_chat};
 use crate::error::{LearnerError, Result};
 use crate::plot::{line_chart, Series};
 
