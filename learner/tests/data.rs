@@ -190,7 +190,7 @@ fn on_bad_row_fail_from_the_config_stops_with_the_row() {
     write_rows(&file, &bad).unwrap();
     let config: DataConfig = toml::from_str("on_bad_row = \"fail\"").unwrap();
     assert_eq!(config.on_bad_row, OnBadRow::Fail);
-    let message = prepare_with(&[file.clone()], &tokenizer, &config)
+    let message = prepare_with(std::slice::from_ref(&file), &tokenizer, &config)
         .unwrap_err()
         .to_string();
     assert!(
