@@ -31,6 +31,9 @@ enum Command {
     Sft(cmd::sft::SftArgs),
     /// Write the embedded default world: problems, datasets and the trained tokenizer.
     World(cmd::world::WorldArgs),
+    /// Data tools: `data check` reads, validates and tokenizes data files as a run would.
+    #[command(subcommand)]
+    Data(cmd::data::DataCommand),
     /// The Verifier gRPC service (math and sandboxed code grading).
     #[command(subcommand)]
     Verifier(VerifierCommand),
@@ -83,6 +86,7 @@ fn main() -> Result<()> {
         Command::Train(args) => cmd::train::run(args),
         Command::Sft(args) => cmd::sft::run(args),
         Command::World(args) => cmd::world::run(args),
+        Command::Data(command) => cmd::data::run(command),
         Command::Verifier(VerifierCommand::Serve(args)) => cmd::verifier::run(args),
         Command::Grade(args) => cmd::verifier::run_grade(args),
         Command::Bench(c) => cmd::bench::run(c),

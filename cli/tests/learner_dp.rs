@@ -343,6 +343,19 @@ keep = 1
         logs("learner.log"),
         logs("learner-1.log")
     );
+    // `prime train` printed the data summary the learner saved as it opened the run.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for line in [
+        "training data:",
+        "  rows read: 80",
+        "  kept: 80",
+        "  bad rows: 0",
+        "held-out data:",
+        "  rows read: 6",
+        "  kept by ability: math 6",
+    ] {
+        assert!(stderr.lines().any(|l| l == line), "{line:?} in {stderr}");
+    }
     let steps = std::fs::read_to_string(run_dir.join("metrics.jsonl"))
         .unwrap()
         .lines()

@@ -351,9 +351,26 @@ pub struct DataConfig {
     /// Held-out prompts; empty: the embedded world's held-out split.
     #[serde(default)]
     pub heldout_files: Vec<PathBuf>,
-    /// Prompts longer than this (tokens, chat template applied) are dropped at load.
+    /// Prompts longer than this (tokens, chat template applied) are dropped and counted at
+    /// load, training and held-out alike.
     #[serde(default = "d_max_prompt")]
     pub max_prompt_tokens: usize,
+    /// What a bad row (unreadable, empty prompt or ground truth, unknown role or ability, a
+    /// code ground truth that is not a JSON test spec) does: `skip` counts it and names it in
+    /// the data summary, `fail` stops the run naming its file and row.
+    #[serde(default)]
+    pub on_bad_row: OnBadRow,
+}
+
+/// `learner.data.on_bad_row`: what a bad data row does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBadRow {
+    /// Skip it; it is counted, and named in the data summary.
+    #[default]
+    Skip,
+    /// Stop, naming its file, row and what is wrong.
+    Fail,
 }
 
 fn d_max_prompt() -> usize {

@@ -7,7 +7,8 @@
 //! - one iteration: [`batch`] (scored groups and their tensor layout), [`models`] (policy, PRM,
 //!   reference and their optimizers), [`checkpoint`], [`parallel`] (the data-parallel group,
 //!   ZeRO sharding, the rank protocol), [`step`] (`prime_step`);
-//! - the loop around it: [`scheduler`] (work, groups, filter, leases), [`eval`] (the one
+//! - the loop around it: [`scheduler`] (work, groups, filter, leases), [`data`] (rows read,
+//!   validated, routed by ability, tokenized on all cores, summarised), [`eval`] (the one
 //!   sample-and-grade loop: evaluation and local rollouts), [`sft`] (supervised warm-up),
 //!   [`trainer`] (steps, evaluation, metrics, checkpoints), [`report`], [`run`] (opening a
 //!   run, the single-process loop);
@@ -43,6 +44,9 @@ pub mod step;
 
 /// Work hand-out, group collection, filter, leases.
 pub mod scheduler;
+
+/// Data preparation: rows validated, routed by ability, tokenized, length-filtered, counted.
+pub mod data;
 
 /// The one sample-and-grade loop: evaluation and local rollouts.
 pub mod eval;

@@ -8,29 +8,70 @@ use rand::Rng;
 use tch::Device;
 
 use crate::checkpoint::sft_checkpoint;
-use crate::config::RunConfig;
+use crate::config::{DataConfig, RunConfig};
+use crate::data::{prepare_with, Prepared, RunData, DATA_SUMMARY_FILE};
 use crate::error::{LearnerError, Result};
-use crate::eval::{eval_problems, local_rollouts, prompts_from_rows};
+use crate::eval::local_rollouts;
 use crate::models::PrimeModels;
 use crate::scheduler::{Pull, Scheduler, SchedulerConfig};
 use crate::trainer::{load_model, StartModels, StepRecord, Trainer};
 
-/// Rows of `files`, or of the world's split `fallback` when no file is given.
-fn read_rows(files: &[PathBuf], fallback: Option<PathBuf>) -> Result<Vec<prime_world::DataRow>> {
-    let mut rows = Vec::new();
+/// `files`, or the world's split `fallback` when no file is given.
+fn data_files(files: &[PathBuf], fallback: Option<PathBuf>) -> Vec<PathBuf> {
     if files.is_empty() {
-        if let Some(path) = fallback {
-            rows.extend(prime_world::read_rows(&path)?);
-        }
+        fallback.into_iter().collect()
+    } else {
+        files.to_vec()
     }
-    for file in files {
-        rows.extend(prime_world::read_rows(file)?);
+}
+
+/// Prepares the training and held-out prompts of a run ([`crate::data::prepare`]: bad rows
+/// skipped and counted or fatal as `learner.data.on_bad_row` says, prompts over
+/// `learner.data.max_prompt_tokens` dropped and counted, both splits alike), logs their
+/// summaries and saves them as [`DATA_SUMMARY_FILE`] in the run dir.
+pub fn prepare_run_data(
+    data: &DataConfig,
+    train_files: &[PathBuf],
+    heldout_files: &[PathBuf],
+    tokenizer: &Tokenizer,
+    run_dir: &Path,
+) -> Result<(Prepared, Prepared)> {
+    let train = prepare_with(train_files, tokenizer, data)?;
+    let heldout = prepare_with(heldout_files, tokenizer, data)?;
+    let summaries = RunData {
+        max_prompt_tokens: data.max_prompt_tokens,
+        train: train.summary.clone(),
+        heldout: heldout.summary.clone(),
+    };
+    for line in summaries.lines() {
+        tracing::info!("{line}");
     }
-    Ok(rows)
+    summaries.save(run_dir)?;
+    if train.rows.is_empty() {
+        let names: Vec<String> = train_files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect();
+        return Err(LearnerError::Data(format!(
+            "no training prompt is left in {}: {} rows, {} too long (over \
+             learner.data.max_prompt_tokens = {}), {} bad (the first named in {})",
+            names.join(", "),
+            train.summary.rows,
+            train.summary.too_long,
+            data.max_prompt_tokens,
+            train.summary.bad.count,
+            run_dir.join(DATA_SUMMARY_FILE).display()
+        )));
+    }
+    if heldout.rows.is_empty() {
+        tracing::warn!("no held-out prompt is left: evaluations have no problems");
+    }
+    Ok((train, heldout))
 }
 
 /// Opens a run: builds (or reuses) the embedded world, loads the start models (the configured
-/// model, else the run's supervised checkpoint), the prompts and the held-out set, and resumes
+/// model, else the run's supervised checkpoint), prepares the prompts and the held-out set
+/// (their summaries logged and saved as [`DATA_SUMMARY_FILE`] in the run dir), and resumes
 /// from the latest checkpoint when `resume` is set. A fresh run is evaluated once before its
 /// first step.
 pub fn open_run(
@@ -69,24 +110,17 @@ pub fn open_run(
         _ => policy.clone(),
     };
     let tokenizer = Tokenizer::from_dir(&tokenizer_dir)?;
-    let train_rows = read_rows(&learner.data.train_files, world_file(|w| &w.rl.parquet))?;
-    let (prompts, dropped) =
-        prompts_from_rows(&train_rows, &tokenizer, learner.data.max_prompt_tokens)?;
-    if dropped > 0 {
-        tracing::warn!(
-            dropped,
-            kept = prompts.len(),
-            max_prompt_tokens = learner.data.max_prompt_tokens,
-            "prompts over the length limit dropped"
-        );
-    }
-    let heldout = eval_problems(
-        &read_rows(
+    let (train, heldout) = prepare_run_data(
+        &learner.data,
+        &data_files(&learner.data.train_files, world_file(|w| &w.rl.parquet)),
+        &data_files(
             &learner.data.heldout_files,
             world_file(|w| &w.heldout.parquet),
-        )?,
+        ),
         &tokenizer,
+        run_dir,
     )?;
+    let (prompts, heldout) = (train.prompts(), heldout.eval_problems());
     let start = StartModels {
         policy,
         prm: learner.prm_path.clone(),

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::config::SftConfig;
+use crate::data::{to_chat, EvalProblem};
 use crate::error::{LearnerError, Result};
-use crate::eval::{to_chat, EvalProblem};
 use crate::models::trainable_parameters;
 use crate::optim::{lr_at, AdamW};
 use crate::plot::{line_chart, Series};

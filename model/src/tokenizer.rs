@@ -44,10 +44,16 @@ struct TokenizerConfig {
     pad_token: Option<SpecialToken>,
 }
 
-/// A tokenizer with its special tokens and chat template.
+/// The name the chat template is compiled under in [`Tokenizer`]'s environment.
+const CHAT_TEMPLATE: &str = "chat_template";
+
+/// A tokenizer with its special tokens and chat template. The template is compiled once, at
+/// load; `Tokenizer` is `Sync`, so threads may encode with one instance.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
-    chat_template: Option<String>,
+    /// The environment holding the compiled chat template; `Err` holds why there is none
+    /// usable (absent, or it does not compile), reported when a chat is rendered.
+    chat_template: std::result::Result<Environment<'static>, String>,
     bos_token: Option<String>,
     eos_token: Option<String>,
     pad_token: Option<String>,
@@ -88,7 +94,7 @@ impl Tokenizer {
         let text = |t: &Option<SpecialToken>| t.as_ref().map(|t| t.text().to_string());
         Ok(Self {
             inner,
-            chat_template,
+            chat_template: compile_template(chat_template),
             bos_token: text(&config.bos_token),
             eos_token: text(&config.eos_token),
             pad_token: text(&config.pad_token),
@@ -147,13 +153,12 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let template = self
+        let env = self
             .chat_template
-            .as_deref()
-            .ok_or_else(|| ModelError::ChatTemplate("the tokenizer has no chat template".into()))?;
-        let env = template_environment();
+            .as_ref()
+            .map_err(|reason| ModelError::ChatTemplate(reason.clone()))?;
         let tmpl = env
-            .template_from_str(template)
+            .get_template(CHAT_TEMPLATE)
             .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
@@ -165,6 +170,15 @@ impl Tokenizer {
         .map_err(|e| ModelError::ChatTemplate(e.to_string()))
     }
 
+    /// Ok when a chat template was found and compiles; else why not (the error every
+    /// [`Self::apply_chat_template`] would return).
+    pub fn check_chat_template(&self) -> Result<()> {
+        match &self.chat_template {
+            Ok(_) => Ok(()),
+            Err(reason) => Err(ModelError::ChatTemplate(reason.clone())),
+        }
+    }
+
     /// Token ids of the rendered chat template, ready to prompt the model.
     pub fn encode_chat(
         &self,
@@ -173,6 +187,15 @@ impl Tokenizer {
     ) -> Result<Vec<i64>> {
         self.encode(&self.apply_chat_template(messages, add_generation_prompt)?)
     }
+}
+
+/// The environment with `template` compiled under [`CHAT_TEMPLATE`], or why there is none.
+fn compile_template(template: Option<String>) -> std::result::Result<Environment<'static>, String> {
+    let template = template.ok_or_else(|| "the tokenizer has no chat template".to_string())?;
+    let mut env = template_environment();
+    env.add_template_owned(CHAT_TEMPLATE, template)
+        .map_err(|e| e.to_string())?;
+    Ok(env)
 }
 
 /// `chat_template` may be a string or a list of named templates; transformers uses "default".

@@ -1,6 +1,6 @@
 //! The supervised warm-up on a small world: the loss falls, the stop rule acts on held-out
 //! accuracy, and the checkpoint it writes loads in transformers with the same log-probs.
-use prime_learner::eval::eval_problems;
+use prime_learner::data::eval_problems;
 use prime_learner::sft::{run_sft, sft_examples, SftStop};
 use prime_learner::{ModelSource, SftConfig};
 use prime_model::{sequence_logprobs, CausalLm, Tokenizer};

@@ -43,11 +43,20 @@ impl DataFormat {
     }
 }
 
-/// Reads every row of a `.jsonl` or `.parquet` file and checks it (see [`DataRow::check`]).
+/// Reads every row of a `.jsonl` or `.parquet` file and checks it (see [`DataRow::check`]);
+/// the first bad row is the error.
 pub fn read_rows(path: &Path) -> Result<Vec<DataRow>, WorldError> {
+    read_row_results(path)?.into_iter().collect()
+}
+
+/// Every row of a `.jsonl` or `.parquet` file, each read and checked on its own: element `i`
+/// is row `i` of the file (jsonl: its `i`-th non-blank line), or why that row is bad (a
+/// [`WorldError::Json`] or [`WorldError::Row`]). The outer error is about the whole file
+/// (missing, not parquet, a missing or mistyped column).
+pub fn read_row_results(path: &Path) -> Result<Vec<Result<DataRow, WorldError>>, WorldError> {
     match DataFormat::from_path(path)? {
-        DataFormat::Jsonl => read_jsonl(path),
-        DataFormat::Parquet => read_parquet(path),
+        DataFormat::Jsonl => jsonl_row_results(path),
+        DataFormat::Parquet => parquet_row_results(path),
     }
 }
 
@@ -70,8 +79,13 @@ pub fn write_jsonl(path: &Path, rows: &[DataRow]) -> Result<(), WorldError> {
     out.flush().map_err(io)
 }
 
-/// Reads a jsonl file; blank lines are skipped.
+/// Reads a jsonl file; blank lines are skipped; the first bad row is the error.
 pub fn read_jsonl(path: &Path) -> Result<Vec<DataRow>, WorldError> {
+    jsonl_row_results(path)?.into_iter().collect()
+}
+
+/// The rows of a jsonl file, each parsed and checked on its own; blank lines are skipped.
+fn jsonl_row_results(path: &Path) -> Result<Vec<Result<DataRow, WorldError>>, WorldError> {
     let io = |e| WorldError::io(path, e);
     let reader = BufReader::new(File::open(path).map_err(io)?);
     let mut rows = Vec::new();
@@ -80,24 +94,29 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<DataRow>, WorldError> {
         if line.trim().is_empty() {
             continue;
         }
-        let row: DataRow = serde_json::from_str(&line).map_err(|source| WorldError::Json {
-            path: path.to_path_buf(),
-            line: i + 1,
-            source,
-        })?;
-        checked(path, rows.len(), &row)?;
+        let row = serde_json::from_str::<DataRow>(&line)
+            .map_err(|source| WorldError::Json {
+                path: path.to_path_buf(),
+                line: i + 1,
+                source,
+            })
+            .and_then(|row| checked(path, rows.len(), row));
         rows.push(row);
     }
     Ok(rows)
 }
 
-fn checked(path: &Path, row: usize, data: &DataRow) -> Result<(), WorldError> {
-    data.check().map_err(|(field, reason)| WorldError::Row {
-        path: path.to_path_buf(),
-        row,
-        field,
-        reason,
-    })
+/// `data` when it passes [`DataRow::check`], else the error naming row `row` of `path`.
+fn checked(path: &Path, row: usize, data: DataRow) -> Result<DataRow, WorldError> {
+    match data.check() {
+        Ok(()) => Ok(data),
+        Err((field, reason)) => Err(WorldError::Row {
+            path: path.to_path_buf(),
+            row,
+            field,
+            reason,
+        }),
+    }
 }
 
 fn utf8(name: &str) -> Field {
@@ -125,6 +144,16 @@ fn extra_info_fields() -> Fields {
 /// some row has a response, so RL and held-out files have exactly the Eurus-2-RL-Data columns
 /// (plus this world's extra `extra_info` fields).
 pub fn write_parquet(path: &Path, rows: &[DataRow]) -> Result<(), WorldError> {
+    write_parquet_compressed(path, rows, Compression::SNAPPY)
+}
+
+/// [`write_parquet`] with another compression (zstd and gzip are what pyarrow and `datasets`
+/// commonly write besides snappy).
+pub fn write_parquet_compressed(
+    path: &Path,
+    rows: &[DataRow],
+    compression: Compression,
+) -> Result<(), WorldError> {
     let pq = |e: parquet::errors::ParquetError| WorldError::Parquet {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -135,7 +164,7 @@ pub fn write_parquet(path: &Path, rows: &[DataRow]) -> Result<(), WorldError> {
     })?;
     let file = File::create(path).map_err(|e| WorldError::io(path, e))?;
     let props = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
+        .set_compression(compression)
         .build();
     let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(pq)?;
     writer.write(&batch).map_err(pq)?;
@@ -213,8 +242,14 @@ fn to_record_batch(rows: &[DataRow]) -> Result<RecordBatch, arrow_schema::ArrowE
 }
 
 /// Reads a parquet file with the Eurus-2-RL-Data columns; `extra_info` and `response` may be
-/// absent. Each row is checked (see [`DataRow::check`]).
+/// absent. Each row is checked (see [`DataRow::check`]); the first bad row is the error.
+/// Snappy, zstd and gzip compression are read.
 pub fn read_parquet(path: &Path) -> Result<Vec<DataRow>, WorldError> {
+    parquet_row_results(path)?.into_iter().collect()
+}
+
+/// The rows of a parquet file, each read and checked on its own.
+fn parquet_row_results(path: &Path) -> Result<Vec<Result<DataRow, WorldError>>, WorldError> {
     // The parquet crate panics on some corrupt metadata instead of returning an error.
     std::panic::catch_unwind(|| read_parquet_unchecked(path)).unwrap_or_else(|_| {
         Err(WorldError::Parquet {
@@ -224,7 +259,7 @@ pub fn read_parquet(path: &Path) -> Result<Vec<DataRow>, WorldError> {
     })
 }
 
-fn read_parquet_unchecked(path: &Path) -> Result<Vec<DataRow>, WorldError> {
+fn read_parquet_unchecked(path: &Path) -> Result<Vec<Result<DataRow, WorldError>>, WorldError> {
     let pq = |e: &dyn std::fmt::Display| WorldError::Parquet {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -239,8 +274,9 @@ fn read_parquet_unchecked(path: &Path) -> Result<Vec<DataRow>, WorldError> {
         let batch = batch.map_err(|e| pq(&e))?;
         let columns = Columns::new(path, &batch)?;
         for i in 0..batch.num_rows() {
-            let row = columns.row(i, rows.len())?;
-            checked(path, rows.len(), &row)?;
+            let row = columns
+                .row(i, rows.len())
+                .and_then(|row| checked(path, rows.len(), row));
             rows.push(row);
         }
     }

@@ -18,7 +18,7 @@ pub mod tokenizer;
 mod world;
 
 pub use config::{Split, SplitConfig, WorldConfig};
-pub use dataset::{read_rows, write_rows, DataFormat};
+pub use dataset::{read_row_results, read_rows, write_rows, DataFormat};
 pub use error::WorldError;
 pub use problem::{Op, Problem, ProblemGenerator, Step, Template, STEP_SEPARATOR};
 pub use rows::{ChatMessage, DataRow, ExtraInfo, RewardModel, MATH_SUFFIX};

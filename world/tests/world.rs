@@ -218,6 +218,81 @@ fn rows_from_other_sources_round_trip_in_both_formats() {
 }
 
 #[test]
+fn parquet_compressed_with_snappy_zstd_or_gzip_reads_back() {
+    use parquet::basic::{Compression, GzipLevel, ZstdLevel};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows = sample_rows();
+    // Enough repeated text that every codec actually compresses the pages.
+    for i in 0..50 {
+        let mut row = rows[0].clone();
+        row.prompt[1].content = format!("question {i}: {}", "the same words ".repeat(20));
+        rows.push(row);
+    }
+    let codecs = [
+        ("snappy", Compression::SNAPPY),
+        ("zstd", Compression::ZSTD(ZstdLevel::default())),
+        ("gzip", Compression::GZIP(GzipLevel::default())),
+    ];
+    for (name, compression) in codecs {
+        let path = dir.path().join(format!("{name}.parquet"));
+        prime_world::dataset::write_parquet_compressed(&path, &rows, compression).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let metadata = parquet::file::reader::FileReader::metadata(
+            &parquet::file::reader::SerializedFileReader::new(file).unwrap(),
+        )
+        .clone();
+        let written = metadata.row_group(0).column(0).compression();
+        assert_eq!(written, compression, "{name}: the file holds {written:?}");
+        assert_eq!(read_rows(&path).unwrap(), rows, "{name}");
+    }
+}
+
+#[test]
+fn rows_are_read_one_by_one_so_a_bad_row_leaves_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mixed.jsonl");
+    let good = serde_json::to_string(&sample_rows()[0]).unwrap();
+    let bad_role = good.replace(r#""role":"system""#, r#""role":"robot""#);
+    std::fs::write(&path, format!("{good}\n\n{{not json\n{bad_role}\n{good}\n")).unwrap();
+    let results = prime_world::read_row_results(&path).unwrap();
+    assert_eq!(results.len(), 4, "blank lines are not rows");
+    assert_eq!(results[0].as_ref().unwrap(), &sample_rows()[0]);
+    assert!(
+        matches!(&results[1], Err(WorldError::Json { line: 3, .. })),
+        "{:?}",
+        results[1]
+    );
+    assert!(
+        matches!(&results[2], Err(WorldError::Row { row: 2, field, .. }) if field == "prompt[0].role"),
+        "{:?}",
+        results[2]
+    );
+    assert!(results[3].is_ok());
+    // The strict reader stops at the first bad row.
+    assert!(matches!(
+        read_rows(&path).unwrap_err(),
+        WorldError::Json { line: 3, .. }
+    ));
+
+    // The same rows in parquet: row 1 is bad, rows 0 and 2 read.
+    let mut rows = vec![sample_rows()[0].clone(); 3];
+    rows[1].prompt[0].role = "robot".into();
+    let parquet = dir.path().join("mixed.parquet");
+    write_rows(&parquet, &rows).unwrap();
+    let results = prime_world::read_row_results(&parquet).unwrap();
+    assert_eq!(results.len(), 3);
+    assert!(results[0].is_ok() && results[2].is_ok());
+    assert!(
+        matches!(&results[1], Err(WorldError::Row { row: 1, .. })),
+        "{:?}",
+        results[1]
+    );
+    // A file-level problem is the outer error.
+    assert!(prime_world::read_row_results(&dir.path().join("absent.parquet")).is_err());
+}
+
+#[test]
 fn bad_jsonl_names_file_line_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.jsonl");

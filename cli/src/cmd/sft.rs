@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use prime_learner::eval::eval_problems;
+use prime_learner::data::eval_problems;
 use prime_learner::sft::{run_sft, sft_examples, SftResult};
 use prime_learner::RunConfig;
 use prime_model::{default_kind, parse_device, CausalLm, Tokenizer};

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use prime_learner::checkpoint::sft_checkpoint;
+use prime_learner::data::{RunData, DATA_SUMMARY_FILE};
 use prime_learner::report::{summary_table, Summary};
 use prime_learner::run::{open_run, run_local};
 use prime_learner::trainer::{Record, StepRecord};
@@ -165,6 +166,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     }
     let started = Instant::now();
+    // The learner writes this run's data summary as it opens the run; an older one must not
+    // be shown in its place.
+    let _ = std::fs::remove_file(run_dir.join(DATA_SUMMARY_FILE));
     if args.local {
         train_local(&config, &args)?;
     } else {
@@ -188,12 +192,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// Prints the data summary the learner saved as it opened the run.
+fn print_data_summary(run_dir: &Path) -> Result<()> {
+    let data = RunData::load(run_dir).context("reading the learner's data summary")?;
+    eprintln!("{}", data.lines().join("\n"));
+    Ok(())
+}
+
 fn train_local(config: &RunConfig, args: &TrainArgs) -> Result<()> {
     if args.learners > 1 {
         bail!("--local trains in one process; --learners needs the services (drop --local)");
     }
     let device = parse_device(&args.device)?;
     let (mut trainer, mut scheduler) = open_run(config, &args.run_dir, device, args.resume)?;
+    print_data_summary(&args.run_dir)?;
     let bar = step_bar(config.learner.steps, "prime");
     bar.set_position(trainer.step);
     let mut accuracy = None;
@@ -313,6 +325,7 @@ fn train_services(
         }
         std::thread::sleep(Duration::from_millis(200));
     };
+    print_data_summary(run_dir)?;
     let tokenizer = config
         .model
         .path

@@ -6,75 +6,19 @@ pub mod protocol;
 use std::time::Instant;
 
 use prime_model::{
-    generate_batched, CausalLm, ChatMessage, FinishReason, Generation, SamplingParams, Tokenizer,
+    generate_batched, CausalLm, FinishReason, Generation, SamplingParams, Tokenizer,
 };
-use prime_world::DataRow;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{ScoredGroup, ScoredResponse};
 use crate::config::{EvalConfig, RolloutConfig};
+use crate::data::EvalProblem;
 use crate::error::{LearnerError, Result};
-use crate::scheduler::{Group, Prompt, Work};
+use crate::scheduler::{Group, Work};
 
 /// Rows per sampling call of an evaluation: each call is seeded with the evaluation's seed
 /// plus its index.
 const EVAL_CALL_ROWS: usize = 256;
-
-/// A held-out problem: prompt ids and the reference answer.
-#[derive(Debug, Clone)]
-pub struct EvalProblem {
-    /// Prompt ids, chat template applied.
-    pub prompt_ids: Vec<i64>,
-    /// The reference answer.
-    pub ground_truth: String,
-}
-
-/// A data row's prompt as chat messages.
-pub(crate) fn to_chat(row: &DataRow) -> Vec<ChatMessage> {
-    row.prompt
-        .iter()
-        .map(|m| ChatMessage {
-            role: m.role.clone(),
-            content: m.content.clone(),
-        })
-        .collect()
-}
-
-/// Tokenizes held-out rows into prompts and reference answers.
-pub fn eval_problems(rows: &[DataRow], tokenizer: &Tokenizer) -> Result<Vec<EvalProblem>> {
-    rows.iter()
-        .map(|row| {
-            Ok(EvalProblem {
-                prompt_ids: tokenizer.encode_chat(&to_chat(row), true)?,
-                ground_truth: row.reward_model.ground_truth.clone(),
-            })
-        })
-        .collect()
-}
-
-/// Prompts of Eurus-2-RL-Data rows with the chat template applied; rows whose prompt is
-/// longer than `max_tokens` are dropped. Returns the prompts and the number dropped.
-pub fn prompts_from_rows(
-    rows: &[DataRow],
-    tokenizer: &Tokenizer,
-    max_tokens: usize,
-) -> Result<(Vec<Prompt>, usize)> {
-    let problems = eval_problems(rows, tokenizer)?;
-    let mut prompts = Vec::new();
-    let mut dropped = 0;
-    for (problem, row) in problems.into_iter().zip(rows) {
-        if problem.prompt_ids.len() > max_tokens {
-            dropped += 1;
-            continue;
-        }
-        prompts.push(Prompt {
-            prompt_ids: problem.prompt_ids,
-            ground_truth: problem.ground_truth,
-            ability: row.ability.clone(),
-        });
-    }
-    Ok((prompts, dropped))
-}
 
 /// How a sampling run is cut into calls.
 #[derive(Debug, Clone)]

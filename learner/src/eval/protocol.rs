@@ -23,9 +23,10 @@ use prime_prm_server::scorer::{Pair, Scorer};
 use prime_prm_server::steps::{self, Aggregation, StepSplit};
 use prime_prm_server::vote::{self, Voting};
 
-use super::{sample_and_grade, to_chat, Sampling};
+use super::{sample_and_grade, Sampling};
 use crate::checkpoint::{latest, sft_checkpoint};
 use crate::config::RunConfig;
+use crate::data::{read_valid_rows, to_chat};
 use crate::error::{LearnerError, Result};
 use crate::plot::{line_chart, Series};
 
@@ -794,23 +795,27 @@ pub fn evaluate_run(config: &RunConfig, run_dir: &Path, device: Device) -> Resul
     let root = run_dir.join("checkpoints");
     let last = latest(&root)?
         .ok_or_else(|| LearnerError::Data(format!("no checkpoint in {}", root.display())))?;
-    let mut rows = Vec::new();
-    let data = if learner.data.heldout_files.is_empty() {
+    let files = if learner.data.heldout_files.is_empty() {
         let world = prime_world::build_world(&config.world, &run_dir.join("world"))?;
-        rows.extend(prime_world::read_rows(&world.heldout.parquet)?);
-        world.heldout.parquet.display().to_string()
+        vec![world.heldout.parquet.clone()]
     } else {
-        for file in &learner.data.heldout_files {
-            rows.extend(prime_world::read_rows(file)?);
-        }
-        learner
-            .data
-            .heldout_files
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(",")
+        learner.data.heldout_files.clone()
     };
+    // Bad rows are skipped (and counted) or fatal as they were when the run started.
+    let read = read_valid_rows(&files, learner.data.on_bad_row)?;
+    if !read.bad.is_empty() {
+        tracing::warn!(
+            bad = read.bad.len(),
+            first = %read.bad[0],
+            "held-out rows skipped as bad"
+        );
+    }
+    let rows: Vec<DataRow> = read.rows.into_iter().map(|r| r.data).collect();
+    let data = files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let kind = prime_model::default_kind(device);
     let scorer = Scorer::new(
         CausalLm::load(&last.join("prm"), device, kind, kind)?,
