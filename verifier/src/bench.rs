@@ -351,6 +351,27 @@ pub fn code_latency_in(sandbox: &Sandbox, runs: usize) -> Result<CodeLatency, Ve
 
 impl VerifierBenchReport {
     /// A short human-readable table.
+    /// Agreement per category, ours next to math-verify's (when it ran).
+    pub fn category_table(&self) -> String {
+        let theirs = self.math_verify.as_ref().ok();
+        let percent = |(n, a): (usize, usize)| 100.0 * a as f64 / n.max(1) as f64;
+        let mut s = format!(
+            "{:<40} {:>6} {:>15} {:>12}\n",
+            "category", "items", "prime-verifier", "math-verify"
+        );
+        for (category, &counts) in &self.ours.per_category {
+            let other = theirs
+                .and_then(|m| m.per_category.get(category))
+                .map_or("-".to_string(), |&c| format!("{:.1}%", percent(c)));
+            s.push_str(&format!(
+                "{category:<40} {:>6} {:>14.1}% {other:>12}\n",
+                counts.0,
+                percent(counts)
+            ));
+        }
+        s
+    }
+
     pub fn summary(&self) -> String {
         let mut s = String::new();
         let line = |m: &MathSide| {
@@ -370,6 +391,7 @@ impl VerifierBenchReport {
         if let Some(x) = self.speedup {
             s.push_str(&format!("speedup          {x:.0}x\n"));
         }
+        s.push_str(&self.category_table());
         for c in &self.code {
             s.push_str(&format!(
             "code test ({}, cgroup {}): bare {:.1} ms, cold sandbox {:.1} ms ({:+.0}%), warm sandbox {:.1} ms ({:+.0}%), back to back {:.1} vs {:.1} ms per test ({:+.0}%)\n",
