@@ -29,8 +29,12 @@ pub const DATA_SUMMARY_FILE: &str = "data.json";
 pub struct EvalProblem {
     /// Prompt ids, chat template applied.
     pub prompt_ids: Vec<i64>,
-    /// The reference answer.
+    /// The reference answer (math) or JSON test spec (code).
     pub ground_truth: String,
+    /// Which grader scores it.
+    pub ability: Ability,
+    /// Where the row comes from (`data_source`), for per-source accuracy.
+    pub data_source: String,
 }
 
 /// A data row's prompt as chat messages.
@@ -72,9 +76,17 @@ pub fn eval_problems(rows: &[DataRow], tokenizer: &Tokenizer) -> Result<Vec<Eval
         .into_iter()
         .zip(rows)
         .map(|(ids, row)| {
+            let ability = row.ability.parse().map_err(|_| {
+                LearnerError::Data(format!(
+                    "a held-out row has ability {:?}: math or code expected",
+                    row.ability
+                ))
+            })?;
             Ok(EvalProblem {
                 prompt_ids: ids?,
                 ground_truth: row.reward_model.ground_truth.clone(),
+                ability,
+                data_source: row.data_source.clone(),
             })
         })
         .collect()
@@ -371,6 +383,8 @@ impl Prepared {
             .map(|r| EvalProblem {
                 prompt_ids: r.prompt_ids.clone(),
                 ground_truth: r.data.reward_model.ground_truth.clone(),
+                ability: r.ability,
+                data_source: r.data.data_source.clone(),
             })
             .collect()
     }

@@ -13,10 +13,11 @@ use tch::Device;
 
 use crate::config::{LearnerConfig, ParallelConfig, RunConfig};
 use crate::error::{LearnerError, Result};
+use crate::eval::CodeGrading;
 use crate::models::PrimeModels;
 use crate::parallel::{join_group, Command, DataParallel, Trained};
 use crate::report::{plot_run, summarize, Summary};
-use crate::run::{open_follower, open_run};
+use crate::run::{open_follower, open_run_grading};
 use crate::service::run_learner;
 use crate::step::prime_step;
 use crate::trainer::Trainer;
@@ -95,6 +96,11 @@ pub struct RankOptions {
     pub addr_file: Option<PathBuf>,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// gRPC URL of a Verifier service that grades held-out code (with the listen options'
+    /// token); `None` grades it in this process's sandbox.
+    pub verifier: Option<String>,
+    /// TLS towards an `https://` verifier URL.
+    pub verifier_tls: prime_proto::auth::ClientTls,
 }
 
 /// Runs this process's rank of the learner until the configured steps are done. Rank 0
@@ -115,7 +121,16 @@ pub fn run_rank(config: &RunConfig, options: &RankOptions) -> Result<Option<Summ
     std::fs::create_dir_all(run_dir).map_err(LearnerError::io(run_dir))?;
     let saved = run_dir.join("config.toml");
     std::fs::write(&saved, config.to_toml()).map_err(LearnerError::io(&saved))?;
-    let (mut trainer, scheduler) = open_run(config, run_dir, rank.device, options.resume)?;
+    let code = match &options.verifier {
+        Some(url) => CodeGrading::Service {
+            url: url.clone(),
+            token: options.listen.auth.token.clone(),
+            tls: options.verifier_tls.clone(),
+        },
+        None => CodeGrading::InProcess,
+    };
+    let (mut trainer, scheduler) =
+        open_run_grading(config, run_dir, rank.device, options.resume, code)?;
     if let Some(group) = rank.group.take() {
         trainer.join(group, parallel.clone())?;
     }

@@ -11,7 +11,7 @@ use crate::checkpoint::sft_checkpoint;
 use crate::config::{DataConfig, RunConfig};
 use crate::data::{prepare_with, Prepared, RunData, DATA_SUMMARY_FILE};
 use crate::error::{LearnerError, Result};
-use crate::eval::local_rollouts;
+use crate::eval::{local_rollouts, CodeGrading, Grading};
 use crate::models::PrimeModels;
 use crate::scheduler::{Pull, Scheduler, SchedulerConfig};
 use crate::trainer::{load_model, StartModels, StepRecord, Trainer};
@@ -73,12 +73,23 @@ pub fn prepare_run_data(
 /// model, else the run's supervised checkpoint), prepares the prompts and the held-out set
 /// (their summaries logged and saved as [`DATA_SUMMARY_FILE`] in the run dir), and resumes
 /// from the latest checkpoint when `resume` is set. A fresh run is evaluated once before its
-/// first step.
+/// first step. Code is graded in this process ([`open_run_grading`] says otherwise).
 pub fn open_run(
     config: &RunConfig,
     run_dir: &Path,
     device: Device,
     resume: bool,
+) -> Result<(Trainer, Scheduler)> {
+    open_run_grading(config, run_dir, device, resume, CodeGrading::InProcess)
+}
+
+/// [`open_run`], grading held-out code (and local rollouts' code) as `code` says.
+pub fn open_run_grading(
+    config: &RunConfig,
+    run_dir: &Path,
+    device: Device,
+    resume: bool,
+    code: CodeGrading,
 ) -> Result<(Trainer, Scheduler)> {
     let learner = &config.learner;
     // The embedded world is built (or reused) only when the run uses a part of it.
@@ -143,6 +154,7 @@ pub fn open_run(
         },
         resumed,
     )?;
+    trainer.grading = Grading::new(code);
     if trainer.history.is_empty() {
         trainer.evaluate()?;
     }
@@ -229,6 +241,7 @@ pub fn run_local(
             policy_version,
             &actor,
             seed,
+            &mut trainer.grading,
         )?;
         for group in groups {
             scheduler.submit(group, Instant::now());

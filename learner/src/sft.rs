@@ -74,8 +74,8 @@ pub fn response_nll(lm: &CausalLm, batch: &[&SftExample]) -> Result<Tensor> {
     Ok(-(logprobs * &mask).sum(Kind::Float) / mask.sum(Kind::Float))
 }
 
-/// Samples one response per held-out problem at `temperature` and returns the fraction
-/// graded correct by the math grader.
+/// Samples one response per held-out problem at `temperature` and returns the mean score,
+/// graded by ability in this process.
 pub fn heldout_accuracy(
     lm: &CausalLm,
     tokenizer: &Tokenizer,
@@ -92,7 +92,9 @@ pub fn heldout_accuracy(
         seed: Some(seed),
         stop_token_ids: lm.eos_token_ids(),
     };
-    crate::eval::accuracy(lm, tokenizer, problems, 1, &params)
+    // The warm-up's held-out problems are graded in this process.
+    let grading = &mut crate::eval::Grading::default();
+    Ok(crate::eval::accuracy(lm, tokenizer, problems, 1, &params, grading)?.overall)
 }
 
 /// One line of `metrics.jsonl`.

@@ -20,7 +20,7 @@ use crate::checkpoint::{self, CheckpointParts, RngState, TrainerState};
 use crate::config::{LearnerConfig, ParallelConfig};
 use crate::data::EvalProblem;
 use crate::error::{LearnerError, Result};
-use crate::eval::{evaluate, rollout_params, Evaluation};
+use crate::eval::{evaluate, rollout_params, Evaluation, Grading};
 use crate::models::PrimeModels;
 use crate::optim::AdamW;
 use crate::parallel::{Command, DataParallel, Trained};
@@ -107,6 +107,9 @@ pub struct Trainer {
     pub tokenizer: Tokenizer,
     tokenizer_dir: PathBuf,
     heldout: Vec<EvalProblem>,
+    /// How held-out responses (and local rollouts) are graded: math in process, code in this
+    /// process's sandbox or by a Verifier service.
+    pub grading: Grading,
     paths: RunPaths,
     /// RL iterations done.
     pub step: u64,
@@ -217,6 +220,7 @@ impl Trainer {
             tokenizer,
             tokenizer_dir: start.tokenizer_dir.clone(),
             heldout,
+            grading: Grading::default(),
             paths,
             started: Instant::now(),
             history,
@@ -323,6 +327,7 @@ impl Trainer {
             &self.config.eval,
             self.config.rollout.max_response_tokens,
             seed,
+            &mut self.grading,
         )?;
         evaluation.wall_seconds = wall_seconds;
         tracing::info!(
@@ -333,7 +338,7 @@ impl Trainer {
         );
         self.append(Record::Eval {
             step: self.step,
-            evaluation,
+            evaluation: evaluation.clone(),
         })?;
         Ok(evaluation)
     }

@@ -60,6 +60,13 @@ pub struct ServeArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// gRPC URL of the Verifier service that grades held-out code rows (with the same token);
+    /// without it they are graded in this process's sandbox. Math is graded in process.
+    #[arg(long, env = "PRIME_VERIFIER")]
+    pub verifier: Option<String>,
+    /// TLS towards an https:// --verifier URL.
+    #[command(flatten)]
+    pub verifier_tls: super::tls::ClientSecurityArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,6 +157,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         resume: args.resume,
         addr_file: args.addr_file,
         device: args.device,
+        verifier: args.verifier,
+        verifier_tls: args.verifier_tls.tls(),
     };
     if let Some(summary) = run_rank(&config, &options)? {
         eprint!("{}", summary_table(&summary));

@@ -274,7 +274,13 @@ fn train_services(
         follower_args.push(s("--resume"));
     }
     let mut learner_args = follower_args.clone();
-    learner_args.extend([s("--addr-file"), addr_file.display().to_string()]);
+    // Rank 0 evaluates: held-out code rows go to the same verifier as the actors' rollouts.
+    learner_args.extend([
+        s("--addr-file"),
+        addr_file.display().to_string(),
+        s("--verifier"),
+        format!("http://{verifier_addr}"),
+    ]);
     // Every rank of one launch shares an epoch, so a rank left over from an earlier launch
     // cannot join this group.
     let epoch = std::time::SystemTime::now()

@@ -1,18 +1,23 @@
 //! Sampling and grading with the learner's own policy: the one sample → decode → grade loop
 //! ([`sample_and_grade`]) behind the held-out evaluation of the trainer and of the warm-up,
 //! the rollouts of a single-process run, and `prime eval` ([`protocol`]).
+pub mod grading;
 pub mod protocol;
 
+pub use grading::{CodeGrading, Grading, ToGrade};
+
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use prime_model::{
     generate_batched, CausalLm, FinishReason, Generation, SamplingParams, Tokenizer,
 };
+use prime_verifier::Ability;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{ScoredGroup, ScoredResponse};
 use crate::config::{EvalConfig, RolloutConfig};
-use crate::data::EvalProblem;
+use crate::data::{ability_name, EvalProblem};
 use crate::error::{LearnerError, Result};
 use crate::scheduler::{Group, Work};
 
@@ -100,19 +105,52 @@ pub fn sample_and_grade<P, G>(
     Ok(out)
 }
 
-/// Whether the math grader accepts `text` for `ground_truth`.
-fn math_correct(text: &str, ground_truth: &str) -> bool {
-    prime_verifier::math::grade_math(text, ground_truth).correct
+/// Mean scores of held-out problems: overall, per ability and per data source.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Accuracy {
+    /// Over every sample.
+    pub overall: f64,
+    /// Per ability (`math`, `code`).
+    pub by_ability: BTreeMap<String, f64>,
+    /// Per `data_source`.
+    pub by_source: BTreeMap<String, f64>,
 }
 
-/// Mean math-grader correctness of `samples` responses per problem.
+impl Accuracy {
+    /// Means of `scores`, each a sample of `problems[index]`.
+    pub fn of(problems: &[EvalProblem], scores: &[(usize, f64)]) -> Self {
+        let mut by_ability: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        let mut by_source: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        for &(index, score) in scores {
+            let problem = &problems[index];
+            for (map, key) in [
+                (&mut by_ability, ability_name(problem.ability)),
+                (&mut by_source, problem.data_source.as_str()),
+            ] {
+                let entry = map.entry(key.to_string()).or_default();
+                entry.0 += score;
+                entry.1 += 1;
+            }
+        }
+        let mean = |(sum, n): (f64, usize)| sum / n.max(1) as f64;
+        let total: f64 = scores.iter().map(|(_, s)| s).sum();
+        Self {
+            overall: mean((total, scores.len())),
+            by_ability: by_ability.into_iter().map(|(k, v)| (k, mean(v))).collect(),
+            by_source: by_source.into_iter().map(|(k, v)| (k, mean(v))).collect(),
+        }
+    }
+}
+
+/// `samples` responses per problem, graded by ability (see [`Grading`]).
 pub fn accuracy(
     lm: &CausalLm,
     tokenizer: &Tokenizer,
     problems: &[EvalProblem],
     samples: usize,
     params: &SamplingParams,
-) -> Result<f64> {
+    grading: &mut Grading,
+) -> Result<Accuracy> {
     let sampling = Sampling {
         params: params.clone(),
         call_rows: EVAL_CALL_ROWS,
@@ -125,17 +163,33 @@ pub fn accuracy(
         |p| &p.prompt_ids,
         samples,
         &sampling,
-        |p, text| Ok(math_correct(text, &p.ground_truth)),
+        |_, _| Ok(()),
     )?;
-    let correct = graded.iter().filter(|g| g.grade).count();
-    Ok(correct as f64 / graded.len().max(1) as f64)
+    let items: Vec<ToGrade<'_>> = graded
+        .iter()
+        .map(|g| ToGrade {
+            ability: problems[g.problem].ability,
+            ground_truth: &problems[g.problem].ground_truth,
+            response: &g.text,
+        })
+        .collect();
+    let scores = grading.grade(&items)?;
+    let scored: Vec<(usize, f64)> = graded.iter().map(|g| g.problem).zip(scores).collect();
+    Ok(Accuracy::of(problems, &scored))
 }
 
 /// Held-out accuracy at one point of the run.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
-    /// Mean correctness over `samples` samples per problem at the configured temperature.
+    /// Mean score over `samples` samples per problem at the configured temperature (math 0 or
+    /// 1, code the share of tests passed).
     pub accuracy: f64,
+    /// The same per ability (`math`, `code`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub accuracy_by_ability: BTreeMap<String, f64>,
+    /// The same per `data_source`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub accuracy_by_source: BTreeMap<String, f64>,
     /// Correctness of greedy decoding, when configured.
     pub greedy_accuracy: Option<f64>,
     /// Problems evaluated.
@@ -147,8 +201,9 @@ pub struct Evaluation {
     pub wall_seconds: f64,
 }
 
-/// Held-out accuracy: `eval.samples` samples per problem at `eval.temperature`, graded by the
-/// math grader, plus greedy decoding when `eval.greedy` is set.
+/// Held-out accuracy: `eval.samples` samples per problem at `eval.temperature`, graded by
+/// ability (math by the math grader, code by the code grader as `grading` says), plus greedy
+/// decoding when `eval.greedy` is set.
 pub fn evaluate(
     lm: &CausalLm,
     tokenizer: &Tokenizer,
@@ -156,6 +211,7 @@ pub fn evaluate(
     config: &EvalConfig,
     max_response_tokens: usize,
     seed: u64,
+    grading: &mut Grading,
 ) -> Result<Evaluation> {
     let clock = Instant::now();
     let params = SamplingParams {
@@ -166,18 +222,27 @@ pub fn evaluate(
         seed: Some(seed),
         stop_token_ids: lm.eos_token_ids(),
     };
-    let accuracy = accuracy(lm, tokenizer, problems, config.samples.max(1), &params)?;
+    let sampled = accuracy(
+        lm,
+        tokenizer,
+        problems,
+        config.samples.max(1),
+        &params,
+        grading,
+    )?;
     let greedy_accuracy = if config.greedy {
         let greedy = SamplingParams {
             temperature: 0.0,
             ..params.clone()
         };
-        Some(self::accuracy(lm, tokenizer, problems, 1, &greedy)?)
+        Some(self::accuracy(lm, tokenizer, problems, 1, &greedy, grading)?.overall)
     } else {
         None
     };
     Ok(Evaluation {
-        accuracy,
+        accuracy: sampled.overall,
+        accuracy_by_ability: sampled.by_ability,
+        accuracy_by_source: sampled.by_source,
         greedy_accuracy,
         problems: problems.len(),
         seconds: clock.elapsed().as_secs_f64(),
@@ -197,9 +262,10 @@ pub fn rollout_params(config: &RolloutConfig, stop_token_ids: Vec<i64>) -> Sampl
     }
 }
 
-/// Samples K responses for each work item with the learner's own policy and grades them
-/// with the math grader in process: the rollouts of a single-process run. Deterministic for
-/// a given `seed`.
+/// Samples K responses for each work item with the learner's own policy and grades them by
+/// ability (see [`Grading`]): the rollouts of a single-process run. Deterministic for a given
+/// `seed`.
+#[allow(clippy::too_many_arguments)]
 pub fn local_rollouts(
     lm: &CausalLm,
     tokenizer: &Tokenizer,
@@ -208,15 +274,21 @@ pub fn local_rollouts(
     policy_version: u64,
     actor_id: &str,
     seed: u64,
+    grading: &mut Grading,
 ) -> Result<Vec<Group>> {
     let k = work.first().map_or(0, |item| item.k as usize);
+    let abilities = work
+        .iter()
+        .map(|item| {
+            item.prompt.ability.parse::<Ability>().map_err(|_| {
+                LearnerError::Data(format!(
+                    "prompt {} has ability {:?}: math or code expected",
+                    item.prompt_index, item.prompt.ability
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     for item in work {
-        if item.prompt.ability != "math" {
-            return Err(LearnerError::Data(format!(
-                "local rollouts grade math only; prompt {} is {:?} (run the verifier service)",
-                item.prompt_index, item.prompt.ability
-            )));
-        }
         if item.k as usize != k {
             return Err(LearnerError::Data(format!(
                 "work items of one pull ask for different K ({} and {k})",
@@ -235,9 +307,18 @@ pub fn local_rollouts(
         |item| &item.prompt.prompt_ids,
         k,
         &sampling,
-        |item, text| Ok(math_correct(text, &item.prompt.ground_truth)),
+        |_, _| Ok(()),
     )?;
-    let mut graded = graded.into_iter();
+    let items: Vec<ToGrade<'_>> = graded
+        .iter()
+        .map(|g| ToGrade {
+            ability: abilities[g.problem],
+            ground_truth: &work[g.problem].prompt.ground_truth,
+            response: &g.text,
+        })
+        .collect();
+    let scores = grading.grade(&items)?;
+    let mut graded = graded.into_iter().zip(scores);
     Ok(work
         .iter()
         .map(|item| Group {
@@ -249,9 +330,9 @@ pub fn local_rollouts(
                 responses: graded
                     .by_ref()
                     .take(k)
-                    .map(|g| ScoredResponse {
+                    .map(|(g, score)| ScoredResponse {
                         truncated: g.generation.finish_reason == FinishReason::Length,
-                        score: f64::from(u8::from(g.grade)),
+                        score,
                         sampling_logprobs: g.generation.logprobs,
                         ids: g.generation.token_ids,
                     })
