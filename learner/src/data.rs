@@ -102,7 +102,7 @@ pub fn prompts_from_rows(
     let problems = eval_problems(rows, tokenizer)?;
     let mut prompts = Vec::new();
     let mut dropped = 0;
-    for (problem, row) in problems.into_iter().zip(rows) {
+    for problem in problems {
         if problem.prompt_ids.len() > max_tokens {
             dropped += 1;
             continue;
@@ -110,7 +110,7 @@ pub fn prompts_from_rows(
         prompts.push(Prompt {
             prompt_ids: problem.prompt_ids,
             ground_truth: problem.ground_truth,
-            ability: row.ability.clone(),
+            ability: problem.ability,
         });
     }
     Ok((prompts, dropped))
@@ -371,7 +371,7 @@ impl Prepared {
             .map(|r| Prompt {
                 prompt_ids: r.prompt_ids.clone(),
                 ground_truth: r.data.reward_model.ground_truth.clone(),
-                ability: ability_name(r.ability).to_string(),
+                ability: r.ability,
             })
             .collect()
     }

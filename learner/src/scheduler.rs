@@ -40,6 +40,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prime_proto::v1 as pb;
+use prime_verifier::Ability;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -66,8 +67,8 @@ pub struct Prompt {
     pub prompt_ids: Vec<i64>,
     /// Reference answer (math) or JSON test spec (code), for the verifier.
     pub ground_truth: String,
-    /// Which grader applies: "math" or "code".
-    pub ability: String,
+    /// Which grader applies.
+    pub ability: Ability,
 }
 
 /// The scheduler's knobs.
@@ -1055,7 +1056,7 @@ mod tests {
             .map(|i| Prompt {
                 prompt_ids: vec![100 + i as i64],
                 ground_truth: i.to_string(),
-                ability: "math".into(),
+                ability: Ability::Math,
             })
             .collect()
     }

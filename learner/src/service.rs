@@ -82,7 +82,7 @@ impl Shared {
         let prompt = crate::scheduler::Prompt {
             prompt_ids: vec![1],
             ground_truth: String::new(),
-            ability: "math".into(),
+            ability: prime_verifier::Ability::Math,
         };
         let scheduler = Scheduler::new(
             vec![prompt],
@@ -395,7 +395,7 @@ impl Learner for LearnerService {
                         work_id: w.work_id,
                         prompt_ids: w.prompt.prompt_ids.clone(),
                         ground_truth: w.prompt.ground_truth.clone(),
-                        ability: ability_to_proto(w.prompt.ability.parse().ok()) as i32,
+                        ability: ability_to_proto(Some(w.prompt.ability)) as i32,
                         k: w.k,
                     })
                     .collect(),

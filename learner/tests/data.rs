@@ -157,7 +157,7 @@ fn every_row_is_kept_too_long_or_bad_and_bad_rows_are_named() {
         .collect();
     assert_eq!(kept, ["math", "math", "math", "code", "math"]);
     let prompts = prepared.prompts();
-    assert_eq!(prompts[3].ability, "code");
+    assert_eq!(prompts[3].ability, prime_verifier::Ability::Code);
     assert!(prompts.iter().all(|p| p.prompt_ids.len() <= 200));
 
     // Fail: the first bad row stops it, named.

@@ -9,7 +9,8 @@ use prime_verifier::{Ability, Grader, GraderConfig};
 const SPEC: &str = r#"{"inputs": ["1 2\n", "10 -3\n", "0 0\n"], "outputs": ["3\n", "7\n", "0\n"]}"#;
 const RIGHT: &str = "```python\na, b = map(int, input().split())\nprint(a + b)\n```";
 /// Right on two of the three tests.
-const PARTLY: &str = "```python\na, b = map(int, input().split())\nprint(a + b if a < 5 else 0)\n```";
+const PARTLY: &str =
+    "```python\na, b = map(int, input().split())\nprint(a + b if a < 5 else 0)\n```";
 const WRONG: &str = "```python\nprint(42)\n```";
 
 fn items() -> Vec<ToGrade<'static>> {

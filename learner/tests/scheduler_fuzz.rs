@@ -20,7 +20,7 @@ fn prompts(n: usize) -> Vec<Prompt> {
         .map(|i| Prompt {
             prompt_ids: vec![1 + i as i64 % 40, 2],
             ground_truth: i.to_string(),
-            ability: "math".into(),
+            ability: prime_verifier::Ability::Math,
         })
         .collect()
 }

@@ -277,17 +277,7 @@ pub fn local_rollouts(
     grading: &mut Grading,
 ) -> Result<Vec<Group>> {
     let k = work.first().map_or(0, |item| item.k as usize);
-    let abilities = work
-        .iter()
-        .map(|item| {
-            item.prompt.ability.parse::<Ability>().map_err(|_| {
-                LearnerError::Data(format!(
-                    "prompt {} has ability {:?}: math or code expected",
-                    item.prompt_index, item.prompt.ability
-                ))
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let abilities: Vec<Ability> = work.iter().map(|item| item.prompt.ability).collect();
     for item in work {
         if item.k as usize != k {
             return Err(LearnerError::Data(format!(
