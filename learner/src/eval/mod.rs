@@ -105,6 +105,81 @@ pub fn sample_and_grade<P, G>(
     Ok(out)
 }
 
+/// What [`sample_and_grade_by_ability`] needs of a problem.
+pub trait Gradable {
+    /// The prompt, chat template applied.
+    fn prompt_ids(&self) -> &[i64];
+    /// Which grader scores its responses.
+    fn ability(&self) -> Ability;
+    /// The reference answer or JSON test spec.
+    fn ground_truth(&self) -> &str;
+}
+
+impl Gradable for EvalProblem {
+    fn prompt_ids(&self) -> &[i64] {
+        &self.prompt_ids
+    }
+    fn ability(&self) -> Ability {
+        self.ability
+    }
+    fn ground_truth(&self) -> &str {
+        &self.ground_truth
+    }
+}
+
+impl Gradable for Work {
+    fn prompt_ids(&self) -> &[i64] {
+        &self.prompt.prompt_ids
+    }
+    fn ability(&self) -> Ability {
+        self.prompt.ability
+    }
+    fn ground_truth(&self) -> &str {
+        &self.prompt.ground_truth
+    }
+}
+
+/// [`sample_and_grade`] with the graders of [`Grading`]: every sample is graded by its
+/// problem's ability, in one batch after sampling (one call to a Verifier service for code).
+pub fn sample_and_grade_by_ability<P: Gradable>(
+    lm: &CausalLm,
+    tokenizer: &Tokenizer,
+    problems: &[P],
+    per_problem: usize,
+    sampling: &Sampling,
+    grading: &mut Grading,
+) -> Result<Vec<Graded<f64>>> {
+    let graded = sample_and_grade(
+        lm,
+        tokenizer,
+        problems,
+        P::prompt_ids,
+        per_problem,
+        sampling,
+        |_, _| Ok(()),
+    )?;
+    let items: Vec<ToGrade<'_>> = graded
+        .iter()
+        .map(|g| ToGrade {
+            ability: problems[g.problem].ability(),
+            ground_truth: problems[g.problem].ground_truth(),
+            response: &g.text,
+        })
+        .collect();
+    let scores = grading.grade(&items)?;
+    Ok(graded
+        .into_iter()
+        .zip(scores)
+        .map(|(g, grade)| Graded {
+            problem: g.problem,
+            sample: g.sample,
+            generation: g.generation,
+            text: g.text,
+            grade,
+        })
+        .collect())
+}
+
 /// Mean scores of held-out problems: overall, per ability and per data source.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Accuracy {
@@ -156,25 +231,8 @@ pub fn accuracy(
         call_rows: EVAL_CALL_ROWS,
         decode_rows: EVAL_CALL_ROWS,
     };
-    let graded = sample_and_grade(
-        lm,
-        tokenizer,
-        problems,
-        |p| &p.prompt_ids,
-        samples,
-        &sampling,
-        |_, _| Ok(()),
-    )?;
-    let items: Vec<ToGrade<'_>> = graded
-        .iter()
-        .map(|g| ToGrade {
-            ability: problems[g.problem].ability,
-            ground_truth: &problems[g.problem].ground_truth,
-            response: &g.text,
-        })
-        .collect();
-    let scores = grading.grade(&items)?;
-    let scored: Vec<(usize, f64)> = graded.iter().map(|g| g.problem).zip(scores).collect();
+    let graded = sample_and_grade_by_ability(lm, tokenizer, problems, samples, &sampling, grading)?;
+    let scored: Vec<(usize, f64)> = graded.iter().map(|g| (g.problem, g.grade)).collect();
     Ok(Accuracy::of(problems, &scored))
 }
 
@@ -277,7 +335,6 @@ pub fn local_rollouts(
     grading: &mut Grading,
 ) -> Result<Vec<Group>> {
     let k = work.first().map_or(0, |item| item.k as usize);
-    let abilities: Vec<Ability> = work.iter().map(|item| item.prompt.ability).collect();
     for item in work {
         if item.k as usize != k {
             return Err(LearnerError::Data(format!(
@@ -290,25 +347,8 @@ pub fn local_rollouts(
         seed: Some(seed),
         ..params.clone()
     });
-    let graded = sample_and_grade(
-        lm,
-        tokenizer,
-        work,
-        |item| &item.prompt.prompt_ids,
-        k,
-        &sampling,
-        |_, _| Ok(()),
-    )?;
-    let items: Vec<ToGrade<'_>> = graded
-        .iter()
-        .map(|g| ToGrade {
-            ability: abilities[g.problem],
-            ground_truth: &work[g.problem].prompt.ground_truth,
-            response: &g.text,
-        })
-        .collect();
-    let scores = grading.grade(&items)?;
-    let mut graded = graded.into_iter().zip(scores);
+    let graded = sample_and_grade_by_ability(lm, tokenizer, work, k, &sampling, grading)?;
+    let mut graded = graded.into_iter();
     Ok(work
         .iter()
         .map(|item| Group {
@@ -320,9 +360,9 @@ pub fn local_rollouts(
                 responses: graded
                     .by_ref()
                     .take(k)
-                    .map(|(g, score)| ScoredResponse {
+                    .map(|g| ScoredResponse {
                         truncated: g.generation.finish_reason == FinishReason::Length,
-                        score,
+                        score: g.grade,
                         sampling_logprobs: g.generation.logprobs,
                         ids: g.generation.token_ids,
                     })
