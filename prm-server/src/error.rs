@@ -28,9 +28,6 @@ pub enum PrmError {
     /// The model layer failed.
     #[error(transparent)]
     Model(#[from] prime_model::ModelError),
-    /// A data set could not be read.
-    #[error(transparent)]
-    World(#[from] prime_world::WorldError),
     /// A call to another service failed, or its channel could not be set up.
     #[error(transparent)]
     Client(#[from] prime_proto::client::ClientError),
