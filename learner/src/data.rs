@@ -92,30 +92,6 @@ pub fn eval_problems(rows: &[DataRow], tokenizer: &Tokenizer) -> Result<Vec<Eval
         .collect()
 }
 
-/// Prompts of Eurus-2-RL-Data rows with the chat template applied; rows whose prompt is
-/// longer than `max_tokens` are dropped. Returns the prompts and the number dropped.
-pub fn prompts_from_rows(
-    rows: &[DataRow],
-    tokenizer: &Tokenizer,
-    max_tokens: usize,
-) -> Result<(Vec<Prompt>, usize)> {
-    let problems = eval_problems(rows, tokenizer)?;
-    let mut prompts = Vec::new();
-    let mut dropped = 0;
-    for problem in problems {
-        if problem.prompt_ids.len() > max_tokens {
-            dropped += 1;
-            continue;
-        }
-        prompts.push(Prompt {
-            prompt_ids: problem.prompt_ids,
-            ground_truth: problem.ground_truth,
-            ability: problem.ability,
-        });
-    }
-    Ok((prompts, dropped))
-}
-
 /// The name of an ability as rows spell it.
 pub fn ability_name(ability: Ability) -> &'static str {
     match ability {
