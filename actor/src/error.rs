@@ -113,14 +113,9 @@ impl CallError for ActorError {
 }
 
 impl ActorError {
-    /// An RPC error from a gRPC status.
+    /// An RPC error from a gRPC status (as the shared client helpers describe it).
     pub(crate) fn rpc(service: &'static str, rpc: &'static str, status: &tonic::Status) -> Self {
-        Self::Rpc {
-            service,
-            rpc,
-            code: status.code(),
-            message: status.message().to_string(),
-        }
+        ClientError::rpc(service, rpc, status).into()
     }
 
     /// The gRPC code of an RPC error, `None` for any other error.
