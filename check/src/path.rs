@@ -100,14 +100,37 @@ pub fn distinct(
     }
 }
 
-/// A name for a temporary sibling of `path`, unique within this process and across processes.
+/// A name for a hidden temporary sibling of `path`, unique within this process and across
+/// processes, that ends like `path` (writers that pick a format by extension see the same).
 fn temporary_sibling(path: &Path, what: &str) -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let name = path
         .file_name()
         .map_or_else(|| "output".into(), |n| n.to_string_lossy().into_owned());
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    path.with_file_name(format!(".{name}.{what}-{}-{n}", std::process::id()))
+    path.with_file_name(format!(".{what}-{}-{n}.{name}", std::process::id()))
+}
+
+/// Has `write` produce the file at a temporary path next to `path` (ending with the same
+/// extension), then renames it onto `path`: for writers that take a path, like a plotting
+/// library. When `write` fails, the temporary is removed and `path` stays as it was.
+pub fn replace_with<T, E: From<FileError>>(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<T, E>,
+) -> Result<T, E> {
+    let temporary = temporary_sibling(path, "tmp");
+    let value = match write(&temporary) {
+        Ok(value) => value,
+        Err(e) => {
+            let _ = fs::remove_file(&temporary);
+            return Err(e);
+        }
+    };
+    if let Err(e) = fs::rename(&temporary, path) {
+        let _ = fs::remove_file(&temporary);
+        return Err(FileError::io("writing", path, e).into());
+    }
+    Ok(value)
 }
 
 /// An output file written next to its destination and renamed onto it by [`commit`]: until
@@ -344,6 +367,29 @@ mod tests {
         assert!(message.contains("no-such-dir/out.jsonl"), "{message}");
         let message = AtomicFile::create(dir.path()).err().unwrap().to_string();
         assert!(message.contains("is a directory"), "{message}");
+    }
+
+    #[test]
+    fn a_file_written_by_path_replaces_its_destination_only_on_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chart.png");
+        fs::write(&path, "old").unwrap();
+        let failed: Result<(), FileError> = replace_with(&path, |tmp| {
+            assert_eq!(tmp.extension().unwrap(), "png");
+            assert_eq!(tmp.parent(), path.parent());
+            fs::write(tmp, "half").unwrap();
+            Err(FileError::io("drawing", &path, io::Error::other("no font")))
+        });
+        assert!(failed.is_err());
+        assert_eq!(fs::read_to_string(&path).unwrap(), "old");
+        assert_eq!(names(dir.path()), ["chart.png"]);
+        replace_with::<_, FileError>(&path, |tmp| {
+            fs::write(tmp, "new").unwrap();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "new");
+        assert_eq!(names(dir.path()), ["chart.png"]);
     }
 
     #[test]
