@@ -515,14 +515,6 @@ impl Actor {
             .as_ref()
             .expect("registration builds the policy");
         let mut params = sampling_params(wire, &policy.lm.eos_token_ids())?;
-        // Parameters the sampler refuses come from the learner's config: every batch would be
-        // given up and pulled again, forever. Stop instead, with the reason.
-        params.validate().map_err(|e| {
-            Halt::Fatal(ActorError::Config(format!(
-                "the learner hands out sampling parameters this actor cannot use ({e}); fix \
-                 the learner's [learner.rollout] config"
-            )))
-        })?;
         let work_ids: Vec<&str> = batch.items.iter().map(|i| i.work_id.as_str()).collect();
         params.seed = wire
             .seed

@@ -154,7 +154,13 @@ fn mutual_tls_lets_in_only_clients_with_a_signed_certificate_and_the_token() {
     // Plain HTTP/2 to a TLS port gets nothing, and TLS files with an http:// URL are refused
     // before any connection (no silent downgrade).
     let plain = format!("http://localhost:{port}");
-    assert!(grade(&runtime, &plain, Some("s3cret-s3cret-s3cret"), &ClientTls::default()).is_err());
+    assert!(grade(
+        &runtime,
+        &plain,
+        Some("s3cret-s3cret-s3cret"),
+        &ClientTls::default()
+    )
+    .is_err());
     let err = grade(&runtime, &plain, Some("s3cret-s3cret-s3cret"), &trusted).unwrap_err();
     assert!(err.contains("plain http://"), "{err}");
 }

@@ -65,8 +65,14 @@ impl AlgoConfig {
         let key = |name: &str| format!("{prefix}.{name}");
         at_least(&key("mini_batches"), self.mini_batches, 1)?;
         rules::BETA.check(&key("prm.beta"), self.prm.beta)?;
-        rules::DISCOUNT.check(&key("advantage.process_gamma"), self.advantage.process_gamma)?;
-        rules::DISCOUNT.check(&key("advantage.outcome_gamma"), self.advantage.outcome_gamma)?;
+        rules::DISCOUNT.check(
+            &key("advantage.process_gamma"),
+            self.advantage.process_gamma,
+        )?;
+        rules::DISCOUNT.check(
+            &key("advantage.outcome_gamma"),
+            self.advantage.outcome_gamma,
+        )?;
         Range::POSITIVE.check(&key("ppo.clip_ratio"), self.ppo.clip_ratio)?;
         rules::COEFFICIENT.check(&key("ppo.entropy_coeff"), self.ppo.entropy_coeff)?;
         rules::COEFFICIENT.check(&key("ppo.kl_coeff"), self.ppo.kl_coeff)?;
@@ -351,17 +357,32 @@ mod tests {
     fn validation_names_the_key_of_a_value_the_formulas_cannot_use() {
         AlgoConfig::default().validate("learner.algo").unwrap();
         for (table, expected) in [
-            ("[prm]\nbeta = nan\n", "learner.algo.prm.beta must be a finite number > 0, got NaN"),
+            (
+                "[prm]\nbeta = nan\n",
+                "learner.algo.prm.beta must be a finite number > 0, got NaN",
+            ),
             ("[prm]\nbeta = 0.0\n", "learner.algo.prm.beta"),
             ("[prm]\nbeta = inf\n", "learner.algo.prm.beta"),
-            ("mini_batches = 0\n", "learner.algo.mini_batches must be at least 1"),
-            ("[advantage]\nprocess_gamma = 1.5\n", "advantage.process_gamma"),
-            ("[advantage]\noutcome_gamma = -inf\n", "advantage.outcome_gamma"),
+            (
+                "mini_batches = 0\n",
+                "learner.algo.mini_batches must be at least 1",
+            ),
+            (
+                "[advantage]\nprocess_gamma = 1.5\n",
+                "advantage.process_gamma",
+            ),
+            (
+                "[advantage]\noutcome_gamma = -inf\n",
+                "advantage.outcome_gamma",
+            ),
             ("[ppo]\nclip_ratio = 0.0\n", "ppo.clip_ratio"),
             ("[ppo]\nentropy_coeff = -0.1\n", "ppo.entropy_coeff"),
             ("[ppo]\nkl_coeff = nan\n", "ppo.kl_coeff"),
             ("[filter]\nlower = nan\n", "filter.lower"),
-            ("[filter]\nlower = 0.9\nupper = 0.1\n", "filter needs 0 <= lower <= upper"),
+            (
+                "[filter]\nlower = 0.9\nupper = 0.1\n",
+                "filter needs 0 <= lower <= upper",
+            ),
         ] {
             let config: AlgoConfig = toml::from_str(table).unwrap();
             let message = config.validate("learner.algo").unwrap_err();

@@ -85,13 +85,19 @@ mod tests {
             "{message}"
         );
         let message = parse(path, b"{}\n\xff\xfe\n").unwrap_err().to_string();
-        assert!(message.starts_with("in.jsonl line 2: not UTF-8"), "{message}");
+        assert!(
+            message.starts_with("in.jsonl line 2: not UTF-8"),
+            "{message}"
+        );
         assert!(parse(path, b"").unwrap().is_empty());
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty.jsonl");
         std::fs::write(&empty, "\n\n").unwrap();
         let message = read_nonempty(&empty).unwrap_err().to_string();
-        assert!(message.ends_with("empty.jsonl: holds no lines"), "{message}");
+        assert!(
+            message.ends_with("empty.jsonl: holds no lines"),
+            "{message}"
+        );
         let message = read(&dir.path().join("absent.jsonl"))
             .unwrap_err()
             .to_string();
@@ -109,6 +115,9 @@ mod tests {
         let lines = parse(path, b"{\"ids\":[1]}\n{\"ids\":\"x\"}\n").unwrap();
         assert!(decode::<Row>(path, &lines[0]).is_ok());
         let message = decode::<Row>(path, &lines[1]).unwrap_err().to_string();
-        assert!(message.starts_with("rows.jsonl line 2: invalid type"), "{message}");
+        assert!(
+            message.starts_with("rows.jsonl line 2: invalid type"),
+            "{message}"
+        );
     }
 }

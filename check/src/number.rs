@@ -229,7 +229,10 @@ pub mod arg {
     }
 
     /// An integer in `min..=max`.
-    pub fn int<T>(min: T, max: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+    pub fn int<T>(
+        min: T,
+        max: T,
+    ) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
     where
         T: FromStr + PartialOrd + Display + Copy + Send + Sync + 'static,
     {
@@ -325,7 +328,11 @@ mod tests {
         assert_eq!(parse("0.9"), Ok(0.9));
         assert_eq!(parse(" 1 "), Ok(1.0));
         for bad in ["0", "NaN", "nan", "inf", "-1", "1.5"] {
-            assert_eq!(parse(bad), Err("must be a number in (0, 1]".into()), "{bad}");
+            assert_eq!(
+                parse(bad),
+                Err("must be a number in (0, 1]".into()),
+                "{bad}"
+            );
         }
         assert!(parse("abc").unwrap_err().contains("expected a number"));
         assert!(parse("").is_err());

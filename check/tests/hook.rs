@@ -13,7 +13,10 @@ fn run_child(case: &str) -> (Option<i32>, String) {
         .env("RUST_BACKTRACE", "1")
         .output()
         .unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -70,7 +73,10 @@ fn a_panic_in_the_guarded_main_is_one_line_too() {
     let (code, stderr) = run_child("guarded");
     assert_eq!(code, Some(INTERNAL_ERROR), "{stderr}");
     assert_eq!(
-        stderr.lines().filter(|l| l.contains("internal error")).count(),
+        stderr
+            .lines()
+            .filter(|l| l.contains("internal error"))
+            .count(),
         1,
         "{stderr}"
     );

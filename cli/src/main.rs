@@ -15,6 +15,7 @@ struct Cli {
         long,
         global = true,
         env = "PRIME_THREADS",
+        allow_hyphen_values = true,
         value_parser = threads
     )]
     threads: Option<i32>,

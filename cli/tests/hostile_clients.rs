@@ -165,7 +165,11 @@ fn hostile_clients_get_clear_errors_and_the_learner_keeps_count() {
         };
 
         // No token, a wrong one, a near miss: UNAUTHENTICATED on every RPC.
-        for token in [None, Some("wrong-wrong-wrong-wrong"), Some("s3cret-token-012345678")] {
+        for token in [
+            None,
+            Some("wrong-wrong-wrong-wrong"),
+            Some("s3cret-token-012345678"),
+        ] {
             let mut c = client(&url, token);
             let err = c
                 .register(request(register.clone(), deadline()))

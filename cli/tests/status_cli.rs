@@ -88,7 +88,12 @@ fn status_of_a_verifier_with_and_without_the_token() {
         assert_eq!(results.len(), 3);
     });
 
-    let rows = table(&prime_status(&["--addr", &addr, "--token", "tok-tok-tok-tok-tok"]));
+    let rows = table(&prime_status(&[
+        "--addr",
+        &addr,
+        "--token",
+        "tok-tok-tok-tok-tok",
+    ]));
     let expected = grader.status();
     assert_eq!(rows["role"], "verifier");
     assert_eq!(rows["version"], env!("CARGO_PKG_VERSION"));

@@ -183,7 +183,12 @@ mod tests {
             epoch: 7,
             world_size: 3,
         };
-        let server = serve("127.0.0.1:0".parse().unwrap(), id, Some("s3cret-s3cret-s3cret".into())).unwrap();
+        let server = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            id,
+            Some("s3cret-s3cret-s3cret".into()),
+        )
+        .unwrap();
         let master = server.addr.to_string();
         let fetch = |rank, world, epoch, token| {
             fetch_unique_id(&master, rank, world, epoch, Duration::from_secs(10), token)

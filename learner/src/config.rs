@@ -47,8 +47,10 @@ impl RunConfig {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(LearnerError::io(path))?;
+        // Editors on some systems start a UTF-8 file with a byte-order mark.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let mut table: toml::Table =
-            toml::from_str(&text).map_err(|e| config_error(e.to_string()))?;
+            toml::from_str(text).map_err(|e| config_error(e.to_string()))?;
         for assignment in overrides {
             apply_override(&mut table, assignment).map_err(config_error)?;
         }
@@ -668,16 +670,14 @@ impl ParallelConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         at_least("learner.parallel.bucket_mb", self.bucket_mb, 1)?;
         for (name, value) in [
-            ("collective_timeout_seconds", self.collective_timeout_seconds),
+            (
+                "collective_timeout_seconds",
+                self.collective_timeout_seconds,
+            ),
             ("join_timeout_seconds", self.join_timeout_seconds),
             ("idle_timeout_seconds", self.idle_timeout_seconds),
         ] {
-            within(
-                &format!("learner.parallel.{name}"),
-                value,
-                1,
-                MAX_SECONDS,
-            )?;
+            within(&format!("learner.parallel.{name}"), value, 1, MAX_SECONDS)?;
         }
         Ok(())
     }

@@ -71,7 +71,10 @@ mod tests {
             assert_eq!(parse_device("cuda").unwrap(), Device::Cuda(0));
             let beyond = format!("cuda:{count}");
             let message = parse_device(&beyond).unwrap_err().to_string();
-            assert!(message.contains(&format!("{count} CUDA device")), "{message}");
+            assert!(
+                message.contains(&format!("{count} CUDA device")),
+                "{message}"
+            );
         }
     }
 }

@@ -141,7 +141,10 @@ mod tests {
             error.starts_with("libtorch failed in a matmul on input of shape [2, 3], [4, 5]: "),
             "{error}"
         );
-        assert!(!error.contains('\n') && !error.contains("frame #"), "{error}");
+        assert!(
+            !error.contains('\n') && !error.contains("frame #"),
+            "{error}"
+        );
         let error = ModelError::from(a.f_matmul(&b).unwrap_err()).to_string();
         assert!(error.starts_with("libtorch: "), "{error}");
         assert!(!error.contains('\n'), "{error}");

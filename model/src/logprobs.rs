@@ -129,11 +129,9 @@ pub fn sequence_logprobs(
             continue;
         }
         let batch = PaddedBatch::new(&batch_seqs, vocab, 0, model.device())?;
-        let logprobs = crate::torch_op(
-            "the log-prob forward",
-            &[&batch.input_ids.size()],
-            || Ok(token_logprobs(model, &batch, 512).to_device(Device::Cpu)),
-        )?;
+        let logprobs = crate::torch_op("the log-prob forward", &[&batch.input_ids.size()], || {
+            Ok(token_logprobs(model, &batch, 512).to_device(Device::Cpu))
+        })?;
         for (row, &i) in idx.iter().enumerate() {
             let n = sequences[i].len().saturating_sub(1) as i64;
             let values = Vec::<f32>::try_from(logprobs.get(row as i64).narrow(0, 0, n))?;

@@ -7,9 +7,9 @@
 use crate::error::VerifierError;
 use crate::grade::{GradeItem, GradeResult, Grader, GraderConfig};
 use crate::service::item_to_proto;
+use prime_check::FileError;
 use prime_proto::v1 as pb;
 use serde_json::{Map, Value};
-use prime_check::FileError;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -181,7 +181,9 @@ async fn flush(
             request.set_timeout(std::time::Duration::from_secs(3600));
             if let Some(t) = token {
                 let value = format!("Bearer {t}").parse().map_err(|_| {
-                    VerifierError::Config("the token has characters a gRPC header cannot carry".into())
+                    VerifierError::Config(
+                        "the token has characters a gRPC header cannot carry".into(),
+                    )
                 })?;
                 request.metadata_mut().insert("authorization", value);
             }

@@ -145,7 +145,10 @@ fn the_input_is_never_its_own_output() {
     let message = grade_file(&options(&input, &dotted))
         .unwrap_err()
         .to_string();
-    assert!(message.contains("--output must be another file than --input"), "{message}");
+    assert!(
+        message.contains("--output must be another file than --input"),
+        "{message}"
+    );
     assert_eq!(std::fs::read_to_string(&input).unwrap(), text);
     // An output in a directory that does not exist is named as such.
     let missing = dir.path().join("nowhere").join("out.jsonl");

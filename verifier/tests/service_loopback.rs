@@ -177,8 +177,9 @@ async fn token_is_required_when_configured() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     let mut request = tonic::Request::new(pb::VerifierStatusRequest {});
-    request
-        .metadata_mut()
-        .insert("authorization", "Bearer s3cret-s3cret-s3cret".parse().unwrap());
+    request.metadata_mut().insert(
+        "authorization",
+        "Bearer s3cret-s3cret-s3cret".parse().unwrap(),
+    );
     assert!(client.status(request).await.is_ok());
 }

@@ -29,7 +29,12 @@ pub struct ActorArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// Most prompts per batch (each is sampled K times in one batch).
-    #[arg(long, default_value_t = 8, value_parser = prime_check::arg::at_least(1u32))]
+    #[arg(
+        long,
+        default_value_t = 8,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1u32),
+    )]
     pub max_prompts: u32,
     /// Shared token sent to both services as `authorization: Bearer TOKEN`.
     #[arg(long, env = "PRIME_TOKEN", hide_env_values = true)]
@@ -38,23 +43,52 @@ pub struct ActorArgs {
     #[command(flatten)]
     pub security: super::tls::ClientSecurityArgs,
     /// Deadline of Register, PullWork and SubmitGroups, in seconds.
-    #[arg(long, default_value_t = 30.0, value_parser = prime_check::arg::float(rules::SECONDS))]
+    #[arg(
+        long,
+        default_value_t = 30.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub rpc_timeout_secs: f64,
     /// Deadline of one whole weight transfer, in seconds.
-    #[arg(long, default_value_t = 600.0, value_parser = prime_check::arg::float(rules::SECONDS))]
+    #[arg(
+        long,
+        default_value_t = 600.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub weights_timeout_secs: f64,
     /// Deadline of one verifier Grade call, in seconds.
-    #[arg(long, default_value_t = 600.0, value_parser = prime_check::arg::float(rules::SECONDS))]
+    #[arg(
+        long,
+        default_value_t = 600.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub grade_timeout_secs: f64,
     /// Largest pause between reconnection attempts, in seconds.
-    #[arg(long, default_value_t = 10.0, value_parser = prime_check::arg::float(rules::SECONDS))]
+    #[arg(
+        long,
+        default_value_t = 10.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub max_backoff_secs: f64,
     /// Exit with an error when the learner cannot be reached for this long, in seconds
     /// (default: keep trying until stopped).
-    #[arg(long, value_parser = prime_check::arg::float(rules::SECONDS))]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub give_up_after_secs: Option<f64>,
     /// Largest weight chunk asked for, in bytes.
-    #[arg(long, default_value_t = MAX_CHUNK_BYTES, value_parser = prime_check::arg::int(1u32, MAX_CHUNK_BYTES))]
+    #[arg(
+        long,
+        default_value_t = MAX_CHUNK_BYTES,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::int(1u32, MAX_CHUNK_BYTES),
+    )]
     pub max_chunk_bytes: u32,
     /// Exit after submitting this many batches (default: run until stopped).
     #[arg(long)]
@@ -65,7 +99,12 @@ pub struct ActorArgs {
     pub no_weight_broadcast: bool,
     /// How long a batch waits for the broadcast round of its version to start before the
     /// weights are fetched over gRPC, in seconds.
-    #[arg(long, default_value_t = 5.0, value_parser = prime_check::arg::float(rules::SECONDS))]
+    #[arg(
+        long,
+        default_value_t = 5.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub broadcast_wait_secs: f64,
 }
 

@@ -27,7 +27,7 @@ pub struct CheckArgs {
     pub tokenizer: PathBuf,
     /// Prompt length limit in tokens, chat template applied (`learner.data.max_prompt_tokens`;
     /// default: its default).
-    #[arg(long, value_parser = prime_check::arg::at_least(1usize))]
+    #[arg(long, allow_hyphen_values = true, value_parser = prime_check::arg::at_least(1usize))]
     pub max_prompt_tokens: Option<usize>,
     /// Also write the summary as JSON here (keys rows, kept, too_long, bad, by_ability,
     /// by_source, prompt_tokens, seconds).

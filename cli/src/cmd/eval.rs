@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use prime_learner::eval::protocol::{evaluate, BonConfig, EvalConfig};
 use prime_check::rules;
+use prime_learner::eval::protocol::{evaluate, BonConfig, EvalConfig};
 use prime_model::{default_kind, parse_device, parse_kind};
 use prime_prm_server::Aggregation;
 
@@ -21,16 +21,36 @@ pub struct EvalArgs {
     #[arg(long, required = true)]
     pub data: Vec<PathBuf>,
     /// Samples per problem (avg@k, maj@k, pass@k).
-    #[arg(long, default_value_t = 16, value_parser = prime_check::arg::at_least(1usize))]
+    #[arg(
+        long,
+        default_value_t = 16,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub k: usize,
     /// Sampling temperature (the protocol's re-evaluation uses 0.3).
-    #[arg(long, default_value_t = 0.3, value_parser = prime_check::arg::float(rules::TEMPERATURE))]
+    #[arg(
+        long,
+        default_value_t = 0.3,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::TEMPERATURE),
+    )]
     pub temperature: f64,
     /// Nucleus sampling, in (0, 1].
-    #[arg(long, default_value_t = 0.95, value_parser = prime_check::arg::float(rules::TOP_P))]
+    #[arg(
+        long,
+        default_value_t = 0.95,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::TOP_P),
+    )]
     pub top_p: f64,
     /// Longest response (clipped to the model's positions).
-    #[arg(long, default_value_t = 8192, value_parser = prime_check::arg::at_least(1usize))]
+    #[arg(
+        long,
+        default_value_t = 8192,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub max_new_tokens: usize,
     /// Skip the greedy decode.
     #[arg(long)]
@@ -42,10 +62,20 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Sequences decoding at once.
-    #[arg(long, default_value_t = 64, value_parser = prime_check::arg::at_least(1usize))]
+    #[arg(
+        long,
+        default_value_t = 64,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub batch_rows: usize,
     /// Best-of-N up to N candidates per problem (needs --prm; k is raised to N).
-    #[arg(long, requires = "prm", value_parser = prime_check::arg::at_least(1usize))]
+    #[arg(
+        long,
+        requires = "prm",
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub bon: Option<usize>,
     /// gRPC URL of a PRM server (`prime prm-server`).
     #[arg(long)]

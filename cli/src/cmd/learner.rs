@@ -12,13 +12,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use prime_algo::{Estimator, ReferenceType};
+use prime_check::jsonl;
+use prime_check::path::StagedDir;
+use prime_check::rules;
 use prime_learner::ranks::{join_ranks, run_rank, RankOptions};
 use prime_learner::report::summary_table;
 use prime_learner::service::ListenOptions;
 use prime_learner::{prime_step, LearnerConfig, PrimeModels, RunConfig, ScoredGroup};
-use prime_check::jsonl;
-use prime_check::path::StagedDir;
-use prime_check::rules;
 use prime_model::checkpoint::copy_tokenizer_files;
 use prime_model::{check_sequence, parse_device, CausalLm, DEFAULT_MAX_SHARD_BYTES};
 use tch::Kind;
@@ -106,16 +106,36 @@ pub struct StepArgs {
     pub out: PathBuf,
     /// Optimizer steps of the PRM pass and of the PPO pass; the groups are split whole, in file
     /// order.
-    #[arg(long, default_value_t = 4, value_parser = prime_check::arg::at_least(1usize))]
+    #[arg(
+        long,
+        default_value_t = 4,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub mini_batches: usize,
     /// β of the implicit reward (above 0).
-    #[arg(long, default_value_t = 0.05, value_parser = prime_check::arg::float(rules::BETA))]
+    #[arg(
+        long,
+        default_value_t = 0.05,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::BETA),
+    )]
     pub beta: f64,
     /// Policy learning rate (0 or more).
-    #[arg(long, default_value_t = 5e-7, value_parser = prime_check::arg::float(rules::LEARNING_RATE))]
+    #[arg(
+        long,
+        default_value_t = 5e-7,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::LEARNING_RATE),
+    )]
     pub policy_lr: f64,
     /// PRM learning rate (0 or more).
-    #[arg(long, default_value_t = 1e-6, value_parser = prime_check::arg::float(rules::LEARNING_RATE))]
+    #[arg(
+        long,
+        default_value_t = 1e-6,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::LEARNING_RATE),
+    )]
     pub prm_lr: f64,
     /// Advantage estimator.
     #[arg(long, value_enum, default_value_t = EstimatorArg::Prime)]
@@ -128,7 +148,12 @@ pub struct StepArgs {
     #[arg(long)]
     pub zero2: bool,
     /// With several ranks: seconds one collective may take before the rank fails.
-    #[arg(long, default_value_t = 600, value_parser = prime_check::arg::int(1u64, 1_000_000_000))]
+    #[arg(
+        long,
+        default_value_t = 600,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::int(1u64, 1_000_000_000),
+    )]
     pub collective_timeout_seconds: u64,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
@@ -193,7 +218,12 @@ fn read_groups(path: &Path) -> Result<Vec<Group>> {
 /// Refuses a group the step cannot train on, naming its line: K below 2 or unlike the first
 /// group's, an empty prompt or response, a score outside [0, 1], an id outside the
 /// vocabulary, a prompt plus response longer than the model's positions.
-fn check_group(path: &Path, group: &Group, k: usize, model: &prime_model::Qwen2Config) -> Result<()> {
+fn check_group(
+    path: &Path,
+    group: &Group,
+    k: usize,
+    model: &prime_model::Qwen2Config,
+) -> Result<()> {
     let at = || format!("{} line {}", path.display(), group.line);
     let g = &group.group;
     if g.responses.len() < 2 || g.responses.len() != k {

@@ -15,8 +15,8 @@ use prime_check::jsonl::{self, Line};
 use prime_check::path::AtomicFile;
 use prime_check::rules;
 use prime_model::{
-    check_sequence, default_kind, generate, parse_device, parse_kind, sequence_logprobs,
-    CausalLm, ChatMessage, SamplingParams, Tokenizer,
+    check_sequence, default_kind, generate, parse_device, parse_kind, sequence_logprobs, CausalLm,
+    ChatMessage, SamplingParams, Tokenizer,
 };
 use serde_json::{json, Value};
 use tch::{Device, Kind};
@@ -56,7 +56,12 @@ pub struct LogprobsArgs {
     #[command(flatten)]
     pub common: ModelArgs,
     /// Token budget of one forward batch (rows x padded length).
-    #[arg(long, default_value_t = 16384, value_parser = prime_check::arg::at_least(1usize))]
+    #[arg(
+        long,
+        default_value_t = 16384,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub max_batch_tokens: usize,
 }
 
@@ -65,22 +70,41 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub common: ModelArgs,
     /// Maximum number of new tokens per response.
-    #[arg(long, value_parser = prime_check::arg::at_least(1usize))]
+    #[arg(long, allow_hyphen_values = true, value_parser = prime_check::arg::at_least(1usize))]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, value_parser = prime_check::arg::float(rules::TEMPERATURE))]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::TEMPERATURE),
+    )]
     pub temperature: f64,
     /// Nucleus sampling threshold, in (0, 1].
-    #[arg(long, default_value_t = 1.0, value_parser = prime_check::arg::float(rules::TOP_P))]
+    #[arg(
+        long,
+        default_value_t = 1.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::TOP_P),
+    )]
     pub top_p: f64,
     /// Sample among the k most likely tokens only; 0 disables.
-    #[arg(long, default_value_t = 0, value_parser = prime_check::arg::at_least(0i64))]
+    #[arg(
+        long,
+        default_value_t = 0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(0i64),
+    )]
     pub top_k: i64,
     /// Random seed for reproducible sampling.
     #[arg(long)]
     pub seed: Option<u64>,
     /// Prompts sampled together in one batch.
-    #[arg(long, default_value_t = 32, value_parser = prime_check::arg::at_least(1usize))]
+    #[arg(
+        long,
+        default_value_t = 32,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub batch_size: usize,
 }
 

@@ -24,7 +24,12 @@ pub struct PrmServerArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// β of the rewards: use the run's `learner.algo.prm.beta`.
-    #[arg(long, default_value_t = 0.05, value_parser = prime_check::arg::float(rules::BETA))]
+    #[arg(
+        long,
+        default_value_t = 0.05,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::BETA),
+    )]
     pub beta: f64,
     /// gRPC listen address.
     #[arg(long, default_value = "0.0.0.0:50055")]
@@ -49,17 +54,32 @@ pub struct PrmServerArgs {
     #[arg(long)]
     pub dtype: Option<String>,
     /// Most padded tokens in one forward.
-    #[arg(long, default_value_t = 16384, value_parser = prime_check::arg::at_least(1usize))]
+    #[arg(
+        long,
+        default_value_t = 16384,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub max_batch_tokens: usize,
     /// Most responses of waiting requests gathered into one device batch.
-    #[arg(long, default_value_t = 256, value_parser = prime_check::arg::at_least(1usize))]
+    #[arg(
+        long,
+        default_value_t = 256,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub max_batch_responses: usize,
     /// Follow a learner at this URL: load the PRM weights of each new version it publishes
     /// (--token is sent to it too).
     #[arg(long)]
     pub learner: Option<String>,
     /// Seconds between polls of the followed learner.
-    #[arg(long, default_value_t = 5.0, value_parser = prime_check::arg::float(rules::SECONDS))]
+    #[arg(
+        long,
+        default_value_t = 5.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub poll_secs: f64,
 }
 

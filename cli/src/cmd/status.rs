@@ -23,7 +23,12 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub security: super::tls::ClientSecurityArgs,
     /// Deadline of each Status call, in seconds.
-    #[arg(long, default_value_t = 10.0, value_parser = prime_check::arg::float(prime_check::rules::SECONDS))]
+    #[arg(
+        long,
+        default_value_t = 10.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(prime_check::rules::SECONDS),
+    )]
     pub timeout_secs: f64,
 }
 

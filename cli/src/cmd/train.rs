@@ -36,7 +36,12 @@ pub struct TrainArgs {
     pub actors: usize,
     /// Data-parallel learner ranks to start, one process each (TCP backend on a CPU
     /// machine); rank 0 serves the actors.
-    #[arg(long, default_value_t = 1, value_parser = prime_check::arg::at_least(1usize))]
+    #[arg(
+        long,
+        default_value_t = 1,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub learners: usize,
     /// Train in this one process (the learner samples its own rollouts) instead of starting
     /// services.

@@ -16,17 +16,32 @@ use std::time::Duration;
 #[derive(clap::Args, Debug, Clone)]
 pub struct GradingArgs {
     /// Most items graded at once (default: the number of CPU cores).
-    #[arg(long, value_parser = prime_check::arg::at_least(1usize))]
+    #[arg(long, allow_hyphen_values = true, value_parser = prime_check::arg::at_least(1usize))]
     pub concurrency: Option<usize>,
     /// Time limit for one item, all of its code tests included, in seconds.
-    #[arg(long, default_value_t = 120.0, value_parser = prime_check::arg::float(rules::SECONDS))]
+    #[arg(
+        long,
+        default_value_t = 120.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub item_timeout_secs: f64,
     /// Wall-clock and CPU limit of one code test run, in seconds.
-    #[arg(long, default_value_t = 5.0, value_parser = prime_check::arg::float(rules::SECONDS))]
+    #[arg(
+        long,
+        default_value_t = 5.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub code_timeout_secs: f64,
     /// Memory cap of one code test run (address space per process, and the whole sandbox
     /// where a cgroup is available), in MiB.
-    #[arg(long, default_value_t = 1024, value_parser = prime_check::arg::int(1u64, 1 << 30))]
+    #[arg(
+        long,
+        default_value_t = 1024,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::int(1u64, 1 << 30),
+    )]
     pub code_memory_mib: u64,
     /// Score code all-or-nothing instead of the fraction of the first 10 tests passed.
     #[arg(long)]
