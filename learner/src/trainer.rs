@@ -207,6 +207,10 @@ impl Trainer {
                 (models, None, Vec::new())
             }
         };
+        // The problems every evaluation uses, spread over the split (`eval.problems`).
+        let picked = crate::eval::spread_subset(heldout.len(), config.eval.problems);
+        let mut all: Vec<Option<EvalProblem>> = heldout.into_iter().map(Some).collect();
+        let heldout: Vec<EvalProblem> = picked.into_iter().filter_map(|i| all[i].take()).collect();
         let trainer = Self {
             rng: state.as_ref().map_or_else(
                 || ChaCha8Rng::seed_from_u64(config.seed),
@@ -314,16 +318,12 @@ impl Trainer {
 
     /// Held-out accuracy of the current policy, recorded in the history.
     pub fn evaluate(&mut self) -> Result<Evaluation> {
-        let count = match self.config.eval.problems {
-            0 => self.heldout.len(),
-            n => n.min(self.heldout.len()),
-        };
         let seed = self.config.seed.wrapping_add(1_000_003 * self.step);
         let wall_seconds = self.started.elapsed().as_secs_f64();
         let mut evaluation = evaluate(
             &self.models.policy,
             &self.tokenizer,
-            &self.heldout[..count],
+            &self.heldout,
             &self.config.eval,
             self.config.rollout.max_response_tokens,
             seed,

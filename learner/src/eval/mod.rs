@@ -259,6 +259,17 @@ pub struct Evaluation {
     pub wall_seconds: f64,
 }
 
+/// Indices of the `count` held-out problems an evaluation uses out of `total`: all of them
+/// when `count` is 0 or at least `total`, else `count` indices spread evenly over the split
+/// (`i * total / count`), so that a subset of a split stored source by source (math first,
+/// code last) still covers every ability and data source.
+pub fn spread_subset(total: usize, count: usize) -> Vec<usize> {
+    if count == 0 || count >= total {
+        return (0..total).collect();
+    }
+    (0..count).map(|i| i * total / count).collect()
+}
+
 /// Held-out accuracy: `eval.samples` samples per problem at `eval.temperature`, graded by
 /// ability (math by the math grader, code by the code grader as `grading` says), plus greedy
 /// decoding when `eval.greedy` is set.
@@ -370,4 +381,21 @@ pub fn local_rollouts(
             },
         })
         .collect())
+}
+
+#[cfg(test)]
+mod spread_tests {
+    use super::spread_subset;
+
+    #[test]
+    fn a_subset_spreads_over_the_whole_split() {
+        assert_eq!(spread_subset(10, 0), (0..10).collect::<Vec<_>>());
+        assert_eq!(spread_subset(10, 10), (0..10).collect::<Vec<_>>());
+        assert_eq!(spread_subset(10, 25), (0..10).collect::<Vec<_>>());
+        assert_eq!(spread_subset(10, 4), vec![0, 2, 5, 7]);
+        // 1,024 math rows then 1,024 code rows, 8 problems: 4 of each.
+        let picked = spread_subset(2048, 8);
+        assert_eq!(picked, vec![0, 256, 512, 768, 1024, 1280, 1536, 1792]);
+        assert_eq!(picked.iter().filter(|&&i| i < 1024).count(), 4);
+    }
 }
