@@ -26,8 +26,8 @@ export PRIME_VENV := $(VENV)
 # The machine is small and shared: keep torch from oversubscribing it.
 export PRIME_THREADS ?= 2
 
-# Debian packages: bubblewrap (the code grader's sandbox) and DejaVu fonts (plot labels).
-DEB_PACKAGES := bubblewrap fonts-dejavu-core
+# Debian packages: bubblewrap (the code grader's sandbox). The plot font is compiled in.
+DEB_PACKAGES := bubblewrap
 
 .PHONY: all deps venv build demo test test-deploy lint fmt clean
 
