@@ -596,6 +596,12 @@ impl LearnerConfig {
                 return Err(format!("learner.{name}.lr must be >= 0, got {}", opt.lr));
             }
         }
+        let cap = algo.ppo.behavior_weight_cap;
+        if !(cap.is_finite() && cap > 0.0) {
+            return Err(format!(
+                "learner.algo.ppo.behavior_weight_cap must be a positive number, got {cap}"
+            ));
+        }
         if rollout.oversample.is_nan() || rollout.oversample < 1.0 {
             return Err(format!(
                 "learner.rollout.oversample must be >= 1, got {}",

@@ -19,7 +19,8 @@
 use std::time::Instant;
 
 use prime_algo::{
-    advantages, implicit_prm, masks, ppo, Estimator, LossAggregation, PrmUpdate, ReferenceType,
+    advantages, implicit_prm, masks, ppo, Estimator, LossAggregation, OffPolicyCorrection,
+    PrmUpdate, ReferenceType,
 };
 use prime_model::training::GradSink;
 use prime_model::CausalLm;
@@ -84,6 +85,13 @@ pub struct StepMetrics {
     pub sampler_logprob_gap: Option<f64>,
     /// Policy gradient norm before clipping, mean over mini-batches.
     pub policy_grad_norm: f64,
+    /// Mean decoupled-PPO behaviour weight `π_old/π_behav` over valid tokens, when the step
+    /// corrected for off-policy groups (`max_staleness >= 1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behavior_weight_mean: Option<f64>,
+    /// Share of valid tokens whose behaviour weight was truncated at the cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behavior_weight_truncated: Option<f64>,
     /// Learning rates used.
     pub policy_lr: f64,
     /// PRM learning rate used.
@@ -451,6 +459,7 @@ fn policy_pass(
     old_logprobs: &Tensor,
     reference_logprobs: &Tensor,
     advantages: &Tensor,
+    behavior_weights: Option<&Tensor>,
     config: &LearnerConfig,
     lr: f64,
 ) -> Result<PolicyPass> {
@@ -465,6 +474,7 @@ fn policy_pass(
             let reference =
                 (ppo_config.kl_coeff != 0.0).then(|| batch.rows_of(reference_logprobs, &micro));
             let old = batch.rows_of(old_logprobs, &micro);
+            let weights = behavior_weights.map(|w| batch.rows_of(w, &micro));
             let micro_advantages = batch.rows_of(advantages, &micro);
             let mask = batch.rows_of(&batch.mask, &micro);
             let weight = micro_weight(batch, &micro, mini, aggregation);
@@ -485,6 +495,7 @@ fn policy_pass(
                         &mask,
                         entropy,
                         reference.as_ref(),
+                        weights.as_ref(),
                         ppo_config,
                     );
                     let s = &loss.surrogate;
@@ -652,6 +663,39 @@ pub fn prime_step(
     metrics.return_mean = scalar(&masks::masked_mean(&returns, mask));
     metrics.time_advantages_s = clock.elapsed().as_secs_f64();
 
+    // Off-policy groups (asynchronous rollouts): decoupled PPO's behaviour weights from the
+    // actors' sampling log-probs. Only with max_staleness >= 1, so an on-policy run is
+    // unchanged bit for bit.
+    let behavior_weights = match (&batch.sampling_logprobs, config.algo.ppo.off_policy) {
+        (Some(sampled), OffPolicyCorrection::Decoupled) if config.rollout.max_staleness >= 1 => {
+            let w = ppo::behavior_weights(
+                &old_logprobs,
+                sampled,
+                mask,
+                config.algo.ppo.behavior_weight_cap,
+            );
+            let truncated = w
+                .ge(config.algo.ppo.behavior_weight_cap)
+                .logical_and(&mask.to_kind(Kind::Bool));
+            metrics.behavior_weight_mean = Some(scalar(&masks::masked_mean(&w, mask)));
+            metrics.behavior_weight_truncated = Some(scalar(&masks::masked_mean(
+                &truncated.to_kind(Kind::Float),
+                mask,
+            )));
+            Some(w)
+        }
+        (None, OffPolicyCorrection::Decoupled) if config.rollout.max_staleness >= 1 => {
+            return Err(LearnerError::Config {
+                path: "learner.algo.ppo.off_policy".into(),
+                message: "decoupled PPO needs the behaviour policy's log-probs, and a group of \
+                          this batch came without them (set off_policy = \"none\" to train \
+                          stale groups as on-policy)"
+                    .into(),
+            });
+        }
+        _ => None,
+    };
+
     // 5. PPO pass (spec §6).
     // Forward 4 (with its backward, per mini-batch): the policy's new log-probs for the
     // clipped surrogate.
@@ -664,6 +708,7 @@ pub fn prime_step(
         &old_logprobs,
         &reference_logprobs,
         &advantages,
+        behavior_weights.as_ref(),
         config,
         policy_lr,
     )?;

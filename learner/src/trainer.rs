@@ -124,6 +124,12 @@ fn step_scalars(r: &StepRecord) -> Vec<(String, f64)> {
     if let Some(gap) = m.sampler_logprob_gap {
         scalars.push(("actor/sampler_logprob_gap", gap));
     }
+    if let Some(mean) = m.behavior_weight_mean {
+        scalars.push(("actor/behavior_weight_mean", mean));
+    }
+    if let Some(share) = m.behavior_weight_truncated {
+        scalars.push(("actor/behavior_weight_truncated", share));
+    }
     scalars
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
