@@ -304,8 +304,13 @@ impl Trainer {
                 (models, None, Vec::new())
             }
         };
-        // The problems every evaluation uses, spread over the split (`eval.problems`).
-        let picked = crate::eval::spread_subset(heldout.len(), config.eval.problems);
+        // The problems every evaluation uses: `eval.problems` of them, from every ability and
+        // data source in turn.
+        let strata: Vec<(u8, &str)> = heldout
+            .iter()
+            .map(|p| (p.ability as u8, p.data_source.as_str()))
+            .collect();
+        let picked = crate::eval::stratified_subset(&strata, config.eval.problems);
         let mut all: Vec<Option<EvalProblem>> = heldout.into_iter().map(Some).collect();
         let heldout: Vec<EvalProblem> = picked.into_iter().filter_map(|i| all[i].take()).collect();
         let trainer = Self {
