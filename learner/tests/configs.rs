@@ -95,14 +95,20 @@ fn overrides_and_partial_optimizer_tables() {
     for (set, key) in [
         ("learner.rollout.samples_per_prompt=1", "samples_per_prompt"),
         ("learner.rollout.top_p=0", "learner.rollout.top_p"),
-        ("learner.rollout.temperature=nan", "learner.rollout.temperature"),
+        (
+            "learner.rollout.temperature=nan",
+            "learner.rollout.temperature",
+        ),
         ("learner.algo.prm.beta=nan", "learner.algo.prm.beta"),
         ("learner.prm_optimizer.lr=inf", "learner.prm_optimizer.lr"),
     ] {
         let message = RunConfig::from_file_with_overrides(&path, &[set.into()])
             .unwrap_err()
             .to_string();
-        assert!(message.contains(key) && message.contains("c.toml"), "{set}: {message}");
+        assert!(
+            message.contains(key) && message.contains("c.toml"),
+            "{set}: {message}"
+        );
     }
 }
 
