@@ -69,8 +69,11 @@ pub fn grade_file(options: &GradeFileOptions) -> Result<GradeFileSummary, Verifi
     Ok(summary)
 }
 
+/// An input line's object (copied to the output with the score) and its grade item.
+type Row = (Map<String, Value>, GradeItem);
+
 /// The input's objects and their grade items, every line checked.
-fn read_items(path: &Path) -> Result<Vec<(Map<String, Value>, GradeItem)>, VerifierError> {
+fn read_items(path: &Path) -> Result<Vec<Row>, VerifierError> {
     prime_check::jsonl::read(path)?
         .into_iter()
         .map(|line| {
@@ -87,7 +90,7 @@ fn read_items(path: &Path) -> Result<Vec<(Map<String, Value>, GradeItem)>, Verif
 async fn grade_rows(
     options: &GradeFileOptions,
     token: Option<String>,
-    rows: Vec<(Map<String, Value>, GradeItem)>,
+    rows: Vec<Row>,
     writer: &mut impl Write,
 ) -> Result<GradeFileSummary, VerifierError> {
     let mut backend = match &options.addr {
@@ -159,7 +162,7 @@ fn json_type(value: &Value) -> &'static str {
 
 async fn flush(
     backend: &mut Backend,
-    pending: &mut Vec<(Map<String, Value>, GradeItem)>,
+    pending: &mut Vec<Row>,
     writer: &mut impl Write,
     summary: &mut GradeFileSummary,
 ) -> Result<(), VerifierError> {
