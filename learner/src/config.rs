@@ -447,6 +447,12 @@ pub struct MemoryConfig {
     /// on CUDA) or `bf16` (half the memory; pair it with `master_weights`).
     #[serde(default)]
     pub param_dtype: ParamDtype,
+    /// Most GiB the KV cache of the learner's own sampling (held-out evaluation, the
+    /// rollouts of a single-process run) may take: rows decode as many at once as it holds,
+    /// with the same outputs. Unset: unbounded on the CPU; on CUDA half of the device memory
+    /// free when each evaluation starts (docs/memory.md, "The sampler's KV cache").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_gib: Option<f64>,
 }
 
 fn m_micro_batch_tokens() -> usize {
@@ -590,6 +596,13 @@ impl LearnerConfig {
             );
         }
         self.weight_broadcast.validate()?;
+        if let Some(gib) = self.memory.kv_cache_gib {
+            if !(gib.is_finite() && gib > 0.0) {
+                return Err(format!(
+                    "learner.memory.kv_cache_gib must be a positive number of GiB, got {gib}"
+                ));
+            }
+        }
         if self.parallel.zero2 && !self.memory.recompute_activations {
             return Err(
                 "learner.parallel.zero2 = true needs learner.memory.recompute_activations = true: \

@@ -66,6 +66,11 @@ pub struct ActorArgs {
     /// weights are fetched over gRPC, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub broadcast_wait_secs: f64,
+    /// Most GiB the sampler's KV cache may take; a batch's rows decode as many at once as it
+    /// holds (docs/memory.md). Default: unbounded on cpu; on cuda half of the device memory
+    /// free once the weights have arrived.
+    #[arg(long)]
+    pub kv_cache_gib: Option<f64>,
 }
 
 fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
@@ -99,6 +104,7 @@ impl ActorArgs {
         config.max_batches = self.max_batches;
         config.weight_broadcast = !self.no_weight_broadcast;
         config.broadcast_wait = seconds("broadcast-wait-secs", self.broadcast_wait_secs)?;
+        config.kv_cache_gib = self.kv_cache_gib;
         Ok(config)
     }
 }
