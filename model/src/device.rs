@@ -1,6 +1,6 @@
 //! Device and dtype names as the CLI and configs spell them, and the free memory of a CUDA
 //! device.
-use std::ffi::{c_int, c_uint, c_void, CStr};
+use std::ffi::{c_int, c_uint, c_void};
 
 use tch::{Device, Kind};
 
@@ -91,27 +91,36 @@ impl CudaDriver {
         if handle.is_null() {
             return None;
         }
-        let symbol = |name: &CStr| {
-            // SAFETY: handle came from dlopen; name is NUL-terminated.
-            let ptr = unsafe { libc::dlsym(handle, name.as_ptr()) };
-            (!ptr.is_null()).then_some(ptr)
-        };
-        // SAFETY: each symbol is the driver function of that name, whose C signature the
-        // field's type spells (CUdevice is an int, CUcontext a pointer, sizes are size_t).
-        unsafe {
-            Some(Self {
-                init: std::mem::transmute::<*mut c_void, _>(symbol(c"cuInit")?),
-                device_get: std::mem::transmute::<*mut c_void, _>(symbol(c"cuDeviceGet")?),
-                primary_ctx_retain: std::mem::transmute::<*mut c_void, _>(symbol(
-                    c"cuDevicePrimaryCtxRetain",
-                )?),
-                primary_ctx_release: std::mem::transmute::<*mut c_void, _>(symbol(
-                    c"cuDevicePrimaryCtxRelease_v2",
-                )?),
-                ctx_push: std::mem::transmute::<*mut c_void, _>(symbol(c"cuCtxPushCurrent_v2")?),
-                ctx_pop: std::mem::transmute::<*mut c_void, _>(symbol(c"cuCtxPopCurrent_v2")?),
-                mem_get_info: std::mem::transmute::<*mut c_void, _>(symbol(c"cuMemGetInfo_v2")?),
-            })
+        macro_rules! resolve {
+            ($name:literal) => {{
+                // SAFETY: handle came from dlopen; the name is NUL-terminated.
+                let ptr = unsafe { libc::dlsym(handle, $name.as_ptr()) };
+                if ptr.is_null() {
+                    return None;
+                }
+                // SAFETY: the field's type is the signature cuda.h declares for the symbol
+                // (CUdevice is an int, CUcontext a pointer, sizes are size_t).
+                unsafe { function(ptr) }
+            }};
         }
+        Some(Self {
+            init: resolve!(c"cuInit"),
+            device_get: resolve!(c"cuDeviceGet"),
+            primary_ctx_retain: resolve!(c"cuDevicePrimaryCtxRetain"),
+            primary_ctx_release: resolve!(c"cuDevicePrimaryCtxRelease_v2"),
+            ctx_push: resolve!(c"cuCtxPushCurrent_v2"),
+            ctx_pop: resolve!(c"cuCtxPopCurrent_v2"),
+            mem_get_info: resolve!(c"cuMemGetInfo_v2"),
+        })
     }
+}
+
+/// A symbol's address as the function pointer type `F`.
+///
+/// # Safety
+/// `F` must be an `extern "C"` function pointer type matching the symbol's C declaration.
+unsafe fn function<F: Copy>(ptr: *mut c_void) -> F {
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
+    // SAFETY: same size, and the caller vouches for the signature.
+    unsafe { std::mem::transmute_copy::<*mut c_void, F>(&ptr) }
 }
