@@ -175,25 +175,9 @@ pub fn generate_within(
         max_rows,
         prompts.len(),
     )
-    .map_err(|row_bytes| {
-        let index = prompts.iter().position(|p| p.len() as i64 == longest);
-        over_budget(
-            model,
-            index.unwrap_or(0),
-            longest,
-            max_new,
-            row_bytes,
-            budget,
-        )
-    })?;
+    .map_err(|row_bytes| over_budget(model, prompts, max_new, row_bytes, budget))?;
     let _guard = tch::no_grad_guard();
-    let seed = match (params.seed, params.temperature > 0.0) {
-        (Some(seed), _) => seed,
-        (None, true) => {
-            Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64
-        }
-        (None, false) => 0,
-    };
+    let seed = call_seed(params);
     let mut batch = Batch::new(model, prompts, layout);
     while let Some(logits) = batch.step()? {
         let uniforms = (params.temperature > 0.0).then(|| {
@@ -226,16 +210,30 @@ pub fn generate_within(
     Ok(out)
 }
 
-/// The refusal of a call whose longest sequence (prompt `index`, `longest` tokens, plus
-/// `max_new` new ones) needs `row_bytes` of cache, more than `budget`.
+/// The seed of a call's draws: the parameters', else one from torch's generator (greedy
+/// decoding draws nothing).
+fn call_seed(params: &SamplingParams) -> u64 {
+    match params.seed {
+        Some(seed) => seed,
+        None if params.temperature > 0.0 => {
+            Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64
+        }
+        None => 0,
+    }
+}
+
+/// The refusal of a call whose longest sequence (the first longest of `prompts` plus
+/// `max_new` new tokens) needs `row_bytes` of cache, more than `budget`.
 fn over_budget(
     model: &Qwen2,
-    index: usize,
-    longest: i64,
+    prompts: &[Vec<i64>],
     max_new: i64,
     row_bytes: u64,
     budget: KvBudget,
 ) -> ModelError {
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let index = prompts.iter().position(|p| p.len() == longest).unwrap_or(0);
+    let longest = longest as i64;
     let c = model.config();
     let kind = model.compute_kind();
     ModelError::Input(format!(
