@@ -135,6 +135,22 @@ pub fn reference_logprobs(dir: &Path, sequences: &[Vec<i64>], dtype: &str) -> Ve
     rows.iter().map(|r| f32s(&r["logprobs"])).collect()
 }
 
+/// transformers' next-token log-probs of all `sequences` in one right-padded batch with its
+/// attention mask, in f32 with attention implementation `attn` (`eager` or `sdpa`): each
+/// sequence's `len - 1` values at its real targets.
+pub fn reference_right_padded_logprobs(
+    dir: &Path,
+    sequences: &[Vec<i64>],
+    attn: &str,
+) -> Vec<Vec<f32>> {
+    let rows = run_on_sequences(
+        dir,
+        sequences,
+        &["logprobs", "--right-padded", "--attn", attn],
+    );
+    rows.iter().map(|r| f32s(&r["logprobs"])).collect()
+}
+
 /// transformers' greedy continuation (`generate`, new tokens only, EOS kept) of each prompt.
 pub fn reference_greedy(dir: &Path, prompts: &[Vec<i64>], max_new_tokens: usize) -> Vec<Vec<i64>> {
     let max_new = max_new_tokens.to_string();

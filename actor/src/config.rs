@@ -54,6 +54,11 @@ pub struct ActorConfig {
     /// How long a batch waits for the broadcast round of its version to start before the
     /// actor fetches the weights over gRPC instead (only while the follower is in a group).
     pub broadcast_wait: Duration,
+    /// Most GiB the sampler's KV cache may take (`prime_model::KvBudget`): a batch's rows
+    /// decode as many at once as it holds, and a sequence it cannot hold alone gives the
+    /// batch up. `None`: unbounded on the CPU; on CUDA half of the device memory free at the
+    /// first batch, after the weights arrived (`prime_model::kv_cache::CUDA_FREE_MEMORY_FRACTION`).
+    pub kv_cache_gib: Option<f64>,
 }
 
 /// Largest chunk of a weight transfer, as the protocol fixes it.
@@ -90,6 +95,7 @@ impl ActorConfig {
             max_batches: None,
             weight_broadcast: true,
             broadcast_wait: Duration::from_secs(5),
+            kv_cache_gib: None,
         }
     }
 
@@ -105,6 +111,13 @@ impl ActorConfig {
         for (name, value) in positive {
             if value.is_zero() {
                 return Err(ActorError::Config(format!("{name} must be positive")));
+            }
+        }
+        if let Some(gib) = self.kv_cache_gib {
+            if !(gib.is_finite() && gib > 0.0) {
+                return Err(ActorError::Config(format!(
+                    "kv_cache_gib must be a positive number of GiB, got {gib}"
+                )));
             }
         }
         if self.max_prompts == 0 {

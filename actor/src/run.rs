@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prime_model::transfer::{open_transfer, receive_chunks};
-use prime_model::{default_kind, generate, CausalLm, ModelError, Qwen2Config, Tokenizer};
+use prime_model::{
+    default_kind, generate_within, CausalLm, KvBudget, ModelError, Qwen2Config, Tokenizer,
+};
 use prime_proto::client::{
     learner_client, request, verifier_client, with_deadline, LearnerClient, VerifierClient,
 };
@@ -141,6 +143,7 @@ pub fn run_actor(config: ActorConfig, stop: Arc<AtomicBool>) -> Result<ActorStat
         policy: None,
         stats: ActorStats::default(),
         follower: None,
+        kv_budget: None,
     };
     let result = actor.run();
     info!(stats = ?actor.stats, "actor stopped");
@@ -199,6 +202,10 @@ struct Actor {
     stats: ActorStats,
     /// Follows the learner's weight broadcast, once a registration offered it.
     follower: Option<Follower>,
+    /// The sampler's KV cache budget, resolved at the first batch once its weights are in
+    /// place (so that a CUDA default counts them as taken) and kept: measured again later,
+    /// the memory libtorch keeps cached from earlier batches would count as taken too.
+    kv_budget: Option<KvBudget>,
 }
 
 pub(crate) fn device_name(device: Device) -> String {
@@ -477,6 +484,17 @@ impl Actor {
         }
     }
 
+    /// The KV cache budget ([`Actor::kv_budget`]), resolved on the first call.
+    fn kv_budget(&mut self) -> Result<KvBudget> {
+        if let Some(budget) = self.kv_budget {
+            return Ok(budget);
+        }
+        let budget = KvBudget::resolve(self.config.kv_cache_gib, self.config.device)?;
+        info!(%budget, "KV cache budget");
+        self.kv_budget = Some(budget);
+        Ok(budget)
+    }
+
     fn pull_work(&self, session: &Session) -> Result<pb::WorkBatch, Halt> {
         let deadline = self.config.rpc_timeout;
         let message = pb::PullWorkRequest {
@@ -525,6 +543,7 @@ impl Actor {
         self.ensure_weights(batch.policy_version)?;
         time.weights = weights_started.elapsed();
         self.check_stop()?;
+        let budget = self.kv_budget()?;
         let policy = self
             .policy
             .as_ref()
@@ -532,11 +551,14 @@ impl Actor {
         let sampling_started = Instant::now();
         let generations = {
             let _span = info_span!("sample", rows = rows.len()).entered();
-            generate(&policy.lm.model, &rows, &params).map_err(|e| match e {
-                // The batch's prompts or parameters do not fit the model: give it up.
-                ModelError::Input(message) => Halt::Lost(ActorError::Protocol(message)),
-                other => Halt::Fatal(other.into()),
-            })?
+            let max_rows = rows.len().max(1);
+            generate_within(&policy.lm.model, &rows, &params, max_rows, budget).map_err(
+                |e| match e {
+                    // The batch's prompts or parameters do not fit the model: give it up.
+                    ModelError::Input(message) => Halt::Lost(ActorError::Protocol(message)),
+                    other => Halt::Fatal(other.into()),
+                },
+            )?
         };
         let tokens: usize = generations.iter().map(|g| g.token_ids.len()).sum();
         time.sampling = sampling_started.elapsed();

@@ -146,6 +146,14 @@ fn a_bad_configuration_is_refused_before_anything_runs() {
         run_actor(zero, stop.clone()),
         Err(ActorError::Config(_))
     ));
+    for gib in [0.0, -2.0, f64::NAN] {
+        let mut no_cache = config("http://127.0.0.1:1", "http://127.0.0.1:1", dir.path());
+        no_cache.kv_cache_gib = Some(gib);
+        match run_actor(no_cache, stop.clone()) {
+            Err(ActorError::Config(message)) => assert!(message.contains("kv_cache_gib")),
+            other => panic!("kv_cache_gib {gib}: expected a config error, got {other:?}"),
+        }
+    }
     let no_scheme = config("127.0.0.1:1", "http://127.0.0.1:1", dir.path());
     assert!(matches!(
         run_actor(no_scheme, stop.clone()),

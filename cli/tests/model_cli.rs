@@ -172,3 +172,69 @@ fn bad_input_is_reported_with_its_line() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("outside the vocabulary"));
 }
+
+/// `--kv-cache-gib` changes how many rows decode at once, not what they sample; a budget
+/// below one sequence is refused with the numbers.
+#[test]
+fn generate_within_a_kv_cache_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, input, _) = paths(tmp.path());
+    // 2 layers x 2 kv heads x head dim 16 (hidden 64 over 4 heads): 2 x 2 x 2 x 16 x 4 bytes
+    // (f32) = 512 bytes per token.
+    qwen2_ref(&["make", "--out", &model, "--vocab", "300"]);
+    let prompts = [
+        vec![5, 6, 7, 8, 9],
+        vec![1, 2, 3],
+        vec![4, 4, 4, 4],
+        vec![9, 8],
+    ];
+    let rows: Vec<_> = prompts.iter().map(|p| json!({ "input_ids": p })).collect();
+    write_jsonl(Path::new(&input), &rows);
+    let generate = |name: &str, budget: Option<u64>| {
+        let output = tmp.path().join(name);
+        let mut cmd = prime();
+        cmd.args(["model", "generate", "--model", &model, "--input", &input])
+            .args(["--output", output.to_str().unwrap()])
+            .args([
+                "--max-new-tokens",
+                "6",
+                "--temperature",
+                "1.0",
+                "--seed",
+                "3",
+            ]);
+        if let Some(bytes) = budget {
+            let gib = bytes as f64 / (1u64 << 30) as f64;
+            cmd.args(["--kv-cache-gib", &gib.to_string()]);
+        }
+        let out = cmd.output().expect("prime runs");
+        let rows = out.status.success().then(|| {
+            read_jsonl(&output)
+                .iter()
+                .map(|r| i64s(&r["output_ids"]))
+                .collect::<Vec<_>>()
+        });
+        (rows, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // The longest sequence: 5 prompt tokens + 6 new = 11 tokens = 5,632 bytes.
+    let (unbounded, _) = generate("all.jsonl", None);
+    let unbounded = unbounded.expect("generates");
+    for (name, bytes) in [("one.jsonl", 5_632), ("two.jsonl", 2 * 5_632)] {
+        let (bounded, stderr) = generate(name, Some(bytes));
+        assert_eq!(
+            bounded.as_ref(),
+            Some(&unbounded),
+            "{bytes} bytes: {stderr}"
+        );
+    }
+    let (refused, stderr) = generate("none.jsonl", Some(5_631));
+    assert!(refused.is_none());
+    for number in [
+        "11 tokens",
+        "5632 bytes",
+        "512 bytes per token",
+        "5631 bytes",
+    ] {
+        assert!(stderr.contains(number), "{number:?} missing from {stderr}");
+    }
+}

@@ -488,6 +488,12 @@ pub struct MemoryConfig {
     /// on CUDA) or `bf16` (half the memory; pair it with `master_weights`).
     #[serde(default)]
     pub param_dtype: ParamDtype,
+    /// Most GiB the KV cache of the learner's own sampling (held-out evaluation, the
+    /// rollouts of a single-process run) may take: rows decode as many at once as it holds,
+    /// with the same outputs. Unset: unbounded on the CPU; on CUDA half of the device memory
+    /// free when each evaluation starts (docs/memory.md, "The sampler's KV cache").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_gib: Option<f64>,
 }
 
 fn m_micro_batch_tokens() -> usize {
@@ -609,6 +615,13 @@ impl LearnerConfig {
         self.policy_optimizer.validate("learner.policy_optimizer")?;
         self.prm_optimizer.validate("learner.prm_optimizer")?;
         self.weight_broadcast.validate()?;
+        if let Some(gib) = self.memory.kv_cache_gib {
+            if !(gib.is_finite() && gib > 0.0) {
+                return Err(format!(
+                    "learner.memory.kv_cache_gib must be a positive number of GiB, got {gib}"
+                ));
+            }
+        }
         if self.parallel.zero2 && !self.memory.recompute_activations {
             return Err(
                 "learner.parallel.zero2 = true needs learner.memory.recompute_activations = true: \

@@ -233,6 +233,7 @@ pub fn run_local(
             ));
         };
         let seed: u64 = trainer.rng.gen();
+        let kv_budget = trainer.kv_budget()?;
         let groups = local_rollouts(
             &trainer.models.policy,
             &trainer.tokenizer,
@@ -241,6 +242,7 @@ pub fn run_local(
             policy_version,
             &actor,
             seed,
+            kv_budget,
             &mut trainer.grading,
         )?;
         for group in groups {

@@ -94,7 +94,8 @@ pub fn heldout_accuracy(
     };
     // The warm-up's held-out problems are graded in this process.
     let grading = &mut crate::eval::Grading::default();
-    Ok(crate::eval::accuracy(lm, tokenizer, problems, 1, &params, grading)?.overall)
+    let kv_budget = prime_model::KvBudget::device_default(lm.model.device());
+    Ok(crate::eval::accuracy(lm, tokenizer, problems, 1, &params, kv_budget, grading)?.overall)
 }
 
 /// One line of `metrics.jsonl`.

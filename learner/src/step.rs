@@ -121,12 +121,7 @@ fn response_logprobs(
     let device = model.model.device();
     let padded = batch.padded(rows, model)?;
     let qwen = &model.model;
-    let hidden = qwen.forward(
-        &padded.input_ids,
-        &prime_model::logprobs::position_ids(&padded.attention_mask),
-        &padded.attention_mask,
-        None,
-    );
+    let hidden = qwen.forward_right_padded(&padded.input_ids, &padded.position_ids());
     let width = batch.response_width;
     let index = response_positions(batch, rows, hidden.size()[1] - 1, device);
     let targets =

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use prime_collective::Collective;
-use prime_model::{CausalLm, SamplingParams, Tokenizer};
+use prime_model::{CausalLm, KvBudget, SamplingParams, Tokenizer};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -359,6 +359,14 @@ impl Trainer {
         rollout_params(&self.config.rollout, self.models.policy.eos_token_ids())
     }
 
+    /// The KV cache budget of the policy's sampling now: `learner.memory.kv_cache_gib`, else
+    /// the device's default, measured at each call (the learner's memory changes between
+    /// evaluations: optimizer state appears at the first update).
+    pub fn kv_budget(&self) -> Result<KvBudget> {
+        let device = self.models.policy.model.device();
+        Ok(KvBudget::resolve(self.config.memory.kv_cache_gib, device)?)
+    }
+
     /// One PRIME iteration on `batch`; bumps the policy version, appends to `metrics.jsonl`,
     /// and evaluates and checkpoints on schedule (the checkpoint needs `scheduler`'s state).
     pub fn train(
@@ -430,6 +438,7 @@ impl Trainer {
             &self.config.eval,
             self.config.rollout.max_response_tokens,
             seed,
+            self.kv_budget()?,
             &mut self.grading,
         )?;
         evaluation.wall_seconds = wall_seconds;

@@ -168,3 +168,28 @@ fn lengths_the_model_cannot_hold_are_refused_at_load() {
     );
     assert!(fits.is_ok(), "{fits:?}");
 }
+
+#[test]
+fn the_kv_cache_budget_is_optional_and_positive() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "").unwrap();
+    let unset = RunConfig::from_file(&path).unwrap();
+    assert_eq!(unset.learner.memory.kv_cache_gib, None);
+    // Unset, it stays out of the saved config.
+    assert!(!toml::to_string(&unset).unwrap().contains("kv_cache_gib"));
+    let set =
+        RunConfig::from_file_with_overrides(&path, &["learner.memory.kv_cache_gib=12.5".into()])
+            .unwrap();
+    assert_eq!(set.learner.memory.kv_cache_gib, Some(12.5));
+    set.learner.validate().unwrap();
+    for bad in ["0", "-1.5"] {
+        let config = RunConfig::from_file_with_overrides(
+            &path,
+            &[format!("learner.memory.kv_cache_gib={bad}")],
+        )
+        .unwrap();
+        let error = config.learner.validate().unwrap_err();
+        assert!(error.contains("learner.memory.kv_cache_gib"), "{error}");
+    }
+}

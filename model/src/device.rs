@@ -1,4 +1,7 @@
-//! Device and dtype names as the CLI and configs spell them.
+//! Device and dtype names as the CLI and configs spell them, and the free memory of a CUDA
+//! device.
+use std::ffi::{c_int, c_uint, c_void};
+
 use tch::{Device, Kind};
 
 use crate::error::{ModelError, Result};
@@ -50,6 +53,94 @@ pub fn default_kind(device: Device) -> Kind {
         Device::Cpu => Kind::Float,
         _ => Kind::BFloat16,
     }
+}
+
+/// Free and total bytes of CUDA device `ordinal` as the driver reports them (`cuMemGetInfo` in
+/// the device's primary context, the one libtorch uses), or `None` when the driver library
+/// (`libcuda.so.1`, loaded at run time so that CPU builds need no CUDA) is missing or a call
+/// fails. Memory that libtorch's caching allocator holds counts as taken.
+pub fn cuda_memory_info(ordinal: usize) -> Option<(u64, u64)> {
+    let ordinal = c_int::try_from(ordinal).ok()?;
+    let driver = CudaDriver::open()?;
+    // SAFETY: the function pointers come from libcuda with the documented signatures; the
+    // context retained here is pushed, popped and released in pairs on this thread.
+    unsafe {
+        check((driver.init)(0))?;
+        let mut device: c_int = 0;
+        check((driver.device_get)(&mut device, ordinal))?;
+        let mut context: *mut c_void = std::ptr::null_mut();
+        check((driver.primary_ctx_retain)(&mut context, device))?;
+        let info = match check((driver.ctx_push)(context)) {
+            Some(()) => {
+                let (mut free, mut total) = (0usize, 0usize);
+                let info = check((driver.mem_get_info)(&mut free, &mut total));
+                let mut popped: *mut c_void = std::ptr::null_mut();
+                (driver.ctx_pop)(&mut popped);
+                info.map(|()| (free as u64, total as u64))
+            }
+            None => None,
+        };
+        (driver.primary_ctx_release)(device);
+        info
+    }
+}
+
+/// `Some(())` when a CUDA driver call returned `CUDA_SUCCESS` (0).
+fn check(result: c_int) -> Option<()> {
+    (result == 0).then_some(())
+}
+
+/// The CUDA driver entry points [`cuda_memory_info`] calls.
+struct CudaDriver {
+    init: unsafe extern "C" fn(c_uint) -> c_int,
+    device_get: unsafe extern "C" fn(*mut c_int, c_int) -> c_int,
+    primary_ctx_retain: unsafe extern "C" fn(*mut *mut c_void, c_int) -> c_int,
+    primary_ctx_release: unsafe extern "C" fn(c_int) -> c_int,
+    ctx_push: unsafe extern "C" fn(*mut c_void) -> c_int,
+    ctx_pop: unsafe extern "C" fn(*mut *mut c_void) -> c_int,
+    mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> c_int,
+}
+
+impl CudaDriver {
+    /// Loads libcuda (the handle is never closed: libtorch keeps it loaded anyway).
+    fn open() -> Option<Self> {
+        // SAFETY: dlopen with a NUL-terminated name.
+        let handle = unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW) };
+        if handle.is_null() {
+            return None;
+        }
+        macro_rules! resolve {
+            ($name:literal) => {{
+                // SAFETY: handle came from dlopen; the name is NUL-terminated.
+                let ptr = unsafe { libc::dlsym(handle, $name.as_ptr()) };
+                if ptr.is_null() {
+                    return None;
+                }
+                // SAFETY: the field's type is the signature cuda.h declares for the symbol
+                // (CUdevice is an int, CUcontext a pointer, sizes are size_t).
+                unsafe { function(ptr) }
+            }};
+        }
+        Some(Self {
+            init: resolve!(c"cuInit"),
+            device_get: resolve!(c"cuDeviceGet"),
+            primary_ctx_retain: resolve!(c"cuDevicePrimaryCtxRetain"),
+            primary_ctx_release: resolve!(c"cuDevicePrimaryCtxRelease_v2"),
+            ctx_push: resolve!(c"cuCtxPushCurrent_v2"),
+            ctx_pop: resolve!(c"cuCtxPopCurrent_v2"),
+            mem_get_info: resolve!(c"cuMemGetInfo_v2"),
+        })
+    }
+}
+
+/// A symbol's address as the function pointer type `F`.
+///
+/// # Safety
+/// `F` must be an `extern "C"` function pointer type matching the symbol's C declaration.
+unsafe fn function<F: Copy>(ptr: *mut c_void) -> F {
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
+    // SAFETY: same size, and the caller vouches for the signature.
+    unsafe { std::mem::transmute_copy::<*mut c_void, F>(&ptr) }
 }
 
 #[cfg(test)]

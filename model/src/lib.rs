@@ -18,7 +18,10 @@ pub use checkpoint::{CausalLm, DEFAULT_MAX_SHARD_BYTES};
 pub use config::{GenerationConfig, Qwen2Config};
 pub use device::{check_device, default_kind, parse_device, parse_kind};
 pub use error::{torch_op, ModelError, Result};
-pub use generate::{generate, generate_batched, FinishReason, Generation, SamplingParams};
+pub use generate::{
+    generate, generate_batched, generate_within, FinishReason, Generation, SamplingParams,
+};
+pub use kv_cache::{kv_bytes_per_token, KvBudget};
 pub use logprobs::{check_sequence, sequence_logprobs, token_logprobs, PaddedBatch};
 pub use qwen2::Qwen2;
 pub use tokenizer::{ChatMessage, Tokenizer};

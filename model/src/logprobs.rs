@@ -43,6 +43,13 @@ impl PaddedBatch {
     }
 }
 
+impl PaddedBatch {
+    /// RoPE positions `[B, T]` of the batch ([`position_ids`] of its mask).
+    pub fn position_ids(&self) -> Tensor {
+        position_ids(&self.attention_mask)
+    }
+}
+
 /// Rejects token ids outside the vocabulary before they reach an embedding lookup.
 pub fn check_ids(ids: &[i64], vocab_size: i64) -> Result<()> {
     match ids.iter().find(|&&id| id < 0 || id >= vocab_size) {
@@ -74,14 +81,10 @@ pub fn position_ids(attention_mask: &Tensor) -> Tensor {
 
 /// `[B, T-1]` f32: entry `t-1` is `log p(ids[t] | ids[<t])`. Entries past a row's length are
 /// padding. Runs with or without gradients, as the caller's grad mode says. The vocabulary
-/// log-softmax is taken `chunk_tokens` positions at a time to bound its memory.
+/// log-softmax is taken `chunk_tokens` positions at a time to bound its memory. Attention is
+/// causal without a mask ([`Qwen2::forward_right_padded`]): the batch is right-padded.
 pub fn token_logprobs(model: &Qwen2, batch: &PaddedBatch, chunk_tokens: i64) -> Tensor {
-    let hidden = model.forward(
-        &batch.input_ids,
-        &position_ids(&batch.attention_mask),
-        &batch.attention_mask,
-        None,
-    );
+    let hidden = model.forward_right_padded(&batch.input_ids, &batch.position_ids());
     let t = hidden.size()[1];
     let targets = batch.input_ids.narrow(1, 1, t - 1);
     let hidden = hidden.narrow(1, 0, t - 1);

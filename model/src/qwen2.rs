@@ -227,7 +227,7 @@ impl Attention {
                 self.o_proj
                     .forward(&y.view([b, t, self.num_heads * self.head_dim]))
             }
-            None => self.sdpa_and_project(&q, &k, &v, &pass.mask, b, t),
+            None => self.sdpa_and_project(&q, &k, &v, pass.mask.as_ref(), b, t),
         }
     }
 
@@ -287,13 +287,15 @@ impl Attention {
     }
 
     /// SDPA over `[b, heads, t, head_dim]` queries and the keys and values (grouped-query when
-    /// they have fewer heads), then the output projection back to `[b, t, hidden]`.
+    /// they have fewer heads), then the output projection back to `[b, t, hidden]`. Without a
+    /// `mask` it is causal (`is_causal`, query `i` attends to keys `0..=i`), which lets CUDA
+    /// run its flash kernel instead of materialising `[b, heads, t, t]` scores.
     fn sdpa_and_project(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
         b: i64,
         t: i64,
     ) -> Tensor {
@@ -301,9 +303,9 @@ impl Attention {
             q,
             k,
             v,
-            Some(mask),
+            mask,
             0.0,
-            false,
+            mask.is_none(),
             None::<f64>,
             self.num_heads != self.num_kv_heads,
         );
@@ -491,8 +493,10 @@ pub(crate) enum Projections<'a> {
 /// What every decoder layer of one forward shares.
 #[derive(Debug)]
 pub(crate) struct LayerPass {
-    /// Boolean attention mask `[B, 1, T, S]` ([`attention_mask`]).
-    mask: Tensor,
+    /// Boolean attention mask `[B, 1, T, S]` ([`attention_mask`]), or `None` for plain causal
+    /// attention without a mask (a right-padded batch without a cache, see
+    /// [`Qwen2::forward_right_padded`]).
+    mask: Option<Tensor>,
     /// RoPE tables in the form the forward's [`Projections`] want.
     rope: (Tensor, Tensor),
     /// A decode step on fused projections (one query per row): the additive key mask
@@ -674,7 +678,7 @@ impl Qwen2 {
         input_ids: &Tensor,
         position_ids: &Tensor,
         key_mask: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Tensor {
         let t = input_ids.size()[1];
         let offset = cache.as_ref().map_or(0, |c| c.query_offset());
@@ -682,25 +686,48 @@ impl Qwen2 {
         let sampling = cache.as_ref().filter(|_| !self.grad_enabled());
         let decode = sampling.is_some_and(|c| c.is_per_slot());
         let fused = sampling.map(|_| self.fused_layers());
-        let pass = self.layer_pass(position_ids, mask, fused.is_some(), decode);
+        let pass = self.layer_pass(position_ids, Some(mask), fused.is_some(), decode);
+        self.run_layers(input_ids, &pass, fused.as_deref(), cache)
+    }
+
+    /// Final hidden states `[B, T, D]` of a right-padded batch without a cache: every row's
+    /// real tokens come first, `position_ids` (`[B, T]`) are their RoPE positions.
+    ///
+    /// Attention is plain causal, with no mask, so that SDPA can pick a fused kernel (flash
+    /// or memory-efficient on CUDA) that never holds `[B, heads, T, T]` scores. A real token
+    /// only sees the tokens before it, all real under right padding, so its hidden state is
+    /// that of [`Qwen2::forward`] with the batch's key mask; a padding position attends to
+    /// every position up to its own (finite, and read by nobody who masks padding).
+    pub fn forward_right_padded(&self, input_ids: &Tensor, position_ids: &Tensor) -> Tensor {
+        let pass = self.layer_pass(position_ids, None, false, false);
+        self.run_layers(input_ids, &pass, None, None)
+    }
+
+    /// Embeddings, every decoder layer under `pass` (on `fused` projections when given, with
+    /// `cache` when given) and the final norm.
+    fn run_layers(
+        &self,
+        input_ids: &Tensor,
+        pass: &LayerPass,
+        fused: Option<&[FusedLayer]>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
         let mut h = self.embed(input_ids);
         for (i, layer) in self.layers.iter().enumerate() {
-            let projections = fused
-                .as_ref()
-                .map_or(Projections::Separate, |f| Projections::Fused(&f[i]));
+            let projections = fused.map_or(Projections::Separate, |f| Projections::Fused(&f[i]));
             let layer_cache = cache.as_mut().map(|c| (&mut **c, i));
-            h = layer.forward(&h, projections, &pass, layer_cache);
+            h = layer.forward(&h, projections, pass, layer_cache);
         }
         self.norm.forward(&h)
     }
 
     /// The [`LayerPass`] of a forward at `position_ids` (`[B, T]`) under `mask`
-    /// ([`attention_mask`]): RoPE tables for fused projections when `fused`, and with
-    /// `decode` (fused only) the decode step's key bias.
+    /// ([`attention_mask`]; `None`: causal without a mask): RoPE tables for fused projections
+    /// when `fused`, and with `decode` (fused, with a mask) the decode step's key bias.
     pub(crate) fn layer_pass(
         &self,
         position_ids: &Tensor,
-        mask: Tensor,
+        mask: Option<Tensor>,
         fused: bool,
         decode: bool,
     ) -> LayerPass {
@@ -716,7 +743,10 @@ impl Qwen2 {
         let rope = self
             .rope
             .head_tables(position_ids, kind, heads, c.num_kv_heads());
-        let decode_bias = decode.then(|| decode_bias(&mask, c.num_kv_heads(), kind));
+        let decode_bias = mask
+            .as_ref()
+            .filter(|_| decode)
+            .map(|mask| decode_bias(mask, c.num_kv_heads(), kind));
         LayerPass {
             mask,
             rope,

@@ -9,7 +9,7 @@
 //! gradients to a [`GradSink`] instead of accumulating them (ZeRO-2 data parallelism).
 use tch::{Kind, Tensor};
 
-use crate::logprobs::{position_ids, token_logprobs, PaddedBatch};
+use crate::logprobs::{token_logprobs, PaddedBatch};
 use crate::qwen2::{attention_mask, Projections, Qwen2};
 
 impl Qwen2 {
@@ -33,7 +33,7 @@ impl Qwen2 {
         self.recompute_backward(
             input_ids,
             position_ids,
-            key_mask,
+            Some(key_mask),
             GradTarget::Accumulate,
             |hidden, _, _| {
                 let result = head(hidden);
@@ -65,18 +65,21 @@ impl Qwen2 {
     /// recompute path of the log-prob backwards. `head(hidden, head_params, target)` gets the
     /// final hidden states as a leaf and returns its result and d loss / d hidden (undefined:
     /// no gradient reaches the model); every later stage of [`Qwen2::gradient_stages`] is
-    /// recomputed and its parameter gradients go to `target`.
+    /// recomputed and its parameter gradients go to `target`. Without a `key_mask` the batch
+    /// is right-padded and attention is causal without a mask, as in
+    /// [`Qwen2::forward_right_padded`].
     fn recompute_backward<'s, R>(
         &self,
         input_ids: &Tensor,
         position_ids: &Tensor,
-        key_mask: &Tensor,
+        key_mask: Option<&Tensor>,
         mut target: GradTarget<'s>,
         head: impl FnOnce(&Tensor, &[Tensor], &mut GradTarget<'s>) -> (R, Tensor),
     ) -> R {
         let t = input_ids.size()[1];
         let (pass, mut layer_inputs, last, hidden) = tch::no_grad(|| {
-            let pass = self.layer_pass(position_ids, attention_mask(key_mask, 0, t), false, false);
+            let mask = key_mask.map(|key_mask| attention_mask(key_mask, 0, t));
+            let pass = self.layer_pass(position_ids, mask, false, false);
             let mut layer_inputs = Vec::with_capacity(self.layers.len());
             let mut h = self.embed(input_ids);
             for layer in &self.layers {
@@ -186,11 +189,10 @@ impl Qwen2 {
             .step_by(chunk as usize)
             .map(|start| (start, chunk.min(t - 1 - start)))
             .collect();
-        let positions = position_ids(&batch.attention_mask);
         self.recompute_backward(
             &batch.input_ids,
-            &positions,
-            &batch.attention_mask,
+            &batch.position_ids(),
+            None,
             target,
             |hidden, head_params, target| {
                 let piece = |h: &Tensor, (start, len): (i64, i64)| {

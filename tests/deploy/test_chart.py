@@ -69,6 +69,7 @@ def everything_on() -> dict:
     values["metrics"] = {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}
     values["verifier"]["sandbox"] = "bubblewrap"
     values["imagePullSecrets"] = [{"name": "regcred"}]
+    values["actors"]["kvCacheGib"] = 40.5
     values["learner"]["overrides"] = ["learner.steps=100", "learner.algo.prm.beta=0.1"]
     values["learner"]["extraEnv"] = {"NCCL_IB_HCA": "mlx5", "NCCL_NET_GDR_LEVEL": 2}
     return values
@@ -477,6 +478,8 @@ class ChartTest(unittest.TestCase):
             ),
             "misspelt broadcast key": ({"learner": {"weightBroadcast": {"prot": 1}}}, "prot"),
             "actor NCCL env as a list": ({"actors": {"ncclEnv": ["NCCL_DEBUG=WARN"]}}, "/actors/ncclEnv"),
+            "KV cache budget of zero": ({"actors": {"kvCacheGib": 0}}, "/actors/kvCacheGib"),
+            "KV cache budget as a string": ({"actors": {"kvCacheGib": "40Gi"}}, "/actors/kvCacheGib"),
         }
         for case, (values, where) in bad.items():
             with self.subTest(case=case):
@@ -841,6 +844,15 @@ class ChartTest(unittest.TestCase):
             models = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["models"]
             self.assertTrue(flag(args, "--tokenizer").startswith(models + "/"))
         self.assertEqual(self.rendered["multi-node"].component("actor")["spec"]["replicas"], 16)
+
+    def test_actor_kv_cache_budget(self):
+        # unset by default: the actor takes its share of the free GPU memory
+        for case in ["defaults", "multi-node"]:
+            self.assertNotIn("--kv-cache-gib", container(self.rendered[case].component("actor"))["args"])
+        args = container(self.rendered["everything-on"].component("actor"))["args"]
+        self.assertEqual(float(flag(args, "--kv-cache-gib")), 40.5)
+        whole = Rendered({"actors": {"kvCacheGib": 60}}, self.chart)
+        self.assertEqual(flag(container(whole.component("actor"))["args"], "--kv-cache-gib"), "60")
 
     def test_autoscaler(self):
         rendered = self.rendered["everything-on"]

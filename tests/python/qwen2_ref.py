@@ -17,9 +17,12 @@ Run with the project venv::
         [--seed 0] [--bos-id N] [--eos-id N [N ...]] [--pad-id N] \
         [--init-std 0.2] [--legacy-config]
 
-    # Next-token log-probs, one sequence at a time, computed in float32.
+    # Next-token log-probs, one sequence at a time, computed in float32; with
+    # --right-padded all sequences in one right-padded batch with its
+    # attention mask (values at padding are not reported).
     $PY tests/python/qwen2_ref.py logprobs --model DIR --input IN.jsonl \
-        --output OUT.jsonl [--dtype float32|bfloat16] [--attn eager|sdpa]
+        --output OUT.jsonl [--dtype float32|bfloat16] [--attn eager|sdpa] \
+        [--right-padded]
 
     # Greedy decoding through model.generate (new tokens only, EOS kept).
     $PY tests/python/qwen2_ref.py greedy --model DIR --input IN.jsonl \
@@ -252,9 +255,42 @@ def cmd_make(args):
 # logprobs / greedy
 # --------------------------------------------------------------------------
 
+def target_logprobs(logits, ids):
+    """log p(ids[t] | ids[:t]) for t >= 1 from the logits of ids[:-1]."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return lp.gather(-1, ids[1:].unsqueeze(-1)).squeeze(-1)
+
+
+@torch.inference_mode()
+def right_padded_logprobs(model, sequences, pad_id):
+    """One forward over all sequences right-padded to the longest, with the
+    attention mask marking the real tokens; each row's values at its real
+    targets only."""
+    width = max(len(ids) for ids in sequences)
+    x = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        x[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[row, :len(ids)] = 1
+    logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
+    rows = []
+    for row, ids in enumerate(sequences):
+        n = len(ids)
+        vals = target_logprobs(logits[row, :n - 1], x[row, :n]) if n > 1 else []
+        rows.append({"logprobs": [float(v) for v in vals]})
+    return rows
+
+
 @torch.inference_mode()
 def cmd_logprobs(args):
     model = load_model(args.model, DTYPES[args.dtype], args.attn)
+    if args.right_padded:
+        sequences = [[int(i) for i in row["input_ids"]]
+                     for row in read_jsonl(args.input)]
+        rows = right_padded_logprobs(model, sequences, pad_id=0)
+        write_jsonl(args.output, rows)
+        print(json.dumps({"sequences": len(rows), "output": args.output}))
+        return
     rows = []
     for row in read_jsonl(args.input):
         ids = [int(i) for i in row["input_ids"]]
@@ -262,10 +298,8 @@ def cmd_logprobs(args):
             rows.append({"logprobs": []})
             continue
         x = torch.tensor([ids], dtype=torch.long)
-        logits = model(input_ids=x, use_cache=False).logits[0].float()
-        lp = torch.log_softmax(logits[:-1], dim=-1)
-        tgt = x[0, 1:].unsqueeze(-1)
-        vals = lp.gather(-1, tgt).squeeze(-1)
+        logits = model(input_ids=x, use_cache=False).logits[0]
+        vals = target_logprobs(logits[:-1], x[0])
         rows.append({"logprobs": [float(v) for v in vals.tolist()]})
     write_jsonl(args.output, rows)
     print(json.dumps({"sequences": len(rows), "output": args.output}))
@@ -541,6 +575,9 @@ def build_parser():
         s.add_argument("--attn", choices=["eager", "sdpa"], default="eager")
         if name == "greedy":
             s.add_argument("--max-new-tokens", type=int, required=True)
+        else:
+            s.add_argument("--right-padded", action="store_true",
+                           help="one right-padded batch with an attention mask")
         s.set_defaults(func=func)
 
     for name, func in (("chat", cmd_chat), ("encode", cmd_encode)):

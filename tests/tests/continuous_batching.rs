@@ -1,10 +1,12 @@
 //! The continuously refilled sampler against independent references: greedy tokens against
 //! transformers' greedy generate and against decoding each prompt alone, whatever the number
 //! of rows decoding at once; sampling log-probs against a teacher-forced forward of the
-//! sampled tokens; seeded sampling repeats; and the sampler's draws follow the distribution.
+//! sampled tokens; seeded sampling repeats; the sampler's draws follow the distribution; and
+//! a KV cache budget changes only how many rows decode at once, never the outputs, and
+//! refuses a sequence it cannot hold alone.
 use prime_model::{
-    generate, generate::sample, generate_batched, sequence_logprobs, CausalLm, FinishReason,
-    Generation, SamplingParams,
+    generate, generate::sample, generate_batched, generate_within, kv_bytes_per_token,
+    sequence_logprobs, CausalLm, FinishReason, Generation, KvBudget, ModelError, SamplingParams,
 };
 use prime_tests::*;
 use tch::{Device, Kind, Tensor};
@@ -221,4 +223,140 @@ fn draws_follow_the_truncated_distribution() {
     tokens.iter().for_each(|&t| counts[t as usize] += 1);
     let got: Vec<f64> = counts.iter().map(|&c| c as f64 / draws as f64).collect();
     close(&got, &tempered);
+}
+
+/// The random model's cache: 2 (keys, values) x 2 layers x 2 kv heads x 16 head dim (hidden 64
+/// over 4 heads) x 4 bytes (f32) = 512 bytes per token.
+const BYTES_PER_TOKEN: u64 = 512;
+
+/// Budgets from one row at a time to all rows at once, for prompts of at most `longest`
+/// tokens with `max_new` new ones.
+fn budgets(longest: usize, max_new: usize) -> Vec<(String, KvBudget)> {
+    let row = BYTES_PER_TOKEN * (longest + max_new) as u64;
+    let prefix = BYTES_PER_TOKEN * longest as u64;
+    vec![
+        ("unlimited".into(), KvBudget::Unlimited),
+        // One row, and no room to keep a prefill for a prompt's later samples.
+        ("one row".into(), KvBudget::Bytes(row)),
+        ("one row and a prefix".into(), KvBudget::Bytes(row + prefix)),
+        ("two rows".into(), KvBudget::Bytes(2 * row + prefix - 1)),
+        (
+            "five rows and a prefix".into(),
+            KvBudget::Bytes(5 * row + prefix),
+        ),
+        ("1 GiB".into(), KvBudget::from_gib(1.0).unwrap()),
+    ]
+}
+
+#[test]
+fn outputs_do_not_depend_on_the_kv_budget() {
+    init_threads();
+    let tmp = tempfile::tempdir().unwrap();
+    let lm = random_model(tmp.path());
+    assert_eq!(
+        kv_bytes_per_token(lm.model.config(), Kind::Float),
+        BYTES_PER_TOKEN
+    );
+    // Five prompts of 3 to 19 tokens, three samples each: groups straddle admissions.
+    let prompts = grouped_prompts(5, 3, 11);
+    let longest = prompts.iter().map(Vec::len).max().unwrap();
+    let max_new = 12;
+    let greedy = SamplingParams {
+        max_new_tokens: max_new,
+        temperature: 0.0,
+        ..SamplingParams::default()
+    };
+    // Stop tokens from the greedy outputs, so that rows finish at different steps.
+    let free = generate(&lm.model, &prompts, &greedy).unwrap();
+    let stop_token_ids: Vec<i64> = free
+        .iter()
+        .step_by(3)
+        .enumerate()
+        .map(|(i, g)| g.token_ids[2 + 2 * i])
+        .collect();
+    let runs = [
+        SamplingParams {
+            stop_token_ids: stop_token_ids.clone(),
+            ..greedy.clone()
+        },
+        SamplingParams {
+            temperature: 1.0,
+            seed: Some(5),
+            stop_token_ids: (0..40).collect(),
+            ..greedy.clone()
+        },
+        SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            top_k: 50,
+            seed: Some(6),
+            stop_token_ids: (0..40).collect(),
+            ..greedy.clone()
+        },
+    ];
+    for params in &runs {
+        let reference = generate(&lm.model, &prompts, params).unwrap();
+        let lengths: Vec<usize> = reference.iter().map(|g| g.token_ids.len()).collect();
+        assert!(
+            lengths.iter().min() < lengths.iter().max(),
+            "responses should end at different steps: {lengths:?}"
+        );
+        for (name, budget) in budgets(longest, max_new) {
+            for max_rows in [prompts.len(), 4] {
+                let got = generate_within(&lm.model, &prompts, params, max_rows, budget).unwrap();
+                let label = format!(
+                    "temperature {}, {name}, max_rows {max_rows}",
+                    params.temperature
+                );
+                assert_eq!(token_ids(&got), token_ids(&reference), "{label}");
+                for (g, r) in got.iter().zip(&reference) {
+                    assert_eq!(g.finish_reason, r.finish_reason, "{label}");
+                    let diff = max_abs_diff(&g.logprobs, &r.logprobs);
+                    assert!(diff < 1e-4, "{label}: log-probs differ by {diff}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_sequence_that_cannot_fit_alone_is_refused_with_the_numbers() {
+    init_threads();
+    let tmp = tempfile::tempdir().unwrap();
+    let lm = random_model(tmp.path());
+    let prompts = vec![vec![5; 7], vec![6; 10], vec![7; 4]];
+    let params = SamplingParams {
+        max_new_tokens: 6,
+        temperature: 0.0,
+        ..SamplingParams::default()
+    };
+    // The longest sequence is prompt 1: 10 + 6 = 16 tokens of 512 bytes, 8,192 bytes.
+    let err = generate_within(&lm.model, &prompts, &params, 3, KvBudget::Bytes(8_191)).unwrap_err();
+    let ModelError::Input(message) = err else {
+        panic!("expected an input error, got {err}");
+    };
+    for number in [
+        "prompt 1 ",
+        "(10 tokens)",
+        "(6)",
+        "16 tokens",
+        "8192 bytes",
+        "8191 bytes",
+        "512 bytes per token",
+        "2 layers",
+        "2 kv heads",
+        "16 head dim",
+        "4 bytes",
+    ] {
+        assert!(
+            message.contains(number),
+            "{number:?} missing from {message:?}"
+        );
+    }
+    let alone = generate_within(&lm.model, &prompts, &params, 3, KvBudget::Bytes(8_192)).unwrap();
+    let together = generate(&lm.model, &prompts, &params).unwrap();
+    assert_eq!(token_ids(&alone), token_ids(&together));
+    for (a, t) in alone.iter().zip(&together) {
+        assert!(max_abs_diff(&a.logprobs, &t.logprobs) < 1e-4);
+    }
 }

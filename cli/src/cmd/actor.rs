@@ -106,6 +106,11 @@ pub struct ActorArgs {
         value_parser = prime_check::arg::float(rules::SECONDS),
     )]
     pub broadcast_wait_secs: f64,
+    /// Most GiB the sampler's KV cache may take; a batch's rows decode as many at once as it
+    /// holds (docs/memory.md). Default: unbounded on cpu; on cuda half of the device memory
+    /// free once the weights have arrived.
+    #[arg(long)]
+    pub kv_cache_gib: Option<f64>,
 }
 
 impl ActorArgs {
@@ -128,6 +133,7 @@ impl ActorArgs {
         config.max_batches = self.max_batches;
         config.weight_broadcast = !self.no_weight_broadcast;
         config.broadcast_wait = Duration::from_secs_f64(self.broadcast_wait_secs);
+        config.kv_cache_gib = self.kv_cache_gib;
         Ok(config)
     }
 }

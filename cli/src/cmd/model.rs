@@ -15,8 +15,8 @@ use prime_check::jsonl::{self, Line};
 use prime_check::path::AtomicFile;
 use prime_check::rules;
 use prime_model::{
-    check_sequence, default_kind, generate, parse_device, parse_kind, sequence_logprobs, CausalLm,
-    ChatMessage, SamplingParams, Tokenizer,
+    check_sequence, default_kind, generate_within, parse_device, parse_kind, sequence_logprobs,
+    CausalLm, ChatMessage, KvBudget, SamplingParams, Tokenizer,
 };
 use serde_json::{json, Value};
 use tch::{Device, Kind};
@@ -109,6 +109,11 @@ pub struct GenerateArgs {
         value_parser = prime_check::arg::at_least(1usize),
     )]
     pub batch_size: usize,
+    /// Most GiB the KV cache may take: a batch decodes as many rows at once as it holds, with
+    /// the same outputs (docs/memory.md). Default: unbounded on cpu; on cuda half of the
+    /// device memory free after the model is loaded.
+    #[arg(long)]
+    pub kv_cache_gib: Option<f64>,
 }
 
 pub fn run(command: ModelCommand) -> Result<()> {
@@ -247,10 +252,13 @@ fn generate_cmd(args: GenerateArgs) -> Result<()> {
         seed: None,
         stop_token_ids: lm.eos_token_ids(),
     };
+    // Measured once: later, memory libtorch keeps cached from earlier batches counts as taken.
+    let budget = KvBudget::resolve(args.kv_cache_gib, lm.model.device())?;
+    tracing::info!(%budget, "KV cache budget");
     let bar = progress_bar(prompts.len() as u64, "generating");
     let mut rows = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(args.batch_size) {
-        for generation in generate(&lm.model, chunk, &params)? {
+        for generation in generate_within(&lm.model, chunk, &params, chunk.len(), budget)? {
             let mut row = json!({ "output_ids": generation.token_ids });
             if let Some(tokenizer) = &tokenizer {
                 row["text"] = json!(tokenizer.decode(&generation.token_ids, true)?);

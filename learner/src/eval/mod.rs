@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use prime_model::{
-    generate_batched, CausalLm, FinishReason, Generation, SamplingParams, Tokenizer,
+    generate_within, CausalLm, FinishReason, Generation, KvBudget, SamplingParams, Tokenizer,
 };
 use prime_verifier::Ability;
 use serde::{Deserialize, Serialize};
@@ -32,17 +32,21 @@ pub struct Sampling {
     pub params: SamplingParams,
     /// Rows per sampling call; call `c` is seeded with `seed + c`.
     pub call_rows: usize,
-    /// Rows decoding at once inside a call (continuous batching refills them).
+    /// Rows decoding at once inside a call (continuous batching refills them), at most as
+    /// many as `kv_budget` holds.
     pub decode_rows: usize,
+    /// What each call's KV cache may take.
+    pub kv_budget: KvBudget,
 }
 
 impl Sampling {
-    /// Every row in one call, all decoding at once.
-    pub fn one_call(params: SamplingParams) -> Self {
+    /// Every row in one call, as many decoding at once as `kv_budget` holds.
+    pub fn one_call(params: SamplingParams, kv_budget: KvBudget) -> Self {
         Self {
             params,
             call_rows: usize::MAX,
             decode_rows: usize::MAX,
+            kv_budget,
         }
     }
 }
@@ -89,7 +93,13 @@ pub fn sample_and_grade<P, G>(
             ..sampling.params.clone()
         };
         let decode_rows = sampling.decode_rows.clamp(1, prompts.len().max(1));
-        let generations = generate_batched(&lm.model, &prompts, &params, decode_rows)?;
+        let generations = generate_within(
+            &lm.model,
+            &prompts,
+            &params,
+            decode_rows,
+            sampling.kv_budget,
+        )?;
         for (generation, &(problem, sample)) in generations.into_iter().zip(chunk) {
             let text = tokenizer.decode(&generation.token_ids, true)?;
             let grade = grade(&problems[problem], &text)?;
@@ -217,19 +227,22 @@ impl Accuracy {
     }
 }
 
-/// `samples` responses per problem, graded by ability (see [`Grading`]).
+/// `samples` responses per problem, graded by ability (see [`Grading`]), with the KV cache
+/// within `kv_budget`.
 pub fn accuracy(
     lm: &CausalLm,
     tokenizer: &Tokenizer,
     problems: &[EvalProblem],
     samples: usize,
     params: &SamplingParams,
+    kv_budget: KvBudget,
     grading: &mut Grading,
 ) -> Result<Accuracy> {
     let sampling = Sampling {
         params: params.clone(),
         call_rows: EVAL_CALL_ROWS,
         decode_rows: EVAL_CALL_ROWS,
+        kv_budget,
     };
     let graded = sample_and_grade_by_ability(lm, tokenizer, problems, samples, &sampling, grading)?;
     let scored: Vec<(usize, f64)> = graded.iter().map(|g| (g.problem, g.grade)).collect();
@@ -291,7 +304,8 @@ pub fn stratified_subset<K: Ord + Clone>(strata: &[K], count: usize) -> Vec<usiz
 
 /// Held-out accuracy: `eval.samples` samples per problem at `eval.temperature`, graded by
 /// ability (math by the math grader, code by the code grader as `grading` says), plus greedy
-/// decoding when `eval.greedy` is set.
+/// decoding when `eval.greedy` is set; the KV cache within `kv_budget`.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     lm: &CausalLm,
     tokenizer: &Tokenizer,
@@ -299,6 +313,7 @@ pub fn evaluate(
     config: &EvalConfig,
     max_response_tokens: usize,
     seed: u64,
+    kv_budget: KvBudget,
     grading: &mut Grading,
 ) -> Result<Evaluation> {
     let clock = Instant::now();
@@ -316,6 +331,7 @@ pub fn evaluate(
         problems,
         config.samples.max(1),
         &params,
+        kv_budget,
         grading,
     )?;
     let greedy_accuracy = if config.greedy {
@@ -323,7 +339,7 @@ pub fn evaluate(
             temperature: 0.0,
             ..params.clone()
         };
-        Some(self::accuracy(lm, tokenizer, problems, 1, &greedy, grading)?.overall)
+        Some(self::accuracy(lm, tokenizer, problems, 1, &greedy, kv_budget, grading)?.overall)
     } else {
         None
     };
@@ -350,9 +366,9 @@ pub fn rollout_params(config: &RolloutConfig, stop_token_ids: Vec<i64>) -> Sampl
     }
 }
 
-/// Samples K responses for each work item with the learner's own policy and grades them by
-/// ability (see [`Grading`]): the rollouts of a single-process run. Deterministic for a given
-/// `seed`.
+/// Samples K responses for each work item with the learner's own policy, the KV cache within
+/// `kv_budget`, and grades them by ability (see [`Grading`]): the rollouts of a
+/// single-process run. Deterministic for a given `seed`.
 #[allow(clippy::too_many_arguments)]
 pub fn local_rollouts(
     lm: &CausalLm,
@@ -362,6 +378,7 @@ pub fn local_rollouts(
     policy_version: u64,
     actor_id: &str,
     seed: u64,
+    kv_budget: KvBudget,
     grading: &mut Grading,
 ) -> Result<Vec<Group>> {
     let k = work.first().map_or(0, |item| item.k as usize);
@@ -373,10 +390,13 @@ pub fn local_rollouts(
             )));
         }
     }
-    let sampling = Sampling::one_call(SamplingParams {
-        seed: Some(seed),
-        ..params.clone()
-    });
+    let sampling = Sampling::one_call(
+        SamplingParams {
+            seed: Some(seed),
+            ..params.clone()
+        },
+        kv_budget,
+    );
     let graded = sample_and_grade_by_ability(lm, tokenizer, work, k, &sampling, grading)?;
     let mut graded = graded.into_iter();
     Ok(work

@@ -374,6 +374,7 @@ fn sample_and_grade_rows(
         params: params.clone(),
         call_rows: usize::MAX,
         decode_rows: config.batch_rows.max(1),
+        kv_budget: prime_model::KvBudget::device_default(lm.model.device()),
     };
     let graded = sample_and_grade(
         lm,
