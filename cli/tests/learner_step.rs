@@ -97,13 +97,45 @@ fn compare(after: &Path, reference: &Path, before: &Path) -> (f32, f32) {
 }
 
 fn check_step(groups: usize, k: usize, mini_batches: usize, estimator: &str, tied: bool) {
+    check_step_with(groups, k, mini_batches, estimator, tied, None);
+}
+
+/// With `behavior_cap`, the groups carry behaviour log-probs of an older policy and both sides
+/// train them with decoupled PPO (ours: `--off-policy`).
+fn check_step_with(
+    groups: usize,
+    k: usize,
+    mini_batches: usize,
+    estimator: &str,
+    tied: bool,
+    behavior_cap: Option<f64>,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
     let path = |name: &str| tmp.path().join(name);
     make_model(&path("policy"), 1, tied);
     make_model(&path("prm"), 2, tied);
     make_model(&path("ref"), 3, tied);
-    write_jsonl(&path("rollouts.jsonl"), &rollouts(groups, k, 11));
+    let mut groups_json = rollouts(groups, k, 11);
+    if behavior_cap.is_some() {
+        // Behaviour log-probs unlike the policy's: weights exp(old − behav) spread around 1
+        // and past the cap.
+        for (g, group) in groups_json.iter_mut().enumerate() {
+            for (i, response) in group["responses"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .enumerate()
+            {
+                let n = response["ids"].as_array().unwrap().len();
+                let lp: Vec<f64> = (0..n)
+                    .map(|t| -0.3 - 5.0 * (((g * 31 + i * 7 + t * 13) % 17) as f64 / 17.0))
+                    .collect();
+                response["sampling_logprobs"] = json!(lp);
+            }
+        }
+    }
+    write_jsonl(&path("rollouts.jsonl"), &groups_json);
     let (policy, prm, reference_dir, rollouts_file) =
         (dir("policy"), dir("prm"), dir("ref"), dir("rollouts.jsonl"));
     let (ours_dir, theirs_dir) = (dir("ours"), dir("theirs"));
@@ -131,12 +163,16 @@ fn check_step(groups: usize, k: usize, mini_batches: usize, estimator: &str, tie
         "--estimator",
         estimator,
     ];
-    let out = prime()
+    let cap = behavior_cap.map(|c| c.to_string());
+    let mut ours_cmd = prime();
+    ours_cmd
         .args(["learner", "step"])
         .args(common)
-        .args(["--out", &ours_dir])
-        .output()
-        .expect("prime runs");
+        .args(["--out", &ours_dir]);
+    if let Some(cap) = &cap {
+        ours_cmd.args(["--off-policy", "--behavior-weight-cap", cap]);
+    }
+    let out = ours_cmd.output().expect("prime runs");
     assert!(
         out.status.success(),
         "prime learner step failed: {}",
@@ -144,6 +180,9 @@ fn check_step(groups: usize, k: usize, mini_batches: usize, estimator: &str, tie
     );
     let mut args: Vec<&str> = common.to_vec();
     args.extend(["--out", &theirs_dir]);
+    if let Some(cap) = &cap {
+        args.extend(["--behavior-cap", cap]);
+    }
     let reference = run_python("tests/python/prime_step_ref.py", &args);
     let ours: Value =
         serde_json::from_str(&std::fs::read_to_string(path("ours/metrics.json")).unwrap()).unwrap();
@@ -180,4 +219,10 @@ fn prime_step_matches_pytorch() {
 fn rloo_step_with_pairs_matches_pytorch() {
     init_threads();
     check_step(4, 2, 3, "rloo", false);
+}
+
+#[test]
+fn off_policy_step_matches_pytorch_decoupled_ppo() {
+    init_threads();
+    check_step_with(4, 3, 2, "prime", false, Some(2.0));
 }

@@ -98,7 +98,8 @@ pub struct StepArgs {
     /// The frozen reference of the PRM.
     #[arg(long = "ref")]
     pub reference: PathBuf,
-    /// JSONL, one group per line: {"prompt_ids":[...],"responses":[{"ids":[...],"score":0.0}]}.
+    /// JSONL, one group per line: {"prompt_ids":[...],"responses":[{"ids":[...],"score":0.0}]};
+    /// a response may carry "sampling_logprobs":[...] (one per id), which --off-policy uses.
     #[arg(long)]
     pub rollouts: PathBuf,
     /// Output directory (created if needed): policy/, prm/ and metrics.json.
@@ -140,6 +141,19 @@ pub struct StepArgs {
     /// Advantage estimator.
     #[arg(long, value_enum, default_value_t = EstimatorArg::Prime)]
     pub estimator: EstimatorArg,
+    /// The groups were sampled by an older policy than `--policy`: correct for it with
+    /// decoupled PPO, each response's `sampling_logprobs` being the behaviour policy's (what
+    /// the learner does with `learner.rollout.max_staleness >= 1`).
+    #[arg(long)]
+    pub off_policy: bool,
+    /// Truncation of the behaviour weights `π_old/π_behav` (with --off-policy; above 0).
+    #[arg(
+        long,
+        default_value_t = 5.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::BETA),
+    )]
+    pub behavior_weight_cap: f64,
     /// With several ranks: shard the optimizer state over them (ZeRO stage 1).
     #[arg(long)]
     pub zero1: bool,
@@ -270,6 +284,10 @@ fn run_step(args: StepArgs) -> Result<()> {
         EstimatorArg::Prime => Estimator::Prime,
         EstimatorArg::Rloo => Estimator::Rloo,
     };
+    if args.off_policy {
+        config.rollout.max_staleness = 1;
+        config.algo.ppo.behavior_weight_cap = args.behavior_weight_cap;
+    }
     config.parallel.zero1 = args.zero1;
     config.parallel.zero2 = args.zero2;
     config.memory.recompute_activations |= args.zero2;
