@@ -74,7 +74,7 @@ impl AlgoConfig {
             self.advantage.outcome_gamma,
         )?;
         Range::POSITIVE.check(&key("ppo.clip_ratio"), self.ppo.clip_ratio)?;
-        Range::POSITIVE.check(
+        rules::BEHAVIOR_WEIGHT_CAP.check(
             &key("ppo.behavior_weight_cap"),
             self.ppo.behavior_weight_cap,
         )?;

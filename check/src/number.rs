@@ -181,6 +181,9 @@ pub mod rules {
     /// β of the implicit reward `β · log π_φ/π_ref`: at 0 every reward and the PRM loss's
     /// gradient vanish.
     pub const BETA: Range = Range::POSITIVE;
+    /// The truncation of decoupled PPO's behaviour weights `π_old/π_behav`: at 0 no token
+    /// would count.
+    pub const BEHAVIOR_WEIGHT_CAP: Range = Range::POSITIVE;
     /// A sampling temperature where 0 means greedy.
     pub const TEMPERATURE: Range = Range::NON_NEGATIVE;
     /// The temperature of rollouts, whose log-probs PPO divides by: greedy is not a

@@ -649,6 +649,13 @@ fn learner_step_probes() {
             .fails(&["--beta"]),
         Probe::new("out-of-range number", &["learner", "step", "--policy", "{d}/model", "--prm", "{d}/model", "--ref", "{d}/model", "--rollouts", "{d}/rollouts.jsonl", "--out", "{d}/out", "--beta", "0"])
             .fails(&["--beta"]),
+        Probe::new("out-of-range number", &["learner", "step", "--policy", "{d}/model", "--prm", "{d}/model", "--ref", "{d}/model", "--rollouts", "{d}/rollouts.jsonl", "--out", "{d}/out", "--off-policy", "--behavior-weight-cap", "0"])
+            .fails(&["--behavior-weight-cap"]),
+        Probe::new("NaN and infinity", &["learner", "step", "--policy", "{d}/model", "--prm", "{d}/model", "--ref", "{d}/model", "--rollouts", "{d}/bad.jsonl", "--out", "{d}/out", "--mini-batches", "1"])
+            .files(&[("bad.jsonl", Text("{\"prompt_ids\": [3, 4], \"responses\": [{\"ids\": [5, 6], \"score\": 1.0, \"sampling_logprobs\": [-0.5, -1e39]}, {\"ids\": [6], \"score\": 0.0}]}\n"))])
+            .fails(&["bad.jsonl line 1", "response 0", "sampling_logprobs"]),
+        Probe::new("missing field", &["learner", "step", "--policy", "{d}/model", "--prm", "{d}/model", "--ref", "{d}/model", "--rollouts", "{d}/rollouts.jsonl", "--out", "{d}/out", "--mini-batches", "1", "--off-policy"])
+            .fails(&["rollouts.jsonl line 1", "sampling_logprobs", "--off-policy"]),
         Probe::new("out-of-range number", &["learner", "step", "--policy", "{d}/model", "--prm", "{d}/model", "--ref", "{d}/model", "--rollouts", "{d}/rollouts.jsonl", "--out", "{d}/out", "--prm-lr", "-1e-6"])
             .fails(&["--prm-lr"]),
         Probe::new("out-of-range number", &["learner", "step", "--policy", "{d}/model", "--prm", "{d}/model", "--ref", "{d}/model", "--rollouts", "{d}/rollouts.jsonl", "--out", "{d}/out", "--mini-batches", "3"])

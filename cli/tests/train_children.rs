@@ -53,7 +53,8 @@ fn train(config: &Path, run_dir: &Path) -> Command {
         .args(["--run-dir", run_dir.to_str().unwrap(), "--actors", "1"])
         .env("PRIME_THREADS", "1")
         .env("RUST_LOG", "info")
-        .env("RUST_BACKTRACE", "0")
+        // Backtraces asked for: prime train prints its own, never a child's.
+        .env("RUST_BACKTRACE", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -138,6 +139,7 @@ fn a_child_that_fails_stops_the_run_with_its_message() {
         stderr.contains("Error:") && stderr.contains("no-such-train-file.jsonl"),
         "{stderr}"
     );
+    assert_eq!(stderr.matches("Stack backtrace:").count(), 1, "{stderr}");
     // Nothing of the run is left running (the verifier was started before the learner).
     let needle = run_dir.to_str().unwrap();
     wait_for(

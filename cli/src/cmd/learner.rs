@@ -151,7 +151,7 @@ pub struct StepArgs {
         long,
         default_value_t = 5.0,
         allow_hyphen_values = true,
-        value_parser = prime_check::arg::float(rules::BETA),
+        value_parser = prime_check::arg::float(rules::BEHAVIOR_WEIGHT_CAP),
     )]
     pub behavior_weight_cap: f64,
     /// With several ranks: shard the optimizer state over them (ZeRO stage 1).
@@ -231,12 +231,15 @@ fn read_groups(path: &Path) -> Result<Vec<Group>> {
 
 /// Refuses a group the step cannot train on, naming its line: K below 2 or unlike the first
 /// group's, an empty prompt or response, a score outside [0, 1], an id outside the
-/// vocabulary, a prompt plus response longer than the model's positions.
+/// vocabulary, a prompt plus response longer than the model's positions, sampling log-probs
+/// that are not one finite value per id (and, `off_policy`, missing ones: they weigh every
+/// token of the policy loss).
 fn check_group(
     path: &Path,
     group: &Group,
     k: usize,
     model: &prime_model::Qwen2Config,
+    off_policy: bool,
 ) -> Result<()> {
     let at = || format!("{} line {}", path.display(), group.line);
     let g = &group.group;
@@ -257,6 +260,24 @@ fn check_group(
         rules::PROBABILITY
             .check(&format!("response {i} score"), response.score)
             .with_context(at)?;
+        let logprobs = &response.sampling_logprobs;
+        if off_policy && logprobs.is_empty() {
+            bail!(
+                "{}: response {i} has no sampling_logprobs, which --off-policy needs",
+                at()
+            );
+        }
+        if !logprobs.is_empty()
+            && (logprobs.len() != response.ids.len() || !logprobs.iter().all(|l| l.is_finite()))
+        {
+            bail!(
+                "{}: response {i}: sampling_logprobs must hold one finite value per id ({} ids, \
+                 {} values)",
+                at(),
+                response.ids.len(),
+                logprobs.len()
+            );
+        }
         let sequence: Vec<i64> = g.prompt_ids.iter().chain(&response.ids).copied().collect();
         check_sequence(&sequence, model).with_context(|| format!("{}: response {i}", at()))?;
     }
@@ -319,7 +340,7 @@ fn run_step(args: StepArgs) -> Result<()> {
     };
     let k = groups[0].group.responses.len();
     for group in &groups {
-        check_group(&args.rollouts, group, k, &shortest)?;
+        check_group(&args.rollouts, group, k, &shortest, args.off_policy)?;
     }
     let groups: Vec<ScoredGroup> = groups.into_iter().map(|g| g.group).collect();
     let mut models = PrimeModels::new(policy, prm, Some(reference), &config);

@@ -150,16 +150,22 @@ fn spawn_with_env(
     Ok((name.to_string(), child))
 }
 
-/// What a child's log says about its end: its error (from `Error:` on, as the binary prints
-/// it) when there is one, else the last lines.
+/// What a child's log says about its end: its error as the binary prints it (from `Error:` to
+/// a backtrace, when `RUST_BACKTRACE` asked for one) when there is one, else the last lines.
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    let from = match lines.iter().rposition(|l| l.starts_with("Error:")) {
-        Some(error) => error,
-        None => lines.len().saturating_sub(15),
+    let Some(from) = lines.iter().rposition(|l| l.starts_with("Error:")) else {
+        return lines[lines.len().saturating_sub(15)..].join("\n");
     };
-    lines[from..].join("\n")
+    lines[from..]
+        .iter()
+        .take_while(|l| !l.starts_with("Stack backtrace:"))
+        .copied()
+        .collect::<Vec<_>>()
+        .join("\n")
+        .trim_end()
+        .to_string()
 }
 
 /// The first child that has exited, except learner ranks above 0 that ended well (they stop
