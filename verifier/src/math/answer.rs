@@ -4,7 +4,7 @@
 use super::eval::{eval, exact};
 use super::expr::{is_wordy, parse_expr, Expr};
 use super::normalize::text_key;
-use super::number::{close, Complex};
+use super::number::{close, Complex, Rational};
 use regex::Regex;
 use std::ops::Div;
 use std::sync::LazyLock;
@@ -35,6 +35,9 @@ static GEOMETRIC_LABEL: LazyLock<Regex> = LazyLock::new(|| {
     .expect("valid regex")
 });
 
+static LABEL_FRACTION: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^\\frac\{([^{}]+)\}\{([^{}]+)\}$").expect("valid regex"));
+
 /// `x`, `f(x)`, `a_n`, `\theta`, `AB`, `|AB|`, a ratio of those like `S_{MBCN}:S`, or a tuple of
 /// those like `(x, y)`.
 fn is_label(s: &str) -> bool {
@@ -44,6 +47,10 @@ fn is_label(s: &str) -> bool {
     let ratio = split_top(s, ':');
     if ratio.len() > 1 {
         return ratio.iter().all(|p| is_label(p.trim()));
+    }
+    if let Some(c) = LABEL_FRACTION.captures(s) {
+        // `\frac{NO}{BO}`: a ratio of lengths, named by its segments.
+        return GEOMETRIC_LABEL.is_match(&c[1]) && GEOMETRIC_LABEL.is_match(&c[2]);
     }
     s.len() >= 2
         && s.starts_with('(')
@@ -602,10 +609,15 @@ fn ordered(a: &[Answer], b: &[Answer]) -> bool {
 }
 
 /// Multiset equality under [`equivalent`], by greedy matching (equivalence is transitive, so
-/// greedy is exact up to tolerance effects).
+/// greedy is exact up to tolerance effects). Lists of different lengths compare as sets: an
+/// answer that repeats one of its solutions still names the same solutions.
 fn unordered(a: &[Answer], b: &[Answer]) -> bool {
-    if a.len() != b.len() || a.len() > MAX_ITEMS {
+    if a.len() > MAX_ITEMS || b.len() > MAX_ITEMS {
         return false;
+    }
+    if a.len() != b.len() {
+        let (a, b) = (distinct(a), distinct(b));
+        return a.len() == b.len() && !a.is_empty() && unordered(&a, &b);
     }
     let mut used = vec![false; b.len()];
     a.iter().all(
@@ -618,6 +630,20 @@ fn unordered(a: &[Answer], b: &[Answer]) -> bool {
         },
     )
 }
+
+/// The items of `items` that are not equivalent to an earlier one.
+fn distinct(items: &[Answer]) -> Vec<Answer> {
+    let mut out: Vec<Answer> = Vec::with_capacity(items.len());
+    for item in items {
+        if !out.iter().any(|o| equivalent(o, item)) {
+            out.push(item.clone());
+        }
+    }
+    out
+}
+
+/// Values of the variables at one sample point.
+type Point = Vec<(String, Complex)>;
 
 /// A relation as (op, lhs - rhs).
 fn as_relation(a: &Answer) -> Option<(RelOp, Expr)> {
@@ -648,8 +674,7 @@ fn relations_equivalent(a: &(RelOp, Expr), b: &(RelOp, Expr)) -> bool {
         1e-7
     };
     let vars = union_vars(&a.1, &b.1);
-    let mut ratio: Option<Complex> = None;
-    let mut valid = 0;
+    let mut ratios: Vec<(Complex, Point)> = Vec::new();
     for point in points(&vars) {
         let (Ok(x), Ok(y)) = (eval(&a.1, &point), eval(&b.1, &point)) else {
             continue;
@@ -661,14 +686,39 @@ fn relations_equivalent(a: &(RelOp, Expr), b: &(RelOp, Expr)) -> bool {
         if xz != yz {
             return false;
         }
-        let r = x.div(y);
-        match ratio {
-            None => ratio = Some(r),
-            Some(r0) if !close(r0, r, tol) => return false,
-            _ => {}
-        }
-        valid += 1;
+        ratios.push((x.div(y), point));
     }
+    let constant = |scale: &dyn Fn(&Point) -> Complex| {
+        let mut first: Option<Complex> = None;
+        for (r, point) in &ratios {
+            let r = r.div(scale(point));
+            match first {
+                None => first = Some(r),
+                Some(r0) if !close(r0, r, tol) => return None,
+                _ => {}
+            }
+        }
+        first
+    };
+    let mut ratio = constant(&|_| Complex::real(1.0));
+    if ratio.is_none() && a.0 == RelOp::Eq {
+        // `(y+5)/x = 2` against `y = 2x - 5`: the same equation multiplied through by a variable
+        // that one of them divides by (so it is not zero where that equation is defined).
+        let mut divisors = a.1.divisor_variables();
+        divisors.extend(b.1.divisor_variables());
+        ratio = divisors.iter().find_map(|v| {
+            [1.0, -1.0].into_iter().find_map(|k| {
+                constant(&|point: &Point| {
+                    let x = point
+                        .iter()
+                        .find(|(n, _)| n == v)
+                        .map_or(1.0, |(_, c)| c.re);
+                    Complex::real(x.powf(k))
+                })
+            })
+        });
+    }
+    let valid = ratios.len();
     match ratio {
         Some(r) if valid >= 2 || vars.is_empty() => {
             a.0 == RelOp::Eq || a.0 == RelOp::Ne || (r.re > 0.0 && r.im.abs() < 1e-9)
@@ -710,6 +760,12 @@ pub fn scalars_equivalent(gt: &Expr, pred: &Expr) -> bool {
         EXACT_TOL
     };
     let vars = union_vars(gt, pred);
+    if !decimal && !vars.is_empty() && differ_exactly(gt, pred, &vars) {
+        return false;
+    }
+    if disagree_on_negatives(gt, pred, &vars) {
+        return false;
+    }
     let mut valid = 0;
     for point in points(&vars) {
         match (eval(gt, &point), eval(pred, &point)) {
@@ -747,6 +803,61 @@ fn rounds_to(gt: &Expr, value: f64) -> bool {
         return false;
     };
     (g.to_f64() - value).abs() <= 0.5 * 10f64.powi(-(places as i32)) * (1.0 + 1e-9)
+}
+
+/// Whether the two sides take different exact values at some integer point: a polynomial whose
+/// constant term is off by one in ten digits differs from the true one by less than any float
+/// tolerance, but not exactly.
+fn differ_exactly(gt: &Expr, pred: &Expr, vars: &[String]) -> bool {
+    (0..3).any(|k| {
+        let point: Vec<(String, Rational)> = vars
+            .iter()
+            .enumerate()
+            .map(|(j, v)| (v.clone(), Rational::integer(2 + k as i128 * 3 + j as i128)))
+            .collect();
+        match (
+            exact(&gt.substitute(&point)),
+            exact(&pred.substitute(&point)),
+        ) {
+            (Some(a), Some(b)) => a != b,
+            _ => false,
+        }
+    })
+}
+
+/// Whether the two sides are both real but different at a point with negative values: the
+/// sampled positive points cannot tell `\sqrt{x^2}` from `x`. Points where either side is not
+/// real (`\ln x`, `x^{1/2}` for negative `x`) say nothing.
+fn disagree_on_negatives(gt: &Expr, pred: &Expr, vars: &[String]) -> bool {
+    if vars.is_empty() {
+        return false;
+    }
+    (0..3).any(|k| {
+        let exact_point: Vec<(String, Rational)> = vars
+            .iter()
+            .enumerate()
+            .map(|(j, v)| (v.clone(), Rational::integer(-1 - k as i128 * 2 - j as i128)))
+            .collect();
+        if let (Some(a), Some(b)) = (
+            exact(&gt.substitute(&exact_point)),
+            exact(&pred.substitute(&exact_point)),
+        ) {
+            return a != b;
+        }
+        let x = [-0.7, -1.9, -2.6][k];
+        let point: Vec<(String, Complex)> = vars
+            .iter()
+            .enumerate()
+            .map(|(j, v)| (v.clone(), Complex::real(x - 0.13 * j as f64)))
+            .collect();
+        match (eval(gt, &point), eval(pred, &point)) {
+            (Ok(a), Ok(b)) => {
+                let real = |c: Complex| c.im.abs() <= 1e-9 * c.re.abs().max(1.0);
+                real(a) && real(b) && !close(a, b, 1e-6)
+            }
+            _ => false,
+        }
+    })
 }
 
 fn union_vars(a: &Expr, b: &Expr) -> Vec<String> {

@@ -222,6 +222,19 @@ fn call(f: Func, x: Complex) -> Result<Complex, EvalError> {
             let b = x.neg().exp();
             a.sub(b).mul(recip(a.add(b))?)
         }
+        Func::Csch => recip(call(Func::Sinh, x)?)?,
+        Func::Sech => recip(call(Func::Cosh, x)?)?,
+        Func::Coth => recip(call(Func::Tanh, x)?)?,
+        Func::Arccsc => recip(x)?.asin(),
+        Func::Arcsec => half_pi.sub(recip(x)?.asin()),
+        Func::Arccot => recip(x)?.atan(),
+        Func::Abs => Complex::real(x.abs()),
+        Func::Lg => {
+            if x.abs() == 0.0 {
+                return Err(EvalError);
+            }
+            x.ln().mul(Complex::real(1.0 / std::f64::consts::LN_10))
+        }
         Func::Ln | Func::Log => {
             if x.abs() == 0.0 {
                 return Err(EvalError);

@@ -84,6 +84,18 @@ pub enum Func {
     Sinh,
     Cosh,
     Tanh,
+    /// `\operatorname{csch}`, `\operatorname{sech}`, `\coth`: reciprocal hyperbolic functions.
+    Csch,
+    Sech,
+    Coth,
+    /// Inverses of the reciprocal trigonometric functions.
+    Arccsc,
+    Arcsec,
+    Arccot,
+    /// Absolute value written as a function, `abs(x)`.
+    Abs,
+    /// Base-10 logarithm written `lg`.
+    Lg,
     /// Natural logarithm (`\ln`).
     Ln,
     /// `\log` without a base: taken as natural log; both sides of a comparison read it alike.
@@ -93,6 +105,14 @@ pub enum Func {
 
 /// Words (with or without a backslash) that name functions or constants.
 const WORDS: &[(&str, Tok)] = &[
+    ("arccsc", Tok::Func(Func::Arccsc)),
+    ("arcsec", Tok::Func(Func::Arcsec)),
+    ("arccot", Tok::Func(Func::Arccot)),
+    ("cosech", Tok::Func(Func::Csch)),
+    ("cosec", Tok::Func(Func::Csc)),
+    ("csch", Tok::Func(Func::Csch)),
+    ("sech", Tok::Func(Func::Sech)),
+    ("coth", Tok::Func(Func::Coth)),
     ("arcsin", Tok::Func(Func::Arcsin)),
     ("arccos", Tok::Func(Func::Arccos)),
     ("arctan", Tok::Func(Func::Arctan)),
@@ -112,6 +132,16 @@ const WORDS: &[(&str, Tok)] = &[
     ("inf", Tok::Infinity),
     ("ln", Tok::Func(Func::Ln)),
     ("pi", Tok::Pi),
+];
+
+/// Plain-text names that only count as functions when called: `abs(x)`, `lg(x)`, `asin(x)`;
+/// otherwise the letters are a product of variables.
+const CALLED: [(&str, Func); 5] = [
+    ("abs(", Func::Abs),
+    ("lg(", Func::Lg),
+    ("asin(", Func::Arcsin),
+    ("acos(", Func::Arccos),
+    ("atan(", Func::Arctan),
 ];
 
 /// Whether `s` contains a plain word (three or more letters that are not function names, like
@@ -137,7 +167,13 @@ pub fn is_wordy(s: &str) -> bool {
             continue;
         }
         let rest: String = chars[i..chars.len().min(i + 8)].iter().collect();
-        if let Some((w, _)) = WORDS.iter().find(|(w, _)| rest.starts_with(w)) {
+        let called = CALLED.iter().map(|(w, _)| *w).find(|w| rest.starts_with(w));
+        if let Some(w) = WORDS
+            .iter()
+            .map(|(w, _)| *w)
+            .find(|w| rest.starts_with(w))
+            .or(called)
+        {
             i += w.len();
             unknown_run = 0;
         } else {
@@ -321,7 +357,10 @@ fn lex(s: &str) -> PResult<Vec<Tok>> {
             }
             c if c.is_ascii_alphabetic() => {
                 let rest: String = chars[i..chars.len().min(i + 8)].iter().collect();
-                if let Some((w, t)) = WORDS.iter().find(|(w, _)| rest.starts_with(w)) {
+                if let Some((w, f)) = CALLED.iter().find(|(w, _)| rest.starts_with(w)) {
+                    out.push(Tok::Func(*f));
+                    i += w.len() - 1;
+                } else if let Some((w, t)) = WORDS.iter().find(|(w, _)| rest.starts_with(w)) {
                     out.push(t.clone());
                     i += w.len();
                 } else {
@@ -854,6 +893,47 @@ impl Expr {
         vars.sort();
         vars.dedup();
         vars
+    }
+
+    /// Variables the expression divides by (in a denominator or under a negative power).
+    pub fn divisor_variables(&self) -> Vec<String> {
+        let mut vars = Vec::new();
+        self.visit(&mut |e| match e {
+            Expr::Div(_, b) => vars.extend(b.variables()),
+            Expr::Pow(a, b) if matches!(**b, Expr::Neg(_)) => vars.extend(a.variables()),
+            _ => {}
+        });
+        vars.sort();
+        vars.dedup();
+        vars
+    }
+
+    /// The expression with each variable of `point` replaced by its exact value.
+    pub fn substitute(&self, point: &[(String, Rational)]) -> Expr {
+        let sub = |e: &Expr| Box::new(e.substitute(point));
+        match self {
+            Expr::Var(v) => match point.iter().find(|(name, _)| name == v) {
+                Some((_, r)) => Expr::Num {
+                    value: NumValue::Exact(*r),
+                    decimal: false,
+                    places: 0,
+                },
+                None => self.clone(),
+            },
+            Expr::Neg(a) => Expr::Neg(sub(a)),
+            Expr::Root(n, a) => Expr::Root(*n, sub(a)),
+            Expr::Factorial(a) => Expr::Factorial(sub(a)),
+            Expr::Abs(a) => Expr::Abs(sub(a)),
+            Expr::Call(f, a) => Expr::Call(*f, sub(a)),
+            Expr::Add(a, b) => Expr::Add(sub(a), sub(b)),
+            Expr::Sub(a, b) => Expr::Sub(sub(a), sub(b)),
+            Expr::Mul(a, b) => Expr::Mul(sub(a), sub(b)),
+            Expr::Div(a, b) => Expr::Div(sub(a), sub(b)),
+            Expr::Pow(a, b) => Expr::Pow(sub(a), sub(b)),
+            Expr::Binom(a, b) => Expr::Binom(sub(a), sub(b)),
+            Expr::LogBase(a, b) => Expr::LogBase(sub(a), sub(b)),
+            Expr::Num { .. } | Expr::Pi | Expr::E | Expr::I | Expr::Infinity => self.clone(),
+        }
     }
 
     /// Whether the expression is one variable, e.g. the `x` of `x = 5`.

@@ -19,10 +19,15 @@ use std::sync::LazyLock;
 static CHOICE_GT: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^\(?([A-E])\)?$").expect("valid regex"));
 /// An answer that ends with a percent sign (`10\%`, `10%`, `10 \%$`).
-static PERCENT_END: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"(?:\\%|%)[\s$]*$").expect("valid regex"));
-static CHOICE_PRED: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^\(?([A-Ea-e])\)(?:\s|$)|^([A-E])$").expect("valid regex"));
+static PERCENT_END: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?:\\%|%|\s*(?:percent(?:age)?|pct|per cent))[\s$]*$").expect("valid regex")
+});
+static CHOICE_PRED: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^\(?([A-Ea-e])\)(?:\s|$)|^([A-E])$|^([A-E])\.\s").expect("valid regex")
+});
+/// A choice letter followed by its content: "C. x = 42", "(C) 42".
+static CHOICE_LABELLED: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^\(?([A-E])(?:\.|\))\s").expect("valid regex"));
 
 /// The outcome of grading one math response.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,8 +94,12 @@ pub fn answers_match(gt: &str, pred: &str) -> bool {
         // A multiple-choice letter: compare letters, whatever the decoration.
         return CHOICE_PRED
             .captures(&p)
-            .and_then(|m| m.get(1).or(m.get(2)))
+            .and_then(|m| m.get(1).or(m.get(2)).or(m.get(3)))
             .is_some_and(|m| m.as_str().eq_ignore_ascii_case(&c[1]));
+    }
+    if let (Some(c), Some(labelled)) = (CHOICE_GT.captures(&p), CHOICE_LABELLED.captures(&g)) {
+        // A reference written as the choice with its content ("C. x = 42") and a bare letter.
+        return c[1] == labelled[1];
     }
     let (ga, pa) = (answer::parse_answer(&g), answer::parse_answer(&p));
     if answer::equivalent(&ga, &pa) || percent_as_decimal(gt, pred) {
@@ -98,12 +107,27 @@ pub fn answers_match(gt: &str, pred: &str) -> bool {
     }
     // Text answers ("Monday", "\text{no solution}") and forms the parser does not know compare
     // by their loose text, unless exponents or subscripts make braces meaningful.
+    if let Some(same) = product_of_letters(&g, &ga, &p, &pa) {
+        return same;
+    }
     let meaningful_braces = |s: &str| s.contains('^') || s.contains('_');
     let both_text = matches!(ga, answer::Answer::Text(_)) || matches!(pa, answer::Answer::Text(_));
     both_text
         && !meaningful_braces(&g)
         && !meaningful_braces(&p)
         && normalize::text_key(&g) == normalize::text_key(&p)
+}
+
+/// `abd + acd` reads as words, but against an algebraic answer with variables (`a(b+c)d`) it is
+/// a sum of products of single-letter variables; compares the two that way.
+fn product_of_letters(g: &str, ga: &answer::Answer, p: &str, pa: &answer::Answer) -> Option<bool> {
+    use answer::Answer::{Scalar, Text};
+    let (gt, pred) = match (ga, pa) {
+        (Text(_), Scalar(e)) if !e.variables().is_empty() => (expr::parse_expr(g).ok()?, e.clone()),
+        (Scalar(e), Text(_)) if !e.variables().is_empty() => (e.clone(), expr::parse_expr(p).ok()?),
+        _ => return None,
+    };
+    Some(answer::scalars_equivalent(&gt, &pred))
 }
 
 /// A percentage against its decimal: when only one side carries a percent sign, `x\%` is also
