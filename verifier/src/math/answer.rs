@@ -675,12 +675,14 @@ fn relations_equivalent(a: &(RelOp, Expr), b: &(RelOp, Expr)) -> bool {
     };
     let vars = union_vars(&a.1, &b.1);
     let mut ratios: Vec<(Complex, Point)> = Vec::new();
+    let mut zeros = 0;
     for point in points(&vars) {
         let (Ok(x), Ok(y)) = (eval(&a.1, &point), eval(&b.1, &point)) else {
             continue;
         };
         let (xz, yz) = (x.abs() < 1e-12, y.abs() < 1e-12);
         if xz && yz {
+            zeros += 1;
             continue;
         }
         if xz != yz {
@@ -719,6 +721,10 @@ fn relations_equivalent(a: &(RelOp, Expr), b: &(RelOp, Expr)) -> bool {
         });
     }
     let valid = ratios.len();
+    if valid == 0 && a.0 == b.0 && zeros >= 2 {
+        // Both hold identically (`\sin^2 x + \cos^2 x = 1`): the same statement.
+        return true;
+    }
     match ratio {
         Some(r) if valid >= 2 || vars.is_empty() => {
             a.0 == RelOp::Eq || a.0 == RelOp::Ne || (r.re > 0.0 && r.im.abs() < 1e-9)

@@ -187,6 +187,23 @@ pub fn is_wordy(s: &str) -> bool {
     false
 }
 
+/// The longest known command that `name` starts with, when the rest is at most three letters
+/// (variables written against the command without a space): `cdotb` is `\cdot b`.
+fn glued_command(name: &str) -> Option<(&'static str, Tok)> {
+    const OPERATORS: [(&str, Tok); 4] = [
+        ("cdot", Tok::Star),
+        ("times", Tok::Star),
+        ("ast", Tok::Star),
+        ("div", Tok::Slash),
+    ];
+    OPERATORS
+        .iter()
+        .cloned()
+        .chain(WORDS.iter().cloned())
+        .filter(|(w, _)| name.starts_with(w) && name.len() - w.len() <= 3)
+        .max_by_key(|(w, _)| w.len())
+}
+
 /// LaTeX commands that stand for a variable.
 const GREEK: &[&str] = &[
     "alpha",
@@ -343,12 +360,17 @@ fn lex(s: &str) -> PResult<Vec<Tok>> {
                     "left" | "right" | "big" | "Big" | "bigl" | "bigr" | "Bigl" | "Bigr"
                     | "quad" | "qquad" | "displaystyle" => {}
                     "lvert" | "rvert" | "vert" => out.push(Tok::Bar),
-                    "operatorname" | "mathrm" => {}
+                    "operatorname" | "mathrm" | "space" => {}
+                    "abs" => out.push(Tok::Func(Func::Abs)),
                     other => {
                         if let Some((_, t)) = WORDS.iter().find(|(w, _)| *w == other) {
                             out.push(t.clone());
                         } else if GREEK.contains(&other) {
                             out.push(Tok::Var(format!("\\{other}")));
+                        } else if let Some((cmd, tok)) = glued_command(other) {
+                            // `\cdotb`, `\sinx`: a command run together with the letters after it.
+                            out.push(tok);
+                            out.extend(other[cmd.len()..].chars().map(|c| Tok::Var(c.to_string())));
                         } else {
                             return Err(ParseError("unknown command"));
                         }

@@ -39,6 +39,14 @@ static MIXED_NUMBER: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"^([-+]?)(\d{1,3}(?: \d{3})+|\d+)(?: *\\frac(?:\{(\d+)\}\{(\d+)\}|(\d)(\d))| +(\d+)/(\d+))$")
         .expect("valid regex")
 });
+static PAREN_SUBSCRIPT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"_\(([^()]*)\)").expect("valid regex"));
+static GREEK_NAME: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(\\?)(?-u:\b)(alpha|beta|gamma|delta|epsilon|theta|lambda|sigma|tau|phi|omega)(?-u:\b)",
+    )
+    .expect("valid regex")
+});
 static GLUED_OR: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(\d)or([A-Z(\[-])").expect("valid regex"));
 static SPOKEN_LIST: LazyLock<Regex> =
@@ -80,6 +88,7 @@ pub fn normalize(answer: &str) -> String {
         ("\u{221e}", "\\infty "),
         ("\u{221a}", "\\sqrt"),
         ("\u{222a}", "\\cup "),
+        ("\u{2260}", "\\ne "),
         ("\u{2264}", "\\le "),
         ("\u{2265}", "\\ge "),
         ("\u{2205}", "\\emptyset "),
@@ -108,6 +117,7 @@ pub fn normalize(answer: &str) -> String {
         "\\;",
         "\\:",
         "\\qquad",
+        "\\space",
         "\\quad",
         "\\ ",
         "~",
@@ -122,7 +132,18 @@ pub fn normalize(answer: &str) -> String {
     s = s
         .replace("\\neq", "\\ne")
         .replace("!=", "\\ne ")
-        .replace("=/=", "\\ne ");
+        .replace("=/=", "\\ne ")
+        .replace("<>", "\\ne ");
+    if s.contains("_(") {
+        // `a_(n+1)`: a subscript in parentheses.
+        s = PAREN_SUBSCRIPT.replace_all(&s, "_{$1}").into_owned();
+    }
+    if s.bytes().any(|b| b.is_ascii_alphabetic()) {
+        // `theta`, `phi`: a Greek letter spelled out.
+        s = GREEK_NAME
+            .replace_all(&s, |c: &regex::Captures| format!("\\{}", &c[2]))
+            .into_owned();
+    }
     s = s
         .replace("\\leqslant", "\\le")
         .replace("\\geqslant", "\\ge");
