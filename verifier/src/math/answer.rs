@@ -267,7 +267,19 @@ fn relation(s: &str, depth: usize) -> Option<Answer> {
                 });
             }
             let constant = |side: &str| parse_expr(side).is_ok_and(|e| e.variables().is_empty());
-            if parts.len() > 2 || (constant(lhs) && constant(rhs)) {
+            // `\lim_{x \to 0} \frac{\sin x}{x} = 1`, `17 \bmod 5 = 2`: a computation written out
+            // with its result, whose notation binds or hides its variables.
+            let computation = |side: &str| {
+                [
+                    "\\lim", "\\bmod", "\\mod", "vmatrix", "\\det", "\\sum", "\\prod", "\\int",
+                ]
+                .iter()
+                .any(|c| side.contains(c))
+            };
+            if parts.len() > 2
+                || (constant(lhs) && constant(rhs))
+                || (computation(lhs) && constant(rhs))
+            {
                 // `3 + 4 = 7`, `x = 2 + 3 = 5`: the last member is the value. `7 = 11a + c` is
                 // an equation, not the value `11a + c`.
                 return Some(parse_at(rhs, depth + 1));

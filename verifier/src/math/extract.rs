@@ -288,7 +288,17 @@ fn final_sentence(text: &str) -> Option<String> {
         Some((i, c)) if ".!?".contains(c) || CLOSERS.contains(&c) => (&trimmed[..i], true),
         _ => (trimmed, false),
     };
-    let sentence = &body[sentence_start(body).unwrap_or(0)..];
+    let start = sentence_start(body);
+    if start.is_none()
+        && !terminated
+        && !is_prose(body)
+        && !super::expr::is_wordy(body)
+        && !body.contains('$')
+    {
+        // The whole response is one expression (`3+2`, `x = 4`): that is the answer.
+        return (!body.trim().is_empty()).then(|| body.trim().to_string());
+    }
+    let sentence = &body[start.unwrap_or(0)..];
     let value = sentence_values(sentence).pop()?;
     (terminated || value.at_end).then_some(value.text)
 }
@@ -348,38 +358,49 @@ static NUMBER: LazyLock<Regex> = LazyLock::new(|| {
 /// What may follow the value at the end of a sentence: a short unit or currency.
 static UNIT_TAIL: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
-        r"^[\s*$]*(?:[a-zA-Z\u{b2}\u{b3}]{1,8}|[\u{20ac}\u{a3}\u{a5}]|\p{Han}{1,3})?[\s*$)]*$",
+        r"^[\s*$]*(?:[a-zA-Z\u{b2}\u{b3}]{1,8}|[\u{20ac}\u{a3}\u{a5}]|\p{Han}{1,3})?[\s*$)\]]*$",
     )
     .expect("valid regex")
 });
 
-/// The values stated in `sentence`, in order: its math spans that are not prose, or (when
-/// there are none) its numbers.
+/// The values stated in `sentence`, in order: its math spans that are not prose, and the
+/// numbers written outside them.
 fn sentence_values(sentence: &str) -> Vec<Found> {
     let end = sentence.trim_end().len();
-    let spans: Vec<Found> = math_spans(sentence)
+    let spans: Vec<(usize, usize, &str)> = math_spans(sentence)
         .into_iter()
-        .filter(|(inner, _)| !inner.is_empty() && !is_prose(inner))
-        .map(|(inner, stop)| Found {
-            text: inner.to_string(),
-            at_end: UNIT_TAIL.is_match(&sentence[stop..end]),
+        .filter(|(_, _, inner)| !inner.is_empty() && !is_prose(inner))
+        .collect();
+    let mut found: Vec<(usize, Found)> = spans
+        .iter()
+        .map(|&(stop, _, inner)| {
+            let found = Found {
+                text: inner.to_string(),
+                at_end: UNIT_TAIL.is_match(&sentence[stop..end]),
+            };
+            (stop, found)
         })
         .collect();
-    if !spans.is_empty() {
-        return spans;
-    }
-    NUMBER
-        .find_iter(sentence)
-        .filter(|m| m.as_str().bytes().any(|b| b.is_ascii_digit()))
-        .map(|m| Found {
+    for m in NUMBER.find_iter(sentence) {
+        let inside = spans
+            .iter()
+            .any(|&(stop, start, _)| m.start() >= start && m.end() <= stop);
+        if inside || !m.as_str().bytes().any(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let number = Found {
             text: m.as_str().trim_start_matches('$').to_string(),
             at_end: UNIT_TAIL.is_match(&sentence[m.end()..end]),
-        })
-        .collect()
+        };
+        found.push((m.end(), number));
+    }
+    found.sort_by_key(|(stop, _)| *stop);
+    found.into_iter().map(|(_, f)| f).collect()
 }
 
-/// The math spans of `text` (`$..$`, `$$..$$`, `\(..\)`, `\[..\]`), as (content, end offset).
-fn math_spans(text: &str) -> Vec<(&str, usize)> {
+/// The math spans of `text` (`$..$`, `$$..$$`, `\(..\)`, `\[..\]`), as (end offset, start
+/// offset, content).
+fn math_spans(text: &str) -> Vec<(usize, usize, &str)> {
     let mut spans = Vec::new();
     let mut i = 0;
     while i < text.len() {
@@ -400,7 +421,7 @@ fn math_spans(text: &str) -> Vec<(&str, usize)> {
             break;
         };
         let end = i + open.len() + stop + close.len();
-        spans.push((body[..stop].trim(), end));
+        spans.push((end, i, body[..stop].trim()));
         i = end;
     }
     spans
