@@ -161,10 +161,17 @@ fn eval_finite(e: &Expr, point: &[(String, Complex)]) -> Result<Complex, EvalErr
         }
         Expr::Factorial(a) => {
             let x = r(a)?;
-            if !x.is_real() || x.re.fract() != 0.0 || x.re < 0.0 || x.re > MAX_FACTORIAL as f64 {
+            let pole = x.re < 0.0 && x.re.fract() == 0.0;
+            if !x.is_real() || pole || x.re > MAX_FACTORIAL as f64 {
                 return Err(EvalError);
             }
-            Complex::real((1..=x.re as u32).map(f64::from).product())
+            if x.re >= 0.0 && x.re.fract() == 0.0 {
+                Complex::real((1..=x.re as u32).map(f64::from).product())
+            } else {
+                // `n!` at a sampled non-integer `n`: Gamma(n + 1), so that `(n+1) n!` and
+                // `(n+1)!` compare as the identities they are.
+                Complex::real(gamma(x.re + 1.0))
+            }
         }
         Expr::Abs(a) => Complex::real(r(a)?.abs()),
         Expr::Binom(n, k) => {
@@ -243,4 +250,31 @@ fn call(f: Func, x: Complex) -> Result<Complex, EvalError> {
         }
         Func::Exp => x.exp(),
     })
+}
+
+/// The Gamma function for `x > 0` (Lanczos approximation, g = 7, about 15 significant digits).
+fn gamma(x: f64) -> f64 {
+    const G: f64 = 7.0;
+    const C: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        // Reflection: Gamma(x) Gamma(1 - x) = pi / sin(pi x).
+        return std::f64::consts::PI / ((std::f64::consts::PI * x).sin() * gamma(1.0 - x));
+    }
+    let x = x - 1.0;
+    let t = x + G + 0.5;
+    let sum = C[1..]
+        .iter()
+        .enumerate()
+        .fold(C[0], |acc, (i, c)| acc + c / (x + i as f64 + 1.0));
+    (2.0 * std::f64::consts::PI).sqrt() * t.powf(x + 0.5) * (-t).exp() * sum
 }

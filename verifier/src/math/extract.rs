@@ -358,7 +358,7 @@ static NUMBER: LazyLock<Regex> = LazyLock::new(|| {
 /// What may follow the value at the end of a sentence: a short unit or currency.
 static UNIT_TAIL: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
-        r"^[\s*$]*(?:[a-zA-Z\u{b2}\u{b3}]{1,8}|[\u{20ac}\u{a3}\u{a5}]|\p{Han}{1,3})?[\s*$)\]]*$",
+        r"^[\s*$]*(?:[a-zA-Z/\u{b2}\u{b3}]{1,8}|[\u{20ac}\u{a3}\u{a5}]|\p{Han}{1,3})?[\s*$)\]]*$",
     )
     .expect("valid regex")
 });
