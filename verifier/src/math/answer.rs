@@ -338,7 +338,12 @@ fn inequality_chain(s: &str, depth: usize) -> Option<Answer> {
     let [(p1, l1, less1, strict1), (p2, l2, less2, strict2)] = found[..] else {
         return None;
     };
-    if less1 != less2 || !LABEL.is_match(s[p1 + l1..p2].trim()) {
+    let middle = s[p1 + l1..p2].trim();
+    let absolute = middle
+        .strip_prefix('|')
+        .and_then(|m| m.strip_suffix('|'))
+        .is_some_and(|m| LABEL.is_match(m.trim()));
+    if less1 != less2 || !(LABEL.is_match(middle) || absolute) {
         return None;
     }
     let (a, b) = (s[..p1].trim(), s[p2 + l2..].trim());
@@ -347,11 +352,35 @@ fn inequality_chain(s: &str, depth: usize) -> Option<Answer> {
     } else {
         (b, a, strict2, strict1)
     };
-    Some(Answer::Tuple {
+    let interval = |low: Answer, high: Answer, low_strict: bool, high_strict: bool| Answer::Tuple {
         open: if low_strict { '(' } else { '[' },
         close: if high_strict { ')' } else { ']' },
-        items: vec![parse_at(low, depth + 1), parse_at(high, depth + 1)],
-    })
+        items: vec![low, high],
+    };
+    if !absolute {
+        return Some(interval(
+            parse_at(low, depth + 1),
+            parse_at(high, depth + 1),
+            low_strict,
+            high_strict,
+        ));
+    }
+    // `1 \le |z| \le 2`: the two mirrored intervals `[-2, -1] \cup [1, 2]`, for a positive
+    // lower bound (from zero the two would join into one).
+    let (low, high) = (parse_expr(low).ok()?, parse_expr(high).ok()?);
+    if !exact(&low).is_some_and(|v| v.numer() > 0) {
+        return None;
+    }
+    let neg = |e: &Expr| Answer::Scalar(Expr::Neg(Box::new(e.clone())));
+    Some(Answer::Union(vec![
+        interval(neg(&high), neg(&low), high_strict, low_strict),
+        interval(
+            Answer::Scalar(low),
+            Answer::Scalar(high),
+            low_strict,
+            high_strict,
+        ),
+    ]))
 }
 
 /// `x < 3` → `(-\infty, 3)`, `x \ge 1` → `[1, \infty)`: a one-variable inequality as the
@@ -688,7 +717,7 @@ fn relations_equivalent(a: &(RelOp, Expr), b: &(RelOp, Expr)) -> bool {
     let vars = union_vars(&a.1, &b.1);
     let mut ratios: Vec<(Complex, Point)> = Vec::new();
     let mut zeros = 0;
-    for point in points(&vars) {
+    for point in points(&vars, POINTS) {
         let (Ok(x), Ok(y)) = (eval(&a.1, &point), eval(&b.1, &point)) else {
             continue;
         };
@@ -784,8 +813,11 @@ pub fn scalars_equivalent(gt: &Expr, pred: &Expr) -> bool {
     if disagree_on_negatives(gt, pred, &vars) {
         return false;
     }
+    let real_expressions = !gt.has_imaginary() && !pred.has_imaginary();
     let mut valid = 0;
-    for point in points(&vars) {
+    // More candidates than needed: points where a side is undefined or off the real line are
+    // replaced by later ones.
+    for point in points(&vars, 4 * POINTS) {
         match (eval(gt, &point), eval(pred, &point)) {
             (Ok(a), Ok(b)) => {
                 if a.is_finite() != b.is_finite() {
@@ -797,9 +829,18 @@ pub fn scalars_equivalent(gt: &Expr, pred: &Expr) -> bool {
                     a.re == b.re && a.im == b.im
                 };
                 if !same {
+                    if real_expressions && off_real_line(a) && off_real_line(b) {
+                        // Both off the real line (`((x-2)^3)^k` against `(x-2)^{3k}` for
+                        // `x < 2`): the principal complex branches may differ where the real
+                        // functions are undefined, so the point says nothing.
+                        continue;
+                    }
                     return false;
                 }
                 valid += 1;
+                if valid == POINTS {
+                    break;
+                }
             }
             (Err(_), Err(_)) => {}
             _ => return false,
@@ -878,6 +919,11 @@ fn disagree_on_negatives(gt: &Expr, pred: &Expr, vars: &[String]) -> bool {
     })
 }
 
+/// Whether a value has a non-negligible imaginary part.
+fn off_real_line(c: Complex) -> bool {
+    c.im.abs() > 1e-9 * c.re.abs().max(1.0)
+}
+
 fn union_vars(a: &Expr, b: &Expr) -> Vec<String> {
     let mut v = a.variables();
     v.extend(b.variables());
@@ -888,10 +934,7 @@ fn union_vars(a: &Expr, b: &Expr) -> Vec<String> {
 }
 
 /// Deterministic pseudo-random points: the same variable gets the same values on both sides.
-fn points(vars: &[String]) -> Vec<Vec<(String, Complex)>> {
-    if vars.is_empty() {
-        return vec![Vec::new()];
-    }
+fn points(vars: &[String], count: usize) -> impl Iterator<Item = Point> + '_ {
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = move || {
         state ^= state << 13;
@@ -899,11 +942,10 @@ fn points(vars: &[String]) -> Vec<Vec<(String, Complex)>> {
         state ^= state << 17;
         (state >> 11) as f64 / (1u64 << 53) as f64
     };
-    (0..POINTS)
-        .map(|_| {
-            vars.iter()
-                .map(|v| (v.clone(), Complex::real(0.35 + 2.5 * next())))
-                .collect()
-        })
-        .collect()
+    let count = if vars.is_empty() { 1 } else { count };
+    (0..count).map(move |_| {
+        vars.iter()
+            .map(|v| (v.clone(), Complex::real(0.35 + 2.5 * next())))
+            .collect()
+    })
 }

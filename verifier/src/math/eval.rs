@@ -21,7 +21,10 @@ pub fn exact(e: &Expr) -> Option<Rational> {
         Expr::Add(a, b) => exact(a)?.checked_add(exact(b)?),
         Expr::Sub(a, b) => exact(a)?.checked_sub(exact(b)?),
         Expr::Mul(a, b) => exact(a)?.checked_mul(exact(b)?),
-        Expr::Div(a, b) => exact(a)?.checked_div(exact(b)?),
+        Expr::Div(a, b) => match (exact(a), exact(b)) {
+            (Some(x), Some(y)) => x.checked_div(y),
+            _ => factorial_quotient(a, b),
+        },
         Expr::Pow(a, b) => {
             let base = exact(a)?;
             let exp = exact(b)?;
@@ -80,6 +83,68 @@ pub fn exact(e: &Expr) -> Option<Rational> {
         }
         Expr::Call(_, _) => None,
     }
+}
+
+/// Largest gap `n - m` for which `n!/m!` is multiplied out.
+const MAX_FACTORIAL_GAP: i128 = 200;
+
+/// `175! \cdot 56! / (55! \cdot 176!)`: factorials too large for `i128` (or `f64`) that cancel
+/// in a quotient. Numerator and denominator factorials are paired largest with largest and each
+/// pair `n!/m!` multiplied out as `(m+1)\cdots n`; anything else must be exact.
+fn factorial_quotient(num: &Expr, den: &Expr) -> Option<Rational> {
+    fn factors<'a>(e: &'a Expr, facts: &mut Vec<i128>, rest: &mut Vec<&'a Expr>) {
+        match e {
+            Expr::Mul(a, b) => {
+                factors(a, facts, rest);
+                factors(b, facts, rest);
+            }
+            Expr::Factorial(a) => match exact(a) {
+                Some(n) if n.is_integer() && n.numer() >= 0 => facts.push(n.numer()),
+                _ => rest.push(e),
+            },
+            _ => rest.push(e),
+        }
+    }
+    let (mut top, mut top_rest, mut bottom, mut bottom_rest) = (vec![], vec![], vec![], vec![]);
+    factors(num, &mut top, &mut top_rest);
+    factors(den, &mut bottom, &mut bottom_rest);
+    if top.is_empty() || bottom.is_empty() {
+        return None;
+    }
+    top.sort_unstable_by(|a, b| b.cmp(a));
+    bottom.sort_unstable_by(|a, b| b.cmp(a));
+    let mut value = Rational::integer(1);
+    for (&n, &m) in top.iter().zip(&bottom) {
+        if (n - m).abs() > MAX_FACTORIAL_GAP {
+            return None;
+        }
+        let product = (n.min(m) + 1..=n.max(m)).try_fold(Rational::integer(1), |acc, k| {
+            acc.checked_mul(Rational::integer(k))
+        })?;
+        value = if n >= m {
+            value.checked_mul(product)?
+        } else {
+            value.checked_div(product)?
+        };
+    }
+    let single = |n: &i128| {
+        (1..=*n).try_fold(Rational::integer(1), |acc, k| {
+            acc.checked_mul(Rational::integer(k))
+        })
+    };
+    for n in top.iter().skip(bottom.len()) {
+        value = value.checked_mul(single(n)?)?;
+    }
+    for n in bottom.iter().skip(top.len()) {
+        value = value.checked_div(single(n)?)?;
+    }
+    for e in top_rest {
+        value = value.checked_mul(exact(e)?)?;
+    }
+    for e in bottom_rest {
+        value = value.checked_div(exact(e)?)?;
+    }
+    Some(value)
 }
 
 /// Why a float evaluation produced nothing comparable.
@@ -159,20 +224,7 @@ fn eval_finite(e: &Expr, point: &[(String, Complex)]) -> Result<Complex, EvalErr
                 x.pow(Complex::real(1.0 / *n as f64))
             }
         }
-        Expr::Factorial(a) => {
-            let x = r(a)?;
-            let pole = x.re < 0.0 && x.re.fract() == 0.0;
-            if !x.is_real() || pole || x.re > MAX_FACTORIAL as f64 {
-                return Err(EvalError);
-            }
-            if x.re >= 0.0 && x.re.fract() == 0.0 {
-                Complex::real((1..=x.re as u32).map(f64::from).product())
-            } else {
-                // `n!` at a sampled non-integer `n`: Gamma(n + 1), so that `(n+1) n!` and
-                // `(n+1)!` compare as the identities they are.
-                Complex::real(gamma(x.re + 1.0))
-            }
-        }
+        Expr::Factorial(a) => factorial(r(a)?)?,
         Expr::Abs(a) => Complex::real(r(a)?.abs()),
         Expr::Binom(n, k) => {
             let n = r(n)?;
@@ -236,6 +288,13 @@ fn call(f: Func, x: Complex) -> Result<Complex, EvalError> {
         Func::Arcsec => half_pi.sub(recip(x)?.asin()),
         Func::Arccot => recip(x)?.atan(),
         Func::Abs => Complex::real(x.abs()),
+        Func::Floor | Func::Ceil if x.is_real() => Complex::real(if f == Func::Floor {
+            x.re.floor()
+        } else {
+            x.re.ceil()
+        }),
+        Func::Floor | Func::Ceil => return Err(EvalError),
+        Func::Factorial => factorial(x)?,
         Func::Lg => {
             if x.abs() == 0.0 {
                 return Err(EvalError);
@@ -249,6 +308,20 @@ fn call(f: Func, x: Complex) -> Result<Complex, EvalError> {
             x.ln()
         }
         Func::Exp => x.exp(),
+    })
+}
+
+/// `x!`: the product for a whole number, Gamma(x + 1) at a sampled non-integer `x` (so that
+/// `(n+1) n!` and `(n+1)!` compare as the identities they are).
+fn factorial(x: Complex) -> Result<Complex, EvalError> {
+    let pole = x.re < 0.0 && x.re.fract() == 0.0;
+    if !x.is_real() || pole || x.re > MAX_FACTORIAL as f64 {
+        return Err(EvalError);
+    }
+    Ok(if x.re >= 0.0 && x.re.fract() == 0.0 {
+        Complex::real((1..=x.re as u32).map(f64::from).product())
+    } else {
+        Complex::real(gamma(x.re + 1.0))
     })
 }
 

@@ -96,6 +96,11 @@ pub enum Func {
     Abs,
     /// Base-10 logarithm written `lg`.
     Lg,
+    /// `floor(x)`, `ceiling(x)`.
+    Floor,
+    Ceil,
+    /// `factorial(n)`, the function form of `n!`.
+    Factorial,
     /// Natural logarithm (`\ln`).
     Ln,
     /// `\log` without a base: taken as natural log; both sides of a comparison read it alike.
@@ -136,12 +141,19 @@ const WORDS: &[(&str, Tok)] = &[
 
 /// Plain-text names that only count as functions when called: `abs(x)`, `lg(x)`, `asin(x)`;
 /// otherwise the letters are a product of variables.
-const CALLED: [(&str, Func); 5] = [
+const CALLED: [(&str, Func); 12] = [
+    ("factorial(", Func::Factorial),
     ("abs(", Func::Abs),
     ("lg(", Func::Lg),
     ("asin(", Func::Arcsin),
     ("acos(", Func::Arccos),
     ("atan(", Func::Arctan),
+    ("acsc(", Func::Arccsc),
+    ("asec(", Func::Arcsec),
+    ("acot(", Func::Arccot),
+    ("floor(", Func::Floor),
+    ("ceiling(", Func::Ceil),
+    ("ceil(", Func::Ceil),
 ];
 
 /// Whether `s` contains a plain word (three or more letters that are not function names, like
@@ -166,7 +178,7 @@ pub fn is_wordy(s: &str) -> bool {
             i += 1;
             continue;
         }
-        let rest: String = chars[i..chars.len().min(i + 8)].iter().collect();
+        let rest: String = chars[i..chars.len().min(i + 12)].iter().collect();
         let called = CALLED.iter().map(|(w, _)| *w).find(|w| rest.starts_with(w));
         if let Some(w) = WORDS
             .iter()
@@ -378,7 +390,7 @@ fn lex(s: &str) -> PResult<Vec<Tok>> {
                 }
             }
             c if c.is_ascii_alphabetic() => {
-                let rest: String = chars[i..chars.len().min(i + 8)].iter().collect();
+                let rest: String = chars[i..chars.len().min(i + 12)].iter().collect();
                 if let Some((w, f)) = CALLED.iter().find(|(w, _)| rest.starts_with(w)) {
                     out.push(Tok::Func(*f));
                     i += w.len() - 1;
@@ -508,6 +520,7 @@ pub fn parse_expr(s: &str) -> PResult<Expr> {
         toks,
         pos: 0,
         depth: 0,
+        bars: 0,
     };
     let e = p.expr()?;
     if p.pos != p.toks.len() {
@@ -520,6 +533,9 @@ struct Parser {
     toks: Vec<Tok>,
     pos: usize,
     depth: usize,
+    /// Absolute values open at this point: a `|` after an operand opens a new one (a product,
+    /// `a|x|`) only when none is open, and otherwise closes the innermost.
+    bars: usize,
 }
 
 fn bx(e: Expr) -> Box<Expr> {
@@ -587,7 +603,7 @@ impl Parser {
                     self.pos += 1;
                     lhs = Expr::Div(bx(lhs), bx(self.unary()?));
                 }
-                Some(t) if starts_operand(t) => {
+                Some(t) if starts_operand(t) || (*t == Tok::Bar && self.bars == 0) => {
                     lhs = Expr::Mul(bx(lhs), bx(self.power()?));
                 }
                 _ => break,
@@ -742,7 +758,9 @@ impl Parser {
                 e
             }
             Tok::Bar => {
+                self.bars += 1;
                 let e = self.expr()?;
+                self.bars -= 1;
                 if self.next() != Some(Tok::Bar) {
                     return Err(ParseError("unclosed absolute value"));
                 }
@@ -956,6 +974,13 @@ impl Expr {
             Expr::LogBase(a, b) => Expr::LogBase(sub(a), sub(b)),
             Expr::Num { .. } | Expr::Pi | Expr::E | Expr::I | Expr::Infinity => self.clone(),
         }
+    }
+
+    /// Whether the imaginary unit appears anywhere.
+    pub fn has_imaginary(&self) -> bool {
+        let mut found = false;
+        self.visit(&mut |e| found |= *e == Expr::I);
+        found
     }
 
     /// Whether the expression is one variable, e.g. the `x` of `x = 5`.

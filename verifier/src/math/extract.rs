@@ -93,11 +93,13 @@ fn box_at(text: &str, start: usize) -> Option<(String, usize)> {
 }
 
 /// What may stand between boxes that together state one answer: math delimiters, spacing,
-/// commas, "and"/"or" (also inside `\text{}`), and a label with its equals sign (`y_2 =`).
+/// commas, "and"/"or" (also inside `\text{}`), a label with its equals sign (`y_2 =`) and a
+/// part label (`for part (a)`, `(b)`).
 static BOX_JOINER: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(concat!(
         r"(?:\$|\\[()\[\]]|\\q?quad|\\[,;: ]|\\(?:text|mathrm)\s*\{|[{}]|[,;&.]|\\|\s|",
-        r"\b(?:and|or)\b|[a-zA-Z](?:_\{?[a-zA-Z0-9]+\}?)?\s*=)"
+        r"\b(?:and|or)\b|[a-zA-Z](?:_\{?[a-zA-Z0-9]+\}?)?\s*=|",
+        r"\b(?:for\s+)?part\s*\(?[a-z0-9]\)?|\([a-z]\))"
     ))
     .expect("valid regex")
 });

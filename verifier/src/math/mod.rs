@@ -29,6 +29,12 @@ static CHOICE_PRED: LazyLock<Regex> = LazyLock::new(|| {
 static CHOICE_LABELLED: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^\(?([A-E])(?:\.|\))\s").expect("valid regex"));
 
+/// A time of day: `20:34`, `20:34:00`, `8:34 p.m.`, `08:34 PM`.
+static CLOCK: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)^(\d{1,2}):([0-5]\d)(?::([0-5]\d))?(?:\s*([ap])\.?\s*m\.?)?$")
+        .expect("valid regex")
+});
+
 /// The outcome of grading one math response.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MathVerdict {
@@ -90,12 +96,21 @@ pub fn answers_match(gt: &str, pred: &str) -> bool {
         // Integers too long for exact arithmetic still compare exactly, digit by digit.
         return canonical_integer(&g) == canonical_integer(&p);
     }
+    if let Some(same) = same_clock_time(&g, &p) {
+        return same;
+    }
     if let Some(c) = CHOICE_GT.captures(&g) {
-        // A multiple-choice letter: compare letters, whatever the decoration.
-        return CHOICE_PRED
+        // A multiple-choice letter: compare letters, whatever the decoration. An answer that is
+        // an expression in that letter (`Bsec(0)` against `B`) is compared as an expression.
+        let letter = CHOICE_PRED
             .captures(&p)
-            .and_then(|m| m.get(1).or(m.get(2)).or(m.get(3)))
-            .is_some_and(|m| m.as_str().eq_ignore_ascii_case(&c[1]));
+            .and_then(|m| m.get(1).or(m.get(2)).or(m.get(3)));
+        let expression = letter.is_none()
+            && p.contains(&c[1])
+            && expr::parse_expr(&p).is_ok_and(|e| e.variables().len() == 1);
+        if !expression {
+            return letter.is_some_and(|m| m.as_str().eq_ignore_ascii_case(&c[1]));
+        }
     }
     if let (Some(c), Some(labelled)) = (CHOICE_GT.captures(&p), CHOICE_LABELLED.captures(&g)) {
         // A reference written as the choice with its content ("C. x = 42") and a bare letter.
@@ -161,4 +176,34 @@ fn canonical_integer(s: &str) -> String {
         (false, true) => format!("-{digits}"),
         (false, false) => digits.to_string(),
     }
+}
+
+/// Two times of day, at least one of them written with seconds or a.m./p.m. (a bare `7:32` is
+/// also a ratio): equal when they name the same second of the day.
+fn same_clock_time(g: &str, p: &str) -> Option<bool> {
+    let (a, explicit_a) = clock_seconds(g)?;
+    let (b, explicit_b) = clock_seconds(p)?;
+    (explicit_a || explicit_b).then_some(a == b)
+}
+
+/// Seconds since midnight, and whether the form is unmistakably a time.
+fn clock_seconds(s: &str) -> Option<(u32, bool)> {
+    let c = CLOCK.captures(s.trim())?;
+    let mut hour: u32 = c[1].parse().ok()?;
+    let minute: u32 = c[2].parse().ok()?;
+    let second: u32 = c.get(3).map_or(Some(0), |m| m.as_str().parse().ok())?;
+    match c.get(4).map(|m| m.as_str().to_ascii_lowercase()) {
+        Some(half) => {
+            if !(1..=12).contains(&hour) {
+                return None;
+            }
+            hour = hour % 12 + if half == "p" { 12 } else { 0 };
+        }
+        None if hour > 23 => return None,
+        None => {}
+    }
+    Some((
+        hour * 3600 + minute * 60 + second,
+        c.get(3).is_some() || c.get(4).is_some(),
+    ))
 }
