@@ -368,7 +368,7 @@ fn inequality_chain(s: &str, depth: usize) -> Option<Answer> {
     // `1 \le |z| \le 2`: the two mirrored intervals `[-2, -1] \cup [1, 2]`, for a positive
     // lower bound (from zero the two would join into one).
     let (low, high) = (parse_expr(low).ok()?, parse_expr(high).ok()?);
-    if !exact(&low).is_some_and(|v| v.numer() > 0) {
+    if exact(&low).is_none_or(|v| v.numer() <= 0) {
         return None;
     }
     let neg = |e: &Expr| Answer::Scalar(Expr::Neg(Box::new(e.clone())));
