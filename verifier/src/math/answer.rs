@@ -4,7 +4,7 @@
 use super::eval::{eval, exact};
 use super::expr::{is_wordy, parse_expr, Expr};
 use super::normalize::text_key;
-use super::number::{close, Complex};
+use super::number::{close, Complex, Rational};
 use regex::Regex;
 use std::ops::Div;
 use std::sync::LazyLock;
@@ -35,6 +35,9 @@ static GEOMETRIC_LABEL: LazyLock<Regex> = LazyLock::new(|| {
     .expect("valid regex")
 });
 
+static LABEL_FRACTION: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^\\frac\{([^{}]+)\}\{([^{}]+)\}$").expect("valid regex"));
+
 /// `x`, `f(x)`, `a_n`, `\theta`, `AB`, `|AB|`, a ratio of those like `S_{MBCN}:S`, or a tuple of
 /// those like `(x, y)`.
 fn is_label(s: &str) -> bool {
@@ -44,6 +47,10 @@ fn is_label(s: &str) -> bool {
     let ratio = split_top(s, ':');
     if ratio.len() > 1 {
         return ratio.iter().all(|p| is_label(p.trim()));
+    }
+    if let Some(c) = LABEL_FRACTION.captures(s) {
+        // `\frac{NO}{BO}`: a ratio of lengths, named by its segments.
+        return GEOMETRIC_LABEL.is_match(&c[1]) && GEOMETRIC_LABEL.is_match(&c[2]);
     }
     s.len() >= 2
         && s.starts_with('(')
@@ -260,7 +267,19 @@ fn relation(s: &str, depth: usize) -> Option<Answer> {
                 });
             }
             let constant = |side: &str| parse_expr(side).is_ok_and(|e| e.variables().is_empty());
-            if parts.len() > 2 || (constant(lhs) && constant(rhs)) {
+            // `\lim_{x \to 0} \frac{\sin x}{x} = 1`, `17 \bmod 5 = 2`: a computation written out
+            // with its result, whose notation binds or hides its variables.
+            let computation = |side: &str| {
+                [
+                    "\\lim", "\\bmod", "\\mod", "vmatrix", "\\det", "\\sum", "\\prod", "\\int",
+                ]
+                .iter()
+                .any(|c| side.contains(c))
+            };
+            if parts.len() > 2
+                || (constant(lhs) && constant(rhs))
+                || (computation(lhs) && constant(rhs))
+            {
                 // `3 + 4 = 7`, `x = 2 + 3 = 5`: the last member is the value. `7 = 11a + c` is
                 // an equation, not the value `11a + c`.
                 return Some(parse_at(rhs, depth + 1));
@@ -319,7 +338,12 @@ fn inequality_chain(s: &str, depth: usize) -> Option<Answer> {
     let [(p1, l1, less1, strict1), (p2, l2, less2, strict2)] = found[..] else {
         return None;
     };
-    if less1 != less2 || !LABEL.is_match(s[p1 + l1..p2].trim()) {
+    let middle = s[p1 + l1..p2].trim();
+    let absolute = middle
+        .strip_prefix('|')
+        .and_then(|m| m.strip_suffix('|'))
+        .is_some_and(|m| LABEL.is_match(m.trim()));
+    if less1 != less2 || !(LABEL.is_match(middle) || absolute) {
         return None;
     }
     let (a, b) = (s[..p1].trim(), s[p2 + l2..].trim());
@@ -328,11 +352,35 @@ fn inequality_chain(s: &str, depth: usize) -> Option<Answer> {
     } else {
         (b, a, strict2, strict1)
     };
-    Some(Answer::Tuple {
+    let interval = |low: Answer, high: Answer, low_strict: bool, high_strict: bool| Answer::Tuple {
         open: if low_strict { '(' } else { '[' },
         close: if high_strict { ')' } else { ']' },
-        items: vec![parse_at(low, depth + 1), parse_at(high, depth + 1)],
-    })
+        items: vec![low, high],
+    };
+    if !absolute {
+        return Some(interval(
+            parse_at(low, depth + 1),
+            parse_at(high, depth + 1),
+            low_strict,
+            high_strict,
+        ));
+    }
+    // `1 \le |z| \le 2`: the two mirrored intervals `[-2, -1] \cup [1, 2]`, for a positive
+    // lower bound (from zero the two would join into one).
+    let (low, high) = (parse_expr(low).ok()?, parse_expr(high).ok()?);
+    if exact(&low).is_none_or(|v| v.numer() <= 0) {
+        return None;
+    }
+    let neg = |e: &Expr| Answer::Scalar(Expr::Neg(Box::new(e.clone())));
+    Some(Answer::Union(vec![
+        interval(neg(&high), neg(&low), high_strict, low_strict),
+        interval(
+            Answer::Scalar(low),
+            Answer::Scalar(high),
+            low_strict,
+            high_strict,
+        ),
+    ]))
 }
 
 /// `x < 3` → `(-\infty, 3)`, `x \ge 1` → `[1, \infty)`: a one-variable inequality as the
@@ -602,10 +650,15 @@ fn ordered(a: &[Answer], b: &[Answer]) -> bool {
 }
 
 /// Multiset equality under [`equivalent`], by greedy matching (equivalence is transitive, so
-/// greedy is exact up to tolerance effects).
+/// greedy is exact up to tolerance effects). Lists of different lengths compare as sets: an
+/// answer that repeats one of its solutions still names the same solutions.
 fn unordered(a: &[Answer], b: &[Answer]) -> bool {
-    if a.len() != b.len() || a.len() > MAX_ITEMS {
+    if a.len() > MAX_ITEMS || b.len() > MAX_ITEMS {
         return false;
+    }
+    if a.len() != b.len() {
+        let (a, b) = (distinct(a), distinct(b));
+        return a.len() == b.len() && !a.is_empty() && unordered(&a, &b);
     }
     let mut used = vec![false; b.len()];
     a.iter().all(
@@ -618,6 +671,20 @@ fn unordered(a: &[Answer], b: &[Answer]) -> bool {
         },
     )
 }
+
+/// The items of `items` that are not equivalent to an earlier one.
+fn distinct(items: &[Answer]) -> Vec<Answer> {
+    let mut out: Vec<Answer> = Vec::with_capacity(items.len());
+    for item in items {
+        if !out.iter().any(|o| equivalent(o, item)) {
+            out.push(item.clone());
+        }
+    }
+    out
+}
+
+/// Values of the variables at one sample point.
+type Point = Vec<(String, Complex)>;
 
 /// A relation as (op, lhs - rhs).
 fn as_relation(a: &Answer) -> Option<(RelOp, Expr)> {
@@ -648,26 +715,56 @@ fn relations_equivalent(a: &(RelOp, Expr), b: &(RelOp, Expr)) -> bool {
         1e-7
     };
     let vars = union_vars(&a.1, &b.1);
-    let mut ratio: Option<Complex> = None;
-    let mut valid = 0;
-    for point in points(&vars) {
+    let mut ratios: Vec<(Complex, Point)> = Vec::new();
+    let mut zeros = 0;
+    for point in points(&vars, POINTS) {
         let (Ok(x), Ok(y)) = (eval(&a.1, &point), eval(&b.1, &point)) else {
             continue;
         };
         let (xz, yz) = (x.abs() < 1e-12, y.abs() < 1e-12);
         if xz && yz {
+            zeros += 1;
             continue;
         }
         if xz != yz {
             return false;
         }
-        let r = x.div(y);
-        match ratio {
-            None => ratio = Some(r),
-            Some(r0) if !close(r0, r, tol) => return false,
-            _ => {}
+        ratios.push((x.div(y), point));
+    }
+    let constant = |scale: &dyn Fn(&Point) -> Complex| {
+        let mut first: Option<Complex> = None;
+        for (r, point) in &ratios {
+            let r = r.div(scale(point));
+            match first {
+                None => first = Some(r),
+                Some(r0) if !close(r0, r, tol) => return None,
+                _ => {}
+            }
         }
-        valid += 1;
+        first
+    };
+    let mut ratio = constant(&|_| Complex::real(1.0));
+    if ratio.is_none() && a.0 == RelOp::Eq {
+        // `(y+5)/x = 2` against `y = 2x - 5`: the same equation multiplied through by a variable
+        // that one of them divides by (so it is not zero where that equation is defined).
+        let mut divisors = a.1.divisor_variables();
+        divisors.extend(b.1.divisor_variables());
+        ratio = divisors.iter().find_map(|v| {
+            [1.0, -1.0].into_iter().find_map(|k| {
+                constant(&|point: &Point| {
+                    let x = point
+                        .iter()
+                        .find(|(n, _)| n == v)
+                        .map_or(1.0, |(_, c)| c.re);
+                    Complex::real(x.powf(k))
+                })
+            })
+        });
+    }
+    let valid = ratios.len();
+    if valid == 0 && a.0 == b.0 && zeros >= 2 {
+        // Both hold identically (`\sin^2 x + \cos^2 x = 1`): the same statement.
+        return true;
     }
     match ratio {
         Some(r) if valid >= 2 || vars.is_empty() => {
@@ -710,8 +807,17 @@ pub fn scalars_equivalent(gt: &Expr, pred: &Expr) -> bool {
         EXACT_TOL
     };
     let vars = union_vars(gt, pred);
+    if !decimal && !vars.is_empty() && differ_exactly(gt, pred, &vars) {
+        return false;
+    }
+    if disagree_on_negatives(gt, pred, &vars) {
+        return false;
+    }
+    let real_expressions = !gt.has_imaginary() && !pred.has_imaginary();
     let mut valid = 0;
-    for point in points(&vars) {
+    // More candidates than needed: points where a side is undefined or off the real line are
+    // replaced by later ones.
+    for point in points(&vars, 4 * POINTS) {
         match (eval(gt, &point), eval(pred, &point)) {
             (Ok(a), Ok(b)) => {
                 if a.is_finite() != b.is_finite() {
@@ -723,9 +829,18 @@ pub fn scalars_equivalent(gt: &Expr, pred: &Expr) -> bool {
                     a.re == b.re && a.im == b.im
                 };
                 if !same {
+                    if real_expressions && off_real_line(a) && off_real_line(b) {
+                        // Both off the real line (`((x-2)^3)^k` against `(x-2)^{3k}` for
+                        // `x < 2`): the principal complex branches may differ where the real
+                        // functions are undefined, so the point says nothing.
+                        continue;
+                    }
                     return false;
                 }
                 valid += 1;
+                if valid == POINTS {
+                    break;
+                }
             }
             (Err(_), Err(_)) => {}
             _ => return false,
@@ -749,6 +864,66 @@ fn rounds_to(gt: &Expr, value: f64) -> bool {
     (g.to_f64() - value).abs() <= 0.5 * 10f64.powi(-(places as i32)) * (1.0 + 1e-9)
 }
 
+/// Whether the two sides take different exact values at some integer point: a polynomial whose
+/// constant term is off by one in ten digits differs from the true one by less than any float
+/// tolerance, but not exactly.
+fn differ_exactly(gt: &Expr, pred: &Expr, vars: &[String]) -> bool {
+    (0..3).any(|k| {
+        let point: Vec<(String, Rational)> = vars
+            .iter()
+            .enumerate()
+            .map(|(j, v)| (v.clone(), Rational::integer(2 + k as i128 * 3 + j as i128)))
+            .collect();
+        match (
+            exact(&gt.substitute(&point)),
+            exact(&pred.substitute(&point)),
+        ) {
+            (Some(a), Some(b)) => a != b,
+            _ => false,
+        }
+    })
+}
+
+/// Whether the two sides are both real but different at a point with negative values: the
+/// sampled positive points cannot tell `\sqrt{x^2}` from `x`. Points where either side is not
+/// real (`\ln x`, `x^{1/2}` for negative `x`) say nothing.
+fn disagree_on_negatives(gt: &Expr, pred: &Expr, vars: &[String]) -> bool {
+    if vars.is_empty() {
+        return false;
+    }
+    (0..3).any(|k| {
+        let exact_point: Vec<(String, Rational)> = vars
+            .iter()
+            .enumerate()
+            .map(|(j, v)| (v.clone(), Rational::integer(-1 - k as i128 * 2 - j as i128)))
+            .collect();
+        if let (Some(a), Some(b)) = (
+            exact(&gt.substitute(&exact_point)),
+            exact(&pred.substitute(&exact_point)),
+        ) {
+            return a != b;
+        }
+        let x = [-0.7, -1.9, -2.6][k];
+        let point: Vec<(String, Complex)> = vars
+            .iter()
+            .enumerate()
+            .map(|(j, v)| (v.clone(), Complex::real(x - 0.13 * j as f64)))
+            .collect();
+        match (eval(gt, &point), eval(pred, &point)) {
+            (Ok(a), Ok(b)) => {
+                let real = |c: Complex| c.im.abs() <= 1e-9 * c.re.abs().max(1.0);
+                real(a) && real(b) && !close(a, b, 1e-6)
+            }
+            _ => false,
+        }
+    })
+}
+
+/// Whether a value has a non-negligible imaginary part.
+fn off_real_line(c: Complex) -> bool {
+    c.im.abs() > 1e-9 * c.re.abs().max(1.0)
+}
+
 fn union_vars(a: &Expr, b: &Expr) -> Vec<String> {
     let mut v = a.variables();
     v.extend(b.variables());
@@ -759,10 +934,7 @@ fn union_vars(a: &Expr, b: &Expr) -> Vec<String> {
 }
 
 /// Deterministic pseudo-random points: the same variable gets the same values on both sides.
-fn points(vars: &[String]) -> Vec<Vec<(String, Complex)>> {
-    if vars.is_empty() {
-        return vec![Vec::new()];
-    }
+fn points(vars: &[String], count: usize) -> impl Iterator<Item = Point> + '_ {
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = move || {
         state ^= state << 13;
@@ -770,11 +942,10 @@ fn points(vars: &[String]) -> Vec<Vec<(String, Complex)>> {
         state ^= state << 17;
         (state >> 11) as f64 / (1u64 << 53) as f64
     };
-    (0..POINTS)
-        .map(|_| {
-            vars.iter()
-                .map(|v| (v.clone(), Complex::real(0.35 + 2.5 * next())))
-                .collect()
-        })
-        .collect()
+    let count = if vars.is_empty() { 1 } else { count };
+    (0..count).map(move |_| {
+        vars.iter()
+            .map(|v| (v.clone(), Complex::real(0.35 + 2.5 * next())))
+            .collect()
+    })
 }

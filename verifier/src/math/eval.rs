@@ -21,7 +21,10 @@ pub fn exact(e: &Expr) -> Option<Rational> {
         Expr::Add(a, b) => exact(a)?.checked_add(exact(b)?),
         Expr::Sub(a, b) => exact(a)?.checked_sub(exact(b)?),
         Expr::Mul(a, b) => exact(a)?.checked_mul(exact(b)?),
-        Expr::Div(a, b) => exact(a)?.checked_div(exact(b)?),
+        Expr::Div(a, b) => match (exact(a), exact(b)) {
+            (Some(x), Some(y)) => x.checked_div(y),
+            _ => factorial_quotient(a, b),
+        },
         Expr::Pow(a, b) => {
             let base = exact(a)?;
             let exp = exact(b)?;
@@ -80,6 +83,68 @@ pub fn exact(e: &Expr) -> Option<Rational> {
         }
         Expr::Call(_, _) => None,
     }
+}
+
+/// Largest gap `n - m` for which `n!/m!` is multiplied out.
+const MAX_FACTORIAL_GAP: i128 = 200;
+
+/// `175! \cdot 56! / (55! \cdot 176!)`: factorials too large for `i128` (or `f64`) that cancel
+/// in a quotient. Numerator and denominator factorials are paired largest with largest and each
+/// pair `n!/m!` multiplied out as `(m+1)\cdots n`; anything else must be exact.
+fn factorial_quotient(num: &Expr, den: &Expr) -> Option<Rational> {
+    fn factors<'a>(e: &'a Expr, facts: &mut Vec<i128>, rest: &mut Vec<&'a Expr>) {
+        match e {
+            Expr::Mul(a, b) => {
+                factors(a, facts, rest);
+                factors(b, facts, rest);
+            }
+            Expr::Factorial(a) => match exact(a) {
+                Some(n) if n.is_integer() && n.numer() >= 0 => facts.push(n.numer()),
+                _ => rest.push(e),
+            },
+            _ => rest.push(e),
+        }
+    }
+    let (mut top, mut top_rest, mut bottom, mut bottom_rest) = (vec![], vec![], vec![], vec![]);
+    factors(num, &mut top, &mut top_rest);
+    factors(den, &mut bottom, &mut bottom_rest);
+    if top.is_empty() || bottom.is_empty() {
+        return None;
+    }
+    top.sort_unstable_by(|a, b| b.cmp(a));
+    bottom.sort_unstable_by(|a, b| b.cmp(a));
+    let mut value = Rational::integer(1);
+    for (&n, &m) in top.iter().zip(&bottom) {
+        if (n - m).abs() > MAX_FACTORIAL_GAP {
+            return None;
+        }
+        let product = (n.min(m) + 1..=n.max(m)).try_fold(Rational::integer(1), |acc, k| {
+            acc.checked_mul(Rational::integer(k))
+        })?;
+        value = if n >= m {
+            value.checked_mul(product)?
+        } else {
+            value.checked_div(product)?
+        };
+    }
+    let single = |n: &i128| {
+        (1..=*n).try_fold(Rational::integer(1), |acc, k| {
+            acc.checked_mul(Rational::integer(k))
+        })
+    };
+    for n in top.iter().skip(bottom.len()) {
+        value = value.checked_mul(single(n)?)?;
+    }
+    for n in bottom.iter().skip(top.len()) {
+        value = value.checked_div(single(n)?)?;
+    }
+    for e in top_rest {
+        value = value.checked_mul(exact(e)?)?;
+    }
+    for e in bottom_rest {
+        value = value.checked_div(exact(e)?)?;
+    }
+    Some(value)
 }
 
 /// Why a float evaluation produced nothing comparable.
@@ -159,13 +224,7 @@ fn eval_finite(e: &Expr, point: &[(String, Complex)]) -> Result<Complex, EvalErr
                 x.pow(Complex::real(1.0 / *n as f64))
             }
         }
-        Expr::Factorial(a) => {
-            let x = r(a)?;
-            if !x.is_real() || x.re.fract() != 0.0 || x.re < 0.0 || x.re > MAX_FACTORIAL as f64 {
-                return Err(EvalError);
-            }
-            Complex::real((1..=x.re as u32).map(f64::from).product())
-        }
+        Expr::Factorial(a) => factorial(r(a)?)?,
         Expr::Abs(a) => Complex::real(r(a)?.abs()),
         Expr::Binom(n, k) => {
             let n = r(n)?;
@@ -222,6 +281,26 @@ fn call(f: Func, x: Complex) -> Result<Complex, EvalError> {
             let b = x.neg().exp();
             a.sub(b).mul(recip(a.add(b))?)
         }
+        Func::Csch => recip(call(Func::Sinh, x)?)?,
+        Func::Sech => recip(call(Func::Cosh, x)?)?,
+        Func::Coth => recip(call(Func::Tanh, x)?)?,
+        Func::Arccsc => recip(x)?.asin(),
+        Func::Arcsec => half_pi.sub(recip(x)?.asin()),
+        Func::Arccot => recip(x)?.atan(),
+        Func::Abs => Complex::real(x.abs()),
+        Func::Floor | Func::Ceil if x.is_real() => Complex::real(if f == Func::Floor {
+            x.re.floor()
+        } else {
+            x.re.ceil()
+        }),
+        Func::Floor | Func::Ceil => return Err(EvalError),
+        Func::Factorial => factorial(x)?,
+        Func::Lg => {
+            if x.abs() == 0.0 {
+                return Err(EvalError);
+            }
+            x.ln().mul(Complex::real(1.0 / std::f64::consts::LN_10))
+        }
         Func::Ln | Func::Log => {
             if x.abs() == 0.0 {
                 return Err(EvalError);
@@ -230,4 +309,45 @@ fn call(f: Func, x: Complex) -> Result<Complex, EvalError> {
         }
         Func::Exp => x.exp(),
     })
+}
+
+/// `x!`: the product for a whole number, Gamma(x + 1) at a sampled non-integer `x` (so that
+/// `(n+1) n!` and `(n+1)!` compare as the identities they are).
+fn factorial(x: Complex) -> Result<Complex, EvalError> {
+    let pole = x.re < 0.0 && x.re.fract() == 0.0;
+    if !x.is_real() || pole || x.re > MAX_FACTORIAL as f64 {
+        return Err(EvalError);
+    }
+    Ok(if x.re >= 0.0 && x.re.fract() == 0.0 {
+        Complex::real((1..=x.re as u32).map(f64::from).product())
+    } else {
+        Complex::real(gamma(x.re + 1.0))
+    })
+}
+
+/// The Gamma function for `x > 0` (Lanczos approximation, g = 7, about 15 significant digits).
+fn gamma(x: f64) -> f64 {
+    const G: f64 = 7.0;
+    const C: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        // Reflection: Gamma(x) Gamma(1 - x) = pi / sin(pi x).
+        return std::f64::consts::PI / ((std::f64::consts::PI * x).sin() * gamma(1.0 - x));
+    }
+    let x = x - 1.0;
+    let t = x + G + 0.5;
+    let sum = C[1..]
+        .iter()
+        .enumerate()
+        .fold(C[0], |acc, (i, c)| acc + c / (x + i as f64 + 1.0));
+    (2.0 * std::f64::consts::PI).sqrt() * t.powf(x + 0.5) * (-t).exp() * sum
 }

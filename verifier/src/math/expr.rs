@@ -84,6 +84,23 @@ pub enum Func {
     Sinh,
     Cosh,
     Tanh,
+    /// `\operatorname{csch}`, `\operatorname{sech}`, `\coth`: reciprocal hyperbolic functions.
+    Csch,
+    Sech,
+    Coth,
+    /// Inverses of the reciprocal trigonometric functions.
+    Arccsc,
+    Arcsec,
+    Arccot,
+    /// Absolute value written as a function, `abs(x)`.
+    Abs,
+    /// Base-10 logarithm written `lg`.
+    Lg,
+    /// `floor(x)`, `ceiling(x)`.
+    Floor,
+    Ceil,
+    /// `factorial(n)`, the function form of `n!`.
+    Factorial,
     /// Natural logarithm (`\ln`).
     Ln,
     /// `\log` without a base: taken as natural log; both sides of a comparison read it alike.
@@ -93,6 +110,14 @@ pub enum Func {
 
 /// Words (with or without a backslash) that name functions or constants.
 const WORDS: &[(&str, Tok)] = &[
+    ("arccsc", Tok::Func(Func::Arccsc)),
+    ("arcsec", Tok::Func(Func::Arcsec)),
+    ("arccot", Tok::Func(Func::Arccot)),
+    ("cosech", Tok::Func(Func::Csch)),
+    ("cosec", Tok::Func(Func::Csc)),
+    ("csch", Tok::Func(Func::Csch)),
+    ("sech", Tok::Func(Func::Sech)),
+    ("coth", Tok::Func(Func::Coth)),
     ("arcsin", Tok::Func(Func::Arcsin)),
     ("arccos", Tok::Func(Func::Arccos)),
     ("arctan", Tok::Func(Func::Arctan)),
@@ -112,6 +137,23 @@ const WORDS: &[(&str, Tok)] = &[
     ("inf", Tok::Infinity),
     ("ln", Tok::Func(Func::Ln)),
     ("pi", Tok::Pi),
+];
+
+/// Plain-text names that only count as functions when called: `abs(x)`, `lg(x)`, `asin(x)`;
+/// otherwise the letters are a product of variables.
+const CALLED: [(&str, Func); 12] = [
+    ("factorial(", Func::Factorial),
+    ("abs(", Func::Abs),
+    ("lg(", Func::Lg),
+    ("asin(", Func::Arcsin),
+    ("acos(", Func::Arccos),
+    ("atan(", Func::Arctan),
+    ("acsc(", Func::Arccsc),
+    ("asec(", Func::Arcsec),
+    ("acot(", Func::Arccot),
+    ("floor(", Func::Floor),
+    ("ceiling(", Func::Ceil),
+    ("ceil(", Func::Ceil),
 ];
 
 /// Whether `s` contains a plain word (three or more letters that are not function names, like
@@ -136,8 +178,14 @@ pub fn is_wordy(s: &str) -> bool {
             i += 1;
             continue;
         }
-        let rest: String = chars[i..chars.len().min(i + 8)].iter().collect();
-        if let Some((w, _)) = WORDS.iter().find(|(w, _)| rest.starts_with(w)) {
+        let rest: String = chars[i..chars.len().min(i + 12)].iter().collect();
+        let called = CALLED.iter().map(|(w, _)| *w).find(|w| rest.starts_with(w));
+        if let Some(w) = WORDS
+            .iter()
+            .map(|(w, _)| *w)
+            .find(|w| rest.starts_with(w))
+            .or(called)
+        {
             i += w.len();
             unknown_run = 0;
         } else {
@@ -149,6 +197,23 @@ pub fn is_wordy(s: &str) -> bool {
         }
     }
     false
+}
+
+/// The longest known command that `name` starts with, when the rest is at most three letters
+/// (variables written against the command without a space): `cdotb` is `\cdot b`.
+fn glued_command(name: &str) -> Option<(&'static str, Tok)> {
+    const OPERATORS: [(&str, Tok); 4] = [
+        ("cdot", Tok::Star),
+        ("times", Tok::Star),
+        ("ast", Tok::Star),
+        ("div", Tok::Slash),
+    ];
+    OPERATORS
+        .iter()
+        .cloned()
+        .chain(WORDS.iter().cloned())
+        .filter(|(w, _)| name.starts_with(w) && name.len() - w.len() <= 3)
+        .max_by_key(|(w, _)| w.len())
 }
 
 /// LaTeX commands that stand for a variable.
@@ -307,12 +372,17 @@ fn lex(s: &str) -> PResult<Vec<Tok>> {
                     "left" | "right" | "big" | "Big" | "bigl" | "bigr" | "Bigl" | "Bigr"
                     | "quad" | "qquad" | "displaystyle" => {}
                     "lvert" | "rvert" | "vert" => out.push(Tok::Bar),
-                    "operatorname" | "mathrm" => {}
+                    "operatorname" | "mathrm" | "space" => {}
+                    "abs" => out.push(Tok::Func(Func::Abs)),
                     other => {
                         if let Some((_, t)) = WORDS.iter().find(|(w, _)| *w == other) {
                             out.push(t.clone());
                         } else if GREEK.contains(&other) {
                             out.push(Tok::Var(format!("\\{other}")));
+                        } else if let Some((cmd, tok)) = glued_command(other) {
+                            // `\cdotb`, `\sinx`: a command run together with the letters after it.
+                            out.push(tok);
+                            out.extend(other[cmd.len()..].chars().map(|c| Tok::Var(c.to_string())));
                         } else {
                             return Err(ParseError("unknown command"));
                         }
@@ -320,8 +390,11 @@ fn lex(s: &str) -> PResult<Vec<Tok>> {
                 }
             }
             c if c.is_ascii_alphabetic() => {
-                let rest: String = chars[i..chars.len().min(i + 8)].iter().collect();
-                if let Some((w, t)) = WORDS.iter().find(|(w, _)| rest.starts_with(w)) {
+                let rest: String = chars[i..chars.len().min(i + 12)].iter().collect();
+                if let Some((w, f)) = CALLED.iter().find(|(w, _)| rest.starts_with(w)) {
+                    out.push(Tok::Func(*f));
+                    i += w.len() - 1;
+                } else if let Some((w, t)) = WORDS.iter().find(|(w, _)| rest.starts_with(w)) {
                     out.push(t.clone());
                     i += w.len();
                 } else {
@@ -447,6 +520,7 @@ pub fn parse_expr(s: &str) -> PResult<Expr> {
         toks,
         pos: 0,
         depth: 0,
+        bars: 0,
     };
     let e = p.expr()?;
     if p.pos != p.toks.len() {
@@ -459,6 +533,9 @@ struct Parser {
     toks: Vec<Tok>,
     pos: usize,
     depth: usize,
+    /// Absolute values open at this point: a `|` after an operand opens a new one (a product,
+    /// `a|x|`) only when none is open, and otherwise closes the innermost.
+    bars: usize,
 }
 
 fn bx(e: Expr) -> Box<Expr> {
@@ -526,7 +603,7 @@ impl Parser {
                     self.pos += 1;
                     lhs = Expr::Div(bx(lhs), bx(self.unary()?));
                 }
-                Some(t) if starts_operand(t) => {
+                Some(t) if starts_operand(t) || (*t == Tok::Bar && self.bars == 0) => {
                     lhs = Expr::Mul(bx(lhs), bx(self.power()?));
                 }
                 _ => break,
@@ -681,7 +758,9 @@ impl Parser {
                 e
             }
             Tok::Bar => {
+                self.bars += 1;
                 let e = self.expr()?;
+                self.bars -= 1;
                 if self.next() != Some(Tok::Bar) {
                     return Err(ParseError("unclosed absolute value"));
                 }
@@ -854,6 +933,54 @@ impl Expr {
         vars.sort();
         vars.dedup();
         vars
+    }
+
+    /// Variables the expression divides by (in a denominator or under a negative power).
+    pub fn divisor_variables(&self) -> Vec<String> {
+        let mut vars = Vec::new();
+        self.visit(&mut |e| match e {
+            Expr::Div(_, b) => vars.extend(b.variables()),
+            Expr::Pow(a, b) if matches!(**b, Expr::Neg(_)) => vars.extend(a.variables()),
+            _ => {}
+        });
+        vars.sort();
+        vars.dedup();
+        vars
+    }
+
+    /// The expression with each variable of `point` replaced by its exact value.
+    pub fn substitute(&self, point: &[(String, Rational)]) -> Expr {
+        let sub = |e: &Expr| Box::new(e.substitute(point));
+        match self {
+            Expr::Var(v) => match point.iter().find(|(name, _)| name == v) {
+                Some((_, r)) => Expr::Num {
+                    value: NumValue::Exact(*r),
+                    decimal: false,
+                    places: 0,
+                },
+                None => self.clone(),
+            },
+            Expr::Neg(a) => Expr::Neg(sub(a)),
+            Expr::Root(n, a) => Expr::Root(*n, sub(a)),
+            Expr::Factorial(a) => Expr::Factorial(sub(a)),
+            Expr::Abs(a) => Expr::Abs(sub(a)),
+            Expr::Call(f, a) => Expr::Call(*f, sub(a)),
+            Expr::Add(a, b) => Expr::Add(sub(a), sub(b)),
+            Expr::Sub(a, b) => Expr::Sub(sub(a), sub(b)),
+            Expr::Mul(a, b) => Expr::Mul(sub(a), sub(b)),
+            Expr::Div(a, b) => Expr::Div(sub(a), sub(b)),
+            Expr::Pow(a, b) => Expr::Pow(sub(a), sub(b)),
+            Expr::Binom(a, b) => Expr::Binom(sub(a), sub(b)),
+            Expr::LogBase(a, b) => Expr::LogBase(sub(a), sub(b)),
+            Expr::Num { .. } | Expr::Pi | Expr::E | Expr::I | Expr::Infinity => self.clone(),
+        }
+    }
+
+    /// Whether the imaginary unit appears anywhere.
+    pub fn has_imaginary(&self) -> bool {
+        let mut found = false;
+        self.visit(&mut |e| found |= *e == Expr::I);
+        found
     }
 
     /// Whether the expression is one variable, e.g. the `x` of `x = 5`.

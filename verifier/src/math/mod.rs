@@ -19,10 +19,21 @@ use std::sync::LazyLock;
 static CHOICE_GT: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^\(?([A-E])\)?$").expect("valid regex"));
 /// An answer that ends with a percent sign (`10\%`, `10%`, `10 \%$`).
-static PERCENT_END: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"(?:\\%|%)[\s$]*$").expect("valid regex"));
-static CHOICE_PRED: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^\(?([A-Ea-e])\)(?:\s|$)|^([A-E])$").expect("valid regex"));
+static PERCENT_END: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?:\\%|%|\s*(?:percent(?:age)?|pct|per cent))[\s$]*$").expect("valid regex")
+});
+static CHOICE_PRED: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^\(?([A-Ea-e])\)(?:\s|$)|^([A-E])$|^([A-E])\.\s").expect("valid regex")
+});
+/// A choice letter followed by its content: "C. x = 42", "(C) 42".
+static CHOICE_LABELLED: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^\(?([A-E])(?:\.|\))\s").expect("valid regex"));
+
+/// A time of day: `20:34`, `20:34:00`, `8:34 p.m.`, `08:34 PM`.
+static CLOCK: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)^(\d{1,2}):([0-5]\d)(?::([0-5]\d))?(?:\s*([ap])\.?\s*m\.?)?$")
+        .expect("valid regex")
+});
 
 /// The outcome of grading one math response.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,12 +96,25 @@ pub fn answers_match(gt: &str, pred: &str) -> bool {
         // Integers too long for exact arithmetic still compare exactly, digit by digit.
         return canonical_integer(&g) == canonical_integer(&p);
     }
+    if let Some(same) = same_clock_time(&g, &p) {
+        return same;
+    }
     if let Some(c) = CHOICE_GT.captures(&g) {
-        // A multiple-choice letter: compare letters, whatever the decoration.
-        return CHOICE_PRED
+        // A multiple-choice letter: compare letters, whatever the decoration. An answer that is
+        // an expression in that letter (`Bsec(0)` against `B`) is compared as an expression.
+        let letter = CHOICE_PRED
             .captures(&p)
-            .and_then(|m| m.get(1).or(m.get(2)))
-            .is_some_and(|m| m.as_str().eq_ignore_ascii_case(&c[1]));
+            .and_then(|m| m.get(1).or(m.get(2)).or(m.get(3)));
+        let expression = letter.is_none()
+            && p.contains(&c[1])
+            && expr::parse_expr(&p).is_ok_and(|e| e.variables().len() == 1);
+        if !expression {
+            return letter.is_some_and(|m| m.as_str().eq_ignore_ascii_case(&c[1]));
+        }
+    }
+    if let (Some(c), Some(labelled)) = (CHOICE_GT.captures(&p), CHOICE_LABELLED.captures(&g)) {
+        // A reference written as the choice with its content ("C. x = 42") and a bare letter.
+        return c[1] == labelled[1];
     }
     let (ga, pa) = (answer::parse_answer(&g), answer::parse_answer(&p));
     if answer::equivalent(&ga, &pa) || percent_as_decimal(gt, pred) {
@@ -98,12 +122,27 @@ pub fn answers_match(gt: &str, pred: &str) -> bool {
     }
     // Text answers ("Monday", "\text{no solution}") and forms the parser does not know compare
     // by their loose text, unless exponents or subscripts make braces meaningful.
+    if let Some(same) = product_of_letters(&g, &ga, &p, &pa) {
+        return same;
+    }
     let meaningful_braces = |s: &str| s.contains('^') || s.contains('_');
     let both_text = matches!(ga, answer::Answer::Text(_)) || matches!(pa, answer::Answer::Text(_));
     both_text
         && !meaningful_braces(&g)
         && !meaningful_braces(&p)
         && normalize::text_key(&g) == normalize::text_key(&p)
+}
+
+/// `abd + acd` reads as words, but against an algebraic answer with variables (`a(b+c)d`) it is
+/// a sum of products of single-letter variables; compares the two that way.
+fn product_of_letters(g: &str, ga: &answer::Answer, p: &str, pa: &answer::Answer) -> Option<bool> {
+    use answer::Answer::{Scalar, Text};
+    let (gt, pred) = match (ga, pa) {
+        (Text(_), Scalar(e)) if !e.variables().is_empty() => (expr::parse_expr(g).ok()?, e.clone()),
+        (Scalar(e), Text(_)) if !e.variables().is_empty() => (e.clone(), expr::parse_expr(p).ok()?),
+        _ => return None,
+    };
+    Some(answer::scalars_equivalent(&gt, &pred))
 }
 
 /// A percentage against its decimal: when only one side carries a percent sign, `x\%` is also
@@ -137,4 +176,34 @@ fn canonical_integer(s: &str) -> String {
         (false, true) => format!("-{digits}"),
         (false, false) => digits.to_string(),
     }
+}
+
+/// Two times of day, at least one of them written with seconds or a.m./p.m. (a bare `7:32` is
+/// also a ratio): equal when they name the same second of the day.
+fn same_clock_time(g: &str, p: &str) -> Option<bool> {
+    let (a, explicit_a) = clock_seconds(g)?;
+    let (b, explicit_b) = clock_seconds(p)?;
+    (explicit_a || explicit_b).then_some(a == b)
+}
+
+/// Seconds since midnight, and whether the form is unmistakably a time.
+fn clock_seconds(s: &str) -> Option<(u32, bool)> {
+    let c = CLOCK.captures(s.trim())?;
+    let mut hour: u32 = c[1].parse().ok()?;
+    let minute: u32 = c[2].parse().ok()?;
+    let second: u32 = c.get(3).map_or(Some(0), |m| m.as_str().parse().ok())?;
+    match c.get(4).map(|m| m.as_str().to_ascii_lowercase()) {
+        Some(half) => {
+            if !(1..=12).contains(&hour) {
+                return None;
+            }
+            hour = hour % 12 + if half == "p" { 12 } else { 0 };
+        }
+        None if hour > 23 => return None,
+        None => {}
+    }
+    Some((
+        hour * 3600 + minute * 60 + second,
+        c.get(3).is_some() || c.get(4).is_some(),
+    ))
 }

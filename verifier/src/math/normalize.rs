@@ -6,6 +6,9 @@
 use regex::Regex;
 use std::sync::LazyLock;
 
+/// What an answer that is malformed on purpose normalises to: it matches only itself.
+pub const UNREADABLE: &str = "\\unreadable";
+
 /// Stand-in for `\\` while spacing commands are removed.
 const ROW_BREAK: &str = "\u{1}";
 
@@ -33,9 +36,19 @@ static GLUED_UNIT: LazyLock<Regex> =
 static THOUSANDS: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^-?\d{1,3}((,\d{3})+|( \d{3})+)(\.\d+)?$").expect("valid regex"));
 static MIXED_NUMBER: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^(-?)(\d+)(?:\s*\\frac(?:\{(\d+)\}\{(\d+)\}|(\d)(\d))|\s+(\d+)/(\d+))$")
+    Regex::new(r"^([-+]?)(\d{1,3}(?: \d{3})+|\d+)(?: *\\frac(?:\{(\d+)\}\{(\d+)\}|(\d)(\d))| +(\d+)/(\d+))$")
         .expect("valid regex")
 });
+static PAREN_SUBSCRIPT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"_\(([^()]*)\)").expect("valid regex"));
+static GREEK_NAME: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(\\?)(?-u:\b)(alpha|beta|gamma|delta|epsilon|theta|lambda|sigma|tau|phi|omega)(?-u:\b)",
+    )
+    .expect("valid regex")
+});
+static GLUED_OR: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(\d)or([A-Z(\[-])").expect("valid regex"));
 static SPOKEN_LIST: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?i)\s*,?\s+(?:or|and)\s+").expect("valid regex"));
 static BASE_SUBSCRIPT: LazyLock<Regex> =
@@ -75,6 +88,7 @@ pub fn normalize(answer: &str) -> String {
         ("\u{221e}", "\\infty "),
         ("\u{221a}", "\\sqrt"),
         ("\u{222a}", "\\cup "),
+        ("\u{2260}", "\\ne "),
         ("\u{2264}", "\\le "),
         ("\u{2265}", "\\ge "),
         ("\u{2205}", "\\emptyset "),
@@ -103,6 +117,7 @@ pub fn normalize(answer: &str) -> String {
         "\\;",
         "\\:",
         "\\qquad",
+        "\\space",
         "\\quad",
         "\\ ",
         "~",
@@ -114,7 +129,21 @@ pub fn normalize(answer: &str) -> String {
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac");
     s = s.replace("\\cfrac", "\\frac");
     s = s.replace("\\leq", "\\le").replace("\\geq", "\\ge");
-    s = s.replace("\\neq", "\\ne").replace("!=", "\\ne ");
+    s = s
+        .replace("\\neq", "\\ne")
+        .replace("!=", "\\ne ")
+        .replace("=/=", "\\ne ")
+        .replace("<>", "\\ne ");
+    if s.contains("_(") {
+        // `a_(n+1)`: a subscript in parentheses.
+        s = PAREN_SUBSCRIPT.replace_all(&s, "_{$1}").into_owned();
+    }
+    if s.bytes().any(|b| b.is_ascii_alphabetic()) {
+        // `theta`, `phi`: a Greek letter spelled out.
+        s = GREEK_NAME
+            .replace_all(&s, |c: &regex::Captures| format!("\\{}", &c[2]))
+            .into_owned();
+    }
     s = s
         .replace("\\leqslant", "\\le")
         .replace("\\geqslant", "\\ge");
@@ -137,8 +166,14 @@ pub fn normalize(answer: &str) -> String {
     for pct in ["\\%", "%", "\\$", "$"] {
         s = s.replace(pct, "");
     }
-    s = s.replace("{,}", "");
+    s = s.replace("{,}", "").replace("{, }", "");
     s = unwrap_text(&s);
+    for dots in ["\\cdots", "\\dots", "..."] {
+        // `1, 2, 3, ...` goes on: an ellipsis is an item of the list, not a full stop.
+        if let Some(head) = s.trim_end().strip_suffix(dots) {
+            s = format!("{head}\\ldots");
+        }
+    }
     s = s.trim().trim_end_matches(['.', ';']).trim().to_string();
     s = strip_trailing_unit(&s);
     if THOUSANDS.is_match(&s) {
@@ -149,18 +184,50 @@ pub fn normalize(answer: &str) -> String {
         // 2 times 1/2.
         let group = |a: usize, b: usize, d: usize| c.get(a).or(c.get(b)).or(c.get(d));
         if let (Some(num), Some(den)) = (group(3, 5, 7), group(4, 6, 8)) {
-            s = format!(
-                "{}({}+\\frac{{{}}}{{{}}})",
-                &c[1],
-                &c[2],
-                num.as_str(),
-                den.as_str()
-            );
+            let proper = match (num.as_str().parse::<u64>(), den.as_str().parse::<u64>()) {
+                (Ok(n), Ok(d)) => n < d,
+                _ => false,
+            };
+            s = if proper {
+                format!(
+                    "{}({}+\\frac{{{}}}{{{}}})",
+                    c[1].trim_start_matches('+'),
+                    c[2].replace(' ', ""),
+                    num.as_str(),
+                    den.as_str()
+                )
+            } else {
+                // `11 7/6`, `4 4/0`: the fraction of a mixed number is proper, so this is not
+                // one, and reading it as a product or a sum would credit a guess.
+                UNREADABLE.to_string()
+            };
         }
+    }
+    for glued in [")or(", "]or[", ")or[", "]or("] {
+        // `(11,7)or(7,11)`
+        s = s.replace(glued, &format!("{},{}", &glued[..1], &glued[3..]));
+    }
+    if s.contains("or") {
+        // `W(x)=1orW(x)=-1`: "or" glued between a number and the next answer.
+        s = GLUED_OR.replace_all(&s, "$1,$2").into_owned();
     }
     if s.contains(" or ") || s.contains(" and ") || s.contains(" OR ") || s.contains(" AND ") {
         // "1 or 2", "x = 1 and x = 2": the spoken list of several answers.
-        s = SPOKEN_LIST.replace_all(&s, ",").into_owned();
+        s = SPOKEN_LIST.replace_all(&s, ";").into_owned();
+        if !s.split(';').all(|g| g.contains(',') && g.contains('=')) {
+            s = s.replace(';', ",");
+        }
+    }
+    if s.contains(';') && !s.contains("\\begin") {
+        let groups: Vec<&str> = s.split(';').collect();
+        if groups.iter().all(|g| g.contains(',') && g.contains('=')) {
+            // `p=5,q=2;p=7,q=2`: each group is one solution, a tuple of labelled values.
+            s = groups
+                .iter()
+                .map(|g| format!("({})", g.trim()))
+                .collect::<Vec<_>>()
+                .join(",");
+        }
     }
     if s.contains(';') && !s.contains("\\begin") {
         // "1; 2; 3": semicolons separate the items of a list like commas.
@@ -189,7 +256,7 @@ fn unwrap_text(s: &str) -> String {
                 let whole = c.get(0).map(|m| m.start()).unwrap_or(0);
                 let before = snapshot[..whole].trim_end();
                 if inner.eq_ignore_ascii_case("or") || inner.eq_ignore_ascii_case("and") {
-                    ",".to_string()
+                    " and ".to_string()
                 } else if !before.is_empty() && is_unit(inner) {
                     String::new()
                 } else if !before.is_empty()
@@ -225,9 +292,9 @@ fn strip_trailing_unit(s: &str) -> String {
 /// the backslash of every command. A doubled backslash followed by a command name (a row break
 /// is followed by a space, a digit or a sign in the answers we see) is read as one.
 fn single_backslash_commands(s: &str) -> String {
-    const COMMANDS: [&str; 14] = [
+    const COMMANDS: [&str; 22] = [
         "frac", "dfrac", "tfrac", "sqrt", "left", "right", "begin", "end", "pi", "cdot", "times",
-        "infty", "text", "boxed",
+        "infty", "text", "boxed", "le", "ge", "leq", "geq", "neq", "in", "cup", "cap",
     ];
     if !s.contains("\\\\") {
         return s.to_string();
