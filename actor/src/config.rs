@@ -54,6 +54,9 @@ pub struct ActorConfig {
     /// How long a batch waits for the broadcast round of its version to start before the
     /// actor fetches the weights over gRPC instead (only while the follower is in a group).
     pub broadcast_wait: Duration,
+    /// Sample even a batch the memory plan says does not fit the GPU; without it an actor on
+    /// CUDA stops at such a batch with the numbers and the `--max-prompts` that fits.
+    pub force: bool,
 }
 
 /// Largest chunk of a weight transfer, as the protocol fixes it.
@@ -90,6 +93,7 @@ impl ActorConfig {
             max_batches: None,
             weight_broadcast: true,
             broadcast_wait: Duration::from_secs(5),
+            force: false,
         }
     }
 

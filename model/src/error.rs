@@ -28,6 +28,9 @@ pub enum ModelError {
     Input(String),
     #[error("unknown device {0:?}: expected cpu, cuda or cuda:N")]
     Device(String),
+    /// The CUDA runtime could not be asked (for a device's memory).
+    #[error("CUDA: {0}")]
+    Cuda(String),
     #[error("unknown dtype {0:?}: expected f32, bf16 or f16")]
     Dtype(String),
     /// A weight transfer that does not fit its manifest or the receiving model.

@@ -66,6 +66,11 @@ pub struct ActorArgs {
     /// weights are fetched over gRPC, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub broadcast_wait_secs: f64,
+    /// Sample even a batch the memory plan (`prime plan`) says does not fit the GPU; without
+    /// it an actor on CUDA stops at such a batch with the numbers and the --max-prompts that
+    /// fits.
+    #[arg(long)]
+    pub force: bool,
 }
 
 fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
@@ -99,6 +104,7 @@ impl ActorArgs {
         config.max_batches = self.max_batches;
         config.weight_broadcast = !self.no_weight_broadcast;
         config.broadcast_wait = seconds("broadcast-wait-secs", self.broadcast_wait_secs)?;
+        config.force = self.force;
         Ok(config)
     }
 }
