@@ -649,8 +649,8 @@ impl Actor {
         let device_bytes = match self.memory.device_bytes {
             Some(bytes) => bytes,
             None => {
-                let (_, total) = prime_model::device::cuda_memory(index)
-                    .map_err(|e| Halt::Fatal(e.into()))?;
+                let (_, total) =
+                    prime_model::device::cuda_memory(index).map_err(|e| Halt::Fatal(e.into()))?;
                 self.memory.device_bytes = Some(total);
                 total
             }

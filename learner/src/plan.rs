@@ -11,9 +11,9 @@ use std::path::Path;
 
 use prime_algo::ReferenceType;
 use prime_model::memory::{
-    actor_plan, frozen_phases, gib, kv_cache, peak, sampling_phases, training_phases,
-    ActorSetup, AttentionKernel, Batch, Dims, Dtypes, Gradients, Phase, RolePlan, Sampling,
-    Term, TrainingPass, GIB,
+    actor_plan, frozen_phases, gib, kv_cache, peak, sampling_phases, training_phases, ActorSetup,
+    AttentionKernel, Batch, Dims, Dtypes, Gradients, Phase, RolePlan, Sampling, Term, TrainingPass,
+    GIB,
 };
 use prime_model::Qwen2Config;
 use tch::Kind;
@@ -278,17 +278,9 @@ pub fn learner_rank_plan(
     }
     match sharding {
         Sharding::None => {
-            resident.push(Term::new(
-                "AdamW moments (f32)",
-                "8 (P + P')",
-                8 * trained,
-            ));
+            resident.push(Term::new("AdamW moments (f32)", "8 (P + P')", 8 * trained));
             if masters {
-                resident.push(Term::new(
-                    "master weights (f32)",
-                    "4 (P + P')",
-                    4 * trained,
-                ));
+                resident.push(Term::new("master weights (f32)", "4 (P + P')", 4 * trained));
             }
         }
         _ => {
@@ -781,6 +773,7 @@ pub fn plan_run(config: &LearnerConfig, shapes: &Shapes, cluster: &Cluster) -> R
     let device = cluster.gpu_bytes();
     let policy = Dims::of(&shapes.policy);
     let longest = config.data.max_prompt_tokens + config.rollout.max_response_tokens;
+    let billions = |p: u64| format!("{:.2} B", p as f64 / 1e9);
     let header = format!(
         "{} node(s) x {} GPUs of {:.1} GiB: {world} learner ranks, {} actor GPUs\n\
          policy {} parameters (hidden {}, {} layers, {}/{} heads, vocabulary {}), PRM and \
@@ -789,13 +782,13 @@ pub fn plan_run(config: &LearnerConfig, shapes: &Shapes, cluster: &Cluster) -> R
         cluster.gpus_per_node,
         cluster.gpu_memory_gib,
         cluster.actor_gpus,
-        policy.parameters(),
+        billions(policy.parameters()),
         policy.d,
         policy.layers,
         policy.heads,
         policy.kv_heads,
         policy.v,
-        shapes.prm.num_parameters(),
+        billions(Dims::of(&shapes.prm).parameters()),
         config.data.max_prompt_tokens,
         config.rollout.max_response_tokens,
     );
@@ -813,7 +806,12 @@ pub fn plan_run(config: &LearnerConfig, shapes: &Shapes, cluster: &Cluster) -> R
             device_bytes: device,
         },
     );
-    let prm_server = prm_server_plan(shapes, longest as u64, cluster.prm_server_batch_tokens, device);
+    let prm_server = prm_server_plan(
+        shapes,
+        longest as u64,
+        cluster.prm_server_batch_tokens,
+        device,
+    );
     Ok(RunPlan {
         header,
         learner,
@@ -884,5 +882,33 @@ fn prm_server_terms(
         device_bytes,
         changes: Vec::new(),
         notes: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_micro_batches_fill_the_budget() {
+        let batch = |rows, width| Batch { rows, width };
+        // Whole longest rows, or one row more of the width that fills the budget.
+        assert_eq!(
+            longest_micro_batches(16384, 4096),
+            vec![batch(4, 4096), batch(5, 3276)]
+        );
+        assert_eq!(
+            longest_micro_batches(6000, 4096),
+            vec![batch(1, 4096), batch(2, 3000)]
+        );
+        // A budget below one longest row: that row goes alone.
+        assert_eq!(
+            longest_micro_batches(1000, 4096),
+            vec![batch(1, 4096), batch(2, 500)]
+        );
+        assert_eq!(
+            longest_micro_batches(4096, 4096),
+            vec![batch(1, 4096), batch(2, 2048)]
+        );
     }
 }

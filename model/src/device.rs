@@ -59,10 +59,9 @@ pub fn cuda_memory(index: usize) -> Result<(u64, u64)> {
             std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int) -> c_int>(symbol(
                 "cudaSetDevice",
             )?),
-            std::mem::transmute::<
-                *mut c_void,
-                unsafe extern "C" fn(*mut usize, *mut usize) -> c_int,
-            >(symbol("cudaMemGetInfo")?),
+            std::mem::transmute::<*mut c_void, unsafe extern "C" fn(*mut usize, *mut usize) -> c_int>(
+                symbol("cudaMemGetInfo")?,
+            ),
         )
     };
     let (mut free, mut total) = (0usize, 0usize);
@@ -99,7 +98,11 @@ fn cuda_runtime() -> Result<*mut c_void> {
         // SAFETY: dlerror returns null or a thread-local NUL-terminated string.
         let error = unsafe { libc::dlerror() };
         if !error.is_null() {
-            errors.push(unsafe { CStr::from_ptr(error) }.to_string_lossy().into_owned());
+            errors.push(
+                unsafe { CStr::from_ptr(error) }
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
     }
     Err(ModelError::Cuda(format!(

@@ -21,8 +21,8 @@ use std::sync::Mutex;
 
 use prime_model::logprobs::PaddedBatch;
 use prime_model::memory::{
-    frozen_phases, kv_cache, peak, sampling_phases, training_phases, AttentionKernel, Batch,
-    Dims, Dtypes, Gradients, Phase, Sampling, TrainingPass,
+    frozen_phases, kv_cache, peak, sampling_phases, training_phases, AttentionKernel, Batch, Dims,
+    Dtypes, Gradients, Phase, Sampling, TrainingPass,
 };
 use prime_model::qwen2::{Init, Qwen2};
 use prime_model::{generate_batched, token_logprobs, Qwen2Config, SamplingParams};
@@ -241,7 +241,10 @@ fn measure(case: &Case) -> u64 {
     let stdout = String::from_utf8_lossy(&out.stdout);
     stdout
         .lines()
-        .find_map(|l| l.split_once("MEASURED ").map(|(_, n)| n.trim().parse().unwrap()))
+        .find_map(|l| {
+            l.split_once("MEASURED ")
+                .map(|(_, n)| n.trim().parse().unwrap())
+        })
         .unwrap_or_else(|| {
             panic!(
                 "{}: no measurement\n{stdout}\n{}",
@@ -350,7 +353,14 @@ fn training_at_the_7b_shape_one_layer() {
     // The LM head's gradient summed over chunks next to a fresh one: 2 ep V D = 2.03 GiB.
     check(Case {
         chunk: 16,
-        ..case("7B shape, 1 layer: recompute + sink (ZeRO-2), 1 x 32", qwen7b(1), false, SINK, 1, 32)
+        ..case(
+            "7B shape, 1 layer: recompute + sink (ZeRO-2), 1 x 32",
+            qwen7b(1),
+            false,
+            SINK,
+            1,
+            32,
+        )
     });
 }
 
@@ -358,44 +368,121 @@ fn training_at_the_7b_shape_one_layer() {
 fn a_frozen_forward_at_the_7b_shape_two_layers() {
     check(Case {
         chunk: 48,
-        ..case("7B shape, 2 layers: forward without autograd, 2 x 64", qwen7b(2), false, Op::Frozen, 2, 64)
+        ..case(
+            "7B shape, 2 layers: forward without autograd, 2 x 64",
+            qwen7b(2),
+            false,
+            Op::Frozen,
+            2,
+            64,
+        )
     });
 }
 
 #[test]
 fn training_with_the_math_kernel() {
-    check(case("28/4 heads, hidden 224: recompute + sink, math kernel, 1 x 512", narrow_heads(), true, SINK, 1, 512));
-    check(case("28/4 heads, hidden 224: recompute, math kernel, 2 x 256", narrow_heads(), true, RECOMPUTE, 2, 256));
+    check(case(
+        "28/4 heads, hidden 224: recompute + sink, math kernel, 1 x 512",
+        narrow_heads(),
+        true,
+        SINK,
+        1,
+        512,
+    ));
+    check(case(
+        "28/4 heads, hidden 224: recompute, math kernel, 2 x 256",
+        narrow_heads(),
+        true,
+        RECOMPUTE,
+        2,
+        256,
+    ));
 }
 
 #[test]
 fn training_with_the_flash_kernel() {
     let mut wide_mlp = narrow_heads();
     wide_mlp["intermediate_size"] = 4096.into();
-    check(case("28/4 heads, hidden 224, MLP 4096: recompute + sink, flash kernel, 1 x 1024", wide_mlp, false, SINK, 1, 1024));
+    check(case(
+        "28/4 heads, hidden 224, MLP 4096: recompute + sink, flash kernel, 1 x 1024",
+        wide_mlp,
+        false,
+        SINK,
+        1,
+        1024,
+    ));
     let mut vocab = narrow_heads();
     vocab["vocab_size"] = 32768.into();
-    check(case("28/4 heads, hidden 224, vocabulary 32768: recompute, flash kernel, 4 x 128", vocab, false, RECOMPUTE, 4, 128));
+    check(case(
+        "28/4 heads, hidden 224, vocabulary 32768: recompute, flash kernel, 4 x 128",
+        vocab,
+        false,
+        RECOMPUTE,
+        4,
+        128,
+    ));
 }
 
 #[test]
 fn training_without_recomputation() {
-    check(case("28/4 heads, hidden 224: no recompute, math kernel, 2 x 256", narrow_heads(), true, PLAIN, 2, 256));
+    check(case(
+        "28/4 heads, hidden 224: no recompute, math kernel, 2 x 256",
+        narrow_heads(),
+        true,
+        PLAIN,
+        2,
+        256,
+    ));
     let mut vocab = narrow_heads();
     vocab["vocab_size"] = 32768.into();
-    check(case("28/4 heads, hidden 224, vocabulary 32768: no recompute, flash kernel, 1 x 256", vocab, false, PLAIN, 1, 256));
+    check(case(
+        "28/4 heads, hidden 224, vocabulary 32768: no recompute, flash kernel, 1 x 256",
+        vocab,
+        false,
+        PLAIN,
+        1,
+        256,
+    ));
 }
 
 #[test]
 fn frozen_forwards() {
-    check(case("28/4 heads, hidden 224: forward, math kernel, 1 x 1024", narrow_heads(), true, Op::Frozen, 1, 1024));
-    check(case("28/4 heads, hidden 224: forward, flash kernel, 4 x 512", narrow_heads(), false, Op::Frozen, 4, 512));
+    check(case(
+        "28/4 heads, hidden 224: forward, math kernel, 1 x 1024",
+        narrow_heads(),
+        true,
+        Op::Frozen,
+        1,
+        1024,
+    ));
+    check(case(
+        "28/4 heads, hidden 224: forward, flash kernel, 4 x 512",
+        narrow_heads(),
+        false,
+        Op::Frozen,
+        4,
+        512,
+    ));
 }
 
 #[test]
 fn sampling() {
     let generate = |samples, max_new| Op::Generate { samples, max_new };
     check(case("head width 128, 7/1 heads, 8 layers: generate 8 prompts x 4 samples, 64 + 32 tokens, flash", sampler(8, 4096), false, generate(4, 32), 8, 64));
-    check(case("7/1 heads, 2 layers: generate 16 prompts x 1 sample, 128 + 8 tokens, math", sampler(2, 4096), true, generate(1, 8), 16, 128));
-    check(case("7/1 heads, 2 layers, vocabulary 152064: generate 8 prompts x 4 samples, 32 + 8 tokens", sampler(2, 152_064), false, generate(4, 8), 8, 32));
+    check(case(
+        "7/1 heads, 2 layers: generate 16 prompts x 1 sample, 128 + 8 tokens, math",
+        sampler(2, 4096),
+        true,
+        generate(1, 8),
+        16,
+        128,
+    ));
+    check(case(
+        "7/1 heads, 2 layers, vocabulary 152064: generate 8 prompts x 4 samples, 32 + 8 tokens",
+        sampler(2, 152_064),
+        false,
+        generate(4, 8),
+        8,
+        32,
+    ));
 }
