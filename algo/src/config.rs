@@ -215,6 +215,34 @@ pub struct PpoConfig {
     /// The per-token KL estimator used when `kl_coeff > 0`.
     #[serde(default)]
     pub kl_estimator: KlEstimator,
+    /// How the loss treats groups sampled by an older policy than the one being trained
+    /// (only with `learner.rollout.max_staleness >= 1`; with 0 nothing changes).
+    #[serde(default)]
+    pub off_policy: OffPolicyCorrection,
+    /// Truncation of decoupled PPO's behaviour weights `π_old/π_behav` (> 0).
+    #[serde(default = "default_behavior_weight_cap")]
+    pub behavior_weight_cap: f64,
+}
+
+/// The correction for tokens sampled by an older (behaviour) policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffPolicyCorrection {
+    /// Decoupled PPO (AReaL): the clip is taken around the learner's policy at the start of
+    /// the step (the recomputed old log-probs) and each token's term is weighted by
+    /// `π_old/π_behav` from the sampling log-probs the actors send, truncated at
+    /// `behavior_weight_cap`. Chosen over truncated importance sampling on the ratio itself
+    /// because it keeps PPO's trust region where the update happens (around the current
+    /// weights) while correcting the sampling distribution, and it equals plain PPO when the
+    /// behaviour and proximal policies agree.
+    #[default]
+    Decoupled,
+    /// Train stale groups as if they were on-policy (the behaviour log-probs are ignored).
+    None,
+}
+
+fn default_behavior_weight_cap() -> f64 {
+    5.0
 }
 
 fn default_clip_ratio() -> f64 {
@@ -229,6 +257,8 @@ impl Default for PpoConfig {
             entropy_coeff: 0.0,
             kl_coeff: 0.0,
             kl_estimator: KlEstimator::default(),
+            off_policy: OffPolicyCorrection::default(),
+            behavior_weight_cap: default_behavior_weight_cap(),
         }
     }
 }

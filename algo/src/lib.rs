@@ -20,9 +20,9 @@ pub mod masks;
 pub mod ppo;
 
 pub use config::{
-    AdvantageConfig, AlgoConfig, Estimator, FilterConfig, KlEstimator, LossAggregation, PpoConfig,
-    PrmConfig, PrmUpdate, ProcessBaseline, ProcessRewardVariant, ReferenceType, RewardGranularity,
-    RewardNorm,
+    AdvantageConfig, AlgoConfig, Estimator, FilterConfig, KlEstimator, LossAggregation,
+    OffPolicyCorrection, PpoConfig, PrmConfig, PrmUpdate, ProcessBaseline, ProcessRewardVariant,
+    ReferenceType, RewardGranularity, RewardNorm,
 };
 
 /// Helpers shared by the unit tests of the algorithm modules.

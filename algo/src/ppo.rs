@@ -27,9 +27,31 @@ pub struct Surrogate {
     pub approx_kl: Tensor,
 }
 
+/// Decoupled PPO's behaviour weights (AReaL, Fu et al. 2025, "decoupled PPO objective"):
+/// `w_t = π_prox(y_t) / π_behav(y_t) = exp(log π_old − log π_behav)`, the importance weight
+/// of the token under the policy the learner holds at the start of the step (the proximal
+/// policy, whose log-probs are the recomputed old log-probs) against the one that sampled it.
+/// Detached, and truncated at `cap` (> 0) so that one stale token cannot dominate a batch;
+/// 0 off the mask. `[B, T]`.
+pub fn behavior_weights(
+    old_logprobs: &Tensor,
+    behavior_logprobs: &Tensor,
+    mask: &Tensor,
+    cap: f64,
+) -> Tensor {
+    (old_logprobs - behavior_logprobs)
+        .exp()
+        .clamp_max(cap)
+        .detach()
+        * mask
+}
+
 /// PPO's clipped surrogate (paper Eq. 6, spec §6) with `ρ_t = exp(log π_θ − log π_old)`, ε =
 /// `clip_ratio`, no dual clip. `logprobs` (with grad), `old_logprobs`, `advantages`, `mask`:
-/// `[B, T]`; the scalars aggregated by `aggregation`.
+/// `[B, T]`; the scalars aggregated by `aggregation`. With `behavior_weights` (from
+/// [`behavior_weights`]) each token's term is multiplied by its weight: decoupled PPO, where
+/// the clip keeps the update near the proximal policy and the weight corrects for the
+/// behaviour policy having sampled the tokens.
 pub fn clipped_surrogate(
     logprobs: &Tensor,
     old_logprobs: &Tensor,
@@ -37,12 +59,16 @@ pub fn clipped_surrogate(
     mask: &Tensor,
     clip_ratio: f64,
     aggregation: LossAggregation,
+    behavior_weights: Option<&Tensor>,
 ) -> Surrogate {
     let log_ratio = logprobs - old_logprobs;
     let ratio = log_ratio.exp();
     let unclipped = -advantages * &ratio;
     let clipped = -advantages * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio);
-    let token_loss = unclipped.maximum(&clipped);
+    let token_loss = match behavior_weights {
+        Some(weights) => unclipped.maximum(&clipped) * weights,
+        None => unclipped.maximum(&clipped),
+    };
     let was_clipped = clipped.gt_tensor(&unclipped).to_kind(logprobs.kind());
     Surrogate {
         loss: aggregate(&token_loss, mask, aggregation),
@@ -85,7 +111,9 @@ pub struct PolicyLoss {
 /// Combines the clipped surrogate with the entropy bonus and the KL term:
 /// `loss = surrogate − c_H · agg(H) + c_KL · agg(KL(π_θ ‖ π_ref))`, all aggregated as the
 /// config says. `entropy` (`[B, T]`, from [`token_entropy`]) and `ref_logprobs` are needed only
-/// when their coefficients are non-zero; when given they are also reported.
+/// when their coefficients are non-zero; when given they are also reported. `behavior_weights`
+/// weight the surrogate's tokens (decoupled PPO, [`clipped_surrogate`]).
+#[allow(clippy::too_many_arguments)]
 pub fn policy_loss(
     logprobs: &Tensor,
     old_logprobs: &Tensor,
@@ -93,6 +121,7 @@ pub fn policy_loss(
     mask: &Tensor,
     entropy: Option<&Tensor>,
     ref_logprobs: Option<&Tensor>,
+    behavior_weights: Option<&Tensor>,
     config: &PpoConfig,
 ) -> PolicyLoss {
     let aggregation = config.loss_aggregation;
@@ -103,6 +132,7 @@ pub fn policy_loss(
         mask,
         config.clip_ratio,
         aggregation,
+        behavior_weights,
     );
     let entropy = entropy.map(|h| aggregate(h, mask, aggregation));
     let kl = ref_logprobs.map(|r| {
@@ -157,13 +187,22 @@ mod tests {
             &mask,
             0.2,
             LossAggregation::SeqMeanTokenMean,
+            None,
         );
         let expected = ((-1.2 - 1.0) / 2.0 + 1.6) / 2.0;
         assert!((per_seq.loss.double_value(&[]) - expected).abs() < 1e-6);
         assert!((per_seq.clip_fraction.double_value(&[]) - 0.75).abs() < 1e-6);
         let kl_expected = (-(1.5f64.ln()) / 2.0 - 0.5f64.ln()) / 2.0;
         assert!((per_seq.approx_kl.double_value(&[]) - kl_expected).abs() < 1e-6);
-        let token = clipped_surrogate(&new, &old, &adv, &mask, 0.2, LossAggregation::TokenMean);
+        let token = clipped_surrogate(
+            &new,
+            &old,
+            &adv,
+            &mask,
+            0.2,
+            LossAggregation::TokenMean,
+            None,
+        );
         assert!((token.loss.double_value(&[]) - (-1.2 - 1.0 + 1.6) / 3.0).abs() < 1e-6);
         // Gradient flows only through the unclipped token.
         token.loss.backward();
@@ -193,8 +232,45 @@ mod tests {
             kl_coeff: 0.5,
             ..Default::default()
         };
-        let out = policy_loss(&lp, &lp, &adv, &mask, Some(&h), Some(&reference), &config);
+        let out = policy_loss(
+            &lp,
+            &lp,
+            &adv,
+            &mask,
+            Some(&h),
+            Some(&reference),
+            None,
+            &config,
+        );
         let expected = -1.0 - 0.1 * 4f64.ln() + 0.5;
         assert!((out.loss.double_value(&[]) - expected).abs() < 1e-6);
+    }
+
+    #[test]
+    fn behaviour_weights_by_hand() {
+        // Proximal (old) and behaviour log-probs: weights exp(old − behav) = 2, 0.5, and
+        // e^3 ≈ 20.1 truncated at 5; 0 on padding.
+        let old = Tensor::from_slice2(&[[-1.0f32, -2.0], [-0.5, -0.5]]);
+        let behav = Tensor::from_slice2(&[[-1.0 - 2f32.ln(), -2.0 + 2f32.ln()], [-3.5, 0.0]]);
+        let mask = Tensor::from_slice2(&[[true, true], [true, false]]);
+        let w = behavior_weights(&old, &behav, &mask, 5.0);
+        let w = Vec::<f32>::try_from(w.flatten(0, -1)).unwrap();
+        assert!((w[0] - 2.0).abs() < 1e-6 && (w[1] - 0.5).abs() < 1e-6);
+        assert_eq!(w[2], 5.0);
+        assert_eq!(w[3], 0.0);
+        // The weighted surrogate at ratio 1 (new = old) with A = 1 everywhere: token loss
+        // −A·w; token mean over the 3 valid tokens.
+        let adv = Tensor::ones([2, 2], (Kind::Float, tch::Device::Cpu));
+        let weights = behavior_weights(&old, &behav, &mask, 5.0);
+        let s = clipped_surrogate(
+            &old,
+            &old,
+            &adv,
+            &mask,
+            0.2,
+            LossAggregation::TokenMean,
+            Some(&weights),
+        );
+        assert!((s.loss.double_value(&[]) - (-(2.0 + 0.5 + 5.0) / 3.0)).abs() < 1e-6);
     }
 }

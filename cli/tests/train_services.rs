@@ -229,6 +229,20 @@ fn actors_learner_and_verifier_train_survive_kills_and_resume() {
         assert_eq!(record["groups"], 4, "B groups per batch");
         assert_eq!(record["responses"], 12, "whole groups of K = 3");
     }
+    // The live TensorBoard files (one per learner start) hold each step once, after the
+    // resume as before it, with the values of metrics.jsonl.
+    let tensorboard = prime_tests::run_python(
+        "tests/python/tensorboard_read.py",
+        &[run_dir.join("tensorboard").to_str().unwrap()],
+    );
+    let series = tensorboard["actor/pg_loss"].as_array().unwrap();
+    let tb_steps: Vec<u64> = series.iter().map(|p| p[0].as_u64().unwrap()).collect();
+    assert_eq!(tb_steps, numbers, "TensorBoard steps");
+    for (point, record) in series.iter().zip(&steps) {
+        let ours = record["policy_loss"].as_f64().unwrap() as f32;
+        assert_eq!(point[1].as_f64().unwrap() as f32, ours, "step {}", point[0]);
+    }
+    assert!(tensorboard["timing_s/gen"].as_array().unwrap().len() == steps.len());
     assert!(
         reissued >= 1.0,
         "the killed actor's work was never handed out again (reissued = {reissued})"

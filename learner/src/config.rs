@@ -156,6 +156,11 @@ pub struct ModelSource {
     /// Share the embedding matrix with the LM head.
     #[serde(default = "d_tied")]
     pub tie_word_embeddings: bool,
+    /// Embedding (and LM head) rows; unset: the tokenizer's size. A larger value pads the
+    /// vocabulary past the tokenizer the way released checkpoints do (Qwen2.5-Math-7B has
+    /// 152,064 rows for a tokenizer of 151,665 ids); a smaller one is refused.
+    #[serde(default)]
+    pub vocab_size: Option<i64>,
 }
 
 fn d_hidden() -> i64 {
@@ -196,18 +201,37 @@ impl Default for ModelSource {
             max_position_embeddings: d_max_pos(),
             rope_theta: d_theta(),
             tie_word_embeddings: d_tied(),
+            vocab_size: None,
         }
     }
 }
 
 impl ModelSource {
-    /// The Qwen2 config of a from-scratch model for a tokenizer of `vocab_size` ids.
+    /// Embedding rows of a from-scratch model for a tokenizer of `tokenizer_size` ids:
+    /// `vocab_size` when set (at least the tokenizer's size), else the tokenizer's size.
+    pub fn embedding_rows(&self, tokenizer_size: i64) -> Result<i64, String> {
+        match self.vocab_size {
+            None => Ok(tokenizer_size),
+            Some(rows) if rows >= tokenizer_size => Ok(rows),
+            Some(rows) => Err(format!(
+                "model.vocab_size = {rows} is smaller than the tokenizer's {tokenizer_size} ids: \
+                 every token id needs an embedding row (leave it unset, or pad past the tokenizer)"
+            )),
+        }
+    }
+
+    /// The Qwen2 config of a from-scratch model for a tokenizer of `tokenizer_size` ids, with
+    /// [`embedding_rows`](Self::embedding_rows) rows (the tokenizer's size when `vocab_size`
+    /// is too small; check it first with `embedding_rows` to refuse that).
     pub fn qwen2_config(
         &self,
-        vocab_size: i64,
+        tokenizer_size: i64,
         eos_token_id: i64,
         pad_token_id: i64,
     ) -> Qwen2Config {
+        let vocab_size = self
+            .embedding_rows(tokenizer_size)
+            .unwrap_or(tokenizer_size);
         let json = serde_json::json!({
             "architectures": ["Qwen2ForCausalLM"],
             "model_type": "qwen2",
@@ -384,7 +408,8 @@ pub struct EvalConfig {
     /// Evaluate on the held-out set every this many steps (and at the start and end).
     #[serde(default = "e_every")]
     pub every: u64,
-    /// Held-out problems per evaluation (0: all).
+    /// Held-out problems per evaluation (0: all); fewer than the split are taken from each
+    /// ability and data source in turn, the same problems at every evaluation.
     #[serde(default)]
     pub problems: usize,
     /// Samples per held-out problem at `temperature`; accuracy is their mean.
@@ -570,6 +595,12 @@ impl LearnerConfig {
             if opt.lr.is_nan() || opt.lr < 0.0 {
                 return Err(format!("learner.{name}.lr must be >= 0, got {}", opt.lr));
             }
+        }
+        let cap = algo.ppo.behavior_weight_cap;
+        if !(cap.is_finite() && cap > 0.0) {
+            return Err(format!(
+                "learner.algo.ppo.behavior_weight_cap must be a positive number, got {cap}"
+            ));
         }
         if rollout.oversample.is_nan() || rollout.oversample < 1.0 {
             return Err(format!(

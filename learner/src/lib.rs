@@ -3,7 +3,7 @@
 //! in one direction, from plain data to the running service.
 //!
 //! - foundations: [`error`], [`optim`] (AdamW and its schedule), [`config`] (the run config,
-//!   one sub-config per TOML table), [`plot`];
+//!   one sub-config per TOML table), [`plot`], [`tensorboard`];
 //! - one iteration: [`batch`] (scored groups and their tensor layout), [`models`] (policy, PRM,
 //!   reference and their optimizers), [`checkpoint`], [`parallel`] (the data-parallel group,
 //!   ZeRO sharding, the rank protocol), [`step`] (`prime_step`);
@@ -27,6 +27,9 @@ pub mod config;
 
 /// PNG line charts.
 pub mod plot;
+
+/// TensorBoard scalar event files, written live.
+pub mod tensorboard;
 
 /// Scored groups and their tensor layout.
 pub mod batch;

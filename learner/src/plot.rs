@@ -7,29 +7,21 @@ use plotters::style::{register_font, FontStyle};
 
 use crate::error::LearnerError;
 
-/// Where the chart font is looked for: `$PRIME_FONT`, then DejaVu Sans (Debian's
-/// `fonts-dejavu-core`, which the Makefile installs).
-const FONT_PATHS: &[&str] = &[
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-];
-
+/// Registers the chart font once: `$PRIME_FONT` (a TrueType file) when set, else DejaVu Sans
+/// compiled into the binary, so that a container image without fonts still writes plots.
 fn ensure_font() -> Result<(), LearnerError> {
     static FONT: OnceLock<Result<(), String>> = OnceLock::new();
     FONT.get_or_init(|| {
-        let candidates = std::env::var("PRIME_FONT")
-            .into_iter()
-            .chain(FONT_PATHS.iter().map(|p| p.to_string()));
-        for path in candidates {
-            if let Ok(bytes) = std::fs::read(&path) {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                return register_font("sans-serif", FontStyle::Normal, bytes)
-                    .map_err(|_| format!("{path}: not a usable TrueType font"));
+        let (name, bytes): (String, &'static [u8]) = match std::env::var("PRIME_FONT") {
+            Ok(path) if !path.is_empty() => {
+                let bytes =
+                    std::fs::read(&path).map_err(|e| format!("$PRIME_FONT = {path}: {e}"))?;
+                (path, Box::leak(bytes.into_boxed_slice()))
             }
-        }
-        Err(format!(
-            "no font found (tried $PRIME_FONT and {FONT_PATHS:?}); install fonts-dejavu-core"
-        ))
+            _ => ("the embedded DejaVu Sans".into(), dejavu::sans::regular()),
+        };
+        register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| format!("{name}: not a usable TrueType font"))
     })
     .clone()
     .map_err(LearnerError::Plot)
@@ -102,4 +94,34 @@ pub fn line_chart(
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Labels are drawn with the compiled-in font (no font file on the host is read unless
+    /// `$PRIME_FONT` says so): a chart whose title differs is a different image.
+    #[test]
+    fn charts_are_labelled_with_the_embedded_font() {
+        if std::env::var_os("PRIME_FONT").is_some() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let points = [(0.0, 0.1), (1.0, 0.4), (2.0, 0.3)];
+        let draw = |name: &str, title: &str| {
+            let path = dir.path().join(name);
+            let series = [Series {
+                name: "accuracy",
+                points: &points,
+            }];
+            line_chart(&path, title, "step", "accuracy", &series).unwrap();
+            std::fs::read(path).unwrap()
+        };
+        let a = draw("a.png", "held-out accuracy");
+        let b = draw("b.png", "held-out accuracy");
+        let c = draw("c.png", "a different title");
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
 }

@@ -9,12 +9,18 @@
 //! 4. process rewards, their normalisation and the RLOO advantages (§2.2, §2.5, §4);
 //! 5. the PPO pass over the same mini-batches (§6).
 //!
+//! Model passes per step: PRIME with a frozen reference makes 3 forwards without gradients
+//! (old log-probs, reference, and after the PRM's updates only under `update_then_score`) and
+//! 2 with (PRM, policy); the new-batch PRM figures come from the PRM's training forward, not
+//! an extra pass. The outcome-only baseline (`rloo`) makes 1 and 1.
+//!
 //! Mini-batches hold whole groups in batch order; micro-batches inside them are sized by a
 //! token budget and their gradients accumulate so that the loss equals the mini-batch loss.
 use std::time::Instant;
 
 use prime_algo::{
-    advantages, implicit_prm, masks, ppo, Estimator, LossAggregation, PrmUpdate, ReferenceType,
+    advantages, implicit_prm, masks, ppo, Estimator, LossAggregation, OffPolicyCorrection,
+    PrmUpdate, ReferenceType,
 };
 use prime_model::training::GradSink;
 use prime_model::CausalLm;
@@ -50,10 +56,11 @@ pub struct StepMetrics {
     pub prm_reward_std: f64,
     /// PRM cross-entropy, each mini-batch measured before its own update.
     pub prm_loss: f64,
-    /// PRM cross-entropy on the whole new batch before any update on it: how well the PRM
-    /// trained so far generalises to responses it has not seen (0.693 = chance).
+    /// PRM cross-entropy on the new batch, each mini-batch measured by the forward that
+    /// trains it, before its own update (the first before any update on the batch): how well
+    /// the PRM generalises to responses it has not trained on (0.693 = chance).
     pub prm_new_batch_loss: f64,
-    /// `dpo_acc` of the PRM on the whole new batch before any update on it (0.5 = chance).
+    /// `dpo_acc` of the PRM on the new batch, measured the same way (0.5 = chance).
     pub prm_new_batch_accuracy: f64,
     /// `dpo_acc` (spec §3.5) of the rewards the advantages used.
     pub prm_accuracy: f64,
@@ -78,6 +85,13 @@ pub struct StepMetrics {
     pub sampler_logprob_gap: Option<f64>,
     /// Policy gradient norm before clipping, mean over mini-batches.
     pub policy_grad_norm: f64,
+    /// Mean decoupled-PPO behaviour weight `π_old/π_behav` over valid tokens, when the step
+    /// corrected for off-policy groups (`max_staleness >= 1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behavior_weight_mean: Option<f64>,
+    /// Share of valid tokens whose behaviour weight was truncated at the cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behavior_weight_truncated: Option<f64>,
     /// Learning rates used.
     pub policy_lr: f64,
     /// PRM learning rate used.
@@ -344,9 +358,20 @@ fn micro_weight(
     }
 }
 
+/// What the PRM pass leaves.
+struct PrmPass {
+    /// Token log-ratios `[N, R]` the rewards use.
+    q: Tensor,
+    /// Token log-ratios `[N, R]` from the forward that trained each mini-batch, before its
+    /// update: the new-batch figures (equal to `q` under `score_then_update`).
+    q_before_update: Tensor,
+    /// Mean CE loss over mini-batches.
+    loss: f64,
+    /// Mean gradient norm over mini-batches.
+    grad_norm: f64,
+}
+
 /// The PRM pass (spec §3): per mini-batch, forward with gradients, the CE loss, an update.
-/// Returns the token log-ratios `q` `[N, R]` the rewards use and the mean loss and
-/// gradient norm.
 fn prm_pass(
     models: &mut PrimeModels,
     dp: &mut DataParallel,
@@ -354,7 +379,7 @@ fn prm_pass(
     reference_logprobs: &Tensor,
     config: &LearnerConfig,
     lr: f64,
-) -> Result<(Tensor, f64, f64)> {
+) -> Result<PrmPass> {
     let beta = config.algo.prm.beta;
     let minis = batch.mini_batches(config.algo.mini_batches);
     let mut q_rows = Vec::new();
@@ -395,16 +420,25 @@ fn prm_pass(
         q_rows.push(dp.gather_rows(&local, mini, batch.k)?);
         norm_sum += dp.update(models, Trained::Prm, config.prm_optimizer.max_grad_norm, lr)?;
     }
-    let mut q = Tensor::cat(&q_rows, 0);
-    if config.algo.prm_update == PrmUpdate::UpdateThenScore {
+    let q_before_update = Tensor::cat(&q_rows, 0);
+    let q = if config.algo.prm_update == PrmUpdate::UpdateThenScore {
+        // Forward 5 (update_then_score only): the rewards come from the PRM after all of
+        // this batch's updates (spec §3.3), which no earlier pass has seen.
         let _guard = tch::no_grad_guard();
         let (logprobs, _) = frozen_logprobs(&models.prm, batch, &config.memory, false, dp)?;
-        q = implicit_prm::token_log_ratio(&logprobs, reference_logprobs, &batch.mask);
-    }
+        implicit_prm::token_log_ratio(&logprobs, reference_logprobs, &batch.mask)
+    } else {
+        q_before_update.shallow_clone()
+    };
     let mut losses = [loss_sum];
     dp.sum(&mut losses)?;
     let count = minis.len() as f64;
-    Ok((q, losses[0] / count, norm_sum / count))
+    Ok(PrmPass {
+        q,
+        q_before_update,
+        loss: losses[0] / count,
+        grad_norm: norm_sum / count,
+    })
 }
 
 /// Figures of the PPO pass, means over mini-batches.
@@ -425,6 +459,7 @@ fn policy_pass(
     old_logprobs: &Tensor,
     reference_logprobs: &Tensor,
     advantages: &Tensor,
+    behavior_weights: Option<&Tensor>,
     config: &LearnerConfig,
     lr: f64,
 ) -> Result<PolicyPass> {
@@ -439,6 +474,7 @@ fn policy_pass(
             let reference =
                 (ppo_config.kl_coeff != 0.0).then(|| batch.rows_of(reference_logprobs, &micro));
             let old = batch.rows_of(old_logprobs, &micro);
+            let weights = behavior_weights.map(|w| batch.rows_of(w, &micro));
             let micro_advantages = batch.rows_of(advantages, &micro);
             let mask = batch.rows_of(&batch.mask, &micro);
             let weight = micro_weight(batch, &micro, mini, aggregation);
@@ -459,6 +495,7 @@ fn policy_pass(
                         &mask,
                         entropy,
                         reference.as_ref(),
+                        weights.as_ref(),
                         ppo_config,
                     );
                     let s = &loss.surrogate;
@@ -531,6 +568,9 @@ pub fn prime_step(
     };
 
     // 1. Old log-probs (spec §1 step 2), with the policy's entropy for monitoring.
+    // Forward 1 (no grad): the PPO ratio's denominator under the learner's own numerics (the
+    // sampler's log-probs differ by kernels and dtype; §1.2), and the reference when
+    // `reference = "policy"`.
     let clock = Instant::now();
     let (old_logprobs, entropy) = frozen_logprobs(policy, &batch, &config.memory, true, dp)?;
     metrics.entropy = entropy.unwrap_or_default();
@@ -547,6 +587,8 @@ pub fn prime_step(
     let needs_reference =
         config.algo.estimator == Estimator::Prime || config.algo.ppo.kl_coeff != 0.0;
     let reference_logprobs = match (&models.reference, config.algo.reference) {
+        // Forward 2 (no grad, PRIME or a KL term only): the frozen reference's log-probs,
+        // the denominator of the implicit reward's log-ratio (§2.3).
         (Some(reference), ReferenceType::Freeze) if needs_reference => {
             frozen_logprobs(reference, &batch, &config.memory, false, dp)?.0
         }
@@ -565,26 +607,26 @@ pub fn prime_step(
     let prm_lr = config.prm_optimizer.lr_at(iteration);
     let q = match config.algo.estimator {
         Estimator::Prime => {
-            let (before, _) = frozen_logprobs(&models.prm, &batch, &config.memory, false, dp)?;
-            let q = implicit_prm::token_log_ratio(&before, &reference_logprobs, &batch.mask);
+            // Forward 3 (with its backward, per mini-batch): trains the PRM; its log-ratios,
+            // taken before each mini-batch's update, are the new-batch figures and (under
+            // score_then_update) the rewards. No separate scoring pass.
+            let pass = prm_pass(models, dp, &batch, &reference_logprobs, config, prm_lr)?;
             metrics.prm_new_batch_loss = scalar(&implicit_prm::prm_ce_loss(
-                &q,
+                &pass.q_before_update,
                 &batch.mask,
                 &batch.scores,
                 config.algo.prm.beta,
             ));
             metrics.prm_new_batch_accuracy = scalar(&implicit_prm::dpo_accuracy(
-                &q,
+                &pass.q_before_update,
                 &batch.mask,
                 &batch.scores,
                 k,
             ));
-            let (q, loss, grad_norm) =
-                prm_pass(models, dp, &batch, &reference_logprobs, config, prm_lr)?;
-            metrics.prm_loss = loss;
-            metrics.prm_grad_norm = grad_norm;
+            metrics.prm_loss = pass.loss;
+            metrics.prm_grad_norm = pass.grad_norm;
             metrics.prm_lr = prm_lr;
-            q
+            pass.q
         }
         Estimator::Rloo => batch.mask.zeros_like().to_kind(Kind::Float),
     };
@@ -621,7 +663,42 @@ pub fn prime_step(
     metrics.return_mean = scalar(&masks::masked_mean(&returns, mask));
     metrics.time_advantages_s = clock.elapsed().as_secs_f64();
 
+    // Off-policy groups (asynchronous rollouts): decoupled PPO's behaviour weights from the
+    // actors' sampling log-probs. Only with max_staleness >= 1, so an on-policy run is
+    // unchanged bit for bit.
+    let behavior_weights = match (&batch.sampling_logprobs, config.algo.ppo.off_policy) {
+        (Some(sampled), OffPolicyCorrection::Decoupled) if config.rollout.max_staleness >= 1 => {
+            let w = ppo::behavior_weights(
+                &old_logprobs,
+                sampled,
+                mask,
+                config.algo.ppo.behavior_weight_cap,
+            );
+            let truncated = w
+                .ge(config.algo.ppo.behavior_weight_cap)
+                .logical_and(&mask.to_kind(Kind::Bool));
+            metrics.behavior_weight_mean = Some(scalar(&masks::masked_mean(&w, mask)));
+            metrics.behavior_weight_truncated = Some(scalar(&masks::masked_mean(
+                &truncated.to_kind(Kind::Float),
+                mask,
+            )));
+            Some(w)
+        }
+        (None, OffPolicyCorrection::Decoupled) if config.rollout.max_staleness >= 1 => {
+            return Err(LearnerError::Config {
+                path: "learner.algo.ppo.off_policy".into(),
+                message: "decoupled PPO needs the behaviour policy's log-probs, and a group of \
+                          this batch came without them (set off_policy = \"none\" to train \
+                          stale groups as on-policy)"
+                    .into(),
+            });
+        }
+        _ => None,
+    };
+
     // 5. PPO pass (spec §6).
+    // Forward 4 (with its backward, per mini-batch): the policy's new log-probs for the
+    // clipped surrogate.
     let clock = Instant::now();
     let policy_lr = config.policy_optimizer.lr_at(iteration);
     let pass = policy_pass(
@@ -631,6 +708,7 @@ pub fn prime_step(
         &old_logprobs,
         &reference_logprobs,
         &advantages,
+        behavior_weights.as_ref(),
         config,
         policy_lr,
     )?;

@@ -26,6 +26,7 @@ use crate::optim::AdamW;
 use crate::parallel::{Command, DataParallel, Trained};
 use crate::scheduler::{Batch, SchedulerState};
 use crate::step::{prime_step, StepMetrics};
+use crate::tensorboard::EventWriter;
 
 /// Where a learner run keeps its files.
 #[derive(Debug, Clone)]
@@ -38,6 +39,10 @@ impl RunPaths {
     /// `metrics.jsonl`: one JSON object per step or evaluation.
     pub fn metrics(&self) -> PathBuf {
         self.root.join("metrics.jsonl")
+    }
+    /// `tensorboard/`: scalar event files, one per learner process start.
+    pub fn tensorboard(&self) -> PathBuf {
+        self.root.join("tensorboard")
     }
     /// `checkpoints/`: `step-NNNNNN/` directories and `latest`.
     pub fn checkpoints(&self) -> PathBuf {
@@ -59,6 +64,96 @@ pub enum Record {
         #[serde(flatten)]
         evaluation: Evaluation,
     },
+}
+
+impl Record {
+    /// The step a record belongs to and its scalars under the namespaced keys of
+    /// docs/metrics.md (`actor/pg_loss`, `critic/score/mean`, `timing_s/gen`, ...), as the
+    /// TensorBoard event files carry them.
+    pub fn scalars(&self) -> (u64, Vec<(String, f64)>) {
+        match self {
+            Record::Step(record) => (record.step, step_scalars(record)),
+            Record::Eval { step, evaluation } => (*step, eval_scalars(evaluation)),
+        }
+    }
+}
+
+/// A step record's scalars (see [`Record::scalars`]).
+fn step_scalars(r: &StepRecord) -> Vec<(String, f64)> {
+    let m = &r.metrics;
+    let mut scalars: Vec<(&str, f64)> = vec![
+        ("actor/pg_loss", m.policy_loss),
+        ("actor/pg_clipfrac", m.clip_fraction),
+        ("actor/ppo_kl", m.approx_kl),
+        ("actor/entropy", m.entropy),
+        ("actor/grad_norm", m.policy_grad_norm),
+        ("actor/lr", m.policy_lr),
+        ("prm/loss", m.prm_loss),
+        ("prm/new_batch_loss", m.prm_new_batch_loss),
+        ("prm/new_batch_acc", m.prm_new_batch_accuracy),
+        ("prm/dpo_acc", m.prm_accuracy),
+        ("prm/dpo_acc_abs", m.prm_abs_accuracy),
+        ("prm/grad_norm", m.prm_grad_norm),
+        ("prm/lr", m.prm_lr),
+        ("prm/reward/mean", m.prm_reward_mean),
+        ("prm/reward/std", m.prm_reward_std),
+        ("prm/process_reward_abs_mean", m.process_reward_abs_mean),
+        ("critic/score/mean", m.score_mean),
+        ("critic/score/std", m.score_std),
+        ("critic/score/unfiltered_mean", r.train_reward),
+        ("critic/returns/mean", m.return_mean),
+        ("response_length/mean", m.response_length_mean),
+        ("response_length/tokens", m.response_tokens as f64),
+        ("batch/groups", m.groups as f64),
+        ("batch/responses", m.responses as f64),
+        ("batch/groups_seen", r.groups_seen as f64),
+        ("batch/filter_pass_rate", r.filter_pass_rate),
+        ("batch/policy_version", r.policy_version as f64),
+        ("batch/oldest_group_version", r.group_versions[0] as f64),
+        ("perf/throughput", r.tokens_per_second),
+        ("perf/total_tokens", m.total_tokens as f64),
+        ("timing_s/gen", r.rollout_seconds),
+        ("timing_s/step", r.train_seconds),
+        ("timing_s/old_log_prob", m.time_old_logprobs_s),
+        ("timing_s/ref", m.time_reference_s),
+        ("timing_s/update_prm", m.time_prm_s),
+        ("timing_s/adv", m.time_advantages_s),
+        ("timing_s/update_actor", m.time_policy_s),
+        ("timing_s/wall", r.wall_seconds),
+    ];
+    if let Some(gap) = m.sampler_logprob_gap {
+        scalars.push(("actor/sampler_logprob_gap", gap));
+    }
+    if let Some(mean) = m.behavior_weight_mean {
+        scalars.push(("actor/behavior_weight_mean", mean));
+    }
+    if let Some(share) = m.behavior_weight_truncated {
+        scalars.push(("actor/behavior_weight_truncated", share));
+    }
+    scalars
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+/// An evaluation's scalars (see [`Record::scalars`]): `val/test_score/<data_source>` as
+/// verl names the per-source score.
+fn eval_scalars(e: &Evaluation) -> Vec<(String, f64)> {
+    let mut scalars = vec![
+        ("val/accuracy".to_string(), e.accuracy),
+        ("val/problems".to_string(), e.problems as f64),
+        ("timing_s/eval".to_string(), e.seconds),
+    ];
+    if let Some(greedy) = e.greedy_accuracy {
+        scalars.push(("val/greedy_accuracy".to_string(), greedy));
+    }
+    for (ability, accuracy) in &e.accuracy_by_ability {
+        scalars.push((format!("val/accuracy/{ability}"), *accuracy));
+    }
+    for (source, accuracy) in &e.accuracy_by_source {
+        scalars.push((format!("val/test_score/{source}"), *accuracy));
+    }
+    scalars
 }
 
 /// What one iteration measured, with the batch collection that preceded it.
@@ -120,6 +215,8 @@ pub struct Trainer {
     started: Instant,
     /// Every record of this run, resumed ones included.
     pub history: Vec<Record>,
+    /// The live TensorBoard event file under `RUN/tensorboard/`, opened at the first record.
+    tensorboard: Option<EventWriter>,
 }
 
 /// The models a run starts from, all Hugging Face directories.
@@ -207,6 +304,15 @@ impl Trainer {
                 (models, None, Vec::new())
             }
         };
+        // The problems every evaluation uses: `eval.problems` of them, from every ability and
+        // data source in turn.
+        let strata: Vec<(u8, &str)> = heldout
+            .iter()
+            .map(|p| (p.ability as u8, p.data_source.as_str()))
+            .collect();
+        let picked = crate::eval::stratified_subset(&strata, config.eval.problems);
+        let mut all: Vec<Option<EvalProblem>> = heldout.into_iter().map(Some).collect();
+        let heldout: Vec<EvalProblem> = picked.into_iter().filter_map(|i| all[i].take()).collect();
         let trainer = Self {
             rng: state.as_ref().map_or_else(
                 || ChaCha8Rng::seed_from_u64(config.seed),
@@ -224,6 +330,7 @@ impl Trainer {
             paths,
             started: Instant::now(),
             history,
+            tensorboard: None,
         };
         Ok((
             trainer,
@@ -314,16 +421,12 @@ impl Trainer {
 
     /// Held-out accuracy of the current policy, recorded in the history.
     pub fn evaluate(&mut self) -> Result<Evaluation> {
-        let count = match self.config.eval.problems {
-            0 => self.heldout.len(),
-            n => n.min(self.heldout.len()),
-        };
         let seed = self.config.seed.wrapping_add(1_000_003 * self.step);
         let wall_seconds = self.started.elapsed().as_secs_f64();
         let mut evaluation = evaluate(
             &self.models.policy,
             &self.tokenizer,
-            &self.heldout[..count],
+            &self.heldout,
             &self.config.eval,
             self.config.rollout.max_response_tokens,
             seed,
@@ -409,6 +512,13 @@ impl Trainer {
             .map_err(LearnerError::io(&path))?;
         let line = serde_json::to_string(&record).expect("records serialise");
         writeln!(file, "{line}").map_err(LearnerError::io(&path))?;
+        if self.tensorboard.is_none() {
+            self.tensorboard = Some(EventWriter::create(&self.paths.tensorboard())?);
+        }
+        let (step, scalars) = record.scalars();
+        if let Some(writer) = self.tensorboard.as_mut() {
+            writer.scalars(step, &scalars)?;
+        }
         self.history.push(record);
         Ok(())
     }

@@ -484,6 +484,7 @@ fn algorithm_matches_the_pytorch_reference() {
             &mask,
             Some(&entropy),
             Some(&matrix(&f.policy_ref_logprobs)),
+            None,
             &config.ppo,
         );
         check.close(

@@ -115,21 +115,22 @@ impl Tokenizer {
         Ok(encoding.get_ids().iter().map(|&id| id as i64).collect())
     }
 
-    /// Text of `ids`; special tokens are kept unless `skip_special_tokens`.
+    /// Text of `ids`; special tokens are kept unless `skip_special_tokens`. Ids past the
+    /// tokenizer's vocabulary (the padding rows of an embedding larger than the tokenizer, as
+    /// Qwen2.5's 152,064 rows for 151,665 ids, which a sampler can draw) decode to nothing,
+    /// as transformers' `decode` does; a negative id is an error.
     pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String> {
-        let ids = ids
-            .iter()
-            .map(|&id| {
-                u32::try_from(id)
-                    .ok()
-                    .filter(|&id| (id as usize) < self.vocab_size())
-                    .ok_or_else(|| {
-                        ModelError::Input(format!("token id {id} is out of the vocabulary"))
-                    })
-            })
-            .collect::<Result<Vec<u32>>>()?;
+        let size = self.vocab_size();
+        let mut known = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let id = u32::try_from(id)
+                .map_err(|_| ModelError::Input(format!("token id {id} is negative")))?;
+            if (id as usize) < size {
+                known.push(id);
+            }
+        }
         self.inner
-            .decode(&ids, skip_special_tokens)
+            .decode(&known, skip_special_tokens)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 

@@ -13,10 +13,14 @@ batching), with torch.optim.AdamW and torch.nn.utils.clip_grad_norm_:
     on the last valid token for the outcome; reverse cumsums added; whitened with the unbiased
     variance over every valid token;
   for each PPO mini-batch: per response the token mean of max(-A rho, -A clip(rho, 0.8, 1.2)),
-    mean over the mini-batch, backward, clip 1.0, AdamW step (weight decay 0.01).
+    mean over the mini-batch, backward, clip 1.0, AdamW step (weight decay 0.01);
+  with --behavior-cap C (decoupled PPO, for groups sampled by an older policy): each token's
+    term above is multiplied by w = min(exp(old - behaviour), C), the behaviour log-probs being
+    the responses' "sampling_logprobs".
 
 Usage: prime_step_ref.py --policy D --prm D --ref D --rollouts F --out D
        [--mini-batches N] [--beta B] [--policy-lr X] [--prm-lr Y] [--estimator prime|rloo]
+       [--behavior-cap C]
 Writes OUT/policy and OUT/prm (save_pretrained) and prints a JSON object of losses.
 """
 import argparse
@@ -77,6 +81,7 @@ def main():
     ap.add_argument("--policy-lr", type=float, default=5e-7)
     ap.add_argument("--prm-lr", type=float, default=1e-6)
     ap.add_argument("--estimator", choices=["prime", "rloo"], default="prime")
+    ap.add_argument("--behavior-cap", type=float, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -166,6 +171,12 @@ def main():
             ratio = torch.exp(lp - old_lp[i, :lengths[i]])
             a = advantages[i, :lengths[i]]
             token_loss = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2))
+            if args.behavior_cap is not None:
+                g, j = divmod(i, k)
+                behaviour = torch.tensor(
+                    groups[g]["responses"][j]["sampling_logprobs"][:lengths[i]])
+                w = torch.exp(old_lp[i, :lengths[i]] - behaviour).clamp(max=args.behavior_cap)
+                token_loss = token_loss * w
             loss = token_loss.mean() / len(mini)
             loss.backward()
             total += loss.item()

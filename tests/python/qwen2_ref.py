@@ -331,8 +331,13 @@ def cmd_encode(args):
     tok = load_tokenizer(args.tokenizer)
     rows = []
     for row in read_jsonl(args.input):
-        ids = tok(row["text"], add_special_tokens=False)["input_ids"]
-        ids = [int(i) for i in ids]
+        # {"text": ...} is encoded and decoded again; {"ids": [...]} is only decoded (ids
+        # may lie past the tokenizer, in a padded embedding's rows).
+        if "ids" in row:
+            ids = [int(i) for i in row["ids"]]
+        else:
+            ids = tok(row["text"], add_special_tokens=False)["input_ids"]
+            ids = [int(i) for i in ids]
         rows.append({"ids": ids,
                      "decoded": tok.decode(ids, skip_special_tokens=False)})
     write_jsonl(args.output, rows)

@@ -114,3 +114,38 @@ fn world_tokenizer_matches_transformers() {
     let world = prime_world::build_world(&config, tmp.path()).unwrap();
     check_tokenizer_dir(&world.tokenizer_dir);
 }
+
+/// Ids past the tokenizer's vocabulary (the padding rows of a larger embedding, which a
+/// sampler can draw) decode to nothing, as in transformers.
+#[test]
+fn ids_past_the_tokenizer_decode_like_transformers() {
+    init_threads();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = prime_world::WorldConfig::default();
+    config.sft.size = 100;
+    config.rl.size = 10;
+    config.heldout.size = 10;
+    let world = prime_world::build_world(&config, tmp.path()).unwrap();
+    let tokenizer = Tokenizer::from_dir(&world.tokenizer_dir).unwrap();
+    let size = tokenizer.vocab_size() as i64;
+    let mut ids = tokenizer.encode("Tom has 12 apples.<|im_end|>").unwrap();
+    ids.insert(2, size);
+    ids.insert(4, 152_063);
+    ids.push(size + 7);
+    let (input, output) = (tmp.path().join("in.jsonl"), tmp.path().join("out.jsonl"));
+    write_jsonl(&input, &[json!({ "ids": ids })]);
+    qwen2_ref(&[
+        "encode",
+        "--tokenizer",
+        world.tokenizer_dir.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    let reference = &read_jsonl(&output)[0];
+    let ours = tokenizer.decode(&ids, false).unwrap();
+    assert_eq!(ours, reference["decoded"].as_str().unwrap());
+    assert_eq!(ours, "Tom has 12 apples.<|im_end|>");
+    assert!(tokenizer.decode(&[-1], false).is_err());
+}

@@ -162,12 +162,15 @@ fn bf16_weights_with_master_weights_train() {
 fn the_reference_can_be_the_old_policy_and_rewards_can_follow_the_update() {
     init_threads();
     // With the old policy as reference and a PRM equal to the policy, every log-ratio on the
-    // new batch is 0: the PRM's loss is ln 2 exactly, and its pairwise accuracy is what the
-    // authors' tie rule gives (a tie reads as "the later response is not worse"): by hand,
-    // groups [1, 0, 0.5], [0, 1, 1], [0, 0.25, 1], [0, 0, 1] score 0.25, 1, 1, 1.
+    // new batch is 0 before the PRM's first update: with one mini-batch (the new-batch figures
+    // come from the forward that trains each mini-batch, before its own update) the PRM's
+    // loss is ln 2 exactly, and its pairwise accuracy is what the authors' tie rule gives (a
+    // tie reads as "the later response is not worse"): by hand, groups [1, 0, 0.5],
+    // [0, 1, 1], [0, 0.25, 1], [0, 0, 1] score 0.25, 1, 1, 1.
     let policy_ref = {
         let mut c = config();
         c.algo.reference = ReferenceType::Policy;
+        c.algo.mini_batches = 1;
         c
     };
     let mut same = PrimeModels::new(
@@ -221,4 +224,10 @@ fn the_reference_can_be_the_old_policy_and_rewards_can_follow_the_update() {
         (a.prm_reward_mean - b.prm_reward_mean).abs() > 1e-6,
         "rewards after the update equal those before it"
     );
+    // The new-batch figures come from the training forward in both modes (no scoring pass of
+    // their own): equal across the modes, and under single-forward they are the figures of
+    // the rewards themselves.
+    assert_eq!(a.prm_new_batch_loss, b.prm_new_batch_loss);
+    assert_eq!(a.prm_new_batch_accuracy, b.prm_new_batch_accuracy);
+    assert_eq!(a.prm_new_batch_accuracy, a.prm_accuracy);
 }

@@ -25,6 +25,9 @@ pub enum ModelCommand {
     Logprobs(LogprobsArgs),
     /// Sample responses: {"input_ids":[...]} or {"prompt":"..."} -> {"output_ids":[...],"text":"..."}.
     Generate(GenerateArgs),
+    /// A from-scratch Qwen2 of a run config's `[model]` shape, written as a self-contained
+    /// model directory (weights, configs, tokenizer files) with random weights.
+    Init(crate::cmd::model_init::InitArgs),
 }
 
 /// Options shared by the model tools.
@@ -84,6 +87,7 @@ pub fn run(command: ModelCommand) -> Result<()> {
     match command {
         ModelCommand::Logprobs(args) => logprobs(args),
         ModelCommand::Generate(args) => generate_cmd(args),
+        ModelCommand::Init(args) => crate::cmd::model_init::run(args),
     }
 }
 

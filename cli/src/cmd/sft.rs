@@ -68,9 +68,12 @@ pub fn warm_up(config: &RunConfig, run_dir: &Path, device: &str) -> Result<SftRe
     let lm = match &config.model.path {
         Some(path) => CausalLm::load(path, device, tch::Kind::Float, default_kind(device))?,
         None => {
-            let qwen2 = config
+            let tokenizer_size = tokenizer.vocab_size() as i64;
+            config
                 .model
-                .qwen2_config(tokenizer.vocab_size() as i64, eos, pad);
+                .embedding_rows(tokenizer_size)
+                .map_err(anyhow::Error::msg)?;
+            let qwen2 = config.model.qwen2_config(tokenizer_size, eos, pad);
             let mut lm = CausalLm::random(&qwen2, device, tch::Kind::Float, default_kind(device))?;
             lm.generation_config.eos_token_id = Some(prime_model::config::TokenIds::One(eos));
             lm.generation_config.pad_token_id = Some(pad);

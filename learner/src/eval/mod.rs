@@ -259,6 +259,36 @@ pub struct Evaluation {
     pub wall_seconds: f64,
 }
 
+/// Indices (ascending) of the `count` held-out problems an evaluation uses, out of problems
+/// whose ability and data source are `strata[i]`: all of them when `count` is 0 or at least
+/// their number, else one from each stratum in turn (each stratum in split order) until
+/// `count` are taken. So a subset covers every ability and data source whatever the split's
+/// order (stored source by source, or interleaved), and the same problems every time.
+pub fn stratified_subset<K: Ord + Clone>(strata: &[K], count: usize) -> Vec<usize> {
+    let total = strata.len();
+    if count == 0 || count >= total {
+        return (0..total).collect();
+    }
+    let mut by_stratum: std::collections::BTreeMap<K, std::collections::VecDeque<usize>> =
+        Default::default();
+    for (i, key) in strata.iter().enumerate() {
+        by_stratum.entry(key.clone()).or_default().push_back(i);
+    }
+    let mut picked = Vec::with_capacity(count);
+    while picked.len() < count {
+        for queue in by_stratum.values_mut() {
+            if picked.len() == count {
+                break;
+            }
+            if let Some(i) = queue.pop_front() {
+                picked.push(i);
+            }
+        }
+    }
+    picked.sort_unstable();
+    picked
+}
+
 /// Held-out accuracy: `eval.samples` samples per problem at `eval.temperature`, graded by
 /// ability (math by the math grader, code by the code grader as `grading` says), plus greedy
 /// decoding when `eval.greedy` is set.
@@ -370,4 +400,37 @@ pub fn local_rollouts(
             },
         })
         .collect())
+}
+
+#[cfg(test)]
+mod subset_tests {
+    use super::stratified_subset;
+
+    #[test]
+    fn a_subset_takes_from_every_stratum_in_turn() {
+        let all = |n: usize| (0..n).collect::<Vec<_>>();
+        let keys: Vec<u8> = vec![0; 10];
+        assert_eq!(stratified_subset(&keys, 0), all(10));
+        assert_eq!(stratified_subset(&keys, 10), all(10));
+        assert_eq!(stratified_subset(&keys, 25), all(10));
+        // One stratum: the first `count` in split order.
+        assert_eq!(stratified_subset(&keys, 4), vec![0, 1, 2, 3]);
+        // Math then code, 1,024 each: 4 of each.
+        let blocks: Vec<&str> = (0..2048)
+            .map(|i| if i < 1024 { "math" } else { "code" })
+            .collect();
+        assert_eq!(
+            stratified_subset(&blocks, 8),
+            vec![0, 1, 2, 3, 1024, 1025, 1026, 1027]
+        );
+        // Interleaved math, code, math, code...: 2 of each (a regular stride would take only
+        // one kind).
+        let interleaved: Vec<&str> = (0..64)
+            .map(|i| if i % 2 == 0 { "math" } else { "code" })
+            .collect();
+        assert_eq!(stratified_subset(&interleaved, 4), vec![0, 1, 2, 3]);
+        // Uneven strata: a small one is used up, the others go on.
+        let uneven = ["a", "a", "a", "a", "b", "c", "c"];
+        assert_eq!(stratified_subset(&uneven, 5), vec![0, 1, 4, 5, 6]);
+    }
 }
