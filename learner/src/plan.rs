@@ -153,9 +153,10 @@ impl Sharding {
     }
 }
 
-/// The micro-batch with the largest activations under `learner.memory.micro_batch_tokens`
-/// for sequences of up to `longest` tokens: as many whole longest rows as the budget holds
-/// (one when it holds none), or one row more of the width that fills the budget.
+/// The micro-batches that may have the largest activations under a budget of `budget`
+/// tokens (`learner.memory.micro_batch_tokens`) for sequences of up to `longest` tokens: as
+/// many whole longest rows as the budget holds (one when it holds none), and one row more of
+/// the width that fills the budget (more tokens, shorter rows).
 fn longest_micro_batches(budget: u64, longest: u64) -> Vec<Batch> {
     let rows = (budget / longest).max(1);
     let mut out = vec![Batch {
