@@ -121,6 +121,8 @@ impl ActorConfig {
             )));
         }
         if let Some(token) = &self.token {
+            prime_proto::auth::usable_token(Some(token))
+                .map_err(|e| ActorError::Config(e.to_string()))?;
             if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(ActorError::Config(
                     "token must be non-empty printable ASCII without spaces".into(),

@@ -26,15 +26,24 @@ pub fn sampling_params(
     } else {
         wire.stop_token_ids.clone()
     };
-    // Temperature, top-p and top-k are checked by the sampler, which answers an input error.
-    Ok(SamplingParams {
+    let params = SamplingParams {
         max_new_tokens: wire.max_new_tokens as usize,
         temperature: wire.temperature,
         top_p: wire.top_p,
         top_k: wire.top_k,
         seed: None,
         stop_token_ids,
-    })
+    };
+    // A temperature, top-p or top-k the sampler refuses comes from the learner's config:
+    // every batch would be given up and pulled again, forever. A configuration error is
+    // fatal, so the actor stops with the reason instead.
+    params.validate().map_err(|e| {
+        ActorError::Config(format!(
+            "the learner hands out sampling parameters this actor cannot use ({e}); fix the \
+             learner's [learner.rollout] config"
+        ))
+    })?;
+    Ok(params)
 }
 
 /// The sampler's seed for one batch, derived from the run's `seed`, the policy version and
@@ -340,12 +349,33 @@ mod tests {
         );
         let empty = pb::SamplingParams {
             max_new_tokens: 0,
-            ..wire
+            ..wire.clone()
         };
         assert!(matches!(
             sampling_params(&empty, &[1]),
             Err(ActorError::Protocol(_))
         ));
+        // Values the sampler refuses stop the actor (a fatal config error) instead of having
+        // it give up every batch and pull it again.
+        for bad in [
+            pb::SamplingParams {
+                top_p: 0.0,
+                ..wire.clone()
+            },
+            pb::SamplingParams {
+                temperature: f64::NAN,
+                ..wire.clone()
+            },
+            pb::SamplingParams {
+                top_k: -1,
+                ..wire.clone()
+            },
+        ] {
+            let error = sampling_params(&bad, &[1]).unwrap_err();
+            assert!(matches!(error, ActorError::Config(_)), "{error}");
+            assert!(error.is_fatal(), "{error}");
+            assert!(error.to_string().contains("learner.rollout"), "{error}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use prime_proto::client::{lazy_channel, learner_client, request};
 use prime_proto::v1 as pb;
 use tch::Device;
 
-const TOKEN: &str = "s3cret";
+const TOKEN: &str = "s3cret-s3cret-s3cret";
 
 fn publish(lm: &CausalLm, version: u64) -> Published {
     Published::new(encode_var_store(&lm.vs, version, None).unwrap())

@@ -18,7 +18,7 @@ use prime_proto::v1 as pb;
 #[test]
 fn responses_are_graded_by_a_real_verifier_in_row_order() {
     let runtime = runtime();
-    let url = start_verifier(&runtime, Some("s3cret"));
+    let url = start_verifier(&runtime, Some("s3cret-s3cret-s3cret"));
     let dir = tempfile::tempdir().unwrap();
     write_tokenizer(dir.path());
     let tokenizer = Tokenizer::from_dir(dir.path()).unwrap();
@@ -63,14 +63,14 @@ fn responses_are_graded_by_a_real_verifier_in_row_order() {
             .map_err(ActorError::from)
         })
     };
-    let results = grade(Some("s3cret")).unwrap();
+    let results = grade(Some("s3cret-s3cret-s3cret")).unwrap();
     assert_eq!(
         scores_from_grades(&requested, &results).unwrap(),
         [1.0, 0.0, 1.0]
     );
     assert_eq!(results[0].extracted_answer, "4");
 
-    for token in [None, Some("wrong")] {
+    for token in [None, Some("wrong-wrong-wrong-wrong")] {
         let err = grade(token).unwrap_err();
         assert_eq!(err.code(), Some(tonic::Code::Unauthenticated), "{err}");
         assert!(err.is_fatal());

@@ -94,7 +94,7 @@ fn mutual_tls_lets_in_only_clients_with_a_signed_certificate_and_the_token() {
         .build()
         .unwrap();
     let server_auth = ServerAuth {
-        token: Some("s3cret".into()),
+        token: Some("s3cret-s3cret-s3cret".into()),
         allow_no_token: false,
         tls: ServerTls {
             cert: Some(server_cert),
@@ -126,11 +126,11 @@ fn mutual_tls_lets_in_only_clients_with_a_signed_certificate_and_the_token() {
         domain: None,
     };
 
-    let results = grade(&runtime, &https, Some("s3cret"), &trusted).unwrap();
+    let results = grade(&runtime, &https, Some("s3cret-s3cret-s3cret"), &trusted).unwrap();
     assert_eq!(results[0].score, 1.0);
 
     // The token is still checked over TLS.
-    let err = grade(&runtime, &https, Some("wrong"), &trusted).unwrap_err();
+    let err = grade(&runtime, &https, Some("wrong-wrong-wrong-wrong"), &trusted).unwrap_err();
     assert!(err.contains("token"), "{err}");
     // No client certificate, or one from another CA: the handshake fails.
     let anonymous = ClientTls {
@@ -138,23 +138,29 @@ fn mutual_tls_lets_in_only_clients_with_a_signed_certificate_and_the_token() {
         key: None,
         ..trusted.clone()
     };
-    assert!(grade(&runtime, &https, Some("s3cret"), &anonymous).is_err());
+    assert!(grade(&runtime, &https, Some("s3cret-s3cret-s3cret"), &anonymous).is_err());
     let stranger = ClientTls {
         cert: Some(stranger_cert),
         key: Some(stranger_key),
         ..trusted.clone()
     };
-    assert!(grade(&runtime, &https, Some("s3cret"), &stranger).is_err());
+    assert!(grade(&runtime, &https, Some("s3cret-s3cret-s3cret"), &stranger).is_err());
     // A client that does not trust the server's CA refuses the server.
     let gullible = ClientTls {
         ca: Some(stranger_ca.write(dir.path(), "stranger")),
         ..trusted.clone()
     };
-    assert!(grade(&runtime, &https, Some("s3cret"), &gullible).is_err());
+    assert!(grade(&runtime, &https, Some("s3cret-s3cret-s3cret"), &gullible).is_err());
     // Plain HTTP/2 to a TLS port gets nothing, and TLS files with an http:// URL are refused
     // before any connection (no silent downgrade).
     let plain = format!("http://localhost:{port}");
-    assert!(grade(&runtime, &plain, Some("s3cret"), &ClientTls::default()).is_err());
-    let err = grade(&runtime, &plain, Some("s3cret"), &trusted).unwrap_err();
+    assert!(grade(
+        &runtime,
+        &plain,
+        Some("s3cret-s3cret-s3cret"),
+        &ClientTls::default()
+    )
+    .is_err());
+    let err = grade(&runtime, &plain, Some("s3cret-s3cret-s3cret"), &trusted).unwrap_err();
     assert!(err.contains("plain http://"), "{err}");
 }

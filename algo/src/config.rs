@@ -55,6 +55,44 @@ impl Default for AlgoConfig {
     }
 }
 
+impl AlgoConfig {
+    /// Refuses values the formulas cannot use, naming the key under `prefix`
+    /// (`learner.algo`): every float finite and in its range (a NaN β or clip ratio would turn
+    /// every loss into NaN), at least one mini-batch, a filter band inside [0, 1].
+    pub fn validate(&self, prefix: &str) -> Result<(), String> {
+        use prime_check::number::at_least;
+        use prime_check::{rules, Range};
+        let key = |name: &str| format!("{prefix}.{name}");
+        at_least(&key("mini_batches"), self.mini_batches, 1)?;
+        rules::BETA.check(&key("prm.beta"), self.prm.beta)?;
+        rules::DISCOUNT.check(
+            &key("advantage.process_gamma"),
+            self.advantage.process_gamma,
+        )?;
+        rules::DISCOUNT.check(
+            &key("advantage.outcome_gamma"),
+            self.advantage.outcome_gamma,
+        )?;
+        Range::POSITIVE.check(&key("ppo.clip_ratio"), self.ppo.clip_ratio)?;
+        Range::POSITIVE.check(
+            &key("ppo.behavior_weight_cap"),
+            self.ppo.behavior_weight_cap,
+        )?;
+        rules::COEFFICIENT.check(&key("ppo.entropy_coeff"), self.ppo.entropy_coeff)?;
+        rules::COEFFICIENT.check(&key("ppo.kl_coeff"), self.ppo.kl_coeff)?;
+        let f = &self.filter;
+        rules::PROBABILITY.check(&key("filter.lower"), f.lower)?;
+        rules::PROBABILITY.check(&key("filter.upper"), f.upper)?;
+        if f.lower > f.upper {
+            return Err(format!(
+                "{prefix}.filter needs 0 <= lower <= upper <= 1, got [{}, {}]",
+                f.lower, f.upper
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// When the PRM's rewards are computed relative to its update (spec §3.3).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -347,5 +385,46 @@ mod tests {
         assert_eq!(config.advantage.process_baseline, ProcessBaseline::Paper);
         assert_eq!(config.ppo.loss_aggregation, LossAggregation::TokenMean);
         assert!(toml::from_str::<AlgoConfig>("[prm]\nbetta = 1.0\n").is_err());
+    }
+
+    #[test]
+    fn validation_names_the_key_of_a_value_the_formulas_cannot_use() {
+        AlgoConfig::default().validate("learner.algo").unwrap();
+        for (table, expected) in [
+            (
+                "[prm]\nbeta = nan\n",
+                "learner.algo.prm.beta must be a finite number > 0, got NaN",
+            ),
+            ("[prm]\nbeta = 0.0\n", "learner.algo.prm.beta"),
+            ("[prm]\nbeta = inf\n", "learner.algo.prm.beta"),
+            (
+                "mini_batches = 0\n",
+                "learner.algo.mini_batches must be at least 1",
+            ),
+            (
+                "[advantage]\nprocess_gamma = 1.5\n",
+                "advantage.process_gamma",
+            ),
+            (
+                "[advantage]\noutcome_gamma = -inf\n",
+                "advantage.outcome_gamma",
+            ),
+            ("[ppo]\nclip_ratio = 0.0\n", "ppo.clip_ratio"),
+            (
+                "[ppo]\nbehavior_weight_cap = nan\n",
+                "ppo.behavior_weight_cap",
+            ),
+            ("[ppo]\nentropy_coeff = -0.1\n", "ppo.entropy_coeff"),
+            ("[ppo]\nkl_coeff = nan\n", "ppo.kl_coeff"),
+            ("[filter]\nlower = nan\n", "filter.lower"),
+            (
+                "[filter]\nlower = 0.9\nupper = 0.1\n",
+                "filter needs 0 <= lower <= upper",
+            ),
+        ] {
+            let config: AlgoConfig = toml::from_str(table).unwrap();
+            let message = config.validate("learner.algo").unwrap_err();
+            assert!(message.contains(expected), "{table:?}: {message}");
+        }
     }
 }

@@ -9,11 +9,27 @@ mod progress;
 #[derive(Debug, Parser)]
 #[command(name = "prime", version)]
 struct Cli {
-    /// Torch CPU threads (default: $PRIME_THREADS, else torch's own choice).
-    #[arg(long, global = true, env = "PRIME_THREADS")]
+    /// Torch CPU threads (default: $PRIME_THREADS, else torch's own choice; 0 also leaves
+    /// the choice to torch).
+    #[arg(
+        long,
+        global = true,
+        env = "PRIME_THREADS",
+        allow_hyphen_values = true,
+        value_parser = threads
+    )]
     threads: Option<i32>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--threads`/`PRIME_THREADS`: 0 to the maximum; empty (an unset variable) is 0, torch's
+/// choice.
+fn threads(text: &str) -> Result<i32, String> {
+    if text.trim().is_empty() {
+        return Ok(0);
+    }
+    prime_check::arg::int(0, prime_check::rules::MAX_THREADS)(text)
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,7 +82,16 @@ enum VerifierCommand {
     Serve(cmd::verifier::VerifierArgs),
 }
 
+/// Exit status: 0 on success, 1 for an error the user can fix (its message names the file,
+/// line, key or flag), 2 for a command line clap refuses, and
+/// [`prime_check::panics::INTERNAL_ERROR`] (70) for an internal error: a panic, printed as one
+/// line.
 fn main() -> Result<()> {
+    prime_check::panics::install_hook();
+    prime_check::panics::guard_main(run)
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -78,7 +103,9 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     if let Some(threads) = cli.threads {
-        tch::set_num_threads(threads);
+        if threads > 0 {
+            tch::set_num_threads(threads);
+        }
         // Processes this one starts (`prime train`'s services, `prime bench train`'s runs)
         // take the same count.
         std::env::set_var("PRIME_THREADS", threads.to_string());

@@ -40,7 +40,7 @@ greedy = false
 every = 0
 "#;
 
-const TOKEN: &str = "s3cret-token";
+const TOKEN: &str = "s3cret-token-0123456789";
 
 struct Learner(Child);
 
@@ -165,7 +165,11 @@ fn hostile_clients_get_clear_errors_and_the_learner_keeps_count() {
         };
 
         // No token, a wrong one, a near miss: UNAUTHENTICATED on every RPC.
-        for token in [None, Some("wrong"), Some("s3cret-toke")] {
+        for token in [
+            None,
+            Some("wrong-wrong-wrong-wrong"),
+            Some("s3cret-token-012345678"),
+        ] {
             let mut c = client(&url, token);
             let err = c
                 .register(request(register.clone(), deadline()))

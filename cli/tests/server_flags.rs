@@ -38,7 +38,10 @@ fn an_open_address_needs_a_token_or_consent_before_tls_is_read() {
         "--tls-key",
         "/nonexistent/key.pem",
     ];
-    for (extra, token) in [(&[][..], Some("s3cret")), (&["--allow-no-token"][..], None)] {
+    for (extra, token) in [
+        (&[][..], Some("s3cret-s3cret-s3cret")),
+        (&["--allow-no-token"][..], None),
+    ] {
         let args: Vec<&str> = tls.iter().chain(extra).copied().collect();
         let stderr = failure(&verifier_serve(&args, token));
         assert!(

@@ -60,7 +60,7 @@ fn status_of_a_verifier_with_and_without_the_token() {
     runtime.spawn(prime_verifier::service::serve_on(
         listener,
         grader.clone(),
-        Some("tok".into()),
+        Some("tok-tok-tok-tok-tok".into()),
         std::future::pending(),
     ));
 
@@ -70,7 +70,7 @@ fn status_of_a_verifier_with_and_without_the_token() {
             "verifier",
             &addr,
             Duration::from_secs(5),
-            Some("tok"),
+            Some("tok-tok-tok-tok-tok"),
         )
         .unwrap();
         let mut client = prime_proto::client::verifier_client(channel);
@@ -88,7 +88,12 @@ fn status_of_a_verifier_with_and_without_the_token() {
         assert_eq!(results.len(), 3);
     });
 
-    let rows = table(&prime_status(&["--addr", &addr, "--token", "tok"]));
+    let rows = table(&prime_status(&[
+        "--addr",
+        &addr,
+        "--token",
+        "tok-tok-tok-tok-tok",
+    ]));
     let expected = grader.status();
     assert_eq!(rows["role"], "verifier");
     assert_eq!(rows["version"], env!("CARGO_PKG_VERSION"));

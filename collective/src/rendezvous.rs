@@ -183,18 +183,23 @@ mod tests {
             epoch: 7,
             world_size: 3,
         };
-        let server = serve("127.0.0.1:0".parse().unwrap(), id, Some("s3cret".into())).unwrap();
+        let server = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            id,
+            Some("s3cret-s3cret-s3cret".into()),
+        )
+        .unwrap();
         let master = server.addr.to_string();
         let fetch = |rank, world, epoch, token| {
             fetch_unique_id(&master, rank, world, epoch, Duration::from_secs(10), token)
         };
-        let got = fetch(2, 3, 7, Some("s3cret")).unwrap();
+        let got = fetch(2, 3, 7, Some("s3cret-s3cret-s3cret")).unwrap();
         assert_eq!(got, (0..128u8).collect::<Vec<_>>());
-        let stale = fetch(1, 3, 6, Some("s3cret")).unwrap_err();
+        let stale = fetch(1, 3, 6, Some("s3cret-s3cret-s3cret")).unwrap_err();
         assert!(stale.to_string().contains("epoch 6"), "{stale}");
-        let wrong = fetch(1, 4, 7, Some("s3cret")).unwrap_err();
+        let wrong = fetch(1, 4, 7, Some("s3cret-s3cret-s3cret")).unwrap_err();
         assert!(wrong.to_string().contains("world size 4"), "{wrong}");
-        for token in [None, Some("guess")] {
+        for token in [None, Some("guess-guess-guess-guess")] {
             let start = Instant::now();
             let refused = fetch(1, 3, 7, token).unwrap_err();
             assert!(refused.to_string().contains("token"), "{refused}");

@@ -8,6 +8,9 @@ use prime_world::WorldConfig;
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
+use prime_check::number::{at_least, within};
+use prime_check::{rules, Range};
+
 use crate::error::{LearnerError, Result};
 use crate::optim::AdamWConfig;
 
@@ -44,8 +47,10 @@ impl RunConfig {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(LearnerError::io(path))?;
+        // Editors on some systems start a UTF-8 file with a byte-order mark.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let mut table: toml::Table =
-            toml::from_str(&text).map_err(|e| config_error(e.to_string()))?;
+            toml::from_str(text).map_err(|e| config_error(e.to_string()))?;
         for assignment in overrides {
             apply_override(&mut table, assignment).map_err(config_error)?;
         }
@@ -53,8 +58,19 @@ impl RunConfig {
         let config: Self = table
             .try_into()
             .map_err(|e: toml::de::Error| config_error(e.to_string()))?;
-        config.check_lengths().map_err(config_error)?;
+        config.validate().map_err(config_error)?;
         Ok(config)
+    }
+
+    /// Every table checked, as the loader does before anything else happens: the world, the
+    /// start model, the warm-up, the learner, and the prompt plus response budget against the
+    /// model's positions.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.world.validate().map_err(|e| format!("world: {e}"))?;
+        self.model.validate()?;
+        self.sft.validate()?;
+        self.learner.validate()?;
+        self.check_lengths()
     }
 
     /// The start model's `max_position_embeddings` and where it was read: `model.path`'s
@@ -557,7 +573,9 @@ fn refuse_moved_keys(table: &toml::Table) -> std::result::Result<(), String> {
 }
 
 impl LearnerConfig {
-    /// Checks values serde cannot: positive sizes, a K the baselines can use, a sane filter.
+    /// Checks values serde cannot, naming the key: every number finite and in its range
+    /// (the rules of `prime_check`, shared with the flags of the same meaning), a K the
+    /// baselines can use, mini-batches that hold whole groups, a sane filter.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let (rollout, algo) = (&self.rollout, &self.algo);
         if rollout.samples_per_prompt < 2 {
@@ -581,45 +599,15 @@ impl LearnerConfig {
                 algo.mini_batches, rollout.batch_prompts
             ));
         }
-        let f = &algo.filter;
-        if !(0.0..=1.0).contains(&f.lower) || !(f.lower..=1.0).contains(&f.upper) {
-            return Err(format!(
-                "learner.algo.filter needs 0 <= lower <= upper <= 1, got [{}, {}]",
-                f.lower, f.upper
-            ));
-        }
-        for (name, opt) in [
-            ("policy_optimizer", &self.policy_optimizer),
-            ("prm_optimizer", &self.prm_optimizer),
-        ] {
-            if opt.lr.is_nan() || opt.lr < 0.0 {
-                return Err(format!("learner.{name}.lr must be >= 0, got {}", opt.lr));
-            }
-        }
-        let cap = algo.ppo.behavior_weight_cap;
-        if !(cap.is_finite() && cap > 0.0) {
-            return Err(format!(
-                "learner.algo.ppo.behavior_weight_cap must be a positive number, got {cap}"
-            ));
-        }
-        if rollout.oversample.is_nan() || rollout.oversample < 1.0 {
-            return Err(format!(
-                "learner.rollout.oversample must be >= 1, got {}",
-                rollout.oversample
-            ));
-        }
-        if rollout.temperature <= 0.0 || self.eval.temperature < 0.0 {
-            return Err(
-                "learner.rollout.temperature must be positive and learner.eval.temperature >= 0"
-                    .into(),
-            );
-        }
-        if rollout.max_response_tokens == 0 || self.data.max_prompt_tokens == 0 {
-            return Err(
-                "learner.data.max_prompt_tokens and learner.rollout.max_response_tokens must be positive"
-                    .into(),
-            );
-        }
+        algo.validate("learner.algo")?;
+        rollout.validate()?;
+        self.data.validate()?;
+        self.eval.validate()?;
+        self.checkpoint.validate()?;
+        self.memory.validate()?;
+        self.parallel.validate()?;
+        self.policy_optimizer.validate("learner.policy_optimizer")?;
+        self.prm_optimizer.validate("learner.prm_optimizer")?;
         self.weight_broadcast.validate()?;
         if self.parallel.zero2 && !self.memory.recompute_activations {
             return Err(
@@ -629,6 +617,131 @@ impl LearnerConfig {
             );
         }
         Ok(())
+    }
+}
+
+/// The most seconds a config's time limit may hold: far beyond any run, and safe to add to
+/// an `Instant`.
+const MAX_SECONDS: u64 = 1_000_000_000;
+
+impl RolloutConfig {
+    /// Sampling the actors can do: a temperature above 0 and a top-p in (0, 1] (a value the
+    /// sampler refuses would have every actor give up every batch, forever).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        at_least("learner.rollout.batch_prompts", self.batch_prompts, 1)?;
+        Range::at_least(1.0).check("learner.rollout.oversample", self.oversample)?;
+        at_least(
+            "learner.rollout.max_response_tokens",
+            self.max_response_tokens,
+            1,
+        )?;
+        rules::ROLLOUT_TEMPERATURE.check("learner.rollout.temperature", self.temperature)?;
+        rules::TOP_P.check("learner.rollout.top_p", self.top_p)?;
+        at_least("learner.rollout.top_k", self.top_k, 0)?;
+        within(
+            "learner.rollout.lease_seconds",
+            self.lease_seconds,
+            1,
+            MAX_SECONDS,
+        )?;
+        Ok(())
+    }
+}
+
+impl DataConfig {
+    /// A prompt budget above 0.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        at_least("learner.data.max_prompt_tokens", self.max_prompt_tokens, 1)?;
+        Ok(())
+    }
+}
+
+impl EvalConfig {
+    /// At least one sample per problem, a temperature of 0 (greedy) or more.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        at_least("learner.eval.samples", self.samples, 1)?;
+        rules::TEMPERATURE.check("learner.eval.temperature", self.temperature)?;
+        Ok(())
+    }
+}
+
+impl CheckpointConfig {
+    /// At least one checkpoint kept (the latest is what a resume starts from).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        at_least("learner.checkpoint.keep", self.keep, 1)?;
+        Ok(())
+    }
+}
+
+impl MemoryConfig {
+    /// Budgets above 0.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        at_least(
+            "learner.memory.micro_batch_tokens",
+            self.micro_batch_tokens,
+            1,
+        )?;
+        at_least(
+            "learner.memory.logit_chunk_tokens",
+            self.logit_chunk_tokens,
+            1,
+        )?;
+        Ok(())
+    }
+}
+
+impl ParallelConfig {
+    /// Buckets above 0 MiB and time limits a rank can wait for.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        at_least("learner.parallel.bucket_mb", self.bucket_mb, 1)?;
+        for (name, value) in [
+            (
+                "collective_timeout_seconds",
+                self.collective_timeout_seconds,
+            ),
+            ("join_timeout_seconds", self.join_timeout_seconds),
+            ("idle_timeout_seconds", self.idle_timeout_seconds),
+        ] {
+            within(&format!("learner.parallel.{name}"), value, 1, MAX_SECONDS)?;
+        }
+        Ok(())
+    }
+}
+
+impl OptimizerConfig {
+    /// A finite learning rate of 0 or more (a NaN rate writes an all-NaN model), a finite
+    /// clip, AdamW moments in [0, 1) and an ε above 0; keys named under `prefix`.
+    pub fn validate(&self, prefix: &str) -> std::result::Result<(), String> {
+        rules::LEARNING_RATE.check(&format!("{prefix}.lr"), self.lr)?;
+        rules::COEFFICIENT.check(&format!("{prefix}.max_grad_norm"), self.max_grad_norm)?;
+        self.adamw.validate(&format!("{prefix}.adamw"))?;
+        Ok(())
+    }
+}
+
+impl ModelSource {
+    /// The from-scratch shape (what `prime model init` and a run without `path` build):
+    /// sizes above 0 and a finite RoPE base. A model directory's own config.json is checked
+    /// when it is read.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        for (name, value) in [
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            at_least(&format!("model.{name}"), value, 1)?;
+        }
+        Range::POSITIVE.check("model.rope_theta", self.rope_theta)?;
+        if let Some(rows) = self.vocab_size {
+            at_least("model.vocab_size", rows, 1)?;
+        }
+        // The rest of the shape rules (heads dividing the width, ...) are the model's own.
+        self.qwen2_config(2, 0, 0)
+            .validate()
+            .map_err(|e| format!("model: {e}"))
     }
 }
 
@@ -1017,9 +1130,15 @@ impl SftConfig {
                 "sft.batch_size, sft.eval_every and sft.eval_problems must be positive".into(),
             );
         }
-        if self.lr.is_nan() || self.lr <= 0.0 {
-            return Err(format!("sft.lr must be positive, got {}", self.lr));
+        Range::POSITIVE.check("sft.lr", self.lr)?;
+        rules::PROBABILITY.check("sft.min_lr_ratio", self.min_lr_ratio)?;
+        rules::COEFFICIENT.check("sft.max_grad_norm", self.max_grad_norm)?;
+        self.adamw.validate("sft.adamw")?;
+        if let Some(seconds) = self.max_seconds {
+            rules::SECONDS.check("sft.max_seconds", seconds)?;
         }
+        rules::TEMPERATURE.check("sft.eval_temperature", self.eval_temperature)?;
+        at_least("sft.max_new_tokens", self.max_new_tokens, 1)?;
         Ok(())
     }
 }

@@ -35,6 +35,19 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl AdamWConfig {
+    /// Moments in [0, 1), ε above 0 and a weight decay of 0 or more, all finite; keys named
+    /// under `prefix`.
+    pub fn validate(&self, prefix: &str) -> std::result::Result<(), String> {
+        use prime_check::rules;
+        rules::ADAM_MOMENT.check(&format!("{prefix}.beta1"), self.beta1)?;
+        rules::ADAM_MOMENT.check(&format!("{prefix}.beta2"), self.beta2)?;
+        rules::ADAM_EPS.check(&format!("{prefix}.eps"), self.eps)?;
+        rules::COEFFICIENT.check(&format!("{prefix}.weight_decay"), self.weight_decay)?;
+        Ok(())
+    }
+}
+
 fn default_beta1() -> f64 {
     0.9
 }

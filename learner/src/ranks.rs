@@ -53,7 +53,9 @@ impl Rank {
 pub fn join_ranks(device: &str, parallel: &ParallelConfig) -> Result<Rank> {
     let info = RankInfo::from_env()?;
     let device = match parse_device(device)? {
-        Device::Cuda(0) if device == "cuda" => Device::Cuda(info.local_rank),
+        Device::Cuda(0) if device == "cuda" => {
+            prime_model::check_device(Device::Cuda(info.local_rank))?
+        }
         d => d,
     };
     if info.world_size == 1 {

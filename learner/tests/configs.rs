@@ -91,12 +91,25 @@ fn overrides_and_partial_optimizer_tables() {
     assert_eq!(config.learner.policy_optimizer.adamw.weight_decay, 0.01);
     let bad = RunConfig::from_file_with_overrides(&path, &["learner.betta=1".into()]);
     assert!(bad.unwrap_err().to_string().contains("betta"));
-    let bad = RunConfig::from_file_with_overrides(
-        &path,
-        &["learner.rollout.samples_per_prompt=1".into()],
-    )
-    .unwrap();
-    assert!(bad.learner.validate().is_err());
+    // Values out of range are refused at load, naming the file and the key.
+    for (set, key) in [
+        ("learner.rollout.samples_per_prompt=1", "samples_per_prompt"),
+        ("learner.rollout.top_p=0", "learner.rollout.top_p"),
+        (
+            "learner.rollout.temperature=nan",
+            "learner.rollout.temperature",
+        ),
+        ("learner.algo.prm.beta=nan", "learner.algo.prm.beta"),
+        ("learner.prm_optimizer.lr=inf", "learner.prm_optimizer.lr"),
+    ] {
+        let message = RunConfig::from_file_with_overrides(&path, &[set.into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains(key) && message.contains("c.toml"),
+            "{set}: {message}"
+        );
+    }
 }
 
 #[test]

@@ -52,14 +52,14 @@ fn a_verifier_service_grades_code_the_same() {
     let server = runtime.spawn(prime_verifier::service::serve_on(
         listener,
         Grader::new(GraderConfig::default()),
-        Some("grading-token".into()),
+        Some("grading-token-0123".into()),
         async {
             let _ = stopped.await;
         },
     ));
     let mut grading = Grading::new(CodeGrading::Service {
         url: url.clone(),
-        token: Some("grading-token".into()),
+        token: Some("grading-token-0123".into()),
         tls: Default::default(),
     });
     let scores = grading.grade(&items()).unwrap();
@@ -67,7 +67,7 @@ fn a_verifier_service_grades_code_the_same() {
     // A wrong token is refused, not graded as zero.
     let mut refused = Grading::new(CodeGrading::Service {
         url,
-        token: Some("not-the-token".into()),
+        token: Some("not-the-token-0123".into()),
         tls: Default::default(),
     });
     let error = refused.grade(&items()).unwrap_err().to_string();

@@ -132,6 +132,12 @@ impl Qwen2Config {
                 self.head_dim()
             ));
         }
+        for (name, value) in [
+            ("rope_theta", self.rope_theta()),
+            ("rms_norm_eps", self.rms_norm_eps),
+        ] {
+            prime_check::Range::POSITIVE.check(name, value)?;
+        }
         self.refuse_unsupported_positions()?;
         if self.hidden_act != "silu" {
             return Err(format!(

@@ -5,9 +5,11 @@ use tch::{Device, Kind};
 
 use crate::error::{ModelError, Result};
 
-/// `cpu`, `cuda` (device 0) or `cuda:N`.
+/// `cpu`, `cuda` (device 0) or `cuda:N`, on a device this process can use: a CUDA name on a
+/// machine without that CUDA device is an error here (see [`check_device`]), not a libtorch
+/// panic at the first tensor.
 pub fn parse_device(name: &str) -> Result<Device> {
-    match name {
+    let device = match name {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Ok(Device::Cuda(0)),
         _ => name
@@ -15,7 +17,23 @@ pub fn parse_device(name: &str) -> Result<Device> {
             .and_then(|n| n.parse().ok())
             .map(Device::Cuda)
             .ok_or_else(|| ModelError::Device(name.into())),
+    }?;
+    check_device(device)
+}
+
+/// `device`, if torch can reach it: CUDA needs a CUDA build of libtorch, a driver and a
+/// visible device of that index.
+pub fn check_device(device: Device) -> Result<Device> {
+    if let Device::Cuda(index) = device {
+        let count = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+        if count == 0 {
+            return Err(ModelError::NoCuda(format!("cuda:{index}")));
+        }
+        if index >= count {
+            return Err(ModelError::CudaIndex { index, count });
+        }
     }
+    Ok(device)
 }
 
 /// `f32`, `bf16` or `f16` (the long torch names are accepted too).
@@ -109,4 +127,31 @@ fn cuda_runtime() -> Result<*mut c_void> {
         "no CUDA runtime to ask for the device's memory ({})",
         errors.join("; ")
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_names_need_a_cuda_device() {
+        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        assert!(matches!(parse_device("gpu"), Err(ModelError::Device(_))));
+        assert!(matches!(parse_device("cuda:x"), Err(ModelError::Device(_))));
+        let count = tch::Cuda::device_count() as usize;
+        if count == 0 {
+            for name in ["cuda", "cuda:0", "cuda:3"] {
+                let message = parse_device(name).unwrap_err().to_string();
+                assert!(message.contains("no CUDA device"), "{message}");
+            }
+        } else {
+            assert_eq!(parse_device("cuda").unwrap(), Device::Cuda(0));
+            let beyond = format!("cuda:{count}");
+            let message = parse_device(&beyond).unwrap_err().to_string();
+            assert!(
+                message.contains(&format!("{count} CUDA device")),
+                "{message}"
+            );
+        }
+    }
 }

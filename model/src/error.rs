@@ -31,6 +31,20 @@ pub enum ModelError {
     /// The CUDA runtime could not be asked (for a device's memory).
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// A CUDA device asked for on a machine where torch sees none.
+    #[error(
+        "{0}: no CUDA device is available (torch sees none: no GPU, no driver, a CPU-only \
+         libtorch, or CUDA_VISIBLE_DEVICES hides them); use --device cpu"
+    )]
+    NoCuda(String),
+    /// A CUDA index beyond the devices torch sees.
+    #[error("cuda:{index}: this machine has {count} CUDA device(s), cuda:0 to cuda:{}", count - 1)]
+    CudaIndex {
+        /// The index asked for.
+        index: usize,
+        /// Devices torch sees.
+        count: usize,
+    },
     #[error("unknown dtype {0:?}: expected f32, bf16 or f16")]
     Dtype(String),
     /// A weight transfer that does not fit its manifest or the receiving model.
@@ -49,8 +63,44 @@ pub enum ModelError {
         /// The status message.
         message: String,
     },
-    #[error(transparent)]
+    /// A libtorch error (only its first line: the C++ trace says nothing to a user).
+    #[error("libtorch: {}", first_line(.0))]
     Torch(#[from] tch::TchError),
+    /// A libtorch operation that failed by panicking inside tch, caught at the edge: what was
+    /// being done, on which input shapes.
+    #[error("libtorch failed in {op} on input of shape {shapes}: {message}")]
+    TorchOp {
+        /// The operation, e.g. "the log-prob forward".
+        op: String,
+        /// The shapes of its inputs.
+        shapes: String,
+        /// libtorch's message, first line.
+        message: String,
+    },
+}
+
+fn first_line(error: &tch::TchError) -> String {
+    let text = error.to_string();
+    let text = text.strip_prefix("Internal torch error: ").unwrap_or(&text);
+    prime_check::panics::one_line(text)
+}
+
+/// Runs the tch work `f` (whose infallible tch calls panic on a libtorch error) so that such
+/// a panic becomes a [`ModelError::TorchOp`] naming `op` and the `shapes` of its inputs,
+/// instead of a trace.
+pub fn torch_op<T>(op: &str, shapes: &[&[i64]], f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match prime_check::panics::catch(f) {
+        Ok(result) => result,
+        Err(message) => Err(ModelError::TorchOp {
+            op: op.to_string(),
+            shapes: shapes
+                .iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            message,
+        }),
+    }
 }
 
 impl ModelError {
@@ -77,4 +127,34 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) 
         path: path.to_path_buf(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtorch_failures_name_the_operation_and_shapes_in_one_line() {
+        let a = tch::Tensor::zeros([2, 3], (tch::Kind::Float, tch::Device::Cpu));
+        let b = tch::Tensor::zeros([4, 5], (tch::Kind::Float, tch::Device::Cpu));
+        let error = torch_op("a matmul", &[&a.size(), &b.size()], || Ok(a.matmul(&b)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("libtorch failed in a matmul on input of shape [2, 3], [4, 5]: "),
+            "{error}"
+        );
+        assert!(
+            !error.contains('\n') && !error.contains("frame #"),
+            "{error}"
+        );
+        let error = ModelError::from(a.f_matmul(&b).unwrap_err()).to_string();
+        assert!(error.starts_with("libtorch: "), "{error}");
+        assert!(!error.contains('\n'), "{error}");
+        assert_eq!(
+            torch_op("nothing", &[], || Ok(3)).unwrap(),
+            3,
+            "a closure that works passes its value through"
+        );
+    }
 }

@@ -43,25 +43,16 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    fn validate(&self) -> Result<()> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(ModelError::Input(format!(
-                "temperature must be >= 0, got {}",
-                self.temperature
-            )));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(ModelError::Input(format!(
-                "top_p must be in (0, 1], got {}",
-                self.top_p
-            )));
-        }
-        if self.top_k < 0 {
-            return Err(ModelError::Input(format!(
-                "top_k must be >= 0, got {}",
-                self.top_k
-            )));
-        }
+    /// The rules of `prime_check` for the same knobs as flags and config keys: a finite
+    /// temperature of 0 (greedy) or more, a top-p in (0, 1], a top-k of 0 (off) or more.
+    pub fn validate(&self) -> Result<()> {
+        use prime_check::rules;
+        let input = |e: prime_check::Invalid| ModelError::Input(e.to_string());
+        rules::TEMPERATURE
+            .check("temperature", self.temperature)
+            .map_err(input)?;
+        rules::TOP_P.check("top_p", self.top_p).map_err(input)?;
+        prime_check::number::at_least("top_k", self.top_k, 0).map_err(input)?;
         Ok(())
     }
 }

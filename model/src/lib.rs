@@ -17,10 +17,10 @@ pub mod weights;
 
 pub use checkpoint::{CausalLm, DEFAULT_MAX_SHARD_BYTES};
 pub use config::{GenerationConfig, Qwen2Config};
-pub use device::{default_kind, parse_device, parse_kind};
-pub use error::{ModelError, Result};
+pub use device::{check_device, default_kind, parse_device, parse_kind};
+pub use error::{torch_op, ModelError, Result};
 pub use generate::{generate, generate_batched, FinishReason, Generation, SamplingParams};
-pub use logprobs::{sequence_logprobs, token_logprobs, PaddedBatch};
+pub use logprobs::{check_sequence, sequence_logprobs, token_logprobs, PaddedBatch};
 pub use qwen2::Qwen2;
 pub use tokenizer::{ChatMessage, Tokenizer};
 pub use weights::{

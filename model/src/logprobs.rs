@@ -53,6 +53,19 @@ pub fn check_ids(ids: &[i64], vocab_size: i64) -> Result<()> {
     }
 }
 
+/// Refuses a sequence the model cannot score: an id outside the vocabulary, or more tokens
+/// than its `max_position_embeddings` (RoPE has no position beyond them).
+pub fn check_sequence(ids: &[i64], config: &crate::Qwen2Config) -> Result<()> {
+    let positions = config.max_position_embeddings;
+    if i64::try_from(ids.len()).map_or(true, |n| n > positions) {
+        return Err(ModelError::Input(format!(
+            "{} tokens exceed the model's max_position_embeddings ({positions})",
+            ids.len()
+        )));
+    }
+    check_ids(ids, config.vocab_size)
+}
+
 /// RoPE positions of a padded batch: the index of each token among the real tokens of its
 /// row (`cumsum(mask) - 1`), so left and right padding give the same positions.
 pub fn position_ids(attention_mask: &Tensor) -> Tensor {
@@ -100,6 +113,10 @@ pub fn sequence_logprobs(
 ) -> Result<Vec<Vec<f32>>> {
     let _guard = tch::no_grad_guard();
     let vocab = model.config().vocab_size;
+    for (i, sequence) in sequences.iter().enumerate() {
+        check_sequence(sequence, model.config())
+            .map_err(|e| ModelError::Input(format!("sequence {i}: {e}")))?;
+    }
     let mut order: Vec<usize> = (0..sequences.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].len()));
     let mut out = vec![Vec::new(); sequences.len()];
@@ -115,7 +132,9 @@ pub fn sequence_logprobs(
             continue;
         }
         let batch = PaddedBatch::new(&batch_seqs, vocab, 0, model.device())?;
-        let logprobs = token_logprobs(model, &batch, SEQUENCE_LOGPROB_CHUNK).to_device(Device::Cpu);
+        let logprobs = crate::torch_op("the log-prob forward", &[&batch.input_ids.size()], || {
+            Ok(token_logprobs(model, &batch, SEQUENCE_LOGPROB_CHUNK).to_device(Device::Cpu))
+        })?;
         for (row, &i) in idx.iter().enumerate() {
             let n = sequences[i].len().saturating_sub(1) as i64;
             let values = Vec::<f32>::try_from(logprobs.get(row as i64).narrow(0, 0, n))?;

@@ -425,7 +425,7 @@ fn best_of_n_picks_what_the_prm_prefers() {
 fn text_steps_health_token_and_metrics() {
     init_threads();
     let m = models();
-    let server = server(&m, Some("s3cret"), "lines");
+    let server = server(&m, Some("s3cret-s3cret-s3cret"), "lines");
     let tokenizer = Tokenizer::from_dir(&m.tokenizer).unwrap();
     let text = "Tom has 2+3=5 apples.\nThen 5*2=10.\n\n\\boxed{10}";
     let mut response = tokenizer.encode(text).unwrap();
@@ -439,7 +439,7 @@ fn text_steps_health_token_and_metrics() {
     );
     assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
 
-    let mut authed = client(&rt, &server, Some("s3cret"));
+    let mut authed = client(&rt, &server, Some("s3cret-s3cret-s3cret"));
     let ask = |split: &str| {
         let mut c = authed.clone();
         rt.block_on(c.process_rewards(request(

@@ -39,6 +39,37 @@ pub enum AuthError {
          127.0.0.1, or pass --allow-no-token to let anyone who reaches the port in"
     )]
     OpenListener(SocketAddr),
+    /// The token given is empty or blank, which counts as none, on a non-loopback address.
+    #[error(
+        "refusing to serve on {0}: the token (--token or PRIME_TOKEN) is empty, which counts \
+         as no token; set one of at least {MIN_TOKEN_CHARS} characters, listen on 127.0.0.1, \
+         or pass --allow-no-token to let anyone who reaches the port in"
+    )]
+    EmptyToken(SocketAddr),
+    /// The token is too short to resist guessing.
+    #[error(
+        "the token (--token or PRIME_TOKEN) has {0} characters: use at least \
+         {MIN_TOKEN_CHARS} (e.g. `openssl rand -hex 24`)"
+    )]
+    ShortToken(usize),
+}
+
+/// The fewest characters a shared token may have. The Helm chart draws 48.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+/// A token as given on the command line or in the environment, made usable. An empty or
+/// blank token is no token, exactly like a missing one: `PRIME_TOKEN=` from an unset deploy
+/// variable must neither open a non-loopback listener nor let clients in with an empty
+/// token. A token shorter than [`MIN_TOKEN_CHARS`] is refused.
+pub fn usable_token(token: Option<&str>) -> Result<Option<&str>, AuthError> {
+    let Some(token) = token.filter(|t| !t.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let chars = token.chars().count();
+    if chars < MIN_TOKEN_CHARS {
+        return Err(AuthError::ShortToken(chars));
+    }
+    Ok(Some(token))
 }
 
 /// Checks `authorization: Bearer <token>` on every request when a token is configured, and
@@ -58,10 +89,13 @@ impl std::fmt::Debug for TokenCheck {
 }
 
 impl TokenCheck {
-    /// A check for `token` (no check when `None`).
+    /// A check for `token` (no check when `None`, or empty like `None`: see
+    /// [`usable_token`]; [`ServerAuth::server`] refuses a short one before any check runs).
     pub fn new(token: Option<String>) -> Self {
         Self {
-            expected: token.map(|t| format!("Bearer {t}").into_bytes()),
+            expected: token
+                .filter(|t| !t.trim().is_empty())
+                .map(|t| format!("Bearer {t}").into_bytes()),
         }
     }
 }
@@ -101,9 +135,10 @@ impl std::fmt::Debug for BearerToken {
 }
 
 impl BearerToken {
-    /// An interceptor for `token` (sending nothing when `None`).
+    /// An interceptor for `token` (sending nothing when `None` or empty; a short token is an
+    /// error, see [`usable_token`]).
     pub fn new(token: Option<&str>) -> Result<Self, AuthError> {
-        let value = token
+        let value = usable_token(token)?
             .map(|t| {
                 format!("Bearer {t}")
                     .parse()
@@ -259,11 +294,16 @@ impl std::fmt::Debug for ServerAuth {
 impl ServerAuth {
     /// Refuses to listen on a non-loopback `addr` without a token, unless the operator said so
     /// explicitly (`allow_no_token`).
+    /// An empty token counts as none and a short one is refused (see [`usable_token`]).
     pub fn check(&self, addr: SocketAddr) -> Result<(), AuthError> {
-        if self.token.is_some() || self.allow_no_token || addr.ip().is_loopback() {
+        let token = usable_token(self.token.as_deref())?;
+        if token.is_some() || self.allow_no_token || addr.ip().is_loopback() {
             return Ok(());
         }
-        Err(AuthError::OpenListener(addr))
+        Err(match self.token {
+            Some(_) => AuthError::EmptyToken(addr),
+            None => AuthError::OpenListener(addr),
+        })
     }
 
     /// The transport of a server on `addr`, with TLS when configured, after [`Self::check`].
@@ -333,11 +373,12 @@ mod tests {
 
     #[test]
     fn the_bearer_token_is_what_the_check_expects() {
-        let mut send = BearerToken::new(Some("s3cret")).unwrap();
-        let mut check = TokenCheck::new(Some("s3cret".into()));
+        let token = "s3cret-s3cret-s3cret";
+        let mut send = BearerToken::new(Some(token)).unwrap();
+        let mut check = TokenCheck::new(Some(token.into()));
         assert!(check.call(send.call(Request::new(())).unwrap()).is_ok());
         assert!(matches!(
-            BearerToken::new(Some("bad\ntoken")),
+            BearerToken::new(Some("bad\ntoken-bad-token")),
             Err(AuthError::BadToken)
         ));
     }
@@ -349,7 +390,7 @@ mod tests {
         let loopback6: SocketAddr = "[::1]:50051".parse().unwrap();
         let open = ServerAuth::default();
         let with_token = ServerAuth {
-            token: Some("t".into()),
+            token: Some("t".repeat(MIN_TOKEN_CHARS)),
             ..ServerAuth::default()
         };
         let consenting = ServerAuth {
@@ -369,6 +410,61 @@ mod tests {
         assert!(open.check(loopback).is_ok());
         assert!(open.check(loopback6).is_ok());
         assert!(open.server(loopback).is_ok());
+    }
+
+    #[test]
+    fn an_empty_token_is_no_token_and_a_short_one_is_refused() {
+        for empty in [None, Some(""), Some("   "), Some("\t\n")] {
+            assert_eq!(usable_token(empty).unwrap(), None, "{empty:?}");
+        }
+        let short = "x".repeat(MIN_TOKEN_CHARS - 1);
+        assert!(matches!(
+            usable_token(Some(&short)),
+            Err(AuthError::ShortToken(n)) if n == MIN_TOKEN_CHARS - 1
+        ));
+        let long = "x".repeat(MIN_TOKEN_CHARS);
+        assert_eq!(usable_token(Some(&long)).unwrap(), Some(long.as_str()));
+
+        // The listener rule: an empty token opens nothing beyond loopback.
+        let public: SocketAddr = "0.0.0.0:50051".parse().unwrap();
+        for empty in ["", "  "] {
+            let auth = ServerAuth {
+                token: Some(empty.into()),
+                ..ServerAuth::default()
+            };
+            let refused = auth.check(public).unwrap_err();
+            assert!(matches!(refused, AuthError::EmptyToken(_)));
+            assert!(refused.to_string().contains("empty"), "{refused}");
+            assert!(auth.check("127.0.0.1:1".parse().unwrap()).is_ok());
+        }
+        let short_auth = ServerAuth {
+            token: Some(short.clone()),
+            ..ServerAuth::default()
+        };
+        assert!(matches!(
+            short_auth.check("127.0.0.1:1".parse().unwrap()),
+            Err(AuthError::ShortToken(_))
+        ));
+
+        // A server without a usable token checks nothing; one with a token refuses a client
+        // whose token is empty (it sends none).
+        let mut check = TokenCheck::new(Some(long.clone()));
+        let mut empty_client = BearerToken::new(Some("")).unwrap();
+        let request = empty_client.call(Request::new(())).unwrap();
+        assert!(request.metadata().get("authorization").is_none());
+        assert_eq!(
+            check.call(request).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            check.call(with_header(Some("Bearer "))).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        assert!(format!("{:?}", TokenCheck::new(Some(" ".into()))).contains("false"));
+        assert!(matches!(
+            BearerToken::new(Some(&short)),
+            Err(AuthError::ShortToken(_))
+        ));
     }
 
     #[test]

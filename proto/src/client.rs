@@ -211,7 +211,7 @@ mod tests {
             "learner",
             "http://127.0.0.1:1",
             Duration::from_secs(1),
-            Some("tok\nen"),
+            Some("token-with-a\nnewline-inside"),
         )
         .unwrap_err();
         assert!(

@@ -52,6 +52,25 @@ fn config_errors_name_the_key_at_fault() {
             &["learner.rollout.samples_per_prompt=1"],
             "samples_per_prompt",
         ),
+        // Values serde takes but the actors or the step cannot use.
+        ("", &["learner.rollout.top_p=0"], "learner.rollout.top_p"),
+        (
+            "[learner.rollout]\ntemperature = nan\n",
+            &[],
+            "learner.rollout.temperature",
+        ),
+        (
+            "[learner.algo.prm]\nbeta = nan\n",
+            &[],
+            "learner.algo.prm.beta",
+        ),
+        (
+            "",
+            &["learner.policy_optimizer.lr=-inf"],
+            "learner.policy_optimizer.lr",
+        ),
+        ("[sft]\nmax_seconds = 1e30\n", &[], "sft.max_seconds"),
+        ("[model]\nrope_theta = 0.0\n", &[], "model.rope_theta"),
     ] {
         let message = config_error(text, overrides);
         assert!(

@@ -18,12 +18,24 @@ pub enum VerifierError {
     /// The service is shutting down or overloaded.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// A file of `prime grade`: unreadable, a line refused, an output that cannot be written
+    /// or that is the input. The message names the file (and line).
+    #[error("{0}")]
+    File(String),
+}
+
+impl From<prime_check::FileError> for VerifierError {
+    fn from(e: prime_check::FileError) -> Self {
+        Self::File(e.to_string())
+    }
 }
 
 impl From<VerifierError> for tonic::Status {
     fn from(e: VerifierError) -> Self {
         match &e {
-            VerifierError::InvalidRequest(_) => tonic::Status::invalid_argument(e.to_string()),
+            VerifierError::InvalidRequest(_) | VerifierError::File(_) => {
+                tonic::Status::invalid_argument(e.to_string())
+            }
             VerifierError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
             VerifierError::Sandbox(_) | VerifierError::Io(_) | VerifierError::Config(_) => {
                 tonic::Status::internal(e.to_string())

@@ -185,7 +185,8 @@ impl Grader {
                 e @ (VerifierError::Sandbox(_)
                 | VerifierError::Io(_)
                 | VerifierError::Unavailable(_)
-                | VerifierError::Config(_)),
+                | VerifierError::Config(_)
+                | VerifierError::File(_)),
             ) => (0.0, Outcome::Unavailable, e.to_string(), None),
             Err(e @ VerifierError::InvalidRequest(_)) => (0.0, Outcome::Error, e.to_string(), None),
         };

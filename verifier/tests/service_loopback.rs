@@ -169,7 +169,7 @@ async fn slow_item_times_out_without_failing_the_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_is_required_when_configured() {
-    let (addr, _grader) = start(GraderConfig::default(), Some("s3cret".into())).await;
+    let (addr, _grader) = start(GraderConfig::default(), Some("s3cret-s3cret-s3cret".into())).await;
     let mut client = connect(&addr).await;
     let err = client
         .status(pb::VerifierStatusRequest {})
@@ -177,8 +177,9 @@ async fn token_is_required_when_configured() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     let mut request = tonic::Request::new(pb::VerifierStatusRequest {});
-    request
-        .metadata_mut()
-        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    request.metadata_mut().insert(
+        "authorization",
+        "Bearer s3cret-s3cret-s3cret".parse().unwrap(),
+    );
     assert!(client.status(request).await.is_ok());
 }

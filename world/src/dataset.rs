@@ -251,7 +251,7 @@ pub fn read_parquet(path: &Path) -> Result<Vec<DataRow>, WorldError> {
 /// The rows of a parquet file, each read and checked on its own.
 fn parquet_row_results(path: &Path) -> Result<Vec<Result<DataRow, WorldError>>, WorldError> {
     // The parquet crate panics on some corrupt metadata instead of returning an error.
-    std::panic::catch_unwind(|| read_parquet_unchecked(path)).unwrap_or_else(|_| {
+    prime_check::panics::catch(|| read_parquet_unchecked(path)).unwrap_or_else(|_| {
         Err(WorldError::Parquet {
             path: path.to_path_buf(),
             message: "corrupt parquet file (the reader panicked)".into(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use prime_actor::{run_actor, ActorConfig, MAX_CHUNK_BYTES};
+use prime_check::rules;
 
 /// `prime actor --learner URL --verifier URL --tokenizer DIR [--device cuda:0]`.
 #[derive(clap::Args, Debug, Clone)]
@@ -28,7 +29,12 @@ pub struct ActorArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// Most prompts per batch (each is sampled K times in one batch).
-    #[arg(long, default_value_t = 8)]
+    #[arg(
+        long,
+        default_value_t = 8,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1u32),
+    )]
     pub max_prompts: u32,
     /// Shared token sent to both services as `authorization: Bearer TOKEN`.
     #[arg(long, env = "PRIME_TOKEN", hide_env_values = true)]
@@ -37,23 +43,52 @@ pub struct ActorArgs {
     #[command(flatten)]
     pub security: super::tls::ClientSecurityArgs,
     /// Deadline of Register, PullWork and SubmitGroups, in seconds.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(
+        long,
+        default_value_t = 30.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub rpc_timeout_secs: f64,
     /// Deadline of one whole weight transfer, in seconds.
-    #[arg(long, default_value_t = 600.0)]
+    #[arg(
+        long,
+        default_value_t = 600.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub weights_timeout_secs: f64,
     /// Deadline of one verifier Grade call, in seconds.
-    #[arg(long, default_value_t = 600.0)]
+    #[arg(
+        long,
+        default_value_t = 600.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub grade_timeout_secs: f64,
     /// Largest pause between reconnection attempts, in seconds.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(
+        long,
+        default_value_t = 10.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub max_backoff_secs: f64,
     /// Exit with an error when the learner cannot be reached for this long, in seconds
     /// (default: keep trying until stopped).
-    #[arg(long)]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub give_up_after_secs: Option<f64>,
     /// Largest weight chunk asked for, in bytes.
-    #[arg(long, default_value_t = MAX_CHUNK_BYTES)]
+    #[arg(
+        long,
+        default_value_t = MAX_CHUNK_BYTES,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::int(1u32, MAX_CHUNK_BYTES),
+    )]
     pub max_chunk_bytes: u32,
     /// Exit after submitting this many batches (default: run until stopped).
     #[arg(long)]
@@ -64,21 +99,18 @@ pub struct ActorArgs {
     pub no_weight_broadcast: bool,
     /// How long a batch waits for the broadcast round of its version to start before the
     /// weights are fetched over gRPC, in seconds.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(
+        long,
+        default_value_t = 5.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub broadcast_wait_secs: f64,
     /// Sample even a batch the memory plan (`prime plan`) says does not fit the GPU; without
     /// it an actor on CUDA stops at such a batch with the numbers and the --max-prompts that
     /// fits.
     #[arg(long)]
     pub force: bool,
-}
-
-fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
-    anyhow::ensure!(
-        value.is_finite() && value > 0.0,
-        "--{name} must be positive"
-    );
-    Ok(Duration::from_secs_f64(value))
 }
 
 impl ActorArgs {
@@ -90,20 +122,17 @@ impl ActorArgs {
             .or_else(|| std::env::var("HOSTNAME").ok())
             .unwrap_or_else(|| "actor".into());
         config.max_prompts = self.max_prompts;
-        config.token = self.token;
+        config.token = super::tls::token(&self.token)?;
         config.tls = self.security.tls();
-        config.rpc_timeout = seconds("rpc-timeout-secs", self.rpc_timeout_secs)?;
-        config.weights_timeout = seconds("weights-timeout-secs", self.weights_timeout_secs)?;
-        config.grade_timeout = seconds("grade-timeout-secs", self.grade_timeout_secs)?;
-        config.max_backoff = seconds("max-backoff-secs", self.max_backoff_secs)?;
-        config.give_up_after = self
-            .give_up_after_secs
-            .map(|s| seconds("give-up-after-secs", s))
-            .transpose()?;
+        config.rpc_timeout = Duration::from_secs_f64(self.rpc_timeout_secs);
+        config.weights_timeout = Duration::from_secs_f64(self.weights_timeout_secs);
+        config.grade_timeout = Duration::from_secs_f64(self.grade_timeout_secs);
+        config.max_backoff = Duration::from_secs_f64(self.max_backoff_secs);
+        config.give_up_after = self.give_up_after_secs.map(Duration::from_secs_f64);
         config.max_chunk_bytes = self.max_chunk_bytes;
         config.max_batches = self.max_batches;
         config.weight_broadcast = !self.no_weight_broadcast;
-        config.broadcast_wait = seconds("broadcast-wait-secs", self.broadcast_wait_secs)?;
+        config.broadcast_wait = Duration::from_secs_f64(self.broadcast_wait_secs);
         config.force = self.force;
         Ok(config)
     }

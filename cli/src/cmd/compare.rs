@@ -19,8 +19,9 @@ pub struct CompareArgs {
     pub out: PathBuf,
 }
 
-/// `(seconds, accuracy)` points of a run's held-out evaluations.
-fn accuracy_curve(dir: &Path) -> Result<Vec<(f64, f64)>> {
+/// The metrics file of a run and the `(seconds, accuracy)` points of its held-out
+/// evaluations.
+fn accuracy_curve(dir: &Path) -> Result<(PathBuf, Vec<(f64, f64)>)> {
     let rl = dir.join("metrics.jsonl");
     let sft = dir.join("sft").join("metrics.jsonl");
     let path = if rl.exists() { rl } else { sft };
@@ -39,7 +40,7 @@ fn accuracy_curve(dir: &Path) -> Result<Vec<(f64, f64)>> {
     if points.is_empty() {
         bail!("{} holds no held-out evaluation", path.display());
     }
-    Ok(points)
+    Ok((path, points))
 }
 
 pub fn run(args: CompareArgs) -> Result<()> {
@@ -48,7 +49,9 @@ pub fn run(args: CompareArgs) -> Result<()> {
         let Some((label, dir)) = run.split_once('=') else {
             bail!("--run {run:?}: expected LABEL=DIR");
         };
-        curves.push((label.to_string(), accuracy_curve(Path::new(dir))?));
+        let (path, points) = accuracy_curve(Path::new(dir))?;
+        prime_check::path::distinct("--run", &path, "--out", &args.out)?;
+        curves.push((label.to_string(), points));
     }
     let series: Vec<Series<'_>> = curves
         .iter()
@@ -57,13 +60,17 @@ pub fn run(args: CompareArgs) -> Result<()> {
             points,
         })
         .collect();
-    line_chart(
-        &args.out,
-        "Held-out accuracy from the same start",
-        "seconds",
-        "accuracy",
-        &series,
-    )?;
+    // Drawn aside and moved onto --out once complete.
+    prime_check::path::replace_with(&args.out, |path| -> Result<()> {
+        line_chart(
+            path,
+            "Held-out accuracy from the same start",
+            "seconds",
+            "accuracy",
+            &series,
+        )?;
+        Ok(())
+    })?;
     for (label, points) in &curves {
         let (first, last) = (points[0], points[points.len() - 1]);
         println!(

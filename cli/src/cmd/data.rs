@@ -27,7 +27,7 @@ pub struct CheckArgs {
     pub tokenizer: PathBuf,
     /// Prompt length limit in tokens, chat template applied (`learner.data.max_prompt_tokens`;
     /// default: its default).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = prime_check::arg::at_least(1usize))]
     pub max_prompt_tokens: Option<usize>,
     /// Also write the summary as JSON here (keys rows, kept, too_long, bad, by_ability,
     /// by_source, prompt_tokens, seconds).
@@ -42,6 +42,11 @@ pub fn run(command: DataCommand) -> Result<()> {
 }
 
 fn check(args: CheckArgs) -> Result<()> {
+    if let Some(json) = &args.json {
+        for file in &args.files {
+            prime_check::path::distinct("--files", file, "--json", json)?;
+        }
+    }
     let max_prompt_tokens = args
         .max_prompt_tokens
         .unwrap_or(DataConfig::default().max_prompt_tokens);
@@ -54,7 +59,7 @@ fn check(args: CheckArgs) -> Result<()> {
     }
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&prepared.summary)? + "\n";
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        prime_check::path::write_atomic(path, text.as_bytes())?;
     }
     Ok(())
 }

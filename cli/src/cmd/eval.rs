@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use prime_check::rules;
 use prime_learner::eval::protocol::{evaluate, BonConfig, EvalConfig};
 use prime_model::{default_kind, parse_device, parse_kind};
 use prime_prm_server::Aggregation;
@@ -20,16 +21,36 @@ pub struct EvalArgs {
     #[arg(long, required = true)]
     pub data: Vec<PathBuf>,
     /// Samples per problem (avg@k, maj@k, pass@k).
-    #[arg(long, default_value_t = 16)]
+    #[arg(
+        long,
+        default_value_t = 16,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub k: usize,
     /// Sampling temperature (the protocol's re-evaluation uses 0.3).
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(
+        long,
+        default_value_t = 0.3,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::TEMPERATURE),
+    )]
     pub temperature: f64,
-    /// Nucleus sampling.
-    #[arg(long, default_value_t = 0.95)]
+    /// Nucleus sampling, in (0, 1].
+    #[arg(
+        long,
+        default_value_t = 0.95,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::TOP_P),
+    )]
     pub top_p: f64,
     /// Longest response (clipped to the model's positions).
-    #[arg(long, default_value_t = 8192)]
+    #[arg(
+        long,
+        default_value_t = 8192,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub max_new_tokens: usize,
     /// Skip the greedy decode.
     #[arg(long)]
@@ -41,16 +62,26 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Sequences decoding at once.
-    #[arg(long, default_value_t = 64)]
+    #[arg(
+        long,
+        default_value_t = 64,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub batch_rows: usize,
     /// Best-of-N up to N candidates per problem (needs --prm; k is raised to N).
-    #[arg(long, requires = "prm")]
+    #[arg(
+        long,
+        requires = "prm",
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub bon: Option<usize>,
     /// gRPC URL of a PRM server (`prime prm-server`).
     #[arg(long)]
     pub prm: Option<String>,
     /// Shared token of the PRM server.
-    #[arg(long, env = "PRIME_TOKEN")]
+    #[arg(long, env = "PRIME_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// How a candidate's step scores become its score: min, sum, mean or last.
     #[arg(long, default_value = "min")]
@@ -71,11 +102,10 @@ pub struct EvalArgs {
 
 /// Runs the evaluation, prints the tables and the output directory.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.k >= 1, "--k must be at least 1");
-    anyhow::ensure!(
-        args.temperature >= 0.0 && args.top_p > 0.0 && args.top_p <= 1.0,
-        "--temperature must be >= 0 and --top-p in (0, 1]"
-    );
+    let token = super::tls::token(&args.token)?;
+    for data in &args.data {
+        prime_check::path::distinct("--data", data, "--out", &args.out)?;
+    }
     let device = parse_device(&args.device)?;
     let kind = match &args.dtype {
         Some(d) => parse_kind(d)?,
@@ -86,17 +116,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         rows.extend(prime_world::read_rows(file).with_context(|| file.display().to_string())?);
     }
     let bon = match (args.bon, &args.prm) {
-        (Some(n), Some(url)) => {
-            anyhow::ensure!(n >= 1, "--bon must be at least 1");
-            Some(BonConfig {
-                n,
-                prm_url: url.clone(),
-                token: args.token.clone(),
-                aggregation: args.aggregation.parse::<Aggregation>()?,
-                step_split: args.step_split.clone(),
-                timeout_secs: 600.0,
-            })
-        }
+        (Some(n), Some(url)) => Some(BonConfig {
+            n,
+            prm_url: url.clone(),
+            token,
+            aggregation: args.aggregation.parse::<Aggregation>()?,
+            step_split: args.step_split.clone(),
+            timeout_secs: 600.0,
+        }),
         (None, Some(_)) => anyhow::bail!("--prm needs --bon N"),
         _ => None,
     };
@@ -126,7 +153,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         kind,
     )
     .context("evaluation failed")?;
-    evaluation.write(&args.out)?;
+    // Written aside and moved into --out once complete.
+    let out = prime_check::path::StagedDir::create(&args.out)?;
+    evaluation.write(out.path())?;
+    out.commit()?;
     print!("{}", evaluation.report.table());
     println!("{}", args.out.display());
     Ok(())

@@ -6,19 +6,21 @@
 //! ordinal in `HOSTNAME`), `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT` and `PRIME_GROUP_EPOCH`
 //! say which. Rank 0 serves actors, publishes weights and writes checkpoints and outputs; the
 //! other ranks only train.
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use prime_algo::{Estimator, ReferenceType};
+use prime_check::jsonl;
+use prime_check::path::StagedDir;
+use prime_check::rules;
 use prime_learner::ranks::{join_ranks, run_rank, RankOptions};
 use prime_learner::report::summary_table;
 use prime_learner::service::ListenOptions;
 use prime_learner::{prime_step, LearnerConfig, PrimeModels, RunConfig, ScoredGroup};
 use prime_model::checkpoint::copy_tokenizer_files;
-use prime_model::{CausalLm, DEFAULT_MAX_SHARD_BYTES};
+use prime_model::{check_sequence, parse_device, CausalLm, DEFAULT_MAX_SHARD_BYTES};
 use tch::Kind;
 
 #[derive(Debug, Args)]
@@ -108,16 +110,36 @@ pub struct StepArgs {
     pub out: PathBuf,
     /// Optimizer steps of the PRM pass and of the PPO pass; the groups are split whole, in file
     /// order.
-    #[arg(long, default_value_t = 4)]
+    #[arg(
+        long,
+        default_value_t = 4,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub mini_batches: usize,
-    /// β of the implicit reward.
-    #[arg(long, default_value_t = 0.05)]
+    /// β of the implicit reward (above 0).
+    #[arg(
+        long,
+        default_value_t = 0.05,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::BETA),
+    )]
     pub beta: f64,
-    /// Policy learning rate.
-    #[arg(long, default_value_t = 5e-7)]
+    /// Policy learning rate (0 or more).
+    #[arg(
+        long,
+        default_value_t = 5e-7,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::LEARNING_RATE),
+    )]
     pub policy_lr: f64,
-    /// PRM learning rate.
-    #[arg(long, default_value_t = 1e-6)]
+    /// PRM learning rate (0 or more).
+    #[arg(
+        long,
+        default_value_t = 1e-6,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::LEARNING_RATE),
+    )]
     pub prm_lr: f64,
     /// Advantage estimator.
     #[arg(long, value_enum, default_value_t = EstimatorArg::Prime)]
@@ -130,7 +152,12 @@ pub struct StepArgs {
     #[arg(long)]
     pub zero2: bool,
     /// With several ranks: seconds one collective may take before the rank fails.
-    #[arg(long, default_value_t = 600)]
+    #[arg(
+        long,
+        default_value_t = 600,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::int(1u64, 1_000_000_000),
+    )]
     pub collective_timeout_seconds: u64,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
@@ -151,12 +178,14 @@ fn serve(args: ServeArgs) -> Result<()> {
         bail!("`prime learner` needs --config FILE (or the `step` subcommand)");
     };
     let config = RunConfig::from_file_with_overrides(config_path, &args.overrides)?;
+    parse_device(&args.device)?;
+    let auth = args.security.auth()?;
     let options = RankOptions {
         run_dir: args.run_dir,
         listen: ListenOptions {
             listen: args.listen,
             metrics_listen: args.metrics_listen,
-            auth: args.security.auth(),
+            auth,
         },
         resume: args.resume,
         addr_file: args.addr_file,
@@ -171,30 +200,71 @@ fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// One group of a rollouts file and its line.
+struct Group {
+    line: usize,
+    group: ScoredGroup,
+}
+
 /// Reads a rollouts file: one [`ScoredGroup`] per non-empty line.
-fn read_groups(path: &Path) -> Result<Vec<ScoredGroup>> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut groups = Vec::new();
-    for (number, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.with_context(|| format!("reading {}", path.display()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let group: ScoredGroup = serde_json::from_str(&line)
-            .with_context(|| format!("{} line {}", path.display(), number + 1))?;
-        groups.push(group);
-    }
-    if groups.is_empty() {
-        bail!("{} holds no groups", path.display());
-    }
+fn read_groups(path: &Path) -> Result<Vec<Group>> {
+    let groups = jsonl::read_nonempty(path)?
+        .iter()
+        .map(|line| {
+            Ok(Group {
+                line: line.number,
+                group: jsonl::decode(path, line)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(groups)
 }
 
-fn run_step(args: StepArgs) -> Result<()> {
-    if args.mini_batches == 0 {
-        bail!("--mini-batches must be at least 1");
+/// Refuses a group the step cannot train on, naming its line: K below 2 or unlike the first
+/// group's, an empty prompt or response, a score outside [0, 1], an id outside the
+/// vocabulary, a prompt plus response longer than the model's positions.
+fn check_group(
+    path: &Path,
+    group: &Group,
+    k: usize,
+    model: &prime_model::Qwen2Config,
+) -> Result<()> {
+    let at = || format!("{} line {}", path.display(), group.line);
+    let g = &group.group;
+    if g.responses.len() < 2 || g.responses.len() != k {
+        bail!(
+            "{}: {} responses; every group needs the same K >= 2 (the first has {k})",
+            at(),
+            g.responses.len()
+        );
     }
+    if g.prompt_ids.is_empty() {
+        bail!("{}: prompt_ids is empty", at());
+    }
+    for (i, response) in g.responses.iter().enumerate() {
+        if response.ids.is_empty() {
+            bail!("{}: response {i} has no ids", at());
+        }
+        rules::PROBABILITY
+            .check(&format!("response {i} score"), response.score)
+            .with_context(at)?;
+        let sequence: Vec<i64> = g.prompt_ids.iter().chain(&response.ids).copied().collect();
+        check_sequence(&sequence, model).with_context(|| format!("{}: response {i}", at()))?;
+    }
+    Ok(())
+}
+
+fn run_step(args: StepArgs) -> Result<()> {
+    parse_device(&args.device)?;
     let groups = read_groups(&args.rollouts)?;
+    if args.mini_batches > groups.len() {
+        bail!(
+            "--mini-batches {} is more than the {} groups of {}: mini-batches hold whole groups",
+            args.mini_batches,
+            groups.len(),
+            args.rollouts.display()
+        );
+    }
     let mut config = LearnerConfig::default();
     config.algo.mini_batches = args.mini_batches;
     config.algo.reference = ReferenceType::Freeze;
@@ -209,6 +279,8 @@ fn run_step(args: StepArgs) -> Result<()> {
     config.parallel.zero2 = args.zero2;
     config.memory.recompute_activations |= args.zero2;
     config.parallel.collective_timeout_seconds = args.collective_timeout_seconds;
+    config.rollout.batch_prompts = groups.len();
+    config.validate().map_err(anyhow::Error::msg)?;
     let mut rank = join_ranks(&args.device, &config.parallel)?;
     let (info, device) = (rank.info.clone(), rank.device);
     let load = |dir: &Path, what: &str| {
@@ -223,30 +295,53 @@ fn run_step(args: StepArgs) -> Result<()> {
     {
         bail!("policy, PRM and reference must share one vocabulary");
     }
+    let positions = [&policy, &prm, &reference]
+        .iter()
+        .map(|lm| lm.config.max_position_embeddings)
+        .min()
+        .unwrap_or_default();
+    let shortest = prime_model::Qwen2Config {
+        max_position_embeddings: positions,
+        ..policy.config.clone()
+    };
+    let k = groups[0].group.responses.len();
+    for group in &groups {
+        check_group(&args.rollouts, group, k, &shortest)?;
+    }
+    let groups: Vec<ScoredGroup> = groups.into_iter().map(|g| g.group).collect();
     let mut models = PrimeModels::new(policy, prm, Some(reference), &config);
     let mut dp = rank.data_parallel(&mut models, &config.parallel)?;
-    let metrics = prime_step(&mut models, &mut dp, &groups, &config, 0)
-        .with_context(|| format!("learner rank {}", info.rank))?;
+    let longest = groups
+        .iter()
+        .flat_map(|g| g.responses.iter().map(|r| g.prompt_ids.len() + r.ids.len()))
+        .max()
+        .unwrap_or_default() as i64;
+    let shape = [groups.len() as i64, k as i64, longest];
+    let metrics = prime_model::torch_op("the PRIME step", &[&shape], || {
+        Ok(prime_step(&mut models, &mut dp, &groups, &config, 0))
+    })?
+    .with_context(|| format!("learner rank {}", info.rank))?;
     if info.rank > 0 {
         return Ok(());
     }
 
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
+    // Written aside and moved into --out once complete: a failure leaves --out as it was.
+    let out = StagedDir::create(&args.out)?;
     for (lm, name, source) in [
         (&models.policy, "policy", &args.policy),
         (&models.prm, "prm", &args.prm),
     ] {
-        let dir = args.out.join(name);
-        lm.save(&dir, None, DEFAULT_MAX_SHARD_BYTES)?;
+        let dir = out.path().join(name);
+        lm.save(&dir, None, DEFAULT_MAX_SHARD_BYTES)
+            .with_context(|| format!("writing the {name} into {}", args.out.display()))?;
         copy_tokenizer_files(source, &dir)?;
     }
-    let metrics_path = args.out.join("metrics.json");
     std::fs::write(
-        &metrics_path,
+        out.path().join("metrics.json"),
         serde_json::to_string_pretty(&metrics)? + "\n",
     )
-    .with_context(|| format!("writing {}", metrics_path.display()))?;
+    .with_context(|| format!("writing {}", args.out.join("metrics.json").display()))?;
+    out.commit()?;
     println!(
         "step on {} groups x {} responses: prm loss {:.4}, prm accuracy {:.3}, policy loss {:.4}, clip fraction {:.3}\nwrote {}",
         metrics.groups,

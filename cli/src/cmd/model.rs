@@ -6,16 +6,20 @@
 //! - generate: input lines `{"input_ids":[...]}` or `{"prompt":"text"}` (chat template
 //!   applied, as a user message with the generation prompt), output lines
 //!   `{"output_ids":[...],"text":"..."}` with new tokens only, ending with EOS when produced.
-use std::io::{BufRead, BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use prime_check::jsonl::{self, Line};
+use prime_check::path::AtomicFile;
+use prime_check::rules;
 use prime_model::{
-    default_kind, generate, parse_device, parse_kind, sequence_logprobs, CausalLm, ChatMessage,
-    SamplingParams, Tokenizer,
+    check_sequence, default_kind, generate, parse_device, parse_kind, sequence_logprobs, CausalLm,
+    ChatMessage, SamplingParams, Tokenizer,
 };
 use serde_json::{json, Value};
+use tch::{Device, Kind};
 
 use crate::progress::progress_bar;
 
@@ -55,7 +59,12 @@ pub struct LogprobsArgs {
     #[command(flatten)]
     pub common: ModelArgs,
     /// Token budget of one forward batch (rows x padded length).
-    #[arg(long, default_value_t = 16384)]
+    #[arg(
+        long,
+        default_value_t = 16384,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub max_batch_tokens: usize,
 }
 
@@ -64,22 +73,41 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub common: ModelArgs,
     /// Maximum number of new tokens per response.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = prime_check::arg::at_least(1usize))]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long)]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::TEMPERATURE),
+    )]
     pub temperature: f64,
-    /// Nucleus sampling threshold.
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling threshold, in (0, 1].
+    #[arg(
+        long,
+        default_value_t = 1.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::TOP_P),
+    )]
     pub top_p: f64,
     /// Sample among the k most likely tokens only; 0 disables.
-    #[arg(long, default_value_t = 0)]
+    #[arg(
+        long,
+        default_value_t = 0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(0i64),
+    )]
     pub top_k: i64,
     /// Random seed for reproducible sampling.
     #[arg(long)]
     pub seed: Option<u64>,
     /// Prompts sampled together in one batch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(
+        long,
+        default_value_t = 32,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub batch_size: usize,
 }
 
@@ -91,34 +119,26 @@ pub fn run(command: ModelCommand) -> Result<()> {
     }
 }
 
-fn load_model(args: &ModelArgs) -> Result<CausalLm> {
+/// Everything about the arguments that can be checked before any work: the output is not the
+/// input, the device exists, the dtype is known.
+fn check_args(args: &ModelArgs) -> Result<(Device, Kind)> {
+    prime_check::path::distinct("--input", &args.input, "--output", &args.output)?;
     let device = parse_device(&args.device)?;
     let kind = match &args.dtype {
         Some(name) => parse_kind(name)?,
         None => default_kind(device),
     };
+    Ok((device, kind))
+}
+
+fn load_model(args: &ModelArgs, device: Device, kind: Kind) -> Result<CausalLm> {
     CausalLm::load(&args.model, device, kind, kind)
         .with_context(|| format!("loading model {}", args.model.display()))
 }
 
-/// Reads the JSONL input, naming the line of any error.
-fn read_lines(path: &Path) -> Result<Vec<Value>> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut rows = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.with_context(|| format!("reading {}", path.display()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let value: Value = serde_json::from_str(&line)
-            .with_context(|| format!("{} line {}: invalid JSON", path.display(), i + 1))?;
-        rows.push(value);
-    }
-    Ok(rows)
-}
-
-fn input_ids(row: &Value, path: &Path, line: usize) -> Result<Option<Vec<i64>>> {
-    let Some(ids) = row.get("input_ids") else {
+/// The token ids of a line's `input_ids`, or `None` when the line has none.
+fn input_ids(line: &Line, path: &Path) -> Result<Option<Vec<i64>>> {
+    let Some(ids) = line.value.get("input_ids") else {
         return Ok(None);
     };
     ids.as_array()
@@ -126,32 +146,37 @@ fn input_ids(row: &Value, path: &Path, line: usize) -> Result<Option<Vec<i64>>> 
         .map(Some)
         .with_context(|| {
             format!(
-                "{} line {line}: input_ids must be an array of integers",
-                path.display()
+                "{} line {}: input_ids must be an array of integers",
+                path.display(),
+                line.number
             )
         })
 }
 
+/// The output lines, written next to `path` and moved onto it once complete.
 fn write_lines(path: &Path, rows: impl IntoIterator<Item = Value>) -> Result<()> {
-    let file =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut out = BufWriter::new(file);
+    let mut out = AtomicFile::create(path)?;
     for row in rows {
-        writeln!(out, "{row}")?;
+        writeln!(out, "{row}").with_context(|| format!("writing {}", path.display()))?;
     }
-    out.flush()?;
+    out.commit()?;
     Ok(())
 }
 
 fn logprobs(args: LogprobsArgs) -> Result<()> {
-    let lm = load_model(&args.common)?;
+    let (device, kind) = check_args(&args.common)?;
     let path = &args.common.input;
-    let sequences = read_lines(path)?
+    let lines = jsonl::read(path)?;
+    let lm = load_model(&args.common, device, kind)?;
+    let sequences = lines
         .iter()
-        .enumerate()
-        .map(|(i, row)| {
-            input_ids(row, path, i + 1)?
-                .with_context(|| format!("{} line {}: missing input_ids", path.display(), i + 1))
+        .map(|line| {
+            let ids = input_ids(line, path)?.with_context(|| {
+                format!("{} line {}: missing input_ids", path.display(), line.number)
+            })?;
+            check_sequence(&ids, &lm.config)
+                .with_context(|| format!("{} line {}", path.display(), line.number))?;
+            Ok(ids)
         })
         .collect::<Result<Vec<_>>>()?;
     let bar = progress_bar(sequences.len() as u64, "scoring");
@@ -170,32 +195,46 @@ fn logprobs(args: LogprobsArgs) -> Result<()> {
 }
 
 fn generate_cmd(args: GenerateArgs) -> Result<()> {
-    let lm = load_model(&args.common)?;
-    let tokenizer = Tokenizer::from_dir(&args.common.model).ok();
+    let (device, kind) = check_args(&args.common)?;
     let path = &args.common.input;
+    let lines = jsonl::read(path)?;
+    let lm = load_model(&args.common, device, kind)?;
+    let tokenizer = Tokenizer::from_dir(&args.common.model).ok();
     let mut prompts = Vec::new();
-    for (i, row) in read_lines(path)?.iter().enumerate() {
-        let line = i + 1;
-        if let Some(ids) = input_ids(row, path, line)? {
-            prompts.push(ids);
-        } else if let Some(text) = row.get("prompt").and_then(Value::as_str) {
+    for line in &lines {
+        let at = || format!("{} line {}", path.display(), line.number);
+        let ids = if let Some(ids) = input_ids(line, path)? {
+            ids
+        } else if let Some(text) = line.value.get("prompt").and_then(Value::as_str) {
             let Some(tokenizer) = &tokenizer else {
                 bail!(
-                    "{} line {line}: a text prompt needs tokenizer.json in the model directory",
-                    path.display()
+                    "{}: a text prompt needs tokenizer.json in the model directory",
+                    at()
                 );
             };
             let messages = [ChatMessage {
                 role: "user".into(),
                 content: text.into(),
             }];
-            prompts.push(tokenizer.encode_chat(&messages, true)?);
+            tokenizer.encode_chat(&messages, true).with_context(at)?
         } else {
+            bail!("{}: expected \"input_ids\" or \"prompt\"", at());
+        };
+        if ids.is_empty() {
+            bail!("{}: the prompt has no tokens", at());
+        }
+        check_sequence(&ids, &lm.config).with_context(at)?;
+        let positions = lm.config.max_position_embeddings;
+        if (ids.len() + args.max_new_tokens) as i64 > positions {
             bail!(
-                "{} line {line}: expected \"input_ids\" or \"prompt\"",
-                path.display()
+                "{}: the prompt's {} tokens plus --max-new-tokens {} exceed the model's \
+                 max_position_embeddings ({positions})",
+                at(),
+                ids.len(),
+                args.max_new_tokens
             );
         }
+        prompts.push(ids);
     }
     if let Some(seed) = args.seed {
         tch::manual_seed(seed as i64);
@@ -210,7 +249,7 @@ fn generate_cmd(args: GenerateArgs) -> Result<()> {
     };
     let bar = progress_bar(prompts.len() as u64, "generating");
     let mut rows = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(args.batch_size.max(1)) {
+    for chunk in prompts.chunks(args.batch_size) {
         for generation in generate(&lm.model, chunk, &params)? {
             let mut row = json!({ "output_ids": generation.token_ids });
             if let Some(tokenizer) = &tokenizer {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use prime_check::rules;
 use prime_model::{default_kind, parse_device, parse_kind};
 use prime_prm_server::service::{start, FollowConfig, ListenOptions, ServerConfig};
 use prime_prm_server::StepSplit;
@@ -23,7 +24,12 @@ pub struct PrmServerArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// β of the rewards: use the run's `learner.algo.prm.beta`.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(
+        long,
+        default_value_t = 0.05,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::BETA),
+    )]
     pub beta: f64,
     /// gRPC listen address.
     #[arg(long, default_value = "0.0.0.0:50055")]
@@ -48,26 +54,38 @@ pub struct PrmServerArgs {
     #[arg(long)]
     pub dtype: Option<String>,
     /// Most padded tokens in one forward.
-    #[arg(long, default_value_t = 16384)]
+    #[arg(
+        long,
+        default_value_t = 16384,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub max_batch_tokens: usize,
     /// Most responses of waiting requests gathered into one device batch.
-    #[arg(long, default_value_t = 256)]
+    #[arg(
+        long,
+        default_value_t = 256,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub max_batch_responses: usize,
     /// Follow a learner at this URL: load the PRM weights of each new version it publishes
     /// (--token is sent to it too).
     #[arg(long)]
     pub learner: Option<String>,
     /// Seconds between polls of the followed learner.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(
+        long,
+        default_value_t = 5.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub poll_secs: f64,
 }
 
 /// Serves until Ctrl-C.
 pub fn run(args: PrmServerArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.poll_secs.is_finite() && args.poll_secs > 0.0,
-        "--poll-secs must be positive"
-    );
+    let auth = args.security.auth()?;
     let device = parse_device(&args.device)?;
     let kind = match &args.dtype {
         Some(d) => parse_kind(d)?,
@@ -93,7 +111,7 @@ pub fn run(args: PrmServerArgs) -> anyhow::Result<()> {
     let listen = ListenOptions {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
-        auth: args.security.auth(),
+        auth,
     };
     let server = start(&config, &listen, true).context("starting the PRM server")?;
     eprintln!("prm-server listening on {}", server.addr);

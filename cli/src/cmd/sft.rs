@@ -30,6 +30,7 @@ pub struct SftArgs {
 
 pub fn run(args: SftArgs) -> Result<()> {
     let config = RunConfig::from_file_with_overrides(&args.config, &args.overrides)?;
+    parse_device(&args.device)?;
     std::fs::create_dir_all(&args.run_dir)
         .with_context(|| format!("creating {}", args.run_dir.display()))?;
     std::fs::write(args.run_dir.join("config.toml"), config.to_toml())?;

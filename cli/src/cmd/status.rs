@@ -23,7 +23,12 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub security: super::tls::ClientSecurityArgs,
     /// Deadline of each Status call, in seconds.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(
+        long,
+        default_value_t = 10.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(prime_check::rules::SECONDS),
+    )]
     pub timeout_secs: f64,
 }
 
@@ -190,17 +195,14 @@ impl ServiceStatus {
 
 /// Prints the status of the service at `--addr`.
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.timeout_secs.is_finite() && args.timeout_secs > 0.0,
-        "--timeout-secs must be positive"
-    );
+    let token = super::tls::token(&args.token)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let timeout = Duration::from_secs_f64(args.timeout_secs);
     let status = runtime.block_on(query(
         &args.addr,
-        args.token.as_deref(),
+        token.as_deref(),
         &args.security.tls(),
         timeout,
     ))?;

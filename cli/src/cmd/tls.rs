@@ -30,13 +30,28 @@ pub struct ServerSecurityArgs {
 impl std::fmt::Debug for ServerSecurityArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // ServerAuth's Debug never prints the token.
-        std::fmt::Debug::fmt(&self.auth(), f)
+        std::fmt::Debug::fmt(&self.settings(), f)
     }
 }
 
+/// A `--token`/`PRIME_TOKEN` as every command takes it (`prime_proto::auth::usable_token`):
+/// empty or blank is no token, like a missing one; shorter than the minimum is an error.
+pub fn token(token: &Option<String>) -> anyhow::Result<Option<String>> {
+    if token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        tracing::warn!("the token (--token or PRIME_TOKEN) is empty: running without one");
+    }
+    Ok(prime_proto::auth::usable_token(token.as_deref())?.map(str::to_string))
+}
+
 impl ServerSecurityArgs {
-    /// The settings as the servers take them.
-    pub fn auth(&self) -> ServerAuth {
+    /// The settings as the servers take them; the listener rule is applied by the server
+    /// itself (`ServerAuth::check`), which words an empty token apart from a missing one.
+    pub fn auth(&self) -> anyhow::Result<ServerAuth> {
+        token(&self.token)?;
+        Ok(self.settings())
+    }
+
+    fn settings(&self) -> ServerAuth {
         ServerAuth {
             token: self.token.clone(),
             allow_no_token: self.allow_no_token,

@@ -36,7 +36,12 @@ pub struct TrainArgs {
     pub actors: usize,
     /// Data-parallel learner ranks to start, one process each (TCP backend on a CPU
     /// machine); rank 0 serves the actors.
-    #[arg(long, default_value_t = 1)]
+    #[arg(
+        long,
+        default_value_t = 1,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::at_least(1usize),
+    )]
     pub learners: usize,
     /// Train in this one process (the learner samples its own rollouts) instead of starting
     /// services.
@@ -71,6 +76,52 @@ fn free_port() -> Result<SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
+/// A `prime` subprocess that dies with this process: on Linux the kernel sends it SIGKILL
+/// when its parent exits for whatever reason (SIGKILL included), so no verifier, learner or
+/// actor outlives the `prime train` that started it.
+fn child_command() -> Result<Command> {
+    let mut command = Command::new(std::env::current_exe().context("locating the prime binary")?);
+    die_with_parent(&mut command);
+    Ok(command)
+}
+
+#[cfg(target_os = "linux")]
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the hook runs in the forked child before exec and only makes async-signal-safe
+    // system calls (prctl, getppid, _exit).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: then nobody will signal us.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_command: &mut Command) {}
+
+/// The environment every child runs with: the thread count (0 leaves it to torch) and a
+/// passive OpenMP.
+fn thread_env(command: &mut Command, threads: &str) {
+    command.env("PRIME_THREADS", threads);
+    if threads != "0" {
+        // Without these, OpenMP worker threads may spin between parallel regions. In two
+        // `make demo` runs the learner kept a core busy while the actors sampled, which made
+        // rollouts about 3x slower on 2 cores.
+        command
+            .env("OMP_NUM_THREADS", threads)
+            .env("OMP_WAIT_POLICY", "PASSIVE");
+    }
+}
+
 fn spawn(name: &str, args: &[String], logs: &Path, threads: &str) -> Result<(String, Child)> {
     spawn_with_env(name, args, logs, threads, &[])
 }
@@ -82,18 +133,13 @@ fn spawn_with_env(
     threads: &str,
     envs: &[(String, String)],
 ) -> Result<(String, Child)> {
-    let exe = std::env::current_exe().context("locating the prime binary")?;
     let log_path = logs.join(format!("{name}.log"));
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
-    let child = Command::new(exe)
-        .args(args)
-        .env("PRIME_THREADS", threads)
-        // Without these, OpenMP worker threads may spin between parallel regions. In two
-        // `make demo` runs the learner kept a core busy while the actors sampled, which made
-        // rollouts about 3x slower on 2 cores.
-        .env("OMP_NUM_THREADS", threads)
-        .env("OMP_WAIT_POLICY", "PASSIVE")
+    let mut command = child_command()?;
+    command.args(args);
+    thread_env(&mut command, threads);
+    let child = command
         .env_remove("PRIME_TOKEN")
         .envs(envs.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
@@ -104,11 +150,39 @@ fn spawn_with_env(
     Ok((name.to_string(), child))
 }
 
-/// The last lines of a log, for error messages.
+/// What a child's log says about its end: its error (from `Error:` on, as the binary prints
+/// it) when there is one, else the last lines.
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
+    let from = match lines.iter().rposition(|l| l.starts_with("Error:")) {
+        Some(error) => error,
+        None => lines.len().saturating_sub(15),
+    };
+    lines[from..].join("\n")
+}
+
+/// The first child that has exited, except learner ranks above 0 that ended well (they stop
+/// by themselves once rank 0 stops the group): its name and status.
+fn exited_child(children: &mut Children) -> Result<Option<(String, std::process::ExitStatus)>> {
+    for (name, child) in &mut children.0 {
+        if let Some(status) = child.try_wait()? {
+            if name.starts_with("learner-") && status.success() {
+                continue;
+            }
+            return Ok(Some((name.clone(), status)));
+        }
+    }
+    Ok(None)
+}
+
+/// The error of a child that ended the run, with what its log says.
+fn child_failed(name: &str, status: std::process::ExitStatus, logs: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the {name} exited with {status}, so the run stops; from {}:\n{}",
+        logs.join(format!("{name}.log")).display(),
+        log_tail(&logs.join(format!("{name}.log")))
+    )
 }
 
 fn read_records(path: &Path) -> Vec<Record> {
@@ -133,11 +207,12 @@ fn progress_message(step: Option<&StepRecord>, accuracy: Option<f64>) -> String 
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    // Everything the children would refuse is refused here first, before any process starts.
     let config = RunConfig::from_file_with_overrides(&args.config, &args.overrides)?;
-    config
-        .learner
-        .validate()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+    let device = parse_device(&args.device)?;
+    if !args.local && args.actors == 0 {
+        bail!("--actors must be at least 1 (or use --local)");
+    }
     let run_dir = &args.run_dir;
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let config_path = run_dir.join("config.toml");
@@ -150,17 +225,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
         // A process of its own, like every other role: the warm-up's torch state does not
         // stay behind in this process, which only supervises from here on.
-        let status = Command::new(std::env::current_exe().context("locating the prime binary")?)
+        let mut warm_up = child_command()?;
+        warm_up
             .args(["sft", "--config"])
             .arg(&config_path)
             .arg("--run-dir")
             .arg(run_dir)
-            .args(["--device", &args.device])
-            .env("PRIME_THREADS", &threads)
-            .env("OMP_NUM_THREADS", &threads)
-            .env("OMP_WAIT_POLICY", "PASSIVE")
-            .status()
-            .context("starting the warm-up")?;
+            .args(["--device", &args.device]);
+        thread_env(&mut warm_up, &threads);
+        let status = warm_up.status().context("starting the warm-up")?;
         if !status.success() {
             bail!("the supervised warm-up failed ({status})");
         }
@@ -170,7 +243,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // be shown in its place.
     let _ = std::fs::remove_file(run_dir.join(DATA_SUMMARY_FILE));
     if args.local {
-        train_local(&config, &args)?;
+        train_local(&config, &args, device)?;
     } else {
         train_services(&config_path, &config, &args, &threads)?;
     }
@@ -184,9 +257,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     // The paper's way of reading a run: start against final checkpoint, with the trained PRM
     // reranking each one's samples.
-    let evaluation =
-        prime_learner::eval::protocol::evaluate_run(&config, run_dir, parse_device(&args.device)?)
-            .context("evaluating the start and final checkpoints")?;
+    let evaluation = prime_learner::eval::protocol::evaluate_run(&config, run_dir, device)
+        .context("evaluating the start and final checkpoints")?;
     eprint!("{}", evaluation.table());
     println!("{}", run_dir.display());
     Ok(())
@@ -199,11 +271,10 @@ fn print_data_summary(run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn train_local(config: &RunConfig, args: &TrainArgs) -> Result<()> {
+fn train_local(config: &RunConfig, args: &TrainArgs, device: tch::Device) -> Result<()> {
     if args.learners > 1 {
         bail!("--local trains in one process; --learners needs the services (drop --local)");
     }
-    let device = parse_device(&args.device)?;
     let (mut trainer, mut scheduler) = open_run(config, &args.run_dir, device, args.resume)?;
     print_data_summary(&args.run_dir)?;
     let bar = step_bar(config.learner.steps, "prime");
@@ -228,12 +299,6 @@ fn train_services(
     args: &TrainArgs,
     threads: &str,
 ) -> Result<()> {
-    if args.actors == 0 {
-        bail!("--actors must be at least 1 (or use --local)");
-    }
-    if args.learners == 0 {
-        bail!("--learners must be at least 1");
-    }
     let run_dir = &args.run_dir;
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -323,11 +388,8 @@ fn train_services(
         if let Ok(text) = std::fs::read_to_string(&addr_file) {
             break text.trim().to_string();
         }
-        if let Ok(Some(status)) = children.0[1].1.try_wait() {
-            bail!(
-                "the learner exited with {status} before listening:\n{}",
-                log_tail(&logs.join("learner.log"))
-            );
+        if let Some((name, status)) = exited_child(&mut children)? {
+            return Err(child_failed(&name, status, &logs));
         }
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -361,22 +423,15 @@ fn train_services(
 
     let bar = step_bar(config.learner.steps, "prime");
     let metrics = run_dir.join("metrics.jsonl");
-    let status = loop {
-        if let Some(status) = children.0[1].1.try_wait()? {
-            break status;
-        }
-        for (name, child) in children.0.iter_mut().filter(|(n, _)| n != "learner") {
-            // Learner ranks above 0 end by themselves once rank 0 stops the group.
-            let done = name.starts_with("learner-");
-            if let Ok(Some(status)) = child.try_wait() {
-                if done && status.success() {
-                    continue;
-                }
-                bail!(
-                    "the {name} exited with {status}:\n{}",
-                    log_tail(&logs.join(format!("{name}.log")))
-                );
+    loop {
+        // Any child that ends stops the run at once with its reason: the learner when it is
+        // done (or failed), any other when it failed or refused its work.
+        if let Some((name, status)) = exited_child(&mut children)? {
+            if name == "learner" && status.success() {
+                break;
             }
+            bar.finish_and_clear();
+            return Err(child_failed(&name, status, &logs));
         }
         let records = read_records(&metrics);
         let last_step = records.iter().rev().find_map(|r| match r {
@@ -390,13 +445,7 @@ fn train_services(
         bar.set_position(last_step.map_or(0, |s| s.step));
         bar.set_message(progress_message(last_step, accuracy));
         std::thread::sleep(Duration::from_millis(500));
-    };
-    bar.finish_and_clear();
-    if !status.success() {
-        bail!(
-            "the learner failed ({status}):\n{}",
-            log_tail(&logs.join("learner.log"))
-        );
     }
+    bar.finish_and_clear();
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! or through a running verifier). Argument parsing only; the work is in `prime_verifier`.
 
 use anyhow::Context;
+use prime_check::rules;
 use prime_verifier::code::sandbox::SandboxLimits;
 use prime_verifier::code::CodeGraderConfig;
 use prime_verifier::grade::GraderConfig;
@@ -15,17 +16,32 @@ use std::time::Duration;
 #[derive(clap::Args, Debug, Clone)]
 pub struct GradingArgs {
     /// Most items graded at once (default: the number of CPU cores).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true, value_parser = prime_check::arg::at_least(1usize))]
     pub concurrency: Option<usize>,
     /// Time limit for one item, all of its code tests included, in seconds.
-    #[arg(long, default_value_t = 120.0)]
+    #[arg(
+        long,
+        default_value_t = 120.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub item_timeout_secs: f64,
     /// Wall-clock and CPU limit of one code test run, in seconds.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(
+        long,
+        default_value_t = 5.0,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::SECONDS),
+    )]
     pub code_timeout_secs: f64,
     /// Memory cap of one code test run (address space per process, and the whole sandbox
     /// where a cgroup is available), in MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(
+        long,
+        default_value_t = 1024,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::int(1u64, 1 << 30),
+    )]
     pub code_memory_mib: u64,
     /// Score code all-or-nothing instead of the fraction of the first 10 tests passed.
     #[arg(long)]
@@ -34,14 +50,10 @@ pub struct GradingArgs {
 
 impl GradingArgs {
     fn config(&self) -> anyhow::Result<GraderConfig> {
-        anyhow::ensure!(
-            self.item_timeout_secs > 0.0 && self.code_timeout_secs > 0.0,
-            "time limits must be positive"
-        );
         let defaults = GraderConfig::default();
         let memory = self.code_memory_mib.saturating_mul(1 << 20);
         Ok(GraderConfig {
-            max_concurrency: self.concurrency.unwrap_or(defaults.max_concurrency).max(1),
+            max_concurrency: self.concurrency.unwrap_or(defaults.max_concurrency),
             item_timeout: Duration::from_secs_f64(self.item_timeout_secs),
             code: CodeGraderConfig {
                 continuous: !self.binary_code_score,
@@ -81,7 +93,7 @@ pub fn run(args: VerifierArgs) -> anyhow::Result<()> {
         server: ListenOptions {
             listen: args.listen,
             metrics_listen: args.metrics_listen,
-            auth: args.security.auth(),
+            auth: args.security.auth()?,
         },
         grader: args.grading.config()?,
     };
@@ -102,7 +114,7 @@ pub struct GradeArgs {
     #[arg(long)]
     pub addr: Option<String>,
     /// Shared token for the remote verifier.
-    #[arg(long, env = "PRIME_TOKEN")]
+    #[arg(long, env = "PRIME_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Grading settings (local grading only).
     #[command(flatten)]
@@ -115,11 +127,11 @@ pub fn run_grade(args: GradeArgs) -> anyhow::Result<()> {
         input: args.input,
         output: args.output,
         addr: args.addr,
-        token: args.token,
+        token: super::tls::token(&args.token)?,
         grader: args.grading.config()?,
     };
-    let summary =
-        grade_file(&options).with_context(|| format!("grading {}", options.input.display()))?;
+    // The errors name the file (and line) at fault themselves: input or output.
+    let summary = grade_file(&options)?;
     let mean = if summary.items == 0 {
         0.0
     } else {
@@ -182,8 +194,7 @@ pub fn run_bench(args: BenchVerifierArgs) -> anyhow::Result<()> {
     let report = prime_verifier::bench::run_bench(&options).context("verifier benchmark")?;
     print!("{}", report.summary());
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        prime_check::path::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     Ok(())
 }

@@ -60,7 +60,9 @@ pub fn join_group(
     let limit = Duration::from_secs(config.collective_timeout_seconds.max(1));
     let join_timeout = Duration::from_secs(config.join_timeout_seconds.max(1));
     // The run's token proves membership of the group, as it does on every RPC.
-    let token = std::env::var("PRIME_TOKEN").ok().filter(|t| !t.is_empty());
+    let token = std::env::var("PRIME_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty());
     if config.backend.uses_nccl(device) {
         #[cfg(feature = "nccl")]
         {
