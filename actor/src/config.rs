@@ -59,6 +59,9 @@ pub struct ActorConfig {
     /// batch up. `None`: unbounded on the CPU; on CUDA half of the device memory free at the
     /// first batch, after the weights arrived (`prime_model::kv_cache::CUDA_FREE_MEMORY_FRACTION`).
     pub kv_cache_gib: Option<f64>,
+    /// Sample even a batch the memory plan says does not fit the GPU; without it an actor on
+    /// CUDA stops at such a batch with the numbers and the `--max-prompts` that fits.
+    pub force: bool,
 }
 
 /// Largest chunk of a weight transfer, as the protocol fixes it.
@@ -96,6 +99,7 @@ impl ActorConfig {
             weight_broadcast: true,
             broadcast_wait: Duration::from_secs(5),
             kv_cache_gib: None,
+            force: false,
         }
     }
 

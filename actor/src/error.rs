@@ -50,6 +50,9 @@ pub enum ActorError {
     /// Joining the learner's weight broadcast group or receiving from it failed.
     #[error("weight broadcast: {0}")]
     Broadcast(#[from] prime_collective::CollectiveError),
+    /// The memory plan says a batch does not fit the GPU (the numbers and what to change).
+    #[error("memory plan: {0}")]
+    MemoryPlan(String),
     /// The actor's tokio runtime could not start.
     #[error("runtime: {0}")]
     Runtime(#[from] std::io::Error),
@@ -146,7 +149,8 @@ impl ActorError {
     }
 
     /// Whether the error is a misconfiguration the actor cannot recover from by retrying or
-    /// re-registering: a rejected token, or a server that does not implement the service.
+    /// re-registering: a rejected token, a server that does not implement the service, or a
+    /// batch the memory plan says does not fit.
     pub fn is_fatal(&self) -> bool {
         use tonic::Code;
         match self {
@@ -154,7 +158,11 @@ impl ActorError {
                 code,
                 Code::Unauthenticated | Code::PermissionDenied | Code::Unimplemented
             ),
-            Self::Config(_) | Self::Url { .. } | Self::GaveUp { .. } | Self::Runtime(_) => true,
+            Self::Config(_)
+            | Self::Url { .. }
+            | Self::GaveUp { .. }
+            | Self::Runtime(_)
+            | Self::MemoryPlan(_) => true,
             Self::Protocol(_) | Self::Model(_) | Self::Broadcast(_) => false,
         }
     }

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prime_model::memory::{actor_plan, decide, gib, ActorSetup, AttentionKernel, Decision};
 use prime_model::transfer::{open_transfer, receive_chunks};
 use prime_model::{
     default_kind, generate_within, CausalLm, KvBudget, ModelError, Qwen2Config, Tokenizer,
@@ -144,6 +145,7 @@ pub fn run_actor(config: ActorConfig, stop: Arc<AtomicBool>) -> Result<ActorStat
         stats: ActorStats::default(),
         follower: None,
         kv_budget: None,
+        memory: MemoryCheck::default(),
     };
     let result = actor.run();
     info!(stats = ?actor.stats, "actor stopped");
@@ -206,6 +208,16 @@ struct Actor {
     /// place (so that a CUDA default counts them as taken) and kept: measured again later,
     /// the memory libtorch keeps cached from earlier batches would count as taken too.
     kv_budget: Option<KvBudget>,
+    memory: MemoryCheck,
+}
+
+/// What the actor's memory plan has been checked for (CUDA only).
+#[derive(Debug, Default)]
+struct MemoryCheck {
+    /// The device's total bytes, asked once.
+    device_bytes: Option<u64>,
+    /// The largest batch checked: rows and cache columns.
+    checked: Option<(u64, u64)>,
 }
 
 pub(crate) fn device_name(device: Device) -> String {
@@ -538,6 +550,7 @@ impl Actor {
             .seed
             .map(|seed| batch_seed(seed, batch.policy_version, &work_ids));
         let rows = sample_rows(&batch.items)?;
+        self.check_memory(&batch.items, &rows, params.max_new_tokens)?;
 
         let weights_started = Instant::now();
         self.ensure_weights(batch.policy_version)?;
@@ -629,6 +642,72 @@ impl Actor {
                 "a batch took longer than the learner's lease; take fewer prompts per batch"
             );
         }
+        Ok(())
+    }
+
+    /// On CUDA, the actor's memory plan (`prime_model::memory::actor_plan`, the one `prime
+    /// plan` prints) for a batch of these prompts, before the first batch is sampled and
+    /// before any larger one: a batch that does not fit stops the actor with the numbers and
+    /// the `--max-prompts` that fits, unless `--force`.
+    fn check_memory(
+        &mut self,
+        items: &[pb::WorkItem],
+        rows: &[Vec<i64>],
+        max_new: usize,
+    ) -> Result<(), Halt> {
+        let device = self.config.device;
+        let Device::Cuda(index) = device else {
+            return Ok(());
+        };
+        let prompts = items.len() as u64;
+        let samples = items.iter().map(|i| u64::from(i.k)).max().unwrap_or(1);
+        let prompt = rows.iter().map(Vec::len).max().unwrap_or(0) as u64;
+        let shape = (rows.len() as u64, prompt + max_new as u64);
+        if let Some((r, c)) = self.memory.checked {
+            if shape.0 <= r && shape.1 <= c {
+                return Ok(());
+            }
+        }
+        let device_bytes = match self.memory.device_bytes {
+            Some(bytes) => bytes,
+            None => {
+                let (_, total) =
+                    prime_model::device::cuda_memory(index).map_err(|e| Halt::Fatal(e.into()))?;
+                self.memory.device_bytes = Some(total);
+                total
+            }
+        };
+        let policy = self
+            .policy
+            .as_ref()
+            .expect("registration builds the policy");
+        let plan = actor_plan(
+            &policy.lm.config,
+            &ActorSetup {
+                prompts,
+                samples,
+                prompt,
+                max_new: max_new as u64,
+                dtype: default_kind(device),
+                kernel: AttentionKernel::for_device(device),
+                device_bytes,
+            },
+        );
+        match decide(&plan, self.config.force) {
+            Decision::Fits => info!(
+                rows = shape.0,
+                columns = shape.1,
+                planned_gib = %gib(plan.total_bytes()),
+                device_gib = %gib(device_bytes),
+                "the memory plan fits"
+            ),
+            Decision::Forced(message) => warn!("{message}; sampling anyway (--force)"),
+            Decision::Refused(message) => {
+                return Err(Halt::Fatal(ActorError::MemoryPlan(message)));
+            }
+        }
+        let (r, c) = self.memory.checked.unwrap_or((0, 0));
+        self.memory.checked = Some((r.max(shape.0), c.max(shape.1)));
         Ok(())
     }
 

@@ -63,6 +63,9 @@ enum Command {
     /// A rollout actor: pulls work and weights from the learner, samples, has the verifier
     /// grade, streams groups back.
     Actor(cmd::actor::ActorArgs),
+    /// What a learner rank, an actor and a PRM server hold on one GPU for a run config,
+    /// whether each fits, and which keys to change (docs/memory.md).
+    Plan(cmd::plan::PlanArgs),
     /// Print the Status of the learner, verifier or PRM server at an address.
     Status(cmd::status::StatusArgs),
     /// The PrmServer gRPC service: token-level process rewards of the implicit PRM, step
@@ -119,6 +122,7 @@ fn run() -> Result<()> {
         Command::Bench(c) => cmd::bench::run(c),
         Command::Compare(args) => cmd::compare::run(args),
         Command::Actor(args) => cmd::actor::run(args),
+        Command::Plan(args) => cmd::plan::run(args),
         Command::Status(args) => cmd::status::run(args),
         Command::PrmServer(args) => cmd::prm_server::run(args),
         Command::Eval(args) => cmd::eval::run(args),

@@ -42,6 +42,9 @@ pub enum LearnerError {
     /// A request this learner cannot serve in its configuration or state.
     #[error("{0}")]
     Precondition(String),
+    /// The memory plan says this rank does not fit its GPU (the numbers and what to change).
+    #[error("memory plan: {0}")]
+    MemoryPlan(String),
     /// Not now: the learner is stopping or the answer went away; the caller may retry.
     #[error("{0}")]
     Unavailable(String),

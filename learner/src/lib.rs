@@ -9,7 +9,8 @@
 //!   ZeRO sharding, the rank protocol), [`step`] (`prime_step`);
 //! - the loop around it: [`scheduler`] (work, groups, filter, leases), [`data`] (rows read,
 //!   validated, routed by ability, tokenized on all cores, summarised), [`eval`] (the one
-//!   sample-and-grade loop: evaluation and local rollouts), [`sft`] (supervised warm-up),
+//!   sample-and-grade loop: evaluation and local rollouts), [`plan`] (what each role holds on
+//!   a GPU: `prime plan` and the start-time check), [`sft`] (supervised warm-up),
 //!   [`trainer`] (steps, evaluation, metrics, checkpoints), [`report`], [`run`] (opening a
 //!   run, the single-process loop);
 //! - serving (published weights are `prime_model::transfer::Published`): [`broadcast`] (the weight broadcast),
@@ -53,6 +54,9 @@ pub mod data;
 
 /// The one sample-and-grade loop: evaluation and local rollouts.
 pub mod eval;
+
+/// The memory plan of a run: what each role holds on a GPU, and whether it fits.
+pub mod plan;
 
 /// The supervised warm-up.
 pub mod sft;

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use prime_collective::{Collective, RankInfo};
+use prime_model::memory::{decide, gib, Decision};
 use prime_model::parse_device;
 use prime_proto::auth::{ListenOptions, ServerAuth};
 use tch::Device;
@@ -16,6 +17,7 @@ use crate::error::{LearnerError, Result};
 use crate::eval::CodeGrading;
 use crate::models::PrimeModels;
 use crate::parallel::{join_group, Command, DataParallel, Trained};
+use crate::plan::{checked_learner_plan, Shapes};
 use crate::report::{plot_run, summarize, Summary};
 use crate::run::{open_follower, open_run_grading};
 use crate::service::run_learner;
@@ -103,6 +105,8 @@ pub struct RankOptions {
     pub verifier: Option<String>,
     /// TLS towards an `https://` verifier URL.
     pub verifier_tls: prime_proto::auth::ClientTls,
+    /// Start even when the memory plan says the rank does not fit its GPU (`--force`).
+    pub force: bool,
 }
 
 /// Runs this process's rank of the learner until the configured steps are done. Rank 0
@@ -110,6 +114,7 @@ pub struct RankOptions {
 pub fn run_rank(config: &RunConfig, options: &RankOptions) -> Result<Option<Summary>> {
     let parallel = &config.learner.parallel;
     let mut rank = join_ranks(&options.device, parallel)?;
+    check_memory_plan(config, &options.run_dir, &rank, options.force)?;
     if rank.info.rank > 0 {
         // Followers serve no Learner API, only grpc.health.v1, so one probe fits every rank.
         let _health = serve_follower_health(options.listen.listen, &options.listen.auth)?;
@@ -152,6 +157,42 @@ pub fn run_rank(config: &RunConfig, options: &RankOptions) -> Result<Option<Summ
         },
     )?;
     finish_run(&trainer, config, run_dir).map(Some)
+}
+
+/// On CUDA, the memory plan of this rank (`crate::plan`, the one `prime plan` prints) against
+/// the device's memory, before any weight is loaded: a plan that does not fit is refused with
+/// its numbers and the keys to change, unless `force`. Every rank plans as rank 0, which also
+/// evaluates. A start model that is not there yet is left to the run's own error.
+fn check_memory_plan(config: &RunConfig, run_dir: &Path, rank: &Rank, force: bool) -> Result<()> {
+    let Device::Cuda(index) = rank.device else {
+        return Ok(());
+    };
+    let shapes = match Shapes::of_run(config, run_dir) {
+        Ok(shapes) => shapes,
+        Err(LearnerError::Data(reason)) => {
+            tracing::warn!(%reason, "no memory plan before the start model exists");
+            return Ok(());
+        }
+        Err(other) => return Err(other),
+    };
+    let (_, total) = prime_model::device::cuda_memory(index)?;
+    let world = rank.info.world_size as u64;
+    let plan = checked_learner_plan(&config.learner, &shapes, world, total);
+    match decide(&plan, force) {
+        Decision::Fits => {
+            tracing::info!(
+                planned_gib = %gib(plan.total_bytes()),
+                device_gib = %gib(total),
+                "the memory plan fits"
+            );
+            Ok(())
+        }
+        Decision::Forced(message) => {
+            tracing::warn!("{message}; starting anyway (--force)");
+            Ok(())
+        }
+        Decision::Refused(message) => Err(LearnerError::MemoryPlan(message)),
+    }
 }
 
 /// Writes the bound address to `path` (through a temporary file, so a reader never sees

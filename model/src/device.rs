@@ -85,6 +85,16 @@ pub fn cuda_memory_info(ordinal: usize) -> Option<(u64, u64)> {
     }
 }
 
+/// Free and total bytes of CUDA device `index` ([`cuda_memory_info`]), or an error saying the
+/// driver did not report them.
+pub fn cuda_memory(index: usize) -> Result<(u64, u64)> {
+    cuda_memory_info(index).ok_or_else(|| {
+        ModelError::Cuda(format!(
+            "cuda:{index}: the CUDA driver (libcuda.so.1) did not report the device's memory"
+        ))
+    })
+}
+
 /// `Some(())` when a CUDA driver call returned `CUDA_SUCCESS` (0).
 fn check(result: c_int) -> Option<()> {
     (result == 0).then_some(())

@@ -28,6 +28,9 @@ pub enum ModelError {
     Input(String),
     #[error("unknown device {0:?}: expected cpu, cuda or cuda:N")]
     Device(String),
+    /// The CUDA runtime could not be asked (for a device's memory).
+    #[error("CUDA: {0}")]
+    Cuda(String),
     /// A CUDA device asked for on a machine where torch sees none.
     #[error(
         "{0}: no CUDA device is available (torch sees none: no GPU, no driver, a CPU-only \

@@ -104,6 +104,9 @@ pub fn token_logprobs(model: &Qwen2, batch: &PaddedBatch, chunk_tokens: i64) -> 
     Tensor::cat(&pieces, 1)
 }
 
+/// Positions per chunk of the vocabulary log-softmax in [`sequence_logprobs`].
+pub const SEQUENCE_LOGPROB_CHUNK: i64 = 512;
+
 /// Per-token log-probs of each sequence (no gradients), batched by a token budget: each
 /// returned vector has `len - 1` values.
 pub fn sequence_logprobs(
@@ -133,7 +136,7 @@ pub fn sequence_logprobs(
         }
         let batch = PaddedBatch::new(&batch_seqs, vocab, 0, model.device())?;
         let logprobs = crate::torch_op("the log-prob forward", &[&batch.input_ids.size()], || {
-            Ok(token_logprobs(model, &batch, 512).to_device(Device::Cpu))
+            Ok(token_logprobs(model, &batch, SEQUENCE_LOGPROB_CHUNK).to_device(Device::Cpu))
         })?;
         for (row, &i) in idx.iter().enumerate() {
             let n = sequences[i].len().saturating_sub(1) as i64;

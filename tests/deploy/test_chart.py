@@ -607,6 +607,12 @@ class ChartTest(unittest.TestCase):
         sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
         self.assertEqual(sets, ["learner.steps=100", "learner.algo.prm.beta=0.1"])
 
+    def test_learner_extra_args_follow_the_flags(self):
+        # e.g. --force: start a rank the memory plan says does not fit its GPU
+        args = container(Rendered({"learner": {"extraArgs": ["--force"]}}, self.chart).one("StatefulSet"))["args"]
+        self.assertEqual(args[-1], "--force")
+        self.assertNotIn("--force", container(self.rendered["defaults"].one("StatefulSet"))["args"])
+
     def test_config_map_is_the_paper_run(self):
         # the default run config is configs/eurus-2-7b.toml, key for key
         config_map = self.rendered["defaults"].one("ConfigMap")

@@ -111,6 +111,11 @@ pub struct ActorArgs {
     /// free once the weights have arrived.
     #[arg(long)]
     pub kv_cache_gib: Option<f64>,
+    /// Sample even a batch the memory plan (`prime plan`) says does not fit the GPU; without
+    /// it an actor on CUDA stops at such a batch with the numbers and the --max-prompts that
+    /// fits.
+    #[arg(long)]
+    pub force: bool,
 }
 
 impl ActorArgs {
@@ -134,6 +139,7 @@ impl ActorArgs {
         config.weight_broadcast = !self.no_weight_broadcast;
         config.broadcast_wait = Duration::from_secs_f64(self.broadcast_wait_secs);
         config.kv_cache_gib = self.kv_cache_gib;
+        config.force = self.force;
         Ok(config)
     }
 }

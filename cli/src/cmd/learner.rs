@@ -69,6 +69,10 @@ pub struct ServeArgs {
     /// TLS towards an https:// --verifier URL.
     #[command(flatten)]
     pub verifier_tls: super::tls::ClientSecurityArgs,
+    /// Start even when the memory plan (`prime plan`) says this rank does not fit its GPU;
+    /// without it a rank on CUDA refuses such a config with the numbers and the keys to change.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -202,6 +206,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         device: args.device,
         verifier: args.verifier,
         verifier_tls: args.verifier_tls.tls(),
+        force: args.force,
     };
     if let Some(summary) = run_rank(&config, &options)? {
         eprint!("{}", summary_table(&summary));

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod learner;
 pub mod model;
 pub mod model_init;
+pub mod plan;
 pub mod prm_server;
 pub mod sft;
 pub mod status;

@@ -22,8 +22,8 @@ use crate::error::{LearnerError, Result};
 use crate::scheduler::{Group, Work};
 
 /// Rows per sampling call of an evaluation: each call is seeded with the evaluation's seed
-/// plus its index.
-const EVAL_CALL_ROWS: usize = 256;
+/// plus its index. The memory plan (crate::plan) counts them.
+pub const EVAL_CALL_ROWS: usize = 256;
 
 /// How a sampling run is cut into calls.
 #[derive(Debug, Clone)]
