@@ -9,8 +9,10 @@
 //! batch, lengths, device, dtype and thread count as a subprocess and read its JSON line.
 //! Speed is only ever measured here and reported in docs/benchmarks.md; tests never assert it.
 //! [`allreduce`] measures the data-parallel learner's CPU collective backend, [`train`] the
-//! end-to-end demo (`prime train`) with several actor counts.
+//! end-to-end demo (`prime train`) with several actor counts. [`data_prep`] times preparing
+//! the full-size Eurus-2-RL-Data stand-in against transformers' `apply_chat_template`.
 pub mod allreduce;
+pub mod data_prep;
 pub mod error;
 pub mod learner_step;
 pub mod load;

@@ -45,7 +45,8 @@ enum Command {
     Train(cmd::train::TrainArgs),
     /// Supervised warm-up of the policy until held-out accuracy enters a band.
     Sft(cmd::sft::SftArgs),
-    /// Write the embedded default world: problems, datasets and the trained tokenizer.
+    /// Write the embedded default world (problems, datasets and the trained tokenizer), or
+    /// with --standin a full-size synthetic stand-in for Eurus-2-RL-Data.
     World(cmd::world::WorldArgs),
     /// Data tools: `data check` reads, validates and tokenizes data files as a run would.
     #[command(subcommand)]

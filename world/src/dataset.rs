@@ -154,22 +154,68 @@ pub fn write_parquet_compressed(
     rows: &[DataRow],
     compression: Compression,
 ) -> Result<(), WorldError> {
-    let pq = |e: parquet::errors::ParquetError| WorldError::Parquet {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    };
-    let batch = to_record_batch(rows).map_err(|e| WorldError::Parquet {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let file = File::create(path).map_err(|e| WorldError::io(path, e))?;
-    let props = WriterProperties::builder()
-        .set_compression(compression)
-        .build();
-    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(pq)?;
-    writer.write(&batch).map_err(pq)?;
-    writer.close().map_err(pq)?;
-    Ok(())
+    let mut writer = ParquetRowWriter::create(path, compression)?;
+    writer.write(rows)?;
+    writer.close()
+}
+
+/// Writes one parquet file a batch of rows at a time, so a large split never has to be held
+/// as one arrow batch. The first batch decides the columns (`response` only when one of its
+/// rows has a response); every later batch must agree.
+pub struct ParquetRowWriter {
+    path: std::path::PathBuf,
+    file: Option<File>,
+    props: Option<WriterProperties>,
+    writer: Option<ArrowWriter<File>>,
+}
+
+impl ParquetRowWriter {
+    /// Creates (or truncates) `path`.
+    pub fn create(path: &Path, compression: Compression) -> Result<Self, WorldError> {
+        let file = File::create(path).map_err(|e| WorldError::io(path, e))?;
+        Ok(ParquetRowWriter {
+            path: path.to_path_buf(),
+            file: Some(file),
+            props: Some(
+                WriterProperties::builder()
+                    .set_compression(compression)
+                    .build(),
+            ),
+            writer: None,
+        })
+    }
+
+    fn parquet_error(&self, message: impl std::fmt::Display) -> WorldError {
+        WorldError::Parquet {
+            path: self.path.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Appends `rows` (at least one batch, possibly empty, makes a file with a schema).
+    pub fn write(&mut self, rows: &[DataRow]) -> Result<(), WorldError> {
+        let batch = to_record_batch(rows).map_err(|e| self.parquet_error(e))?;
+        if self.writer.is_none() {
+            let (file, props) = (self.file.take(), self.props.take());
+            let file = file.expect("the file is open until the first batch");
+            let writer = ArrowWriter::try_new(file, batch.schema(), props)
+                .map_err(|e| self.parquet_error(e))?;
+            self.writer = Some(writer);
+        }
+        let writer = self.writer.as_mut().expect("created above");
+        let result = writer.write(&batch);
+        result.map_err(|e| self.parquet_error(e))
+    }
+
+    /// Finishes the file (an empty file with the row columns when nothing was written).
+    pub fn close(mut self) -> Result<(), WorldError> {
+        if self.writer.is_none() {
+            self.write(&[])?;
+        }
+        let writer = self.writer.take().expect("created by write");
+        writer.close().map_err(|e| self.parquet_error(e))?;
+        Ok(())
+    }
 }
 
 fn string_field(builder: &mut StructBuilder, i: usize) -> &mut StringBuilder {

@@ -8,20 +8,25 @@
 //!   ChatML chat template that `transformers.AutoTokenizer` loads.
 //! - [`build_world`]: writes all of it for a [`WorldConfig`], deterministically and
 //!   idempotently.
+//! - [`standin`]: a full-size synthetic stand-in for Eurus-2-RL-Data (482K rows of math and
+//!   code, the real prompts and lengths like the real set's), for rehearsing the paper's run.
 
 pub mod config;
 pub mod dataset;
 mod error;
 pub mod problem;
 pub mod rows;
+pub mod standin;
 pub mod tokenizer;
 mod world;
 
 pub use config::{Split, SplitConfig, WorldConfig};
-pub use dataset::{read_row_results, read_rows, write_rows, DataFormat};
+pub use dataset::{read_row_results, read_rows, write_rows, DataFormat, ParquetRowWriter};
 pub use error::WorldError;
 pub use problem::{Op, Problem, ProblemGenerator, Step, Template, STEP_SEPARATOR};
-pub use rows::{ChatMessage, DataRow, ExtraInfo, RewardModel, MATH_SUFFIX};
+pub use rows::{
+    ChatMessage, DataRow, ExtraInfo, RewardModel, CODE_SUFFIX, MATH_SUFFIX, SYSTEM_PROMPT,
+};
 pub use world::{
     build_world, generate_problems, SplitFiles, TokenStats, WorldFiles, WorldStats,
     GENERATOR_VERSION, MANIFEST_FILE,

@@ -7,6 +7,44 @@ use crate::{Problem, Split, WorldConfig};
 /// Suffix appended to every math question (prime-spec 9.2, the PRIME README's math prompt).
 pub const MATH_SUFFIX: &str = "\n\nPresent the answer in LaTex format: \\boxed{Your answer}";
 
+/// Suffix appended to every code statement (prime-spec 9.2, the PRIME README's code prompt).
+pub const CODE_SUFFIX: &str =
+    "\n\nWrite Python code to solve the problem. Present the code in \n```python\nYour code\n```\nat the end.";
+
+/// The system message of every Eurus-2-RL-Data prompt: the "short" action-centric prompt of
+/// prime-spec 9.2. It starts and ends with a newline.
+pub const SYSTEM_PROMPT: &str = "
+When tackling complex reasoning tasks, you have access to the following actions. Use them as needed to progress through your thought process.
+
+[ASSESS]
+
+[ADVANCE]
+
+[VERIFY]
+
+[SIMPLIFY]
+
+[SYNTHESIZE]
+
+[PIVOT]
+
+[OUTPUT]
+
+You should strictly follow the format below:
+
+[ACTION NAME]
+
+# Your action step 1
+
+# Your action step 2
+
+# Your action step 3
+
+...
+
+Next action: [NEXT ACTION NAME]
+";
+
 /// One chat message of a prompt.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {

@@ -5,7 +5,8 @@
 //! allreduce`: the learner's CPU collective backend against a plain TCP copy. Each runs both
 //! sides in one invocation (the harness lives in the prime-bench crate); `prime bench
 //! verifier` is wired from the verifier's module. `prime bench train` times the end-to-end
-//! demo (`prime train`) with 1, 2, 4 actors.
+//! demo (`prime train`) with 1, 2, 4 actors. `prime bench data` times preparing the
+//! full-size Eurus-2-RL-Data stand-in against transformers' `apply_chat_template`.
 //!
 //! Both sides use the same torch thread count: the global `--threads` (or `PRIME_THREADS`),
 //! else torch's default on this machine; `prime bench train` gives each of its processes the
@@ -47,6 +48,56 @@ pub enum BenchCommand {
     /// actors' (waiting, weights, sampling, grading, submitting) and the speed-up over one
     /// actor.
     Train(TrainBenchArgs),
+    /// Data preparation of the full-size Eurus-2-RL-Data stand-in as a run does it (read
+    /// parquet, validate, chat template, tokenize on all cores, drop prompts over the limit)
+    /// against transformers' `apply_chat_template(messages, tokenize=True,
+    /// add_generation_prompt=True)` row by row over the same file; rows kept on each side
+    /// and the prompt ids of sampled rows compared.
+    Data(DataBenchArgs),
+}
+
+/// Options of `prime bench data`.
+#[derive(Debug, Args)]
+pub struct DataBenchArgs {
+    /// Directory of the stand-in (`prime world --standin --out DIR`); written there with the
+    /// default settings (482,000 training rows, seed 0) when it has no data/train.parquet.
+    #[arg(long, default_value = "runs/standin")]
+    pub standin: PathBuf,
+    /// Prepare only the first N training rows (default: all).
+    #[arg(long)]
+    pub rows: Option<usize>,
+    /// Prompts over this many tokens are dropped (the paper's limit).
+    #[arg(long, default_value_t = 1024)]
+    pub max_prompt_tokens: usize,
+    /// Timed preparations per side; the median counts.
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
+    /// Compare the prompt ids of the rows whose position is a multiple of this.
+    #[arg(long, default_value_t = 500)]
+    pub sample_every: usize,
+    /// Python with transformers and pyarrow (default as for `prime bench generate`).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn run_data(args: DataBenchArgs) -> Result<()> {
+    let python = Python {
+        executable: args.python.clone().unwrap_or_else(default_python),
+        threads: 1,
+    };
+    let settings = prime_bench::data_prep::DataBenchSettings {
+        standin: args.standin,
+        rows: args.rows,
+        max_prompt_tokens: args.max_prompt_tokens,
+        repeats: args.repeats,
+        sample_every: args.sample_every,
+    };
+    let report = prime_bench::data_prep::run_data_bench(&settings, &python)?;
+    print!("{}", report.table());
+    write_json(&args.json, serde_json::to_value(&report)?)
 }
 
 /// Options of `prime bench train`.
@@ -258,6 +309,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Load(args) => return run_load(args),
         BenchCommand::Allreduce(args) => return run_allreduce(args),
         BenchCommand::Train(args) => return run_train(args),
+        BenchCommand::Data(args) => return run_data(args),
     };
     let python = Python {
         executable: common.python.clone().unwrap_or_else(default_python),
