@@ -53,8 +53,7 @@ fn the_standin_passes_data_check_with_its_bad_and_long_rows_counted() {
         assert!(root.join(file).exists(), "{file} missing:\n{stdout}");
     }
     let stats: Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("standin.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(root.join("standin.json")).unwrap()).unwrap();
     assert_eq!(stats["config"]["seed"], 9);
     let train = &stats["train"];
     assert_eq!(train["rows"], 15_000);
@@ -112,10 +111,47 @@ fn the_standin_passes_data_check_with_its_bad_and_long_rows_counted() {
     assert!(too_long > 0, "{summary}");
     let kept = summary["kept"].as_u64().unwrap();
     assert_eq!(kept + too_long + 2, 15_064);
-    let code_written = train["code_stdin"].as_u64().unwrap()
-        + train["code_call"].as_u64().unwrap()
-        + 32;
+    let code_written =
+        train["code_stdin"].as_u64().unwrap() + train["code_call"].as_u64().unwrap() + 32;
     let code_kept = summary["by_ability"]["code"].as_u64().unwrap();
-    assert!(code_kept < code_written && code_kept > code_written * 3 / 4, "{summary}");
+    assert!(
+        code_kept < code_written && code_kept > code_written * 3 / 4,
+        "{summary}"
+    );
     assert!(summary["prompt_tokens"]["max"].as_u64().unwrap() > 1024);
+}
+
+/// The stand-in never overwrites files it did not write: a data set's directory with its own
+/// train.parquet is refused and left as it was; a stand-in directory is written again.
+#[test]
+fn the_standin_refuses_to_overwrite_a_real_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("real/data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("train.parquet"), b"the user's own rows").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_prime"))
+        .args(["world", "--standin", "--out", "real", "--train-rows", "200"])
+        .args(["--heldout-rows", "8"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("holds no standin.json"), "{stderr}");
+    assert_eq!(
+        std::fs::read(data.join("train.parquet")).unwrap(),
+        b"the user's own rows"
+    );
+    let args = [
+        "world",
+        "--standin",
+        "--out",
+        "again",
+        "--train-rows",
+        "200",
+        "--heldout-rows",
+        "8",
+    ];
+    prime(&args, dir.path());
+    prime(&args, dir.path());
 }

@@ -124,6 +124,7 @@ fn token_summary(stats: &TokenStats) -> String {
 
 /// Writes the stand-in with a progress bar per split and prints what went where.
 fn run_standin(args: &WorldArgs) -> anyhow::Result<()> {
+    refuse_foreign_files(&args.out)?;
     let cfg = StandinConfig {
         seed: args.seed.unwrap_or(0),
         train_rows: args.train_rows,
@@ -179,4 +180,34 @@ fn counts_summary(counts: &SplitCounts) -> String {
         counts.code_call,
         counts.bad
     )
+}
+
+/// The files the stand-in writes, relative to `--out`.
+const STANDIN_FILES: [&str; 4] = [
+    "data/train.parquet",
+    "data/validation.parquet",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+];
+
+/// Refuses to write the stand-in over files it did not write itself: a directory holding any
+/// of its file names without its `standin.json` (e.g. the real data set's directory, whose
+/// files are also called train.parquet and validation.parquet).
+fn refuse_foreign_files(out: &std::path::Path) -> anyhow::Result<()> {
+    if out.join("standin.json").is_file() {
+        return Ok(());
+    }
+    if let Some(existing) = STANDIN_FILES
+        .iter()
+        .map(|f| out.join(f))
+        .find(|p| p.exists())
+    {
+        anyhow::bail!(
+            "{} exists and {} holds no standin.json: the stand-in would overwrite files it did \
+             not write; choose an empty or new --out",
+            existing.display(),
+            out.display()
+        );
+    }
+    Ok(())
 }
