@@ -201,6 +201,8 @@ pub mod rules {
     pub const ADAM_EPS: Range = Range::POSITIVE;
     /// A weight of a loss term, a weight decay or a gradient-norm limit (0 turns it off).
     pub const COEFFICIENT: Range = Range::NON_NEGATIVE;
+    /// A memory budget in GiB (the sampler's KV cache).
+    pub const GIB: Range = Range::POSITIVE;
     /// A time limit or period in seconds: above 0, and at most about 31 years, which is as
     /// far as a `Duration` made from a float goes without overflow to spare.
     pub const SECONDS: Range = Range::open_closed(0.0, 1e9);

@@ -1748,6 +1748,35 @@ const NUMERIC_FLAGS: &[(&[&str], &str)] = &[
         ],
         "--learners",
     ),
+    (
+        &[
+            "actor",
+            "--learner",
+            "http://127.0.0.1:9",
+            "--verifier",
+            "http://127.0.0.1:9",
+            "--tokenizer",
+            "{d}/model",
+        ],
+        "--kv-cache-gib",
+    ),
+    (
+        &[
+            "model",
+            "generate",
+            "--model",
+            "{d}/model",
+            "--input",
+            "{d}/ids.jsonl",
+            "--output",
+            "{d}/out.jsonl",
+            "--max-new-tokens",
+            "2",
+            "--temperature",
+            "1",
+        ],
+        "--kv-cache-gib",
+    ),
 ];
 
 proptest! {

@@ -615,13 +615,6 @@ impl LearnerConfig {
         self.policy_optimizer.validate("learner.policy_optimizer")?;
         self.prm_optimizer.validate("learner.prm_optimizer")?;
         self.weight_broadcast.validate()?;
-        if let Some(gib) = self.memory.kv_cache_gib {
-            if !(gib.is_finite() && gib > 0.0) {
-                return Err(format!(
-                    "learner.memory.kv_cache_gib must be a positive number of GiB, got {gib}"
-                ));
-            }
-        }
         if self.parallel.zero2 && !self.memory.recompute_activations {
             return Err(
                 "learner.parallel.zero2 = true needs learner.memory.recompute_activations = true: \
@@ -687,7 +680,7 @@ impl CheckpointConfig {
 }
 
 impl MemoryConfig {
-    /// Budgets above 0.
+    /// Budgets above 0 (and a finite KV cache budget when one is set).
     pub fn validate(&self) -> std::result::Result<(), String> {
         at_least(
             "learner.memory.micro_batch_tokens",
@@ -699,6 +692,9 @@ impl MemoryConfig {
             self.logit_chunk_tokens,
             1,
         )?;
+        if let Some(gib) = self.kv_cache_gib {
+            rules::GIB.check("learner.memory.kv_cache_gib", gib)?;
+        }
         Ok(())
     }
 }

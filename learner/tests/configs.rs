@@ -183,13 +183,17 @@ fn the_kv_cache_budget_is_optional_and_positive() {
             .unwrap();
     assert_eq!(set.learner.memory.kv_cache_gib, Some(12.5));
     set.learner.validate().unwrap();
-    for bad in ["0", "-1.5"] {
-        let config = RunConfig::from_file_with_overrides(
+    // Refused at load, naming the file and the key.
+    for bad in ["0", "-1.5", "nan", "inf"] {
+        let error = RunConfig::from_file_with_overrides(
             &path,
             &[format!("learner.memory.kv_cache_gib={bad}")],
         )
-        .unwrap();
-        let error = config.learner.validate().unwrap_err();
-        assert!(error.contains("learner.memory.kv_cache_gib"), "{error}");
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("learner.memory.kv_cache_gib") && error.contains("c.toml"),
+            "{error}"
+        );
     }
 }

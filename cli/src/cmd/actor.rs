@@ -109,7 +109,11 @@ pub struct ActorArgs {
     /// Most GiB the sampler's KV cache may take; a batch's rows decode as many at once as it
     /// holds (docs/memory.md). Default: unbounded on cpu; on cuda half of the device memory
     /// free once the weights have arrived.
-    #[arg(long)]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::GIB),
+    )]
     pub kv_cache_gib: Option<f64>,
     /// Sample even a batch the memory plan (`prime plan`) says does not fit the GPU; without
     /// it an actor on CUDA stops at such a batch with the numbers and the --max-prompts that

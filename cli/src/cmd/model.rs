@@ -112,7 +112,11 @@ pub struct GenerateArgs {
     /// Most GiB the KV cache may take: a batch decodes as many rows at once as it holds, with
     /// the same outputs (docs/memory.md). Default: unbounded on cpu; on cuda half of the
     /// device memory free after the model is loaded.
-    #[arg(long)]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_parser = prime_check::arg::float(rules::GIB),
+    )]
     pub kv_cache_gib: Option<f64>,
 }
 
