@@ -53,8 +53,7 @@ fn the_standin_passes_data_check_with_its_bad_and_long_rows_counted() {
         assert!(root.join(file).exists(), "{file} missing:\n{stdout}");
     }
     let stats: Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("standin.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(root.join("standin.json")).unwrap()).unwrap();
     assert_eq!(stats["config"]["seed"], 9);
     let train = &stats["train"];
     assert_eq!(train["rows"], 15_000);
@@ -112,10 +111,12 @@ fn the_standin_passes_data_check_with_its_bad_and_long_rows_counted() {
     assert!(too_long > 0, "{summary}");
     let kept = summary["kept"].as_u64().unwrap();
     assert_eq!(kept + too_long + 2, 15_064);
-    let code_written = train["code_stdin"].as_u64().unwrap()
-        + train["code_call"].as_u64().unwrap()
-        + 32;
+    let code_written =
+        train["code_stdin"].as_u64().unwrap() + train["code_call"].as_u64().unwrap() + 32;
     let code_kept = summary["by_ability"]["code"].as_u64().unwrap();
-    assert!(code_kept < code_written && code_kept > code_written * 3 / 4, "{summary}");
+    assert!(
+        code_kept < code_written && code_kept > code_written * 3 / 4,
+        "{summary}"
+    );
     assert!(summary["prompt_tokens"]["max"].as_u64().unwrap() > 1024);
 }

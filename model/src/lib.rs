@@ -8,6 +8,7 @@ pub mod error;
 pub mod generate;
 pub mod kv_cache;
 pub mod logprobs;
+mod piece_encoder;
 pub mod qwen2;
 pub mod tokenizer;
 pub mod training;
