@@ -16,7 +16,7 @@ use parquet::arrow::ArrowWriter;
 use prime_learner::config::OnBadRow;
 use prime_learner::data::prepare;
 use prime_model::Tokenizer;
-use prime_world::standin::{build_standin, StandinConfig, StandinFiles};
+use prime_world::standin::{build_standin, StandinConfig, StandinFiles, StandinStats};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{BenchError, Result};
@@ -167,16 +167,7 @@ fn parquet_error(path: &Path, e: impl std::fmt::Display) -> BenchError {
 
 /// The stand-in in `dir`, written with the default settings when its training file is missing.
 pub fn ensure_standin(dir: &Path) -> Result<StandinFiles> {
-    let files = StandinFiles::layout(
-        dir,
-        prime_world::standin::StandinStats {
-            config: StandinConfig::default(),
-            train: Default::default(),
-            validation: Default::default(),
-            vocab_size: 0,
-            tokenizer_sample_rows: 0,
-        },
-    );
+    let files = StandinFiles::layout(dir, StandinStats::default());
     if files.train.exists() && files.tokenizer_dir.join("tokenizer.json").exists() {
         return Ok(files);
     }
@@ -242,7 +233,7 @@ fn time_ours(
         .into_iter()
         .filter_map(|row| {
             let index = row.data.extra_info.as_ref()?.index as usize;
-            (index % settings.sample_every == 0).then_some((index, row.prompt_ids))
+            index.is_multiple_of(settings.sample_every).then_some((index, row.prompt_ids))
         })
         .collect();
     Ok((side, sampled))

@@ -9,6 +9,7 @@ pub mod generate;
 pub mod kv_cache;
 pub mod logprobs;
 pub mod memory;
+mod piece_encoder;
 pub mod qwen2;
 pub mod tokenizer;
 pub mod training;

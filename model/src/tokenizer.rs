@@ -7,6 +7,7 @@ use minijinja::{Environment, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{read_json, ModelError, Result};
+use crate::piece_encoder::PieceEncoder;
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +52,8 @@ const CHAT_TEMPLATE: &str = "chat_template";
 /// load; `Tokenizer` is `Sync`, so threads may encode with one instance.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The faster path to the same ids, for Qwen2's layout of `tokenizer.json`.
+    pieces: Option<PieceEncoder>,
     /// The environment holding the compiled chat template; `Err` holds why there is none
     /// usable (absent, or it does not compile), reported when a chat is rendered.
     chat_template: std::result::Result<Environment<'static>, String>,
@@ -75,6 +78,8 @@ impl Tokenizer {
         let path = dir.join("tokenizer.json");
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let layout: serde_json::Value = read_json(&path)?;
+        let pieces = PieceEncoder::for_layout(&layout);
         let config_path = dir.join("tokenizer_config.json");
         let config: TokenizerConfig = if config_path.exists() {
             read_json(&config_path)?
@@ -94,6 +99,7 @@ impl Tokenizer {
         let text = |t: &Option<SpecialToken>| t.as_ref().map(|t| t.text().to_string());
         Ok(Self {
             inner,
+            pieces,
             chat_template: compile_template(chat_template),
             bos_token: text(&config.bos_token),
             eos_token: text(&config.eos_token),
@@ -108,11 +114,30 @@ impl Tokenizer {
     /// Token ids of `text` without special tokens added around it (special-token text inside
     /// it, such as `<|im_start|>`, still maps to its id).
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        let ids = match &self.pieces {
+            Some(pieces) => pieces.encode(&self.inner, text),
+            None => self
+                .inner
+                .encode(text, false)
+                .map(|encoding| encoding.get_ids().to_vec()),
+        }
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(ids.into_iter().map(i64::from).collect())
+    }
+
+    /// [`Self::encode`] through the tokenizers crate's own pipeline, never the faster path
+    /// (which must give the same ids).
+    pub fn encode_with_pipeline(&self, text: &str) -> Result<Vec<i64>> {
         let encoding = self
             .inner
             .encode(text, false)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().iter().map(|&id| id as i64).collect())
+    }
+
+    /// Whether [`Self::encode`] takes the faster path for this tokenizer's layout.
+    pub fn has_fast_path(&self) -> bool {
+        self.pieces.is_some()
     }
 
     /// Text of `ids`; special tokens are kept unless `skip_special_tokens`. Ids past the

@@ -326,13 +326,12 @@ impl Task {
             Task::Gcd => Answer::Int(ints(0).iter().fold(0, |g, &x| gcd(g, x))),
             Task::PairsWithSum => {
                 let (v, t) = (ints(0), int(1));
-                let mut pairs = 0;
-                for i in 0..v.len() {
-                    for j in i + 1..v.len() {
-                        pairs += i64::from(v[i] + v[j] == t);
-                    }
-                }
-                Answer::Int(pairs)
+                let pairs = v
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| v[i + 1..].iter().filter(|&&b| a + b == t).count())
+                    .sum::<usize>();
+                Answer::Int(pairs as i64)
             }
             Task::Balanced => Answer::Bool(is_balanced(text(0))),
             Task::LongestRun => {

@@ -427,7 +427,7 @@ impl SplitCounts {
 }
 
 /// What [`build_standin`] wrote (also saved as `standin.json`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StandinStats {
     pub config: StandinConfig,
     pub train: SplitCounts,
@@ -492,10 +492,7 @@ pub fn build_standin(
         out_dir,
         StandinStats {
             config: cfg.clone(),
-            train: SplitCounts::default(),
-            validation: SplitCounts::default(),
-            vocab_size: 0,
-            tokenizer_sample_rows: 0,
+            ..StandinStats::default()
         },
     );
     let data_dir = out_dir.join("data");
@@ -588,6 +585,15 @@ fn write_split(
             })
             .collect();
         writer.write(&data)?;
+        // Progress in the log too (bars are hidden off a terminal): every quarter.
+        if end * 4 / total > start * 4 / total {
+            tracing::info!(
+                split = split.name(),
+                rows = end,
+                of = total,
+                "stand-in rows written"
+            );
+        }
         start = end;
         progress(Stage::Rows(split), end, total);
     }
