@@ -109,7 +109,10 @@ fn the_rehearsal_runs_at_the_papers_shapes() {
     let out = train_cmd.output().expect("prime runs");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "prime train failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "prime train failed:\n{stdout}\n{stderr}"
+    );
 
     // The start-up summary, saved and printed: too-long prompts dropped in both splits.
     let data = json(&run_dir.join("data.json"));
