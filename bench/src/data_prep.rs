@@ -233,7 +233,9 @@ fn time_ours(
         .into_iter()
         .filter_map(|row| {
             let index = row.data.extra_info.as_ref()?.index as usize;
-            index.is_multiple_of(settings.sample_every).then_some((index, row.prompt_ids))
+            index
+                .is_multiple_of(settings.sample_every)
+                .then_some((index, row.prompt_ids))
         })
         .collect();
     Ok((side, sampled))
