@@ -424,8 +424,8 @@ pub struct EvalConfig {
     /// Evaluate on the held-out set every this many steps (and at the start and end).
     #[serde(default = "e_every")]
     pub every: u64,
-    /// Held-out problems per evaluation (0: all); fewer than the split are taken from each
-    /// ability and data source in turn, the same problems at every evaluation.
+    /// Held-out problems per evaluation (0: all); fewer than the split are taken one per
+    /// ability in turn, each ability's data sources in turn, the same problems every time.
     #[serde(default)]
     pub problems: usize,
     /// Samples per held-out problem at `temperature`; accuracy is their mean.

@@ -412,7 +412,7 @@ fn best_of_n_picks_what_the_prm_prefers() {
     // Given answers are kept; the candidate given none has one extracted from its text (the
     // math grader's extraction, which finds a final value in most text), and comes last
     // when none is found.
-    assert_eq!(reply.answers[..4], answers[..4].map(str::to_string));
+    assert_eq!(reply.answers[..4], answers[..4]);
     if reply.answers[4].is_empty() {
         assert_eq!(reply.ranking[4], 4);
     }

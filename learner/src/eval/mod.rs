@@ -274,27 +274,47 @@ pub struct Evaluation {
 
 /// Indices (ascending) of the `count` held-out problems an evaluation uses, out of problems
 /// whose ability and data source are `strata[i]`: all of them when `count` is 0 or at least
-/// their number, else one from each stratum in turn (each stratum in split order) until
-/// `count` are taken. So a subset covers every ability and data source whatever the split's
-/// order (stored source by source, or interleaved), and the same problems every time.
-pub fn stratified_subset<K: Ord + Clone>(strata: &[K], count: usize) -> Vec<usize> {
+/// their number, else one per ability in turn, each ability taking from its data sources in
+/// turn (each source in split order), until `count` are taken. So a subset covers every
+/// ability first and then every data source, whatever the split's order (stored source by
+/// source, or interleaved), and holds the same problems every time.
+pub fn stratified_subset<A: Ord + Clone, S: Ord + Clone>(
+    strata: &[(A, S)],
+    count: usize,
+) -> Vec<usize> {
+    use std::collections::{BTreeMap, VecDeque};
     let total = strata.len();
     if count == 0 || count >= total {
         return (0..total).collect();
     }
-    let mut by_stratum: std::collections::BTreeMap<K, std::collections::VecDeque<usize>> =
-        Default::default();
-    for (i, key) in strata.iter().enumerate() {
-        by_stratum.entry(key.clone()).or_default().push_back(i);
+    let mut by_ability: BTreeMap<A, BTreeMap<S, VecDeque<usize>>> = BTreeMap::new();
+    for (i, (ability, source)) in strata.iter().enumerate() {
+        by_ability
+            .entry(ability.clone())
+            .or_default()
+            .entry(source.clone())
+            .or_default()
+            .push_back(i);
     }
+    // Per ability: its sources' queues and whose turn it is.
+    let mut abilities: Vec<(Vec<VecDeque<usize>>, usize)> = by_ability
+        .into_values()
+        .map(|sources| (sources.into_values().collect(), 0))
+        .collect();
     let mut picked = Vec::with_capacity(count);
     while picked.len() < count {
-        for queue in by_stratum.values_mut() {
+        for (sources, turn) in abilities.iter_mut() {
             if picked.len() == count {
                 break;
             }
-            if let Some(i) = queue.pop_front() {
-                picked.push(i);
+            let n = sources.len();
+            for _ in 0..n {
+                let queue = &mut sources[*turn % n];
+                *turn += 1;
+                if let Some(i) = queue.pop_front() {
+                    picked.push(i);
+                    break;
+                }
             }
         }
     }
@@ -426,21 +446,25 @@ pub fn local_rollouts(
 mod subset_tests {
     use super::stratified_subset;
 
+    fn one_source(abilities: &[&'static str]) -> Vec<(&'static str, &'static str)> {
+        abilities.iter().map(|&a| (a, "s")).collect()
+    }
+
     #[test]
-    fn a_subset_takes_from_every_stratum_in_turn() {
+    fn a_subset_takes_every_ability_then_every_source_in_turn() {
         let all = |n: usize| (0..n).collect::<Vec<_>>();
-        let keys: Vec<u8> = vec![0; 10];
-        assert_eq!(stratified_subset(&keys, 0), all(10));
-        assert_eq!(stratified_subset(&keys, 10), all(10));
-        assert_eq!(stratified_subset(&keys, 25), all(10));
+        let same = one_source(&["math"; 10]);
+        assert_eq!(stratified_subset(&same, 0), all(10));
+        assert_eq!(stratified_subset(&same, 10), all(10));
+        assert_eq!(stratified_subset(&same, 25), all(10));
         // One stratum: the first `count` in split order.
-        assert_eq!(stratified_subset(&keys, 4), vec![0, 1, 2, 3]);
+        assert_eq!(stratified_subset(&same, 4), vec![0, 1, 2, 3]);
         // Math then code, 1,024 each: 4 of each.
         let blocks: Vec<&str> = (0..2048)
             .map(|i| if i < 1024 { "math" } else { "code" })
             .collect();
         assert_eq!(
-            stratified_subset(&blocks, 8),
+            stratified_subset(&one_source(&blocks), 8),
             vec![0, 1, 2, 3, 1024, 1025, 1026, 1027]
         );
         // Interleaved math, code, math, code...: 2 of each (a regular stride would take only
@@ -448,9 +472,22 @@ mod subset_tests {
         let interleaved: Vec<&str> = (0..64)
             .map(|i| if i % 2 == 0 { "math" } else { "code" })
             .collect();
-        assert_eq!(stratified_subset(&interleaved, 4), vec![0, 1, 2, 3]);
-        // Uneven strata: a small one is used up, the others go on.
-        let uneven = ["a", "a", "a", "a", "b", "c", "c"];
-        assert_eq!(stratified_subset(&uneven, 5), vec![0, 1, 4, 5, 6]);
+        assert_eq!(
+            stratified_subset(&one_source(&interleaved), 4),
+            vec![0, 1, 2, 3]
+        );
+        // Many math sources and few code ones: abilities alternate first, then each ability's
+        // sources take turns.
+        let mixed = [
+            ("math", "a"),
+            ("math", "b"),
+            ("math", "c"),
+            ("math", "d"),
+            ("code", "x"),
+            ("code", "x"),
+            ("code", "y"),
+        ];
+        assert_eq!(stratified_subset(&mixed, 4), vec![0, 1, 4, 6]);
+        assert_eq!(stratified_subset(&mixed, 6), vec![0, 1, 2, 4, 5, 6]);
     }
 }
