@@ -34,8 +34,8 @@ pub struct InitArgs {
     pub seed: u64,
 }
 
-/// Builds the random model on the CPU in f32 and writes it under a temporary name next to
-/// `--out`, renamed into place only once complete.
+/// Builds the random model on the CPU in f32 and writes it beside `--out`, moved into place
+/// only once complete.
 pub fn run(args: InitArgs) -> Result<()> {
     if args.out.exists() {
         bail!(
@@ -71,29 +71,11 @@ pub fn run(args: InitArgs) -> Result<()> {
     lm.generation_config.eos_token_id = Some(TokenIds::One(eos));
     lm.generation_config.pad_token_id = Some(pad);
 
-    let parent = match args.out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = args
-        .out
-        .file_name()
-        .context("--out needs a directory name")?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
-    let written = (|| -> Result<()> {
-        lm.save(&tmp, None, DEFAULT_MAX_SHARD_BYTES)?;
-        copy_tokenizer_files(&args.tokenizer, &tmp)?;
-        std::fs::rename(&tmp, &args.out)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), args.out.display()))?;
-        Ok(())
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e.context(format!("writing {}", args.out.display())));
-    }
+    // Assembled beside --out and moved into place only once complete.
+    let out = prime_check::path::StagedDir::create(&args.out)?;
+    lm.save(out.path(), None, DEFAULT_MAX_SHARD_BYTES)?;
+    copy_tokenizer_files(&args.tokenizer, out.path())?;
+    out.commit()?;
     println!(
         "wrote {}: {} parameters, vocabulary {} rows for a tokenizer of {} ids, {} layers, \
          hidden {}, context {} tokens",
