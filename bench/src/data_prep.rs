@@ -20,7 +20,7 @@ use prime_world::standin::{build_standin, StandinConfig, StandinFiles, StandinSt
 use serde::{Deserialize, Serialize};
 
 use crate::error::{BenchError, Result};
-use crate::machine::{cores, cpu_model, load_average, Machine};
+use crate::machine::{load_average, Machine};
 use crate::ours::median;
 use crate::python::Python;
 
@@ -339,16 +339,7 @@ pub fn run_data_bench(settings: &DataBenchSettings, python: &Python) -> Result<D
         transformers_stages: parsed.stages,
         compared,
         mismatches,
-        machine: Machine {
-            cpu: cpu_model(),
-            cores: cores(),
-            threads: environment.threads,
-            torch_version: environment.torch_version,
-            transformers_version: environment.transformers_version,
-            gpu: environment.gpu,
-            load_before,
-            load_after: load_average(),
-        },
+        machine: Machine::now(environment.threads, environment, load_before),
     })
 }
 

@@ -15,7 +15,7 @@ use serde::Serialize;
 use tch::{Device, Kind};
 
 use crate::error::{BenchError, Result};
-use crate::machine::{cores, cpu_model, load_average, Machine};
+use crate::machine::{load_average, Machine};
 use crate::ours::median;
 use crate::python::{Python, TinyModel};
 
@@ -151,16 +151,7 @@ pub fn run_step_bench(
     let pytorch = StepTimes::new(parsed.seconds_all);
     tracing::info!(seconds = pytorch.seconds, "pytorch learner step");
     let environment = parsed.environment;
-    let machine = Machine {
-        cpu: cpu_model(),
-        cores: cores(),
-        threads: environment.threads,
-        torch_version: environment.torch_version,
-        transformers_version: environment.transformers_version,
-        gpu: environment.gpu,
-        load_before,
-        load_after: load_average(),
-    };
+    let machine = Machine::now(environment.threads, environment, load_before);
     Ok(StepReport {
         settings: settings.clone(),
         model: model.clone(),

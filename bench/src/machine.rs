@@ -22,6 +22,25 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// This machine as a benchmark that just ended sees it: `threads` torch threads on both
+    /// sides, the library versions the reference reported, the load before the run and now.
+    pub fn now(
+        threads: i32,
+        reference: crate::python::ReferenceEnvironment,
+        load_before: Option<f64>,
+    ) -> Self {
+        Self {
+            cpu: cpu_model(),
+            cores: cores(),
+            threads,
+            torch_version: reference.torch_version,
+            transformers_version: reference.transformers_version,
+            gpu: reference.gpu,
+            load_before,
+            load_after: load_average(),
+        }
+    }
+
     /// One line for a report's header.
     pub fn describe(&self) -> String {
         let load = |v: Option<f64>| v.map_or_else(|| "?".into(), |v| format!("{v:.2}"));

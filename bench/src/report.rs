@@ -7,7 +7,7 @@ use serde::Serialize;
 use tch::{Device, Kind};
 
 use crate::error::{BenchError, Result};
-use crate::machine::{cores, cpu_model, load_average, Machine};
+use crate::machine::{load_average, Machine};
 use crate::ours::{measure, Measurement, Task};
 use crate::python::Python;
 
@@ -145,16 +145,7 @@ pub fn run(
     }
     let environment = environment.expect("at least one batch size ran");
     Ok(Report {
-        machine: Machine {
-            cpu: cpu_model(),
-            cores: cores(),
-            threads: python.threads,
-            torch_version: environment.torch_version,
-            transformers_version: environment.transformers_version,
-            gpu: environment.gpu,
-            load_before,
-            load_after: load_average(),
-        },
+        machine: Machine::now(python.threads, environment, load_before),
         model: ModelSummary {
             source: model_source.to_string(),
             parameters: config.num_parameters(),
