@@ -288,6 +288,19 @@ fn a_stopped_rank_makes_rank_0_exit_at_the_collective_timeout() {
 /// follows to the end and each checkpoint holds the unsharded optimizer state.
 #[test]
 fn prime_train_with_two_learner_ranks() {
+    train_with_two_learner_ranks("zero1 = true", false);
+}
+
+/// The same run with parameter sharding: rank 0 publishes, evaluates and checkpoints whole
+/// models that every rank gathers after each step.
+#[test]
+fn prime_train_with_two_learner_ranks_and_sharded_parameters() {
+    train_with_two_learner_ranks("zero3 = true", true);
+}
+
+/// `prime train` with two learner ranks whose `[learner.parallel]` sets `sharding` (with
+/// recomputation when `recompute`): three steps, a checkpoint after each.
+fn train_with_two_learner_ranks(sharding: &str, recompute: bool) {
     init_threads();
     let tmp = tempfile::tempdir().unwrap();
     let run_dir = tmp.path().join("run");
@@ -300,7 +313,8 @@ heldout = { size = 6 }
 
 [learner]
 steps = 3
-parallel = { zero1 = true, collective_timeout_seconds = 120 }
+parallel = { SHARDING, collective_timeout_seconds = 120 }
+memory = { recompute_activations = RECOMPUTE }
 
 [learner.algo]
 mini_batches = 2
@@ -320,6 +334,9 @@ greedy = false
 every = 1
 keep = 1
 "#;
+    let config_text = config_text
+        .replace("SHARDING", sharding)
+        .replace("RECOMPUTE", &recompute.to_string());
     let config_path = tmp.path().join("config.toml");
     std::fs::write(&config_path, config_text).unwrap();
     let config = prime_learner::RunConfig::from_file_with_overrides(&config_path, &[]).unwrap();
@@ -404,6 +421,8 @@ keep = 1
     assert_eq!(steps, 3);
     let follower = logs("learner-1.log");
     assert!(follower.contains("joined the TCP group"), "{follower}");
+    let attached = sharding.replace(" = ", "=");
+    assert!(follower.contains(&attached), "{attached} in {follower}");
     assert!(follower.contains("rank 0 stopped the group"), "{follower}");
     assert_eq!(follower.matches("step done").count(), 3, "{follower}");
     let checkpoint = run_dir.join("checkpoints").join("step-000003");
@@ -415,4 +434,14 @@ keep = 1
         names.iter().any(|n| n.ends_with(".exp_avg_sq")),
         "{names:?}"
     );
+    // Whole Hugging Face models, not a rank's shards.
+    let start = prime_learner::checkpoint::sft_checkpoint(&run_dir);
+    for model in ["policy", "prm"] {
+        let saved = weights(&checkpoint.join(model));
+        let first = weights(&start);
+        assert_eq!(saved.len(), first.len(), "{model}");
+        for ((name, a), (_, b)) in saved.iter().zip(&first) {
+            assert_eq!(a.len(), b.len(), "{model} {name}");
+        }
+    }
 }

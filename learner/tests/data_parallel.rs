@@ -138,7 +138,7 @@ fn two_steps(models: &mut PrimeModels, dp: &mut DataParallel, config: &LearnerCo
         .collect();
     // ZeRO-3: the variables hold nothing between passes; every rank gathers them whole.
     for role in [Role::Policy, Role::Prm] {
-        dp.unshard(role, true).unwrap();
+        dp.unshard(role, Some(Device::Cpu)).unwrap();
     }
     // As a checkpoint sees it: gathered from the shards when the state is sharded.
     let full = dp.full_optimizer(models, Trained::Policy).unwrap();
@@ -910,7 +910,8 @@ fn zero3_resumes_onto_another_world_size() {
                     }
                     // The checkpoint: rank 0 keeps the whole weights, every rank takes part.
                     for role in [Role::Policy, Role::Prm] {
-                        dp.unshard(role, rank == 0).unwrap();
+                        dp.unshard(role, (rank == 0).then_some(Device::Cpu))
+                            .unwrap();
                     }
                     if rank > 0 {
                         for which in [Trained::Policy, Trained::Prm] {
@@ -980,7 +981,7 @@ fn zero3_resumes_onto_another_world_size() {
                         DataParallel::attach(&mut models, Box::new(group), zero3()).unwrap();
                     let metrics = prime_step(&mut models, &mut dp, &groups(2), config, 2).unwrap();
                     for role in [Role::Policy, Role::Prm] {
-                        dp.unshard(role, true).unwrap();
+                        dp.unshard(role, Some(Device::Cpu)).unwrap();
                     }
                     (metrics, weights(&models))
                 })

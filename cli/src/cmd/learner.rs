@@ -369,7 +369,7 @@ fn run_step(args: StepArgs) -> Result<()> {
     .with_context(|| format!("learner rank {}", info.rank))?;
     // ZeRO-3: the weights are gathered whole onto rank 0's host, a bucket at a time.
     for role in [Role::Policy, Role::Prm] {
-        dp.unshard(role, info.rank == 0)
+        dp.unshard(role, (info.rank == 0).then_some(tch::Device::Cpu))
             .with_context(|| format!("learner rank {}: gathering the weights", info.rank))?;
     }
     if info.rank > 0 {

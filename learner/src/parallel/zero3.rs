@@ -416,34 +416,46 @@ impl DataParallel {
     }
 
     /// ZeRO-3: gathers every parameter of `role` whole, a bucket at a time (a collective:
-    /// every rank calls it). With `keep` the variables then hold them on the host, for a
-    /// checkpoint or a weight copy ([`DataParallel::reshard`] frees them again); otherwise
-    /// this rank only takes part. Without parameter sharding nothing happens.
-    pub fn unshard(&mut self, role: Role, keep: bool) -> Result<()> {
+    /// every rank calls it). With `keep` the variables then hold them on that device (the
+    /// host for a checkpoint, the model's device to sample) until [`DataParallel::reshard`];
+    /// otherwise this rank only takes part. Without parameter sharding nothing happens.
+    pub fn unshard(&mut self, role: Role, keep: Option<Device>) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let Some(shard) = self.param_shards[role as usize].as_ref() else {
             return Ok(());
         };
-        let whole: Vec<Tensor> = if keep {
-            shard
-                .shapes
-                .iter()
-                .map(|s| Tensor::zeros(s.as_slice(), (shard.kind, Device::Cpu)))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let whole: Vec<Tensor> = shard
+            .shapes
+            .iter()
+            .map(|s| match keep {
+                Some(device) => Tensor::zeros(s.as_slice(), (shard.kind, device)),
+                None => Tensor::new(),
+            })
+            .collect();
         let all: Vec<usize> = (0..shard.buckets.len()).collect();
-        if keep {
-            shard.all_gather(&mut *self.comm, &all, &whole)?;
+        shard.all_gather(&mut *self.comm, &all, &whole)?;
+        if keep.is_some() {
             for (p, t) in shard.params.iter().zip(&whole) {
                 p.shallow_clone().set_data(t);
             }
-        } else {
-            let none: Vec<Tensor> = shard.params.iter().map(|_| Tensor::new()).collect();
-            shard.all_gather(&mut *self.comm, &all, &none)?;
         }
         Ok(())
+    }
+
+    /// ZeRO-3, after a step: rank 0 gets the policy whole on `device` (to publish it,
+    /// evaluate it, sample from it) and the PRM whole on the host (to publish it on request
+    /// and checkpoint it); the other ranks take part. [`DataParallel::release_outputs`]
+    /// frees them before the next step.
+    pub fn gather_outputs(&mut self, device: Device) -> Result<()> {
+        let lead = self.rank() == 0;
+        self.unshard(Role::Policy, lead.then_some(device))?;
+        self.unshard(Role::Prm, lead.then_some(Device::Cpu))
+    }
+
+    /// ZeRO-3: frees what [`DataParallel::gather_outputs`] kept.
+    pub fn release_outputs(&mut self) {
+        self.reshard(Role::Policy);
+        self.reshard(Role::Prm);
     }
 
     /// ZeRO-3: frees what [`DataParallel::unshard`] kept.
