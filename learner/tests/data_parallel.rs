@@ -856,6 +856,11 @@ fn zero3_ranks_hold_their_share_of_parameters_gradients_and_optimizer() {
                         let mut dp =
                             DataParallel::attach(&mut models, Box::new(group), zero3()).unwrap();
                         prime_step(&mut models, &mut dp, &groups(0), config, 0).unwrap();
+                        // On the CPU backend the next stage was gathered ahead, every time
+                        // the pass named it.
+                        for role in [Role::Policy, Role::Prm, Role::Reference] {
+                            assert!(dp.prefetched_gathers(role) > 0, "{role:?}");
+                        }
                         dp.resident(&models)
                     })
                 })

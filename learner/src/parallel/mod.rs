@@ -26,6 +26,7 @@
 //! pass gathers one stage (a decoder layer, the embeddings, the head) at a time through
 //! [`DataParallel::param_gather`] or the gradient sink, freeing it after.
 
+mod comm_thread;
 mod protocol;
 mod zero;
 mod zero3;
@@ -67,6 +68,9 @@ pub struct DataParallel {
     grad_shards: [Option<GradShard>; 2],
     /// ZeRO-3: the parameter shards, by [`Role`].
     param_shards: ParamShards,
+    /// ZeRO-3 on the CPU backend: the thread `comm` runs on, where the next stage's gather
+    /// is started ahead of its use.
+    prefetch: Option<std::sync::Arc<comm_thread::CommThread>>,
 }
 
 impl std::fmt::Debug for DataParallel {
@@ -112,6 +116,7 @@ impl DataParallel {
             shards: [None, None],
             grad_shards: [None, None],
             param_shards: [None, None, None],
+            prefetch: None,
         };
         if dp.world_size() > 1 {
             // Rank 0 may still be opening its run (building the world, a first evaluation):
@@ -138,6 +143,7 @@ impl DataParallel {
             for role in [Role::Policy, Role::Prm, Role::Reference] {
                 dp.shard_params(models, role)?;
             }
+            dp.start_comm_thread();
         }
         tracing::info!(
             rank = dp.rank(),
@@ -159,6 +165,7 @@ impl DataParallel {
             shards: [None, None],
             grad_shards: [None, None],
             param_shards: [None, None, None],
+            prefetch: None,
         }
     }
 

@@ -8,6 +8,7 @@ use prime_model::training::{GradSink, ParamGather, Stage};
 use prime_model::Qwen2;
 use tch::{Device, Kind, Tensor};
 
+use super::comm_thread::CommThread;
 use super::zero3::{ParamShard, Role};
 use super::{comm_err, DataParallel, Trained};
 use crate::error::{LearnerError, Result};
@@ -293,6 +294,8 @@ pub struct ShardedGradSink<'a> {
     pub(super) shard: &'a mut GradShard,
     /// ZeRO-3: the model's parameter shard, which each stage is gathered from.
     pub(super) params: Option<&'a mut ParamShard>,
+    /// ZeRO-3: the communication thread that gathers the next stage ahead.
+    pub(super) prefetch: Option<&'a CommThread>,
     pub(super) device: Device,
     pub(super) error: Option<LearnerError>,
 }
@@ -300,7 +303,8 @@ pub struct ShardedGradSink<'a> {
 impl ShardedGradSink<'_> {
     /// Ends the backward pass: its first error, if any.
     pub fn finish(self) -> Result<()> {
-        self.error.map_or(Ok(()), Err)
+        let drained = self.params.map_or(Ok(()), ParamShard::drain);
+        self.error.map_or(drained, Err)
     }
 
     fn reduce(&mut self, params: &[Tensor], grads: Vec<Tensor>) -> Result<()> {
@@ -345,7 +349,7 @@ impl ParamGather for ShardedGradSink<'_> {
     fn gather(&mut self, stage: Stage, next: Option<Stage>) {
         if let (Some(params), None) = (self.params.as_deref_mut(), &self.error) {
             let index = Some(&mut self.shard.index);
-            let result = params.gather(&mut *self.comm, stage, next, index);
+            let result = params.gather(&mut *self.comm, self.prefetch, (stage, next), index);
             self.error = result.err();
         }
     }
@@ -640,6 +644,7 @@ impl DataParallel {
             comm: &mut *self.comm,
             shard,
             params: self.param_shards[Role::from(which) as usize].as_mut(),
+            prefetch: self.prefetch.as_deref(),
             device: self.device,
             error: None,
         })

@@ -12,6 +12,7 @@ use prime_model::training::{ParamGather, Stage};
 use prime_model::{CausalLm, Qwen2};
 use tch::{Device, Kind, Tensor};
 
+use super::comm_thread::{CommThread, Started};
 use super::zero::{address, plan_buckets, Bucket};
 use super::{comm_err, DataParallel, Trained};
 use crate::error::{LearnerError, Result};
@@ -85,7 +86,17 @@ pub(crate) struct ParamShard {
     values: Tensor,
     /// Per parameter, how many gathers hold it whole now.
     holds: Vec<usize>,
+    /// The stage whose buckets a communication thread is gathering ahead of its use.
+    prefetched: Option<Prefetch>,
+    /// Gathers a prefetch served.
+    served: usize,
 }
+
+/// A stage's buckets being all-gathered on the communication thread: (bucket, flat result).
+type Prefetch = (
+    Stage,
+    Vec<(usize, Started<prime_collective::Result<Tensor>>)>,
+);
 
 impl ParamShard {
     /// The shard of `params` (whole now, the same on every rank) over `buckets`: this rank's
@@ -143,6 +154,8 @@ impl ParamShard {
             buckets_of,
             stages,
             values,
+            prefetched: None,
+            served: 0,
         })
     }
 
@@ -178,12 +191,15 @@ impl ParamShard {
     }
 
     /// Makes the parameters of `stage` whole (a collective), registering their new
-    /// addresses in `index` (a gradient shard's lookup). `_next` is not prefetched yet.
+    /// addresses in `index` (a gradient shard's lookup). With a communication thread
+    /// (`prefetch`) the buckets of `next` are then started there, to travel while this stage
+    /// computes, and the gather of `next` waits for them. Every rank makes the same calls, so
+    /// the operations line up.
     pub(super) fn gather(
         &mut self,
         comm: &mut dyn Collective,
-        stage: Stage,
-        _next: Option<Stage>,
+        prefetch: Option<&CommThread>,
+        (stage, next): (Stage, Option<Stage>),
         index: Option<&mut HashMap<usize, usize>>,
     ) -> Result<()> {
         let _guard = tch::no_grad_guard();
@@ -200,18 +216,75 @@ impl ParamShard {
         for &p in &wanted {
             whole[p] = Tensor::empty(self.shapes[p].as_slice(), (self.kind, self.device));
         }
-        let mut buckets: Vec<usize> = wanted
-            .iter()
-            .flat_map(|&p| self.buckets_of[p].iter().copied())
-            .collect();
-        buckets.sort_unstable();
-        buckets.dedup();
-        self.all_gather(comm, &buckets, &whole)?;
+        match self.prefetched.take() {
+            Some((ahead, started)) if ahead == stage => {
+                self.served += 1;
+                for (b, flat) in started {
+                    let flat = flat.wait().and_then(|r| r).map_err(comm_err)?;
+                    self.buckets[b].unflatten(&flat, &whole, |p| whole[p].defined());
+                }
+            }
+            other => {
+                if let Some((_, started)) = other {
+                    // Not along this pass's hints: waited for and dropped.
+                    for (_, flat) in started {
+                        drop(flat.wait().and_then(|r| r).map_err(comm_err)?);
+                    }
+                }
+                let buckets = self.buckets_of_params(&wanted);
+                self.all_gather(comm, &buckets, &whole)?;
+            }
+        }
         let mut index = index;
         for &p in &wanted {
             self.params[p].shallow_clone().set_data(&whole[p]);
             if let Some(index) = index.as_deref_mut() {
                 index.insert(address(&self.params[p]), p);
+            }
+        }
+        if let (Some(thread), Some(next)) = (prefetch, next) {
+            self.prefetched = Some((next, self.start_gather(thread, next)));
+        }
+        Ok(())
+    }
+
+    /// The buckets holding any of `params`, in order.
+    fn buckets_of_params(&self, params: &[usize]) -> Vec<usize> {
+        let mut buckets: Vec<usize> = params
+            .iter()
+            .flat_map(|&p| self.buckets_of[p].iter().copied())
+            .collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        buckets
+    }
+
+    /// Starts all-gathering every bucket of `stage`'s parameters on `thread`.
+    fn start_gather(
+        &self,
+        thread: &CommThread,
+        stage: Stage,
+    ) -> Vec<(usize, Started<prime_collective::Result<Tensor>>)> {
+        let used = self.stages.get(&stage).cloned().unwrap_or_default();
+        self.buckets_of_params(&used)
+            .into_iter()
+            .map(|b| {
+                let bucket = &self.buckets[b];
+                let size = (bucket.chunk * self.world) as i64;
+                let mut flat = Tensor::empty([size], (self.kind, self.device));
+                let mine = bucket.mine(&self.values);
+                let started =
+                    thread.start(move |comm| comm.all_gather(&mine, &mut flat).map(|()| flat));
+                (b, started)
+            })
+            .collect()
+    }
+
+    /// Ends a pass: a prefetch it did not use is waited for and dropped.
+    pub(super) fn drain(&mut self) -> Result<()> {
+        if let Some((_, started)) = self.prefetched.take() {
+            for (_, flat) in started {
+                drop(flat.wait().and_then(|r| r).map_err(comm_err)?);
             }
         }
         Ok(())
@@ -286,6 +359,7 @@ impl ParamShard {
 /// by [`ShardGather::finish`].
 pub struct ShardGather<'a> {
     comm: &'a mut dyn Collective,
+    prefetch: Option<&'a CommThread>,
     shard: &'a mut ParamShard,
     error: Option<LearnerError>,
 }
@@ -293,14 +367,18 @@ pub struct ShardGather<'a> {
 impl ShardGather<'_> {
     /// Ends the pass: its first error, if any.
     pub fn finish(self) -> Result<()> {
-        self.error.map_or(Ok(()), Err)
+        let drained = self.shard.drain();
+        self.error.map_or(drained, Err)
     }
 }
 
 impl ParamGather for ShardGather<'_> {
     fn gather(&mut self, stage: Stage, next: Option<Stage>) {
         if self.error.is_none() {
-            self.error = self.shard.gather(&mut *self.comm, stage, next, None).err();
+            let result = self
+                .shard
+                .gather(&mut *self.comm, self.prefetch, (stage, next), None);
+            self.error = result.err();
         }
     }
 
@@ -394,15 +472,38 @@ impl DataParallel {
         Ok(())
     }
 
+    /// ZeRO-3 on the CPU backend with several ranks: moves the group onto a communication
+    /// thread, so that each pass's next stage is gathered while the current one computes.
+    /// (On CUDA the collectives stay on the compute thread: the overlap there is a second
+    /// stream's, not done yet.)
+    pub(super) fn start_comm_thread(&mut self) {
+        if !self.zero3() || self.world_size() < 2 || self.device != Device::Cpu {
+            return;
+        }
+        let comm = std::mem::replace(&mut self.comm, Box::new(prime_collective::Single));
+        let thread = std::sync::Arc::new(CommThread::spawn(comm));
+        self.comm = Box::new(super::comm_thread::ThreadedComm(thread.clone()));
+        self.prefetch = Some(thread);
+    }
+
     /// ZeRO-3: where a pass over `role` without gradients gathers its stages (call
     /// [`ShardGather::finish`] after it). `None` without parameter sharding.
     pub fn param_gather(&mut self, role: Role) -> Option<ShardGather<'_>> {
         let shard = self.param_shards[role as usize].as_mut()?;
         Some(ShardGather {
             comm: &mut *self.comm,
+            prefetch: self.prefetch.as_deref(),
             shard,
             error: None,
         })
+    }
+
+    /// ZeRO-3: how many stage gathers of `role` were served by a prefetch started on the
+    /// communication thread while the stage before computed (0 without one).
+    pub fn prefetched_gathers(&self, role: Role) -> usize {
+        self.param_shards[role as usize]
+            .as_ref()
+            .map_or(0, |shard| shard.served)
     }
 
     /// ZeRO-3: takes part in one pass without gradients over `model` (the model `role`)
