@@ -197,7 +197,7 @@ fn step_reference_args(settings: &StepSettings, dir: &Path, rollouts: &Path) -> 
 }
 
 /// Random groups in `prime learner step --rollouts` form; returns the batch's token count.
-fn write_rollouts(path: &Path, settings: &StepSettings, vocab: i64) -> Result<usize> {
+pub(crate) fn write_rollouts(path: &Path, settings: &StepSettings, vocab: i64) -> Result<usize> {
     let eos = vocab - 1;
     let mut rng = StdRng::seed_from_u64(settings.seed);
     let mut ids = |len: usize| -> Vec<i64> { (0..len).map(|_| rng.gen_range(0..eos)).collect() };
@@ -235,24 +235,8 @@ fn write_rollouts(path: &Path, settings: &StepSettings, vocab: i64) -> Result<us
 /// Our step as `prime learner step` runs it, on models loaded once: a warm-up step, then
 /// `repeats` timed steps (each on the models the previous one left; the work is the same).
 fn time_ours(settings: &StepSettings, dir: &Path, rollouts: &Path) -> Result<StepTimes> {
-    let text = std::fs::read_to_string(rollouts).map_err(|source| BenchError::Io {
-        path: rollouts.to_path_buf(),
-        source,
-    })?;
-    let groups: Vec<ScoredGroup> = text
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| BenchError::Settings(format!("rollouts: {e}")))?;
-    let mut config = {
-        let mut c = LearnerConfig::default();
-        c.algo.mini_batches = settings.mini_batches;
-        c.algo.reference = ReferenceType::Freeze;
-        c
-    };
-    config.algo.prm.beta = BETA;
-    config.policy_optimizer.lr = POLICY_LR;
-    config.prm_optimizer.lr = PRM_LR;
+    let groups = read_rollouts(rollouts)?;
+    let config = step_config(settings);
     let load = |name: &str| CausalLm::load(&dir.join(name), Device::Cpu, Kind::Float, Kind::Float);
     let mut models = PrimeModels::new(load("policy")?, load("prm")?, Some(load("ref")?), &config);
     let mut seconds = Vec::with_capacity(settings.repeats);
@@ -270,4 +254,28 @@ fn time_ours(settings: &StepSettings, dir: &Path, rollouts: &Path) -> Result<Ste
         }
     }
     Ok(StepTimes::new(seconds))
+}
+
+/// The groups of a rollouts file [`write_rollouts`] wrote.
+pub(crate) fn read_rollouts(path: &Path) -> Result<Vec<ScoredGroup>> {
+    let text = std::fs::read_to_string(path).map_err(|source| BenchError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    text.lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| BenchError::Settings(format!("rollouts: {e}")))
+}
+
+/// The step's config, the same on both sides: `settings`' mini-batches, a frozen reference,
+/// [`BETA`] and the learning rates.
+pub(crate) fn step_config(settings: &StepSettings) -> LearnerConfig {
+    let mut config = LearnerConfig::default();
+    config.algo.mini_batches = settings.mini_batches;
+    config.algo.reference = ReferenceType::Freeze;
+    config.algo.prm.beta = BETA;
+    config.policy_optimizer.lr = POLICY_LR;
+    config.prm_optimizer.lr = PRM_LR;
+    config
 }

@@ -20,6 +20,7 @@ pub mod machine;
 pub mod ours;
 pub mod python;
 pub mod report;
+pub mod sharding;
 pub mod train;
 pub mod weight_broadcast;
 pub mod weight_sync;

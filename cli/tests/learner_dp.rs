@@ -1,6 +1,7 @@
 //! `prime learner step` as data-parallel ranks, one real process each, joined over loopback:
 //! two ranks take the step of one process (losses and weights within 1e-6 in f32, with and
-//! without optimizer sharding); a rank killed mid-step, or stopped, makes the other exit
+//! without optimizer, gradient and parameter sharding; three ranks with parameter sharding,
+//! untied embeddings and PRIME or RLOO too); a rank killed mid-step, or stopped, makes the other exit
 //! with a clear error within the collective timeout.
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -24,9 +25,18 @@ fn qwen2() -> Qwen2Config {
 
 /// Policy, PRM and reference model dirs and a rollouts file of five groups of three.
 fn fixtures(dir: &Path) {
+    fixtures_tied(dir, true)
+}
+
+/// [`fixtures`] with tied or untied embeddings.
+fn fixtures_tied(dir: &Path, tied: bool) {
+    let config = Qwen2Config {
+        tie_word_embeddings: tied,
+        ..qwen2()
+    };
     for (name, seed) in [("policy", 1), ("prm", 2), ("ref", 3)] {
         tch::manual_seed(seed);
-        let lm = CausalLm::random(&qwen2(), Device::Cpu, Kind::Float, Kind::Float).unwrap();
+        let lm = CausalLm::random(&config, Device::Cpu, Kind::Float, Kind::Float).unwrap();
         lm.save(&dir.join(name), None, DEFAULT_MAX_SHARD_BYTES)
             .unwrap();
     }
@@ -113,20 +123,26 @@ fn metrics(dir: &Path) -> Value {
 }
 
 fn two_ranks_match_one(extra: &[&str]) {
+    ranks_match_one(2, true, extra, extra);
+}
+
+/// `world` rank processes with `extra` take the step of one process with `single_extra`, on
+/// models with tied or untied embeddings.
+fn ranks_match_one(world: usize, tied: bool, single_extra: &[&str], extra: &[&str]) {
     init_threads();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    fixtures(dir);
-    let single = step(dir, "dp1", 0, 1, 0, extra).spawn().unwrap();
+    fixtures_tied(dir, tied);
+    let single = step(dir, "dp1", 0, 1, 0, single_extra).spawn().unwrap();
     finish(single);
     let port = free_port();
-    let ranks: Vec<Child> = (0..2)
-        .map(|rank| step(dir, "dp2", rank, 2, port, extra).spawn().unwrap())
+    let ranks: Vec<Child> = (0..world)
+        .map(|rank| step(dir, "dpn", rank, world, port, extra).spawn().unwrap())
         .collect();
     for rank in ranks {
         finish(rank);
     }
-    let (one, two) = (metrics(&dir.join("dp1")), metrics(&dir.join("dp2")));
+    let (one, two) = (metrics(&dir.join("dp1")), metrics(&dir.join("dpn")));
     for key in [
         "prm_loss",
         "policy_loss",
@@ -139,13 +155,13 @@ fn two_ranks_match_one(extra: &[&str]) {
         let (a, b) = (one[key].as_f64().unwrap(), two[key].as_f64().unwrap());
         assert!(
             (a - b).abs() <= 1e-6 * a.abs().max(1.0),
-            "{key}: DP=1 {a}, DP=2 {b}"
+            "{key}: DP=1 {a}, DP={world} {b}"
         );
     }
     for model in ["policy", "prm"] {
         let (a, b, start) = (
             weights(&dir.join("dp1").join(model)),
-            weights(&dir.join("dp2").join(model)),
+            weights(&dir.join("dpn").join(model)),
             weights(&dir.join(model)),
         );
         let diff = a
@@ -158,9 +174,17 @@ fn two_ranks_match_one(extra: &[&str]) {
             .zip(&start)
             .map(|((_, x), (_, y))| max_abs_diff(x, y))
             .fold(0.0, f32::max);
-        eprintln!("{model}: DP=2 vs DP=1 {diff:e}, moved {moved:e}");
-        assert!(diff <= 1e-6, "{model}: DP=2 differs from DP=1 by {diff}");
-        assert!(moved > 1e-5, "{model} barely moved ({moved})");
+        eprintln!("{model}: DP={world} {extra:?} vs DP=1 {diff:e}, moved {moved:e}");
+        assert!(
+            diff <= 1e-6,
+            "{model}: DP={world} differs from DP=1 by {diff}"
+        );
+        if model == "prm" && extra.contains(&"rloo") {
+            // RLOO needs no process rewards and leaves the PRM untouched.
+            assert_eq!(moved, 0.0, "rloo moved the PRM");
+        } else {
+            assert!(moved > 1e-5, "{model} barely moved ({moved})");
+        }
     }
 }
 
@@ -177,6 +201,22 @@ fn two_rank_processes_with_sharded_optimizer_take_the_single_process_step() {
 #[test]
 fn two_rank_processes_with_sharded_gradients_take_the_single_process_step() {
     two_ranks_match_one(&["--zero2"]);
+}
+
+/// ZeRO-3 ranks against one process that recomputes without sharding parameters (`--zero2`
+/// on one rank shards nothing): tied embeddings on 2 ranks with PRIME, untied on 3 (an
+/// uneven split of the five groups) with RLOO and with PRIME.
+#[test]
+fn rank_processes_with_sharded_parameters_take_the_single_process_step() {
+    ranks_match_one(2, true, &["--zero2"], &["--zero3"]);
+    let rloo = ["--estimator", "rloo"];
+    ranks_match_one(
+        3,
+        false,
+        &["--zero2", rloo[0], rloo[1]],
+        &["--zero3", rloo[0], rloo[1]],
+    );
+    ranks_match_one(3, false, &["--zero2"], &["--zero3"]);
 }
 
 /// Starts two ranks, waits until rank 1 has joined, does `to_rank1` to it, and returns how
@@ -248,6 +288,19 @@ fn a_stopped_rank_makes_rank_0_exit_at_the_collective_timeout() {
 /// follows to the end and each checkpoint holds the unsharded optimizer state.
 #[test]
 fn prime_train_with_two_learner_ranks() {
+    train_with_two_learner_ranks("zero1 = true", false);
+}
+
+/// The same run with parameter sharding: rank 0 publishes, evaluates and checkpoints whole
+/// models that every rank gathers after each step.
+#[test]
+fn prime_train_with_two_learner_ranks_and_sharded_parameters() {
+    train_with_two_learner_ranks("zero3 = true", true);
+}
+
+/// `prime train` with two learner ranks whose `[learner.parallel]` sets `sharding` (with
+/// recomputation when `recompute`): three steps, a checkpoint after each.
+fn train_with_two_learner_ranks(sharding: &str, recompute: bool) {
     init_threads();
     let tmp = tempfile::tempdir().unwrap();
     let run_dir = tmp.path().join("run");
@@ -260,7 +313,8 @@ heldout = { size = 6 }
 
 [learner]
 steps = 3
-parallel = { zero1 = true, collective_timeout_seconds = 120 }
+parallel = { SHARDING, collective_timeout_seconds = 120 }
+memory = { recompute_activations = RECOMPUTE }
 
 [learner.algo]
 mini_batches = 2
@@ -280,6 +334,9 @@ greedy = false
 every = 1
 keep = 1
 "#;
+    let config_text = config_text
+        .replace("SHARDING", sharding)
+        .replace("RECOMPUTE", &recompute.to_string());
     let config_path = tmp.path().join("config.toml");
     std::fs::write(&config_path, config_text).unwrap();
     let config = prime_learner::RunConfig::from_file_with_overrides(&config_path, &[]).unwrap();
@@ -364,6 +421,8 @@ keep = 1
     assert_eq!(steps, 3);
     let follower = logs("learner-1.log");
     assert!(follower.contains("joined the TCP group"), "{follower}");
+    let attached = sharding.replace(" = ", "=");
+    assert!(follower.contains(&attached), "{attached} in {follower}");
     assert!(follower.contains("rank 0 stopped the group"), "{follower}");
     assert_eq!(follower.matches("step done").count(), 3, "{follower}");
     let checkpoint = run_dir.join("checkpoints").join("step-000003");
@@ -375,4 +434,14 @@ keep = 1
         names.iter().any(|n| n.ends_with(".exp_avg_sq")),
         "{names:?}"
     );
+    // Whole Hugging Face models, not a rank's shards.
+    let start = prime_learner::checkpoint::sft_checkpoint(&run_dir);
+    for model in ["policy", "prm"] {
+        let saved = weights(&checkpoint.join(model));
+        let first = weights(&start);
+        assert_eq!(saved.len(), first.len(), "{model}");
+        for ((name, a), (_, b)) in saved.iter().zip(&first) {
+            assert_eq!(a.len(), b.len(), "{model} {name}");
+        }
+    }
 }

@@ -615,12 +615,16 @@ impl LearnerConfig {
         self.policy_optimizer.validate("learner.policy_optimizer")?;
         self.prm_optimizer.validate("learner.prm_optimizer")?;
         self.weight_broadcast.validate()?;
-        if self.parallel.zero2 && !self.memory.recompute_activations {
-            return Err(
-                "learner.parallel.zero2 = true needs learner.memory.recompute_activations = true: \
-                 gradients are handed over layer by layer from the recomputing backward pass"
-                    .into(),
-            );
+        for (on, key) in [
+            (self.parallel.zero2, "learner.parallel.zero2"),
+            (self.parallel.zero3, "learner.parallel.zero3"),
+        ] {
+            if on && !self.memory.recompute_activations {
+                return Err(format!(
+                    "{key} = true needs learner.memory.recompute_activations = true: \
+                     gradients are handed over layer by layer from the recomputing backward pass"
+                ));
+            }
         }
         Ok(())
     }
@@ -793,8 +797,15 @@ pub struct ParallelConfig {
     /// a whole model's gradients. Needs `learner.memory.recompute_activations = true`.
     #[serde(default)]
     pub zero2: bool,
+    /// Shard the parameters too (ZeRO stage 3; implies `zero2`): each rank keeps 1/W of the
+    /// policy's, the PRM's and the reference's weights; a decoder layer's weights (and the
+    /// embeddings', the head's) are all-gathered just before the layer runs, forward or
+    /// recomputed backward, and freed after. Checkpoints stay whole Hugging Face
+    /// directories. Needs `learner.memory.recompute_activations = true`.
+    #[serde(default)]
+    pub zero3: bool,
     /// Size of a gradient bucket (MiB of f32) all-reduced at once without `zero1`, or
-    /// reduce-scattered (and all-gathered back) at once with `zero2`.
+    /// reduce-scattered (and all-gathered back) at once with `zero2` and `zero3`.
     #[serde(default = "p_bucket_mb")]
     pub bucket_mb: usize,
     /// `auto`, `tcp` or `nccl`.

@@ -116,8 +116,8 @@ pub enum Sharding {
     Zero1,
     /// `learner.parallel.zero2`: the gradients sharded too, reduce-scattered layer by layer.
     Zero2,
-    /// Parameters sharded too, each unit gathered for its forward and backward (ZeRO-3). Not
-    /// a config value: planned to show what it would take.
+    /// `learner.parallel.zero3`: the parameters sharded too, each unit gathered for its
+    /// forward and again for its recomputed backward.
     Zero3,
 }
 
@@ -127,6 +127,8 @@ impl Sharding {
         let parallel = &config.parallel;
         if world <= 1 {
             Self::None
+        } else if parallel.zero3 {
+            Self::Zero3
         } else if parallel.zero2 {
             Self::Zero2
         } else if parallel.zero1 {
@@ -141,7 +143,7 @@ impl Sharding {
             Self::None => "no sharding",
             Self::Zero1 => "ZeRO-1",
             Self::Zero2 => "ZeRO-2",
-            Self::Zero3 => "ZeRO-3 (not implemented)",
+            Self::Zero3 => "ZeRO-3",
         }
     }
 
@@ -324,7 +326,18 @@ pub fn learner_rank_plan(
     let mut phases = training;
     phases.extend(frozen);
     phases.push(optimizer_phase(sharding, &policy, &prm, w, bucket));
-    phases.extend(evaluation_phases(config, &shapes.policy));
+    let resident_bytes: u64 = resident.iter().map(|t| t.bytes).sum();
+    let mut evaluation = evaluation_phases(config, &shapes.policy, device_bytes, resident_bytes);
+    if sharding == Sharding::Zero3 {
+        for phase in &mut evaluation {
+            phase.terms.push(Term::new(
+                "policy gathered whole on rank 0 (to publish, evaluate)",
+                "ep P",
+                ep * policy.parameters(),
+            ));
+        }
+    }
+    phases.extend(evaluation);
 
     let setup = format!(
         "W = {w}, {}, {}, micro-batch {} x {} tokens, logits chunk {}, {param_kind:?} weights{}",
@@ -343,14 +356,16 @@ pub fn learner_rank_plan(
         "attention on the math kernel: CUDA runs it for the model's masked grouped-query \
          attention (f32 scores of every query against every key)"
             .to_string(),
-        "the evaluation's KV cache is planned as the sampler preallocates it (rows x prompt + \
-         response); a KV budget key would bound it"
+        "the evaluation samples as many rows at once as its KV cache budget holds \
+         (learner.memory.kv_cache_gib, else half of what the resident state leaves, the CUDA \
+         default)"
             .to_string(),
     ];
     if sharding == Sharding::Zero3 {
         notes.push(
-            "ZeRO-3 is not implemented: this row shows what it would take (evaluation samples \
-             with layers gathered one at a time, as training does)"
+            "ZeRO-3 gathers one unit (a decoder layer, the embeddings, the head) at a time and \
+             plans room for the next one too (a prefetch); rank 0 holds the policy whole \
+             between steps, to publish and evaluate it, and the PRM whole on the host"
                 .into(),
         );
     }
@@ -438,8 +453,16 @@ fn optimizer_phase(sharding: Sharding, policy: &Dims, prm: &Dims, w: u64, bucket
 
 /// Rank 0's held-out evaluation: sampling calls of up to 256 rows (`learner.eval.problems`
 /// x `samples` when fewer), every row its own prompt (the greedy pass) of up to
-/// `max_prompt_tokens`, responses of up to `max_response_tokens`.
-fn evaluation_phases(config: &LearnerConfig, policy: &Qwen2Config) -> Vec<Phase> {
+/// `max_prompt_tokens`, responses of up to `max_response_tokens`. The sampler decodes as many
+/// rows at once as its KV cache budget holds: `learner.memory.kv_cache_gib`, else half of
+/// what `resident` bytes leave of `device_bytes` (the budget's CUDA default, half of the
+/// free memory).
+fn evaluation_phases(
+    config: &LearnerConfig,
+    policy: &Qwen2Config,
+    device_bytes: u64,
+    resident: u64,
+) -> Vec<Phase> {
     let eval = &config.eval;
     let per_call = EVAL_CALL_ROWS as u64;
     let rows = match eval.problems {
@@ -453,6 +476,27 @@ fn evaluation_phases(config: &LearnerConfig, policy: &Qwen2Config) -> Vec<Phase>
         max_new: config.rollout.max_response_tokens as u64,
     };
     let dims = Dims::of(policy);
+    let budget = match config.memory.kv_cache_gib {
+        Some(gib) => (gib * GIB as f64) as u64,
+        None => device_bytes.saturating_sub(resident) / 2,
+    };
+    // The sampler admits rows while their cache fits the budget (one at least).
+    let per_row = kv_cache(
+        &dims,
+        2,
+        Sampling {
+            rows: 1,
+            ..sampling
+        },
+    )
+    .bytes
+    .max(1);
+    let admitted = (budget / per_row).clamp(1, rows);
+    let sampling = Sampling {
+        rows: admitted,
+        groups: admitted,
+        ..sampling
+    };
     let kv = kv_cache(&dims, 2, sampling);
     sampling_phases(&dims, 2, AttentionKernel::Math, sampling, kv)
         .into_iter()
@@ -486,8 +530,8 @@ fn step_fits(plan: &RolePlan) -> bool {
 type Change = (&'static str, String);
 
 /// Changes of memory keys (none changes a result) that make the step fit, tried one after
-/// another and kept as they go: ZeRO-2 over several ranks, recomputation, a smaller logits
-/// chunk, a smaller micro-batch. Returns the changed config, the changes and whether the
+/// another and kept as they go: ZeRO-2 over several ranks, recomputation, ZeRO-3 over
+/// several ranks, a smaller logits chunk, a smaller micro-batch. Returns the changed config, the changes and whether the
 /// step fits with them. `sharding` plans another sharding than the config's (ZeRO-3).
 fn memory_key_changes(
     config: &LearnerConfig,
@@ -513,6 +557,10 @@ fn memory_key_changes(
     if !config.memory.recompute_activations {
         config.memory.recompute_activations = true;
         changes.push(("learner.memory.recompute_activations", "true".into()));
+    }
+    if sharding.is_none() && world > 1 && !config.parallel.zero3 && !fits(&config) {
+        config.parallel.zero3 = true;
+        changes.push(("learner.parallel.zero3", "true".into()));
     }
     type Knob = (&'static str, fn(&mut LearnerConfig) -> Option<String>);
     let knobs: [Knob; 2] = [
@@ -667,10 +715,20 @@ fn advised_learner_plan(
             c.eval.samples = 1;
             plan_of(&c).fits()
         });
+        let kv = (0..8).map(|h| 32.0 / f64::from(1u32 << h)).find(|&gib| {
+            let mut c = changed.clone();
+            c.memory.kv_cache_gib = Some(gib);
+            plan_of(&c).fits()
+        });
         advice.push(format!(
-            "the step fits, rank 0's evaluation does not: {evaluation} ({} rows sampled at \
-             once over a preallocated KV cache); no memory key bounds it yet{}",
+            "the step fits, rank 0's evaluation does not: {evaluation} (up to {} rows sampled \
+             at once){}{}",
             EVAL_CALL_ROWS,
+            match kv {
+                Some(gib) =>
+                    format!("; learner.memory.kv_cache_gib = {gib} fits, the same samples"),
+                None => String::new(),
+            },
             match fewer {
                 Some(problems) => format!(
                     "; learner.eval.problems = {problems} with learner.eval.samples = 1 would \
@@ -735,8 +793,8 @@ pub struct RunPlan {
     pub header: String,
     /// A learner rank as configured.
     pub learner: RolePlan,
-    /// A learner rank with ZeRO-3 (not implemented): what it would take.
-    pub zero3: RolePlan,
+    /// A learner rank with ZeRO-3, when the config shards less.
+    pub zero3: Option<RolePlan>,
     pub actor: RolePlan,
     pub prm_server: RolePlan,
 }
@@ -747,28 +805,35 @@ impl RunPlan {
         self.learner.fits() && self.actor.fits() && self.prm_server.fits()
     }
 
+    /// The configured roles, then the ZeRO-3 row when there is one.
+    fn rows(&self) -> impl Iterator<Item = (&RolePlan, &'static str)> {
+        [&self.learner, &self.actor, &self.prm_server]
+            .into_iter()
+            .map(|plan| (plan, ""))
+            .chain(self.zero3.iter().map(|plan| (plan, "with ZeRO-3, ")))
+    }
+
     pub fn render(&self) -> String {
         let mut out = self.header.clone();
         for plan in [&self.learner, &self.actor, &self.prm_server] {
             out.push('\n');
             out.push_str(&plan.render());
         }
-        out.push_str(&format!(
-            "\nwith ZeRO-3 (not implemented): {}\n",
-            self.zero3.verdict()
-        ));
-        out.push_str(&self.zero3.render());
-        out.push_str("\nverdicts:\n");
-        for plan in [&self.learner, &self.actor, &self.prm_server] {
-            out.push_str(&format!("  {}\n", plan.verdict()));
+        if let Some(zero3) = &self.zero3 {
+            out.push_str(&format!("\nwith ZeRO-3: {}\n", zero3.verdict()));
+            out.push_str(&zero3.render());
         }
-        out.push_str(&format!("  with ZeRO-3, {}\n", self.zero3.verdict()));
+        out.push_str("\nverdicts:\n");
+        for (plan, label) in self.rows() {
+            out.push_str(&format!("  {label}{}\n", plan.verdict()));
+        }
         out
     }
 }
 
-/// The plan of `config` on `cluster`: a learner rank (as configured, and with ZeRO-3), an
-/// actor with `cluster.actor_max_prompts` prompts of K samples, and a PRM server.
+/// The plan of `config` on `cluster`: a learner rank (as configured, and with ZeRO-3 when
+/// the config shards less), an actor with `cluster.actor_max_prompts` prompts of K samples,
+/// and a PRM server.
 pub fn plan_run(config: &LearnerConfig, shapes: &Shapes, cluster: &Cluster) -> Result<RunPlan> {
     let world = cluster.learner_ranks()?;
     let device = cluster.gpu_bytes();
@@ -794,7 +859,8 @@ pub fn plan_run(config: &LearnerConfig, shapes: &Shapes, cluster: &Cluster) -> R
         config.rollout.max_response_tokens,
     );
     let learner = checked_learner_plan(config, shapes, world, device);
-    let zero3 = advised_learner_plan(config, shapes, world, device, Some(Sharding::Zero3));
+    let zero3 = (Sharding::of(config, world) != Sharding::Zero3)
+        .then(|| advised_learner_plan(config, shapes, world, device, Some(Sharding::Zero3)));
     let actor = actor_plan(
         &shapes.policy,
         &ActorSetup {

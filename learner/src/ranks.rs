@@ -233,10 +233,15 @@ pub fn follow(
     config: &LearnerConfig,
 ) -> Result<u64> {
     let mut steps = 0;
+    // ZeRO-3: rank 0 holds the models it publishes whole between steps (see Trainer::join).
+    let device = models.policy.model.device();
+    dp.gather_outputs(device)?;
     loop {
         match dp.exchange(None)? {
             Command::Step { iteration, groups } => {
+                dp.release_outputs();
                 prime_step(models, dp, &groups, config, iteration)?;
+                dp.gather_outputs(device)?;
                 steps += 1;
             }
             Command::Checkpoint => {

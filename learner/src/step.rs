@@ -22,7 +22,8 @@ use prime_algo::{
     advantages, implicit_prm, masks, ppo, Estimator, LossAggregation, OffPolicyCorrection,
     PrmUpdate, ReferenceType,
 };
-use prime_model::training::GradSink;
+use prime_model::logprobs::PaddedBatch;
+use prime_model::training::{GradSink, ParamGather, WholeParams};
 use prime_model::CausalLm;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -31,7 +32,7 @@ use crate::batch::{ScoredGroup, StepBatch};
 use crate::config::{LearnerConfig, MemoryConfig};
 use crate::error::{LearnerError, Result};
 use crate::models::PrimeModels;
-use crate::parallel::{DataParallel, Trained};
+use crate::parallel::{DataParallel, Role, Trained};
 
 /// What one step measured. Rewards are per response; losses are means over mini-batches.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -117,11 +118,45 @@ fn response_logprobs(
     rows: &std::ops::Range<usize>,
     chunk_tokens: i64,
     want_entropy: bool,
+    params: &mut dyn ParamGather,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let device = model.model.device();
     let padded = batch.padded(rows, model)?;
+    let (logprobs, entropy) = model.model.forward_right_padded_with(
+        &padded.input_ids,
+        &padded.position_ids(),
+        params,
+        |hidden| {
+            response_head(
+                model,
+                batch,
+                rows,
+                &padded,
+                hidden,
+                chunk_tokens,
+                want_entropy,
+            )
+        },
+    );
+    let valid = masks_f32(&batch.rows_of(&batch.mask, rows));
+    let logprobs = logprobs * &valid;
+    let entropy = entropy.map(|h| h * &valid);
+    Ok((logprobs, entropy))
+}
+
+/// The response-aligned log-probs (and entropies) of [`response_logprobs`] from the final
+/// hidden states `hidden` of `padded`, the vocabulary projection `chunk_tokens` positions at
+/// a time; padding is not masked yet.
+fn response_head(
+    model: &CausalLm,
+    batch: &StepBatch,
+    rows: &std::ops::Range<usize>,
+    padded: &PaddedBatch,
+    hidden: &Tensor,
+    chunk_tokens: i64,
+    want_entropy: bool,
+) -> (Tensor, Option<Tensor>) {
     let qwen = &model.model;
-    let hidden = qwen.forward_right_padded(&padded.input_ids, &padded.position_ids());
+    let device = qwen.device();
     let width = batch.response_width;
     let index = response_positions(batch, rows, hidden.size()[1] - 1, device);
     let targets =
@@ -149,10 +184,9 @@ fn response_logprobs(
             entropies.push(-(log_probs.exp() * &log_probs).sum_dim_intlist(-1, false, Kind::Float));
         }
     }
-    let valid = masks_f32(&batch.rows_of(&batch.mask, rows));
-    let logprobs = Tensor::cat(&logprobs, 1) * &valid;
-    let entropy = want_entropy.then(|| Tensor::cat(&entropies, 1) * &valid);
-    Ok((logprobs, entropy))
+    let logprobs = Tensor::cat(&logprobs, 1);
+    let entropy = want_entropy.then(|| Tensor::cat(&entropies, 1));
+    (logprobs, entropy)
 }
 
 /// `[n, R]` indices into a row's positions: response token j of a row with prompt length P
@@ -186,8 +220,14 @@ fn backward_micro(
         return Err(zero2_needs_recompute());
     }
     if !memory.recompute_activations {
-        let (logprobs, entropy) =
-            response_logprobs(model, batch, rows, memory.logit_chunk_tokens, want_entropy)?;
+        let (logprobs, entropy) = response_logprobs(
+            model,
+            batch,
+            rows,
+            memory.logit_chunk_tokens,
+            want_entropy,
+            &mut WholeParams,
+        )?;
         let loss = loss_fn(&logprobs, entropy.as_ref());
         loss.backward();
         return Ok(loss.detach());
@@ -255,17 +295,20 @@ fn rank_backward(
 }
 
 /// The micro-batches of `mini` this rank runs. With ZeRO-2 every backward pass reduces its
-/// gradients over all ranks, so a rank with fewer micro-batches than the busiest one (or no
-/// rows) also returns how many passes without rows it must add ([`DataParallel::idle_backward`]).
+/// gradients over all ranks (and with ZeRO-3 every pass gathers the parameters), so when
+/// `in_step` a rank with fewer micro-batches than the busiest one (or no rows) also returns
+/// how many passes without rows it must add ([`DataParallel::idle_backward`],
+/// [`DataParallel::idle_forward`]).
 fn rank_micro_batches(
     dp: &DataParallel,
     batch: &StepBatch,
     mini: &std::ops::Range<usize>,
     memory: &MemoryConfig,
+    in_step: bool,
 ) -> (Vec<std::ops::Range<usize>>, usize) {
     let budget = memory.micro_batch_tokens;
     let mine = batch.micro_batches(dp.my_rows(mini, batch.k), budget);
-    if !dp.zero2() {
+    if !in_step {
         return (mine, 0);
     }
     let most = (0..dp.world_size())
@@ -290,7 +333,7 @@ fn scalar(t: &Tensor) -> f64 {
 /// Log-probs of every row without gradients, micro-batched; with `want_entropy` also the
 /// mean token entropy. Each rank computes its share of the rows; all get every row.
 fn frozen_logprobs(
-    model: &CausalLm,
+    (model, role): (&CausalLm, Role),
     batch: &StepBatch,
     memory: &MemoryConfig,
     want_entropy: bool,
@@ -300,14 +343,25 @@ fn frozen_logprobs(
     let mut pieces = Vec::new();
     let mut entropy_sum = 0.0;
     let all = 0..batch.rows();
-    let mine = dp.my_rows(&all, batch.k);
-    for rows in batch.micro_batches(mine, memory.micro_batch_tokens) {
-        let (logprobs, entropy) =
-            response_logprobs(model, batch, &rows, memory.logit_chunk_tokens, want_entropy)?;
+    let (micros, idle) = rank_micro_batches(dp, batch, &all, memory, dp.zero3());
+    for rows in micros {
+        let chunk = memory.logit_chunk_tokens;
+        let (logprobs, entropy) = match dp.param_gather(role) {
+            Some(mut params) => {
+                let result =
+                    response_logprobs(model, batch, &rows, chunk, want_entropy, &mut params);
+                params.finish()?;
+                result?
+            }
+            None => response_logprobs(model, batch, &rows, chunk, want_entropy, &mut WholeParams)?,
+        };
         if let Some(h) = entropy {
             entropy_sum += scalar(&h.sum(Kind::Double));
         }
         pieces.push(logprobs);
+    }
+    for _ in 0..idle {
+        dp.idle_forward(&model.model, role)?;
     }
     let tokens = scalar(&batch.mask.to_kind(Kind::Double).sum(Kind::Double));
     let mut sums = [entropy_sum];
@@ -382,7 +436,7 @@ fn prm_pass(
     for mini in &minis {
         dp.zero_grad(models, Trained::Prm);
         let mut q_mine = Vec::new();
-        let (micros, idle) = rank_micro_batches(dp, batch, mini, &config.memory);
+        let (micros, idle) = rank_micro_batches(dp, batch, mini, &config.memory, dp.zero2());
         // Weights stay shares of the whole mini-batch, so the ranks' gradients sum to it.
         for micro in micros {
             let mask = batch.rows_of(&batch.mask, &micro);
@@ -420,7 +474,8 @@ fn prm_pass(
         // Forward 5 (update_then_score only): the rewards come from the PRM after all of
         // this batch's updates (spec §3.3), which no earlier pass has seen.
         let _guard = tch::no_grad_guard();
-        let (logprobs, _) = frozen_logprobs(&models.prm, batch, &config.memory, false, dp)?;
+        let (logprobs, _) =
+            frozen_logprobs((&models.prm, Role::Prm), batch, &config.memory, false, dp)?;
         implicit_prm::token_log_ratio(&logprobs, reference_logprobs, &batch.mask)
     } else {
         q_before_update.shallow_clone()
@@ -464,7 +519,7 @@ fn policy_pass(
     let mut totals = [0.0f64; 4];
     for mini in &minis {
         dp.zero_grad(models, Trained::Policy);
-        let (micros, idle) = rank_micro_batches(dp, batch, mini, &config.memory);
+        let (micros, idle) = rank_micro_batches(dp, batch, mini, &config.memory, dp.zero2());
         for micro in micros {
             let reference =
                 (ppo_config.kl_coeff != 0.0).then(|| batch.rows_of(reference_logprobs, &micro));
@@ -567,7 +622,8 @@ pub fn prime_step(
     // sampler's log-probs differ by kernels and dtype; §1.2), and the reference when
     // `reference = "policy"`.
     let clock = Instant::now();
-    let (old_logprobs, entropy) = frozen_logprobs(policy, &batch, &config.memory, true, dp)?;
+    let (old_logprobs, entropy) =
+        frozen_logprobs((policy, Role::Policy), &batch, &config.memory, true, dp)?;
     metrics.entropy = entropy.unwrap_or_default();
     metrics.sampler_logprob_gap = batch.sampling_logprobs.as_ref().map(|sampled| {
         scalar(&masks::masked_mean(
@@ -585,7 +641,14 @@ pub fn prime_step(
         // Forward 2 (no grad, PRIME or a KL term only): the frozen reference's log-probs,
         // the denominator of the implicit reward's log-ratio (§2.3).
         (Some(reference), ReferenceType::Freeze) if needs_reference => {
-            frozen_logprobs(reference, &batch, &config.memory, false, dp)?.0
+            frozen_logprobs(
+                (reference, Role::Reference),
+                &batch,
+                &config.memory,
+                false,
+                dp,
+            )?
+            .0
         }
         (None, ReferenceType::Freeze) if needs_reference => {
             return Err(LearnerError::Config {

@@ -277,11 +277,12 @@ impl Trainer {
                 let mut models = PrimeModels::new(policy, prm, reference, &config);
                 // With a sharded optimizer the state stays on the host: attaching to the
                 // group moves only this rank's shard to the device.
-                let load = if config.parallel.zero1 || config.parallel.zero2 {
-                    checkpoint::load_optimizer_to_host
-                } else {
-                    checkpoint::load_optimizer
-                };
+                let load =
+                    if config.parallel.zero1 || config.parallel.zero2 || config.parallel.zero3 {
+                        checkpoint::load_optimizer_to_host
+                    } else {
+                        checkpoint::load_optimizer
+                    };
                 load(
                     &dir.join(checkpoint::POLICY_OPTIMIZER_FILE),
                     &mut models.policy_optimizer,
@@ -339,9 +340,12 @@ impl Trainer {
     }
 
     /// Joins this rank to its data-parallel group `comm` (see [`DataParallel::attach`]).
+    /// With ZeRO-3 this rank (0) then holds the policy whole on its device and the PRM on
+    /// the host between steps, to publish, evaluate and checkpoint them (the other ranks
+    /// take part in gathering them: [`crate::ranks::follow`]).
     pub fn join(&mut self, comm: Box<dyn Collective>, config: ParallelConfig) -> Result<()> {
         self.dp = DataParallel::attach(&mut self.models, comm, config)?;
-        Ok(())
+        self.dp.gather_outputs(self.models.policy.model.device())
     }
 
     /// The run's files.
@@ -381,6 +385,7 @@ impl Trainer {
             iteration: self.step,
             groups: groups.clone(),
         })?;
+        self.dp.release_outputs();
         let metrics = prime_step(
             &mut self.models,
             &mut self.dp,
@@ -388,6 +393,7 @@ impl Trainer {
             &self.config,
             self.step,
         )?;
+        self.dp.gather_outputs(self.models.policy.model.device())?;
         self.step += 1;
         self.policy_version += 1;
         let sampled: usize = batch

@@ -1,16 +1,17 @@
 //! Data parallelism gives the step of one process: DP=2 and DP=3 ranks (threads joined by
 //! the TCP backend on loopback) against DP=1 on the same global batch, with and without
-//! optimizer sharding (ZeRO-1) and gradient sharding (ZeRO-2), over two iterations: the same
-//! losses, gradient norms and weights within 1e-6 (f32), and bit-identical weights on every
-//! rank. A ZeRO-2 rank never writes a parameter's `.grad`, and its gradient accumulator is
-//! its share of the model.
+//! optimizer sharding (ZeRO-1), gradient sharding (ZeRO-2) and parameter sharding (ZeRO-3),
+//! over two iterations: the same losses, gradient norms and weights within 1e-6 (f32), and
+//! bit-identical weights on every rank. A ZeRO-2 rank never writes a parameter's `.grad`, and
+//! its gradient accumulator is its share of the model; a ZeRO-3 rank holds 1/W of the
+//! parameters, gradients and optimizer state, and its checkpoint resumes on another W.
 use std::time::Duration;
 
 use prime_algo::ReferenceType;
 use prime_collective::tcp::TcpOptions;
 use prime_collective::{RankInfo, TcpGroup};
 use prime_learner::config::ParallelConfig;
-use prime_learner::parallel::{DataParallel, Trained};
+use prime_learner::parallel::{DataParallel, Resident, Role, Trained};
 use prime_learner::AdamW;
 use prime_learner::{
     prime_step, LearnerConfig, PrimeModels, ScoredGroup, ScoredResponse, StepMetrics,
@@ -135,6 +136,10 @@ fn two_steps(models: &mut PrimeModels, dp: &mut DataParallel, config: &LearnerCo
     let metrics = (0..2)
         .map(|i| prime_step(models, dp, &groups(i), config, i).unwrap())
         .collect();
+    // ZeRO-3: the variables hold nothing between passes; every rank gathers them whole.
+    for role in [Role::Policy, Role::Prm] {
+        dp.unshard(role, Some(Device::Cpu)).unwrap();
+    }
     // As a checkpoint sees it: gathered from the shards when the state is sharded.
     let full = dp.full_optimizer(models, Trained::Policy).unwrap();
     let state = optimizer_state(&full);
@@ -178,14 +183,31 @@ fn on_ranks_with(
     parallel: &ParallelConfig,
     inspect: impl Fn(&mut PrimeModels, &DataParallel) + Sync,
 ) -> Vec<Outcome> {
+    on_ranks_built(
+        world,
+        config,
+        parallel,
+        |seed| models(config, seed),
+        inspect,
+    )
+}
+
+/// [`on_ranks_with`] on the models `build` makes from a seed.
+fn on_ranks_built(
+    world: usize,
+    config: &LearnerConfig,
+    parallel: &ParallelConfig,
+    build: impl Fn(i64) -> PrimeModels + Sync,
+    inspect: impl Fn(&mut PrimeModels, &DataParallel) + Sync,
+) -> Vec<Outcome> {
     let port = free_port();
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
-                let inspect = &inspect;
+                let (inspect, build) = (&inspect, &build);
                 scope.spawn(move || {
                     tch::set_num_threads(1);
-                    let mut models = models(config, 1 + 10 * rank as i64);
+                    let mut models = build(1 + 10 * rank as i64);
                     let group = join(rank, world, port);
                     let mut dp =
                         DataParallel::attach(&mut models, Box::new(group), parallel.clone())
@@ -749,6 +771,239 @@ fn sharded_optimizers_take_only_their_share_and_resume_from_the_host() {
                         "{label} rank {rank}: {name}: {a} vs {b}"
                     );
                 }
+            }
+        }
+    }
+}
+
+fn zero3() -> ParallelConfig {
+    ParallelConfig {
+        zero3: true,
+        bucket_mb: 1,
+        ..ParallelConfig::default()
+    }
+}
+
+/// Policy, PRM and reference with tied or untied embeddings, from `seed` as [`models`].
+fn models_tied(config: &LearnerConfig, seed: i64, tied: bool) -> PrimeModels {
+    let [policy, prm, reference] = [0, 1, 2].map(|i| model_tied(seed + i, tied));
+    PrimeModels::new(policy, prm, Some(reference), config)
+}
+
+/// ZeRO-3 on DP=1, 2 and 3 takes the single process's two steps (within 1e-6), with tied
+/// and untied embeddings, for `estimator`; the ranks' micro-batches are uneven, so some
+/// ranks gather for passes without rows.
+fn zero3_takes_the_single_process_step(estimator: prime_algo::Estimator) {
+    let mut config = recompute_config();
+    config.algo.estimator = estimator;
+    let config = &config;
+    for tied in [true, false] {
+        let build = |seed| models_tied(config, seed, tied);
+        let single = two_steps(
+            &mut build(1),
+            &mut DataParallel::single(Device::Cpu),
+            config,
+        );
+        let check = |models: &mut PrimeModels, _: &DataParallel| {
+            for (name, p) in trained(models) {
+                assert!(!p.grad().defined(), "{name} has a .grad under ZeRO-3");
+            }
+        };
+        for world in [1, 2, 3] {
+            let what = format!("DP={world} ZeRO-3 {estimator:?} tied={tied}");
+            let ranks = on_ranks_built(world, config, &zero3(), build, check);
+            assert_same_step(&single, &ranks, &what);
+        }
+    }
+}
+
+#[test]
+fn zero3_takes_the_single_process_step_prime() {
+    tch::set_num_threads(1);
+    zero3_takes_the_single_process_step(prime_algo::Estimator::Prime);
+}
+
+#[test]
+fn zero3_takes_the_single_process_step_rloo() {
+    tch::set_num_threads(1);
+    zero3_takes_the_single_process_step(prime_algo::Estimator::Rloo);
+}
+
+/// After a step, a ZeRO-3 rank of W holds 1/W of what one process holds of each kind of
+/// state (within 10%), counted from the tensors each one holds.
+#[test]
+fn zero3_ranks_hold_their_share_of_parameters_gradients_and_optimizer() {
+    tch::set_num_threads(1);
+    let config = recompute_config();
+    let mut single = models(&config, 1);
+    let mut single_dp = DataParallel::single(Device::Cpu);
+    prime_step(&mut single, &mut single_dp, &groups(0), &config, 0).unwrap();
+    let whole = single_dp.resident(&single);
+    assert!(
+        whole.params > 0 && whole.grads > 0 && whole.optimizer > 0,
+        "{whole:?}"
+    );
+    for world in [2usize, 3] {
+        let port = free_port();
+        let config = &config;
+        let held: Vec<Resident> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..world)
+                .map(|rank| {
+                    scope.spawn(move || {
+                        tch::set_num_threads(1);
+                        let mut models = models(config, 1 + 10 * rank as i64);
+                        let group = join(rank, world, port);
+                        let mut dp =
+                            DataParallel::attach(&mut models, Box::new(group), zero3()).unwrap();
+                        prime_step(&mut models, &mut dp, &groups(0), config, 0).unwrap();
+                        // On the CPU backend the next stage was gathered ahead, every time
+                        // the pass named it.
+                        for role in [Role::Policy, Role::Prm, Role::Reference] {
+                            assert!(dp.prefetched_gathers(role) > 0, "{role:?}");
+                        }
+                        dp.resident(&models)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (rank, resident) in held.iter().enumerate() {
+            for (what, mine, all) in [
+                ("parameters", resident.params, whole.params),
+                ("gradients", resident.grads, whole.grads),
+                ("optimizer", resident.optimizer, whole.optimizer),
+            ] {
+                let share = all as f64 / world as f64;
+                eprintln!("W={world} rank {rank}: {what} {mine} bytes, DP=1 {all} / {world}");
+                assert!(
+                    (mine as f64 - share).abs() <= 0.1 * share,
+                    "W={world} rank {rank}: {what} {mine} bytes, DP=1 {all} / {world} = {share}"
+                );
+            }
+        }
+    }
+}
+
+/// A ZeRO-3 run on 2 ranks checkpointed (whole weights and the unsharded optimizers on rank
+/// 0) resumes on 3 ranks and takes the single process's third step.
+#[test]
+fn zero3_resumes_onto_another_world_size() {
+    tch::set_num_threads(1);
+    let config = recompute_config();
+    let mut single = models(&config, 1);
+    let mut single_dp = DataParallel::single(Device::Cpu);
+    let expected: Vec<StepMetrics> = (0..3)
+        .map(|i| prime_step(&mut single, &mut single_dp, &groups(i), &config, i).unwrap())
+        .collect();
+    let want = weights(&single);
+    let config = &config;
+    let port = free_port();
+    // Tensors are not `Sync`: the state crosses threads as shapes and values.
+    type State = Vec<(String, Vec<i64>, Vec<f32>)>;
+    type Saved = (Weights, [(State, i64); 2]);
+    let saved: Vec<Option<Saved>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                scope.spawn(move || {
+                    tch::set_num_threads(1);
+                    let mut models = models(config, 1 + 10 * rank as i64);
+                    let group = join(rank, 2, port);
+                    let mut dp =
+                        DataParallel::attach(&mut models, Box::new(group), zero3()).unwrap();
+                    for i in 0..2 {
+                        prime_step(&mut models, &mut dp, &groups(i), config, i).unwrap();
+                    }
+                    // The checkpoint: rank 0 keeps the whole weights, every rank takes part.
+                    for role in [Role::Policy, Role::Prm] {
+                        dp.unshard(role, (rank == 0).then_some(Device::Cpu))
+                            .unwrap();
+                    }
+                    if rank > 0 {
+                        for which in [Trained::Policy, Trained::Prm] {
+                            dp.contribute_full_optimizer(&models, which).unwrap();
+                        }
+                        return None;
+                    }
+                    let states = [Trained::Policy, Trained::Prm].map(|which| {
+                        let (state, step) = dp.full_optimizer(&models, which).unwrap().state();
+                        let state = state
+                            .into_iter()
+                            .map(|(n, t)| {
+                                (n, t.size(), Vec::<f32>::try_from(&t.reshape(-1)).unwrap())
+                            })
+                            .collect();
+                        (state, step)
+                    });
+                    Some((weights(&models), states))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (saved_weights, states) = saved.into_iter().next().flatten().expect("rank 0 saved");
+    let (saved_weights, states) = (&saved_weights, &states);
+    let port = free_port();
+    let world = 3;
+    let ranks: Vec<(StepMetrics, Weights)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                scope.spawn(move || {
+                    tch::set_num_threads(1);
+                    // Rank 0's reference is the run's (from the start models); the others' are
+                    // replaced by it when attaching.
+                    let mut models = models(config, 1 + 10 * rank as i64);
+                    if rank == 0 {
+                        // What loading the checkpoint does: weights by name, state to the host.
+                        for (prefix, lm) in [("policy", &models.policy), ("prm", &models.prm)] {
+                            for (name, t) in lm.vs.variables() {
+                                let key = format!("{prefix}.{name}");
+                                let (_, values) =
+                                    saved_weights.iter().find(|(n, _)| *n == key).unwrap();
+                                let _guard = tch::no_grad_guard();
+                                t.shallow_clone()
+                                    .copy_(&Tensor::from_slice(values).view(t.size().as_slice()));
+                            }
+                        }
+                        let tensors =
+                            |state: &State| -> std::collections::BTreeMap<String, Tensor> {
+                                state
+                                    .iter()
+                                    .map(|(n, shape, v)| {
+                                        (n.clone(), Tensor::from_slice(v).view(shape.as_slice()))
+                                    })
+                                    .collect()
+                            };
+                        let [(policy, policy_step), (prm, prm_step)] = states;
+                        let optimizer = &mut models.policy_optimizer;
+                        optimizer
+                            .load_state(&tensors(policy), *policy_step)
+                            .unwrap();
+                        let optimizer = &mut models.prm_optimizer;
+                        optimizer.load_state(&tensors(prm), *prm_step).unwrap();
+                    }
+                    let group = join(rank, world, port);
+                    let mut dp =
+                        DataParallel::attach(&mut models, Box::new(group), zero3()).unwrap();
+                    let metrics = prime_step(&mut models, &mut dp, &groups(2), config, 2).unwrap();
+                    for role in [Role::Policy, Role::Prm] {
+                        dp.unshard(role, Some(Device::Cpu)).unwrap();
+                    }
+                    (metrics, weights(&models))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (rank, (metrics, rank_weights)) in ranks.iter().enumerate() {
+        for ((name, x), (_, y)) in figures(&expected[2]).into_iter().zip(figures(metrics)) {
+            assert!(
+                (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+                "rank {rank} after resuming on 3: {name} {x} alone, {y} resumed"
+            );
+        }
+        for ((name, x), (_, y)) in want.iter().zip(rank_weights) {
+            for (a, b) in x.iter().zip(y) {
+                assert!((a - b).abs() <= 1e-6, "rank {rank}: {name}: {a} vs {b}");
             }
         }
     }

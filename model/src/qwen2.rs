@@ -24,6 +24,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::config::Qwen2Config;
 use crate::kv_cache::KvCache;
+use crate::training::{ParamGather, Stage, WholeParams};
 
 /// A dense layer `y = x W^T + b` with HF parameter names `weight` (`[out, in]`) and `bias`.
 #[derive(Debug)]
@@ -413,8 +414,20 @@ impl FusedLayer {
         }
     }
 
+    /// Holds nothing: [`FusedLayer::is_current`] is false, so the next use fuses again.
+    fn empty() -> Self {
+        Self {
+            qkv_weight: Tensor::new(),
+            qkv_bias: Tensor::new(),
+            gate_up_weight: Tensor::new(),
+        }
+    }
+
     /// Whether `layer`'s variables still are the rows of these tensors.
     fn is_current(&self, layer: &DecoderLayer) -> bool {
+        if !self.qkv_weight.defined() {
+            return false;
+        }
         let (attn, mlp) = (&layer.self_attn, &layer.mlp);
         let bias = |l: &Linear| l.bias.as_ref().map(Tensor::shallow_clone);
         let (qb, kb, vb) = (bias(&attn.q_proj), bias(&attn.k_proj), bias(&attn.v_proj));
@@ -699,8 +712,103 @@ impl Qwen2 {
     /// that of [`Qwen2::forward`] with the batch's key mask; a padding position attends to
     /// every position up to its own (finite, and read by nobody who masks padding).
     pub fn forward_right_padded(&self, input_ids: &Tensor, position_ids: &Tensor) -> Tensor {
+        self.forward_right_padded_with(input_ids, position_ids, &mut WholeParams, |hidden| {
+            hidden.shallow_clone()
+        })
+    }
+
+    /// [`Qwen2::forward_right_padded`] for a model whose parameters `params` gathers stage by
+    /// stage (ZeRO-3): each [`Stage`] is gathered just before it runs and released after;
+    /// `head` gets the final hidden states while the final norm and the LM head are gathered
+    /// (to compute logits from them), and its result is returned.
+    pub fn forward_right_padded_with<R>(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        params: &mut dyn ParamGather,
+        head: impl FnOnce(&Tensor) -> R,
+    ) -> R {
         let pass = self.layer_pass(position_ids, None, false, false);
-        self.run_layers(input_ids, &pass, None, None)
+        let h = self.gathered_layers(input_ids, &pass, params, |_| {});
+        params.gather(Stage::Head, None);
+        let result = head(&self.norm.forward(&h));
+        params.release(Stage::Head);
+        result
+    }
+
+    /// The embeddings and every decoder layer (separate projections, no cache) under
+    /// `pass`, each stage's parameters gathered by `params` just before it runs and released
+    /// after, the next one named as a prefetch hint; `keep` gets each layer's input.
+    /// Returns the last layer's output (before the final norm).
+    pub(crate) fn gathered_layers(
+        &self,
+        input_ids: &Tensor,
+        pass: &LayerPass,
+        params: &mut dyn ParamGather,
+        mut keep: impl FnMut(Tensor),
+    ) -> Tensor {
+        params.gather(Stage::Embedding, Some(self.stage_after(Stage::Embedding)));
+        let mut h = self.embed(input_ids);
+        params.release(Stage::Embedding);
+        for (i, layer) in self.layers.iter().enumerate() {
+            params.gather(Stage::Layer(i), Some(self.stage_after(Stage::Layer(i))));
+            let next = layer.forward(&h, Projections::Separate, pass, None);
+            params.release(Stage::Layer(i));
+            keep(std::mem::replace(&mut h, next));
+        }
+        h
+    }
+
+    /// The stage a forward runs after `stage` (the head after the last layer, and itself).
+    pub(crate) fn stage_after(&self, stage: Stage) -> Stage {
+        let layers = self.layers.len();
+        match stage {
+            Stage::Embedding if layers > 0 => Stage::Layer(0),
+            Stage::Layer(i) if i + 1 < layers => Stage::Layer(i + 1),
+            _ => Stage::Head,
+        }
+    }
+
+    /// The stages of a forward pass, in order.
+    pub fn forward_stages(&self) -> Vec<Stage> {
+        std::iter::once(Stage::Embedding)
+            .chain((0..self.layers.len()).map(Stage::Layer))
+            .chain(std::iter::once(Stage::Head))
+            .collect()
+    }
+
+    /// Every parameter `stage` uses (handles; trainable or not): the embeddings, a layer's,
+    /// or the final norm's and the LM head's (with tied embeddings, the embedding variable).
+    pub fn stage_parameters(&self, stage: Stage) -> Vec<Tensor> {
+        match stage {
+            Stage::Embedding => vec![self.embed_tokens.shallow_clone()],
+            Stage::Layer(i) => self.layers[i].parameters(),
+            Stage::Head => vec![
+                self.norm.weight.shallow_clone(),
+                self.lm_head.shallow_clone(),
+            ],
+        }
+    }
+
+    /// A pass without rows through a model whose parameters `params` gathers: every stage of
+    /// [`Qwen2::forward_right_padded_with`] gathered and released in its order, so that a
+    /// data-parallel rank without work joins the gathers of ranks with some.
+    pub fn idle_forward(&self, params: &mut dyn ParamGather) {
+        for stage in self.forward_stages() {
+            let next = (stage != Stage::Head).then(|| self.stage_after(stage));
+            params.gather(stage, next);
+            params.release(stage);
+        }
+    }
+
+    /// Drops the fused projections of sampling (see [`FusedLayer`]), which hold the storage of
+    /// most of each layer's weights: a model whose parameters are sharded (ZeRO-3) frees that
+    /// storage. The next cached forward without autograd fuses again.
+    pub fn drop_fused(&self) {
+        let mut fused = self.fused.lock().unwrap_or_else(PoisonError::into_inner);
+        for f in fused.iter_mut() {
+            *f = FusedLayer::empty();
+        }
     }
 
     /// Embeddings, every decoder layer under `pass` (on `fused` projections when given, with

@@ -6,7 +6,9 @@
 //! per-token log-probs with a backward pass for a loss over them, plainly or with that
 //! recomputation (and the vocabulary projection chunked in both directions).
 //! [`Qwen2::token_logprobs_backward_to`] recomputes too but hands each stage's parameter
-//! gradients to a [`GradSink`] instead of accumulating them (ZeRO-2 data parallelism).
+//! gradients to a [`GradSink`] instead of accumulating them (ZeRO-2 data parallelism), and
+//! gathers each stage's parameters through it just before the stage runs (ZeRO-3, where
+//! every rank holds a shard of the parameters: see [`ParamGather`]).
 use tch::{Kind, Tensor};
 
 use crate::logprobs::{token_logprobs, PaddedBatch};
@@ -77,15 +79,16 @@ impl Qwen2 {
         head: impl FnOnce(&Tensor, &[Tensor], &mut GradTarget<'s>) -> (R, Tensor),
     ) -> R {
         let t = input_ids.size()[1];
+        let last_layer = self.layers.len().checked_sub(1).map(Stage::Layer);
         let (pass, mut layer_inputs, last, hidden) = tch::no_grad(|| {
             let mask = key_mask.map(|key_mask| attention_mask(key_mask, 0, t));
             let pass = self.layer_pass(position_ids, mask, false, false);
             let mut layer_inputs = Vec::with_capacity(self.layers.len());
-            let mut h = self.embed(input_ids);
-            for layer in &self.layers {
-                let next = layer.forward(&h, Projections::Separate, &pass, None);
-                layer_inputs.push(std::mem::replace(&mut h, next));
-            }
+            let h = self.gathered_layers(input_ids, &pass, &mut target, |input| {
+                layer_inputs.push(input)
+            });
+            // The head stays gathered through the head's and the final norm's backward.
+            target.gather(Stage::Head, last_layer);
             let hidden = self.norm.forward(&h);
             (pass, layer_inputs, h, hidden)
         });
@@ -93,39 +96,73 @@ impl Qwen2 {
         tch::with_grad(|| {
             let hidden = hidden.set_requires_grad(true);
             let head_params = stages.next().unwrap_or_default();
-            let (result, mut grad) = head(&hidden, &head_params, &mut target);
-            if !grad.defined() {
-                // A sink still sees every stage, so that data-parallel ranks stay in step.
-                for params in stages {
-                    target.skip(&params);
-                }
-                return result;
-            }
+            let (result, grad) = head(&hidden, &head_params, &mut target);
+            // Without a gradient no stage is recomputed, but a sink still sees every stage
+            // and every gather, so that data-parallel ranks stay in step.
+            let mut grad = grad.defined().then_some(grad);
             let norm_params = stages.next().unwrap_or_default();
-            grad = backward_through(&mut target, &last, &grad, &norm_params, |x| {
+            grad = backward_through(&mut target, &last, grad, &norm_params, |x| {
                 self.norm.forward(x)
             });
             drop(last);
+            target.release(Stage::Head);
             // Last layer first; each saved input is freed once its layer is done.
             while let Some(input) = layer_inputs.pop() {
-                let layer = &self.layers[layer_inputs.len()];
+                let i = layer_inputs.len();
+                let layer = &self.layers[i];
                 let params = stages.next().unwrap_or_default();
-                grad = backward_through(&mut target, &input, &grad, &params, |x| {
+                target.gather(Stage::Layer(i), Some(stage_before(i)));
+                grad = backward_through(&mut target, &input, grad, &params, |x| {
                     layer.forward(x, Projections::Separate, &pass, None)
                 });
+                target.release(Stage::Layer(i));
             }
             // A tied LM head is the same variable: this adds to the gradient `head` left there.
             let params = stages.next().unwrap_or_default();
-            let embeddings = self.embed(input_ids);
-            if embeddings.requires_grad() {
-                let root = (embeddings * grad).sum(Kind::Float);
-                let (_, grads) = target.run(&root, &[], &params);
-                target.hand_over(&params, grads);
-            } else {
-                target.skip(&params);
+            target.gather(Stage::Embedding, None);
+            let embeddings = grad.as_ref().map(|_| self.embed(input_ids));
+            match (embeddings, grad) {
+                (Some(embeddings), Some(grad)) if embeddings.requires_grad() => {
+                    let root = (embeddings * grad).sum(Kind::Float);
+                    let (_, grads) = target.run(&root, &[], &params);
+                    target.hand_over(&params, grads);
+                }
+                _ => target.skip(&params),
             }
+            target.release(Stage::Embedding);
             result
         })
+    }
+
+    /// A recomputing backward pass without rows, for a data-parallel rank with fewer
+    /// micro-batches than another: `sink` sees what [`Qwen2::token_logprobs_backward_to`]
+    /// shows it, in the same order (every gather and release, every stage, with no
+    /// gradients), so that the rank joins the others' collectives.
+    pub fn idle_backward_to(&self, sink: &mut dyn GradSink) {
+        let mut target = GradTarget::Sink(sink);
+        let forward = self.forward_stages();
+        for &stage in &forward[..forward.len() - 1] {
+            target.gather(stage, Some(self.stage_after(stage)));
+            target.release(stage);
+        }
+        target.gather(
+            Stage::Head,
+            self.layers.len().checked_sub(1).map(Stage::Layer),
+        );
+        let mut stages = self.gradient_stages().into_iter();
+        // The LM head's stage, then the final norm's.
+        for _ in 0..2 {
+            target.skip(&stages.next().unwrap_or_default());
+        }
+        target.release(Stage::Head);
+        for i in (0..self.layers.len()).rev() {
+            target.gather(Stage::Layer(i), Some(stage_before(i)));
+            target.skip(&stages.next().unwrap_or_default());
+            target.release(Stage::Layer(i));
+        }
+        target.gather(Stage::Embedding, None);
+        target.skip(&stages.next().unwrap_or_default());
+        target.release(Stage::Embedding);
     }
 
     /// Per-token log-probs of `batch` with a backward pass for `loss_fn`: gradients of
@@ -260,7 +297,11 @@ pub struct LogprobsBackward {
 /// stage of [`Qwen2::gradient_stages`]: `grads[i]` is d loss / d `params[i]` from this pass
 /// (in the parameter's dtype), undefined when the loss does not reach it. The tensors are the
 /// sink's to keep or drop. A sink cannot stop the pass: one that fails records its error.
-pub trait GradSink {
+///
+/// A sink is also where the pass gets the parameters of each stage ([`ParamGather`]): its
+/// gathers come around the stage's recomputation, and a stage's gradients are handed over
+/// before it is released.
+pub trait GradSink: ParamGather {
     /// Takes one stage's gradients.
     fn accept(&mut self, params: &[Tensor], grads: Vec<Tensor>);
 }
@@ -277,6 +318,20 @@ enum GradTarget<'s> {
     Accumulate,
     /// Handed to a sink stage by stage, never stored in `.grad`.
     Sink(&'s mut dyn GradSink),
+}
+
+impl ParamGather for GradTarget<'_> {
+    fn gather(&mut self, stage: Stage, next: Option<Stage>) {
+        if let Self::Sink(sink) = self {
+            sink.gather(stage, next);
+        }
+    }
+
+    fn release(&mut self, stage: Stage) {
+        if let Self::Sink(sink) = self {
+            sink.release(stage);
+        }
+    }
 }
 
 impl GradTarget<'_> {
@@ -323,17 +378,61 @@ impl GradTarget<'_> {
 /// Runs `stage` again with autograd from a detached copy of its saved `input` and
 /// backpropagates `grad_output` through it: `sum(stage(x) * grad_output)` has gradient
 /// `J^T grad_output`, which goes to the stage's `params` as `target` says. Returns the
-/// gradient at the input, to pass to the stage before.
+/// gradient at the input, to pass to the stage before. Without a `grad_output` nothing is
+/// recomputed and `target` gets the stage without gradients.
 fn backward_through(
     target: &mut GradTarget<'_>,
     input: &Tensor,
-    grad_output: &Tensor,
+    grad_output: Option<Tensor>,
     params: &[Tensor],
     stage: impl FnOnce(&Tensor) -> Tensor,
-) -> Tensor {
+) -> Option<Tensor> {
+    let Some(grad_output) = grad_output else {
+        target.skip(params);
+        return None;
+    };
     let input = input.detach().set_requires_grad(true);
     let root = (stage(&input) * grad_output).sum(Kind::Float);
     let (mut input_grad, param_grads) = target.run(&root, &[&input], params);
     target.hand_over(params, param_grads);
-    input_grad.remove(0)
+    Some(input_grad.remove(0)).filter(Tensor::defined)
 }
+
+/// The stage a forward runs before layer `i`.
+fn stage_before(i: usize) -> Stage {
+    i.checked_sub(1).map_or(Stage::Embedding, Stage::Layer)
+}
+
+/// A stage of a forward pass: the parameters it uses are gathered together (ZeRO-3, see
+/// [`ParamGather`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// The token embeddings.
+    Embedding,
+    /// Decoder layer `i`.
+    Layer(usize),
+    /// The final norm and the LM head (with tied embeddings, the embedding variable).
+    Head,
+}
+
+/// Where a pass gets the parameters of each [`Stage`] ([`Qwen2::stage_parameters`]): a pass
+/// calls `gather` just before a stage runs (forward, or recomputed in a backward pass) and
+/// `release` once it is done with it; the parameters are whole between the two. A whole
+/// model has nothing to do ([`WholeParams`]); with ZeRO-3 the parameters are sharded and
+/// each gather is a collective, so every rank must see the same calls in the same order. A
+/// stage may be gathered again before it is released (a tied head and embedding).
+pub trait ParamGather {
+    /// Makes the parameters of `stage` whole; `next` is the stage the pass gathers after
+    /// this one, for a prefetch.
+    fn gather(&mut self, _stage: Stage, _next: Option<Stage>) {}
+    /// The pass is done with `stage` for now.
+    fn release(&mut self, _stage: Stage) {}
+}
+
+/// The parameters of an unsharded model: always whole.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WholeParams;
+
+impl ParamGather for WholeParams {}
+
+impl<F: FnMut(&[Tensor], Vec<Tensor>)> ParamGather for F {}

@@ -391,6 +391,13 @@ pub struct LearnerStepArgs {
     /// Python with torch and transformers (default as for `prime bench generate`).
     #[arg(long)]
     pub python: Option<PathBuf>,
+    /// Instead of the PyTorch comparison: the step with ZeRO-3 against ZeRO-2 and one
+    /// process, `--ranks` threads on the TCP ring, side by side.
+    #[arg(long)]
+    pub zero3: bool,
+    /// Ranks of the ZeRO-2 and ZeRO-3 runs (with --zero3).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(2..=64))]
+    pub ranks: u64,
     /// Also write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -477,6 +484,15 @@ fn run_learner_step(args: LearnerStepArgs) -> Result<()> {
         repeats: args.repeats,
         seed: args.seed,
     };
+    if args.zero3 {
+        let report = prime_bench::sharding::run_sharding_bench(
+            &settings,
+            &TinyModel::default(),
+            args.ranks as usize,
+        )?;
+        print!("{}", report.table());
+        return write_json(&args.json, serde_json::to_value(&report)?);
+    }
     let report =
         prime_bench::learner_step::run_step_bench(&settings, &TinyModel::default(), &python)?;
     print!("{}", report.table());

@@ -15,6 +15,7 @@ use prime_algo::{Estimator, ReferenceType};
 use prime_check::jsonl;
 use prime_check::path::StagedDir;
 use prime_check::rules;
+use prime_learner::parallel::Role;
 use prime_learner::ranks::{join_ranks, run_rank, RankOptions};
 use prime_learner::report::summary_table;
 use prime_learner::service::ListenOptions;
@@ -165,6 +166,11 @@ pub struct StepArgs {
     /// activation recomputation, whose layer-by-layer backward hands the gradients over.
     #[arg(long)]
     pub zero2: bool,
+    /// With several ranks: shard the parameters too (ZeRO stage 3; implies --zero2): each
+    /// rank keeps 1/W of the policy, PRM and reference weights and gathers one layer at a
+    /// time. Rank 0 still writes whole models.
+    #[arg(long)]
+    pub zero3: bool,
     /// With several ranks: seconds one collective may take before the rank fails.
     #[arg(
         long,
@@ -316,7 +322,8 @@ fn run_step(args: StepArgs) -> Result<()> {
     }
     config.parallel.zero1 = args.zero1;
     config.parallel.zero2 = args.zero2;
-    config.memory.recompute_activations |= args.zero2;
+    config.parallel.zero3 = args.zero3;
+    config.memory.recompute_activations |= args.zero2 || args.zero3;
     config.parallel.collective_timeout_seconds = args.collective_timeout_seconds;
     config.rollout.batch_prompts = groups.len();
     config.validate().map_err(anyhow::Error::msg)?;
@@ -360,6 +367,11 @@ fn run_step(args: StepArgs) -> Result<()> {
         Ok(prime_step(&mut models, &mut dp, &groups, &config, 0))
     })?
     .with_context(|| format!("learner rank {}", info.rank))?;
+    // ZeRO-3: the weights are gathered whole onto rank 0's host, a bucket at a time.
+    for role in [Role::Policy, Role::Prm] {
+        dp.unshard(role, (info.rank == 0).then_some(tch::Device::Cpu))
+            .with_context(|| format!("learner rank {}: gathering the weights", info.rank))?;
+    }
     if info.rank > 0 {
         return Ok(());
     }

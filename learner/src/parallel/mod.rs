@@ -20,12 +20,20 @@
 //! split evenly over the ranks, so each rank owns 1/W of every bucket (not one contiguous
 //! run of the model as with `zero1`): a reduce-scatter then moves only real gradient, and
 //! the updated parameters come back one bucket at a time.
+//!
+//! With `zero3` the parameters are sharded too (ZeRO stage 3, [`zero3`]): each rank keeps its
+//! chunk of every bucket of the policy's, the PRM's and the reference's weights, and every
+//! pass gathers one stage (a decoder layer, the embeddings, the head) at a time through
+//! [`DataParallel::param_gather`] or the gradient sink, freeing it after.
 
+mod comm_thread;
 mod protocol;
 mod zero;
+mod zero3;
 
 pub use protocol::{join_group, Command};
 pub use zero::{FullOptimizer, ShardedGradSink};
+pub use zero3::{Resident, Role, ShardGather};
 
 use std::ops::Range;
 
@@ -38,6 +46,7 @@ use crate::error::{LearnerError, Result};
 use crate::models::PrimeModels;
 use crate::optim::{AdamW, StatePart};
 use zero::{GradShard, Origin, Shard, PARTS};
+use zero3::ParamShards;
 
 /// The two trained models.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +66,11 @@ pub struct DataParallel {
     shards: [Option<Shard>; 2],
     /// ZeRO-2: the gradient and optimizer shards (instead of `shards`).
     grad_shards: [Option<GradShard>; 2],
+    /// ZeRO-3: the parameter shards, by [`Role`].
+    param_shards: ParamShards,
+    /// ZeRO-3 on the CPU backend: the thread `comm` runs on, where the next stage's gather
+    /// is started ahead of its use.
+    prefetch: Option<std::sync::Arc<comm_thread::CommThread>>,
 }
 
 impl std::fmt::Debug for DataParallel {
@@ -66,6 +80,7 @@ impl std::fmt::Debug for DataParallel {
             .field("world_size", &self.comm.world_size())
             .field("zero1", &self.config.zero1)
             .field("zero2", &self.config.zero2)
+            .field("zero3", &self.config.zero3)
             .finish()
     }
 }
@@ -100,6 +115,8 @@ impl DataParallel {
             device,
             shards: [None, None],
             grad_shards: [None, None],
+            param_shards: [None, None, None],
+            prefetch: None,
         };
         if dp.world_size() > 1 {
             // Rank 0 may still be opening its run (building the world, a first evaluation):
@@ -114,7 +131,7 @@ impl DataParallel {
         }
         for which in [Trained::Policy, Trained::Prm] {
             let origin = dp.origin(Self::optimizer_of(models, which))?;
-            if dp.config.zero2 {
+            if dp.zero2() {
                 dp.shard_gradients(models, which, &origin)?;
             } else if dp.config.zero1 {
                 dp.shard_optimizer(models, which, &origin)?;
@@ -122,11 +139,18 @@ impl DataParallel {
                 dp.sync_optimizer_from_rank0(models, which, &origin)?;
             }
         }
+        if dp.zero3() {
+            for role in [Role::Policy, Role::Prm, Role::Reference] {
+                dp.shard_params(models, role)?;
+            }
+            dp.start_comm_thread();
+        }
         tracing::info!(
             rank = dp.rank(),
             world_size = dp.world_size(),
             zero1 = dp.config.zero1,
             zero2 = dp.config.zero2,
+            zero3 = dp.config.zero3,
             "data parallelism attached"
         );
         Ok(dp)
@@ -140,6 +164,8 @@ impl DataParallel {
             device,
             shards: [None, None],
             grad_shards: [None, None],
+            param_shards: [None, None, None],
+            prefetch: None,
         }
     }
 
@@ -153,15 +179,17 @@ impl DataParallel {
         self.comm.world_size()
     }
 
-    /// Whether the optimizer state is sharded (`zero1`, or `zero2`, which implies it).
+    /// Whether the optimizer state is sharded (`zero1`, or `zero2` or `zero3`, which imply
+    /// it).
     pub fn zero1(&self) -> bool {
-        self.config.zero1 || self.config.zero2
+        self.config.zero1 || self.zero2()
     }
 
-    /// Whether the gradients are sharded too (ZeRO-2): the backward passes of the trained
-    /// models must then hand their gradients to [`DataParallel::grad_sink`].
+    /// Whether the gradients are sharded too (ZeRO-2, or ZeRO-3, which implies it): the
+    /// backward passes of the trained models must then hand their gradients to
+    /// [`DataParallel::grad_sink`].
     pub fn zero2(&self) -> bool {
-        self.config.zero2
+        self.config.zero2 || self.config.zero3
     }
 
     /// The collective group.

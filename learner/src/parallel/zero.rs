@@ -4,10 +4,12 @@ use std::collections::HashMap;
 
 use prime_collective::flat::{flatten, FlatLayout};
 use prime_collective::{Collective, ReduceOp};
-use prime_model::training::GradSink;
+use prime_model::training::{GradSink, ParamGather, Stage};
 use prime_model::Qwen2;
 use tch::{Device, Kind, Tensor};
 
+use super::comm_thread::CommThread;
+use super::zero3::{ParamShard, Role};
 use super::{comm_err, DataParallel, Trained};
 use crate::error::{LearnerError, Result};
 use crate::models::PrimeModels;
@@ -130,9 +132,9 @@ pub(super) struct Shard {
 /// Elements `from .. from + len` of parameter `param` (flattened), inside a bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Segment {
-    param: usize,
-    from: usize,
-    len: usize,
+    pub(super) param: usize,
+    pub(super) from: usize,
+    pub(super) len: usize,
 }
 
 /// Parameter elements reduce-scattered, and all-gathered back, as one flat f32 vector that
@@ -140,11 +142,11 @@ pub(super) struct Segment {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Bucket {
     /// The pieces, back to back in the flat vector (zero padding after the last).
-    segments: Vec<Segment>,
+    pub(super) segments: Vec<Segment>,
     /// Elements per rank: the bucket padded to a multiple of the world size, divided by it.
-    chunk: usize,
+    pub(super) chunk: usize,
     /// Where this bucket's chunk sits in every rank's shard.
-    shard_offset: usize,
+    pub(super) shard_offset: usize,
 }
 
 /// Name of the shard optimizer's parameter for bucket `b` (ZeRO-2).
@@ -154,13 +156,13 @@ pub(super) fn bucket_param(b: usize) -> String {
 
 impl Bucket {
     /// This rank's chunk of the bucket in a shard-long vector (a view).
-    fn mine(&self, shard: &Tensor) -> Tensor {
+    pub(super) fn mine(&self, shard: &Tensor) -> Tensor {
         shard.narrow(0, self.shard_offset as i64, self.chunk as i64)
     }
 
     /// Flat `[chunk · world]` f32 vector of the bucket's pieces of `tensors` (one per
     /// parameter, each flattened; an undefined one counts as zeros).
-    fn flatten(&self, tensors: &[Tensor], world: usize, device: Device) -> Tensor {
+    pub(super) fn flatten(&self, tensors: &[Tensor], world: usize, device: Device) -> Tensor {
         let flat = Tensor::zeros([(self.chunk * world) as i64], (Kind::Float, device));
         let mut at = 0i64;
         for s in &self.segments {
@@ -176,7 +178,12 @@ impl Bucket {
 
     /// Copies the pieces of `flat` back into `tensors` (converting dtype), skipping the
     /// parameters `keep` says no.
-    fn unflatten(&self, flat: &Tensor, tensors: &[Tensor], keep: impl Fn(usize) -> bool) {
+    pub(super) fn unflatten(
+        &self,
+        flat: &Tensor,
+        tensors: &[Tensor],
+        keep: impl Fn(usize) -> bool,
+    ) {
         let mut at = 0i64;
         for s in &self.segments {
             if keep(s.param) {
@@ -283,16 +290,21 @@ pub(super) fn address(t: &Tensor) -> usize {
 /// dropped. Every rank must hand over the same stages in the same order. The first error
 /// stops the communication and is returned by [`ShardedGradSink::finish`].
 pub struct ShardedGradSink<'a> {
-    comm: &'a mut dyn Collective,
-    shard: &'a mut GradShard,
-    device: Device,
-    error: Option<LearnerError>,
+    pub(super) comm: &'a mut dyn Collective,
+    pub(super) shard: &'a mut GradShard,
+    /// ZeRO-3: the model's parameter shard, which each stage is gathered from.
+    pub(super) params: Option<&'a mut ParamShard>,
+    /// ZeRO-3: the communication thread that gathers the next stage ahead.
+    pub(super) prefetch: Option<&'a CommThread>,
+    pub(super) device: Device,
+    pub(super) error: Option<LearnerError>,
 }
 
 impl ShardedGradSink<'_> {
     /// Ends the backward pass: its first error, if any.
     pub fn finish(self) -> Result<()> {
-        self.error.map_or(Ok(()), Err)
+        let drained = self.params.map_or(Ok(()), ParamShard::drain);
+        self.error.map_or(drained, Err)
     }
 
     fn reduce(&mut self, params: &[Tensor], grads: Vec<Tensor>) -> Result<()> {
@@ -330,6 +342,22 @@ impl ShardedGradSink<'_> {
                 .g_add_(&mine);
         }
         Ok(())
+    }
+}
+
+impl ParamGather for ShardedGradSink<'_> {
+    fn gather(&mut self, stage: Stage, next: Option<Stage>) {
+        if let (Some(params), None) = (self.params.as_deref_mut(), &self.error) {
+            let index = Some(&mut self.shard.index);
+            let result = params.gather(&mut *self.comm, self.prefetch, (stage, next), index);
+            self.error = result.err();
+        }
+    }
+
+    fn release(&mut self, stage: Stage) {
+        if let Some(params) = self.params.as_deref_mut() {
+            params.release(stage, Some(&mut self.shard.index));
+        }
     }
 }
 
@@ -615,28 +643,28 @@ impl DataParallel {
         Some(ShardedGradSink {
             comm: &mut *self.comm,
             shard,
+            params: self.param_shards[Role::from(which) as usize].as_mut(),
+            prefetch: self.prefetch.as_deref(),
             device: self.device,
             error: None,
         })
     }
 
-    /// ZeRO-2: takes part in one backward pass of `model` (the model `which`) without rows:
-    /// hands over every stage with no gradient, so that this rank joins the reduce-scatters
-    /// of ranks that have one more micro-batch than it.
+    /// ZeRO-2 and ZeRO-3: takes part in one backward pass of `model` (the model `which`)
+    /// without rows ([`Qwen2::idle_backward_to`]), so that this rank joins the gathers and
+    /// reduce-scatters of ranks that have one more micro-batch than it.
     pub fn idle_backward(&mut self, model: &Qwen2, which: Trained) -> Result<()> {
         let Some(mut sink) = self.grad_sink(which) else {
             return Ok(());
         };
-        for params in model.gradient_stages() {
-            let none = params.iter().map(|_| Tensor::new()).collect();
-            sink.accept(&params, none);
-        }
+        model.idle_backward_to(&mut sink);
         sink.finish()
     }
 
     /// ZeRO-2's update: the gradient shard is already reduced; the global norm comes from
     /// every shard's sum of squares, AdamW updates the shard, and each bucket of updated
-    /// values is all-gathered back into the parameters.
+    /// values is all-gathered back into the parameters. With ZeRO-3 the updated values go
+    /// into the rank's parameter shard instead, and nothing is gathered.
     pub(super) fn update_zero2(
         &mut self,
         shard: &mut GradShard,
@@ -670,16 +698,30 @@ impl DataParallel {
         if max_norm > 0.0 && norm > max_norm {
             let _ = shard.grad.g_mul_scalar_(max_norm / (norm + 1e-6));
         }
+        let param_shard = self.param_shards[Role::from(which) as usize].as_ref();
         if !shard.master {
-            for b in &shard.buckets {
-                let n = b.chunk as i64;
-                let flat = b.flatten(&shard.params, world, device);
-                b.mine(&shard.values)
-                    .copy_(&flat.narrow(0, rank as i64 * n, n));
+            match param_shard {
+                Some(params) => params.read_values(&shard.values),
+                None => {
+                    for b in &shard.buckets {
+                        let n = b.chunk as i64;
+                        let flat = b.flatten(&shard.params, world, device);
+                        b.mine(&shard.values)
+                            .copy_(&flat.narrow(0, rank as i64 * n, n));
+                    }
+                }
             }
         }
+        let untouched: Vec<usize> = (0..anywhere.len())
+            .filter(|&p| anywhere[p] == 0.0)
+            .collect();
+        let kept = param_shard.map(|params| params.values_of(&untouched));
         let grads: Vec<Tensor> = shard.buckets.iter().map(|b| b.mine(&shard.grad)).collect();
         Self::optimizer_of(models, which).step_with_grads(lr, &grads);
+        if let (Some(params), Some(kept)) = (param_shard, kept) {
+            params.write_values(&shard.values, &kept);
+            return Ok(norm);
+        }
         for b in &shard.buckets {
             let mut flat = Tensor::zeros([(b.chunk * world) as i64], (Kind::Float, device));
             self.comm
