@@ -1,0 +1,296 @@
+//! The Prometheus exporter every role serves: typed `prometheus-client` instruments in one
+//! [`Registry`] per process, written as OpenMetrics text on `GET /metrics` by [`serve`], which
+//! also answers the liveness (`GET /healthz`) and readiness (`GET /readyz`) probes.
+//!
+//! Conventions (docs/metrics.md, "Prometheus"): names start with `prime_{role}_`; counters end
+//! in `_total`; durations are histograms in seconds (`_seconds`), sizes are histograms in their
+//! unit (`_tokens`); gauges are levels only. Figures a role already keeps for its `Status` reply
+//! are read at scrape time by a [`Snapshot`] collector, so each is counted once.
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+pub use prometheus_client::metrics::counter::Counter;
+pub use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+pub use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::exponential_buckets;
+pub use prometheus_client::metrics::histogram::Histogram;
+pub use prometheus_client::registry::Registry;
+
+/// The content type of [`render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A histogram of durations in seconds: 16 buckets from 1 ms growing by 2.5x (up to 15.5 min).
+pub fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.5, 16))
+}
+
+/// A histogram of sizes in tokens: 17 buckets from 1 doubling up to 65,536.
+pub fn token_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 17))
+}
+
+/// A histogram of counts (items in a batch): 13 buckets from 1 doubling up to 4,096.
+pub fn count_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 13))
+}
+
+/// The name `prometheus-client` wants for a counter: its exposed name without `_total`, which
+/// the encoder appends. Names are written in full in the code so they can be searched for.
+fn counter_base(name: &str) -> &str {
+    debug_assert!(
+        name.ends_with("_total"),
+        "counter {name} must end in _total"
+    );
+    name.strip_suffix("_total").unwrap_or(name)
+}
+
+/// Registers `counter` as `name` (which ends in `_total`).
+pub fn register_counter(registry: &mut Registry, name: &str, help: &str, counter: Counter) {
+    registry.register(counter_base(name), help, counter);
+}
+
+/// A collector that reads its figures when scraped: `write` names each one on a [`Sink`].
+pub struct Snapshot<F>(pub F);
+
+impl<F> fmt::Debug for Snapshot<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Snapshot")
+    }
+}
+
+impl<F: Fn(&mut Sink<'_>) + Send + Sync + 'static> Collector for Snapshot<F> {
+    fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
+        let mut sink = Sink {
+            encoder,
+            result: Ok(()),
+        };
+        (self.0)(&mut sink);
+        sink.result
+    }
+}
+
+/// Where a [`Snapshot`] writes its figures; the first encoding error is kept and returned.
+pub struct Sink<'a> {
+    encoder: DescriptorEncoder<'a>,
+    result: fmt::Result,
+}
+
+impl Sink<'_> {
+    fn write(
+        &mut self,
+        name: &str,
+        help: &str,
+        metric: &dyn EncodeMetric,
+        labelled: &[(&str, &str, &dyn EncodeMetric)],
+    ) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = (|| {
+            let mut encoder =
+                self.encoder
+                    .encode_descriptor(name, help, None, metric.metric_type())?;
+            if labelled.is_empty() {
+                return metric.encode(encoder);
+            }
+            for (key, value, metric) in labelled {
+                let labels = [(*key, *value)];
+                metric.encode(encoder.encode_family(&labels)?)?;
+            }
+            Ok(())
+        })();
+    }
+
+    /// A counter named `name` (ending in `_total`).
+    pub fn counter(&mut self, name: &str, help: &str, value: u64) {
+        let metric = ConstCounter::new(value);
+        self.write(counter_base(name), help, &metric, &[]);
+    }
+
+    /// One counter per value of label `label`, e.g. `outcome`.
+    pub fn counters(&mut self, name: &str, help: &str, label: &str, values: &[(&str, u64)]) {
+        let metrics: Vec<ConstCounter> = values.iter().map(|v| ConstCounter::new(v.1)).collect();
+        let labelled: Vec<(&str, &str, &dyn EncodeMetric)> = values
+            .iter()
+            .zip(&metrics)
+            .map(|((value, _), metric)| (label, *value, metric as &dyn EncodeMetric))
+            .collect();
+        let first = ConstCounter::new(0u64);
+        self.write(counter_base(name), help, &first, &labelled);
+    }
+
+    /// A gauge: a level that goes up and down.
+    pub fn gauge(&mut self, name: &str, help: &str, value: f64) {
+        self.write(name, help, &ConstGauge::new(value), &[]);
+    }
+
+    /// A histogram kept elsewhere (e.g. in a part attached after start-up).
+    pub fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) {
+        self.write(name, help, histogram, &[]);
+    }
+}
+
+/// What the probe endpoints answer: `/healthz` is 200 while `live` says so, `/readyz` while
+/// `ready` does (503 otherwise).
+#[derive(Clone)]
+pub struct Probes {
+    live: Arc<dyn Fn() -> bool + Send + Sync>,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl fmt::Debug for Probes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Probes")
+            .field("live", &(self.live)())
+            .field("ready", &(self.ready)())
+            .finish()
+    }
+}
+
+impl Default for Probes {
+    /// Alive and ready whenever the server answers.
+    fn default() -> Self {
+        Self::new(|| true, || true)
+    }
+}
+
+impl Probes {
+    /// Probes answered by `live` and `ready`.
+    pub fn new(
+        live: impl Fn() -> bool + Send + Sync + 'static,
+        ready: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            live: Arc::new(live),
+            ready: Arc::new(ready),
+        }
+    }
+}
+
+/// The OpenMetrics text of `registry`.
+pub fn render(registry: &Registry) -> String {
+    let mut text = String::new();
+    // Writing into a String fails only if a collector does.
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, registry) {
+        tracing::warn!(error = %e, "a metric could not be encoded");
+    }
+    text
+}
+
+fn probe(ok: bool) -> (StatusCode, &'static str) {
+    if ok {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// The HTTP routes: `/metrics`, `/healthz`, `/readyz`.
+pub fn router(registry: Arc<Registry>, probes: Probes) -> axum::Router {
+    let Probes { live, ready } = probes;
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(&registry)) }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let ok = live();
+                async move { probe(ok).into_response() }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let ok = ready();
+                async move { probe(ok).into_response() }
+            }),
+        )
+}
+
+/// Serves [`router`] on `listener` until the runtime stops.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+    probes: Probes,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(registry, probes)).await
+}
+
+/// Binds `addr` and serves [`router`] there on a task of the current runtime; returns the
+/// bound address (port 0 picks a free one).
+pub async fn start(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    probes: Probes,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "metrics listening");
+    tokio::spawn(async move {
+        if let Err(e) = serve(listener, registry, probes).await {
+            tracing::warn!(error = %e, "the metrics server stopped");
+        }
+    });
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_gain_total_and_labels_and_histograms_count_observations() {
+        let mut registry = Registry::default();
+        let counter = Counter::default();
+        register_counter(
+            &mut registry,
+            "prime_x_things_total",
+            "Things.",
+            counter.clone(),
+        );
+        let histogram = duration_histogram();
+        registry.register("prime_x_wait_seconds", "Waits.", histogram.clone());
+        registry.register_collector(Box::new(Snapshot(|sink: &mut Sink<'_>| {
+            sink.gauge("prime_x_level", "A level.", 2.5);
+            sink.counters(
+                "prime_x_groups_total",
+                "Groups.",
+                "outcome",
+                &[("kept", 3), ("stale", 1)],
+            );
+        })));
+        counter.inc_by(4);
+        histogram.observe(0.002);
+        histogram.observe(100.0);
+        let text = render(&registry);
+        for line in [
+            "# TYPE prime_x_things counter",
+            "prime_x_things_total 4",
+            "# TYPE prime_x_wait_seconds histogram",
+            "prime_x_wait_seconds_count 2",
+            "prime_x_wait_seconds_bucket{le=\"0.001\"} 0",
+            "prime_x_wait_seconds_bucket{le=\"0.0025\"} 1",
+            "prime_x_wait_seconds_bucket{le=\"+Inf\"} 2",
+            "# TYPE prime_x_level gauge",
+            "prime_x_level 2.5",
+            "prime_x_groups_total{outcome=\"kept\"} 3",
+            "prime_x_groups_total{outcome=\"stale\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
