@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use prime_proto::metrics::{
-    duration_histogram, register_counter, token_histogram, Counter, Family, Gauge, Histogram,
-    Probes, Registry,
+    duration_histogram, register, register_counter, token_histogram, Counter, Family, Gauge,
+    Histogram, Probes, Registry,
 };
 
 use crate::run::BatchTimes;
@@ -109,7 +109,8 @@ impl ActorMetrics {
             "Work batches given up (weights or grades unobtainable, session lost, stopped).",
             self.abandoned_batches.clone(),
         );
-        r.register(
+        register(
+            &mut r,
             "prime_actor_weight_updates",
             "Policy weight versions applied, by how they arrived.",
             self.weight_updates.clone(),
@@ -126,32 +127,38 @@ impl ActorMetrics {
             "Tokens sampled, over all responses.",
             self.generated_tokens.clone(),
         );
-        r.register(
+        register(
+            &mut r,
             "prime_actor_groups",
             "Groups submitted, by the learner's answer.",
             self.groups.clone(),
         );
-        r.register(
+        register(
+            &mut r,
             "prime_actor_batch_phase_duration_seconds",
             "Time of each phase of a submitted batch.",
             self.phase_seconds.clone(),
         );
-        r.register(
+        register(
+            &mut r,
             "prime_actor_response_length_tokens",
             "Tokens of each response sampled.",
             self.response_tokens.clone(),
         );
-        r.register(
+        register(
+            &mut r,
             "prime_actor_registered",
             "1 while the actor holds a learner session, else 0.",
             self.registered_gauge.clone(),
         );
-        r.register(
+        register(
+            &mut r,
             "prime_actor_policy_version",
             "Policy version of the weights held (-1: none yet).",
             self.held_gauge.clone(),
         );
-        r.register(
+        register(
+            &mut r,
             "prime_actor_learner_policy_version",
             "The learner's current policy version as last heard (-1: not yet).",
             self.learner_gauge.clone(),

@@ -1,6 +1,8 @@
 //! The Prometheus exporter every role serves: typed `prometheus-client` instruments in one
-//! [`Registry`] per process, written as OpenMetrics text on `GET /metrics` by [`serve`], which
-//! also answers the liveness (`GET /healthz`) and readiness (`GET /readyz`) probes.
+//! [`Registry`] per process, written on `GET /metrics` by [`serve`], which also answers the
+//! liveness (`GET /healthz`) and readiness (`GET /readyz`) probes. A scraper that accepts
+//! OpenMetrics (Prometheus does) gets it; any other gets the Prometheus text format 0.0.4
+//! ([`to_prometheus_text`]), which `curl` users and the classic parsers read.
 //!
 //! Conventions (docs/metrics.md, "Prometheus"): names start with `prime_{role}_`; counters end
 //! in `_total`; durations are histograms in seconds (`_seconds`), sizes are histograms in their
@@ -26,6 +28,8 @@ pub use prometheus_client::registry::Registry;
 
 /// The content type of [`render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of [`to_prometheus_text`]'s text.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// A histogram of durations in seconds: 16 buckets from 1 ms growing by 2.5x (up to 15.5 min).
 pub fn duration_histogram() -> Histogram {
@@ -52,9 +56,20 @@ fn counter_base(name: &str) -> &str {
     name.strip_suffix("_total").unwrap_or(name)
 }
 
+/// Registers `metric` as `name` with the sentence `help` (`prometheus-client` adds the full
+/// stop itself, so one ending `help` is dropped).
+pub fn register(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: impl prometheus_client::registry::Metric,
+) {
+    registry.register(name, help.strip_suffix('.').unwrap_or(help), metric);
+}
+
 /// Registers `counter` as `name` (which ends in `_total`).
 pub fn register_counter(registry: &mut Registry, name: &str, help: &str, counter: Counter) {
-    registry.register(counter_base(name), help, counter);
+    register(registry, counter_base(name), help, counter);
 }
 
 /// A collector that reads its figures when scraped: `write` names each one on a [`Sink`].
@@ -185,6 +200,45 @@ pub fn render(registry: &Registry) -> String {
     text
 }
 
+/// OpenMetrics text (as [`render`] writes it) in the Prometheus text format 0.0.4: a counter's
+/// `# HELP` and `# TYPE` lines name its `_total` sample (OpenMetrics names the family without
+/// it), and the `# UNIT` and `# EOF` lines, which that format lacks, are left out.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let described = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match described {
+            Some(line) => out.push_str(line.trim_end()),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Whether an `Accept` header asks for OpenMetrics.
+fn wants_openmetrics(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
 fn probe(ok: bool) -> (StatusCode, &'static str) {
     if ok {
         (StatusCode::OK, "ok\n")
@@ -199,9 +253,17 @@ pub fn router(registry: Arc<Registry>, probes: Probes) -> axum::Router {
     axum::Router::new()
         .route(
             "/metrics",
-            get(move || {
+            get(move |headers: axum::http::HeaderMap| {
                 let registry = registry.clone();
-                async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(&registry)) }
+                async move {
+                    let text = render(&registry);
+                    if wants_openmetrics(&headers) {
+                        ([(header::CONTENT_TYPE, CONTENT_TYPE)], text)
+                    } else {
+                        let text = to_prometheus_text(&text);
+                        ([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], text)
+                    }
+                }
             }),
         )
         .route(
@@ -262,7 +324,12 @@ mod tests {
             counter.clone(),
         );
         let histogram = duration_histogram();
-        registry.register("prime_x_wait_seconds", "Waits.", histogram.clone());
+        register(
+            &mut registry,
+            "prime_x_wait_seconds",
+            "Waits.",
+            histogram.clone(),
+        );
         registry.register_collector(Box::new(Snapshot(|sink: &mut Sink<'_>| {
             sink.gauge("prime_x_level", "A level.", 2.5);
             sink.counters(
@@ -277,6 +344,8 @@ mod tests {
         histogram.observe(100.0);
         let text = render(&registry);
         for line in [
+            "# HELP prime_x_things Things.",
+            "# HELP prime_x_level A level.",
             "# TYPE prime_x_things counter",
             "prime_x_things_total 4",
             "# TYPE prime_x_wait_seconds histogram",
@@ -292,5 +361,21 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
         }
         assert!(text.ends_with("# EOF\n"));
+        let classic = to_prometheus_text(&text);
+        for line in [
+            "# HELP prime_x_things_total Things.",
+            "# TYPE prime_x_things_total counter",
+            "prime_x_things_total 4",
+            "# TYPE prime_x_groups_total counter",
+            "# TYPE prime_x_wait_seconds histogram",
+            "# TYPE prime_x_level gauge",
+        ] {
+            assert!(
+                classic.lines().any(|l| l == line),
+                "{line:?} not in\n{classic}"
+            );
+        }
+        assert!(!classic.contains("# EOF"));
+        assert_eq!(classic.lines().count(), text.lines().count() - 1);
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::grade::Outcome;
 use prime_proto::metrics::{
-    duration_histogram, register_counter, Counter, Gauge, Histogram, Registry,
+    duration_histogram, register, register_counter, Counter, Gauge, Histogram, Registry,
 };
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -142,17 +142,20 @@ impl Metrics {
             "Items that ended with an error.",
             self.errors.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
             "prime_verifier_queue_depth",
             "Items waiting for a grading slot.",
             self.queued.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
             "prime_verifier_in_flight",
             "Items being graded.",
             self.in_flight.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
             "prime_verifier_grade_duration_seconds",
             "Time an item took to grade once it had a slot.",
             self.latency.clone(),
