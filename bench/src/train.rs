@@ -1,14 +1,21 @@
-//! `prime bench train`: the end-to-end demo, timed. For each actor count the harness runs
-//! `prime train` (a verifier, a learner and N actors as processes on loopback) for a few
-//! PRIME steps from one supervised warm-up checkpoint, each in a fresh run directory with the
-//! same config and seed, and reads back what the run recorded:
+//! `prime bench train`: the end-to-end demo, timed. For each variant (an estimator, an actor
+//! count, a staleness bound and a seed) the harness runs `prime train` (a verifier, a learner
+//! and N actors as processes on loopback) for a few steps from one supervised warm-up
+//! checkpoint, each in a fresh run directory with the same config, and reads back what the
+//! run recorded:
 //!
 //! - the learner's `metrics.jsonl`: the PRIME phase's wall time (the learner's clock at the
 //!   last step), steps per hour, groups per second and the time split of each step: waiting
 //!   for rollouts, PRM update, policy update and the rest;
 //! - each actor's log (`logs/actor-N.log`, one "batch submitted" line per batch): its time
 //!   waiting for work, fetching weights, sampling, grading and submitting, and the tokens it
-//!   sampled.
+//!   sampled;
+//! - the evaluation after the last step: held-out accuracy at equal steps.
+//!
+//! Variants that differ only in the seed are summarised together (mean and standard
+//! deviation), and two ratios answer the step-cost questions directly: the learner's seconds
+//! per step of PRIME over RLOO, and steps per hour with a staleness bound over synchronous
+//! (staleness 0) runs.
 //!
 //! Held-out evaluation and periodic checkpoints are off during the timed steps
 //! (`learner.eval.every = 0`, `learner.checkpoint.every = 0`); the evaluation and checkpoint
@@ -43,10 +50,17 @@ pub struct TrainSettings {
     /// Run directory of the supervised warm-up (`sft/checkpoint`, `world/`): reused when its
     /// checkpoint exists, else made once with `prime sft`. Default `out_dir/warmup`.
     pub warmup_dir: Option<PathBuf>,
-    /// PRIME steps per actor count.
+    /// Steps per run.
     pub steps: u64,
-    /// Actor counts, one run each.
+    /// Actor counts, one run each (per estimator, staleness and seed).
     pub actors: Vec<usize>,
+    /// Advantage estimators (`learner.algo.estimator`: `prime`, `rloo`, ...); empty: the
+    /// config's.
+    pub estimators: Vec<String>,
+    /// Staleness bounds (`learner.rollout.max_staleness`); empty: the config's.
+    pub staleness: Vec<u64>,
+    /// Learner seeds (`learner.seed`); empty: the config's.
+    pub seeds: Vec<u64>,
     /// Torch threads of every process (`PRIME_THREADS`).
     pub threads: usize,
     /// `cpu`, `cuda` or `cuda:N` (learner and actors).
@@ -71,6 +85,80 @@ impl TrainSettings {
         ];
         all.extend(self.overrides.iter().cloned());
         all
+    }
+
+    /// Every run, in order: estimators outermost, then staleness bounds, actor counts and
+    /// seeds (so the runs one comparison needs sit next to each other).
+    pub fn variants(&self) -> Vec<Variant> {
+        fn or_config<T: Clone>(values: &[T]) -> Vec<Option<T>> {
+            if values.is_empty() {
+                vec![None]
+            } else {
+                values.iter().cloned().map(Some).collect()
+            }
+        }
+        let mut variants = Vec::new();
+        for estimator in or_config(&self.estimators) {
+            for staleness in or_config(&self.staleness) {
+                for &actors in &self.actors {
+                    for seed in or_config(&self.seeds) {
+                        variants.push(Variant {
+                            estimator: estimator.clone(),
+                            actors,
+                            staleness,
+                            seed,
+                        });
+                    }
+                }
+            }
+        }
+        variants
+    }
+}
+
+/// One timed run's settings beyond the shared config; `None` keeps the config's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Variant {
+    /// `learner.algo.estimator`.
+    pub estimator: Option<String>,
+    /// Actor processes.
+    pub actors: usize,
+    /// `learner.rollout.max_staleness`.
+    pub staleness: Option<u64>,
+    /// `learner.seed`.
+    pub seed: Option<u64>,
+}
+
+impl Variant {
+    /// The `--set` overrides that make this variant (after the harness's and the user's).
+    pub fn overrides(&self) -> Vec<String> {
+        let mut all = Vec::new();
+        if let Some(estimator) = &self.estimator {
+            all.push(format!("learner.algo.estimator={estimator}"));
+        }
+        if let Some(staleness) = self.staleness {
+            all.push(format!("learner.rollout.max_staleness={staleness}"));
+        }
+        if let Some(seed) = self.seed {
+            all.push(format!("learner.seed={seed}"));
+        }
+        all
+    }
+
+    /// The run directory's name: `actors-N`, with the estimator, staleness and seed when set.
+    pub fn dir_name(&self) -> String {
+        let mut name = String::new();
+        if let Some(estimator) = &self.estimator {
+            let _ = write!(name, "{estimator}-");
+        }
+        let _ = write!(name, "actors-{}", self.actors);
+        if let Some(staleness) = self.staleness {
+            let _ = write!(name, "-staleness-{staleness}");
+        }
+        if let Some(seed) = self.seed {
+            let _ = write!(name, "-seed-{seed}");
+        }
+        name
     }
 }
 
@@ -146,11 +234,17 @@ impl ActorSplit {
     }
 }
 
-/// One actor count.
+/// One timed run.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainRow {
     /// Actor processes.
     pub actors: usize,
+    /// The estimator the run trained with (the resolved config's).
+    pub estimator: String,
+    /// Its staleness bound (`learner.rollout.max_staleness`).
+    pub staleness: u64,
+    /// Its learner seed.
+    pub seed: u64,
     /// Step records in `metrics.jsonl`.
     pub steps: u64,
     /// The PRIME phase: from the learner being ready (models loaded, the run's start
@@ -172,8 +266,19 @@ pub struct TrainRow {
     pub groups_per_second: f64,
     /// Tokens the actors sampled for the timed steps per second of wall time.
     pub sampled_tokens_per_second: f64,
-    /// Steps per hour over the 1-actor run's (over the first run's without a 1-actor run).
+    /// Steps per hour over the 1-actor run's with the same estimator, staleness and seed (over
+    /// the first such run without a 1-actor run).
     pub speedup: f64,
+    /// The learner's mean seconds per step inside the step (`train_seconds`: reference, PRM,
+    /// old log-probs, advantages, policy and the untimed rest; no waiting for rollouts).
+    pub learner_step_seconds: f64,
+    /// Held-out accuracy of the evaluation after the last step (sampled at the configured
+    /// temperature).
+    pub final_accuracy: Option<f64>,
+    /// Its greedy accuracy, when evaluated.
+    pub final_greedy_accuracy: Option<f64>,
+    /// Problems in that evaluation.
+    pub final_problems: usize,
     /// The learner's time, summed over the steps.
     pub learner: LearnerSplit,
     /// The actors' time, summed over the actors.
@@ -205,8 +310,12 @@ pub struct TrainReport {
     pub batch_prompts: usize,
     /// Responses per group.
     pub samples_per_prompt: usize,
-    /// One row per actor count.
+    /// One row per run.
     pub rows: Vec<TrainRow>,
+    /// The runs that differ only in the seed, summarised.
+    pub summaries: Vec<SeedSummary>,
+    /// PRIME over RLOO, and staleness over synchronous, where the runs allow.
+    pub ratios: Vec<Ratio>,
 }
 
 impl TrainReport {
@@ -226,9 +335,12 @@ impl TrainReport {
         );
         let _ = writeln!(
             out,
-            "| actors | wall s | steps/h (after step 1) | groups/s | sampled tok/s | speed-up | per step: rollout wait / PRM / policy / other s | actors: wait / weights / sample / grade / submit % | load |"
+            "| estimator | staleness | seed | actors | wall s | steps/h (after step 1) | groups/s | sampled tok/s | speed-up | learner s/step | per step: rollout wait / PRM / policy / other s | actors: wait / weights / sample / grade / submit % | final acc (greedy) | load |"
         );
-        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---|---|---|");
+        let _ = writeln!(
+            out,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|"
+        );
         for r in &self.rows {
             let n = r.steps.max(1) as f64;
             let l = &r.learner;
@@ -237,7 +349,10 @@ impl TrainReport {
             let load = |v: Option<f64>| v.map_or_else(|| "?".into(), |v| format!("{v:.1}"));
             let _ = writeln!(
                 out,
-                "| {} | {:.1} | {:.0} ({}) | {:.2} | {:.0} | {:.2}x | {:.2} / {:.2} / {:.2} / {:.2} | {:.0} / {:.0} / {:.0} / {:.0} / {:.0} | {} -> {} |",
+                "| {} | {} | {} | {} | {:.1} | {:.0} ({}) | {:.2} | {:.0} | {:.2}x | {:.2} | {:.2} / {:.2} / {:.2} / {:.2} | {:.0} / {:.0} / {:.0} / {:.0} / {:.0} | {} | {} -> {} |",
+                r.estimator,
+                r.staleness,
+                r.seed,
                 r.actors,
                 r.wall_seconds,
                 r.steps_per_hour,
@@ -246,6 +361,7 @@ impl TrainReport {
                 r.groups_per_second,
                 r.sampled_tokens_per_second,
                 r.speedup,
+                r.learner_step_seconds,
                 l.rollout_wait / n,
                 l.prm_update / n,
                 l.policy_update / n,
@@ -255,11 +371,49 @@ impl TrainReport {
                 share(a.sampling),
                 share(a.grading),
                 share(a.submitting),
+                accuracy(r.final_accuracy, r.final_greedy_accuracy, r.final_problems),
                 load(r.load_before),
                 load(r.load_after),
             );
         }
+        if self.rows.len() > self.summaries.len() {
+            let _ = writeln!(out, "\nOver the seeds (mean ± sd):");
+            let _ = writeln!(
+                out,
+                "| estimator | staleness | actors | seeds | steps/h | learner s/step | wall s/step | final acc | final greedy acc |"
+            );
+            let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+            let pm = |(m, sd): (f64, f64), digits: usize| format!("{m:.digits$} ± {sd:.digits$}");
+            let pm_opt = |v: Option<(f64, f64)>| v.map_or_else(|| "-".into(), |v| pm(v, 3));
+            for s in &self.summaries {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    s.estimator,
+                    s.staleness,
+                    s.actors,
+                    s.seeds,
+                    pm(s.steps_per_hour, 0),
+                    pm(s.learner_step_seconds, 2),
+                    pm(s.wall_step_seconds, 2),
+                    pm_opt(s.final_accuracy),
+                    pm_opt(s.final_greedy_accuracy),
+                );
+            }
+        }
+        for r in &self.ratios {
+            let _ = writeln!(out, "{}: {:.2}x", r.what, r.value);
+        }
         out
+    }
+}
+
+/// `0.438 (0.500) of 16`, or `-` without a final evaluation.
+fn accuracy(sampled: Option<f64>, greedy: Option<f64>, problems: usize) -> String {
+    match (sampled, greedy) {
+        (None, _) => "-".into(),
+        (Some(s), None) => format!("{s:.3} of {problems}"),
+        (Some(s), Some(g)) => format!("{s:.3} ({g:.3}) of {problems}"),
     }
 }
 
@@ -315,24 +469,54 @@ pub fn run_train(settings: &TrainSettings) -> Result<TrainReport> {
         Some(run_warmup(settings, &config_path, &warmup_dir)?)
     };
 
-    let mut rows: Vec<TrainRow> = Vec::with_capacity(settings.actors.len());
-    for &actors in &settings.actors {
-        let run_dir = settings.out_dir.join(format!("actors-{actors}"));
+    let variants = settings.variants();
+    // Every variant's config must load before the first run starts.
+    let mut resolved = Vec::with_capacity(variants.len());
+    for variant in &variants {
+        let all: Vec<String> = overrides
+            .iter()
+            .cloned()
+            .chain(variant.overrides())
+            .collect();
+        let config = RunConfig::from_file_with_overrides(&config_path, &all)?;
+        config.learner.validate().map_err(|e| {
+            BenchError::Settings(format!(
+                "{} ({}): {e}",
+                config_path.display(),
+                variant.dir_name()
+            ))
+        })?;
+        resolved.push(config);
+    }
+    let mut rows: Vec<TrainRow> = Vec::with_capacity(variants.len());
+    for (i, (variant, config)) in variants.iter().zip(&resolved).enumerate() {
+        let run_dir = settings.out_dir.join(variant.dir_name());
         prepare_run_dir(&warmup_dir, &run_dir)?;
-        tracing::info!(actors, run_dir = %run_dir.display(), "timed run");
+        tracing::info!(
+            run = i + 1,
+            of = variants.len(),
+            run_dir = %run_dir.display(),
+            "timed run"
+        );
         let load_before = load_average();
-        let process_seconds = run_prime_train(settings, &config_path, &run_dir, actors)?;
+        let process_seconds = run_prime_train(settings, &config_path, &run_dir, variant)?;
         let load_after = load_average();
         let records = read_records(&run_dir.join("metrics.jsonl"))?;
-        let actor = read_actor_logs(&run_dir.join("logs"), actors, settings.steps)?;
-        let row = summarize(
-            actors,
+        let actor = read_actor_logs(&run_dir.join("logs"), variant.actors, settings.steps)?;
+        let mut row = summarize(
+            variant.actors,
             &records,
             actor,
             process_seconds,
             (load_before, load_after),
             &run_dir,
         )?;
+        row.estimator = serde_json::to_value(config.learner.algo.estimator)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        row.staleness = config.learner.rollout.max_staleness;
+        row.seed = config.learner.seed;
         tracing::info!(?row, "timed run done");
         rows.push(row);
     }
@@ -345,6 +529,8 @@ pub fn run_train(settings: &TrainSettings) -> Result<TrainReport> {
         warmup_seconds,
         batch_prompts: config.learner.rollout.batch_prompts,
         samples_per_prompt: config.learner.rollout.samples_per_prompt as usize,
+        summaries: summarize_seeds(&rows),
+        ratios: ratios(&summarize_seeds(&rows)),
         rows,
     })
 }
@@ -433,13 +619,14 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `prime train` with `actors` actors in `run_dir`; returns its seconds.
+/// `prime train` for `variant` in `run_dir`; returns its seconds.
 fn run_prime_train(
     settings: &TrainSettings,
     config: &Path,
     run_dir: &Path,
-    actors: usize,
+    variant: &Variant,
 ) -> Result<f64> {
+    let actors = variant.actors;
     let log = run_dir.join("train.log");
     let mut command = prime_command(settings, &log)?;
     command
@@ -454,10 +641,18 @@ fn run_prime_train(
             "--device",
             &settings.device,
         ]);
-    for o in settings.all_overrides() {
+    for o in settings
+        .all_overrides()
+        .into_iter()
+        .chain(variant.overrides())
+    {
         command.args(["--set", &o]);
     }
-    run_logged(command, &format!("prime train with {actors} actors"), &log)
+    run_logged(
+        command,
+        &format!("prime train ({})", variant.dir_name()),
+        &log,
+    )
 }
 
 fn read_records(path: &Path) -> Result<Vec<Record>> {
@@ -537,8 +732,15 @@ pub fn summarize(
         .fold(0.0, |total, seconds| total + seconds);
     let count = steps.len() as u64;
     let per_second = |x: f64| x / wall.max(1e-9);
+    let last_evaluation = records.iter().rev().find_map(|r| match r {
+        Record::Eval { step, evaluation } if *step == last.step => Some(evaluation),
+        _ => None,
+    });
     Ok(TrainRow {
         actors,
+        estimator: String::new(),
+        staleness: 0,
+        seed: 0,
         steps: count,
         wall_seconds: wall,
         start_seconds: start,
@@ -550,6 +752,10 @@ pub fn summarize(
         groups_per_second: per_second(steps.iter().map(|s| s.groups_seen as f64).sum()),
         sampled_tokens_per_second: per_second(actor.tokens as f64),
         speedup: 1.0,
+        learner_step_seconds: steps.iter().map(|s| s.train_seconds).sum::<f64>() / count as f64,
+        final_accuracy: last_evaluation.map(|e| e.accuracy),
+        final_greedy_accuracy: last_evaluation.and_then(|e| e.greedy_accuracy),
+        final_problems: last_evaluation.map_or(0, |e| e.problems),
         learner: learner_split(&steps, start, evaluation),
         actor,
         train_reward: steps.iter().map(|s| s.train_reward).sum::<f64>() / count as f64,
@@ -559,16 +765,147 @@ pub fn summarize(
     })
 }
 
-/// Sets each row's speed-up against the 1-actor row (the first row when there is none).
+/// Sets each row's speed-up against the 1-actor row with the same estimator, staleness and
+/// seed (the first such row when there is none).
 fn set_speedups(rows: &mut [TrainRow]) {
-    let base = rows
+    let same = |a: &TrainRow, b: &TrainRow| {
+        a.estimator == b.estimator && a.staleness == b.staleness && a.seed == b.seed
+    };
+    let bases: Vec<f64> = rows
         .iter()
-        .find(|r| r.actors == 1)
-        .or(rows.first())
-        .map_or(1.0, |r| r.steps_per_hour);
-    for row in rows {
+        .map(|row| {
+            let mut peers = rows.iter().filter(|r| same(r, row));
+            let first = peers.clone().next();
+            peers
+                .find(|r| r.actors == 1)
+                .or(first)
+                .map_or(1.0, |r| r.steps_per_hour)
+        })
+        .collect();
+    for (row, base) in rows.iter_mut().zip(bases) {
         row.speedup = row.steps_per_hour / base.max(1e-12);
     }
+}
+
+/// Mean and sample standard deviation (0 for one value).
+fn mean_sd(values: &[f64]) -> (f64, f64) {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// The runs that differ only in the seed, summarised.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SeedSummary {
+    /// The estimator.
+    pub estimator: String,
+    /// Actor processes.
+    pub actors: usize,
+    /// The staleness bound.
+    pub staleness: u64,
+    /// Seeds run.
+    pub seeds: usize,
+    /// Steps per hour: mean and standard deviation over the seeds.
+    pub steps_per_hour: (f64, f64),
+    /// The learner's seconds per step (inside the step): mean and standard deviation.
+    pub learner_step_seconds: (f64, f64),
+    /// Wall seconds per step (waiting for rollouts included): mean and standard deviation.
+    pub wall_step_seconds: (f64, f64),
+    /// Final held-out accuracy: mean and standard deviation over the seeds that evaluated.
+    pub final_accuracy: Option<(f64, f64)>,
+    /// Final greedy accuracy, the same way.
+    pub final_greedy_accuracy: Option<(f64, f64)>,
+}
+
+/// One [`SeedSummary`] per estimator, actor count and staleness bound, in the rows' order.
+pub fn summarize_seeds(rows: &[TrainRow]) -> Vec<SeedSummary> {
+    let mut keys: Vec<(String, usize, u64)> = Vec::new();
+    for r in rows {
+        let key = (r.estimator.clone(), r.actors, r.staleness);
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    keys.into_iter()
+        .map(|(estimator, actors, staleness)| {
+            let group: Vec<&TrainRow> = rows
+                .iter()
+                .filter(|r| {
+                    r.estimator == estimator && r.actors == actors && r.staleness == staleness
+                })
+                .collect();
+            let of = |f: &dyn Fn(&TrainRow) -> f64| {
+                mean_sd(&group.iter().map(|r| f(r)).collect::<Vec<_>>())
+            };
+            let of_some = |f: &dyn Fn(&TrainRow) -> Option<f64>| {
+                let values: Vec<f64> = group.iter().filter_map(|r| f(r)).collect();
+                (!values.is_empty()).then(|| mean_sd(&values))
+            };
+            SeedSummary {
+                seeds: group.len(),
+                steps_per_hour: of(&|r| r.steps_per_hour),
+                learner_step_seconds: of(&|r| r.learner_step_seconds),
+                wall_step_seconds: of(&|r| r.wall_seconds / r.steps.max(1) as f64),
+                final_accuracy: of_some(&|r| r.final_accuracy),
+                final_greedy_accuracy: of_some(&|r| r.final_greedy_accuracy),
+                estimator,
+                actors,
+                staleness,
+            }
+        })
+        .collect()
+}
+
+/// A ratio between two summaries that differ in one setting.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Ratio {
+    /// What is compared, e.g. `prime / rloo learner s/step, 2 actors, staleness 0`.
+    pub what: String,
+    /// The ratio of the means.
+    pub value: f64,
+}
+
+/// PRIME's learner and wall seconds per step over RLOO's (same actors and staleness), and
+/// steps per hour with each staleness bound above 0 over the synchronous runs' (same
+/// estimator and actors).
+pub fn ratios(summaries: &[SeedSummary]) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    for s in summaries.iter().filter(|s| s.estimator == "prime") {
+        if let Some(r) = summaries
+            .iter()
+            .find(|r| r.estimator == "rloo" && r.actors == s.actors && r.staleness == s.staleness)
+        {
+            let at = format!("{} actor(s), staleness {}", s.actors, s.staleness);
+            out.push(Ratio {
+                what: format!("prime / rloo learner s/step, {at}"),
+                value: s.learner_step_seconds.0 / r.learner_step_seconds.0.max(1e-12),
+            });
+            out.push(Ratio {
+                what: format!("prime / rloo wall s/step, {at}"),
+                value: s.wall_step_seconds.0 / r.wall_step_seconds.0.max(1e-12),
+            });
+        }
+    }
+    for s in summaries.iter().filter(|s| s.staleness > 0) {
+        if let Some(sync) = summaries
+            .iter()
+            .find(|r| r.staleness == 0 && r.estimator == s.estimator && r.actors == s.actors)
+        {
+            out.push(Ratio {
+                what: format!(
+                    "steps/h staleness {} / staleness 0, {}, {} actor(s)",
+                    s.staleness, s.estimator, s.actors
+                ),
+                value: s.steps_per_hour.0 / sync.steps_per_hour.0.max(1e-12),
+            });
+        }
+    }
+    out
 }
 
 /// The `key=value` fields of a log line (span fields included), values as written.
@@ -645,10 +982,12 @@ mod tests {
         assert_eq!(actor_split_from_log(&text, 5).batches, 3);
     }
 
-    #[test]
-    fn speedups_are_against_one_actor() {
-        let row = |actors, steps_per_hour| TrainRow {
+    fn row(actors: usize, steps_per_hour: f64) -> TrainRow {
+        TrainRow {
             actors,
+            estimator: "prime".into(),
+            staleness: 0,
+            seed: 0,
             steps: 1,
             wall_seconds: 1.0,
             start_seconds: 0.0,
@@ -658,16 +997,141 @@ mod tests {
             groups_per_second: 0.0,
             sampled_tokens_per_second: 0.0,
             speedup: 0.0,
+            learner_step_seconds: 0.0,
+            final_accuracy: None,
+            final_greedy_accuracy: None,
+            final_problems: 0,
             learner: LearnerSplit::default(),
             actor: ActorSplit::default(),
             train_reward: 0.0,
             load_before: None,
             load_after: None,
             run_dir: PathBuf::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn speedups_are_against_one_actor() {
         let mut rows = vec![row(2, 300.0), row(1, 200.0), row(4, 100.0)];
         set_speedups(&mut rows);
         let speedups: Vec<f64> = rows.iter().map(|r| r.speedup).collect();
         assert_eq!(speedups, [1.5, 1.0, 0.5]);
+    }
+
+    #[test]
+    fn speedups_compare_runs_of_the_same_estimator_staleness_and_seed() {
+        let with = |estimator: &str, staleness, actors, steps_per_hour| TrainRow {
+            estimator: estimator.into(),
+            staleness,
+            ..row(actors, steps_per_hour)
+        };
+        let mut rows = vec![
+            with("prime", 0, 1, 100.0),
+            with("prime", 0, 2, 150.0),
+            with("rloo", 0, 1, 200.0),
+            with("rloo", 0, 2, 500.0),
+            with("prime", 1, 2, 240.0),
+        ];
+        set_speedups(&mut rows);
+        let speedups: Vec<f64> = rows.iter().map(|r| r.speedup).collect();
+        // The staleness-1 run has no 1-actor peer: it is its own base.
+        assert_eq!(speedups, [1.0, 1.5, 1.0, 2.5, 1.0]);
+    }
+
+    #[test]
+    fn variants_cover_every_combination_in_order() {
+        let settings = TrainSettings {
+            prime: PathBuf::new(),
+            config: None,
+            overrides: vec![],
+            out_dir: PathBuf::new(),
+            warmup_dir: None,
+            steps: 1,
+            actors: vec![1, 2],
+            estimators: vec!["prime".into(), "rloo".into()],
+            staleness: vec![],
+            seeds: vec![0, 1],
+            threads: 1,
+            device: "cpu".into(),
+        };
+        let names: Vec<String> = settings.variants().iter().map(Variant::dir_name).collect();
+        assert_eq!(
+            names,
+            [
+                "prime-actors-1-seed-0",
+                "prime-actors-1-seed-1",
+                "prime-actors-2-seed-0",
+                "prime-actors-2-seed-1",
+                "rloo-actors-1-seed-0",
+                "rloo-actors-1-seed-1",
+                "rloo-actors-2-seed-0",
+                "rloo-actors-2-seed-1",
+            ]
+        );
+        assert_eq!(
+            settings.variants()[5].overrides(),
+            ["learner.algo.estimator=rloo", "learner.seed=1"]
+        );
+        let plain = TrainSettings {
+            estimators: vec![],
+            seeds: vec![],
+            staleness: vec![1],
+            actors: vec![4],
+            ..settings
+        };
+        let variants = plain.variants();
+        assert_eq!(variants.len(), 1);
+        assert_eq!(variants[0].dir_name(), "actors-4-staleness-1");
+        assert_eq!(variants[0].overrides(), ["learner.rollout.max_staleness=1"]);
+    }
+
+    #[test]
+    fn seeds_are_summarised_and_compared() {
+        let run = |estimator: &str, staleness, seed, steps_per_hour, step_s, acc| TrainRow {
+            estimator: estimator.into(),
+            staleness,
+            seed,
+            steps: 10,
+            wall_seconds: 36000.0 / steps_per_hour,
+            learner_step_seconds: step_s,
+            final_accuracy: Some(acc),
+            ..row(2, steps_per_hour)
+        };
+        let rows = vec![
+            run("prime", 0, 0, 100.0, 3.0, 0.5),
+            run("prime", 0, 1, 120.0, 5.0, 0.7),
+            run("rloo", 0, 0, 200.0, 2.0, 0.4),
+            run("prime", 1, 0, 165.0, 4.0, 0.6),
+        ];
+        let summaries = summarize_seeds(&rows);
+        assert_eq!(summaries.len(), 3);
+        let sync = &summaries[0];
+        assert_eq!((sync.estimator.as_str(), sync.seeds), ("prime", 2));
+        assert_eq!(sync.steps_per_hour.0, 110.0);
+        // Sample sd of {100, 120}: sqrt(200) = 14.142...
+        assert!((sync.steps_per_hour.1 - 200f64.sqrt()).abs() < 1e-12);
+        assert_eq!(sync.learner_step_seconds, (4.0, 2f64.sqrt()));
+        let (acc, acc_sd) = sync.final_accuracy.unwrap();
+        assert!((acc - 0.6).abs() < 1e-12 && (acc_sd - 0.02f64.sqrt()).abs() < 1e-12);
+        assert_eq!(sync.final_greedy_accuracy, None);
+        assert_eq!(summaries[1].steps_per_hour, (200.0, 0.0));
+
+        let ratios = ratios(&summaries);
+        let values: Vec<(&str, f64)> = ratios.iter().map(|r| (r.what.as_str(), r.value)).collect();
+        assert_eq!(values.len(), 3);
+        assert_eq!(
+            values[0],
+            ("prime / rloo learner s/step, 2 actor(s), staleness 0", 2.0)
+        );
+        // Wall s/step: prime (360 + 300) / 2 = 330 over rloo 180.
+        assert_eq!(
+            values[1].0,
+            "prime / rloo wall s/step, 2 actor(s), staleness 0"
+        );
+        assert!((values[1].1 - 330.0 / 180.0).abs() < 1e-12);
+        assert_eq!(
+            values[2],
+            ("steps/h staleness 1 / staleness 0, prime, 2 actor(s)", 1.5)
+        );
     }
 }

@@ -84,8 +84,12 @@ fn bench_train_reports_what_the_runs_recorded() {
         assert_eq!(row["actors"], actors);
         let run_dir = Path::new(row["run_dir"].as_str().unwrap());
         assert_eq!(run_dir, out.join(format!("actors-{actors}")));
+        assert_eq!(
+            (row["estimator"].as_str(), row["staleness"].as_u64()),
+            (Some("prime"), Some(0))
+        );
         assert!(
-            table.contains(&format!("\n| {actors} |")),
+            table.contains(&format!("\n| prime | 0 | 0 | {actors} |")),
             "no row for {actors} actors in:\n{table}"
         );
 
@@ -143,6 +147,11 @@ fn bench_train_reports_what_the_runs_recorded() {
             .sum();
         assert!(close(f(l, "rollout_wait"), rollout));
         assert!(close(f(l, "prm_update"), prm));
+        let train: f64 = records.iter().map(|r| f(r, "train_seconds")).sum();
+        assert!(close(f(row, "learner_step_seconds"), train / 2.0));
+        // The accuracy at equal steps is the evaluation after the last step.
+        assert_eq!(row["final_accuracy"], evals[1]["accuracy"]);
+        assert_eq!(row["final_problems"], evals[1]["problems"]);
 
         // The actors' logs account for every group trained on, and their timed parts for
         // the tokens they sampled.
@@ -164,4 +173,89 @@ fn bench_train_reports_what_the_runs_recorded() {
         f(&rows[1], "speedup"),
         f(&rows[1], "steps_per_hour") / f(&rows[0], "steps_per_hour")
     ));
+}
+
+/// Two estimators under a staleness bound: one run each, labelled by the resolved config,
+/// and PRIME's learner seconds per step over RLOO's reported from the runs' own records.
+#[test]
+fn bench_train_compares_estimators() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config_path = tmp.path().join("tiny.toml");
+    std::fs::write(&config_path, CONFIG).unwrap();
+    let config = prime_learner::RunConfig::from_file(&config_path).unwrap();
+    let warmup = tmp.path().join("warmup");
+    write_tiny_start_model(&warmup, &config, 3);
+    let (out, json) = (tmp.path().join("out"), tmp.path().join("report.json"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_prime"));
+    command
+        .args([
+            "--threads",
+            "1",
+            "bench",
+            "train",
+            "--steps",
+            "2",
+            "--actors",
+            "1",
+        ])
+        .args([
+            "--estimator",
+            "rloo,prime",
+            "--staleness",
+            "1",
+            "--seeds",
+            "7",
+        ])
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--warmup-dir")
+        .arg(&warmup)
+        .arg("--out-dir")
+        .arg(&out);
+    let (report, table) = run_report(command, &json);
+    let rows = report["rows"].as_array().unwrap();
+    let labels: Vec<(&str, u64, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["estimator"].as_str().unwrap(),
+                r["staleness"].as_u64().unwrap(),
+                r["seed"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(labels, [("rloo", 1, 7), ("prime", 1, 7)]);
+    let mut step_seconds = Vec::new();
+    for (row, name) in rows.iter().zip(["rloo", "prime"]) {
+        let run_dir = Path::new(row["run_dir"].as_str().unwrap());
+        assert_eq!(
+            run_dir,
+            out.join(format!("{name}-actors-1-staleness-1-seed-7"))
+        );
+        let records = step_records(run_dir);
+        assert_eq!(records.len(), 2);
+        let train: f64 = records.iter().map(|r| f(r, "train_seconds")).sum::<f64>() / 2.0;
+        assert!(close(f(row, "learner_step_seconds"), train));
+        step_seconds.push(train);
+        // RLOO does not train the PRM; PRIME does.
+        let prm_loss: f64 = records.iter().map(|r| f(r, "prm_loss").abs()).sum();
+        assert_eq!(
+            prm_loss > 0.0,
+            name == "prime",
+            "{name}: PRM loss {prm_loss}"
+        );
+    }
+    let ratios = report["ratios"].as_array().unwrap();
+    let learner = ratios
+        .iter()
+        .find(|r| r["what"] == "prime / rloo learner s/step, 1 actor(s), staleness 1")
+        .unwrap_or_else(|| panic!("no learner ratio in {ratios:?}"));
+    assert!(close(
+        f(learner, "value"),
+        step_seconds[1] / step_seconds[0]
+    ));
+    assert!(
+        table.contains("prime / rloo learner s/step, 1 actor(s), staleness 1: "),
+        "{table}"
+    );
 }

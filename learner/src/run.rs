@@ -148,6 +148,7 @@ pub fn open_run_grading(
             lease: Duration::from_secs(learner.rollout.lease_seconds),
             filter: learner.algo.filter.clone(),
             seed: learner.seed,
+            oversample: learner.rollout.oversample,
             max_outstanding_prompts: 0,
             vocab_size: trainer.models.policy.config.vocab_size,
             max_response_tokens: learner.rollout.max_response_tokens,

@@ -86,7 +86,13 @@ pub struct SchedulerConfig {
     pub filter: FilterConfig,
     /// Seed of the per-epoch prompt shuffles.
     pub seed: u64,
-    /// Most prompts out at once; 0 means 4·B.
+    /// Prompts sampled per round as a multiple of B (`learner.rollout.oversample`): with 0 for
+    /// `max_outstanding_prompts`, prompts out plus kept groups waiting stay under
+    /// `ceil(B · oversample)` per version the actors may sample for (1 on-policy,
+    /// `1 + max_staleness` otherwise), so an on-policy step hands out what it needs and a
+    /// filtered group's prompt is replaced as soon as it comes back.
+    pub oversample: f64,
+    /// Most prompts out at once (kept groups not counted); 0 means the bound above.
     pub max_outstanding_prompts: usize,
     /// Size of the models' vocabulary: a submitted token id must lie in `0..vocab_size`, so a
     /// bad actor's group is refused at the door instead of failing the step.
@@ -96,11 +102,27 @@ pub struct SchedulerConfig {
 }
 
 impl SchedulerConfig {
-    fn outstanding_cap(&self) -> usize {
+    /// Prompts of one round: `ceil(B · oversample)`.
+    fn round(&self) -> usize {
+        ((self.batch_groups as f64 * self.oversample).ceil() as usize).max(self.batch_groups)
+    }
+
+    /// Most prompts out (and, by default, kept groups waiting) at once.
+    fn allowance(&self) -> usize {
         match self.max_outstanding_prompts {
-            0 => 4 * self.batch_groups,
+            0 => self.round() * (1 + self.max_staleness.min(64) as usize),
             cap => cap,
         }
+    }
+
+    /// How many more prompts may be handed out with `outstanding` out and `buffered` kept
+    /// groups waiting for a batch.
+    fn room(&self, outstanding: usize, buffered: usize) -> usize {
+        let taken = match self.max_outstanding_prompts {
+            0 => outstanding + buffered,
+            _ => outstanding,
+        };
+        self.allowance().saturating_sub(taken)
     }
 
     fn validate(&self) -> Result<()> {
@@ -577,16 +599,19 @@ impl Scheduler {
             Some(last_seen) => *last_seen = now,
             None => return Pull::UnknownActor,
         }
-        let cap = self.config.outstanding_cap();
+        let room = self.config.room(self.outstanding.len(), self.buffer.len());
         let busy = (self.phase == Phase::Training && self.config.max_staleness == 0)
             || self.buffer.len() >= self.config.batch_groups
-            || self.outstanding.len() >= cap;
+            || room == 0;
         if busy {
             return Pull::Busy {
                 retry_after: RETRY_AFTER.min(self.config.lease / 2),
             };
         }
-        let count = max_prompts.max(1).min(cap - self.outstanding.len());
+        // One actor takes at most its share of the allowance, so a round is spread over the
+        // actors instead of queued behind the first to ask.
+        let share = self.config.allowance().div_ceil(self.actors.len().max(1));
+        let count = max_prompts.max(1).min(room).min(share);
         let items = (0..count).map(|_| self.hand_out(actor_id, now)).collect();
         Pull::Work {
             policy_version: self.policy_version,
@@ -1120,6 +1145,9 @@ mod tests {
             lease: Duration::from_secs(10),
             filter: FilterConfig::default(),
             seed: SEED,
+            // Four rounds' worth out at once, as the authors' recipe samples (spec §5.2), so
+            // the tests below can take surplus groups; `oversample_1_*` test the bound itself.
+            oversample: 4.0,
             max_outstanding_prompts: 0,
             vocab_size: 1000,
             max_response_tokens: 16,
@@ -1696,6 +1724,7 @@ mod tests {
     fn the_data_order_wraps_into_a_new_shuffle_each_epoch() {
         let t = Instant::now();
         let config = SchedulerConfig {
+            oversample: 1.0,
             max_outstanding_prompts: 100,
             ..config(1)
         };
@@ -1735,7 +1764,7 @@ mod tests {
         let mut s = Scheduler::new(prompts(50), config(2), None).unwrap();
         let actor = s.register("a", t);
         assert_eq!(items(s.pull(&actor, 5, t)).1.len(), 5);
-        assert_eq!(items(s.pull(&actor, 5, t)).1.len(), 3, "auto cap 4·B = 8");
+        assert_eq!(items(s.pull(&actor, 5, t)).1.len(), 3, "ceil(B · 4) = 8");
         assert!(is_busy(s.pull(&actor, 5, t)));
         assert_eq!(
             items(s.pull(&actor, 0, t + Duration::from_secs(10)))
@@ -1743,6 +1772,36 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn oversample_1_hands_out_one_round_and_refills_filtered_prompts() {
+        let t = Instant::now();
+        let config = SchedulerConfig {
+            oversample: 1.0,
+            ..config(4)
+        };
+        let mut s = Scheduler::new(prompts(50), config, None).unwrap();
+        let (a, b) = (s.register("a", t), s.register("b", t));
+        // A round of B = 4 prompts, split between the two actors.
+        let (_, for_a) = items(s.pull(&a, 8, t));
+        assert_eq!(for_a.len(), 2, "half a round each");
+        let (_, for_b) = items(s.pull(&b, 8, t));
+        assert_eq!(for_b.len(), 2);
+        assert!(is_busy(s.pull(&a, 8, t)), "nothing beyond the round");
+        // One group kept, one filtered out (all correct): the filtered prompt is replaced.
+        assert_eq!(s.submit(group(&for_a[0], &a, 0, 2), t), Submitted::Kept);
+        assert_eq!(s.submit(group(&for_a[1], &a, 0, 4), t), Submitted::Filtered);
+        let (_, again) = items(s.pull(&a, 8, t));
+        assert_eq!(again.len(), 1, "one kept + three out = a round");
+        assert!(is_busy(s.pull(&b, 8, t)));
+        for work in &for_b {
+            assert_eq!(s.submit(group(work, &b, 0, 2), t), Submitted::Kept);
+        }
+        assert_eq!(s.submit(group(&again[0], &a, 0, 2), t), Submitted::Kept);
+        let batch = s.take_batch().unwrap();
+        assert_eq!(batch.groups.len(), 4);
+        assert_eq!(batch.stats.surplus_requeued, 0, "nothing was sampled twice");
     }
 
     #[test]

@@ -113,6 +113,7 @@ impl Shared {
                 lease: Duration::from_secs(60),
                 filter: Default::default(),
                 seed: 0,
+                oversample: 1.0,
                 max_outstanding_prompts: 0,
                 vocab_size: 2,
                 max_response_tokens: 1,

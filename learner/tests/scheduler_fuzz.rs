@@ -127,6 +127,7 @@ proptest! {
             lease: Duration::from_secs(10),
             filter: FilterConfig::default(),
             seed: 3,
+            oversample: 1.0,
             max_outstanding_prompts: 0,
             vocab_size: VOCAB,
             max_response_tokens: MAX_TOKENS,

@@ -111,13 +111,27 @@ pub struct TrainBenchArgs {
     /// closing evaluation problems).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
-    /// PRIME steps per actor count, from the warm-up checkpoint.
+    /// Steps per run, from the warm-up checkpoint.
     #[arg(long, default_value_t = 10)]
     pub steps: u64,
     /// Actor counts, comma-separated; one fresh run each (same config and seed).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub actors: Vec<usize>,
-    /// Directory of the runs: actors-N/ per actor count (replaced) and warmup/.
+    /// Advantage estimators, comma-separated (e.g. `prime,rloo`); one run each per actor
+    /// count, with PRIME's learner seconds per step over RLOO's reported. Default: the
+    /// config's.
+    #[arg(long = "estimator", value_delimiter = ',')]
+    pub estimators: Vec<String>,
+    /// Staleness bounds (`learner.rollout.max_staleness`), comma-separated (e.g. `0,1`); one
+    /// run each, with steps per hour over the synchronous run's reported. Default: the config's.
+    #[arg(long, value_delimiter = ',')]
+    pub staleness: Vec<u64>,
+    /// Learner seeds, comma-separated (e.g. `0,1,2`); runs that differ only in the seed are
+    /// summarised as mean ± sd. Default: the config's.
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Vec<u64>,
+    /// Directory of the runs (one per variant, named like `prime-actors-2-staleness-1-seed-0`
+    /// with the parts given on the command line; replaced) and warmup/.
     #[arg(long, default_value = "runs/bench-train")]
     pub out_dir: PathBuf,
     /// Run directory of the supervised warm-up to start from (e.g. runs/demo after `make
@@ -146,6 +160,9 @@ fn run_train(args: TrainBenchArgs) -> Result<()> {
         warmup_dir: args.warmup_dir,
         steps: args.steps,
         actors: args.actors,
+        estimators: args.estimators,
+        staleness: args.staleness,
+        seeds: args.seeds,
         threads,
         device: args.device,
     };
