@@ -370,18 +370,19 @@ pub struct BacklogInputs {
     pub pass_rate: Option<f64>,
     /// Work handed out whose lease has not run out.
     pub live_leases: u64,
-    /// Most work items out at once (`max_outstanding_prompts`, by default 4·B).
-    pub cap: u64,
+    /// How many more items the scheduler would hand out now, leases that ran out not counted
+    /// as out (its allowance: `oversample`, `max_outstanding_prompts`).
+    pub room: u64,
 }
 
 /// The work the current step waits for: work items not leased yet plus leases that ran out,
 /// bounded by what the step still needs. The step needs `missing_groups / pass_rate` items
 /// (each item returns one group, and the filter keeps that share of them; before any group,
-/// one item per missing group; with a filter that kept nothing recently, as many as the cap
-/// allows), never more than the cap on work out. Unleased work never runs short (the data
-/// order wraps into a new pass), so the backlog is that need minus the live leases. Zero
-/// while no work is handed out; zero too when the live leases cover the need, i.e. when the
-/// actors keep up.
+/// one item per missing group; with a filter that kept nothing recently, all the room there
+/// is). Unleased work never runs short (the data order wraps into a new pass), so the backlog
+/// is that need minus the live leases, and never more than the scheduler would hand out now.
+/// Zero while no work is handed out; zero too when the live leases cover the need, i.e. when
+/// the actors keep up.
 pub fn work_backlog(inputs: BacklogInputs) -> u64 {
     if !inputs.handing_out || inputs.missing_groups == 0 {
         return 0;
@@ -389,9 +390,9 @@ pub fn work_backlog(inputs: BacklogInputs) -> u64 {
     let needed = match inputs.pass_rate {
         None => inputs.missing_groups,
         Some(rate) if rate > 0.0 => (inputs.missing_groups as f64 / rate.min(1.0)).ceil() as u64,
-        Some(_) => inputs.cap,
+        Some(_) => u64::MAX,
     };
-    needed.min(inputs.cap).saturating_sub(inputs.live_leases)
+    needed.saturating_sub(inputs.live_leases).min(inputs.room)
 }
 
 /// One drawing of a prompt from the data. Hand-outs of it (the first, and any after a lease
@@ -778,7 +779,7 @@ impl Scheduler {
             missing_groups: self.config.batch_groups.saturating_sub(self.buffer.len()) as u64,
             pass_rate: (!self.recent.is_empty()).then(|| passed as f64 / self.recent.len() as f64),
             live_leases: live_leases as u64,
-            cap: self.config.outstanding_cap() as u64,
+            room: self.config.room(live_leases, self.buffer.len()) as u64,
         });
         SchedulerStatus {
             policy_version: self.policy_version,
@@ -1276,7 +1277,7 @@ mod tests {
             missing_groups: missing,
             pass_rate,
             live_leases: live,
-            cap: 32,
+            room: 32,
         };
         // Before any group: one item per missing group.
         assert_eq!(work_backlog(inputs(8, None, 0)), 8);
@@ -1285,9 +1286,14 @@ mod tests {
         // Half the groups pass: 8 missing groups need 16 items; a third: ceil(24.000..) = 24.
         assert_eq!(work_backlog(inputs(8, Some(0.5), 4)), 12);
         assert_eq!(work_backlog(inputs(8, Some(1.0 / 3.0), 0)), 24);
-        // Bounded by the cap; a filter that kept nothing asks for all the cap allows.
-        assert_eq!(work_backlog(inputs(8, Some(0.1), 2)), 30);
-        assert_eq!(work_backlog(inputs(8, Some(0.0), 2)), 30);
+        // Bounded by the room left; a filter that kept nothing asks for all of it.
+        assert_eq!(work_backlog(inputs(8, Some(0.1), 2)), 32);
+        assert_eq!(work_backlog(inputs(8, Some(0.0), 2)), 32);
+        let little_room = BacklogInputs {
+            room: 5,
+            ..inputs(8, None, 0)
+        };
+        assert_eq!(work_backlog(little_room), 5);
         // Nothing when the step is complete or nothing is handed out.
         assert_eq!(work_backlog(inputs(0, Some(0.5), 0)), 0);
         let training = BacklogInputs {
