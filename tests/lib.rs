@@ -255,7 +255,6 @@ pub fn step_records(run_dir: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// One gauge of a Prometheus endpoint (`name` in full); `None` while it does not answer.
 /// Runs `command` (a `prime` benchmark) with `--json PATH` appended, asserts it succeeded,
 /// and returns the JSON report it wrote and the table it printed.
 pub fn run_report(mut command: Command, json: &Path) -> (Value, String) {
@@ -273,6 +272,8 @@ pub fn run_report(mut command: Command, json: &Path) -> (Value, String) {
     (report, String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// One sample of a Prometheus endpoint (`name` in full, labels included as exposed, e.g.
+/// `prime_learner_groups_total{outcome="kept"}`); `None` while it does not answer.
 pub fn gauge(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).ok()?;

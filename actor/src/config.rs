@@ -1,5 +1,6 @@
 //! What an actor needs to know to run: where the services are, where it samples, and how
 //! patient it is with them.
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -62,6 +63,9 @@ pub struct ActorConfig {
     /// Sample even a batch the memory plan says does not fit the GPU; without it an actor on
     /// CUDA stops at such a batch with the numbers and the `--max-prompts` that fits.
     pub force: bool,
+    /// Where the actor serves Prometheus metrics and its probes over HTTP (`/metrics`,
+    /// `/healthz`, `/readyz`; [`crate::telemetry`]); `None` serves none.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Largest chunk of a weight transfer, as the protocol fixes it.
@@ -100,6 +104,7 @@ impl ActorConfig {
             broadcast_wait: Duration::from_secs(5),
             kv_cache_gib: None,
             force: false,
+            metrics_listen: None,
         }
     }
 

@@ -5,7 +5,8 @@
 //!
 //! - [`run_actor`] is the loop (see [`run`] for the threads and the session rules).
 //! - [`rollout`] holds the pure steps of one batch, [`broadcast`] the follower of the
-//!   learner's weight broadcast and [`backoff`] the pauses between retries. The gRPC
+//!   learner's weight broadcast, [`telemetry`] the metrics and probes of the metrics port and
+//!   [`backoff`] the pauses between retries. The gRPC
 //!   plumbing is [`prime_proto::client`], the receiving end of a weight transfer
 //!   [`prime_model::transfer`].
 pub mod backoff;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod rollout;
 pub mod run;
+pub mod telemetry;
 
 pub use config::{ActorConfig, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES};
 pub use error::{ActorError, Result};

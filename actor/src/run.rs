@@ -31,6 +31,7 @@ use crate::rollout::{
     assemble_groups, batch_seed, grade_items, response_text, sample_rows, sampling_params,
     scores_from_grades,
 };
+use crate::telemetry::ActorMetrics;
 
 /// What an actor did, returned when it stops.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -131,6 +132,16 @@ pub fn run_actor(config: ActorConfig, stop: Arc<AtomicBool>) -> Result<ActorStat
         )?;
         (learner_client(learner), verifier_client(verifier))
     };
+    let metrics = Arc::new(ActorMetrics::default());
+    if let Some(addr) = config.metrics_listen {
+        runtime
+            .block_on(prime_proto::metrics::start(
+                addr,
+                Arc::new(metrics.registry()),
+                metrics.probes(),
+            ))
+            .map_err(|e| ActorError::Config(format!("metrics_listen {addr}: {e}")))?;
+    }
     // torch's default generator starts from a fixed seed in every process; unseeded sampling
     // must differ between actors and restarts.
     tch::manual_seed(rand::random::<i64>());
@@ -146,6 +157,7 @@ pub fn run_actor(config: ActorConfig, stop: Arc<AtomicBool>) -> Result<ActorStat
         follower: None,
         kv_budget: None,
         memory: MemoryCheck::default(),
+        metrics,
     };
     let result = actor.run();
     info!(stats = ?actor.stats, "actor stopped");
@@ -209,6 +221,8 @@ struct Actor {
     /// the memory libtorch keeps cached from earlier batches would count as taken too.
     kv_budget: Option<KvBudget>,
     memory: MemoryCheck,
+    /// What the metrics port exports.
+    metrics: Arc<ActorMetrics>,
 }
 
 /// What the actor's memory plan has been checked for (CUDA only).
@@ -240,6 +254,7 @@ impl Actor {
                 Ok(()) | Err(Halt::Stop) => return Ok(()),
                 Err(Halt::Fatal(e)) => return Err(e),
                 Err(Halt::Lost(e)) => {
+                    self.metrics.set_registered(false);
                     let delay = session_backoff.next_delay();
                     warn!(error = %e, ?delay, "learner session lost; registering again");
                     match self.sleep(delay) {
@@ -360,6 +375,8 @@ impl Actor {
             }
         };
         self.stats.registrations += 1;
+        self.metrics.set_registered(true);
+        self.metrics.learner_version(reply.policy_version);
         let model_config: Qwen2Config = serde_json::from_str(&reply.model_config_json)
             .map_err(|e| ActorError::Protocol(format!("model_config_json: {e}")))?;
         model_config
@@ -454,6 +471,7 @@ impl Actor {
             "built the policy"
         );
         self.policy = Some(Policy { lm, version: None });
+        self.metrics.held_version(None, None);
         Ok(())
     }
 
@@ -470,6 +488,7 @@ impl Actor {
             }
             self.check_stop()?;
             let batch = self.pull_work(session)?;
+            self.metrics.learner_version(batch.policy_version);
             if batch.items.is_empty() {
                 let wait = if batch.retry_after_ms > 0 {
                     Duration::from_millis(batch.retry_after_ms.into())
@@ -488,6 +507,7 @@ impl Actor {
             let _entered = span.enter();
             if let Err(halt) = self.roll_out(session, batch, idle_since.elapsed()) {
                 self.stats.abandoned_batches += 1;
+                self.metrics.abandoned();
                 return Err(halt);
             }
             idle_since = Instant::now();
@@ -578,6 +598,8 @@ impl Actor {
         let sampling_secs = time.sampling.as_secs_f64();
         self.stats.responses += generations.len() as u64;
         self.stats.generated_tokens += tokens as u64;
+        self.metrics
+            .sampled(generations.iter().map(|g| g.token_ids.len()));
         debug!(
             tokens,
             tokens_per_second = tokens as f64 / sampling_secs.max(1e-9),
@@ -606,6 +628,7 @@ impl Actor {
         time.submitting = submit_started.elapsed();
         self.stats.time.add(&time);
 
+        self.metrics.submitted(&time, &reply);
         self.stats.groups_submitted += submitted;
         self.stats.groups_accepted += u64::from(reply.accepted);
         self.stats.groups_duplicate += u64::from(reply.duplicates);
@@ -768,7 +791,9 @@ impl Actor {
             .expect("registration builds the policy");
         // A failed copy leaves the weights mixed: they belong to no version until the next.
         policy.version = None;
+        self.metrics.held_version(None, None);
         policy.version = Some(assembler.apply(&policy.lm.vs)?);
+        self.metrics.held_version(policy.version, Some("grpc"));
         self.stats.weight_fetches += 1;
         self.stats.policy_version = policy.version;
         info!(
@@ -791,6 +816,7 @@ impl Actor {
         let version = manifest.policy_version;
         // A failed copy leaves the weights mixed: they belong to no version until the next.
         policy.version = None;
+        self.metrics.held_version(None, None);
         policy.version = Some(match bytes {
             Received::Host(assembler) => {
                 assembler.check_target(&policy.lm.vs)?;
@@ -800,6 +826,7 @@ impl Actor {
                 prime_model::weights::apply_device_bytes(&manifest, &bytes, &policy.lm.vs)?
             }
         });
+        self.metrics.held_version(policy.version, Some("broadcast"));
         self.stats.weight_broadcasts += 1;
         self.stats.policy_version = policy.version;
         info!(

@@ -386,7 +386,8 @@ fn start_learner(
     }
 }
 
-/// The learner's Prometheus gauges (`prime_learner_*`), by name without the prefix.
+/// The learner's Prometheus samples (`prime_learner_*`), by name (labels included) without the
+/// prefix.
 fn scrape(metrics: SocketAddr) -> Result<LearnerCounters> {
     let fetch = || -> std::io::Result<String> {
         let mut stream = TcpStream::connect(metrics)?;
@@ -408,15 +409,16 @@ fn scrape(metrics: SocketAddr) -> Result<LearnerCounters> {
             .map(|v| v as u64)
             .ok_or_else(|| service_error("learner metrics", format!("no gauge {name}")))
     };
-    let filtered = gauge("groups_filtered")?;
+    let groups = |outcome: &str| gauge(&format!("groups_total{{outcome=\"{outcome}\"}}"));
+    let filtered = groups("filtered")?;
     Ok(LearnerCounters {
         steps: gauge("step")?,
-        accepted: gauge("groups_accepted")? + filtered,
+        accepted: groups("kept")? + filtered,
         filtered,
-        duplicates: gauge("groups_duplicate")?,
-        stale: gauge("groups_stale")?,
-        rejected: gauge("groups_rejected")?,
-        errors: gauge("errors")?,
+        duplicates: groups("duplicate")?,
+        stale: groups("stale")?,
+        rejected: groups("rejected")?,
+        errors: gauge("errors_total")?,
     })
 }
 

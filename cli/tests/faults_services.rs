@@ -91,16 +91,16 @@ fn read(path: &Path) -> String {
 /// Groups the learner has received in any category (kept, filtered, duplicate, stale,
 /// rejected).
 fn groups_received(metrics: SocketAddr) -> f64 {
-    [
-        "groups_accepted",
-        "groups_filtered",
-        "groups_duplicate",
-        "groups_stale",
-        "groups_rejected",
-    ]
-    .iter()
-    .map(|name| gauge(metrics, &format!("prime_learner_{name}")).expect("learner metrics"))
-    .sum()
+    ["kept", "filtered", "duplicate", "stale", "rejected"]
+        .iter()
+        .map(|name| {
+            gauge(
+                metrics,
+                &format!("prime_learner_groups_total{{outcome=\"{name}\"}}"),
+            )
+            .expect("learner metrics")
+        })
+        .sum()
 }
 
 /// A run directory with the tiny start model, and the paths the processes need.

@@ -305,7 +305,7 @@ fn hostile_clients_get_clear_errors_and_the_learner_keeps_count() {
             cut.submit_groups(request(stream, deadline())).await
         });
         tx.send(group(other, &actor, version)).await.unwrap();
-        let metrics_accepted = || learner_gauge(metrics, "groups_accepted");
+        let metrics_accepted = || learner_gauge(metrics, "groups_total{outcome=\"kept\"}");
         let start = Instant::now();
         while metrics_accepted() < 2.0 {
             assert!(
@@ -342,10 +342,16 @@ fn hostile_clients_get_clear_errors_and_the_learner_keeps_count() {
         assert_eq!(status.step, 0);
         // Two of the four groups a batch needs: still collecting.
         assert_eq!(status.phase, pb::LearnerPhase::Collecting as i32);
-        assert_eq!(learner_gauge(metrics, "groups_accepted"), 2.0);
-        assert_eq!(learner_gauge(metrics, "groups_duplicate"), 3.0);
         assert_eq!(
-            learner_gauge(metrics, "groups_rejected"),
+            learner_gauge(metrics, "groups_total{outcome=\"kept\"}"),
+            2.0
+        );
+        assert_eq!(
+            learner_gauge(metrics, "groups_total{outcome=\"duplicate\"}"),
+            3.0
+        );
+        assert_eq!(
+            learner_gauge(metrics, "groups_total{outcome=\"rejected\"}"),
             rejected_cases as f64
         );
     });

@@ -166,8 +166,8 @@ fn actors_learner_and_verifier_train_survive_kills_and_resume() {
     // The frozen actor's work comes back either when its lease runs out (reissued) or, when
     // actor 1 completes the batch first, when the batch cancels work still out (its prompts go
     // back to the front of the queue).
-    let reissued = gauge(metrics, "prime_learner_work_reissued").unwrap_or(0.0)
-        + gauge(metrics, "prime_learner_work_cancelled").unwrap_or(0.0);
+    let reissued = gauge(metrics, "prime_learner_work_reissued_total").unwrap_or(0.0)
+        + gauge(metrics, "prime_learner_work_cancelled_total").unwrap_or(0.0);
     let connected = gauge(metrics, "prime_learner_connected_actors").unwrap_or(0.0);
 
     // Kill the learner; resume it on the same address; actor 1 reconnects.

@@ -136,6 +136,8 @@ pub struct Broadcaster {
     token: Option<String>,
     state: Mutex<State>,
     wake: Condvar,
+    /// Seconds of each completed round, forming the group included (for Prometheus).
+    round_seconds: prime_proto::metrics::Histogram,
 }
 
 impl std::fmt::Debug for Broadcaster {
@@ -231,6 +233,7 @@ impl Broadcaster {
                 stop: false,
             }),
             wake: Condvar::new(),
+            round_seconds: prime_proto::metrics::duration_histogram(),
         })
     }
 
@@ -249,6 +252,11 @@ impl Broadcaster {
         state.latest = published;
         state.published_at = Instant::now();
         self.wake.notify_all();
+    }
+
+    /// Seconds of each completed round so far.
+    pub fn round_seconds(&self) -> &prime_proto::metrics::Histogram {
+        &self.round_seconds
     }
 
     /// The figures so far.
@@ -412,6 +420,7 @@ impl Broadcaster {
                     state.stats.rounds += 1;
                     state.stats.bytes_sent += published.bytes.len() as u64;
                     state.stats.last_round_seconds = started.elapsed().as_secs_f64();
+                    self.round_seconds.observe(state.stats.last_round_seconds);
                     tracing::info!(
                         policy_version = version,
                         epoch,

@@ -342,6 +342,9 @@ pub struct SchedulerStatus {
     pub phase: Phase,
     /// Prompts waiting: not yet drawn in this pass, plus the queue.
     pub pending_prompts: u64,
+    /// Work the current step still waits for that no actor holds a live lease on: see
+    /// [`work_backlog`]. What the actors' autoscaler follows.
+    pub work_backlog: u64,
     /// Work handed out with a live lease.
     pub in_flight: u64,
     /// Kept groups waiting for a batch.
@@ -354,6 +357,42 @@ pub struct SchedulerStatus {
     pub data_epoch: u64,
     /// Running totals.
     pub counters: Counters,
+}
+
+/// What [`work_backlog`] is computed from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BacklogInputs {
+    /// Whether work for the step is handed out now (not while an on-policy learner trains).
+    pub handing_out: bool,
+    /// Kept groups the step still lacks (B minus those buffered).
+    pub missing_groups: u64,
+    /// Share of recent groups the filter kept; `None` before the first group.
+    pub pass_rate: Option<f64>,
+    /// Work handed out whose lease has not run out.
+    pub live_leases: u64,
+    /// How many more items the scheduler would hand out now, leases that ran out not counted
+    /// as out (its allowance: `oversample`, `max_outstanding_prompts`).
+    pub room: u64,
+}
+
+/// The work the current step waits for: work items not leased yet plus leases that ran out,
+/// bounded by what the step still needs. The step needs `missing_groups / pass_rate` items
+/// (each item returns one group, and the filter keeps that share of them; before any group,
+/// one item per missing group; with a filter that kept nothing recently, all the room there
+/// is). Unleased work never runs short (the data order wraps into a new pass), so the backlog
+/// is that need minus the live leases, and never more than the scheduler would hand out now.
+/// Zero while no work is handed out; zero too when the live leases cover the need, i.e. when
+/// the actors keep up.
+pub fn work_backlog(inputs: BacklogInputs) -> u64 {
+    if !inputs.handing_out || inputs.missing_groups == 0 {
+        return 0;
+    }
+    let needed = match inputs.pass_rate {
+        None => inputs.missing_groups,
+        Some(rate) if rate > 0.0 => (inputs.missing_groups as f64 / rate.min(1.0)).ceil() as u64,
+        Some(_) => u64::MAX,
+    };
+    needed.saturating_sub(inputs.live_leases).min(inputs.room)
 }
 
 /// One drawing of a prompt from the data. Hand-outs of it (the first, and any after a lease
@@ -730,10 +769,23 @@ impl Scheduler {
             .filter(|&&last_seen| now.saturating_duration_since(last_seen) < timeout)
             .count();
         let passed = self.recent.iter().filter(|&&kept| kept).count();
+        let live_leases = self
+            .outstanding
+            .values()
+            .filter(|id| self.works[*id].deadline > now)
+            .count();
+        let backlog = work_backlog(BacklogInputs {
+            handing_out: self.phase == Phase::Collecting || self.config.max_staleness > 0,
+            missing_groups: self.config.batch_groups.saturating_sub(self.buffer.len()) as u64,
+            pass_rate: (!self.recent.is_empty()).then(|| passed as f64 / self.recent.len() as f64),
+            live_leases: live_leases as u64,
+            room: self.config.room(live_leases, self.buffer.len()) as u64,
+        });
         SchedulerStatus {
             policy_version: self.policy_version,
             phase: self.phase,
             pending_prompts: self.prompts.len() as u64 - self.data_cursor + self.queue.len() as u64,
+            work_backlog: backlog,
             in_flight: self.outstanding.len() as u64,
             groups_buffered: self.buffer.len() as u64,
             connected_actors: connected as u32,
@@ -1216,6 +1268,82 @@ mod tests {
         assert_eq!(status.counters.filtered, seen - kept.len() as u64);
         assert_eq!(status.phase, Phase::Training);
         assert_eq!(status.groups_buffered, 0);
+    }
+
+    #[test]
+    fn the_backlog_is_what_the_step_needs_minus_live_leases() {
+        let inputs = |missing, pass_rate, live| BacklogInputs {
+            handing_out: true,
+            missing_groups: missing,
+            pass_rate,
+            live_leases: live,
+            room: 32,
+        };
+        // Before any group: one item per missing group.
+        assert_eq!(work_backlog(inputs(8, None, 0)), 8);
+        assert_eq!(work_backlog(inputs(8, None, 5)), 3);
+        assert_eq!(work_backlog(inputs(8, None, 9)), 0, "the actors keep up");
+        // Half the groups pass: 8 missing groups need 16 items; a third: ceil(24.000..) = 24.
+        assert_eq!(work_backlog(inputs(8, Some(0.5), 4)), 12);
+        assert_eq!(work_backlog(inputs(8, Some(1.0 / 3.0), 0)), 24);
+        // Bounded by the room left; a filter that kept nothing asks for all of it.
+        assert_eq!(work_backlog(inputs(8, Some(0.1), 2)), 32);
+        assert_eq!(work_backlog(inputs(8, Some(0.0), 2)), 32);
+        let little_room = BacklogInputs {
+            room: 5,
+            ..inputs(8, None, 0)
+        };
+        assert_eq!(work_backlog(little_room), 5);
+        // Nothing when the step is complete or nothing is handed out.
+        assert_eq!(work_backlog(inputs(0, Some(0.5), 0)), 0);
+        let training = BacklogInputs {
+            handing_out: false,
+            ..inputs(8, None, 0)
+        };
+        assert_eq!(work_backlog(training), 0);
+    }
+
+    #[test]
+    fn the_backlog_rises_under_backlog_and_falls_when_actors_keep_up() {
+        let t = Instant::now();
+        let lease = Duration::from_secs(10);
+        let mut s = Scheduler::new(prompts(40), config(4), None).unwrap();
+        let a = s.register("a", t);
+        let backlog = |s: &Scheduler, at| s.status(at).work_backlog;
+        // The data set holds 40 prompts, but the step waits for 4 groups.
+        assert_eq!(s.status(t).pending_prompts, 40);
+        assert_eq!(backlog(&s, t), 4);
+        let (_, first) = items(s.pull(&a, 3, t));
+        assert_eq!(backlog(&s, t), 1);
+        let (_, second) = items(s.pull(&a, 1, t));
+        assert_eq!(backlog(&s, t), 0, "four items out cover the step");
+        // The actor falls silent: once its leases run out, the work waits again (before and
+        // after `expire` queues it).
+        assert_eq!(backlog(&s, t + lease - Duration::from_millis(1)), 0);
+        assert_eq!(backlog(&s, t + lease), 4);
+        s.expire(t + lease);
+        assert_eq!(backlog(&s, t + lease), 4);
+        // Late groups still count (first one wins): 2 kept and 2 filtered, so half pass and
+        // the 2 missing groups need 4 more items.
+        let later = t + lease + Duration::from_secs(1);
+        for (work, correct) in first.iter().chain(&second).zip([2, 0, 2, 4]) {
+            s.submit(group(work, &a, 0, correct), later);
+        }
+        assert_eq!(s.status(later).groups_buffered, 2);
+        assert_eq!(s.status(later).filter_pass_rate, 0.5);
+        assert_eq!(backlog(&s, later), 4);
+        let (_, third) = items(s.pull(&a, 3, later));
+        assert_eq!(backlog(&s, later), 1);
+        for work in &third {
+            s.submit(group(work, &a, 0, 2), later);
+        }
+        // B kept groups: nothing is needed, and nothing while the learner trains.
+        assert_eq!(backlog(&s, later), 0);
+        s.take_batch().unwrap();
+        assert_eq!(backlog(&s, later), 0);
+        // The next version: a whole step is waiting again (4 groups at a pass rate of 5/7).
+        s.publish(1);
+        assert_eq!(backlog(&s, later), (4.0_f64 * 7.0 / 5.0).ceil() as u64);
     }
 
     #[test]

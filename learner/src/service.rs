@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use prime_model::transfer::{manifest_to_proto, Published};
 use prime_model::weights::{encode_var_store, DEFAULT_CHUNK_BYTES};
 use prime_model::CausalLm;
+use prime_proto::metrics::{duration_histogram, token_histogram, Histogram, Registry, Sink};
 use prime_proto::v1 as pb;
 use prime_proto::v1::learner_server::{Learner, LearnerServer};
 use prime_verifier::service::ability_to_proto;
@@ -28,11 +29,30 @@ use crate::trainer::{StepRecord, Trainer};
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
 /// Live figures for `Status` and Prometheus.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Live {
     step: AtomicU64,
     errors: AtomicU64,
     tokens_per_second_milli: AtomicU64,
+    /// Seconds of each step's training (after its batch was complete).
+    train_seconds: Histogram,
+    /// Seconds each step waited for its batch (rollouts, grading, submission).
+    rollout_seconds: Histogram,
+    /// Tokens of each response in the groups submitted.
+    response_tokens: Histogram,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Self {
+            step: AtomicU64::default(),
+            errors: AtomicU64::default(),
+            tokens_per_second_milli: AtomicU64::default(),
+            train_seconds: duration_histogram(),
+            rollout_seconds: duration_histogram(),
+            response_tokens: token_histogram(),
+        }
+    }
 }
 
 /// State shared by the handlers and the compute loop.
@@ -167,128 +187,139 @@ impl Shared {
         }
     }
 
-    /// Prometheus text of the status figures and the scheduler's counters.
-    pub fn prometheus_text(&self) -> String {
+    /// A registry of the learner's metrics (docs/metrics.md, "Prometheus"), read from the
+    /// scheduler and the compute loop at each scrape.
+    pub fn registry(self: &Arc<Self>) -> Registry {
+        let mut registry = Registry::default();
+        let shared = self.clone();
+        registry.register_collector(Box::new(prime_proto::metrics::Snapshot(
+            move |sink: &mut Sink<'_>| shared.write_metrics(sink),
+        )));
+        registry
+    }
+
+    fn write_metrics(&self, out: &mut Sink<'_>) {
         let s = self.status();
         let scheduler = self.scheduler().status(Instant::now());
-        let c = scheduler.counters;
-        let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, value: f64| {
-            out.push_str(&format!(
-                "# HELP prime_learner_{name} {help}\n# TYPE prime_learner_{name} gauge\nprime_learner_{name} {value}\n"
-            ));
-        };
-        gauge(
-            "policy_version",
+        let c = &scheduler.counters;
+        out.gauge(
+            "prime_learner_policy_version",
             "Current policy version.",
             s.policy_version as f64,
         );
-        gauge("step", "RL iterations done.", s.step as f64);
-        gauge(
-            "pending_prompts",
-            "Prompts waiting to be handed out.",
+        out.gauge("prime_learner_step", "RL iterations done.", s.step as f64);
+        out.gauge(
+            "prime_learner_work_backlog",
+            "Work items the current step still needs that no actor holds a live lease on \
+             (not handed out yet or lease expired); the actors' autoscaling metric.",
+            scheduler.work_backlog as f64,
+        );
+        out.gauge(
+            "prime_learner_pending_prompts",
+            "Prompts not drawn yet in this pass over the data, plus prompts queued again.",
             s.pending_prompts as f64,
         );
-        gauge(
-            "in_flight",
-            "Prompts handed out and not yet returned.",
+        out.gauge(
+            "prime_learner_in_flight",
+            "Work items handed out and not yet returned.",
             scheduler.in_flight as f64,
         );
-        gauge(
-            "groups_buffered",
+        out.gauge(
+            "prime_learner_groups_buffered",
             "Kept groups waiting for the next step.",
             s.groups_buffered as f64,
         );
-        gauge(
-            "connected_actors",
-            "Actors seen within three leases.",
+        out.gauge(
+            "prime_learner_connected_actors",
+            "Actors heard from within three leases.",
             f64::from(s.connected_actors),
         );
-        gauge(
-            "tokens_per_second",
+        out.gauge(
+            "prime_learner_tokens_per_second",
             "Sampled tokens per second of the last step.",
             s.tokens_per_second,
         );
-        gauge(
-            "filter_pass_rate",
-            "Share of recent groups the filter kept.",
+        out.gauge(
+            "prime_learner_filter_pass_rate",
+            "Share of the recent groups (up to 256) the filter kept.",
             s.filter_pass_rate,
         );
-        gauge("errors", "Failed steps or requests.", s.errors as f64);
-        gauge(
-            "groups_accepted",
-            "Groups accepted (kept or filtered).",
-            c.accepted as f64,
+        out.counter("prime_learner_errors_total", "Failed steps.", s.errors);
+        out.counters(
+            "prime_learner_groups_total",
+            "Groups submitted, by what became of them.",
+            "outcome",
+            &[
+                ("kept", c.accepted),
+                ("filtered", c.filtered),
+                ("duplicate", c.duplicates),
+                ("stale", c.stale),
+                ("rejected", c.rejected),
+            ],
         );
-        gauge(
-            "groups_filtered",
-            "Groups dropped by the filter.",
-            c.filtered as f64,
+        out.counter(
+            "prime_learner_work_reissued_total",
+            "Work items whose lease ran out; their prompts were queued again.",
+            c.reissued,
         );
-        gauge(
-            "groups_duplicate",
-            "Resubmitted groups ignored.",
-            c.duplicates as f64,
+        out.counter(
+            "prime_learner_work_cancelled_total",
+            "Work items out when their version ran out; their prompts were queued again.",
+            c.cancelled,
         );
-        gauge(
-            "groups_stale",
-            "Groups from an old policy version, dropped.",
-            c.stale as f64,
+        out.histogram(
+            "prime_learner_train_duration_seconds",
+            "Training time of each step, once its batch was complete.",
+            &self.live.train_seconds,
         );
-        gauge(
-            "groups_rejected",
-            "Malformed or unknown groups.",
-            c.rejected as f64,
+        out.histogram(
+            "prime_learner_rollout_duration_seconds",
+            "Time each step waited for its batch of kept groups.",
+            &self.live.rollout_seconds,
         );
-        gauge(
-            "work_reissued",
-            "Work items handed out again after their lease.",
-            c.reissued as f64,
-        );
-        gauge(
-            "work_cancelled",
-            "Work items out when their batch completed; their prompts were queued again.",
-            c.cancelled as f64,
+        out.histogram(
+            "prime_learner_response_length_tokens",
+            "Tokens of each response in the groups the learner judged.",
+            &self.live.response_tokens,
         );
         if let Some(broadcaster) = self.broadcaster.get() {
             let b = broadcaster.stats();
-            gauge(
-                "broadcast_rounds",
+            out.counter(
+                "prime_learner_broadcast_rounds_total",
                 "Weight broadcasts completed.",
-                b.rounds as f64,
+                b.rounds,
             );
-            gauge(
-                "broadcast_failed_rounds",
+            out.counter(
+                "prime_learner_broadcast_failed_rounds_total",
                 "Weight broadcasts failed (their members fetched over gRPC).",
-                b.failed_rounds as f64,
+                b.failed_rounds,
             );
-            gauge(
-                "broadcast_groups",
+            out.counter(
+                "prime_learner_broadcast_groups_total",
                 "Weight broadcast groups formed.",
-                b.groups as f64,
+                b.groups,
             );
-            gauge(
-                "broadcast_members",
+            out.counter(
+                "prime_learner_broadcast_sent_bytes_total",
+                "Bytes the learner sent in weight broadcasts.",
+                b.bytes_sent,
+            );
+            out.gauge(
+                "prime_learner_broadcast_members",
                 "Actors in the last weight broadcast.",
                 b.members as f64,
             );
-            gauge(
-                "broadcast_waiting",
+            out.gauge(
+                "prime_learner_broadcast_waiting",
                 "Actors waiting for the next weight broadcast.",
                 b.waiting as f64,
             );
-            gauge(
-                "broadcast_bytes_sent",
-                "Bytes the learner sent in weight broadcasts.",
-                b.bytes_sent as f64,
-            );
-            gauge(
-                "broadcast_last_round_seconds",
-                "Seconds the last weight broadcast took, forming the group included.",
-                b.last_round_seconds,
+            out.histogram(
+                "prime_learner_broadcast_duration_seconds",
+                "Time of each completed weight broadcast, forming the group included.",
+                broadcaster.round_seconds(),
             );
         }
-        out
     }
 }
 
@@ -430,7 +461,15 @@ impl Learner for LearnerService {
             let group = group?;
             let group_id = group.group_id.clone();
             let outcome = match group_from_proto(group) {
-                Ok(group) => self.shared.scheduler().submit(group, Instant::now()),
+                Ok(group) => {
+                    for response in &group.scored.responses {
+                        self.shared
+                            .live
+                            .response_tokens
+                            .observe(response.ids.len() as f64);
+                    }
+                    self.shared.scheduler().submit(group, Instant::now())
+                }
                 Err(reason) => self.shared.scheduler().reject(&group_id, reason),
             };
             match outcome {
@@ -643,14 +682,14 @@ pub fn run_learner(
         .local_addr()
         .map_err(LearnerError::io(options.listen.to_string()))?;
     if let Some(metrics_addr) = options.metrics_listen {
-        let metrics_listener = runtime
-            .block_on(tokio::net::TcpListener::bind(metrics_addr))
+        let registry = Arc::new(shared.registry());
+        runtime
+            .block_on(prime_proto::metrics::start(
+                metrics_addr,
+                registry,
+                prime_proto::metrics::Probes::default(),
+            ))
             .map_err(LearnerError::io(metrics_addr.to_string()))?;
-        let shared = shared.clone();
-        runtime.spawn(prime_verifier::service::serve_prometheus(
-            metrics_listener,
-            move || shared.prometheus_text(),
-        ));
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = {
@@ -723,6 +762,8 @@ fn compute_loop(
                 .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(prm));
         }
         shared.live.step.store(trainer.step, Ordering::Relaxed);
+        shared.live.rollout_seconds.observe(record.rollout_seconds);
+        shared.live.train_seconds.observe(record.train_seconds);
         shared.live.tokens_per_second_milli.store(
             (record.tokens_per_second * 1000.0) as u64,
             Ordering::Relaxed,

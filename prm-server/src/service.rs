@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use prime_model::transfer::{open_transfer, receive_chunks};
 use prime_model::weights::{WeightAssembler, DEFAULT_CHUNK_BYTES};
 use prime_model::{CausalLm, Tokenizer};
+use prime_proto::metrics::{
+    count_histogram, duration_histogram, Histogram, Registry, Sink, Snapshot,
+};
 use prime_proto::v1 as pb;
 use prime_proto::v1::prm_server_server::{PrmServer, PrmServerServer};
 use tch::{Device, Kind};
@@ -73,7 +76,7 @@ pub struct FollowConfig {
 pub use prime_proto::auth::ListenOptions;
 
 /// Live figures for `Status` and Prometheus.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Live {
     responses: AtomicU64,
     tokens: AtomicU64,
@@ -85,10 +88,33 @@ struct Live {
     /// `(finished at, latency, response tokens)` of recent requests.
     recent: Mutex<VecDeque<(Instant, Duration, u64)>>,
     recent_batches: Mutex<VecDeque<u64>>,
+    /// Seconds of each request answered.
+    latency: Histogram,
+    /// Responses in each device batch.
+    batch_sizes: Histogram,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Self {
+            responses: AtomicU64::default(),
+            tokens: AtomicU64::default(),
+            errors: AtomicU64::default(),
+            queued: AtomicU64::default(),
+            batches: AtomicU64::default(),
+            batch_max: AtomicU64::default(),
+            prm_version: AtomicU64::default(),
+            recent: Mutex::default(),
+            recent_batches: Mutex::default(),
+            latency: duration_histogram(),
+            batch_sizes: count_histogram(),
+        }
+    }
 }
 
 impl Live {
     fn record(&self, started: Instant, tokens: u64) {
+        self.latency.observe(started.elapsed().as_secs_f64());
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() == RECENT {
             recent.pop_front();
@@ -99,6 +125,7 @@ impl Live {
     fn record_batch(&self, responses: u64) {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.batch_max.fetch_max(responses, Ordering::Relaxed);
+        self.batch_sizes.observe(responses as f64);
         let mut recent = self
             .recent_batches
             .lock()
@@ -411,82 +438,55 @@ impl PrmService {
         }
     }
 
-    /// Prometheus text of the status figures.
-    pub fn prometheus_text(&self) -> String {
-        let s = self.status();
-        let rows: [(&str, &str, &str, f64); 11] = [
-            (
+    /// A registry of the server's metrics (docs/metrics.md, "Prometheus"), read at each
+    /// scrape.
+    pub fn registry(&self) -> Registry {
+        let mut registry = Registry::default();
+        let live = self.engine.live.clone();
+        registry.register_collector(Box::new(Snapshot(move |out: &mut Sink<'_>| {
+            let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+            out.counter(
                 "prime_prm_responses_scored_total",
-                "counter",
                 "Responses scored.",
-                s.responses_scored as f64,
-            ),
-            (
+                load(&live.responses),
+            );
+            out.counter(
                 "prime_prm_tokens_scored_total",
-                "counter",
                 "Response tokens scored.",
-                s.tokens_scored as f64,
-            ),
-            (
+                load(&live.tokens),
+            );
+            out.counter(
                 "prime_prm_errors_total",
-                "counter",
                 "Requests answered with an error.",
-                s.errors as f64,
-            ),
-            (
-                "prime_prm_queue_depth",
-                "gauge",
-                "Responses waiting for the model.",
-                s.queue_depth as f64,
-            ),
-            (
-                "prime_prm_tokens_per_second",
-                "gauge",
-                "Response tokens per second over recent requests.",
-                s.tokens_per_second,
-            ),
-            (
-                "prime_prm_latency_p50_seconds",
-                "gauge",
-                "Median request latency over recent requests.",
-                s.latency_p50_ms / 1e3,
-            ),
-            (
-                "prime_prm_latency_p99_seconds",
-                "gauge",
-                "99th-percentile request latency over recent requests.",
-                s.latency_p99_ms / 1e3,
-            ),
-            (
+                load(&live.errors),
+            );
+            out.counter(
                 "prime_prm_batches_total",
-                "counter",
                 "Device batches run.",
-                s.batches as f64,
-            ),
-            (
-                "prime_prm_batch_size_mean",
-                "gauge",
-                "Mean responses per batch over recent batches.",
-                s.batch_size_mean,
-            ),
-            (
-                "prime_prm_batch_size_max",
-                "gauge",
-                "Largest batch so far, in responses.",
-                s.batch_size_max as f64,
-            ),
-            (
+                load(&live.batches),
+            );
+            out.gauge(
+                "prime_prm_queue_depth",
+                "Responses waiting for the model.",
+                load(&live.queued) as f64,
+            );
+            out.gauge(
                 "prime_prm_version",
-                "gauge",
                 "Learner version of the PRM weights served (0: loaded from disk).",
-                s.prm_version as f64,
-            ),
-        ];
-        rows.iter()
-            .map(|(name, kind, help, value)| {
-                format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n")
-            })
-            .collect()
+                load(&live.prm_version) as f64,
+            );
+            out.histogram(
+                "prime_prm_request_duration_seconds",
+                "Time of each ProcessRewards or BestOfN request answered.",
+                &live.latency,
+            );
+            out.histogram(
+                "prime_prm_batch_size_responses",
+                "Responses in each device batch.",
+                &live.batch_sizes,
+            );
+        })));
+        registry
     }
 
     /// Counts a finished request.
@@ -752,17 +752,13 @@ pub fn start(
         .map_err(PrmError::io(listen.listen.to_string()))?;
     let metrics_addr = match listen.metrics_listen {
         Some(metrics) => {
-            let metrics_listener = runtime
-                .block_on(tokio::net::TcpListener::bind(metrics))
+            let bound = runtime
+                .block_on(prime_proto::metrics::start(
+                    metrics,
+                    Arc::new(service.registry()),
+                    prime_proto::metrics::Probes::default(),
+                ))
                 .map_err(PrmError::io(metrics.to_string()))?;
-            let bound = metrics_listener
-                .local_addr()
-                .map_err(PrmError::io(metrics.to_string()))?;
-            let service = service.clone();
-            runtime.spawn(prime_verifier::service::serve_prometheus(
-                metrics_listener,
-                move || service.prometheus_text(),
-            ));
             Some(bound)
         }
         None => None,

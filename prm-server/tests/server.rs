@@ -554,7 +554,9 @@ fn text_steps_health_token_and_metrics() {
     let metrics = {
         use std::io::{Read, Write};
         let mut socket = std::net::TcpStream::connect(server.metrics_addr.unwrap()).unwrap();
-        socket.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        socket
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
         let mut text = String::new();
         socket.read_to_string(&mut text).unwrap();
         text

@@ -868,9 +868,13 @@ class ChartTest(unittest.TestCase):
         self.assertEqual((hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]), (4, 32))
         # the HPA owns the replica count: the Deployment leaves it out so upgrades don't reset it
         self.assertNotIn("replicas", actor["spec"])
-        # its metric is one the learner exports
+        # its metric is the learner's backlog gauge, exported and documented under that name
         metric = hpa["spec"]["metrics"][0]["external"]["metric"]["name"]
-        self.assertIn(f'"{metric.removeprefix("prime_learner_")}"', (REPO / "learner/src/service.rs").read_text())
+        self.assertEqual(metric, "prime_learner_work_backlog")
+        self.assertIn(f'"{metric}"', (REPO / "learner/src/service.rs").read_text())
+        self.assertIn(f"| `{metric}` | gauge |", (REPO / "docs/metrics.md").read_text())
+        # a backlog is what no actor holds yet: the count scales by backlog / target
+        self.assertEqual(hpa["spec"]["metrics"][0]["external"]["target"]["type"], "Value")
         self.assertEqual(self.rendered["defaults"].all("HorizontalPodAutoscaler"), [])
 
     def test_grpc_health_probes(self):
@@ -889,9 +893,29 @@ class ChartTest(unittest.TestCase):
                     self.assertIn(grpc["service"], proto_services)
                     self.assertEqual(listen_port(flag(c["args"], "--listen")), grpc["port"])
 
+    def test_actor_http_probes(self):
+        for case in ["defaults", "everything-on"]:
+            c = container(self.rendered[case].component("actor"))
+            port = port_number(c, "metrics")
+            self.assertEqual(listen_port(flag(c["args"], "--metrics-listen")), port)
+            for probe, path in [("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]:
+                with self.subTest(case=case, probe=probe):
+                    self.assertEqual(c[probe]["httpGet"], {"path": path, "port": port})
+                    self.assertNotIn("grpc", c[probe])
+                    timing = self.rendered[case].values["actors"][probe]
+                    self.assertEqual(c[probe]["periodSeconds"], timing["periodSeconds"])
+                    self.assertEqual(c[probe]["failureThreshold"], timing["failureThreshold"])
+        # the paths are the ones the actor serves
+        self.assertIn('"/readyz"', (REPO / "proto/src/metrics.rs").read_text())
+        self.assertIn('"/healthz"', (REPO / "proto/src/metrics.rs").read_text())
+        moved = Rendered({"actors": {"metricsPort": 9200}}, self.chart)
+        c = container(moved.component("actor"))
+        self.assertEqual(c["readinessProbe"]["httpGet"]["port"], 9200)
+        self.assertEqual(flag(c["args"], "--metrics-listen"), "0.0.0.0:9200")
+
     def test_metrics_are_scraped(self):
         rendered = self.rendered["everything-on"]
-        for component in ["learner", "verifier", "prm-server"]:
+        for component in ["learner", "actor", "verifier", "prm-server"]:
             w = rendered.component(component)
             c = container(w)
             annotations = w["spec"]["template"]["metadata"]["annotations"]
@@ -910,8 +934,13 @@ class ChartTest(unittest.TestCase):
         ]
         self.assertEqual(
             {s["metadata"]["name"] for s in scraped},
-            {f"{RELEASE}-prime-learner", f"{RELEASE}-prime-verifier", f"{RELEASE}-prime-prm-server"},
+            {f"{RELEASE}-prime-learner", f"{RELEASE}-prime-actor", f"{RELEASE}-prime-verifier", f"{RELEASE}-prime-prm-server"},
         )
+        # the actors' Service is headless and lists actors that are not ready (fetching weights)
+        actors = rendered.one("Service", f"{RELEASE}-prime-actor")
+        self.assertEqual(actors["spec"]["clusterIP"], "None")
+        self.assertTrue(actors["spec"]["publishNotReadyAddresses"])
+        self.assertTrue(selects(actors["spec"]["selector"], rendered.component("actor")["spec"]["template"]["metadata"]["labels"]))
 
     def test_docs_set_flags_are_valid(self):
         """Every `--set` in docs/deploy.md parses as Helm parses it and passes the schema."""

@@ -7,7 +7,6 @@ use prime_proto::auth::ServerAuth;
 use prime_proto::v1 as pb;
 use prime_proto::v1::verifier_server::{Verifier, VerifierServer};
 use std::pin::Pin;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -212,36 +211,12 @@ pub async fn serve_secure(
         .map_err(|e| VerifierError::Unavailable(format!("server failed: {e}")))
 }
 
-/// Serves the grader's Prometheus metrics on `listener`, forever.
+/// Serves the grader's Prometheus metrics (and the probes) on `listener`, forever.
 pub async fn serve_metrics(listener: tokio::net::TcpListener, grader: Grader) {
-    serve_prometheus(listener, move || grader.metrics().prometheus_text()).await
-}
-
-/// Serves Prometheus text from `render` (`GET /metrics`; any path answers) on `listener`,
-/// forever. Every prime-rs service exports its metrics this way.
-pub async fn serve_prometheus(
-    listener: tokio::net::TcpListener,
-    render: impl Fn() -> String + Send + Sync + 'static,
-) {
-    let render = std::sync::Arc::new(render);
-    loop {
-        let Ok((mut socket, _)) = listener.accept().await else {
-            continue;
-        };
-        let render = render.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            // Only the request line matters; a slow or huge request is not waited for.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), socket.read(&mut buf))
-                .await;
-            let body = render();
-            let reply = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(reply.as_bytes()).await;
-            let _ = socket.shutdown().await;
-        });
+    let registry = std::sync::Arc::new(grader.metrics().registry());
+    let probes = prime_proto::metrics::Probes::default();
+    if let Err(e) = prime_proto::metrics::serve(listener, registry, probes).await {
+        tracing::warn!(error = %e, "the metrics server stopped");
     }
 }
 

@@ -120,6 +120,10 @@ pub struct ActorArgs {
     /// fits.
     #[arg(long)]
     pub force: bool,
+    /// Prometheus metrics and probes listen address (HTTP: `/metrics`, `/healthz` alive,
+    /// `/readyz` registered and holding the current weights); off when not given.
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl ActorArgs {
@@ -144,6 +148,7 @@ impl ActorArgs {
         config.broadcast_wait = Duration::from_secs_f64(self.broadcast_wait_secs);
         config.kv_cache_gib = self.kv_cache_gib;
         config.force = self.force;
+        config.metrics_listen = self.metrics_listen;
         Ok(config)
     }
 }

@@ -101,6 +101,20 @@ SERVING (both start with the server).
 {{- toYaml $probes -}}
 {{- end -}}
 
+{{/*
+HTTP probes on a metrics port (the actors': they serve no gRPC): start-up and liveness ask
+/healthz, readiness /readyz. Call with (dict "values" .Values.x "port" N).
+*/}}
+{{- define "prime.httpProbes" -}}
+{{- $probes := dict -}}
+{{- range $probe := list "startupProbe" "readinessProbe" "livenessProbe" -}}
+{{- $timing := get $.values $probe -}}
+{{- $path := ternary "/readyz" "/healthz" (eq $probe "readinessProbe") -}}
+{{- $_ := set $probes $probe (dict "httpGet" (dict "path" $path "port" (int $.port)) "periodSeconds" $timing.periodSeconds "failureThreshold" $timing.failureThreshold) -}}
+{{- end -}}
+{{- toYaml $probes -}}
+{{- end -}}
+
 {{/* Prometheus scrape annotations plus the component's own; call with (dict "ctx" $ "values" .Values.x "port" N). */}}
 {{- define "prime.podAnnotations" -}}
 {{- $annotations := deepCopy (default dict .values.podAnnotations) -}}
