@@ -111,15 +111,15 @@ fn bench_train_reports_what_the_runs_recorded() {
         let records = step_records(run_dir);
         assert_eq!(records.len(), 2, "the benchmark asks for 2 steps");
         assert_eq!(row["steps"], 2);
-        let start = f(&evals[0], "wall_seconds") + f(&evals[0], "seconds");
+        let start = f(&evals[0], "timing_s/eval_wall") + f(&evals[0], "timing_s/eval");
         assert!(close(f(row, "start_seconds"), start));
         let wall = f(row, "wall_seconds");
-        assert!(close(wall, f(&records[1], "wall_seconds") - start));
+        assert!(close(wall, f(&records[1], "timing_s/wall") - start));
         assert!(f(row, "process_seconds") > wall);
         assert!(close(f(row, "steps_per_hour"), 2.0 * 3600.0 / wall));
-        let second_step = f(&records[1], "wall_seconds") - f(&records[0], "wall_seconds");
+        let second_step = f(&records[1], "timing_s/wall") - f(&records[0], "timing_s/wall");
         assert!(close(f(row, "steady_steps_per_hour"), 3600.0 / second_step));
-        let groups_seen: f64 = records.iter().map(|r| f(r, "groups_seen")).sum();
+        let groups_seen: f64 = records.iter().map(|r| f(r, "batch/groups_seen")).sum();
         assert!(groups_seen >= 8.0, "two batches of 4 groups");
         assert!(close(f(row, "groups_per_second"), groups_seen / wall));
 
