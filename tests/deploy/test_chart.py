@@ -844,6 +844,9 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(self.pod_failure_action(job, 1), "Count")
         self.assertEqual(self.pod_failure_action(job, 70), "Count")
         self.assertEqual(spec["backoffLimit"], rendered.values["learner"]["job"]["backoffLimit"])
+        notes = rendered.manifests["prime/templates/NOTES.txt"]
+        self.assertIn(f"Job {job['metadata']['name']}", notes)
+        self.assertIn(f"batch.kubernetes.io/job-name={job['metadata']['name']},batch.kubernetes.io/job-completion-index=0", notes)
         disruption = [r for r in spec["podFailurePolicy"]["rules"] if "onPodConditions" in r]
         self.assertEqual([(r["action"], r["onPodConditions"][0]["type"]) for r in disruption], [("Ignore", "DisruptionTarget")])
         # ... and the real binary exits with them: a config it refuses, a peer that is down
