@@ -156,6 +156,14 @@ fn json_logs_are_one_object_per_line() {
     .unwrap();
     let output = dir.path().join("out.jsonl");
     let (i, o) = (input.to_str().unwrap(), output.to_str().unwrap());
+    let prime = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_prime"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("PRIME_LOG_FORMAT")
+            .output()
+            .expect("prime runs")
+    };
     let lines = |out: &Output| -> Vec<serde_json::Value> {
         String::from_utf8_lossy(&out.stderr)
             .lines()
@@ -164,7 +172,11 @@ fn json_logs_are_one_object_per_line() {
     };
 
     let out = prime(&["--log-format", "json", "grade", "--input", i, "--output", o]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let events = lines(&out);
     let graded = events
         .iter()
@@ -177,14 +189,28 @@ fn json_logs_are_one_object_per_line() {
     // the failure is a JSON line too, with its exit status
     let missing = dir.path().join("missing.jsonl");
     let out = prime(&[
-        "grade", "--log-format", "json", "--input", missing.to_str().unwrap(), "--output", o,
+        "grade",
+        "--log-format",
+        "json",
+        "--input",
+        missing.to_str().unwrap(),
+        "--output",
+        o,
     ]);
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let events = lines(&out);
     let last = events.last().expect("an error event");
     assert_eq!(last["level"], "ERROR");
     assert_eq!(last["fields"]["exit_status"], 2);
-    assert!(last["fields"]["message"].as_str().unwrap().contains("missing.jsonl"));
+    assert!(last["fields"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("missing.jsonl"));
 
     // text by default
     let out = prime(&["grade", "--input", i, "--output", o]);
