@@ -56,16 +56,37 @@ impl ExitClass {
 #[error("{0}")]
 pub struct BadInput(pub String);
 
+/// A failure the CLI itself knows to be retryable (a child process that exited with
+/// [`RETRYABLE`]), with the message shown.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Retryable(pub String);
+
+/// The class of a process's exit status (another `prime`'s): [`BAD_INPUT`] and [`RETRYABLE`]
+/// keep theirs, anything else is fatal.
+pub fn class_of_status(code: i32) -> ExitClass {
+    match code {
+        BAD_INPUT => ExitClass::BadInput,
+        RETRYABLE => ExitClass::Retryable,
+        _ => ExitClass::Fatal,
+    }
+}
+
 /// The class of an error: the strongest class of any cause in its chain (retryable over bad
 /// input over fatal).
 pub fn classify(error: &anyhow::Error) -> ExitClass {
-    let marked = error
-        .downcast_ref::<BadInput>()
-        .map(|_| ExitClass::BadInput);
+    let marked = [
+        error
+            .downcast_ref::<BadInput>()
+            .map(|_| ExitClass::BadInput),
+        error
+            .downcast_ref::<Retryable>()
+            .map(|_| ExitClass::Retryable),
+    ];
     error
         .chain()
         .map(link_class)
-        .chain(marked)
+        .chain(marked.into_iter().flatten())
         .max()
         .unwrap_or(ExitClass::Fatal)
 }
@@ -128,6 +149,9 @@ fn model_class(error: &ModelError) -> ExitClass {
 fn link_class(link: &(dyn std::error::Error + 'static)) -> ExitClass {
     if link.is::<BadInput>() {
         return ExitClass::BadInput;
+    }
+    if link.is::<Retryable>() {
+        return ExitClass::Retryable;
     }
     if let Some(e) = link.downcast_ref::<LearnerError>() {
         return match e {
@@ -259,6 +283,15 @@ mod tests {
             class(std::io::Error::from(std::io::ErrorKind::PermissionDenied)),
             1
         );
+    }
+
+    #[test]
+    fn a_child_process_keeps_its_class() {
+        assert_eq!(class_of_status(2), ExitClass::BadInput);
+        assert_eq!(class_of_status(75), ExitClass::Retryable);
+        assert_eq!(class_of_status(1), ExitClass::Fatal);
+        assert_eq!(class_of_status(70), ExitClass::Fatal);
+        assert_eq!(class(anyhow::Error::new(Retryable("learner".into()))), 75);
     }
 
     #[test]

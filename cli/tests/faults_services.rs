@@ -353,6 +353,7 @@ fn a_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_stops_the_learn
     let learner_args = |resume_until: Option<&'static str>| {
         let mut args = vec![
             "learner".to_string(),
+            "serve".into(),
             "--config".into(),
             s(&run.config).into(),
             "--run-dir".into(),

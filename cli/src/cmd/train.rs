@@ -183,12 +183,19 @@ fn exited_child(children: &mut Children) -> Result<Option<(String, std::process:
 }
 
 /// The error of a child that ended the run, with what its log says.
+/// Why the run stops: a child's exit, with the tail of its log; `prime train` then exits with
+/// the child's class (a child's bad input or retryable failure is the run's).
 fn child_failed(name: &str, status: std::process::ExitStatus, logs: &Path) -> anyhow::Error {
-    anyhow::anyhow!(
+    let message = format!(
         "the {name} exited with {status}, so the run stops; from {}:\n{}",
         logs.join(format!("{name}.log")).display(),
         log_tail(&logs.join(format!("{name}.log")))
-    )
+    );
+    match status.code().map(crate::exit::class_of_status) {
+        Some(crate::exit::ExitClass::BadInput) => crate::exit::BadInput(message).into(),
+        Some(crate::exit::ExitClass::Retryable) => crate::exit::Retryable(message).into(),
+        _ => anyhow::Error::msg(message),
+    }
 }
 
 fn read_records(path: &Path) -> Vec<Record> {
