@@ -76,6 +76,15 @@ pub const ABILITY_PREFIX: &str = "val/accuracy/";
 /// `val/test_score/<data_source>`, as verl names the per-source score.
 pub const SOURCE_PREFIX: &str = "val/test_score/";
 
+/// The keys of figures a record may lack (`Option` fields): `null` there means not measured.
+/// Any other `null` is a number JSON cannot hold (NaN or an infinity).
+pub const OPTIONAL_KEYS: &[&str] = &[
+    "actor/sampler_logprob_gap",
+    "actor/behavior_weight_mean",
+    "actor/behavior_weight_truncated",
+    "val/greedy_accuracy",
+];
+
 /// The fields every record keeps unrenamed.
 const PLAIN: &[&str] = &["kind", "step"];
 
@@ -182,11 +191,16 @@ pub fn structured(mut keys: Map<String, Value>) -> Result<Map<String, Value>, St
 }
 
 /// The numeric figures of a namespaced record as TensorBoard scalars (every key but `kind`
-/// and `step`; a figure the step did not measure, `null`, is left out).
+/// and `step`): a figure the step did not measure ([`OPTIONAL_KEYS`] at `null`) is left out,
+/// any other `null` (JSON's NaN) is shown as NaN.
 pub fn scalars(keys: &Map<String, Value>) -> Vec<(String, f64)> {
     keys.iter()
         .filter(|(key, _)| !PLAIN.contains(&key.as_str()))
-        .filter_map(|(key, value)| value.as_f64().map(|v| (key.clone(), v)))
+        .filter_map(|(key, value)| match value {
+            Value::Null if OPTIONAL_KEYS.contains(&key.as_str()) => None,
+            Value::Null => Some((key.clone(), f64::NAN)),
+            other => other.as_f64().map(|v| (key.clone(), v)),
+        })
         .collect()
 }
 
@@ -231,8 +245,19 @@ mod tests {
         assert_eq!(Value::Object(structured(keys.clone()).unwrap()), fields);
         let mut tb = scalars(&keys);
         tb.sort_by(|a, b| a.0.cmp(&b.0));
+        // greedy_accuracy was not measured: no scalar
         assert_eq!(tb.len(), 7, "{tb:?}");
         assert!(tb.contains(&("val/test_score/numina_olympiads".into(), 0.5)));
+    }
+
+    #[test]
+    fn a_nan_figure_stays_nan_and_an_unmeasured_one_is_left_out() {
+        let keys = json!({"kind": "step", "step": 2, "actor/pg_loss": null,
+                          "actor/sampler_logprob_gap": null, "critic/score/mean": 0.5});
+        let tb = scalars(keys.as_object().unwrap());
+        assert_eq!(tb.len(), 2, "{tb:?}");
+        assert!(tb.iter().any(|(k, v)| k == "actor/pg_loss" && v.is_nan()));
+        assert!(tb.contains(&("critic/score/mean".into(), 0.5)));
     }
 
     #[test]

@@ -513,7 +513,14 @@ impl Trainer {
         let line = serde_json::to_string(&record).expect("records serialise");
         writeln!(file, "{line}").map_err(LearnerError::io(&path))?;
         if self.tensorboard.is_none() {
-            self.tensorboard = Some(EventWriter::create(&self.paths.tensorboard())?);
+            // The first step this process writes anew: a step record's own, or the one after
+            // an evaluation (a resumed run evaluates at its checkpoint's step, whose records
+            // the crashed run wrote and which stay).
+            let first_step = match &record {
+                Record::Step(r) => r.step,
+                Record::Eval { step, .. } => step + 1,
+            };
+            self.tensorboard = Some(EventWriter::create(&self.paths.tensorboard(), first_step)?);
         }
         let (step, scalars) = record.scalars();
         if let Some(writer) = self.tensorboard.as_mut() {
@@ -613,6 +620,27 @@ mod tests {
             assert_eq!(keys[key].as_f64(), Some(*value), "{key}");
         }
         assert_eq!(scalars.len(), keys.as_object().unwrap().len() - 2);
+    }
+
+    #[test]
+    fn only_unmeasured_figures_are_null() {
+        // Options left unset serialise as null: each must be a key the TensorBoard scalars
+        // know as optional, or a NaN would be told apart from "not measured" wrongly.
+        let mut record = step_record();
+        record.metrics = StepMetrics::default();
+        let eval = Record::Eval {
+            step: 1,
+            evaluation: serde_json::from_value(json!({"accuracy": 0.5, "greedy_accuracy": null,
+                                                     "problems": 2, "seconds": 1.0}))
+            .unwrap(),
+        };
+        for record in [Record::Step(Box::new(record)), eval] {
+            for (key, value) in record.keys() {
+                if value.is_null() {
+                    assert!(record_keys::OPTIONAL_KEYS.contains(&key.as_str()), "{key}");
+                }
+            }
+        }
     }
 
     #[test]
