@@ -218,6 +218,10 @@ fn link_class(link: &(dyn std::error::Error + 'static)) -> ExitClass {
         if retryable_io(e) {
             return ExitClass::Retryable;
         }
+        // a file or directory the command was given that is not there
+        if e.kind() == std::io::ErrorKind::NotFound {
+            return ExitClass::BadInput;
+        }
     }
     ExitClass::Fatal
 }
@@ -247,6 +251,11 @@ mod tests {
         assert_eq!(class(ActorError::Config("max_prompts 0".into())), 2);
         assert_eq!(class(ModelError::NoCuda("cuda".into())), 2);
         assert_eq!(class(anyhow::Error::new(BadInput("--config".into()))), 2);
+        let missing = LearnerError::Io {
+            path: "run.toml".into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        };
+        assert_eq!(class(missing), 2);
         assert_eq!(
             class(anyhow::Error::new(BadInput("x".into())).context("outer")),
             2

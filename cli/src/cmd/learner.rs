@@ -69,7 +69,7 @@ pub struct ServeArgs {
 #[derive(Debug, Subcommand)]
 pub enum LearnerCommand {
     /// Serve actors and train: the Learner gRPC service, one process per data-parallel rank.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run exactly one PRIME iteration (old log-probs, PRM update with single-forward rewards,
     /// advantages, policy update) on recorded groups and write the updated models.
     Step(StepArgs),
@@ -173,7 +173,7 @@ pub struct StepArgs {
 
 pub fn run(command: LearnerCommand) -> Result<()> {
     match command {
-        LearnerCommand::Serve(args) => serve(args),
+        LearnerCommand::Serve(args) => serve(*args),
         LearnerCommand::Step(step) => run_step(step),
     }
 }
