@@ -3,7 +3,9 @@
 #   make demo    build, then run the embedded default job (configs/demo.toml): warm-up + PRIME
 #   make rehearsal  the paper's run at its real shapes on a CPU (configs/rehearsal.toml)
 #   make test    build and run every test (Rust + reference checks against transformers)
-#   make lint    rustfmt and clippy, also of the NCCL feature (it builds without CUDA)
+#   make lint    rustfmt and clippy (also of the NCCL feature, which builds without CUDA), and
+#                cargo-deny: licenses and duplicate crates (deny.toml; advisories need the
+#                RustSec git database, which offline builds cannot fetch)
 #   make build   release build; leaves target/release/prime (libtorch found through its rpath)
 #
 # Everything the build needs is installed here on first use: a Python venv with the PyPI
@@ -90,6 +92,8 @@ lint: venv
 	cargo fmt --all -- --check
 	cargo clippy -j $(JOBS) --workspace --all-targets -- -D warnings
 	cargo clippy -j $(JOBS) -p prime-cli -p prime-collective --all-targets --features prime-cli/nccl,prime-collective/nccl -- -D warnings
+	# licenses and duplicate crates (deny.toml); advisories need the RustSec git database
+	cargo deny --offline check licenses bans
 
 fmt:
 	cargo fmt --all

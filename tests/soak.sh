@@ -41,13 +41,13 @@ trap cleanup EXIT
 
 "$PRIME" verifier serve --listen "$VERIFIER" >"$RUN_DIR/logs/verifier.log" 2>&1 &
 pids+=($!)
-"$PRIME" learner --config "$CONFIG" --set "learner.steps=$STEPS" --run-dir "$RUN_DIR" \
+"$PRIME" learner serve --config "$CONFIG" --set "learner.steps=$STEPS" --run-dir "$RUN_DIR" \
   --listen "$LEARNER" --metrics-listen "$METRICS" >"$RUN_DIR/logs/learner.log" 2>&1 &
 learner=$!
 pids+=("$learner")
 
 start_actor() { # name, log suffix
-  "$PRIME" actor --learner "http://$LEARNER" --verifier "http://$VERIFIER" \
+  "$PRIME" actor run --learner "http://$LEARNER" --verifier "http://$VERIFIER" \
     --tokenizer "$RUN_DIR/sft/checkpoint" --name "$1" >>"$RUN_DIR/logs/$1.log" 2>&1 &
   echo $!
 }
@@ -84,7 +84,7 @@ records = [json.loads(l) for l in open(f"{run_dir}/metrics.jsonl") if l.strip()]
 step_records = [r for r in records if r.get("kind") == "step"]
 numbers = [r["step"] for r in step_records]
 assert numbers == list(range(1, steps + 1)), f"steps recorded: {numbers}"
-groups = {r["groups"] for r in step_records}
+groups = {r["batch/groups"] for r in step_records}
 assert len(groups) == 1, f"batch sizes differ: {groups}"
 print(f"ok: steps 1..{steps} once each, {groups.pop()} groups per batch")
 EOF

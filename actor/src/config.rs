@@ -13,8 +13,13 @@ use crate::error::{ActorError, Result};
 pub struct ActorConfig {
     /// gRPC URL of the learner, e.g. `http://learner:50051`.
     pub learner: String,
-    /// gRPC URL of the verifier, e.g. `http://verifier:50053`.
+    /// gRPC URL of the verifier, e.g. `http://verifier:50053`: it grades every item whose
+    /// `data_source` has no route.
     pub verifier: String,
+    /// Verifiers by `data_source`: items of these sources are graded by the verifier at the
+    /// URL (any server of the `prime.v1.Verifier` service, e.g. a custom reward in Python;
+    /// docs/verifier.md), the rest by [`ActorConfig::verifier`].
+    pub verifier_routes: std::collections::BTreeMap<String, String>,
     /// Where the policy samples: f32 weights on the CPU, bf16 on CUDA.
     pub device: Device,
     /// Directory with the policy's `tokenizer.json`: responses are decoded to text for the
@@ -85,6 +90,7 @@ impl ActorConfig {
         Self {
             learner: learner.into(),
             verifier: verifier.into(),
+            verifier_routes: Default::default(),
             device: Device::Cpu,
             tokenizer: tokenizer.into(),
             name: "actor".into(),

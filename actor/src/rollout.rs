@@ -138,12 +138,15 @@ pub fn grade_items(items: &[pb::WorkItem], texts: &[String]) -> Result<Vec<pb::G
             tracing::warn!(work_id = %item.work_id, ability = item.ability, "unknown ability");
         }
         for index in 0..item.k as usize {
-            out.push(item_to_proto(&GradeItem {
+            let mut graded = item_to_proto(&GradeItem {
                 id: grade_item_id(&item.work_id, index),
                 ability,
                 response: texts.next().expect("lengths checked").clone(),
                 ground_truth: item.ground_truth.clone(),
-            }));
+            });
+            graded.data_source = item.data_source.clone();
+            graded.extra_info = item.extra_info.clone();
+            out.push(graded);
         }
     }
     Ok(out)
@@ -278,6 +281,7 @@ mod tests {
             ground_truth: truth.into(),
             ability: ability as i32,
             k,
+            ..Default::default()
         }
     }
 

@@ -6,6 +6,7 @@
 //! knowing it (a restarted learner has forgotten every actor id) or a batch has to be given up.
 //! Then it registers again after a pause. Registering anew is also how a batch is given up:
 //! the learner re-queues the prompts of the old id when its lease lapses.
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -123,14 +124,28 @@ pub fn run_actor(config: ActorConfig, stop: Arc<AtomicBool>) -> Result<ActorStat
             token,
             &config.tls,
         )?;
-        let verifier = prime_proto::client::lazy_channel_secure(
-            "verifier",
-            &config.verifier,
-            config.connect_timeout,
-            token,
-            &config.tls,
-        )?;
-        (learner_client(learner), verifier_client(verifier))
+        let verifier = |url: &str| {
+            prime_proto::client::lazy_channel_secure(
+                "verifier",
+                url,
+                config.connect_timeout,
+                token,
+                &config.tls,
+            )
+            .map(verifier_client)
+        };
+        let routes = config
+            .verifier_routes
+            .iter()
+            .map(|(source, url)| Ok((source.clone(), verifier(url)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        (
+            learner_client(learner),
+            Verifiers {
+                default: verifier(&config.verifier)?,
+                routes,
+            },
+        )
     };
     let metrics = Arc::new(ActorMetrics::default());
     if let Some(addr) = config.metrics_listen {
@@ -210,7 +225,7 @@ struct Actor {
     stop: Arc<AtomicBool>,
     runtime: tokio::runtime::Runtime,
     learner: LearnerClient,
-    verifier: VerifierClient,
+    verifier: Verifiers,
     tokenizer: Tokenizer,
     policy: Option<Policy>,
     stats: ActorStats,
@@ -223,6 +238,42 @@ struct Actor {
     memory: MemoryCheck,
     /// What the metrics port exports.
     metrics: Arc<ActorMetrics>,
+}
+
+/// The verifier of every item: by its `data_source` where a route names it, else the default.
+struct Verifiers {
+    default: VerifierClient,
+    routes: BTreeMap<String, VerifierClient>,
+}
+
+impl Verifiers {
+    /// The items' positions split by the verifier that grades them: the default's first
+    /// (`None`), then each route's in `data_source` order; routes without items are left out.
+    fn split(&self, items: &[pb::GradeItem]) -> Vec<(Option<&str>, Vec<usize>)> {
+        route_items(items, |source| {
+            self.routes.get_key_value(source).map(|(k, _)| k.as_str())
+        })
+    }
+
+    fn client(&self, route: Option<&str>) -> VerifierClient {
+        route
+            .and_then(|source| self.routes.get(source))
+            .unwrap_or(&self.default)
+            .clone()
+    }
+}
+
+/// The positions of `items` grouped by `route(data_source)` (`None`: the default verifier),
+/// the default's group first, each group in item order.
+fn route_items<'a>(
+    items: &[pb::GradeItem],
+    route: impl Fn(&str) -> Option<&'a str>,
+) -> Vec<(Option<&'a str>, Vec<usize>)> {
+    let mut groups: BTreeMap<Option<&'a str>, Vec<usize>> = BTreeMap::new();
+    for (i, item) in items.iter().enumerate() {
+        groups.entry(route(&item.data_source)).or_default().push(i);
+    }
+    groups.into_iter().collect()
 }
 
 /// What the actor's memory plan has been checked for (CUDA only).
@@ -837,25 +888,32 @@ impl Actor {
         Ok(())
     }
 
-    /// Grades every response in as few `Grade` calls as the verifier's batch limit allows.
+    /// Grades every response, each by the verifier its `data_source` routes it to, in as few
+    /// `Grade` calls as the verifiers' batch limit allows; the results come back in the
+    /// order of `requested`.
     fn grade(&self, requested: &[pb::GradeItem]) -> Result<Vec<pb::GradeResult>, Halt> {
         let deadline = self.config.grade_timeout;
-        let mut results = Vec::with_capacity(requested.len());
-        for items in requested.chunks(prime_verifier::service::MAX_BATCH_ITEMS) {
-            let message = pb::GradeRequest {
-                items: items.to_vec(),
-            };
-            let answered = self.with_retries("grading", || {
-                let mut client = self.verifier.clone();
-                let message = message.clone();
-                with_deadline("Verifier", "Grade", deadline, async move {
-                    let call = client.grade(request(message, deadline));
-                    crate::rollout::verdicts(call.await?.into_inner().results)
-                })
-            })?;
-            results.extend(answered);
+        let mut results: Vec<Option<pb::GradeResult>> = vec![None; requested.len()];
+        for (route, positions) in self.verifier.split(requested) {
+            for chunk in positions.chunks(prime_verifier::service::MAX_BATCH_ITEMS) {
+                let message = pb::GradeRequest {
+                    items: chunk.iter().map(|&i| requested[i].clone()).collect(),
+                };
+                let answered = self.with_retries("grading", || {
+                    let mut client = self.verifier.client(route);
+                    let message = message.clone();
+                    with_deadline("Verifier", "Grade", deadline, async move {
+                        let call = client.grade(request(message, deadline));
+                        crate::rollout::verdicts(call.await?.into_inner().results)
+                    })
+                })?;
+                // A short answer is caught by `scores_from_grades` (the ids must match).
+                for (&i, result) in chunk.iter().zip(answered) {
+                    results[i] = Some(result);
+                }
+            }
         }
-        Ok(results)
+        Ok(results.into_iter().flatten().collect())
     }
 
     /// Streams the groups to the learner; a resubmission after a lost answer is harmless
@@ -870,5 +928,39 @@ impl Actor {
                 call.await.map(tonic::Response::into_inner)
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_split_by_their_data_source_route() {
+        let item = |id: &str, source: &str| pb::GradeItem {
+            id: id.into(),
+            data_source: source.into(),
+            ..Default::default()
+        };
+        let items = [
+            item("a", "numina"),
+            item("b", "custom"),
+            item("c", ""),
+            item("d", "custom"),
+            item("e", "other"),
+        ];
+        let routes = ["custom".to_string(), "other".to_string()];
+        let split = route_items(&items, |source| {
+            routes.iter().find(|r| *r == source).map(String::as_str)
+        });
+        assert_eq!(
+            split,
+            vec![
+                (None, vec![0, 2]),
+                (Some("custom"), vec![1, 3]),
+                (Some("other"), vec![4]),
+            ]
+        );
+        assert!(route_items(&[], |_| None).is_empty());
     }
 }

@@ -17,6 +17,7 @@ fn item(work_id: &str, prompt: &[i64], k: u32) -> pb::WorkItem {
         ground_truth: "4".into(),
         ability: pb::GradeAbility::Math as i32,
         k,
+        ..Default::default()
     }
 }
 

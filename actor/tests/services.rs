@@ -30,6 +30,7 @@ fn responses_are_graded_by_a_real_verifier_in_row_order() {
             ground_truth: "4".into(),
             ability: pb::GradeAbility::Math as i32,
             k: 2,
+            ..Default::default()
         },
         pb::WorkItem {
             work_id: "w2".into(),
@@ -37,6 +38,7 @@ fn responses_are_graded_by_a_real_verifier_in_row_order() {
             ground_truth: "5".into(),
             ability: pb::GradeAbility::Math as i32,
             k: 1,
+            ..Default::default()
         },
     ];
     let rows: [&[i64]; 3] = [&[1, 2, 3, 4, 6], &[1, 2, 3, 5], &[3, 5, 6]];

@@ -68,6 +68,7 @@ fn grade(
             ability: pb::GradeAbility::Math as i32,
             response: "The answer is \\boxed{4}".into(),
             ground_truth: "4".into(),
+            ..Default::default()
         }];
         with_deadline("Verifier", "Grade", deadline, async move {
             let call = client.grade(request(pb::GradeRequest { items }, deadline));

@@ -1,7 +1,7 @@
 //! `prime bench load`: many simulated actors stream groups to one real learner over loopback.
 //!
 //! For each actor count the harness makes a run directory with the embedded world and a random
-//! tiny policy (hidden 32, 2 layers), starts `prime learner` on it as a separate process (so its
+//! tiny policy (hidden 32, 2 layers), starts `prime learner serve` on it as a separate process (so its
 //! memory is its own), and runs that many light actors in this process for a fixed time. A
 //! simulated actor follows the protocol without a model: `Register`, then `PullWork`, K random
 //! responses per prompt (token ids in the vocabulary, finite log-probs, 0/1 scores), and
@@ -345,7 +345,7 @@ fn start_learner(
     })?;
     let threads = settings.learner_threads.to_string();
     let child = Command::new(&settings.prime)
-        .arg("learner")
+        .args(["learner", "serve"])
         .arg("--config")
         .arg(config)
         .arg("--run-dir")

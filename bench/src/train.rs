@@ -547,6 +547,8 @@ fn prime_command(settings: &TrainSettings, log: &Path) -> Result<Command> {
         .env("OMP_NUM_THREADS", &threads)
         .env("OMP_WAIT_POLICY", "PASSIVE")
         .env("RUST_LOG", "info")
+        // The actor logs are read back as text lines.
+        .env("PRIME_LOG_FORMAT", "text")
         .stdin(Stdio::null())
         .stdout(file)
         .stderr(err);
@@ -915,7 +917,7 @@ fn fields(line: &str) -> impl Iterator<Item = (&str, &str)> {
         .map(|(key, value)| (key, value.trim_end_matches(':')))
 }
 
-/// What one actor log's "batch submitted" lines (written by `prime actor`) say about the
+/// What one actor log's "batch submitted" lines (written by `prime actor run`) say about the
 /// batches of policy versions below `steps`: the batches that fed the timed steps.
 pub fn actor_split_from_log(text: &str, steps: u64) -> ActorSplit {
     let mut split = ActorSplit::default();
@@ -959,7 +961,7 @@ fn read_actor_logs(logs: &Path, actors: usize, steps: u64) -> Result<ActorSplit>
 mod tests {
     use super::*;
 
-    // A line as `prime actor` writes it to a file (no colour), span fields first.
+    // A line as `prime actor run` writes it to a file (no colour), span fields first.
     const LINE: &str = "2026-12-06T05:23:41.123456Z  INFO batch{policy_version=3 prompts=8}: prime_actor::run: batch submitted groups=8 accepted=7 duplicates=0 stale=1 tokens=1234 mean_score=0.5 secs=3.25 wait_secs=0.5 weights_secs=0.25 sample_secs=2 grade_secs=0.125 submit_secs=0.0625";
 
     #[test]

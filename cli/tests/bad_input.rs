@@ -552,6 +552,7 @@ fn cuda_without_a_device_is_a_clear_error_everywhere() {
             "CUDA device that is not there",
             &[
                 "prm-server",
+                "serve",
                 "--prm",
                 "{d}/model",
                 "--ref",
@@ -580,6 +581,7 @@ fn cuda_without_a_device_is_a_clear_error_everywhere() {
             "CUDA device that is not there",
             &[
                 "learner",
+                "serve",
                 "--config",
                 "{d}/config.toml",
                 "--run-dir",
@@ -608,6 +610,7 @@ fn cuda_without_a_device_is_a_clear_error_everywhere() {
             "CUDA device that is not there",
             &[
                 "actor",
+                "run",
                 "--learner",
                 "http://127.0.0.1:9",
                 "--verifier",
@@ -688,7 +691,7 @@ fn learner_step_probes() {
     ]);
 }
 
-/// Run configs through `prime train`, `prime learner` and `prime sft`: a value the actors or
+/// Run configs through `prime train`, `prime learner serve` and `prime sft`: a value the actors or
 /// the step would choke on is refused at load, naming the key, before any process starts.
 #[test]
 fn config_probes() {
@@ -726,6 +729,7 @@ fn config_probes() {
             "NaN and infinity",
             &[
                 "learner",
+                "serve",
                 "--config",
                 "{d}/config.toml",
                 "--run-dir",
@@ -741,6 +745,7 @@ fn config_probes() {
             "out-of-range number",
             &[
                 "learner",
+                "serve",
                 "--config",
                 "{d}/config.toml",
                 "--run-dir",
@@ -928,6 +933,7 @@ fn service_probes() {
             "empty or short token",
             &[
                 "prm-server",
+                "serve",
                 "--prm",
                 "{d}/model",
                 "--ref",
@@ -942,6 +948,7 @@ fn service_probes() {
             "empty or short token",
             &[
                 "learner",
+                "serve",
                 "--config",
                 "{d}/config.toml",
                 "--run-dir",
@@ -962,6 +969,7 @@ fn service_probes() {
             "empty or short token",
             &[
                 "actor",
+                "run",
                 "--learner",
                 "http://127.0.0.1:9",
                 "--verifier",
@@ -1001,6 +1009,7 @@ fn service_probes() {
             "NaN and infinity",
             &[
                 "prm-server",
+                "serve",
                 "--prm",
                 "{d}/model",
                 "--ref",
@@ -1016,6 +1025,7 @@ fn service_probes() {
             "out-of-range number",
             &[
                 "prm-server",
+                "serve",
                 "--prm",
                 "{d}/model",
                 "--ref",
@@ -1031,6 +1041,7 @@ fn service_probes() {
             "out-of-range number",
             &[
                 "actor",
+                "run",
                 "--learner",
                 "http://127.0.0.1:9",
                 "--verifier",
@@ -1046,6 +1057,7 @@ fn service_probes() {
             "out-of-range number",
             &[
                 "actor",
+                "run",
                 "--learner",
                 "http://127.0.0.1:9",
                 "--verifier",
@@ -1522,6 +1534,7 @@ const NUMERIC_FLAGS: &[(&[&str], &str)] = &[
     (
         &[
             "prm-server",
+            "serve",
             "--prm",
             "{d}/model",
             "--ref",
@@ -1534,6 +1547,7 @@ const NUMERIC_FLAGS: &[(&[&str], &str)] = &[
     (
         &[
             "prm-server",
+            "serve",
             "--prm",
             "{d}/model",
             "--ref",
@@ -1546,6 +1560,7 @@ const NUMERIC_FLAGS: &[(&[&str], &str)] = &[
     (
         &[
             "prm-server",
+            "serve",
             "--prm",
             "{d}/model",
             "--ref",
@@ -1558,6 +1573,7 @@ const NUMERIC_FLAGS: &[(&[&str], &str)] = &[
     (
         &[
             "prm-server",
+            "serve",
             "--prm",
             "{d}/model",
             "--ref",
@@ -1570,6 +1586,7 @@ const NUMERIC_FLAGS: &[(&[&str], &str)] = &[
     (
         &[
             "actor",
+            "run",
             "--learner",
             "http://127.0.0.1:9",
             "--verifier",
@@ -1582,6 +1599,7 @@ const NUMERIC_FLAGS: &[(&[&str], &str)] = &[
     (
         &[
             "actor",
+            "run",
             "--learner",
             "http://127.0.0.1:9",
             "--verifier",
@@ -1594,6 +1612,7 @@ const NUMERIC_FLAGS: &[(&[&str], &str)] = &[
     (
         &[
             "actor",
+            "run",
             "--learner",
             "http://127.0.0.1:9",
             "--verifier",
@@ -1606,6 +1625,7 @@ const NUMERIC_FLAGS: &[(&[&str], &str)] = &[
     (
         &[
             "actor",
+            "run",
             "--learner",
             "http://127.0.0.1:9",
             "--verifier",
@@ -1618,6 +1638,7 @@ const NUMERIC_FLAGS: &[(&[&str], &str)] = &[
     (
         &[
             "actor",
+            "run",
             "--learner",
             "http://127.0.0.1:9",
             "--verifier",
@@ -1630,6 +1651,7 @@ const NUMERIC_FLAGS: &[(&[&str], &str)] = &[
     (
         &[
             "actor",
+            "run",
             "--learner",
             "http://127.0.0.1:9",
             "--verifier",
@@ -1642,6 +1664,7 @@ const NUMERIC_FLAGS: &[(&[&str], &str)] = &[
     (
         &[
             "actor",
+            "run",
             "--learner",
             "http://127.0.0.1:9",
             "--verifier",
@@ -1654,6 +1677,7 @@ const NUMERIC_FLAGS: &[(&[&str], &str)] = &[
     (
         &[
             "actor",
+            "run",
             "--learner",
             "http://127.0.0.1:9",
             "--verifier",
@@ -1751,6 +1775,7 @@ const NUMERIC_FLAGS: &[(&[&str], &str)] = &[
     (
         &[
             "actor",
+            "run",
             "--learner",
             "http://127.0.0.1:9",
             "--verifier",

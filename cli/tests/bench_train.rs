@@ -115,15 +115,15 @@ fn bench_train_reports_what_the_runs_recorded() {
         let records = step_records(run_dir);
         assert_eq!(records.len(), 2, "the benchmark asks for 2 steps");
         assert_eq!(row["steps"], 2);
-        let start = f(&evals[0], "wall_seconds") + f(&evals[0], "seconds");
+        let start = f(&evals[0], "timing_s/eval_wall") + f(&evals[0], "timing_s/eval");
         assert!(close(f(row, "start_seconds"), start));
         let wall = f(row, "wall_seconds");
-        assert!(close(wall, f(&records[1], "wall_seconds") - start));
+        assert!(close(wall, f(&records[1], "timing_s/wall") - start));
         assert!(f(row, "process_seconds") > wall);
         assert!(close(f(row, "steps_per_hour"), 2.0 * 3600.0 / wall));
-        let second_step = f(&records[1], "wall_seconds") - f(&records[0], "wall_seconds");
+        let second_step = f(&records[1], "timing_s/wall") - f(&records[0], "timing_s/wall");
         assert!(close(f(row, "steady_steps_per_hour"), 3600.0 / second_step));
-        let groups_seen: f64 = records.iter().map(|r| f(r, "groups_seen")).sum();
+        let groups_seen: f64 = records.iter().map(|r| f(r, "batch/groups_seen")).sum();
         assert!(groups_seen >= 8.0, "two batches of 4 groups");
         assert!(close(f(row, "groups_per_second"), groups_seen / wall));
 
@@ -140,18 +140,18 @@ fn bench_train_reports_what_the_runs_recorded() {
         ));
         assert!(close(measured + f(l, "other"), wall));
         assert_eq!(f(l, "evaluation"), 0.0);
-        let rollout: f64 = records.iter().map(|r| f(r, "rollout_seconds")).sum();
+        let rollout: f64 = records.iter().map(|r| f(r, "timing_s/gen")).sum();
         let prm: f64 = records
             .iter()
-            .map(|r| f(r, "time_prm_s") + f(r, "time_reference_s"))
+            .map(|r| f(r, "timing_s/update_prm") + f(r, "timing_s/ref"))
             .sum();
         assert!(close(f(l, "rollout_wait"), rollout));
         assert!(close(f(l, "prm_update"), prm));
-        let train: f64 = records.iter().map(|r| f(r, "train_seconds")).sum();
+        let train: f64 = records.iter().map(|r| f(r, "timing_s/step")).sum();
         assert!(close(f(row, "learner_step_seconds"), train / 2.0));
         // The accuracy at equal steps is the evaluation after the last step.
-        assert_eq!(row["final_accuracy"], evals[1]["accuracy"]);
-        assert_eq!(row["final_problems"], evals[1]["problems"]);
+        assert_eq!(row["final_accuracy"], evals[1]["val/accuracy"]);
+        assert_eq!(row["final_problems"], evals[1]["val/problems"]);
 
         // The actors' logs account for every group trained on, and their timed parts for
         // the tokens they sampled.
@@ -234,11 +234,11 @@ fn bench_train_compares_estimators() {
         );
         let records = step_records(run_dir);
         assert_eq!(records.len(), 2);
-        let train: f64 = records.iter().map(|r| f(r, "train_seconds")).sum::<f64>() / 2.0;
+        let train: f64 = records.iter().map(|r| f(r, "timing_s/step")).sum::<f64>() / 2.0;
         assert!(close(f(row, "learner_step_seconds"), train));
         step_seconds.push(train);
         // RLOO does not train the PRM; PRIME does.
-        let prm_loss: f64 = records.iter().map(|r| f(r, "prm_loss").abs()).sum();
+        let prm_loss: f64 = records.iter().map(|r| f(r, "prm/loss").abs()).sum();
         assert_eq!(
             prm_loss > 0.0,
             name == "prime",

@@ -137,6 +137,7 @@ fn s(p: &Path) -> &str {
 fn actor_args<'a>(learner: &'a str, verifier: &'a str, tokenizer: &'a str) -> Vec<&'a str> {
     vec![
         "actor",
+        "run",
         "--learner",
         learner,
         "--verifier",
@@ -173,6 +174,7 @@ fn a_verifier_that_is_down_holds_groups_back_until_it_answers() {
     procs.0.push(spawn(
         &[
             "learner",
+            "serve",
             "--config",
             s(&run.config),
             "--run-dir",
@@ -243,8 +245,11 @@ fn a_verifier_that_is_down_holds_groups_back_until_it_answers() {
     let numbers: Vec<u64> = steps.iter().map(|r| r["step"].as_u64().unwrap()).collect();
     assert_eq!(numbers, (1..=STEPS).collect::<Vec<_>>(), "each step once");
     for record in &steps {
-        assert_eq!(record["groups"], 2, "B whole groups: {record}");
-        assert_eq!(record["responses"], 6, "K = 3 responses each: {record}");
+        assert_eq!(record["batch/groups"], 2, "B whole groups: {record}");
+        assert_eq!(
+            record["batch/responses"], 6,
+            "K = 3 responses each: {record}"
+        );
     }
 
     // Stop the actor (SIGTERM): its totals show that no batch was given up or lost.
@@ -348,6 +353,7 @@ fn a_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_stops_the_learn
     let learner_args = |resume_until: Option<&'static str>| {
         let mut args = vec![
             "learner".to_string(),
+            "serve".into(),
             "--config".into(),
             s(&run.config).into(),
             "--run-dir".into(),

@@ -1,4 +1,4 @@
-//! A `prime learner` process on a loopback port against clients that misbehave: no token or a
+//! A `prime learner serve` process on a loopback port against clients that misbehave: no token or a
 //! wrong one, malformed groups (token ids outside the vocabulary, too long, wrong K, non-finite
 //! log-probs, future versions, unknown ids), resubmissions, a stream cut off mid-way, an
 //! oversized message and requests for weights that do not exist. Each gets a clear answer
@@ -115,6 +115,7 @@ fn hostile_clients_get_clear_errors_and_the_learner_keeps_count() {
         Command::new(env!("CARGO_BIN_EXE_prime"))
             .args([
                 "learner",
+                "serve",
                 "--config",
                 &s(&config_path),
                 "--run-dir",

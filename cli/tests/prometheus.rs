@@ -313,6 +313,7 @@ fn every_role_exports_documented_typed_metrics_that_move_with_the_work() {
     procs.0.push(spawn(
         &[
             "prm-server",
+            "serve",
             "--prm",
             &model_arg,
             "--ref",
@@ -328,6 +329,7 @@ fn every_role_exports_documented_typed_metrics_that_move_with_the_work() {
     procs.0.push(spawn(
         &[
             "actor",
+            "run",
             "--learner",
             &format!("http://{learner}"),
             "--verifier",
@@ -368,6 +370,7 @@ fn every_role_exports_documented_typed_metrics_that_move_with_the_work() {
     procs.0.push(spawn(
         &[
             "learner",
+            "serve",
             "--config",
             &config_arg,
             "--run-dir",

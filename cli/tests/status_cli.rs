@@ -42,6 +42,7 @@ fn item(id: &str, ability: pb::GradeAbility, response: &str, truth: &str) -> pb:
         ability: ability as i32,
         response: response.into(),
         ground_truth: truth.into(),
+        ..Default::default()
     }
 }
 
@@ -112,6 +113,26 @@ fn status_of_a_verifier_with_and_without_the_token() {
         format!("{:.1} ms", expected.latency_p99_ms)
     );
 
+    // --json: the same figures as typed JSON values, the verifier's own Status as reference.
+    let out = prime_status(&["--addr", &addr, "--token", "tok-tok-tok-tok-tok", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected = grader.status();
+    assert_eq!(json["role"], "verifier");
+    assert_eq!(json["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(json["items_graded"], 3);
+    assert_eq!(json["errors"], 1);
+    assert_eq!(json["timeouts"], 0);
+    assert_eq!(json["in_flight"], 0);
+    assert_eq!(json["max_concurrency"], expected.max_concurrency);
+    assert_eq!(json["sandbox_backend"], expected.sandbox_backend.as_str());
+    assert_eq!(json["sandbox_cgroup"], expected.sandbox_cgroup);
+    assert_eq!(json["latency_p99_ms"], expected.latency_p99_ms);
+
     // Without the token the verifier refuses; the error names the cause.
     let refused = prime_status(&["--addr", &addr]);
     assert!(!refused.status.success());
@@ -128,4 +149,6 @@ fn status_where_nothing_listens_fails() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("Unavailable"), "{stderr}");
+    // nothing listening is a peer that is down: retry later
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
 }

@@ -129,9 +129,10 @@ fn a_child_that_fails_stops_the_run_with_its_message() {
     };
     procs.0.clear();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // A missing file is bad input (exit status 2) for the learner, and so for the run.
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("the learner exited with exit status: 1, so the run stops"),
+        stderr.contains("the learner exited with exit status: 2, so the run stops"),
         "{stderr}"
     );
     // The learner's own error, on the console.

@@ -66,6 +66,7 @@ fn learner_args<'a>(
     // The first learner would run 1000 steps; the resumed one stops at `resume_until`.
     let mut args = vec![
         "learner",
+        "serve",
         "--config",
         config,
         "--run-dir",
@@ -115,6 +116,7 @@ fn actors_learner_and_verifier_train_survive_kills_and_resume() {
         procs.0.push(spawn(
             &[
                 "actor",
+                "run",
                 "--learner",
                 &learner_url,
                 "--verifier",
@@ -219,18 +221,21 @@ fn actors_learner_and_verifier_train_survive_kills_and_resume() {
         "each step exactly once"
     );
     for record in &steps {
-        let version = record["policy_version"].as_u64().unwrap();
+        let version = record["batch/policy_version"].as_u64().unwrap();
         assert_eq!(record["step"].as_u64().unwrap(), version + 1);
         assert_eq!(
-            record["group_versions"],
-            serde_json::json!([version, version]),
+            [
+                &record["batch/oldest_group_version"],
+                &record["batch/newest_group_version"]
+            ],
+            [version, version],
             "a batch mixes policy versions: {record}"
         );
-        assert_eq!(record["groups"], 4, "B groups per batch");
-        assert_eq!(record["responses"], 12, "whole groups of K = 3");
+        assert_eq!(record["batch/groups"], 4, "B groups per batch");
+        assert_eq!(record["batch/responses"], 12, "whole groups of K = 3");
     }
     // The live TensorBoard files (one per learner start) hold each step once, after the
-    // resume as before it, with the values of metrics.jsonl.
+    // resume as before it, with the values of metrics.jsonl under the same keys.
     let tensorboard = prime_tests::run_python(
         "tests/python/tensorboard_read.py",
         &[run_dir.join("tensorboard").to_str().unwrap()],
@@ -239,7 +244,7 @@ fn actors_learner_and_verifier_train_survive_kills_and_resume() {
     let tb_steps: Vec<u64> = series.iter().map(|p| p[0].as_u64().unwrap()).collect();
     assert_eq!(tb_steps, numbers, "TensorBoard steps");
     for (point, record) in series.iter().zip(&steps) {
-        let ours = record["policy_loss"].as_f64().unwrap() as f32;
+        let ours = record["actor/pg_loss"].as_f64().unwrap() as f32;
         assert_eq!(point[1].as_f64().unwrap() as f32, ours, "step {}", point[0]);
     }
     assert!(tensorboard["timing_s/gen"].as_array().unwrap().len() == steps.len());

@@ -30,6 +30,39 @@ pub struct RunConfig {
     /// PRIME: the algorithm, the batch, evaluation and checkpoints.
     #[serde(default)]
     pub learner: LearnerConfig,
+    /// Which verifier grades the actors' rollouts.
+    #[serde(default)]
+    pub verifier: VerifierRoutes,
+}
+
+/// `[verifier]`: verifiers by `data_source` for the actors' rollouts (`prime actor run
+/// --verifier-route`, which `prime train` passes from here), e.g. `routes = { my_task =
+/// "http://127.0.0.1:50060" }`: items of `my_task` rows go to that server of the
+/// `prime.v1.Verifier` service (a custom reward, docs/verifier.md), the rest to the default
+/// verifier. Held-out evaluation still grades with the built-in graders.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifierRoutes {
+    /// `data_source` to gRPC URL.
+    #[serde(default)]
+    pub routes: std::collections::BTreeMap<String, String>,
+}
+
+impl VerifierRoutes {
+    /// Every route names a data source and an http(s) URL.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        for (source, url) in &self.routes {
+            if source.trim().is_empty() {
+                return Err("verifier.routes: an empty data_source".into());
+            }
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!(
+                    "verifier.routes.{source}: {url:?} is not an http:// or https:// URL"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl RunConfig {
@@ -70,6 +103,7 @@ impl RunConfig {
         self.model.validate()?;
         self.sft.validate()?;
         self.learner.validate()?;
+        self.verifier.validate()?;
         self.check_lengths()
     }
 

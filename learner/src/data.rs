@@ -348,6 +348,13 @@ impl Prepared {
                 prompt_ids: r.prompt_ids.clone(),
                 ground_truth: r.data.reward_model.ground_truth.clone(),
                 ability: r.ability,
+                data_source: r.data.data_source.clone(),
+                extra_info: r
+                    .data
+                    .extra_info
+                    .as_ref()
+                    .map(|info| serde_json::to_string(info).expect("extra_info serialises"))
+                    .unwrap_or_default(),
             })
             .collect()
     }

@@ -64,6 +64,9 @@ pub mod sft;
 /// The loop around the step.
 pub mod trainer;
 
+/// The namespaced keys of `metrics.jsonl` and the TensorBoard scalars.
+pub mod record_keys;
+
 /// Plots and `summary.json`.
 pub mod report;
 

@@ -26,13 +26,13 @@ use crate::eval::EVAL_CALL_ROWS;
 /// How rank 0's evaluation phases are named.
 const EVALUATION: &str = "evaluation (rank 0)";
 
-/// Positions per chunk of `prime prm-server`'s log-probs (`sequence_logprobs`).
+/// Positions per chunk of `prime prm-server serve`'s log-probs (`sequence_logprobs`).
 const PRM_SERVER_CHUNK: u64 = prime_model::logprobs::SEQUENCE_LOGPROB_CHUNK as u64;
 
-/// `prime prm-server --max-batch-tokens`'s default.
+/// `prime prm-server serve --max-batch-tokens`'s default.
 pub const PRM_SERVER_BATCH_TOKENS: u64 = 16384;
 
-/// `prime actor --max-prompts`'s default.
+/// `prime actor run --max-prompts`'s default.
 pub const ACTOR_MAX_PROMPTS: u64 = 8;
 
 /// The shapes of the models a run trains: the policy, and the PRM (also the reference's).
@@ -762,9 +762,9 @@ pub struct Cluster {
     pub gpu_memory_gib: f64,
     /// GPUs given to actors (one each); the others are learner ranks.
     pub actor_gpus: u64,
-    /// Prompts per actor batch (`prime actor --max-prompts`).
+    /// Prompts per actor batch (`prime actor run --max-prompts`).
     pub actor_max_prompts: u64,
-    /// Tokens per PRM server forward (`prime prm-server --max-batch-tokens`).
+    /// Tokens per PRM server forward (`prime prm-server serve --max-batch-tokens`).
     pub prm_server_batch_tokens: u64,
 }
 
@@ -888,7 +888,7 @@ pub fn plan_run(config: &LearnerConfig, shapes: &Shapes, cluster: &Cluster) -> R
     })
 }
 
-/// `prime prm-server` on a GPU: the PRM and its reference in bf16, and forwards of up to
+/// `prime prm-server serve` on a GPU: the PRM and its reference in bf16, and forwards of up to
 /// `batch_tokens` padded tokens (`--max-batch-tokens`) of sequences up to `longest`. When it
 /// does not fit, the largest `--max-batch-tokens` (halving) that does is named.
 pub fn prm_server_plan(
@@ -904,9 +904,9 @@ pub fn prm_server_plan(
             .take_while(|&tokens| tokens >= longest)
             .find(|&tokens| prm_server_terms(shapes, longest, tokens, device_bytes).fits());
         plan.changes.push(match fitting {
-            Some(tokens) => format!("prime prm-server --max-batch-tokens {tokens}"),
+            Some(tokens) => format!("prime prm-server serve --max-batch-tokens {tokens}"),
             None => format!(
-                "prime prm-server --max-batch-tokens {longest} (one sequence at a time), or a \
+                "prime prm-server serve --max-batch-tokens {longest} (one sequence at a time), or a \
                  larger GPU"
             ),
         });

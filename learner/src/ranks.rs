@@ -49,11 +49,12 @@ impl Rank {
     }
 }
 
-/// Finds this process's rank and joins its group (`device`: `cpu`, `cuda` or `cuda:N`).
+/// Finds this process's rank and joins its group (`device`: `cpu`, `cuda`, `cuda:N` or
+/// `auto`; `cuda`, and `auto` on a machine with CUDA, mean the device of `LOCAL_RANK`).
 pub fn join_ranks(device: &str, parallel: &ParallelConfig) -> Result<Rank> {
     let info = RankInfo::from_env()?;
     let device = match parse_device(device)? {
-        Device::Cuda(0) if device == "cuda" => {
+        Device::Cuda(0) if device == "cuda" || device == "auto" => {
             prime_model::check_device(Device::Cuda(info.local_rank))?
         }
         d => d,

@@ -69,6 +69,10 @@ pub struct Prompt {
     pub ground_truth: String,
     /// Which grader applies.
     pub ability: Ability,
+    /// The row's `data_source` (actors route grading by it).
+    pub data_source: String,
+    /// The row's `extra_info` as a JSON object, empty when it has none (for the verifier).
+    pub extra_info: String,
 }
 
 /// The scheduler's knobs.
@@ -1134,6 +1138,8 @@ mod tests {
                 prompt_ids: vec![100 + i as i64],
                 ground_truth: i.to_string(),
                 ability: Ability::Math,
+                data_source: String::new(),
+                extra_info: String::new(),
             })
             .collect()
     }

@@ -103,6 +103,8 @@ impl Shared {
             prompt_ids: vec![1],
             ground_truth: String::new(),
             ability: prime_verifier::Ability::Math,
+            data_source: String::new(),
+            extra_info: String::new(),
         };
         let scheduler = Scheduler::new(
             vec![prompt],
@@ -429,6 +431,8 @@ impl Learner for LearnerService {
                         ground_truth: w.prompt.ground_truth.clone(),
                         ability: ability_to_proto(Some(w.prompt.ability)) as i32,
                         k: w.k,
+                        data_source: w.prompt.data_source.clone(),
+                        extra_info: w.prompt.extra_info.clone(),
                     })
                     .collect(),
                 policy_version,

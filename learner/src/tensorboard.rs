@@ -34,6 +34,23 @@ pub struct Event {
     /// Scalars at `step`.
     #[prost(message, optional, tag = "5")]
     pub summary: Option<Summary>,
+    /// A session marker: [`SessionLog::START`] makes TensorBoard drop what earlier files hold
+    /// at `step` and after (the steps a crashed run wrote after its last checkpoint).
+    #[prost(message, optional, tag = "7")]
+    pub session_log: Option<SessionLog>,
+}
+
+/// `tensorflow.SessionLog`, its status only.
+#[derive(Clone, PartialEq, Message)]
+pub struct SessionLog {
+    /// `SessionLog.SessionStatus`.
+    #[prost(int32, tag = "1")]
+    pub status: i32,
+}
+
+impl SessionLog {
+    /// `SessionLog.START`: a (re)started run.
+    pub const START: i32 = 1;
 }
 
 /// `tensorflow.Summary`: named values.
@@ -77,6 +94,7 @@ pub fn scalar_event(step: u64, wall_time: f64, scalars: &[(String, f64)]) -> Eve
         wall_time,
         step: step as i64,
         file_version: None,
+        session_log: None,
         summary: Some(Summary {
             value: scalars
                 .iter()
@@ -106,8 +124,11 @@ pub struct EventWriter {
 impl EventWriter {
     /// A new event file in `dir` (created if missing), named
     /// `events.out.tfevents.<seconds>.<host>.<pid>`: a resumed run adds a file next to the
-    /// earlier ones and TensorBoard reads them all.
-    pub fn create(dir: &Path) -> Result<Self> {
+    /// earlier ones and TensorBoard reads them all. `first_step` is the first step this run
+    /// writes anew (a resumed run: its checkpoint's step plus one): the file starts with a
+    /// session start there, so TensorBoard drops what a crashed run had written at that step
+    /// and after, and shows this run's values instead.
+    pub fn create(dir: &Path, first_step: u64) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(LearnerError::io(dir))?;
         let host = std::env::var("HOSTNAME")
             .ok()
@@ -129,6 +150,16 @@ impl EventWriter {
             step: 0,
             file_version: Some(FILE_VERSION.to_string()),
             summary: None,
+            session_log: None,
+        })?;
+        writer.write(&Event {
+            wall_time: wall,
+            step: first_step as i64,
+            file_version: None,
+            summary: None,
+            session_log: Some(SessionLog {
+                status: SessionLog::START,
+            }),
         })?;
         Ok(writer)
     }

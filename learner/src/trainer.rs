@@ -24,6 +24,7 @@ use crate::eval::{evaluate, rollout_params, Evaluation, Grading};
 use crate::models::PrimeModels;
 use crate::optim::AdamW;
 use crate::parallel::{Command, DataParallel, Trained};
+use crate::record_keys;
 use crate::scheduler::{Batch, SchedulerState};
 use crate::step::{prime_step, StepMetrics};
 use crate::tensorboard::EventWriter;
@@ -50,9 +51,11 @@ impl RunPaths {
     }
 }
 
-/// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+/// One line of `metrics.jsonl`: written as one flat JSON object with `kind` (`step` or
+/// `eval`), `step` and every figure under its namespaced key (crate::record_keys,
+/// docs/metrics.md); read back from that shape, or from the field names of files written
+/// before the keys were namespaced.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Record {
     /// A training step.
     Step(Box<StepRecord>),
@@ -61,99 +64,87 @@ pub enum Record {
         /// Steps done when evaluated.
         step: u64,
         /// The result.
+        evaluation: Evaluation,
+    },
+}
+
+/// A record with its Rust field names (the structured shape the keys are translated from).
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum StructuredRef<'a> {
+    Step(&'a StepRecord),
+    Eval {
+        step: u64,
+        #[serde(flatten)]
+        evaluation: &'a Evaluation,
+    },
+}
+
+/// [`StructuredRef`], owned, for reading.
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Structured {
+    Step(Box<StepRecord>),
+    Eval {
+        step: u64,
         #[serde(flatten)]
         evaluation: Evaluation,
     },
 }
 
 impl Record {
-    /// The step a record belongs to and its scalars under the namespaced keys of
-    /// docs/metrics.md (`actor/pg_loss`, `critic/score/mean`, `timing_s/gen`, ...), as the
-    /// TensorBoard event files carry them.
+    /// The flat object of `metrics.jsonl`.
+    pub fn keys(&self) -> serde_json::Map<String, serde_json::Value> {
+        let structured = match self {
+            Record::Step(record) => StructuredRef::Step(record),
+            Record::Eval { step, evaluation } => StructuredRef::Eval {
+                step: *step,
+                evaluation,
+            },
+        };
+        let serde_json::Value::Object(fields) =
+            serde_json::to_value(structured).expect("records serialise")
+        else {
+            unreachable!("a record serialises to an object")
+        };
+        record_keys::namespaced(fields)
+            .expect("every record field has a key (record_keys::STEP_KEYS, EVAL_KEYS)")
+    }
+
+    /// The step a record belongs to and its scalars under the same keys as `metrics.jsonl`,
+    /// as the TensorBoard event files carry them.
     pub fn scalars(&self) -> (u64, Vec<(String, f64)>) {
-        match self {
-            Record::Step(record) => (record.step, step_scalars(record)),
-            Record::Eval { step, evaluation } => (*step, eval_scalars(evaluation)),
-        }
+        let step = match self {
+            Record::Step(record) => record.step,
+            Record::Eval { step, .. } => *step,
+        };
+        (step, record_keys::scalars(&self.keys()))
     }
 }
 
-/// A step record's scalars (see [`Record::scalars`]).
-fn step_scalars(r: &StepRecord) -> Vec<(String, f64)> {
-    let m = &r.metrics;
-    let mut scalars: Vec<(&str, f64)> = vec![
-        ("actor/pg_loss", m.policy_loss),
-        ("actor/pg_clipfrac", m.clip_fraction),
-        ("actor/ppo_kl", m.approx_kl),
-        ("actor/entropy", m.entropy),
-        ("actor/grad_norm", m.policy_grad_norm),
-        ("actor/lr", m.policy_lr),
-        ("prm/loss", m.prm_loss),
-        ("prm/new_batch_loss", m.prm_new_batch_loss),
-        ("prm/new_batch_acc", m.prm_new_batch_accuracy),
-        ("prm/dpo_acc", m.prm_accuracy),
-        ("prm/dpo_acc_abs", m.prm_abs_accuracy),
-        ("prm/grad_norm", m.prm_grad_norm),
-        ("prm/lr", m.prm_lr),
-        ("prm/reward/mean", m.prm_reward_mean),
-        ("prm/reward/std", m.prm_reward_std),
-        ("prm/process_reward_abs_mean", m.process_reward_abs_mean),
-        ("critic/score/mean", m.score_mean),
-        ("critic/score/std", m.score_std),
-        ("critic/score/unfiltered_mean", r.train_reward),
-        ("critic/returns/mean", m.return_mean),
-        ("response_length/mean", m.response_length_mean),
-        ("response_length/tokens", m.response_tokens as f64),
-        ("batch/groups", m.groups as f64),
-        ("batch/responses", m.responses as f64),
-        ("batch/groups_seen", r.groups_seen as f64),
-        ("batch/filter_pass_rate", r.filter_pass_rate),
-        ("batch/policy_version", r.policy_version as f64),
-        ("batch/oldest_group_version", r.group_versions[0] as f64),
-        ("perf/throughput", r.tokens_per_second),
-        ("perf/total_tokens", m.total_tokens as f64),
-        ("timing_s/gen", r.rollout_seconds),
-        ("timing_s/step", r.train_seconds),
-        ("timing_s/old_log_prob", m.time_old_logprobs_s),
-        ("timing_s/ref", m.time_reference_s),
-        ("timing_s/update_prm", m.time_prm_s),
-        ("timing_s/adv", m.time_advantages_s),
-        ("timing_s/update_actor", m.time_policy_s),
-        ("timing_s/wall", r.wall_seconds),
-    ];
-    if let Some(gap) = m.sampler_logprob_gap {
-        scalars.push(("actor/sampler_logprob_gap", gap));
+impl Serialize for Record {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        self.keys().serialize(serializer)
     }
-    if let Some(mean) = m.behavior_weight_mean {
-        scalars.push(("actor/behavior_weight_mean", mean));
-    }
-    if let Some(share) = m.behavior_weight_truncated {
-        scalars.push(("actor/behavior_weight_truncated", share));
-    }
-    scalars
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
 }
 
-/// An evaluation's scalars (see [`Record::scalars`]): `val/test_score/<data_source>` as
-/// verl names the per-source score.
-fn eval_scalars(e: &Evaluation) -> Vec<(String, f64)> {
-    let mut scalars = vec![
-        ("val/accuracy".to_string(), e.accuracy),
-        ("val/problems".to_string(), e.problems as f64),
-        ("timing_s/eval".to_string(), e.seconds),
-    ];
-    if let Some(greedy) = e.greedy_accuracy {
-        scalars.push(("val/greedy_accuracy".to_string(), greedy));
+impl<'de> Deserialize<'de> for Record {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error;
+        let keys = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+        let fields = record_keys::structured(keys).map_err(D::Error::custom)?;
+        let structured: Structured =
+            serde_json::from_value(serde_json::Value::Object(fields)).map_err(D::Error::custom)?;
+        Ok(match structured {
+            Structured::Step(record) => Record::Step(record),
+            Structured::Eval { step, evaluation } => Record::Eval { step, evaluation },
+        })
     }
-    for (ability, accuracy) in &e.accuracy_by_ability {
-        scalars.push((format!("val/accuracy/{ability}"), *accuracy));
-    }
-    for (source, accuracy) in &e.accuracy_by_source {
-        scalars.push((format!("val/test_score/{source}"), *accuracy));
-    }
-    scalars
 }
 
 /// What one iteration measured, with the batch collection that preceded it.
@@ -528,7 +519,14 @@ impl Trainer {
         let line = serde_json::to_string(&record).expect("records serialise");
         writeln!(file, "{line}").map_err(LearnerError::io(&path))?;
         if self.tensorboard.is_none() {
-            self.tensorboard = Some(EventWriter::create(&self.paths.tensorboard())?);
+            // The first step this process writes anew: a step record's own, or the one after
+            // an evaluation (a resumed run evaluates at its checkpoint's step, whose records
+            // the crashed run wrote and which stay).
+            let first_step = match &record {
+                Record::Step(r) => r.step,
+                Record::Eval { step, .. } => step + 1,
+            };
+            self.tensorboard = Some(EventWriter::create(&self.paths.tensorboard(), first_step)?);
         }
         let (step, scalars) = record.scalars();
         if let Some(writer) = self.tensorboard.as_mut() {
@@ -570,4 +568,100 @@ fn rewrite_history(path: &Path, records: &[Record]) -> Result<()> {
         .map(|r| serde_json::to_string(r).expect("records serialise") + "\n")
         .collect();
     std::fs::write(path, text).map_err(LearnerError::io(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn step_record() -> StepRecord {
+        StepRecord {
+            step: 3,
+            policy_version: 3,
+            group_versions: [2, 3],
+            wall_seconds: 40.0,
+            rollout_seconds: 7.5,
+            train_seconds: 2.25,
+            groups_seen: 12,
+            filter_pass_rate: 0.5,
+            train_reward: 0.375,
+            tokens_per_second: 100.0,
+            metrics: StepMetrics {
+                groups: 6,
+                policy_loss: -0.125,
+                score_mean: 0.5,
+                response_length_mean: 21.0,
+                sampler_logprob_gap: Some(0.01),
+                behavior_weight_mean: Some(0.97),
+                behavior_weight_truncated: Some(0.0),
+                ..StepMetrics::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_step_line_carries_the_namespaced_keys_and_reads_back() {
+        let record = Record::Step(Box::new(step_record()));
+        let line = serde_json::to_string(&record).unwrap();
+        let keys: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(keys["kind"], "step");
+        assert_eq!(keys["step"], 3);
+        assert_eq!(keys["actor/pg_loss"], -0.125);
+        assert_eq!(keys["critic/score/mean"], 0.5);
+        assert_eq!(keys["critic/score/unfiltered_mean"], 0.375);
+        assert_eq!(keys["response_length/mean"], 21.0);
+        assert_eq!(keys["timing_s/gen"], 7.5);
+        assert_eq!(keys["batch/oldest_group_version"], 2);
+        assert_eq!(keys["batch/newest_group_version"], 3);
+        // nothing under a bare field name
+        for key in keys.as_object().unwrap().keys() {
+            assert!(key.contains('/') || key == "kind" || key == "step", "{key}");
+        }
+        assert_eq!(serde_json::from_str::<Record>(&line).unwrap(), record);
+        // the TensorBoard scalars are the same keys and values
+        let (step, scalars) = record.scalars();
+        assert_eq!(step, 3);
+        for (key, value) in &scalars {
+            assert_eq!(keys[key].as_f64(), Some(*value), "{key}");
+        }
+        assert_eq!(scalars.len(), keys.as_object().unwrap().len() - 2);
+    }
+
+    #[test]
+    fn only_unmeasured_figures_are_null() {
+        // Options left unset serialise as null: each must be a key the TensorBoard scalars
+        // know as optional, or a NaN would be told apart from "not measured" wrongly.
+        let mut record = step_record();
+        record.metrics = StepMetrics::default();
+        let eval = Record::Eval {
+            step: 1,
+            evaluation: serde_json::from_value(json!({"accuracy": 0.5, "greedy_accuracy": null,
+                                                     "problems": 2, "seconds": 1.0}))
+            .unwrap(),
+        };
+        for record in [Record::Step(Box::new(record)), eval] {
+            for (key, value) in record.keys() {
+                if value.is_null() {
+                    assert!(record_keys::OPTIONAL_KEYS.contains(&key.as_str()), "{key}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_line_written_before_the_keys_were_namespaced_still_reads() {
+        let record = step_record();
+        let mut legacy = serde_json::to_value(&record).unwrap();
+        legacy["kind"] = json!("step");
+        let read: Record = serde_json::from_value(legacy).unwrap();
+        assert_eq!(read, Record::Step(Box::new(record)));
+        let eval = json!({"kind": "eval", "step": 2, "accuracy": 0.25, "greedy_accuracy": null,
+                          "problems": 4, "seconds": 1.0, "accuracy_by_source": {"a": 0.25}});
+        let Record::Eval { step, evaluation } = serde_json::from_value(eval).unwrap() else {
+            panic!("an eval record")
+        };
+        assert_eq!((step, evaluation.accuracy), (2, 0.25));
+        assert_eq!(evaluation.accuracy_by_source["a"], 0.25);
+    }
 }

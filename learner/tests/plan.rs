@@ -173,7 +173,7 @@ fn the_papers_run_on_three_nodes() {
     let actor = plan_run(&config.learner, &shapes, &many).unwrap().actor;
     assert!(!actor.fits());
     assert!(
-        actor.changes[0].starts_with("prime actor --max-prompts 46 "),
+        actor.changes[0].starts_with("prime actor run --max-prompts 46 "),
         "{:?}",
         actor.changes
     );

@@ -21,6 +21,8 @@ fn prompts(n: usize) -> Vec<Prompt> {
             prompt_ids: vec![1 + i as i64 % 40, 2],
             ground_truth: i.to_string(),
             ability: prime_verifier::Ability::Math,
+            data_source: String::new(),
+            extra_info: String::new(),
         })
         .collect()
 }

@@ -6,12 +6,13 @@ use tch::{Device, Kind};
 
 use crate::error::{ModelError, Result};
 
-/// `cpu`, `cuda` (device 0) or `cuda:N`, on a device this process can use: a CUDA name on a
-/// machine without that CUDA device is an error here (see [`check_device`]), not a libtorch
-/// panic at the first tensor.
+/// `cpu`, `cuda` (device 0), `cuda:N` or `auto` ([`auto_device`]), on a device this process
+/// can use: a CUDA name on a machine without that CUDA device is an error here (see
+/// [`check_device`]), not a libtorch panic at the first tensor.
 pub fn parse_device(name: &str) -> Result<Device> {
     let device = match name {
         "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(auto_device()),
         "cuda" => Ok(Device::Cuda(0)),
         _ => name
             .strip_prefix("cuda:")
@@ -20,6 +21,16 @@ pub fn parse_device(name: &str) -> Result<Device> {
             .ok_or_else(|| ModelError::Device(name.into())),
     }?;
     check_device(device)
+}
+
+/// `--device auto`: the first CUDA device when torch sees one (a CUDA build of libtorch, a
+/// driver and a visible device), else the CPU.
+pub fn auto_device() -> Device {
+    if tch::Cuda::device_count() > 0 {
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    }
 }
 
 /// `device`, if torch can reach it: CUDA needs a CUDA build of libtorch, a driver and a
@@ -163,6 +174,15 @@ mod tests {
         assert!(matches!(parse_device("gpu"), Err(ModelError::Device(_))));
         assert!(matches!(parse_device("cuda:x"), Err(ModelError::Device(_))));
         let count = tch::Cuda::device_count() as usize;
+        let auto = parse_device("auto").unwrap();
+        assert_eq!(
+            auto,
+            if count == 0 {
+                Device::Cpu
+            } else {
+                Device::Cuda(0)
+            }
+        );
         if count == 0 {
             for name in ["cuda", "cuda:0", "cuda:3"] {
                 let message = parse_device(name).unwrap_err().to_string();

@@ -26,7 +26,7 @@ pub enum ModelError {
     ChatTemplate(String),
     #[error("invalid input: {0}")]
     Input(String),
-    #[error("unknown device {0:?}: expected cpu, cuda or cuda:N")]
+    #[error("unknown device {0:?}: expected cpu, cuda, cuda:N or auto")]
     Device(String),
     /// The CUDA runtime could not be asked (for a device's memory).
     #[error("CUDA: {0}")]

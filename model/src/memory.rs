@@ -821,7 +821,7 @@ pub fn decide(plan: &RolePlan, force: bool) -> Decision {
 /// An actor's plan ([`actor_plan`]): what it samples and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ActorSetup {
-    /// Prompts per batch (`prime actor --max-prompts`).
+    /// Prompts per batch (`prime actor run --max-prompts`).
     pub prompts: u64,
     /// Samples per prompt, K.
     pub samples: u64,
@@ -858,7 +858,7 @@ pub fn actor_plan(config: &Qwen2Config, setup: &ActorSetup) -> RolePlan {
             .find(|&prompts| actor_terms(config, &ActorSetup { prompts, ..*setup }).fits());
         plan.changes.push(match fitting {
             Some(n) => format!(
-                "prime actor --max-prompts {n} (the chart's actors.maxPrompts): the most \
+                "prime actor run --max-prompts {n} (the chart's actors.maxPrompts): the most \
                  prompts whose batch fits"
             ),
             None => "not even one prompt's batch fits: a larger GPU, or shorter responses \
@@ -955,7 +955,7 @@ mod tests {
                 Phase::new("large", vec![Term::new("b", "", phase)]),
             ],
             device_bytes: device,
-            changes: vec!["prime actor --max-prompts 8".into()],
+            changes: vec!["prime actor run --max-prompts 8".into()],
             notes: Vec::new(),
         }
     }
@@ -1020,7 +1020,7 @@ mod tests {
         assert!(!plan.fits());
         let change = &plan.changes[0];
         let n: u64 = change
-            .strip_prefix("prime actor --max-prompts ")
+            .strip_prefix("prime actor run --max-prompts ")
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("{change}"));

@@ -34,7 +34,7 @@ const RECENT: usize = 1024;
 /// How long a stopping server waits for calls in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Everything `prime prm-server` needs.
+/// Everything `prime prm-server serve` needs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// The implicit PRM's model directory (Hugging Face format).

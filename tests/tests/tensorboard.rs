@@ -13,7 +13,7 @@ fn read(dir: &std::path::Path) -> Value {
 fn tensorboard_reads_our_event_files() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("tensorboard");
-    let mut writer = EventWriter::create(&dir).unwrap();
+    let mut writer = EventWriter::create(&dir, 1).unwrap();
     let scalars = |loss: f64, acc: f64| {
         vec![
             ("actor/pg_loss".to_string(), loss),
@@ -35,15 +35,21 @@ fn tensorboard_reads_our_event_files() {
     );
     drop(writer);
 
-    // A resumed run opens a second file; it must not replace the first one.
+    // A run resumed from the checkpoint of step 2 opens a second file, which must not replace
+    // the first one, and writes step 3 again: TensorBoard shows the new step 3 only.
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    let mut resumed = EventWriter::create(&dir).unwrap();
+    let mut resumed = EventWriter::create(&dir, 3).unwrap();
+    resumed.scalars(3, &scalars(0.375, 0.25)).unwrap();
     resumed.scalars(4, &scalars(0.125, 0.75)).unwrap();
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
     let both = read(&dir);
     assert_eq!(
         both["actor/pg_loss"],
-        json!([[1, 0.25], [2, -1.5], [3, 1e-7f32 as f64], [4, 0.125]])
+        json!([[1, 0.25], [2, -1.5], [3, 0.375], [4, 0.125]])
+    );
+    assert_eq!(
+        both["val/test_score/prime_arith"],
+        json!([[1, 0.5], [2, null], [3, 0.25], [4, 0.75]])
     );
 }
 
@@ -53,7 +59,7 @@ fn a_damaged_record_is_not_read_as_data() {
     // record, so a wrong checksum in our framing would show as missing scalars above.
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("tb");
-    let mut writer = EventWriter::create(&dir).unwrap();
+    let mut writer = EventWriter::create(&dir, 1).unwrap();
     writer
         .scalars(1, &[("actor/pg_loss".to_string(), 0.5)])
         .unwrap();

@@ -68,6 +68,7 @@ pub fn item_to_proto(item: &GradeItem) -> pb::GradeItem {
         ability: ability_to_proto(item.ability) as i32,
         response: item.response.clone(),
         ground_truth: item.ground_truth.clone(),
+        ..Default::default()
     }
 }
 

@@ -45,6 +45,7 @@ fn math(id: &str, response: String, ground_truth: &str) -> pb::GradeItem {
         ability: pb::GradeAbility::Math as i32,
         response,
         ground_truth: ground_truth.into(),
+        ..Default::default()
     }
 }
 

@@ -28,6 +28,7 @@ fn item(id: &str, ability: pb::GradeAbility, response: &str, gt: &str) -> pb::Gr
         ability: ability as i32,
         response: response.into(),
         ground_truth: gt.into(),
+        ..Default::default()
     }
 }
 

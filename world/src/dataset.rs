@@ -579,6 +579,7 @@ impl<'a> Columns<'a> {
                     .as_ref()
                     .and_then(|c| c.get(i))
                     .map(str::to_string),
+                other: Default::default(),
             }),
             _ => None,
         };

@@ -72,11 +72,15 @@ pub struct RewardModel {
 }
 
 /// The `extra_info` column. Eurus-2-RL-Data fills only `split` and `index`; the world adds
-/// the problem's difficulty and template so evaluation can be broken down by them.
+/// the problem's difficulty and template so evaluation can be broken down by them. Any other
+/// key of a JSONL row is kept in `other`, so a custom verifier gets it (docs/verifier.md).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExtraInfo {
+    /// The split the row belongs to ("" when the row does not say).
+    #[serde(default)]
     pub split: String,
-    /// Row index within the split.
+    /// Row index within the split (0 when the row does not say).
+    #[serde(default)]
     pub index: i64,
     /// Number of operations (difficulty level); absent in data sets other than this world.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -84,6 +88,9 @@ pub struct ExtraInfo {
     /// Question template name; absent in data sets other than this world.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+    /// Every other key of a JSONL row's `extra_info` (parquet files: the four above only).
+    #[serde(flatten)]
+    pub other: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// One row in the layout of Eurus-2-RL-Data (veRL's RL format), plus an optional `response`.
@@ -129,6 +136,7 @@ impl DataRow {
                 index: index as i64,
                 num_ops: Some(problem.num_ops as i64),
                 template: Some(problem.template.name().to_string()),
+                other: Default::default(),
             }),
             response: (split == Split::Sft).then(|| problem.solution.clone()),
         }

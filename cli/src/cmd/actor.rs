@@ -1,4 +1,4 @@
-//! `prime actor`: a rollout actor. Argument parsing and signal handling only; the loop is
+//! `prime actor run`: a rollout actor. Argument parsing and signal handling only; the loop is
 //! `prime_actor::run_actor`.
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,20 +9,26 @@ use anyhow::Context;
 use prime_actor::{run_actor, ActorConfig, MAX_CHUNK_BYTES};
 use prime_check::rules;
 
-/// `prime actor --learner URL --verifier URL --tokenizer DIR [--device cuda:0]`.
+/// `prime actor run --learner URL --verifier URL --tokenizer DIR [--device cuda:0]`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ActorArgs {
     /// Learner gRPC URL, e.g. http://learner:50051.
     #[arg(long, env = "PRIME_LEARNER")]
     pub learner: String,
-    /// Verifier gRPC URL, e.g. http://verifier:50053.
+    /// Verifier gRPC URL, e.g. http://verifier:50053: grades every item whose data_source has
+    /// no --verifier-route.
     #[arg(long, env = "PRIME_VERIFIER")]
     pub verifier: String,
+    /// Grade the items of one data_source with another verifier (any server of the
+    /// prime.v1.Verifier service, e.g. a custom reward; docs/verifier.md), as
+    /// DATA_SOURCE=URL (repeatable).
+    #[arg(long = "verifier-route", value_name = "DATA_SOURCE=URL", value_parser = verifier_route)]
+    pub verifier_routes: Vec<(String, String)>,
     /// Directory with the policy's tokenizer.json (responses are decoded for the verifier);
     /// the weights come from the learner.
     #[arg(long, env = "PRIME_TOKENIZER")]
     pub tokenizer: PathBuf,
-    /// Where to sample: cpu, cuda or cuda:N.
+    /// Where to sample: cpu, cuda, cuda:N or auto (cuda when a CUDA device is present, else cpu).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Name shown in the learner's logs (default: $HOSTNAME, else "actor").
@@ -129,6 +135,14 @@ pub struct ActorArgs {
 impl ActorArgs {
     fn config(self) -> anyhow::Result<ActorConfig> {
         let mut config = ActorConfig::new(self.learner, self.verifier, self.tokenizer);
+        for (source, url) in self.verifier_routes {
+            if config.verifier_routes.insert(source.clone(), url).is_some() {
+                return Err(crate::exit::BadInput(format!(
+                    "--verifier-route: data_source {source:?} is routed twice"
+                ))
+                .into());
+            }
+        }
         config.device = prime_model::parse_device(&self.device)?;
         config.name = self
             .name
@@ -150,6 +164,16 @@ impl ActorArgs {
         config.force = self.force;
         config.metrics_listen = self.metrics_listen;
         Ok(config)
+    }
+}
+
+/// `--verifier-route DATA_SOURCE=URL`: a non-empty data source and a URL.
+fn verifier_route(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((source, url)) if !source.trim().is_empty() && !url.trim().is_empty() => {
+            Ok((source.trim().to_string(), url.trim().to_string()))
+        }
+        _ => Err(format!("{text:?}: expected DATA_SOURCE=URL")),
     }
 }
 

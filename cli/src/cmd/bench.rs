@@ -139,7 +139,7 @@ pub struct TrainBenchArgs {
     /// no checkpoint. Default: OUT_DIR/warmup.
     #[arg(long)]
     pub warmup_dir: Option<PathBuf>,
-    /// cpu, cuda or cuda:N (learner and actors).
+    /// cpu, cuda, cuda:N or auto (cuda when a CUDA device is present, else cpu) (learner and actors).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Also write the report as JSON here.
@@ -262,7 +262,7 @@ pub struct CommonArgs {
     /// Batch sizes, comma-separated; each is timed on both sides.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     pub batch: Vec<usize>,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N or auto (cuda when a CUDA device is present, else cpu).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA).

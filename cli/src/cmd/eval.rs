@@ -77,7 +77,7 @@ pub struct EvalArgs {
         value_parser = prime_check::arg::at_least(1usize),
     )]
     pub bon: Option<usize>,
-    /// gRPC URL of a PRM server (`prime prm-server`).
+    /// gRPC URL of a PRM server (`prime prm-server serve`).
     #[arg(long)]
     pub prm: Option<String>,
     /// Shared token of the PRM server.
@@ -92,7 +92,7 @@ pub struct EvalArgs {
     /// Output directory for report.json, samples.jsonl and accuracy_vs_n.png.
     #[arg(long, default_value = "eval")]
     pub out: PathBuf,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N or auto (cuda when a CUDA device is present, else cpu).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// f32, bf16 or f16 (default f32 on CPU, bf16 on CUDA).

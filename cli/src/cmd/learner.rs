@@ -1,4 +1,4 @@
-//! `prime learner --config FILE`: the Learner service (work, groups, filter, PRIME steps,
+//! `prime learner serve --config FILE`: the Learner service (work, groups, filter, PRIME steps,
 //! published weights); `prime learner step`: one PRIME iteration on recorded groups, for
 //! replaying a batch to debug a step (and for the tests).
 //!
@@ -24,21 +24,12 @@ use prime_model::checkpoint::copy_tokenizer_files;
 use prime_model::{check_sequence, parse_device, CausalLm, DEFAULT_MAX_SHARD_BYTES};
 use tch::Kind;
 
-#[derive(Debug, Args)]
-#[command(args_conflicts_with_subcommands = true)]
-pub struct LearnerArgs {
-    #[command(subcommand)]
-    pub command: Option<LearnerCommand>,
-    #[command(flatten)]
-    pub serve: ServeArgs,
-}
-
 /// Options of the Learner service.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Run config (TOML): [world], [model] and [learner] are used.
     #[arg(long)]
-    pub config: Option<PathBuf>,
+    pub config: PathBuf,
     /// Override a config value, e.g. `--set learner.algo.estimator=rloo` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
@@ -60,7 +51,7 @@ pub struct ServeArgs {
     /// Write the bound gRPC address to this file once listening (for launchers).
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N or auto (cuda when a CUDA device is present, else cpu).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// gRPC URL of the Verifier service that grades held-out code rows (with the same token);
@@ -78,6 +69,8 @@ pub struct ServeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum LearnerCommand {
+    /// Serve actors and train: the Learner gRPC service, one process per data-parallel rank.
+    Serve(Box<ServeArgs>),
     /// Run exactly one PRIME iteration (old log-probs, PRM update with single-forward rewards,
     /// advantages, policy update) on recorded groups and write the updated models.
     Step(StepArgs),
@@ -179,25 +172,22 @@ pub struct StepArgs {
         value_parser = prime_check::arg::int(1u64, 1_000_000_000),
     )]
     pub collective_timeout_seconds: u64,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N or auto (cuda when a CUDA device is present, else cpu).
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
 
-pub fn run(args: LearnerArgs) -> Result<()> {
-    match args.command {
-        Some(LearnerCommand::Step(step)) => run_step(step),
-        None => serve(args.serve),
+pub fn run(command: LearnerCommand) -> Result<()> {
+    match command {
+        LearnerCommand::Serve(args) => serve(*args),
+        LearnerCommand::Step(step) => run_step(step),
     }
 }
 
 /// Runs this process's rank of the learner (see `prime_learner::ranks`); rank 0 prints the
 /// closing table.
 fn serve(args: ServeArgs) -> Result<()> {
-    let Some(config_path) = &args.config else {
-        bail!("`prime learner` needs --config FILE (or the `step` subcommand)");
-    };
-    let config = RunConfig::from_file_with_overrides(config_path, &args.overrides)?;
+    let config = RunConfig::from_file_with_overrides(&args.config, &args.overrides)?;
     parse_device(&args.device)?;
     let auth = args.security.auth()?;
     let options = RankOptions {

@@ -46,7 +46,7 @@ pub struct ModelArgs {
     /// Output JSONL file, one line per input line, in the same order.
     #[arg(long)]
     pub output: PathBuf,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N or auto (cuda when a CUDA device is present, else cpu).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// f32, bf16 or f16 (default: f32 on CPU, bf16 on CUDA, whatever the dtype on disk).

@@ -30,10 +30,10 @@ pub struct PlanArgs {
     /// GPUs given to actors (one each); every other GPU is a learner rank.
     #[arg(long, default_value_t = 0)]
     pub actor_gpus: u64,
-    /// Prompts per actor batch (`prime actor --max-prompts`, the chart's actors.maxPrompts).
+    /// Prompts per actor batch (`prime actor run --max-prompts`, the chart's actors.maxPrompts).
     #[arg(long, default_value_t = ACTOR_MAX_PROMPTS)]
     pub actor_max_prompts: u64,
-    /// Tokens per PRM server forward (`prime prm-server --max-batch-tokens`).
+    /// Tokens per PRM server forward (`prime prm-server serve --max-batch-tokens`).
     #[arg(long, default_value_t = PRM_SERVER_BATCH_TOKENS)]
     pub prm_server_max_batch_tokens: u64,
     /// The policy's config.json (or its directory) when model.path is not on this machine;

@@ -1,4 +1,4 @@
-//! `prime prm-server --prm DIR --ref DIR --listen ADDR`: serve the implicit PRM (token-level
+//! `prime prm-server serve --prm DIR --ref DIR --listen ADDR`: serve the implicit PRM (token-level
 //! process rewards, step scores, Best-of-N). Argument parsing only; the work is in
 //! `prime_prm_server::service`.
 use std::net::SocketAddr;
@@ -11,7 +11,7 @@ use prime_model::{default_kind, parse_device, parse_kind};
 use prime_prm_server::service::{start, FollowConfig, ListenOptions, ServerConfig};
 use prime_prm_server::StepSplit;
 
-/// `prime prm-server`.
+/// `prime prm-server serve`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PrmServerArgs {
     /// The implicit PRM's model directory (e.g. a checkpoint's `prm/`).
@@ -47,7 +47,7 @@ pub struct PrmServerArgs {
     /// after:REGEX or before:REGEX.
     #[arg(long, default_value = "lines")]
     pub step_split: String,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N or auto (cuda when a CUDA device is present, else cpu).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// f32, bf16 or f16 (default f32 on CPU, bf16 on CUDA).

@@ -20,7 +20,7 @@ pub struct SftArgs {
     /// resolved config.
     #[arg(long, default_value = "runs/demo")]
     pub run_dir: PathBuf,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N or auto (cuda when a CUDA device is present, else cpu).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Override a config value, e.g. `--set sft.max_seconds=300` (repeatable).

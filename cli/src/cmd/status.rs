@@ -10,7 +10,7 @@ use prime_proto::client::{
 };
 use prime_proto::v1 as pb;
 
-/// `prime status --addr URL [--token T]`.
+/// `prime status --addr URL [--token T] [--json]`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct StatusArgs {
     /// gRPC URL of a learner, verifier or PRM server, e.g. http://127.0.0.1:50053.
@@ -30,6 +30,10 @@ pub struct StatusArgs {
         value_parser = prime_check::arg::float(prime_check::rules::SECONDS),
     )]
     pub timeout_secs: f64,
+    /// Print one JSON object (role, build version and every figure, numbers as numbers)
+    /// instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// What the service at the address reported.
@@ -55,14 +59,14 @@ pub async fn query(
     timeout: Duration,
 ) -> anyhow::Result<ServiceStatus> {
     let channel = lazy_channel_secure("service", addr, timeout, token, tls)?;
-    let answer = |result: Result<ServiceStatus, tonic::Status>, api: &str| match result {
+    // A typed error, so that a peer that is down exits as retryable (crate::exit).
+    let answer = |result: Result<ServiceStatus, tonic::Status>, api: &'static str| match result {
         Ok(status) => Ok(Some(status)),
         Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
-        Err(s) => Err(anyhow::anyhow!(
-            "{api}.Status at {addr}: {:?}: {}",
-            s.code(),
-            s.message()
-        )),
+        Err(s) => Err(
+            anyhow::Error::new(prime_proto::client::ClientError::rpc(api, "Status", &s))
+                .context(format!("the status of {addr}")),
+        ),
     };
     let learner = learner_client(channel.clone())
         .status(request(pb::LearnerStatusRequest {}, timeout))
@@ -183,6 +187,63 @@ impl ServiceStatus {
         }
     }
 
+    /// Every figure as one JSON object: `role`, `version`, then the Status message's fields by
+    /// their proto names (the learner's phase as its word).
+    pub fn json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            ServiceStatus::Learner(s) => json!({
+                "role": "learner",
+                "version": version(&s.build),
+                "phase": phase(s.phase),
+                "policy_version": s.policy_version,
+                "step": s.step,
+                "pending_prompts": s.pending_prompts,
+                "groups_buffered": s.groups_buffered,
+                "connected_actors": s.connected_actors,
+                "tokens_per_second": s.tokens_per_second,
+                "filter_pass_rate": s.filter_pass_rate,
+                "errors": s.errors,
+            }),
+            ServiceStatus::Verifier(s) => json!({
+                "role": "verifier",
+                "version": version(&s.build),
+                "items_graded": s.items_graded,
+                "timeouts": s.timeouts,
+                "errors": s.errors,
+                "latency_p50_ms": s.latency_p50_ms,
+                "latency_p99_ms": s.latency_p99_ms,
+                "queue_depth": s.queue_depth,
+                "in_flight": s.in_flight,
+                "max_concurrency": s.max_concurrency,
+                "sandbox_backend": s.sandbox_backend,
+                "sandbox_cgroup": s.sandbox_cgroup,
+            }),
+            ServiceStatus::Prm(s) => json!({
+                "role": "prm-server",
+                "version": version(&s.build),
+                "prm_model": s.prm_model,
+                "reference_model": s.reference_model,
+                "beta": s.beta,
+                "responses_scored": s.responses_scored,
+                "tokens_scored": s.tokens_scored,
+                "errors": s.errors,
+                "queue_depth": s.queue_depth,
+                "tokens_per_second": s.tokens_per_second,
+                "latency_p50_ms": s.latency_p50_ms,
+                "latency_p99_ms": s.latency_p99_ms,
+                "prm_version": s.prm_version,
+                "learner_url": s.learner_url,
+                "batches": s.batches,
+                "batch_size_mean": s.batch_size_mean,
+            }),
+            ServiceStatus::Health(serving) => json!({
+                "role": "learner-rank",
+                "health": serving,
+            }),
+        }
+    }
+
     /// The rows as a two-column table, labels padded to one width.
     pub fn table(&self) -> String {
         let rows = self.rows();
@@ -206,7 +267,11 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         &args.security.tls(),
         timeout,
     ))?;
-    print!("{}", status.table());
+    if args.json {
+        println!("{}", status.json());
+    } else {
+        print!("{}", status.table());
+    }
     Ok(())
 }
 

@@ -50,7 +50,7 @@ pub struct TrainArgs {
     /// Continue from the latest checkpoint of the run directory.
     #[arg(long)]
     pub resume: bool,
-    /// cpu, cuda or cuda:N (learner and actors).
+    /// cpu, cuda, cuda:N or auto (cuda when a CUDA device is present, else cpu) (learner and actors).
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -183,12 +183,19 @@ fn exited_child(children: &mut Children) -> Result<Option<(String, std::process:
 }
 
 /// The error of a child that ended the run, with what its log says.
+/// Why the run stops: a child's exit, with the tail of its log; `prime train` then exits with
+/// the child's class (a child's bad input or retryable failure is the run's).
 fn child_failed(name: &str, status: std::process::ExitStatus, logs: &Path) -> anyhow::Error {
-    anyhow::anyhow!(
+    let message = format!(
         "the {name} exited with {status}, so the run stops; from {}:\n{}",
         logs.join(format!("{name}.log")).display(),
         log_tail(&logs.join(format!("{name}.log")))
-    )
+    );
+    match status.code().map(crate::exit::class_of_status) {
+        Some(crate::exit::ExitClass::BadInput) => crate::exit::BadInput(message).into(),
+        Some(crate::exit::ExitClass::Retryable) => crate::exit::Retryable(message).into(),
+        _ => anyhow::Error::msg(message),
+    }
 }
 
 fn read_records(path: &Path) -> Vec<Record> {
@@ -332,6 +339,7 @@ fn train_services(
     // address.
     let mut follower_args = vec![
         s("learner"),
+        s("serve"),
         s("--config"),
         config_path.display().to_string(),
         s("--run-dir"),
@@ -405,26 +413,31 @@ fn train_services(
         .path
         .clone()
         .unwrap_or_else(|| sft_checkpoint(run_dir));
+    // `[verifier] routes`: items of these data sources go to the verifiers named there.
+    let routes: Vec<String> = config
+        .verifier
+        .routes
+        .iter()
+        .flat_map(|(source, url)| [s("--verifier-route"), format!("{source}={url}")])
+        .collect();
     for i in 0..args.actors {
         let name = format!("actor-{i}");
-        children.0.push(spawn(
-            &name,
-            &[
-                s("actor"),
-                s("--learner"),
-                format!("http://{learner_addr}"),
-                s("--verifier"),
-                format!("http://{verifier_addr}"),
-                s("--tokenizer"),
-                tokenizer.display().to_string(),
-                s("--name"),
-                name.clone(),
-                s("--device"),
-                args.device.clone(),
-            ],
-            &logs,
-            threads,
-        )?);
+        let mut actor_args = vec![
+            s("actor"),
+            s("run"),
+            s("--learner"),
+            format!("http://{learner_addr}"),
+            s("--verifier"),
+            format!("http://{verifier_addr}"),
+            s("--tokenizer"),
+            tokenizer.display().to_string(),
+            s("--name"),
+            name.clone(),
+            s("--device"),
+            args.device.clone(),
+        ];
+        actor_args.extend(routes.iter().cloned());
+        children.0.push(spawn(&name, &actor_args, &logs, threads)?);
     }
 
     let bar = step_bar(config.learner.steps, "prime");

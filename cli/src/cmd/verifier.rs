@@ -1,4 +1,4 @@
-//! `prime verifier` (the Verifier gRPC service) and `prime grade` (grade a JSONL file locally
+//! `prime verifier serve` (the Verifier gRPC service) and `prime grade` (grade a JSONL file locally
 //! or through a running verifier). Argument parsing only; the work is in `prime_verifier`.
 
 use anyhow::Context;
@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Grading settings shared by `prime verifier` and local `prime grade`.
+/// Grading settings shared by `prime verifier serve` and local `prime grade`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct GradingArgs {
     /// Most items graded at once (default: the number of CPU cores).
@@ -70,7 +70,7 @@ impl GradingArgs {
     }
 }
 
-/// `prime verifier --listen ADDR`: serve the Verifier gRPC service and grpc.health.v1.
+/// `prime verifier serve --listen ADDR`: serve the Verifier gRPC service and grpc.health.v1.
 #[derive(clap::Args, Debug, Clone)]
 pub struct VerifierArgs {
     /// gRPC listen address.

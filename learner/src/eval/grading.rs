@@ -159,6 +159,7 @@ fn grade_by_service(
                         ability: ability_to_proto(Some(item.ability)) as i32,
                         response: item.response.to_string(),
                         ground_truth: item.ground_truth.to_string(),
+                        ..Default::default()
                     })
                     .collect(),
             };

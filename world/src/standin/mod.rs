@@ -301,6 +301,7 @@ fn eurus_row(
             index: index as i64,
             num_ops: None,
             template: None,
+            other: Default::default(),
         }),
         response: None,
     }
