@@ -121,6 +121,9 @@ fn step_scalars(r: &StepRecord) -> Vec<(String, f64)> {
         ("timing_s/update_actor", m.time_policy_s),
         ("timing_s/wall", r.wall_seconds),
     ];
+    if let Some(ranking) = m.prm_new_batch_ranking {
+        scalars.push(("prm/new_batch_ranking", ranking));
+    }
     if let Some(gap) = m.sampler_logprob_gap {
         scalars.push(("actor/sampler_logprob_gap", gap));
     }
