@@ -72,6 +72,10 @@ enum Command {
     /// The PrmServer gRPC service: token-level process rewards of the implicit PRM, step
     /// scores and Best-of-N ranking; can follow a learner for new PRM weights.
     PrmServer(cmd::prm_server::PrmServerArgs),
+    /// Tools on a run's implicit PRM: `prm probe` measures how well its step rewards find a
+    /// known wrong step.
+    #[command(subcommand)]
+    Prm(cmd::prm::PrmCommand),
     /// Evaluate a model on Eurus-schema data (avg@k, maj@k, pass@k, greedy per data source);
     /// with `--bon N --prm URL` Best-of-N against majority vote, random pick and pass@N.
     Eval(cmd::eval::EvalArgs),
@@ -126,6 +130,7 @@ fn run() -> Result<()> {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Status(args) => cmd::status::run(args),
         Command::PrmServer(args) => cmd::prm_server::run(args),
+        Command::Prm(command) => cmd::prm::run(command),
         Command::Eval(args) => cmd::eval::run(args),
     }
 }
