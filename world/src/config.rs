@@ -125,7 +125,8 @@ impl Default for WorldConfig {
 }
 
 /// Upper bound on operations per problem: keeps prompts and traces short enough for a tiny
-/// model's context (12 operations make prompts of about 130 tokens and traces of about 100).
+/// model's context (with 6 to 12 operations, prompts of at most about 140 tokens and traces
+/// of at most about 135 under the world's tokenizer).
 pub const MAX_OPS: usize = 12;
 
 impl WorldConfig {
