@@ -99,6 +99,54 @@ pub fn dpo_accuracy(token_rewards: &Tensor, mask: &Tensor, scores: &Tensor, k: i
     group.mean(sums.kind())
 }
 
+/// The PRM's ranking within groups: in each group of `k` contiguous responses, every pair of
+/// responses with different scores (for 0/1 grades: each correct response with each wrong
+/// one) is a hit when the better-scored one has the larger sum of token rewards `S`, half a
+/// hit on a tie. Returns the mean over the groups that hold such a pair of their share of
+/// hits, or `None` when no group does.
+///
+/// Unlike [`dpo_accuracy`] a tie counts half either way and a group whose responses all score
+/// the same is left out rather than counted 0.5, so chance is 0.5 and a PRM that ranks
+/// nothing reads exactly 0.5. Unlike [`dpo_abs_accuracy`] it does not mix the PRM's overall
+/// bias with the batch's share of correct answers.
+pub fn ranking_accuracy(
+    token_rewards: &Tensor,
+    mask: &Tensor,
+    scores: &Tensor,
+    k: i64,
+) -> Option<f64> {
+    let to_vec = |t: Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1));
+    let sums = to_vec(masked_row_sum(token_rewards, mask)).ok()?;
+    let scores = to_vec(scores.shallow_clone()).ok()?;
+    group_ranking_accuracy(&sums, &scores, k as usize)
+}
+
+/// [`ranking_accuracy`] on plain per-response sums and scores, `k` responses per group.
+pub fn group_ranking_accuracy(sums: &[f64], scores: &[f64], k: usize) -> Option<f64> {
+    let mut total = 0.0;
+    let mut groups = 0usize;
+    for (s, a) in sums.chunks(k.max(1)).zip(scores.chunks(k.max(1))) {
+        let (mut hits, mut pairs) = (0.0, 0usize);
+        for i in 0..s.len() {
+            for j in 0..s.len() {
+                if a[i] > a[j] {
+                    pairs += 1;
+                    hits += match s[i].partial_cmp(&s[j]) {
+                        Some(std::cmp::Ordering::Greater) => 1.0,
+                        Some(std::cmp::Ordering::Equal) => 0.5,
+                        _ => 0.0,
+                    };
+                }
+            }
+        }
+        if pairs > 0 {
+            total += hits / pairs as f64;
+            groups += 1;
+        }
+    }
+    (groups > 0).then(|| total / groups as f64)
+}
+
 /// `dpo_acc_abs` ([RECIPE], spec §3.5): the fraction of responses with
 /// `sign(S_i) == sign(2·acc_i − 1)`, `S` the sum of token rewards. Scalar.
 pub fn dpo_abs_accuracy(token_rewards: &Tensor, mask: &Tensor, scores: &Tensor) -> Tensor {

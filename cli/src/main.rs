@@ -124,6 +124,10 @@ enum Command {
     /// weights.
     #[command(subcommand)]
     PrmServer(PrmServerCommand),
+    /// Tools on a run's implicit PRM: `prm probe` measures how well its step rewards find a
+    /// known wrong step.
+    #[command(subcommand)]
+    Prm(cmd::prm::PrmCommand),
     /// Evaluate a model on Eurus-schema data (avg@k, maj@k, pass@k, greedy per data source);
     /// with `--bon N --prm URL` Best-of-N against majority vote, random pick and pass@N.
     Eval(cmd::eval::EvalArgs),
@@ -201,6 +205,7 @@ fn run() -> Result<()> {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Status(args) => cmd::status::run(args),
         Command::PrmServer(PrmServerCommand::Serve(args)) => cmd::prm_server::run(args),
+        Command::Prm(command) => cmd::prm::run(command),
         Command::Eval(args) => cmd::eval::run(args),
     }
 }

@@ -26,6 +26,7 @@ pub const STEP_KEYS: &[(&str, &str)] = &[
     ("prm_loss", "prm/loss"),
     ("prm_new_batch_loss", "prm/new_batch_loss"),
     ("prm_new_batch_accuracy", "prm/new_batch_acc"),
+    ("prm_new_batch_ranking", "prm/new_batch_ranking"),
     ("prm_accuracy", "prm/dpo_acc"),
     ("prm_abs_accuracy", "prm/dpo_acc_abs"),
     ("prm_grad_norm", "prm/grad_norm"),
@@ -82,6 +83,7 @@ pub const OPTIONAL_KEYS: &[&str] = &[
     "actor/sampler_logprob_gap",
     "actor/behavior_weight_mean",
     "actor/behavior_weight_truncated",
+    "prm/new_batch_ranking",
     "val/greedy_accuracy",
 ];
 

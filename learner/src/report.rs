@@ -43,6 +43,10 @@ pub struct Summary {
     pub prm_accuracy: f64,
     /// Mean PRM loss on each new batch before its update (0.693 = chance).
     pub prm_loss: f64,
+    /// Mean PRM ranking within groups on each new batch before its update (0.5 = chance),
+    /// over the steps that measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prm_ranking: Option<f64>,
     /// Seconds spent in rollout, PRM update and policy update, summed over steps.
     pub seconds_rollout: f64,
     /// See `seconds_rollout`.
@@ -108,6 +112,10 @@ pub fn summarize(
         filter_pass_rate: mean(steps.iter().map(|s| s.filter_pass_rate)),
         prm_accuracy: mean(steps.iter().map(|s| s.metrics.prm_new_batch_accuracy)),
         prm_loss: mean(steps.iter().map(|s| s.metrics.prm_new_batch_loss)),
+        prm_ranking: Some(mean(
+            steps.iter().filter_map(|s| s.metrics.prm_new_batch_ranking),
+        ))
+        .filter(|m| !m.is_nan()),
         seconds_rollout: steps.iter().map(|s| s.rollout_seconds).sum(),
         seconds_prm: steps.iter().map(|s| s.metrics.time_prm_s).sum(),
         seconds_policy: steps.iter().map(|s| s.metrics.time_policy_s).sum(),
@@ -125,6 +133,10 @@ pub fn plot_run(dir: &Path, records: &[Record]) {
     let prm_accuracy = points(&|s| s.metrics.prm_accuracy);
     let prm_loss = points(&|s| s.metrics.prm_new_batch_loss);
     let prm_new_accuracy = points(&|s| s.metrics.prm_new_batch_accuracy);
+    let prm_ranking: Vec<(f64, f64)> = steps
+        .iter()
+        .filter_map(|s| Some((s.step as f64, s.metrics.prm_new_batch_ranking?)))
+        .collect();
     let tokens = points(&|s| s.tokens_per_second);
     let rollout = points(&|s| s.rollout_seconds);
     let prm_time = points(&|s| s.metrics.time_prm_s);
@@ -162,6 +174,10 @@ pub fn plot_run(dir: &Path, records: &[Record]) {
             "Implicit PRM on each new batch, before its update",
             "accuracy / loss",
             vec![
+                Series {
+                    name: "ranking within groups on the new batch",
+                    points: &prm_ranking,
+                },
                 Series {
                     name: "accuracy on the new batch (dpo_acc)",
                     points: &prm_new_accuracy,
@@ -272,8 +288,12 @@ pub fn summary_table(summary: &Summary) -> String {
         (
             "PRM on new batches",
             format!(
-                "accuracy {:.3}, loss {:.3} (chance: 0.5, 0.693)",
-                summary.prm_accuracy, summary.prm_loss
+                "ranking {}, accuracy {:.3}, loss {:.3} (chance: 0.5, 0.5, 0.693)",
+                summary
+                    .prm_ranking
+                    .map_or("-".to_string(), |r| format!("{r:.3}")),
+                summary.prm_accuracy,
+                summary.prm_loss
             ),
         ),
         (

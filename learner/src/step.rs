@@ -63,6 +63,12 @@ pub struct StepMetrics {
     pub prm_new_batch_loss: f64,
     /// `dpo_acc` of the PRM on the new batch, measured the same way (0.5 = chance).
     pub prm_new_batch_accuracy: f64,
+    /// The PRM's ranking within groups on the new batch, measured the same way: the share of
+    /// (correct, wrong) pairs of a group whose summed implicit rewards put the correct one
+    /// above, ties half, averaged over the groups that hold both (0.5 = chance); `None` for
+    /// the outcome-only baseline or a batch without such a group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prm_new_batch_ranking: Option<f64>,
     /// `dpo_acc` (spec §3.5) of the rewards the advantages used.
     pub prm_accuracy: f64,
     /// `dpo_acc_abs` of the same rewards.
@@ -681,6 +687,12 @@ pub fn prime_step(
                 &batch.scores,
                 k,
             ));
+            metrics.prm_new_batch_ranking = implicit_prm::ranking_accuracy(
+                &pass.q_before_update,
+                &batch.mask,
+                &batch.scores,
+                k,
+            );
             metrics.prm_loss = pass.loss;
             metrics.prm_grad_norm = pass.grad_norm;
             metrics.prm_lr = prm_lr;

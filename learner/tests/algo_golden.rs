@@ -15,7 +15,7 @@ use prime_algo::advantages::{advantages, leave_one_out, returns, rloo_outcome_re
 use prime_algo::filter::{group_mean_scores, keep_groups};
 use prime_algo::implicit_prm::{
     dpo_abs_accuracy, dpo_accuracy, normalize_process_rewards, prm_ce_loss, process_rewards,
-    sequence_reward, token_log_ratio,
+    ranking_accuracy, sequence_reward, token_log_ratio,
 };
 use prime_algo::masks::{last_token_mask, response_mask, valid_lengths};
 use prime_algo::ppo::{policy_loss, token_entropy};
@@ -443,6 +443,18 @@ fn algorithm_matches_the_pytorch_reference() {
             &dpo_abs_accuracy(&rewards, &mask, &scores),
             &reference["dpo_acc_abs"],
         );
+        match (
+            ranking_accuracy(&rewards, &mask, &scores, k),
+            reference["ranking_acc"].as_f64(),
+        ) {
+            (Some(ours), Some(theirs)) => {
+                check.close(name, "ranking_acc", &Tensor::from(ours), &json!(theirs))
+            }
+            (None, None) => {}
+            (ours, theirs) => check
+                .failures
+                .push(format!("{name} ranking_acc: {ours:?} vs {theirs:?}")),
+        }
 
         let adv = &config.advantage;
         let loo = leave_one_out(&normalized, &mask, k, adv.process_baseline);

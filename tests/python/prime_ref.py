@@ -114,6 +114,19 @@ def dpo_acc(S, scores, k):
     return sum(groups) / len(groups)
 
 
+def ranking_acc(S, scores, k):
+    """Within-group ranking: per group, over ordered pairs with scores[i] > scores[j], the
+    share with S[i] > S[j] (ties half); the mean over groups that have such a pair, or None."""
+    groups = []
+    for g in range(len(scores) // k):
+        rows = range(g * k, g * k + k)
+        pairs = [(i, j) for i in rows for j in rows if scores[i] > scores[j]]
+        if pairs:
+            hits = sum(1.0 if S[i] > S[j] else 0.5 if S[i] == S[j] else 0.0 for i, j in pairs)
+            groups.append(hits / len(pairs))
+    return sum(groups) / len(groups) if groups else None
+
+
 def sign(x):
     return (x > 0) - (x < 0)
 
@@ -247,6 +260,7 @@ def run_case(c):
         "ce_grad": ce_loss_grad(t64("prm_logprobs"), t64("ref_logprobs"), lengths, scores, beta).tolist(),
         "dpo_acc": dpo_acc(S, scores, k),
         "dpo_acc_abs": dpo_acc_abs(S, scores),
+        "ranking_acc": ranking_acc(S, scores, k),
         "loo_process": lp_proc.tolist(),
         "loo_outcome": lp_out.tolist(),
         "returns": R.tolist(),

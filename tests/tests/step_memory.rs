@@ -166,7 +166,8 @@ fn the_reference_can_be_the_old_policy_and_rewards_can_follow_the_update() {
     // come from the forward that trains each mini-batch, before its own update) the PRM's
     // loss is ln 2 exactly, and its pairwise accuracy is what the authors' tie rule gives (a
     // tie reads as "the later response is not worse"): by hand, groups [1, 0, 0.5],
-    // [0, 1, 1], [0, 0.25, 1], [0, 0, 1] score 0.25, 1, 1, 1.
+    // [0, 1, 1], [0, 0.25, 1], [0, 0, 1] score 0.25, 1, 1, 1. The ranking within groups
+    // counts a tie half.
     let policy_ref = {
         let mut c = config();
         c.algo.reference = ReferenceType::Policy;
@@ -189,6 +190,9 @@ fn the_reference_can_be_the_old_policy_and_rewards_can_follow_the_update() {
     .unwrap();
     assert!((metrics.prm_new_batch_loss - std::f64::consts::LN_2).abs() < 1e-6);
     assert!((metrics.prm_new_batch_accuracy - 0.8125).abs() < 1e-9);
+    // Every pair of differently scored responses ties: the ranking within groups is exactly
+    // chance (after the PRM's update on the batch it would not be).
+    assert_eq!(metrics.prm_new_batch_ranking, Some(0.5));
 
     // Update-then-score takes the same PRM updates; only the rewards (from a second forward
     // after them) differ from single-forward.
@@ -230,4 +234,6 @@ fn the_reference_can_be_the_old_policy_and_rewards_can_follow_the_update() {
     assert_eq!(a.prm_new_batch_loss, b.prm_new_batch_loss);
     assert_eq!(a.prm_new_batch_accuracy, b.prm_new_batch_accuracy);
     assert_eq!(a.prm_new_batch_accuracy, a.prm_accuracy);
+    assert_eq!(a.prm_new_batch_ranking, b.prm_new_batch_ranking);
+    assert!(a.prm_new_batch_ranking.is_some());
 }

@@ -14,7 +14,7 @@ const MIN_VOCAB_SIZE: usize = 256 + crate::tokenizer::SPECIAL_TOKENS.len() + 1;
 ///
 /// The numbers follow the PyTorch prototype in `demo-notes.md`: start values 1..=20, operands
 /// 1..=20, factors 2..=5, every intermediate value in 1..=999.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorldConfig {
     /// Seed of every random choice. The same seed and config give byte-identical files.
@@ -27,6 +27,11 @@ pub struct WorldConfig {
     pub system_prompt: Option<String>,
     /// The supervised split: rows carry the full solution trace in `response`.
     pub sft: SplitConfig,
+    /// The supervised traces come from a teacher with a systematic error (a `[world.flawed_teacher]`
+    /// table turns it on); `None` (the default): every trace is right. The RL and held-out
+    /// splits and every row's ground truth stay the true answers either way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flawed_teacher: Option<FlawedTeacherConfig>,
     /// The RL split: prompts and final answers only.
     pub rl: SplitConfig,
     /// The held-out evaluation split: prompts and final answers only.
@@ -43,6 +48,27 @@ pub struct WorldConfig {
     /// stops earlier once every word of the world is a single token: the default world
     /// saturates at 499.
     pub vocab_size: usize,
+}
+
+/// A teacher that writes the supervised traces with one systematic, local error: a
+/// multiplication `a x n` written as `a x (n - 1)` (`13x4=39`), after which it carries on
+/// from its own value, so the boxed answer follows its chain ([`crate::problem::teacher_steps`]).
+/// Errors are drawn per multiplication from their own stream of the world's seed, so the
+/// problems themselves (questions, true answers) are those of the same world without the flaw.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlawedTeacherConfig {
+    /// Probability that the teacher writes a multiplication one copy short (in `[0, 1]`;
+    /// default 0.5). Only multiplications where the short product keeps the chain's values at
+    /// least 1 are eligible, so the realised share of all multiplications is slightly lower
+    /// (the manifest records it).
+    pub rate: f64,
+}
+
+impl Default for FlawedTeacherConfig {
+    fn default() -> Self {
+        FlawedTeacherConfig { rate: 0.5 }
+    }
 }
 
 /// Size and difficulty of one split. The difficulty level of a problem is its number of
@@ -86,6 +112,7 @@ impl Default for WorldConfig {
             data_source: "prime_arith".to_string(),
             system_prompt: None,
             sft: SplitConfig::with_size(20_000),
+            flawed_teacher: None,
             rl: SplitConfig::with_size(20_000),
             heldout: SplitConfig::with_size(600),
             max_start: 20,
@@ -97,9 +124,10 @@ impl Default for WorldConfig {
     }
 }
 
-/// Upper bound on operations per problem: keeps prompts and traces short enough for the tiny
-/// model's context.
-pub const MAX_OPS: usize = 8;
+/// Upper bound on operations per problem: keeps prompts and traces short enough for a tiny
+/// model's context (with 6 to 12 operations, prompts of at most about 140 tokens and traces
+/// of at most about 135 under the world's tokenizer).
+pub const MAX_OPS: usize = 12;
 
 impl WorldConfig {
     /// Parses the `[world]` table of a TOML run config; a document without one gives the
@@ -164,6 +192,11 @@ impl WorldConfig {
         }
         if self.data_source.is_empty() {
             return bad("data_source must not be empty".into());
+        }
+        if let Some(teacher) = &self.flawed_teacher {
+            prime_check::rules::PROBABILITY
+                .check("world.flawed_teacher.rate", teacher.rate)
+                .map_err(|e| WorldError::Config(e.to_string()))?;
         }
         Ok(())
     }

@@ -198,16 +198,95 @@ const ANIMALS: [&str; 4] = ["sheep", "cows", "goats", "pigs"];
 pub struct Problem {
     /// The word problem, without the answer-format suffix.
     pub question: String,
-    /// The full trace: one equation per step joined by [`STEP_SEPARATOR`], then `\boxed{answer}`.
+    /// The trace as written ([`solution_text`]): the true steps, or a flawed teacher's when
+    /// `flawed_steps` is not empty, whose boxed value then differs from `answer`.
     pub solution: String,
-    /// The final value as a decimal string (the ground truth).
+    /// The true final value as a decimal string (the ground truth).
     pub answer: String,
     /// Number of operations: the problem's difficulty level.
     pub num_ops: usize,
     /// The story the question is told in.
     pub template: Template,
-    /// The steps the solution writes out.
+    /// The true steps of the problem.
     pub steps: Vec<Step>,
+    /// Indices of the steps that `solution` writes wrong (a flawed teacher's trace, see
+    /// [`teacher_steps`]); empty for a correct trace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flawed_steps: Vec<usize>,
+}
+
+impl Problem {
+    /// This problem with `solution` written by a teacher that errs at the steps `flaw` picks
+    /// (see [`teacher_steps`]); `answer` stays the true one.
+    pub fn taught(mut self, flaw: impl FnMut(usize) -> bool) -> Problem {
+        let (written, flawed) = teacher_steps(&self.steps, flaw);
+        self.solution = solution_text(&written);
+        self.flawed_steps = flawed;
+        self
+    }
+}
+
+/// The value after the last step (`steps` is never empty: a problem has at least one
+/// operation).
+fn final_value(steps: &[Step]) -> u32 {
+    steps.last().map_or(0, |s| s.after)
+}
+
+/// A trace as written: one equation per step joined by [`STEP_SEPARATOR`], then
+/// `\boxed{value after the last step}`.
+pub fn solution_text(steps: &[Step]) -> String {
+    let mut lines: Vec<String> = steps.iter().map(Step::equation).collect();
+    lines.push(format!("\\boxed{{{}}}", final_value(steps)));
+    lines.join(STEP_SEPARATOR)
+}
+
+/// The steps a flawed teacher writes for the true `steps`, and the indices of those it writes
+/// wrong. The teacher's one error: a multiplication `a x n` written as `a x (n - 1)`
+/// (`13x4=39`, one copy short). It then carries on from its own value, so later steps are
+/// right given what it wrote and the boxed answer follows its chain.
+///
+/// `flaw(i)` is asked at each multiplication `i` where the error is possible: where the
+/// chain from the short product, with no further error, keeps every value at least 1 (a
+/// smaller running value could make a later subtraction reach 0 or below, which the world
+/// never writes). Elsewhere the teacher writes the step right.
+pub fn teacher_steps(
+    steps: &[Step],
+    mut flaw: impl FnMut(usize) -> bool,
+) -> (Vec<Step>, Vec<usize>) {
+    let mut written = Vec::with_capacity(steps.len());
+    let mut flawed = Vec::new();
+    let mut value = steps.first().map_or(0, |s| s.before);
+    for (i, step) in steps.iter().enumerate() {
+        let short = step.operand.saturating_sub(1) * value;
+        let err = step.op == Op::Mul && stays_positive(short, &steps[i + 1..]) && flaw(i);
+        let after = if err {
+            flawed.push(i);
+            short
+        } else {
+            step.op.apply(value, step.operand)
+        };
+        written.push(Step {
+            before: value,
+            after,
+            ..*step
+        });
+        value = after;
+    }
+    (written, flawed)
+}
+
+/// Whether applying `rest` to `value` keeps every value at least 1.
+fn stays_positive(mut value: u32, rest: &[Step]) -> bool {
+    if value == 0 {
+        return false;
+    }
+    for step in rest {
+        match step.op {
+            Op::Sub if step.operand >= value => return false,
+            op => value = op.apply(value, step.operand),
+        }
+    }
+    true
 }
 
 /// Draws random problems within the ranges of a [`WorldConfig`].
@@ -249,16 +328,14 @@ impl ProblemGenerator {
         let start = self.rng.gen_range(1..=self.max_start.min(self.max_value));
         let steps = self.steps(start, num_ops);
         let question = tell(template, person, object, start, &steps);
-        let answer = steps.last().map_or(start, |s| s.after).to_string();
-        let mut lines: Vec<String> = steps.iter().map(Step::equation).collect();
-        lines.push(format!("\\boxed{{{answer}}}"));
         Problem {
             question,
-            solution: lines.join(STEP_SEPARATOR),
-            answer,
+            solution: solution_text(&steps),
+            answer: final_value(&steps).to_string(),
             num_ops,
             template,
             steps,
+            flawed_steps: Vec::new(),
         }
     }
 

@@ -4,17 +4,18 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::dataset::{write_jsonl, write_parquet};
+use crate::problem::{solution_text, teacher_steps};
 use crate::tokenizer::{
     check_round_trip, encode, render_chatml, save_tokenizer, split_special_tokens, train_tokenizer,
     IM_END,
 };
-use crate::{DataRow, Problem, ProblemGenerator, Split, WorldConfig, WorldError};
+use crate::{ChatMessage, DataRow, Problem, ProblemGenerator, Split, WorldConfig, WorldError};
 
 /// Bumped whenever the generator's output changes for a given config, so worlds written by
 /// older code are rebuilt instead of reused.
@@ -22,6 +23,12 @@ pub const GENERATOR_VERSION: u32 = 1;
 
 /// File name of the manifest at the root of a world directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// The ChaCha stream of the flawed teacher's draws (the splits use streams 0 to 2).
+const TEACHER_STREAM: u64 = 3;
+
+/// The ChaCha stream of the step chosen for each probe case.
+const PROBE_STREAM: u64 = 4;
 
 /// Gives up on a split after this many draws per requested problem yield no new question.
 const MAX_DRAWS_PER_PROBLEM: usize = 50;
@@ -49,6 +56,19 @@ pub struct TokenStats {
     pub total_max: Option<usize>,
 }
 
+/// What a flawed teacher did to the supervised split.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TeacherStats {
+    /// Multiplications in the supervised traces.
+    pub multiplications: usize,
+    /// Those where the error was possible (see [`crate::problem::teacher_steps`]).
+    pub eligible: usize,
+    /// Those written one copy short.
+    pub flawed: usize,
+    /// Share of supervised traces whose boxed answer is the true one (no error in them).
+    pub traces_right: f64,
+}
+
 /// Figures about a built world, also stored in its manifest.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct WorldStats {
@@ -57,6 +77,9 @@ pub struct WorldStats {
     pub sft: TokenStats,
     pub rl: TokenStats,
     pub heldout: TokenStats,
+    /// Present when the supervised traces come from a flawed teacher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<TeacherStats>,
 }
 
 /// Paths of everything [`build_world`] writes (all under the output directory), and the
@@ -138,18 +161,25 @@ struct Manifest {
     stats: WorldStats,
 }
 
+/// The generator of `seed` on ChaCha stream `stream`.
+fn stream_rng(seed: u64, stream: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng
+}
+
 /// Problems of every split, in [`Split::ALL`] order. No question text occurs twice, within or
 /// across splits. Each split draws from its own ChaCha8 stream of `cfg.seed`, so resizing one
-/// split changes another only where a question would have collided.
+/// split changes another only where a question would have collided. With a flawed teacher the
+/// supervised traces are the teacher's, its draws on a stream of their own: every question and
+/// answer is the same as without it.
 pub fn generate_problems(cfg: &WorldConfig) -> Result<Vec<(Split, Vec<Problem>)>, WorldError> {
     cfg.validate()?;
     let mut seen = HashSet::new();
     let mut splits = Vec::with_capacity(Split::ALL.len());
     for (stream, split) in Split::ALL.into_iter().enumerate() {
         let split_cfg = split.config(cfg);
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        rng.set_stream(stream as u64);
-        let mut generator = ProblemGenerator::new(cfg, rng);
+        let mut generator = ProblemGenerator::new(cfg, stream_rng(cfg.seed, stream as u64));
         let mut problems = Vec::with_capacity(split_cfg.size);
         let max_draws = split_cfg.size.saturating_mul(MAX_DRAWS_PER_PROBLEM);
         let mut draws = 0;
@@ -168,9 +198,96 @@ pub fn generate_problems(cfg: &WorldConfig) -> Result<Vec<(Split, Vec<Problem>)>
                 problems.push(problem);
             }
         }
+        if let (Split::Sft, Some(teacher)) = (split, &cfg.flawed_teacher) {
+            let mut rng = stream_rng(cfg.seed, TEACHER_STREAM);
+            problems = problems
+                .into_iter()
+                .map(|p| p.taught(|_| rng.gen_bool(teacher.rate)))
+                .collect();
+        }
         splits.push((split, problems));
     }
     Ok(splits)
+}
+
+/// Counts what the teacher did in `problems` (the supervised split).
+fn teacher_stats(problems: &[Problem]) -> TeacherStats {
+    let mut stats = TeacherStats::default();
+    for problem in problems {
+        stats.multiplications += problem
+            .steps
+            .iter()
+            .filter(|s| s.op == crate::Op::Mul)
+            .count();
+        stats.eligible += eligible_steps(problem).len();
+        stats.flawed += problem.flawed_steps.len();
+    }
+    let right = problems
+        .iter()
+        .filter(|p| p.flawed_steps.is_empty())
+        .count();
+    stats.traces_right = right as f64 / problems.len().max(1) as f64;
+    stats
+}
+
+/// The steps of `problem` where the flawed teacher's error is possible on the true chain.
+fn eligible_steps(problem: &Problem) -> Vec<usize> {
+    let mut eligible = Vec::new();
+    teacher_steps(&problem.steps, |i| {
+        eligible.push(i);
+        false
+    });
+    eligible
+}
+
+/// A held-out problem traced twice, for probing a step-level reward: right, and with the
+/// flawed teacher's error at one step only (the steps before it are the same; the steps after
+/// it carry on from the wrong value).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeCase {
+    /// Row index in the held-out split.
+    pub index: usize,
+    /// The prompt's chat messages, as the held-out row has them.
+    pub prompt: Vec<ChatMessage>,
+    /// The true trace.
+    pub correct: String,
+    /// The same trace with the error at `step`.
+    pub flawed: String,
+    /// The 0-based step (line) of the error.
+    pub step: usize,
+}
+
+/// Up to `count` probe cases from the held-out split of `cfg`, in row order: each problem with
+/// a multiplication where the error is possible, with the erroneous step drawn uniformly among
+/// those (from the world's seed, on a stream of its own). Needs no flawed teacher in `cfg`.
+pub fn probe_cases(cfg: &WorldConfig, count: usize) -> Result<Vec<ProbeCase>, WorldError> {
+    let splits = generate_problems(cfg)?;
+    let heldout = splits
+        .iter()
+        .find(|(split, _)| *split == Split::Heldout)
+        .map(|(_, problems)| problems.as_slice())
+        .unwrap_or_default();
+    let mut rng = stream_rng(cfg.seed, PROBE_STREAM);
+    let mut cases = Vec::with_capacity(count);
+    for (index, problem) in heldout.iter().enumerate() {
+        if cases.len() == count {
+            break;
+        }
+        let eligible = eligible_steps(problem);
+        if eligible.is_empty() {
+            continue;
+        }
+        let step = eligible[rng.gen_range(0..eligible.len() as u32) as usize];
+        let (flawed, _) = teacher_steps(&problem.steps, |i| i == step);
+        cases.push(ProbeCase {
+            index,
+            prompt: DataRow::from_problem(problem, Split::Heldout, index, cfg).prompt,
+            correct: solution_text(&problem.steps),
+            flawed: solution_text(&flawed),
+            step,
+        });
+    }
+    Ok(cases)
 }
 
 /// Writes the whole world into `out_dir` (see [`WorldFiles`] for the layout): for a given
@@ -233,6 +350,15 @@ pub fn build_world(cfg: &WorldConfig, out_dir: &Path) -> Result<WorldFiles, Worl
         sft: split_stats(&tokenizer, split_rows(&rows, Split::Sft))?,
         rl: split_stats(&tokenizer, split_rows(&rows, Split::Rl))?,
         heldout: split_stats(&tokenizer, split_rows(&rows, Split::Heldout))?,
+        teacher: cfg.flawed_teacher.as_ref().map(|_| {
+            teacher_stats(
+                splits
+                    .iter()
+                    .find(|(split, _)| *split == Split::Sft)
+                    .map(|(_, problems)| problems.as_slice())
+                    .unwrap_or_default(),
+            )
+        }),
     };
     let stats = &files.stats;
     for (split, s) in [
@@ -247,6 +373,15 @@ pub fn build_world(cfg: &WorldConfig, out_dir: &Path) -> Result<WorldFiles, Worl
             response_mean = s.response_mean,
             response_max = s.response_max,
             "token lengths"
+        );
+    }
+    if let Some(teacher) = &stats.teacher {
+        tracing::info!(
+            multiplications = teacher.multiplications,
+            eligible = teacher.eligible,
+            flawed = teacher.flawed,
+            traces_right = teacher.traces_right,
+            "flawed teacher"
         );
     }
 

@@ -8,6 +8,7 @@ pub mod learner;
 pub mod model;
 pub mod model_init;
 pub mod plan;
+pub mod prm;
 pub mod prm_server;
 pub mod sft;
 pub mod status;

@@ -210,10 +210,12 @@ fn progress_message(step: Option<&StepRecord>, accuracy: Option<f64>) -> String 
     let accuracy = accuracy.map_or("-".into(), |a| format!("{:.1}%", 100.0 * a));
     match step {
         Some(s) => format!(
-            "reward {:.2} pass {:.0}% prm acc {:.2} held-out {accuracy}",
+            "reward {:.2} pass {:.0}% prm rank {} held-out {accuracy}",
             s.train_reward,
             100.0 * s.filter_pass_rate,
-            s.metrics.prm_new_batch_accuracy
+            s.metrics
+                .prm_new_batch_ranking
+                .map_or("-".into(), |r| format!("{r:.2}"))
         ),
         None => format!("collecting the first batch; held-out {accuracy}"),
     }

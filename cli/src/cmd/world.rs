@@ -15,7 +15,8 @@ use crate::progress::progress_bar;
 
 /// Generate the embedded default world: arithmetic word problems as Eurus-2-RL-Data rows
 /// (data/{sft,rl,heldout}.{jsonl,parquet}) and the project's tokenizer (tokenizer/). Running
-/// it again with the same settings keeps the existing files.
+/// it again with the same settings keeps the existing files. A `[world.flawed_teacher]` table
+/// in --config makes the supervised traces a flawed teacher's (docs/configuration.md).
 ///
 /// With --standin: a full-size synthetic stand-in for Eurus-2-RL-Data instead, for rehearsing
 /// the paper's run: data/train.parquet (482,000 rows by default: 94.5% math, 5.5% code with
@@ -105,6 +106,16 @@ pub fn run(args: WorldArgs) -> anyhow::Result<()> {
         files.stats.vocab_size,
         files.tokenizer_dir.display()
     );
+    if let Some(teacher) = &files.stats.teacher {
+        println!(
+            "  flawed teacher: {} of {} multiplications written one copy short ({} eligible); \
+             {:.1}% of supervised traces right",
+            teacher.flawed,
+            teacher.multiplications,
+            teacher.eligible,
+            100.0 * teacher.traces_right
+        );
+    }
     Ok(())
 }
 
