@@ -3,7 +3,7 @@
 //! counts are the `metrics.jsonl` step records, its wall time is the last record's clock,
 //! throughput is steps over that time, the learner's split adds up to the wall time with no
 //! part negative, and the actors' logs account for every group trained on.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use prime_tests::{run_report, step_records, write_tiny_start_model};
@@ -48,8 +48,9 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1.0)
 }
 
-#[test]
-fn bench_train_reports_what_the_runs_recorded() {
+/// `prime bench train --steps 2 ARGS` on the tiny config from a tiny start model, in a fresh
+/// directory (returned to keep it alive); the report, the printed table and the output dir.
+fn bench_train(args: &[&str]) -> (tempfile::TempDir, Value, String, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let config_path = tmp.path().join("tiny.toml");
     std::fs::write(&config_path, CONFIG).unwrap();
@@ -59,16 +60,8 @@ fn bench_train_reports_what_the_runs_recorded() {
     let (out, json) = (tmp.path().join("out"), tmp.path().join("report.json"));
     let mut command = Command::new(env!("CARGO_BIN_EXE_prime"));
     command
-        .args([
-            "--threads",
-            "1",
-            "bench",
-            "train",
-            "--steps",
-            "2",
-            "--actors",
-            "1,2",
-        ])
+        .args(["--threads", "1", "bench", "train", "--steps", "2"])
+        .args(args)
         .arg("--config")
         .arg(&config_path)
         .arg("--warmup-dir")
@@ -76,6 +69,12 @@ fn bench_train_reports_what_the_runs_recorded() {
         .arg("--out-dir")
         .arg(&out);
     let (report, table) = run_report(command, &json);
+    (tmp, report, table, out)
+}
+
+#[test]
+fn bench_train_reports_what_the_runs_recorded() {
+    let (_tmp, report, table, out) = bench_train(&["--actors", "1,2"]);
     assert_eq!(report["warmup_reused"], true);
     assert_eq!(report["batch_prompts"], 4);
     let rows = report["rows"].as_array().unwrap();
@@ -179,40 +178,16 @@ fn bench_train_reports_what_the_runs_recorded() {
 /// and PRIME's learner seconds per step over RLOO's reported from the runs' own records.
 #[test]
 fn bench_train_compares_estimators() {
-    let tmp = tempfile::tempdir().unwrap();
-    let config_path = tmp.path().join("tiny.toml");
-    std::fs::write(&config_path, CONFIG).unwrap();
-    let config = prime_learner::RunConfig::from_file(&config_path).unwrap();
-    let warmup = tmp.path().join("warmup");
-    write_tiny_start_model(&warmup, &config, 3);
-    let (out, json) = (tmp.path().join("out"), tmp.path().join("report.json"));
-    let mut command = Command::new(env!("CARGO_BIN_EXE_prime"));
-    command
-        .args([
-            "--threads",
-            "1",
-            "bench",
-            "train",
-            "--steps",
-            "2",
-            "--actors",
-            "1",
-        ])
-        .args([
-            "--estimator",
-            "rloo,prime",
-            "--staleness",
-            "1",
-            "--seeds",
-            "7",
-        ])
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--warmup-dir")
-        .arg(&warmup)
-        .arg("--out-dir")
-        .arg(&out);
-    let (report, table) = run_report(command, &json);
+    let (_tmp, report, table, out) = bench_train(&[
+        "--actors",
+        "1",
+        "--estimator",
+        "rloo,prime",
+        "--staleness",
+        "1",
+        "--seeds",
+        "7",
+    ]);
     let rows = report["rows"].as_array().unwrap();
     let labels: Vec<(&str, u64, u64)> = rows
         .iter()

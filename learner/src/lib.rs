@@ -28,6 +28,9 @@ pub mod config;
 /// PNG line charts.
 pub mod plot;
 
+/// The namespaced keys of `metrics.jsonl` and the TensorBoard scalars.
+pub mod record_keys;
+
 /// TensorBoard scalar event files, written live.
 pub mod tensorboard;
 
@@ -63,9 +66,6 @@ pub mod sft;
 
 /// The loop around the step.
 pub mod trainer;
-
-/// The namespaced keys of `metrics.jsonl` and the TensorBoard scalars.
-pub mod record_keys;
 
 /// Plots and `summary.json`.
 pub mod report;
