@@ -66,6 +66,28 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// Rank `rank` of a `world`-rank TCP group on loopback whose rank 0 listens on `port`.
+pub(crate) fn join_loopback(
+    rank: usize,
+    world: usize,
+    port: u16,
+) -> std::result::Result<TcpGroup, String> {
+    let info = RankInfo {
+        rank,
+        world_size: world,
+        local_rank: rank,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+    };
+    let options = TcpOptions {
+        join_timeout: Duration::from_secs(60),
+        op_timeout: Duration::from_secs(600),
+        epoch: 0,
+        token: None,
+    };
+    TcpGroup::join(&info, options).map_err(|e| e.to_string())
+}
+
 /// Median seconds of one all-reduce of `bytes` over `world` ranks.
 fn time_all_reduce(settings: &AllReduceSettings, bytes: usize) -> Result<f64> {
     let port = free_port()?;
@@ -75,20 +97,7 @@ fn time_all_reduce(settings: &AllReduceSettings, bytes: usize) -> Result<f64> {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
                 scope.spawn(move || -> std::result::Result<Vec<f64>, String> {
-                    let info = RankInfo {
-                        rank,
-                        world_size: world,
-                        local_rank: rank,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
-                    let options = TcpOptions {
-                        join_timeout: Duration::from_secs(60),
-                        op_timeout: Duration::from_secs(600),
-                        epoch: 0,
-                        token: None,
-                    };
-                    let mut group = TcpGroup::join(&info, options).map_err(|e| e.to_string())?;
+                    let mut group = join_loopback(rank, world, port)?;
                     let mut t = Tensor::ones([elements], (settings.kind, Device::Cpu));
                     let mut times = Vec::new();
                     for i in 0..=settings.repeats {

@@ -4,10 +4,8 @@
 //! need them, so one process uses them too). Reports seconds per step (a step ends when its
 //! slowest rank does) and what rank 0 holds after it.
 use std::fmt::Write as _;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use prime_collective::tcp::TcpOptions;
-use prime_collective::{RankInfo, TcpGroup};
 use prime_learner::config::ParallelConfig;
 use prime_learner::parallel::{DataParallel, Resident, Role};
 use prime_learner::{prime_step, LearnerConfig, PrimeModels, ScoredGroup};
@@ -162,20 +160,7 @@ fn rank_steps(
     let mut dp = if world == 1 {
         DataParallel::single(Device::Cpu)
     } else {
-        let info = RankInfo {
-            rank,
-            world_size: world,
-            local_rank: rank,
-            master_addr: "127.0.0.1".into(),
-            master_port: port,
-        };
-        let options = TcpOptions {
-            join_timeout: Duration::from_secs(60),
-            op_timeout: Duration::from_secs(600),
-            epoch: 0,
-            token: None,
-        };
-        let group = TcpGroup::join(&info, options).map_err(|e| e.to_string())?;
+        let group = crate::allreduce::join_loopback(rank, world, port)?;
         DataParallel::attach(&mut models, Box::new(group), parallel).map_err(|e| e.to_string())?
     };
     let mut seconds = Vec::with_capacity(repeats);

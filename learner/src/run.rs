@@ -210,8 +210,7 @@ pub fn run_local(
     let target = max_steps.map_or(trainer.config.steps, |n| {
         (trainer.step + n).min(trainer.config.steps)
     });
-    let round = (trainer.config.rollout.batch_prompts as f64 * trainer.config.rollout.oversample)
-        .ceil() as usize;
+    let round = scheduler.round();
     let mut collecting_since = Instant::now();
     while trainer.step < target {
         if let Some(batch) = scheduler.take_batch() {

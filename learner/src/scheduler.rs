@@ -803,6 +803,11 @@ impl Scheduler {
         }
     }
 
+    /// Prompts of one rollout round, `ceil(B · oversample)`.
+    pub fn round(&self) -> usize {
+        self.config.round()
+    }
+
     /// What a checkpoint needs: taken after the step that consumed the last batch, a resumed
     /// scheduler hands out exactly the prompts this one would have, in the same order (work
     /// still out and kept groups not trained on are sampled again, first).
